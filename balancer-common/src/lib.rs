@@ -1,0 +1,216 @@
+//! Map keys, values, names and capacities shared by the XDP program and the agent.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding and a compile-time size check, so the
+//! kernel and user sides always agree on the layout. Addresses and ports are kept in network
+//! byte order, exactly as they appear in packets, so the hot path never swaps bytes.
+#![no_std]
+
+use core::mem::size_of;
+
+use bytemuck::{Pod, Zeroable};
+
+/// Names of the maps, as declared by the XDP program and pinned under `/sys/fs/bpf/<instance>/`.
+pub mod map_name {
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const BACKEND_TABLE: &str = "BACKEND_TABLE";
+    pub const FLOWS: &str = "FLOWS";
+    pub const REVERSE: &str = "REVERSE";
+    pub const STATS: &str = "STATS";
+    pub const TX_PORTS: &str = "TX_PORTS";
+}
+
+/// Name of the XDP entry point in the object file.
+pub const XDP_PROGRAM: &str = "balancer";
+
+/// Capacities of the fixed-size maps.
+pub const MAX_SERVICES: u32 = 64;
+pub const MAX_BACKENDS: u32 = 4096;
+/// Slots in each service's backend lookup table; prime, as Maglev requires.
+pub const TABLE_SIZE: u32 = 65537;
+pub const MAX_TX_PORTS: u32 = 64;
+/// Default capacity of the flow tables (`FLOWS` and `REVERSE`); configurable at load time.
+pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 20;
+
+/// IP protocol numbers used in [`ServiceKey::proto`] and [`FlowKey::proto`].
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// `SERVICES` key: a virtual IP, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ServiceKey {
+    pub vip: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<ServiceKey>() == 8);
+
+/// `SERVICES` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Service {
+    /// Index of this service's lookup table in `BACKEND_TABLE` (slots `id * TABLE_SIZE ..`).
+    pub id: u32,
+    /// Number of usable backends; 0 means new flows are dropped and counted.
+    pub backend_count: u32,
+}
+const _: () = assert!(size_of::<Service>() == 8);
+
+/// Backend states in [`Backend::state`].
+pub mod backend_state {
+    pub const UP: u8 = 0;
+    pub const DOWN: u8 = 1;
+    pub const DRAINING: u8 = 2;
+}
+
+/// `BACKENDS` value, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Backend {
+    pub addr: u32,
+    pub port: u16,
+    pub state: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<Backend>() == 8);
+
+/// A TCP/UDP 5-tuple as seen on the wire: `FLOWS` key (client side) and `REVERSE` key (backend side).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FlowKey>() == 16);
+
+/// `FLOWS` value: where a client flow to a VIP goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Flow {
+    pub backend_id: u32,
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<Flow>() == 12);
+
+/// `REVERSE` value: the VIP and port a backend's reply must appear to come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ReverseNat {
+    pub vip: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<ReverseNat>() == 8);
+
+/// `STATS` value (per CPU), indexed by [`Reason`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<Counter>() == 16);
+
+/// Why a packet left the program the way it did: every exit counts under exactly one reason.
+/// `NewFlow` is the exception, an event counted in addition to `Forwarded`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Client → VIP packet rewritten to its backend and redirected.
+    Forwarded = 0,
+    /// Backend → client reply rewritten back to the VIP and redirected.
+    Replied,
+    /// A client flow seen for the first time (also counted as `Forwarded` or `PassNoRoute`).
+    NewFlow,
+    /// NAT-ed packet handed to the kernel stack because the FIB had no neighbour for it yet.
+    PassNoRoute,
+    /// Not IPv4 (ARP, IPv6, ...): the host's business.
+    PassNotIpv4,
+    /// 802.1Q/802.1ad tagged frame: not handled here, left to the host.
+    PassVlan,
+    /// IPv4 header with options: left to the host.
+    PassIpOptions,
+    /// IPv4 fragment: left to the host.
+    PassFragment,
+    /// Neither TCP nor UDP.
+    PassNotTcpUdp,
+    /// TCP/UDP that is neither addressed to a VIP nor a reply of a known flow.
+    PassNotService,
+    /// Frame too short for the headers it claims.
+    DropTruncated,
+    /// IPv4 header with a bad version, header length or total length.
+    DropBadIpHeader,
+    /// Service with no usable backend.
+    DropNoBackend,
+}
+
+impl Reason {
+    pub const COUNT: u32 = 13;
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Reason::Forwarded,
+        Reason::Replied,
+        Reason::NewFlow,
+        Reason::PassNoRoute,
+        Reason::PassNotIpv4,
+        Reason::PassVlan,
+        Reason::PassIpOptions,
+        Reason::PassFragment,
+        Reason::PassNotTcpUdp,
+        Reason::PassNotService,
+        Reason::DropTruncated,
+        Reason::DropBadIpHeader,
+        Reason::DropNoBackend,
+    ];
+
+    /// Stable name used in logs, the stats line and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::Forwarded => "forwarded",
+            Reason::Replied => "replied",
+            Reason::NewFlow => "new_flow",
+            Reason::PassNoRoute => "pass_no_route",
+            Reason::PassNotIpv4 => "pass_not_ipv4",
+            Reason::PassVlan => "pass_vlan",
+            Reason::PassIpOptions => "pass_ip_options",
+            Reason::PassFragment => "pass_fragment",
+            Reason::PassNotTcpUdp => "pass_not_tcp_udp",
+            Reason::PassNotService => "pass_not_service",
+            Reason::DropTruncated => "drop_truncated",
+            Reason::DropBadIpHeader => "drop_bad_ip_header",
+            Reason::DropNoBackend => "drop_no_backend",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for ReverseNat {}
+    unsafe impl aya::Pod for Counter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_indexed_by_their_value() {
+        for (index, reason) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, index, "{}", reason.name());
+        }
+    }
+}
