@@ -5,6 +5,8 @@
 //! byte order, exactly as they appear in packets, so the hot path never swaps bytes.
 #![no_std]
 
+pub mod csum;
+
 use core::mem::size_of;
 
 use bytemuck::{Pod, Zeroable};
@@ -132,6 +134,8 @@ pub enum Reason {
     NewFlow,
     /// NAT-ed packet handed to the kernel stack because the FIB had no neighbour for it yet.
     PassNoRoute,
+    /// NAT-ed packet whose TTL ran out, handed to the kernel stack to answer with ICMP.
+    PassTtlExpired,
     /// Not IPv4 (ARP, IPv6, ...): the host's business.
     PassNotIpv4,
     /// 802.1Q/802.1ad tagged frame: not handled here, left to the host.
@@ -153,12 +157,13 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::Replied,
         Reason::NewFlow,
         Reason::PassNoRoute,
+        Reason::PassTtlExpired,
         Reason::PassNotIpv4,
         Reason::PassVlan,
         Reason::PassIpOptions,
@@ -177,6 +182,7 @@ impl Reason {
             Reason::Replied => "replied",
             Reason::NewFlow => "new_flow",
             Reason::PassNoRoute => "pass_no_route",
+            Reason::PassTtlExpired => "pass_ttl_expired",
             Reason::PassNotIpv4 => "pass_not_ipv4",
             Reason::PassVlan => "pass_vlan",
             Reason::PassIpOptions => "pass_ip_options",
@@ -213,4 +219,23 @@ mod tests {
             assert_eq!(*reason as usize, index, "{}", reason.name());
         }
     }
+}
+
+/// Hash of a 5-tuple that picks a new flow's slot in its service's backend table.
+/// Shared so that the agent and tests can predict where a flow lands.
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey) -> u32 {
+    let ports = (u32::from(key.sport) << 16) | u32::from(key.dport);
+    mix(key.src ^ mix(key.dst ^ mix(ports ^ u32::from(key.proto))))
+}
+
+/// The murmur3 finaliser: every input bit affects every output bit.
+#[inline(always)]
+const fn mix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
 }

@@ -1,11 +1,41 @@
+//! XDP entry point of the balancer: L4 gateway NAT for virtual IPs.
+//!
+//! Client → VIP packets are rewritten to a backend and redirected; the backend's replies are
+//! rewritten back to the VIP. Everything else is left to the host. Every exit is counted under
+//! one [`Reason`](balancer_common::Reason) in `STATS`.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+mod forward;
+mod maps;
+mod nat;
+mod packet;
+mod stats;
+
+use aya_ebpf::{macros::xdp, programs::XdpContext};
+
+use balancer_common::Reason;
+
+use crate::stats::Verdict;
 
 #[xdp]
-pub fn balancer(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
+pub fn balancer(ctx: XdpContext) -> u32 {
+    let verdict = match try_balancer(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    };
+    stats::count(verdict.reason, ctx.data_end() - ctx.data());
+    verdict.action
+}
+
+fn try_balancer(ctx: &XdpContext) -> Result<Verdict, Verdict> {
+    let packet = packet::parse(ctx)?;
+    if nat::to_backend(ctx, &packet)?.is_some() {
+        return forward::redirect(ctx, Reason::Forwarded);
+    }
+    if nat::to_client(ctx, &packet)?.is_some() {
+        return forward::redirect(ctx, Reason::Replied);
+    }
+    Err(Verdict::pass(Reason::PassNotService))
 }
 
 #[cfg(not(test))]

@@ -1,0 +1,123 @@
+//! Gateway NAT: the destination of client → VIP packets becomes a backend, and the source of
+//! the backend's replies becomes the VIP again. Checksums are updated incrementally.
+
+use aya_ebpf::programs::XdpContext;
+use balancer_common::{
+    csum, flow_hash, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey, PROTO_UDP,
+    TABLE_SIZE,
+};
+use network_types::ip::Ipv4Hdr;
+
+use crate::{
+    maps::{BACKENDS, BACKEND_TABLE, FLOWS, REVERSE, SERVICES},
+    packet::{ptr_at, Packet, IP_OFFSET, L4_OFFSET},
+    stats::{self, Verdict},
+};
+
+/// Which end of the packet a rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    Source,
+    Destination,
+}
+
+/// Rewrites a client → VIP packet to its backend. `None` when it is not addressed to a service.
+#[inline(always)]
+pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<()>, Verdict> {
+    let key = &packet.key;
+    let service_key = ServiceKey { vip: key.dst, port: key.dport, proto: key.proto, _pad: 0 };
+    let Some(service) = SERVICES.get_ptr(&service_key) else {
+        return Ok(None);
+    };
+    let flow = match FLOWS.get_ptr(key) {
+        // SAFETY: map values stay valid for the duration of the program.
+        Some(flow) => unsafe { *flow },
+        // SAFETY: as above.
+        None => new_flow(unsafe { &*service }, key)?,
+    };
+    rewrite(ctx, packet, End::Destination, flow.backend_addr, flow.backend_port)?;
+    Ok(Some(()))
+}
+
+/// Rewrites a backend's reply to come from the VIP. `None` when it belongs to no known flow.
+#[inline(always)]
+pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<()>, Verdict> {
+    let Some(nat) = REVERSE.get_ptr(&packet.key) else {
+        return Ok(None);
+    };
+    // SAFETY: map values stay valid for the duration of the program.
+    let nat = unsafe { *nat };
+    rewrite(ctx, packet, End::Source, nat.vip, nat.port)?;
+    Ok(Some(()))
+}
+
+/// Binds a new flow to the backend its hash selects, and records both directions.
+#[inline(always)]
+fn new_flow(service: &Service, key: &FlowKey) -> Result<Flow, Verdict> {
+    let no_backend = Verdict::drop(Reason::DropNoBackend);
+    if service.backend_count == 0 {
+        return Err(no_backend);
+    }
+    let slot = service.id * TABLE_SIZE + flow_hash(key) % TABLE_SIZE;
+    let backend_id = *BACKEND_TABLE.get(slot).ok_or(no_backend)?;
+    let backend = *BACKENDS.get(backend_id).ok_or(no_backend)?;
+    let flow = Flow {
+        backend_id,
+        backend_addr: backend.addr,
+        backend_port: backend.port,
+        _pad: 0,
+    };
+    let reply_key = FlowKey {
+        src: backend.addr,
+        dst: key.src,
+        sport: backend.port,
+        dport: key.sport,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    let reverse = ReverseNat { vip: key.dst, port: key.dport, _pad: 0 };
+    // A failed insert only means the next packet takes this path again.
+    let _ = FLOWS.insert(key, &flow, 0);
+    let _ = REVERSE.insert(&reply_key, &reverse, 0);
+    stats::count(Reason::NewFlow, 0);
+    Ok(flow)
+}
+
+/// Replaces the address and port of one end, fixing the IPv4 and L4 checksums.
+#[inline(always)]
+fn rewrite(
+    ctx: &XdpContext,
+    packet: &Packet,
+    end: End,
+    addr: u32,
+    port: u16,
+) -> Result<(), Verdict> {
+    let truncated = Verdict::drop(Reason::DropTruncated);
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, IP_OFFSET).ok_or(truncated)?;
+    let port_offset = if end == End::Source { L4_OFFSET } else { L4_OFFSET + 2 };
+    let port_field: *mut [u8; 2] = ptr_at(ctx, port_offset).ok_or(truncated)?;
+    let check_field: *mut [u8; 2] = ptr_at(ctx, packet.l4_check_offset).ok_or(truncated)?;
+    // SAFETY: `ptr_at` checked that each field lies inside the frame.
+    unsafe {
+        let addr_field = if end == End::Source { &mut (*ip).src_addr } else { &mut (*ip).dst_addr };
+        let old_addr = u32::from_ne_bytes(*addr_field);
+        let old_port = u16::from_ne_bytes(*port_field);
+        *addr_field = addr.to_ne_bytes();
+        *port_field = port.to_ne_bytes();
+
+        let ip_check = u16::from_ne_bytes((*ip).check);
+        (*ip).check = csum::replace32(ip_check, old_addr, addr).to_ne_bytes();
+
+        let l4_check = u16::from_ne_bytes(*check_field);
+        let udp_without_checksum = packet.key.proto == PROTO_UDP && l4_check == 0;
+        if !udp_without_checksum {
+            let mut check = csum::replace32(l4_check, old_addr, addr);
+            check = csum::replace16(check, old_port, port);
+            if packet.key.proto == PROTO_UDP && check == 0 {
+                check = 0xffff;
+            }
+            *check_field = check.to_ne_bytes();
+        }
+    }
+    Ok(())
+}

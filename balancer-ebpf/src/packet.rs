@@ -1,0 +1,114 @@
+//! Parsing: one pass over Ethernet, IPv4 and TCP/UDP into a [`Packet`], with every access
+//! bounds-checked by [`ptr_at`].
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use balancer_common::{FlowKey, Reason, PROTO_TCP, PROTO_UDP};
+use network_types::{
+    eth::{EtherType, EthHdr},
+    ip::Ipv4Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+
+use crate::stats::Verdict;
+
+/// Offset of the IPv4 header; VLAN-tagged frames are left to the host.
+pub const IP_OFFSET: usize = EthHdr::LEN;
+/// Offset of the TCP/UDP header; IPv4 options are left to the host, so it is fixed.
+pub const L4_OFFSET: usize = IP_OFFSET + Ipv4Hdr::LEN;
+
+const ETH_P_8021Q: u16 = (EtherType::Ieee8021q as u16).to_be();
+const ETH_P_8021AD: u16 = (EtherType::Ieee8021ad as u16).to_be();
+const IP_MORE_FRAGMENTS: u8 = 0b001;
+
+/// A parsed TCP or UDP over IPv4 packet.
+pub struct Packet {
+    /// The 5-tuple exactly as on the wire (network byte order).
+    pub key: FlowKey,
+    /// Offset of the L4 checksum field from the start of the frame.
+    pub l4_check_offset: usize,
+}
+
+/// A pointer to a `T` at `offset` in the frame, if the whole `T` lies inside it.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + offset + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+#[inline(always)]
+fn header<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Verdict> {
+    ptr_at(ctx, offset).ok_or(Verdict::drop(Reason::DropTruncated))
+}
+
+/// Parses the frame, or says what to do with a frame the balancer does not handle.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
+    let eth: *const EthHdr = header(ctx, 0)?;
+    // SAFETY: `header` checked that the Ethernet header lies inside the frame.
+    let ether_type = unsafe { (*eth).ether_type };
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        return Err(Verdict::pass(Reason::PassVlan));
+    }
+    if ether_type != EtherType::Ipv4 as u16 {
+        return Err(Verdict::pass(Reason::PassNotIpv4));
+    }
+
+    let ip: *const Ipv4Hdr = header(ctx, IP_OFFSET)?;
+    // SAFETY: `header` checked that the IPv4 header lies inside the frame.
+    let ip = unsafe { &*ip };
+    let header_len = usize::from(ip.ihl());
+    if ip.version() != 4 || header_len < Ipv4Hdr::LEN {
+        return Err(Verdict::drop(Reason::DropBadIpHeader));
+    }
+    let total_len = usize::from(ip.tot_len());
+    if total_len < header_len || IP_OFFSET + total_len > ctx.data_end() - ctx.data() {
+        return Err(Verdict::drop(Reason::DropBadIpHeader));
+    }
+    if header_len != Ipv4Hdr::LEN {
+        return Err(Verdict::pass(Reason::PassIpOptions));
+    }
+    if ip.frag_offset() != 0 || ip.frag_flags() & IP_MORE_FRAGMENTS != 0 {
+        return Err(Verdict::pass(Reason::PassFragment));
+    }
+
+    let (sport, dport, l4_check_offset) = match ip.proto {
+        PROTO_TCP => {
+            let tcp: *const TcpHdr = header(ctx, L4_OFFSET)?;
+            // SAFETY: `header` checked that the TCP header lies inside the frame.
+            let tcp = unsafe { &*tcp };
+            if usize::from(tcp.doff()) * 4 < TcpHdr::LEN || total_len < Ipv4Hdr::LEN + TcpHdr::LEN
+            {
+                return Err(Verdict::drop(Reason::DropTruncated));
+            }
+            (tcp.source, tcp.dest, L4_OFFSET + 16)
+        }
+        PROTO_UDP => {
+            let udp: *const UdpHdr = header(ctx, L4_OFFSET)?;
+            // SAFETY: `header` checked that the UDP header lies inside the frame.
+            let udp = unsafe { &*udp };
+            if total_len < Ipv4Hdr::LEN + UdpHdr::LEN {
+                return Err(Verdict::drop(Reason::DropTruncated));
+            }
+            (udp.src, udp.dst, L4_OFFSET + 6)
+        }
+        _ => return Err(Verdict::pass(Reason::PassNotTcpUdp)),
+    };
+
+    Ok(Packet {
+        key: FlowKey {
+            src: u32::from_ne_bytes(ip.src_addr),
+            dst: u32::from_ne_bytes(ip.dst_addr),
+            sport: u16::from_ne_bytes(sport),
+            dport: u16::from_ne_bytes(dport),
+            proto: ip.proto,
+            _pad: [0; 3],
+        },
+        l4_check_offset,
+    })
+}

@@ -1,0 +1,329 @@
+//! The agent's configuration file (TOML): what is parsed, its defaults and its validation.
+//!
+//! Every error names the field it is about, so an operator can fix the file without guessing.
+
+use std::{collections::HashSet, fmt, net::Ipv4Addr, path::Path};
+
+use balancer_common::{MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP};
+use serde::Deserialize;
+
+pub const DEFAULT_INSTANCE: &str = "balancer";
+const MIN_FLOW_CAPACITY: u32 = 1024;
+const MAX_FLOW_CAPACITY: u32 = 1 << 26;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_instance")]
+    pub instance: String,
+    pub client_interface: String,
+    /// The interface facing the backends; the client interface when absent.
+    pub backend_interface: Option<String>,
+    #[serde(default)]
+    pub xdp_mode: XdpModeSetting,
+    #[serde(default = "default_flow_capacity")]
+    pub flow_capacity: u32,
+    /// Seconds between stats lines; 0 turns them off.
+    #[serde(default = "default_stats_interval")]
+    pub stats_interval: u64,
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    /// Native (driver) mode, falling back to generic mode with a warning.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub name: String,
+    pub address: Ipv4Addr,
+    /// The service's port when absent.
+    pub port: Option<u16>,
+}
+
+fn default_instance() -> String {
+    DEFAULT_INSTANCE.to_owned()
+}
+
+fn default_flow_capacity() -> u32 {
+    balancer_common::DEFAULT_FLOW_CAPACITY
+}
+
+fn default_stats_interval() -> u64 {
+    1
+}
+
+/// A configuration that cannot be used, with the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: String, source: Box<toml::de::Error> },
+    #[error("{field}: {problem}")]
+    Invalid { field: String, problem: String },
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), problem: problem.into() }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|error| match error {
+            ConfigError::Parse { source, .. } => {
+                ConfigError::Parse { path: path.display().to_string(), source }
+            }
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text)
+            .map_err(|source| ConfigError::Parse { path: String::new(), source: Box::new(source) })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn backend_interface(&self) -> &str {
+        self.backend_interface.as_deref().unwrap_or(&self.client_interface)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        if !name_ok(&self.instance) {
+            return Err(invalid(
+                "instance",
+                format!("{:?} must be 1-64 letters, digits, '-' or '_'", self.instance),
+            ));
+        }
+        for (field, name) in [
+            ("client_interface", self.client_interface.as_str()),
+            ("backend_interface", self.backend_interface()),
+        ] {
+            if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains(' ') {
+                return Err(invalid(field, format!("{name:?} is not an interface name")));
+            }
+        }
+        if !(MIN_FLOW_CAPACITY..=MAX_FLOW_CAPACITY).contains(&self.flow_capacity) {
+            return Err(invalid(
+                "flow_capacity",
+                format!(
+                    "{} is outside {MIN_FLOW_CAPACITY}..={MAX_FLOW_CAPACITY}",
+                    self.flow_capacity
+                ),
+            ));
+        }
+        if self.services.len() > MAX_SERVICES as usize {
+            return Err(invalid(
+                "service",
+                format!("{} services, at most {MAX_SERVICES} are supported", self.services.len()),
+            ));
+        }
+        let backends: usize = self.services.iter().map(|s| s.backends.len()).sum();
+        if backends > MAX_BACKENDS as usize {
+            return Err(invalid(
+                "service.backend",
+                format!("{backends} backends in all, at most {MAX_BACKENDS} are supported"),
+            ));
+        }
+
+        let mut names = HashSet::new();
+        let mut endpoints = HashSet::new();
+        for (index, service) in self.services.iter().enumerate() {
+            let field = format!("service[{index}]");
+            if !name_ok(&service.name) {
+                return Err(invalid(
+                    format!("{field}.name"),
+                    format!("{:?} must be 1-64 letters, digits, '-' or '_'", service.name),
+                ));
+            }
+            let field = format!("service[{index}] ({})", service.name);
+            if !names.insert(service.name.as_str()) {
+                return Err(invalid(format!("{field}.name"), "is used by another service"));
+            }
+            if service.port == 0 {
+                return Err(invalid(format!("{field}.port"), "must be 1-65535"));
+            }
+            if service.vip.is_unspecified() || service.vip.is_multicast() || service.vip.is_broadcast()
+            {
+                return Err(invalid(
+                    format!("{field}.vip"),
+                    format!("{} cannot be a virtual IP", service.vip),
+                ));
+            }
+            if !endpoints.insert((service.vip, service.port, service.protocol)) {
+                return Err(invalid(
+                    format!("{field}.vip"),
+                    format!(
+                        "{}:{}/{} is already used by another service",
+                        service.vip, service.port, service.protocol
+                    ),
+                ));
+            }
+            let mut backend_names = HashSet::new();
+            for (b, backend) in service.backends.iter().enumerate() {
+                let field = format!("{field}.backend[{b}]");
+                if !name_ok(&backend.name) {
+                    return Err(invalid(
+                        format!("{field}.name"),
+                        format!("{:?} must be 1-64 letters, digits, '-' or '_'", backend.name),
+                    ));
+                }
+                if !backend_names.insert(backend.name.as_str()) {
+                    return Err(invalid(
+                        format!("{field}.name"),
+                        "is used by another backend of this service",
+                    ));
+                }
+                if backend.port == Some(0) {
+                    return Err(invalid(format!("{field}.port"), "must be 1-65535"));
+                }
+                if backend.address.is_unspecified()
+                    || backend.address.is_multicast()
+                    || backend.address.is_broadcast()
+                {
+                    return Err(invalid(
+                        format!("{field}.address"),
+                        format!("{} cannot be a backend address", backend.address),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BackendConfig {
+    pub fn port_for(&self, service: &ServiceConfig) -> u16 {
+        self.port.unwrap_or(service.port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = r#"
+        instance = "lab"
+        client_interface = "lb-client"
+        backend_interface = "lb-backend"
+
+        [[service]]
+        name = "web"
+        vip = "203.0.113.10"
+        port = 80
+        protocol = "tcp"
+          [[service.backend]]
+          name = "b1"
+          address = "198.19.0.11"
+          [[service.backend]]
+          name = "b2"
+          address = "198.19.0.12"
+          port = 8080
+    "#;
+
+    fn error_of(text: &str) -> String {
+        Config::parse(text).expect_err("config must be rejected").to_string()
+    }
+
+    #[test]
+    fn valid_config_gets_defaults() {
+        let config = Config::parse(VALID).expect("valid config");
+        assert_eq!(config.xdp_mode, XdpModeSetting::Auto);
+        assert_eq!(config.flow_capacity, balancer_common::DEFAULT_FLOW_CAPACITY);
+        assert_eq!(config.stats_interval, 1);
+        let service = &config.services[0];
+        assert_eq!(service.backends[0].port_for(service), 80);
+        assert_eq!(service.backends[1].port_for(service), 8080);
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../balancer.example.toml");
+        Config::load(&path).expect("balancer.example.toml must be valid");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (VALID.replace("203.0.113.10", "203.0.113.300"), "vip"),
+            (VALID.replace("port = 8080", "port = 0"), "service[0] (web).backend[1].port"),
+            (VALID.replace("port = 80\n", "port = 0\n"), "service[0] (web).port"),
+            (VALID.replace("\"tcp\"", "\"sctp\""), "protocol"),
+            (VALID.replace("name = \"b2\"", "name = \"b1\""), "service[0] (web).backend[1].name"),
+            (VALID.replace("instance = \"lab\"", "instance = \"a/b\""), "instance"),
+            (VALID.replace("instance = \"lab\"", "flow_capacity = 3"), "flow_capacity"),
+            (VALID.replace("instance = \"lab\"", "colour = \"blue\""), "colour"),
+            (VALID.replace("client_interface = \"lb-client\"", ""), "client_interface"),
+            (
+                VALID.replace("instance = \"lab\"", "xdp_mode = \"turbo\""),
+                "xdp_mode",
+            ),
+        ];
+        for (text, field) in cases {
+            let message = error_of(&text);
+            assert!(message.contains(field), "{field:?} not named in: {message}");
+        }
+    }
+
+    #[test]
+    fn duplicate_endpoints_are_rejected() {
+        let twice = format!(
+            "{VALID}\n[[service]]\nname = \"web2\"\nvip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\n"
+        );
+        assert!(error_of(&twice).contains("service[1] (web2).vip"));
+    }
+}

@@ -1,0 +1,241 @@
+//! The XDP program and its maps: loading, pinning, attaching, and programming services.
+
+use std::{
+    collections::HashSet,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{Array, DevMapHash, HashMap, MapData},
+    programs::{xdp::XdpLinkId, Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use balancer_common::{
+    backend_state, map_name, Backend, Service, ServiceKey, TABLE_SIZE, XDP_PROGRAM,
+};
+use tracing::{info, warn};
+
+use crate::config::{Config, XdpModeSetting};
+
+/// The compiled XDP program, embedded at build time.
+static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("BALANCER_EBPF_OBJECT"));
+
+const BPF_FS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The directory an instance pins its maps in.
+pub fn pin_dir(instance: &str) -> PathBuf {
+    Path::new(BPF_FS).join(instance)
+}
+
+/// A loaded program attached to its interfaces; dropping it detaches the program.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    links: Vec<(String, XdpLinkId)>,
+    /// Interfaces with the mode the program runs in, for the operator.
+    pub attachments: Vec<(String, &'static str)>,
+    pub verified_instructions: Option<u32>,
+}
+
+impl Dataplane {
+    /// Loads the program with its maps pinned under `/sys/fs/bpf/<instance>/` (reusing maps a
+    /// previous run left there, so flows survive a restart) and attaches it.
+    pub fn start(config: &Config) -> Result<Self> {
+        mount_bpf_fs()?;
+        let dir = pin_dir(&config.instance);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .map_max_entries(map_name::FLOWS, config.flow_capacity)
+            .map_max_entries(map_name::REVERSE, config.flow_capacity)
+            .load(XDP_OBJECT)
+            .with_context(|| {
+                format!(
+                    "loading the XDP program (if flow_capacity changed since the last run, \
+                     remove the old maps with `rm -r {}`)",
+                    dir.display()
+                )
+            })?;
+
+        let program: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .context("the XDP object has no balancer program")?
+            .try_into()?;
+        program.load().context("the kernel verifier rejected the XDP program")?;
+        let verified_instructions = program.info().ok().and_then(|i| i.verified_instruction_count());
+
+        let mut interfaces = vec![config.client_interface.clone()];
+        if config.backend_interface() != config.client_interface {
+            interfaces.push(config.backend_interface().to_owned());
+        }
+        let mut links = Vec::new();
+        let mut attachments = Vec::new();
+        for interface in &interfaces {
+            let (link, mode) = attach(program, interface, config.xdp_mode)?;
+            links.push((interface.clone(), link));
+            attachments.push((interface.clone(), mode));
+        }
+
+        let mut dataplane = Self { ebpf, links, attachments, verified_instructions };
+        dataplane.set_tx_ports(&interfaces)?;
+        Ok(dataplane)
+    }
+
+    fn set_tx_ports(&mut self, interfaces: &[String]) -> Result<()> {
+        let mut ports: DevMapHash<&mut MapData> = DevMapHash::try_from(self.map(map_name::TX_PORTS)?)?;
+        for interface in interfaces {
+            let ifindex = ifindex(interface)?;
+            ports
+                .insert(ifindex, ifindex, None, 0)
+                .with_context(|| format!("adding {interface} to {}", map_name::TX_PORTS))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the services and backends of `config` into the maps and removes services that
+    /// are no longer configured. Existing flows keep their backend.
+    pub fn apply(&mut self, config: &Config) -> Result<()> {
+        let mut backend_id = 0u32;
+        let mut wanted = HashSet::new();
+        for (service_id, service) in config.services.iter().enumerate() {
+            let service_id = service_id as u32;
+            let mut ids = Vec::with_capacity(service.backends.len());
+            {
+                let mut backends: Array<&mut MapData, Backend> =
+                    Array::try_from(self.map(map_name::BACKENDS)?)?;
+                for backend in &service.backends {
+                    let value = Backend {
+                        addr: u32::from_ne_bytes(backend.address.octets()),
+                        port: backend.port_for(service).to_be(),
+                        state: backend_state::UP,
+                        _pad: 0,
+                    };
+                    backends.set(backend_id, value, 0).with_context(|| {
+                        format!("writing backend {} of service {}", backend.name, service.name)
+                    })?;
+                    ids.push(backend_id);
+                    backend_id += 1;
+                }
+            }
+            if !ids.is_empty() {
+                let mut table: Array<&mut MapData, u32> =
+                    Array::try_from(self.map(map_name::BACKEND_TABLE)?)?;
+                let base = service_id * TABLE_SIZE;
+                for slot in 0..TABLE_SIZE {
+                    table
+                        .set(base + slot, ids[slot as usize % ids.len()], 0)
+                        .with_context(|| format!("filling the table of service {}", service.name))?;
+                }
+            } else {
+                warn!(service = %service.name, "service has no backends: its new flows are dropped");
+            }
+
+            let key = ServiceKey {
+                vip: u32::from_ne_bytes(service.vip.octets()),
+                port: service.port.to_be(),
+                proto: service.protocol.number(),
+                _pad: 0,
+            };
+            let value = Service { id: service_id, backend_count: ids.len() as u32 };
+            let mut services: HashMap<&mut MapData, ServiceKey, Service> =
+                HashMap::try_from(self.map(map_name::SERVICES)?)?;
+            services
+                .insert(key, value, 0)
+                .with_context(|| format!("writing service {}", service.name))?;
+            wanted.insert(key);
+            info!(
+                service = %service.name,
+                vip = %service.vip,
+                port = service.port,
+                protocol = %service.protocol,
+                backends = ids.len(),
+                "service programmed"
+            );
+        }
+
+        let mut services: HashMap<&mut MapData, ServiceKey, Service> =
+            HashMap::try_from(self.map(map_name::SERVICES)?)?;
+        let stale: Vec<ServiceKey> =
+            services.keys().filter_map(Result::ok).filter(|k| !wanted.contains(k)).collect();
+        for key in stale {
+            services.remove(&key).context("removing a service that is no longer configured")?;
+        }
+        Ok(())
+    }
+
+    fn map(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf.map_mut(name).with_context(|| format!("the XDP object has no map {name}"))
+    }
+
+    pub fn detach(mut self) -> Result<()> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(XDP_PROGRAM)
+            .context("the XDP object has no balancer program")?
+            .try_into()?;
+        for (interface, link) in self.links.drain(..) {
+            program.detach(link).with_context(|| format!("detaching from {interface}"))?;
+            info!(%interface, "detached");
+        }
+        Ok(())
+    }
+}
+
+fn attach(program: &mut Xdp, interface: &str, setting: XdpModeSetting) -> Result<(XdpLinkId, &'static str)> {
+    ifindex(interface)?;
+    match setting {
+        XdpModeSetting::Native => program
+            .attach(interface, XdpMode::Driver)
+            .map(|link| (link, "native"))
+            .with_context(|| format!("attaching in native mode to {interface} (try xdp_mode = \"generic\")")),
+        XdpModeSetting::Generic => program
+            .attach(interface, XdpMode::Skb)
+            .map(|link| (link, "generic"))
+            .with_context(|| format!("attaching in generic mode to {interface}")),
+        XdpModeSetting::Auto => match program.attach(interface, XdpMode::Driver) {
+            Ok(link) => Ok((link, "native")),
+            Err(error) => {
+                warn!(%interface, %error, "native XDP is not available, falling back to generic mode (slower)");
+                program
+                    .attach(interface, XdpMode::Skb)
+                    .map(|link| (link, "generic"))
+                    .with_context(|| format!("attaching in generic mode to {interface}"))
+            }
+        },
+    }
+}
+
+fn ifindex(interface: &str) -> Result<u32> {
+    let name = std::ffi::CString::new(interface).context("interface name contains a NUL byte")?;
+    // SAFETY: `name` is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        bail!("interface {interface} does not exist in this network namespace");
+    }
+    Ok(index)
+}
+
+/// Mounts the BPF filesystem at `/sys/fs/bpf` unless it is there already.
+fn mount_bpf_fs() -> Result<()> {
+    let path = std::ffi::CString::new(BPF_FS).context("bpffs path")?;
+    // SAFETY: `statfs` is plain data filled in by the kernel.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `stat` is writable.
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } == 0 && stat.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    fs::create_dir_all(BPF_FS).with_context(|| format!("creating {BPF_FS}"))?;
+    let fstype = std::ffi::CString::new("bpf").context("fstype")?;
+    // SAFETY: all pointers are valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(fstype.as_ptr(), path.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        bail!("mounting the BPF filesystem at {BPF_FS}: {}", std::io::Error::last_os_error());
+    }
+    info!("mounted the BPF filesystem at {BPF_FS}");
+    Ok(())
+}
