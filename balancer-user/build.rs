@@ -4,10 +4,12 @@ use std::{env, path::PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-env-changed=BALANCER_EBPF_OBJECT");
-    let object = env::var_os("BALANCER_EBPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/ebpf/bpfel-unknown-none/release/balancer-ebpf")
-    });
+    let object = env::var_os("BALANCER_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/ebpf/bpfel-unknown-none/release/balancer-ebpf")
+        });
     if !object.exists() {
         panic!(
             "the XDP object {} does not exist: build through `cargo xtask build` \

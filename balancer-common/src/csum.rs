@@ -19,11 +19,7 @@ pub fn replace16(check: u16, old: u16, new: u16) -> u16 {
 /// The checksum after a 32-bit field of the covered data changed from `old` to `new`.
 #[inline(always)]
 pub fn replace32(check: u16, old: u32, new: u32) -> u16 {
-    let sum = u32::from(!check)
-        + (!old >> 16)
-        + (!old & 0xffff)
-        + (new >> 16)
-        + (new & 0xffff);
+    let sum = u32::from(!check) + (!old >> 16) + (!old & 0xffff) + (new >> 16) + (new & 0xffff);
     !fold(sum)
 }
 
@@ -89,7 +85,11 @@ mod tests {
             let new_dst = seed.to_ne_bytes();
             let mut h = ipv4_header([203, 0, 113, 10], 64);
             let check = u16::from_ne_bytes([h[10], h[11]]);
-            let updated = replace32(check, u32::from_ne_bytes([h[16], h[17], h[18], h[19]]), seed);
+            let updated = replace32(
+                check,
+                u32::from_ne_bytes([h[16], h[17], h[18], h[19]]),
+                seed,
+            );
             h[16..20].copy_from_slice(&new_dst);
             h[10..12].copy_from_slice(&updated.to_ne_bytes());
             assert_eq!(checksum(&h), 0, "dst {new_dst:?}");

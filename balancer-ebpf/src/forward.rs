@@ -47,7 +47,12 @@ pub fn redirect(ctx: &XdpContext, reason: Reason) -> Result<Verdict, Verdict> {
 
     // SAFETY: `fib` is a valid `bpf_fib_lookup` of the size passed.
     let rc = unsafe {
-        fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<bpf_fib_lookup>() as i32, 0)
+        fib_lookup(
+            ctx.ctx.cast(),
+            &mut fib,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
     };
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         return Ok(Verdict::pass(Reason::PassNoRoute));

@@ -27,8 +27,7 @@ pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(DEFAULT_FLOW_CA
 
 /// Backend-side 5-tuple → the VIP and port its replies are rewritten to.
 #[map]
-pub static REVERSE: LruHashMap<FlowKey, ReverseNat> =
-    LruHashMap::pinned(DEFAULT_FLOW_CAPACITY, 0);
+pub static REVERSE: LruHashMap<FlowKey, ReverseNat> = LruHashMap::pinned(DEFAULT_FLOW_CAPACITY, 0);
 
 /// Packet and byte counters per exit reason.
 #[map]

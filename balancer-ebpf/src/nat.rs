@@ -3,8 +3,7 @@
 
 use aya_ebpf::programs::XdpContext;
 use balancer_common::{
-    csum, flow_hash, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey, PROTO_UDP,
-    TABLE_SIZE,
+    csum, flow_hash, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey, PROTO_UDP, TABLE_SIZE,
 };
 use network_types::ip::Ipv4Hdr;
 
@@ -25,7 +24,12 @@ enum End {
 #[inline(always)]
 pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<()>, Verdict> {
     let key = &packet.key;
-    let service_key = ServiceKey { vip: key.dst, port: key.dport, proto: key.proto, _pad: 0 };
+    let service_key = ServiceKey {
+        vip: key.dst,
+        port: key.dport,
+        proto: key.proto,
+        _pad: 0,
+    };
     let Some(service) = SERVICES.get_ptr(&service_key) else {
         return Ok(None);
     };
@@ -35,7 +39,13 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<()>, Verdi
         // SAFETY: as above.
         None => new_flow(unsafe { &*service }, key)?,
     };
-    rewrite(ctx, packet, End::Destination, flow.backend_addr, flow.backend_port)?;
+    rewrite(
+        ctx,
+        packet,
+        End::Destination,
+        flow.backend_addr,
+        flow.backend_port,
+    )?;
     Ok(Some(()))
 }
 
@@ -75,7 +85,11 @@ fn new_flow(service: &Service, key: &FlowKey) -> Result<Flow, Verdict> {
         proto: key.proto,
         _pad: [0; 3],
     };
-    let reverse = ReverseNat { vip: key.dst, port: key.dport, _pad: 0 };
+    let reverse = ReverseNat {
+        vip: key.dst,
+        port: key.dport,
+        _pad: 0,
+    };
     // A failed insert only means the next packet takes this path again.
     let _ = FLOWS.insert(key, &flow, 0);
     let _ = REVERSE.insert(&reply_key, &reverse, 0);
@@ -94,12 +108,20 @@ fn rewrite(
 ) -> Result<(), Verdict> {
     let truncated = Verdict::drop(Reason::DropTruncated);
     let ip: *mut Ipv4Hdr = ptr_at(ctx, IP_OFFSET).ok_or(truncated)?;
-    let port_offset = if end == End::Source { L4_OFFSET } else { L4_OFFSET + 2 };
+    let port_offset = if end == End::Source {
+        L4_OFFSET
+    } else {
+        L4_OFFSET + 2
+    };
     let port_field: *mut [u8; 2] = ptr_at(ctx, port_offset).ok_or(truncated)?;
     let check_field: *mut [u8; 2] = ptr_at(ctx, packet.l4_check_offset).ok_or(truncated)?;
     // SAFETY: `ptr_at` checked that each field lies inside the frame.
     unsafe {
-        let addr_field = if end == End::Source { &mut (*ip).src_addr } else { &mut (*ip).dst_addr };
+        let addr_field = if end == End::Source {
+            &mut (*ip).src_addr
+        } else {
+            &mut (*ip).dst_addr
+        };
         let old_addr = u32::from_ne_bytes(*addr_field);
         let old_port = u16::from_ne_bytes(*port_field);
         *addr_field = addr.to_ne_bytes();

@@ -6,7 +6,7 @@ use core::mem::size_of;
 use aya_ebpf::programs::XdpContext;
 use balancer_common::{FlowKey, Reason, PROTO_TCP, PROTO_UDP};
 use network_types::{
-    eth::{EtherType, EthHdr},
+    eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
     tcp::TcpHdr,
     udp::UdpHdr,
@@ -19,8 +19,6 @@ pub const IP_OFFSET: usize = EthHdr::LEN;
 /// Offset of the TCP/UDP header; IPv4 options are left to the host, so it is fixed.
 pub const L4_OFFSET: usize = IP_OFFSET + Ipv4Hdr::LEN;
 
-const ETH_P_8021Q: u16 = (EtherType::Ieee8021q as u16).to_be();
-const ETH_P_8021AD: u16 = (EtherType::Ieee8021ad as u16).to_be();
 const IP_MORE_FRAGMENTS: u8 = 0b001;
 
 /// A parsed TCP or UDP over IPv4 packet.
@@ -52,7 +50,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
     let eth: *const EthHdr = header(ctx, 0)?;
     // SAFETY: `header` checked that the Ethernet header lies inside the frame.
     let ether_type = unsafe { (*eth).ether_type };
-    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+    // `EtherType` values are already in network byte order.
+    if ether_type == EtherType::Ieee8021q as u16 || ether_type == EtherType::Ieee8021ad as u16 {
         return Err(Verdict::pass(Reason::PassVlan));
     }
     if ether_type != EtherType::Ipv4 as u16 {
@@ -82,8 +81,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
             let tcp: *const TcpHdr = header(ctx, L4_OFFSET)?;
             // SAFETY: `header` checked that the TCP header lies inside the frame.
             let tcp = unsafe { &*tcp };
-            if usize::from(tcp.doff()) * 4 < TcpHdr::LEN || total_len < Ipv4Hdr::LEN + TcpHdr::LEN
-            {
+            if usize::from(tcp.doff()) * 4 < TcpHdr::LEN || total_len < Ipv4Hdr::LEN + TcpHdr::LEN {
                 return Err(Verdict::drop(Reason::DropTruncated));
             }
             (tcp.source, tcp.dest, L4_OFFSET + 16)

@@ -101,15 +101,24 @@ fn default_stats_interval() -> u64 {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
-    Parse { path: String, source: Box<toml::de::Error> },
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
     #[error("{field}: {problem}")]
     Invalid { field: String, problem: String },
 }
 
 fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field: field.into(), problem: problem.into() }
+    ConfigError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
 }
 
 impl Config {
@@ -119,34 +128,43 @@ impl Config {
             source,
         })?;
         Self::parse(&text).map_err(|error| match error {
-            ConfigError::Parse { source, .. } => {
-                ConfigError::Parse { path: path.display().to_string(), source }
-            }
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                source,
+            },
             other => other,
         })
     }
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text)
-            .map_err(|source| ConfigError::Parse { path: String::new(), source: Box::new(source) })?;
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: String::new(),
+            source: Box::new(source),
+        })?;
         config.validate()?;
         Ok(config)
     }
 
     pub fn backend_interface(&self) -> &str {
-        self.backend_interface.as_deref().unwrap_or(&self.client_interface)
+        self.backend_interface
+            .as_deref()
+            .unwrap_or(&self.client_interface)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
         let name_ok = |s: &str| {
             !s.is_empty()
                 && s.len() <= 64
-                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         };
         if !name_ok(&self.instance) {
             return Err(invalid(
                 "instance",
-                format!("{:?} must be 1-64 letters, digits, '-' or '_'", self.instance),
+                format!(
+                    "{:?} must be 1-64 letters, digits, '-' or '_'",
+                    self.instance
+                ),
             ));
         }
         for (field, name) in [
@@ -169,7 +187,10 @@ impl Config {
         if self.services.len() > MAX_SERVICES as usize {
             return Err(invalid(
                 "service",
-                format!("{} services, at most {MAX_SERVICES} are supported", self.services.len()),
+                format!(
+                    "{} services, at most {MAX_SERVICES} are supported",
+                    self.services.len()
+                ),
             ));
         }
         let backends: usize = self.services.iter().map(|s| s.backends.len()).sum();
@@ -187,17 +208,25 @@ impl Config {
             if !name_ok(&service.name) {
                 return Err(invalid(
                     format!("{field}.name"),
-                    format!("{:?} must be 1-64 letters, digits, '-' or '_'", service.name),
+                    format!(
+                        "{:?} must be 1-64 letters, digits, '-' or '_'",
+                        service.name
+                    ),
                 ));
             }
             let field = format!("service[{index}] ({})", service.name);
             if !names.insert(service.name.as_str()) {
-                return Err(invalid(format!("{field}.name"), "is used by another service"));
+                return Err(invalid(
+                    format!("{field}.name"),
+                    "is used by another service",
+                ));
             }
             if service.port == 0 {
                 return Err(invalid(format!("{field}.port"), "must be 1-65535"));
             }
-            if service.vip.is_unspecified() || service.vip.is_multicast() || service.vip.is_broadcast()
+            if service.vip.is_unspecified()
+                || service.vip.is_multicast()
+                || service.vip.is_broadcast()
             {
                 return Err(invalid(
                     format!("{field}.vip"),
@@ -219,7 +248,10 @@ impl Config {
                 if !name_ok(&backend.name) {
                     return Err(invalid(
                         format!("{field}.name"),
-                        format!("{:?} must be 1-64 letters, digits, '-' or '_'", backend.name),
+                        format!(
+                            "{:?} must be 1-64 letters, digits, '-' or '_'",
+                            backend.name
+                        ),
                     ));
                 }
                 if !backend_names.insert(backend.name.as_str()) {
@@ -276,7 +308,9 @@ mod tests {
     "#;
 
     fn error_of(text: &str) -> String {
-        Config::parse(text).expect_err("config must be rejected").to_string()
+        Config::parse(text)
+            .expect_err("config must be rejected")
+            .to_string()
     }
 
     #[test]
@@ -300,14 +334,35 @@ mod tests {
     fn errors_name_the_field() {
         let cases = [
             (VALID.replace("203.0.113.10", "203.0.113.300"), "vip"),
-            (VALID.replace("port = 8080", "port = 0"), "service[0] (web).backend[1].port"),
-            (VALID.replace("port = 80\n", "port = 0\n"), "service[0] (web).port"),
+            (
+                VALID.replace("port = 8080", "port = 0"),
+                "service[0] (web).backend[1].port",
+            ),
+            (
+                VALID.replace("port = 80\n", "port = 0\n"),
+                "service[0] (web).port",
+            ),
             (VALID.replace("\"tcp\"", "\"sctp\""), "protocol"),
-            (VALID.replace("name = \"b2\"", "name = \"b1\""), "service[0] (web).backend[1].name"),
-            (VALID.replace("instance = \"lab\"", "instance = \"a/b\""), "instance"),
-            (VALID.replace("instance = \"lab\"", "flow_capacity = 3"), "flow_capacity"),
-            (VALID.replace("instance = \"lab\"", "colour = \"blue\""), "colour"),
-            (VALID.replace("client_interface = \"lb-client\"", ""), "client_interface"),
+            (
+                VALID.replace("name = \"b2\"", "name = \"b1\""),
+                "service[0] (web).backend[1].name",
+            ),
+            (
+                VALID.replace("instance = \"lab\"", "instance = \"a/b\""),
+                "instance",
+            ),
+            (
+                VALID.replace("instance = \"lab\"", "flow_capacity = 3"),
+                "flow_capacity",
+            ),
+            (
+                VALID.replace("instance = \"lab\"", "colour = \"blue\""),
+                "colour",
+            ),
+            (
+                VALID.replace("client_interface = \"lb-client\"", ""),
+                "client_interface",
+            ),
             (
                 VALID.replace("instance = \"lab\"", "xdp_mode = \"turbo\""),
                 "xdp_mode",

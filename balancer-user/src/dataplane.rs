@@ -64,8 +64,13 @@ impl Dataplane {
             .program_mut(XDP_PROGRAM)
             .context("the XDP object has no balancer program")?
             .try_into()?;
-        program.load().context("the kernel verifier rejected the XDP program")?;
-        let verified_instructions = program.info().ok().and_then(|i| i.verified_instruction_count());
+        program
+            .load()
+            .context("the kernel verifier rejected the XDP program")?;
+        let verified_instructions = program
+            .info()
+            .ok()
+            .and_then(|i| i.verified_instruction_count());
 
         let mut interfaces = vec![config.client_interface.clone()];
         if config.backend_interface() != config.client_interface {
@@ -79,13 +84,19 @@ impl Dataplane {
             attachments.push((interface.clone(), mode));
         }
 
-        let mut dataplane = Self { ebpf, links, attachments, verified_instructions };
+        let mut dataplane = Self {
+            ebpf,
+            links,
+            attachments,
+            verified_instructions,
+        };
         dataplane.set_tx_ports(&interfaces)?;
         Ok(dataplane)
     }
 
     fn set_tx_ports(&mut self, interfaces: &[String]) -> Result<()> {
-        let mut ports: DevMapHash<&mut MapData> = DevMapHash::try_from(self.map(map_name::TX_PORTS)?)?;
+        let mut ports: DevMapHash<&mut MapData> =
+            DevMapHash::try_from(self.map(map_name::TX_PORTS)?)?;
         for interface in interfaces {
             let ifindex = ifindex(interface)?;
             ports
@@ -114,7 +125,10 @@ impl Dataplane {
                         _pad: 0,
                     };
                     backends.set(backend_id, value, 0).with_context(|| {
-                        format!("writing backend {} of service {}", backend.name, service.name)
+                        format!(
+                            "writing backend {} of service {}",
+                            backend.name, service.name
+                        )
                     })?;
                     ids.push(backend_id);
                     backend_id += 1;
@@ -127,7 +141,9 @@ impl Dataplane {
                 for slot in 0..TABLE_SIZE {
                     table
                         .set(base + slot, ids[slot as usize % ids.len()], 0)
-                        .with_context(|| format!("filling the table of service {}", service.name))?;
+                        .with_context(|| {
+                            format!("filling the table of service {}", service.name)
+                        })?;
                 }
             } else {
                 warn!(service = %service.name, "service has no backends: its new flows are dropped");
@@ -139,7 +155,10 @@ impl Dataplane {
                 proto: service.protocol.number(),
                 _pad: 0,
             };
-            let value = Service { id: service_id, backend_count: ids.len() as u32 };
+            let value = Service {
+                id: service_id,
+                backend_count: ids.len() as u32,
+            };
             let mut services: HashMap<&mut MapData, ServiceKey, Service> =
                 HashMap::try_from(self.map(map_name::SERVICES)?)?;
             services
@@ -158,16 +177,23 @@ impl Dataplane {
 
         let mut services: HashMap<&mut MapData, ServiceKey, Service> =
             HashMap::try_from(self.map(map_name::SERVICES)?)?;
-        let stale: Vec<ServiceKey> =
-            services.keys().filter_map(Result::ok).filter(|k| !wanted.contains(k)).collect();
+        let stale: Vec<ServiceKey> = services
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
         for key in stale {
-            services.remove(&key).context("removing a service that is no longer configured")?;
+            services
+                .remove(&key)
+                .context("removing a service that is no longer configured")?;
         }
         Ok(())
     }
 
     fn map(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
-        self.ebpf.map_mut(name).with_context(|| format!("the XDP object has no map {name}"))
+        self.ebpf
+            .map_mut(name)
+            .with_context(|| format!("the XDP object has no map {name}"))
     }
 
     pub fn detach(mut self) -> Result<()> {
@@ -177,20 +203,28 @@ impl Dataplane {
             .context("the XDP object has no balancer program")?
             .try_into()?;
         for (interface, link) in self.links.drain(..) {
-            program.detach(link).with_context(|| format!("detaching from {interface}"))?;
+            program
+                .detach(link)
+                .with_context(|| format!("detaching from {interface}"))?;
             info!(%interface, "detached");
         }
         Ok(())
     }
 }
 
-fn attach(program: &mut Xdp, interface: &str, setting: XdpModeSetting) -> Result<(XdpLinkId, &'static str)> {
+fn attach(
+    program: &mut Xdp,
+    interface: &str,
+    setting: XdpModeSetting,
+) -> Result<(XdpLinkId, &'static str)> {
     ifindex(interface)?;
     match setting {
         XdpModeSetting::Native => program
             .attach(interface, XdpMode::Driver)
             .map(|link| (link, "native"))
-            .with_context(|| format!("attaching in native mode to {interface} (try xdp_mode = \"generic\")")),
+            .with_context(|| {
+                format!("attaching in native mode to {interface} (try xdp_mode = \"generic\")")
+            }),
         XdpModeSetting::Generic => program
             .attach(interface, XdpMode::Skb)
             .map(|link| (link, "generic"))
@@ -224,17 +258,27 @@ fn mount_bpf_fs() -> Result<()> {
     // SAFETY: `statfs` is plain data filled in by the kernel.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `path` is NUL-terminated and `stat` is writable.
-    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } == 0 && stat.f_type as i64 == BPF_FS_MAGIC {
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+    {
         return Ok(());
     }
     fs::create_dir_all(BPF_FS).with_context(|| format!("creating {BPF_FS}"))?;
     let fstype = std::ffi::CString::new("bpf").context("fstype")?;
     // SAFETY: all pointers are valid NUL-terminated strings; no data argument.
     let rc = unsafe {
-        libc::mount(fstype.as_ptr(), path.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            fstype.as_ptr(),
+            path.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
-        bail!("mounting the BPF filesystem at {BPF_FS}: {}", std::io::Error::last_os_error());
+        bail!(
+            "mounting the BPF filesystem at {BPF_FS}: {}",
+            std::io::Error::last_os_error()
+        );
     }
     info!("mounted the BPF filesystem at {BPF_FS}");
     Ok(())

@@ -7,7 +7,7 @@ mod config;
 mod dataplane;
 mod stats;
 
-use std::{path::PathBuf, time::Instant};
+use std::{io::IsTerminal, path::PathBuf, time::Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -52,6 +52,7 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match Cli::parse().command {
         Command::Run { config } => run(config),
@@ -60,7 +61,11 @@ fn main() -> Result<()> {
             println!(
                 "configuration is valid: {} services, {} backends",
                 config.services.len(),
-                config.services.iter().map(|s| s.backends.len()).sum::<usize>()
+                config
+                    .services
+                    .iter()
+                    .map(|s| s.backends.len())
+                    .sum::<usize>()
             );
             Ok(())
         }
@@ -75,8 +80,11 @@ fn run(config_path: PathBuf) -> Result<()> {
     let config = Config::load(&config_path)?;
     let mut dataplane = Dataplane::start(&config)?;
     dataplane.apply(&config)?;
-    let attached: Vec<String> =
-        dataplane.attachments.iter().map(|(i, mode)| format!("{i} ({mode})")).collect();
+    let attached: Vec<String> = dataplane
+        .attachments
+        .iter()
+        .map(|(i, mode)| format!("{i} ({mode})"))
+        .collect();
     let instructions = dataplane
         .verified_instructions
         .map_or_else(|| "unknown".to_owned(), |n| n.to_string());
@@ -100,7 +108,8 @@ fn run(config_path: PathBuf) -> Result<()> {
 /// Prints a stats line every `stats_interval` seconds until SIGINT or SIGTERM.
 async fn report_until_stopped(config: &Config) -> Result<()> {
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let period = std::time::Duration::from_secs(config.stats_interval.max(1));
     let mut ticker = tokio::time::interval(period);
     let mut last = (Instant::now(), Snapshot::read(&config.instance)?);

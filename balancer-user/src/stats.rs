@@ -41,10 +41,18 @@ impl Snapshot {
     pub fn line_since(&self, before: &Snapshot, elapsed: Duration) -> String {
         let seconds = elapsed.as_secs_f64().max(1e-3);
         let rate = |reason: Reason| {
-            (self.get(reason).packets.saturating_sub(before.get(reason).packets)) as f64 / seconds
+            (self
+                .get(reason)
+                .packets
+                .saturating_sub(before.get(reason).packets)) as f64
+                / seconds
         };
         let mbits = |reason: Reason| {
-            (self.get(reason).bytes.saturating_sub(before.get(reason).bytes)) as f64 * 8.0
+            (self
+                .get(reason)
+                .bytes
+                .saturating_sub(before.get(reason).bytes)) as f64
+                * 8.0
                 / seconds
                 / 1e6
         };
@@ -71,7 +79,14 @@ impl Snapshot {
     pub fn table(&self) -> String {
         Reason::ALL
             .iter()
-            .map(|r| format!("{} {} {}\n", r.name(), self.get(*r).packets, self.get(*r).bytes))
+            .map(|r| {
+                format!(
+                    "{} {} {}\n",
+                    r.name(),
+                    self.get(*r).packets,
+                    self.get(*r).bytes
+                )
+            })
             .collect()
     }
 }

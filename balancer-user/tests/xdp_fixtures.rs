@@ -1,0 +1,656 @@
+//! Packet fixtures run through the XDP program with BPF_PROG_TEST_RUN: each gives an input
+//! frame, the action and counter it must produce and, where the frame is rewritten, the exact
+//! output bytes (built from scratch with full checksums, so the program's incremental updates
+//! are checked against an independent computation). Needs root.
+//!
+//! The FIB lookup runs in a private network namespace with veth interfaces, static neighbours
+//! and fixed MAC addresses, so the results do not depend on the host.
+
+use std::{net::Ipv4Addr, process::Command};
+
+use aya::{
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
+    programs::{TestRun, TestRunOptions, Xdp},
+    Ebpf, EbpfLoader,
+};
+use balancer_common::{
+    backend_state, map_name, Backend, Counter, Flow, FlowKey, Reason, Service, ServiceKey,
+    PROTO_TCP, PROTO_UDP, TABLE_SIZE, XDP_PROGRAM,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
+/// A backend address the FIB has no route to.
+const UNROUTED_BACKEND: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 99);
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
+const BALANCER_CLIENT_SIDE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xb0, 0x01];
+const BALANCER_BACKEND_SIDE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xb0, 0x02];
+
+const WEB_PORT: u16 = 80;
+const WEB_BACKEND_PORT: u16 = 8080;
+const ECHO_PORT: u16 = 7;
+const EMPTY_PORT: u16 = 81;
+const UNROUTED_PORT: u16 = 82;
+const CLIENT_PORT: u16 = 40000;
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+// ---- Frame builders (full checksums, computed independently of the program) ----
+
+fn checksum(chunks: &[&[u8]]) -> u16 {
+    let mut sum = 0u32;
+    for chunk in chunks {
+        for word in chunk.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([word[0], *word.get(1).unwrap_or(&0)]));
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[derive(Clone)]
+struct Ip {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ttl: u8,
+    proto: u8,
+}
+
+fn ipv4_header(ip: &Ip, payload_len: usize) -> Vec<u8> {
+    let total = (20 + payload_len) as u16;
+    let mut h = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, ip.ttl, ip.proto, 0, 0];
+    h[2..4].copy_from_slice(&total.to_be_bytes());
+    h.extend_from_slice(&ip.src.octets());
+    h.extend_from_slice(&ip.dst.octets());
+    let c = checksum(&[&h]);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h
+}
+
+fn l4_checksum(ip: &Ip, segment: &[u8]) -> u16 {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&ip.src.octets());
+    pseudo.extend_from_slice(&ip.dst.octets());
+    pseudo.extend_from_slice(&[0, ip.proto]);
+    pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+    checksum(&[&pseudo, segment])
+}
+
+fn tcp(ip: &Ip, sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.extend_from_slice(&0x1000_0000u32.to_be_bytes());
+    s.extend_from_slice(&0u32.to_be_bytes());
+    s.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    s.extend_from_slice(payload);
+    let c = l4_checksum(ip, &s);
+    s[16..18].copy_from_slice(&c.to_be_bytes());
+    s
+}
+
+fn udp(ip: &Ip, sport: u16, dport: u16, payload: &[u8], with_checksum: bool) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    s.extend_from_slice(&[0, 0]);
+    s.extend_from_slice(payload);
+    if with_checksum {
+        let c = l4_checksum(ip, &s);
+        s[6..8].copy_from_slice(&c.to_be_bytes());
+    }
+    s
+}
+
+fn frame(dst_mac: [u8; 6], src_mac: [u8; 6], ether_type: u16, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&ether_type.to_be_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+fn ipv4_frame(dst_mac: [u8; 6], src_mac: [u8; 6], ip: &Ip, segment: &[u8]) -> Vec<u8> {
+    let mut body = ipv4_header(ip, segment.len());
+    body.extend_from_slice(segment);
+    frame(dst_mac, src_mac, 0x0800, &body)
+}
+
+fn tcp_frame(ip: &Ip, macs: ([u8; 6], [u8; 6]), sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    ipv4_frame(
+        macs.0,
+        macs.1,
+        ip,
+        &tcp(ip, sport, dport, flags, b"GET / HTTP/1.1\r\n\r\n"),
+    )
+}
+
+fn ip(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Ip {
+    Ip {
+        src,
+        dst,
+        ttl: 64,
+        proto,
+    }
+}
+
+/// Client-side frames as they reach the balancer.
+const FROM_CLIENT: ([u8; 6], [u8; 6]) = (BALANCER_CLIENT_SIDE_MAC, CLIENT_MAC);
+/// Frames the balancer sends to a backend.
+const TO_BACKEND: ([u8; 6], [u8; 6]) = (BACKEND_MAC, BALANCER_BACKEND_SIDE_MAC);
+/// Backend replies as they reach the balancer.
+const FROM_BACKEND: ([u8; 6], [u8; 6]) = (BALANCER_BACKEND_SIDE_MAC, BACKEND_MAC);
+/// Frames the balancer sends to a client.
+const TO_CLIENT: ([u8; 6], [u8; 6]) = (CLIENT_MAC, BALANCER_CLIENT_SIDE_MAC);
+
+// ---- The environment: a private network namespace, the program and its maps ----
+
+fn sh(args: &[&str]) {
+    let status = Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .expect("running a setup command");
+    assert!(status.success(), "setup command failed: {args:?}");
+}
+
+/// Moves this thread into a new network namespace with the balancer's two sides as veth
+/// interfaces, static neighbours for the client and the backend, and forwarding on.
+fn enter_private_network() {
+    // SAFETY: unshare only changes this thread's namespaces; the test owns the thread.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc, 0,
+        "unshare(CLONE_NEWNET) failed: the fixtures need root"
+    );
+    let mac = |m: [u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    for (dev, own_mac, addr, peer, peer_mac) in [
+        (
+            "fx-client",
+            BALANCER_CLIENT_SIDE_MAC,
+            "198.18.0.1/16",
+            CLIENT,
+            CLIENT_MAC,
+        ),
+        (
+            "fx-backend",
+            BALANCER_BACKEND_SIDE_MAC,
+            "198.19.0.1/24",
+            BACKEND,
+            BACKEND_MAC,
+        ),
+    ] {
+        let peer_dev = format!("{dev}-peer");
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            dev,
+            "address",
+            &mac(own_mac),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer_dev,
+        ]);
+        sh(&["ip", "link", "set", dev, "up"]);
+        sh(&["ip", "link", "set", &peer_dev, "up"]);
+        sh(&["ip", "addr", "add", addr, "dev", dev]);
+        sh(&[
+            "ip",
+            "neigh",
+            "add",
+            &peer.to_string(),
+            "lladdr",
+            &mac(peer_mac),
+            "dev",
+            dev,
+        ]);
+    }
+    sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+}
+
+struct Program {
+    ebpf: Ebpf,
+    pin_dir: std::path::PathBuf,
+}
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+impl Program {
+    fn load() -> Self {
+        let pin_dir =
+            std::path::PathBuf::from(format!("/sys/fs/bpf/fixtures-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        std::fs::create_dir_all(&pin_dir).expect("creating a pin directory (is bpffs mounted?)");
+        let object = aya::include_bytes_aligned!(env!("BALANCER_EBPF_OBJECT"));
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .map_max_entries(map_name::FLOWS, 1024)
+            .map_max_entries(map_name::REVERSE, 1024)
+            .load(object)
+            .expect("loading the XDP object");
+        let program: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .expect("program")
+            .try_into()
+            .expect("an XDP program");
+        program.load().expect("the verifier accepts the program");
+        let mut this = Self { ebpf, pin_dir };
+        this.program_services();
+        this
+    }
+
+    fn map(&mut self, name: &str) -> &mut aya::maps::Map {
+        self.ebpf.map_mut(name).expect(name)
+    }
+
+    /// web tcp/80 → BACKEND:8080, echo udp/7 → BACKEND:7, tcp/81 with no backend,
+    /// tcp/82 → a backend without a route.
+    fn program_services(&mut self) {
+        let backends = [
+            (BACKEND, WEB_BACKEND_PORT),
+            (BACKEND, ECHO_PORT),
+            (UNROUTED_BACKEND, 80),
+        ];
+        {
+            let mut map: Array<&mut MapData, Backend> =
+                Array::try_from(self.map(map_name::BACKENDS)).unwrap();
+            for (id, (addr, port)) in backends.iter().enumerate() {
+                let value = Backend {
+                    addr: u32::from_ne_bytes(addr.octets()),
+                    port: port.to_be(),
+                    state: backend_state::UP,
+                    _pad: 0,
+                };
+                map.set(id as u32, value, 0).unwrap();
+            }
+        }
+        let services = [
+            (WEB_PORT, PROTO_TCP, Some(0u32)),
+            (ECHO_PORT, PROTO_UDP, Some(1)),
+            (EMPTY_PORT, PROTO_TCP, None),
+            (UNROUTED_PORT, PROTO_TCP, Some(2)),
+        ];
+        for (id, (port, proto, backend)) in services.into_iter().enumerate() {
+            let id = id as u32;
+            if let Some(backend) = backend {
+                let mut table: Array<&mut MapData, u32> =
+                    Array::try_from(self.map(map_name::BACKEND_TABLE)).unwrap();
+                for slot in 0..TABLE_SIZE {
+                    table.set(id * TABLE_SIZE + slot, backend, 0).unwrap();
+                }
+            }
+            let mut map: HashMap<&mut MapData, ServiceKey, Service> =
+                HashMap::try_from(self.map(map_name::SERVICES)).unwrap();
+            let key = ServiceKey {
+                vip: u32::from_ne_bytes(VIP.octets()),
+                port: port.to_be(),
+                proto,
+                _pad: 0,
+            };
+            let value = Service {
+                id,
+                backend_count: u32::from(backend.is_some()),
+            };
+            map.insert(key, value, 0).unwrap();
+        }
+        let mut ports: DevMapHash<&mut MapData> =
+            DevMapHash::try_from(self.map(map_name::TX_PORTS)).unwrap();
+        for dev in ["fx-client", "fx-backend"] {
+            let name = std::ffi::CString::new(dev).unwrap();
+            // SAFETY: a valid NUL-terminated name.
+            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert_ne!(index, 0, "{dev} exists");
+            ports.insert(index, index, None, 0).unwrap();
+        }
+    }
+
+    fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
+        let program: &Xdp = self
+            .ebpf
+            .program(XDP_PROGRAM)
+            .expect("program")
+            .try_into()
+            .expect("XDP");
+        let mut output = vec![0u8; input.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut output),
+            ..Default::default()
+        };
+        let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        output.truncate(result.data_size_out as usize);
+        (result.return_value, output)
+    }
+
+    fn counters(&self) -> Vec<u64> {
+        let stats: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(self.ebpf.map(map_name::STATS).expect("STATS")).unwrap();
+        Reason::ALL
+            .iter()
+            .map(|r| {
+                stats
+                    .get(&(*r as u32), 0)
+                    .unwrap()
+                    .iter()
+                    .map(|c| c.packets)
+                    .sum()
+            })
+            .collect()
+    }
+
+    fn flow(&self, key: &FlowKey) -> Option<Flow> {
+        let flows: HashMap<&MapData, FlowKey, Flow> =
+            HashMap::try_from(self.ebpf.map(map_name::FLOWS).expect("FLOWS")).unwrap();
+        flows.get(key, 0).ok()
+    }
+}
+
+// ---- The fixtures ----
+
+struct Fixture {
+    name: &'static str,
+    input: Vec<u8>,
+    action: u32,
+    reason: Reason,
+    /// The exact frame the program must produce; `None` means the input unchanged.
+    output: Option<Vec<u8>>,
+}
+
+fn fixtures() -> Vec<Fixture> {
+    let syn = ip(CLIENT, VIP, PROTO_TCP);
+    let syn_at_backend = ip(CLIENT, BACKEND, PROTO_TCP);
+    let reply = ip(BACKEND, CLIENT, PROTO_TCP);
+    let reply_at_client = ip(VIP, CLIENT, PROTO_TCP);
+    let forwarded = |i: &Ip| Ip {
+        ttl: i.ttl - 1,
+        ..i.clone()
+    };
+    let udp_in = ip(CLIENT, VIP, PROTO_UDP);
+    let udp_out = forwarded(&ip(CLIENT, BACKEND, PROTO_UDP));
+    let unchanged = |name, input: Vec<u8>, action, reason| Fixture {
+        name,
+        input,
+        action,
+        reason,
+        output: None,
+    };
+
+    let mut with_options = tcp_frame(&syn, FROM_CLIENT, CLIENT_PORT, WEB_PORT, TCP_SYN);
+    with_options[14] = 0x46;
+    let mut bad_ihl = tcp_frame(&syn, FROM_CLIENT, CLIENT_PORT, WEB_PORT, TCP_SYN);
+    bad_ihl[14] = 0x44;
+    let mut fragment = tcp_frame(&syn, FROM_CLIENT, CLIENT_PORT, WEB_PORT, TCP_SYN);
+    fragment[20] = 0x20; // more fragments
+    let mut long_total = tcp_frame(&syn, FROM_CLIENT, CLIENT_PORT, WEB_PORT, TCP_SYN);
+    long_total[16..18].copy_from_slice(&1400u16.to_be_bytes());
+    let mut vlan = tcp_frame(&syn, FROM_CLIENT, CLIENT_PORT, WEB_PORT, TCP_SYN);
+    vlan.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
+    let truncated_ip = frame(
+        FROM_CLIENT.0,
+        FROM_CLIENT.1,
+        0x0800,
+        &ipv4_header(&syn, 0)[..12],
+    );
+    let truncated_tcp = {
+        let segment = &tcp(&syn, CLIENT_PORT, WEB_PORT, TCP_SYN, b"")[..10];
+        ipv4_frame(FROM_CLIENT.0, FROM_CLIENT.1, &syn, segment)
+    };
+    let arp = frame([0xff; 6], CLIENT_MAC, 0x0806, &[0u8; 28]);
+    let icmp = ipv4_frame(
+        FROM_CLIENT.0,
+        FROM_CLIENT.1,
+        &ip(CLIENT, VIP, 1),
+        &[8, 0, 0xf7, 0xff, 0, 0, 0, 0],
+    );
+    let expiring = Ip {
+        ttl: 1,
+        ..syn.clone()
+    };
+
+    vec![
+        Fixture {
+            name: "SYN to a VIP is rewritten to its backend and redirected",
+            input: tcp_frame(&syn, FROM_CLIENT, CLIENT_PORT, WEB_PORT, TCP_SYN),
+            action: XDP_REDIRECT,
+            reason: Reason::Forwarded,
+            output: Some(tcp_frame(
+                &forwarded(&syn_at_backend),
+                TO_BACKEND,
+                CLIENT_PORT,
+                WEB_BACKEND_PORT,
+                TCP_SYN,
+            )),
+        },
+        Fixture {
+            name: "later packet of the flow follows it",
+            input: tcp_frame(&syn, FROM_CLIENT, CLIENT_PORT, WEB_PORT, TCP_ACK),
+            action: XDP_REDIRECT,
+            reason: Reason::Forwarded,
+            output: Some(tcp_frame(
+                &forwarded(&syn_at_backend),
+                TO_BACKEND,
+                CLIENT_PORT,
+                WEB_BACKEND_PORT,
+                TCP_ACK,
+            )),
+        },
+        Fixture {
+            name: "backend reply is rewritten back to the VIP",
+            input: tcp_frame(
+                &reply,
+                FROM_BACKEND,
+                WEB_BACKEND_PORT,
+                CLIENT_PORT,
+                TCP_SYN | TCP_ACK,
+            ),
+            action: XDP_REDIRECT,
+            reason: Reason::Replied,
+            output: Some(tcp_frame(
+                &forwarded(&reply_at_client),
+                TO_CLIENT,
+                WEB_PORT,
+                CLIENT_PORT,
+                TCP_SYN | TCP_ACK,
+            )),
+        },
+        Fixture {
+            name: "UDP to a VIP is rewritten with its checksum",
+            input: ipv4_frame(
+                FROM_CLIENT.0,
+                FROM_CLIENT.1,
+                &udp_in,
+                &udp(&udp_in, CLIENT_PORT, ECHO_PORT, b"ping", true),
+            ),
+            action: XDP_REDIRECT,
+            reason: Reason::Forwarded,
+            output: Some(ipv4_frame(
+                TO_BACKEND.0,
+                TO_BACKEND.1,
+                &udp_out,
+                &udp(&udp_out, CLIENT_PORT, ECHO_PORT, b"ping", true),
+            )),
+        },
+        Fixture {
+            name: "UDP without checksum keeps none",
+            input: ipv4_frame(
+                FROM_CLIENT.0,
+                FROM_CLIENT.1,
+                &udp_in,
+                &udp(&udp_in, CLIENT_PORT + 1, ECHO_PORT, b"ping", false),
+            ),
+            action: XDP_REDIRECT,
+            reason: Reason::Forwarded,
+            output: Some(ipv4_frame(
+                TO_BACKEND.0,
+                TO_BACKEND.1,
+                &udp_out,
+                &udp(&udp_out, CLIENT_PORT + 1, ECHO_PORT, b"ping", false),
+            )),
+        },
+        Fixture {
+            name: "backend without a route goes up the stack already rewritten",
+            input: tcp_frame(&syn, FROM_CLIENT, CLIENT_PORT, UNROUTED_PORT, TCP_SYN),
+            action: XDP_PASS,
+            reason: Reason::PassNoRoute,
+            output: Some(tcp_frame(
+                &ip(CLIENT, UNROUTED_BACKEND, PROTO_TCP),
+                FROM_CLIENT,
+                CLIENT_PORT,
+                80,
+                TCP_SYN,
+            )),
+        },
+        Fixture {
+            name: "expiring packet goes up the stack for ICMP time exceeded",
+            input: tcp_frame(&expiring, FROM_CLIENT, CLIENT_PORT + 2, WEB_PORT, TCP_SYN),
+            action: XDP_PASS,
+            reason: Reason::PassTtlExpired,
+            output: Some(tcp_frame(
+                &Ip {
+                    ttl: 1,
+                    ..syn_at_backend.clone()
+                },
+                FROM_CLIENT,
+                CLIENT_PORT + 2,
+                WEB_BACKEND_PORT,
+                TCP_SYN,
+            )),
+        },
+        Fixture {
+            name: "service without backends drops new flows",
+            input: tcp_frame(&syn, FROM_CLIENT, CLIENT_PORT, EMPTY_PORT, TCP_SYN),
+            action: XDP_DROP,
+            reason: Reason::DropNoBackend,
+            output: None,
+        },
+        unchanged(
+            "port without a service is the host's",
+            tcp_frame(&syn, FROM_CLIENT, CLIENT_PORT, 443, TCP_SYN),
+            XDP_PASS,
+            Reason::PassNotService,
+        ),
+        unchanged(
+            "unknown reply is the host's",
+            tcp_frame(
+                &reply,
+                FROM_BACKEND,
+                WEB_BACKEND_PORT,
+                CLIENT_PORT + 9,
+                TCP_ACK,
+            ),
+            XDP_PASS,
+            Reason::PassNotService,
+        ),
+        unchanged("ARP is the host's", arp, XDP_PASS, Reason::PassNotIpv4),
+        unchanged("ICMP is the host's", icmp, XDP_PASS, Reason::PassNotTcpUdp),
+        unchanged(
+            "VLAN-tagged frame is the host's",
+            vlan,
+            XDP_PASS,
+            Reason::PassVlan,
+        ),
+        unchanged(
+            "IP options are the host's",
+            with_options,
+            XDP_PASS,
+            Reason::PassIpOptions,
+        ),
+        unchanged(
+            "fragment is the host's",
+            fragment,
+            XDP_PASS,
+            Reason::PassFragment,
+        ),
+        unchanged(
+            "header length below 20 is dropped",
+            bad_ihl,
+            XDP_DROP,
+            Reason::DropBadIpHeader,
+        ),
+        unchanged(
+            "total length beyond the frame is dropped",
+            long_total,
+            XDP_DROP,
+            Reason::DropBadIpHeader,
+        ),
+        unchanged(
+            "truncated IPv4 header is dropped",
+            truncated_ip,
+            XDP_DROP,
+            Reason::DropTruncated,
+        ),
+        unchanged(
+            "truncated TCP header is dropped",
+            truncated_tcp,
+            XDP_DROP,
+            Reason::DropTruncated,
+        ),
+    ]
+}
+
+#[test]
+fn xdp_program_handles_every_fixture_as_specified() {
+    assert!(
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() } == 0,
+        "the XDP fixtures need root (run them through `cargo xtask test`)"
+    );
+    enter_private_network();
+    let program = Program::load();
+
+    let fixtures = fixtures();
+    let mut expected = vec![0u64; Reason::COUNT as usize];
+    for fixture in &fixtures {
+        let (action, output) = program.run(&fixture.input);
+        assert_eq!(action, fixture.action, "{}: action", fixture.name);
+        let want = fixture.output.as_ref().unwrap_or(&fixture.input);
+        assert_eq!(&output, want, "{}: output frame", fixture.name);
+        expected[fixture.reason as usize] += 1;
+    }
+    // New flows: tcp/80, two UDP flows, the unrouted one and the expiring one.
+    expected[Reason::NewFlow as usize] = 5;
+    let counters = program.counters();
+    for reason in Reason::ALL {
+        assert_eq!(
+            counters[reason as usize],
+            expected[reason as usize],
+            "counter {}",
+            reason.name()
+        );
+    }
+
+    let key = FlowKey {
+        src: u32::from_ne_bytes(CLIENT.octets()),
+        dst: u32::from_ne_bytes(VIP.octets()),
+        sport: CLIENT_PORT.to_be(),
+        dport: WEB_PORT.to_be(),
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    };
+    let flow = program.flow(&key).expect("the SYN recorded its flow");
+    assert_eq!(flow.backend_addr, u32::from_ne_bytes(BACKEND.octets()));
+    assert_eq!(u16::from_be(flow.backend_port), WEB_BACKEND_PORT);
+}
