@@ -100,15 +100,16 @@ fn default_stats_interval() -> u64 {
 /// A configuration that cannot be used, with the field at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    /// The TOML error text names the line, the key and what was expected.
+    #[error("{path}: {error}")]
     Parse {
         path: String,
-        source: Box<toml::de::Error>,
+        error: Box<toml::de::Error>,
     },
     #[error("{field}: {problem}")]
     Invalid { field: String, problem: String },
@@ -123,24 +124,25 @@ fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError 
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Self::parse(&text).map_err(|error| match error {
-            ConfigError::Parse { source, .. } => ConfigError::Parse {
+            ConfigError::Parse { error, .. } => ConfigError::Parse {
                 path: path.display().to_string(),
-                source,
+                error,
             },
             other => other,
         })
     }
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse {
             path: String::new(),
-            source: Box::new(source),
+            error: Box::new(error),
         })?;
+
         config.validate()?;
         Ok(config)
     }

@@ -8,12 +8,13 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, DevMapHash, HashMap, MapData},
+    maps::{Array, DevMapHash, HashMap, MapData, MapInfo},
     programs::{xdp::XdpLinkId, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    backend_state, map_name, Backend, Service, ServiceKey, TABLE_SIZE, XDP_PROGRAM,
+    backend_state, map_name, Backend, Counter, Flow, FlowKey, Reason, ReverseNat, Service,
+    ServiceKey, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, TABLE_SIZE, XDP_PROGRAM,
 };
 use tracing::{info, warn};
 
@@ -22,6 +23,8 @@ use crate::config::{Config, XdpModeSetting};
 /// The compiled XDP program, embedded at build time.
 static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("BALANCER_EBPF_OBJECT"));
 
+/// `struct bpf_devmap_val`: the target ifindex and an optional program.
+const DEVMAP_VALUE_SIZE: usize = 8;
 const BPF_FS: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -46,19 +49,14 @@ impl Dataplane {
         mount_bpf_fs()?;
         let dir = pin_dir(&config.instance);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        remove_incompatible_pins(&dir, config)?;
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .map_max_entries(map_name::FLOWS, config.flow_capacity)
             .map_max_entries(map_name::REVERSE, config.flow_capacity)
             .load(XDP_OBJECT)
-            .with_context(|| {
-                format!(
-                    "loading the XDP program (if flow_capacity changed since the last run, \
-                     remove the old maps with `rm -r {}`)",
-                    dir.display()
-                )
-            })?;
+            .context("loading the XDP object")?;
 
         let program: &mut Xdp = ebpf
             .program_mut(XDP_PROGRAM)
@@ -250,6 +248,40 @@ fn ifindex(interface: &str) -> Result<u32> {
         bail!("interface {interface} does not exist in this network namespace");
     }
     Ok(index)
+}
+
+/// The shape every map must have: (name, key size, value size, capacity).
+fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 7] {
+    use std::mem::size_of;
+    [
+        (map_name::SERVICES, size_of::<ServiceKey>(), size_of::<Service>(), MAX_SERVICES),
+        (map_name::BACKENDS, size_of::<u32>(), size_of::<Backend>(), MAX_BACKENDS),
+        (map_name::BACKEND_TABLE, size_of::<u32>(), size_of::<u32>(), MAX_SERVICES * TABLE_SIZE),
+        (map_name::FLOWS, size_of::<FlowKey>(), size_of::<Flow>(), config.flow_capacity),
+        (map_name::REVERSE, size_of::<FlowKey>(), size_of::<ReverseNat>(), config.flow_capacity),
+        (map_name::STATS, size_of::<u32>(), size_of::<Counter>(), Reason::COUNT),
+        (map_name::TX_PORTS, size_of::<u32>(), DEVMAP_VALUE_SIZE, MAX_TX_PORTS),
+    ]
+}
+
+/// Pinned maps are reused across restarts so that flows survive; a pin left by a different
+/// version or a different `flow_capacity` would be reused with the wrong shape, so it goes.
+fn remove_incompatible_pins(dir: &Path, config: &Config) -> Result<()> {
+    for (name, key_size, value_size, capacity) in expected_maps(config) {
+        let path = dir.join(name);
+        let Ok(info) = MapInfo::from_pin(&path) else { continue };
+        let found = (info.key_size() as usize, info.value_size() as usize, info.max_entries());
+        if found != (key_size, value_size, capacity) {
+            warn!(
+                map = name,
+                ?found,
+                wanted = ?(key_size, value_size, capacity),
+                "pinned map has another shape (key size, value size, capacity): replacing it, its entries are lost"
+            );
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Mounts the BPF filesystem at `/sys/fs/bpf` unless it is there already.

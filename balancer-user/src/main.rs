@@ -7,7 +7,8 @@ mod config;
 mod dataplane;
 mod stats;
 
-use std::{io::IsTerminal, path::PathBuf, time::Instant};
+use std::{io::IsTerminal, path::PathBuf, process::ExitCode, time::Instant};
+
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -45,7 +46,7 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -54,7 +55,17 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match Cli::parse().command {
+    match execute(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Command) -> Result<()> {
+    match command {
         Command::Run { config } => run(config),
         Command::Check { config } => {
             let config = Config::load(&config)?;
