@@ -10,6 +10,7 @@ use serde::Deserialize;
 pub const DEFAULT_INSTANCE: &str = "balancer";
 const MIN_FLOW_CAPACITY: u32 = 1024;
 const MAX_FLOW_CAPACITY: u32 = 1 << 26;
+const MAX_WEIGHT: u32 = 10_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +84,13 @@ pub struct BackendConfig {
     pub address: Ipv4Addr,
     /// The service's port when absent.
     pub port: Option<u16>,
+    /// Share of new flows relative to the other backends; 0 takes no new flows.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 fn default_instance() -> String {
@@ -101,10 +109,7 @@ fn default_stats_interval() -> u64 {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {error}")]
-    Read {
-        path: String,
-        error: std::io::Error,
-    },
+    Read { path: String, error: std::io::Error },
     /// The TOML error text names the line, the key and what was expected.
     #[error("{path}: {error}")]
     Parse {
@@ -260,6 +265,12 @@ impl Config {
                     return Err(invalid(
                         format!("{field}.name"),
                         "is used by another backend of this service",
+                    ));
+                }
+                if backend.weight > MAX_WEIGHT {
+                    return Err(invalid(
+                        format!("{field}.weight"),
+                        format!("{} is above the maximum {MAX_WEIGHT}", backend.weight),
                     ));
                 }
                 if backend.port == Some(0) {

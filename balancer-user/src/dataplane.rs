@@ -18,7 +18,10 @@ use balancer_common::{
 };
 use tracing::{info, warn};
 
-use crate::config::{Config, XdpModeSetting};
+use crate::{
+    config::{Config, XdpModeSetting},
+    maglev,
+};
 
 /// The compiled XDP program, embedded at build time.
 static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("BALANCER_EBPF_OBJECT"));
@@ -132,13 +135,23 @@ impl Dataplane {
                     backend_id += 1;
                 }
             }
-            if !ids.is_empty() {
+            let members: Vec<maglev::Member<'_>> = service
+                .backends
+                .iter()
+                .map(|b| maglev::Member {
+                    name: &b.name,
+                    weight: b.weight,
+                })
+                .collect();
+            let usable = members.iter().filter(|m| m.weight > 0).count();
+            let lookup = maglev::build(&members, TABLE_SIZE);
+            if !lookup.is_empty() {
                 let mut table: Array<&mut MapData, u32> =
                     Array::try_from(self.map(map_name::BACKEND_TABLE)?)?;
                 let base = service_id * TABLE_SIZE;
-                for slot in 0..TABLE_SIZE {
+                for (slot, member) in (0..TABLE_SIZE).zip(lookup) {
                     table
-                        .set(base + slot, ids[slot as usize % ids.len()], 0)
+                        .set(base + slot, ids[member as usize], 0)
                         .with_context(|| {
                             format!("filling the table of service {}", service.name)
                         })?;
@@ -155,7 +168,7 @@ impl Dataplane {
             };
             let value = Service {
                 id: service_id,
-                backend_count: ids.len() as u32,
+                backend_count: usable as u32,
             };
             let mut services: HashMap<&mut MapData, ServiceKey, Service> =
                 HashMap::try_from(self.map(map_name::SERVICES)?)?;
@@ -254,13 +267,48 @@ fn ifindex(interface: &str) -> Result<u32> {
 fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 7] {
     use std::mem::size_of;
     [
-        (map_name::SERVICES, size_of::<ServiceKey>(), size_of::<Service>(), MAX_SERVICES),
-        (map_name::BACKENDS, size_of::<u32>(), size_of::<Backend>(), MAX_BACKENDS),
-        (map_name::BACKEND_TABLE, size_of::<u32>(), size_of::<u32>(), MAX_SERVICES * TABLE_SIZE),
-        (map_name::FLOWS, size_of::<FlowKey>(), size_of::<Flow>(), config.flow_capacity),
-        (map_name::REVERSE, size_of::<FlowKey>(), size_of::<ReverseNat>(), config.flow_capacity),
-        (map_name::STATS, size_of::<u32>(), size_of::<Counter>(), Reason::COUNT),
-        (map_name::TX_PORTS, size_of::<u32>(), DEVMAP_VALUE_SIZE, MAX_TX_PORTS),
+        (
+            map_name::SERVICES,
+            size_of::<ServiceKey>(),
+            size_of::<Service>(),
+            MAX_SERVICES,
+        ),
+        (
+            map_name::BACKENDS,
+            size_of::<u32>(),
+            size_of::<Backend>(),
+            MAX_BACKENDS,
+        ),
+        (
+            map_name::BACKEND_TABLE,
+            size_of::<u32>(),
+            size_of::<u32>(),
+            MAX_SERVICES * TABLE_SIZE,
+        ),
+        (
+            map_name::FLOWS,
+            size_of::<FlowKey>(),
+            size_of::<Flow>(),
+            config.flow_capacity,
+        ),
+        (
+            map_name::REVERSE,
+            size_of::<FlowKey>(),
+            size_of::<ReverseNat>(),
+            config.flow_capacity,
+        ),
+        (
+            map_name::STATS,
+            size_of::<u32>(),
+            size_of::<Counter>(),
+            Reason::COUNT,
+        ),
+        (
+            map_name::TX_PORTS,
+            size_of::<u32>(),
+            DEVMAP_VALUE_SIZE,
+            MAX_TX_PORTS,
+        ),
     ]
 }
 
@@ -269,8 +317,14 @@ fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 7] {
 fn remove_incompatible_pins(dir: &Path, config: &Config) -> Result<()> {
     for (name, key_size, value_size, capacity) in expected_maps(config) {
         let path = dir.join(name);
-        let Ok(info) = MapInfo::from_pin(&path) else { continue };
-        let found = (info.key_size() as usize, info.value_size() as usize, info.max_entries());
+        let Ok(info) = MapInfo::from_pin(&path) else {
+            continue;
+        };
+        let found = (
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
         if found != (key_size, value_size, capacity) {
             warn!(
                 map = name,

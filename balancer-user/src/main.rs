@@ -5,10 +5,11 @@
 
 mod config;
 mod dataplane;
+mod maglev;
+
 mod stats;
 
 use std::{io::IsTerminal, path::PathBuf, process::ExitCode, time::Instant};
-
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
