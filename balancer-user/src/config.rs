@@ -352,6 +352,11 @@ mod tests {
                 "service[0] (web).backend[1].port",
             ),
             (
+                VALID.replace("port = 8080", "weight = 20000"),
+                "service[0] (web).backend[1].weight",
+            ),
+
+            (
                 VALID.replace("port = 80\n", "port = 0\n"),
                 "service[0] (web).port",
             ),
