@@ -3,8 +3,10 @@
 //! Values are taken as they lie in memory (network order read natively): one's-complement sums
 //! are byte-order independent as long as every word is read the same way.
 
+/// Folds a 32-bit one's-complement sum of 16-bit words into 16 bits (the sum of up to 65535
+/// words fits).
 #[inline(always)]
-fn fold(mut sum: u32) -> u16 {
+pub fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum as u16

@@ -18,6 +18,7 @@ pub mod map_name {
     pub const BACKEND_TABLE: &str = "BACKEND_TABLE";
     pub const FLOWS: &str = "FLOWS";
     pub const REVERSE: &str = "REVERSE";
+    pub const AFFINITY: &str = "AFFINITY";
     pub const STATS: &str = "STATS";
     pub const TX_PORTS: &str = "TX_PORTS";
 }
@@ -28,11 +29,15 @@ pub const XDP_PROGRAM: &str = "balancer";
 /// Capacities of the fixed-size maps.
 pub const MAX_SERVICES: u32 = 64;
 pub const MAX_BACKENDS: u32 = 4096;
-/// Slots in each service's backend lookup table; prime, as Maglev requires.
-pub const TABLE_SIZE: u32 = 65537;
+/// Default slots in each service's lookup table; configurable, always prime (Maglev).
+pub const DEFAULT_TABLE_SIZE: u32 = 65537;
+/// Lookup tables per service in `BACKEND_TABLE`: the active one and the one being rebuilt.
+pub const TABLES_PER_SERVICE: u32 = 2;
 pub const MAX_TX_PORTS: u32 = 64;
 /// Default capacity of the flow tables (`FLOWS` and `REVERSE`); configurable at load time.
 pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 20;
+/// Default capacity of the client affinity table (`AFFINITY`); configurable at load time.
+pub const DEFAULT_AFFINITY_CAPACITY: u32 = 1 << 20;
 
 /// IP protocol numbers used in [`ServiceKey::proto`] and [`FlowKey::proto`].
 pub const PROTO_TCP: u8 = 6;
@@ -53,17 +58,61 @@ const _: () = assert!(size_of::<ServiceKey>() == 8);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Service {
-    /// Index of this service's lookup table in `BACKEND_TABLE` (slots `id * TABLE_SIZE ..`).
+    /// Identifies the service in `AFFINITY` keys.
     pub id: u32,
-    /// Number of usable backends; 0 means new flows are dropped and counted.
+    /// One of [`affinity`].
+    pub affinity: u32,
+    /// First slot of the service's active lookup table in `BACKEND_TABLE`. The agent builds a
+    /// new table beside the active one and then switches this field, so no packet ever sees a
+    /// half-built table.
+    pub table_base: u32,
+    /// Slots in the lookup table (a prime).
+    pub table_size: u32,
+    /// Backends in the lookup table; 0 means new connections are refused and counted.
     pub backend_count: u32,
+    /// `source-ip` affinity: seconds an idle client keeps its backend.
+    pub affinity_timeout: u32,
+    /// `source-ip` affinity: mask applied to the client address (network byte order).
+    pub source_mask: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Service>() == 8);
+const _: () = assert!(size_of::<Service>() == 32);
 
-/// Backend states in [`Backend::state`].
+/// Affinity modes in [`Service::affinity`].
+pub mod affinity {
+    /// Each flow is placed on its own, by a hash of its 5-tuple.
+    pub const FLOW: u32 = 0;
+    /// All flows of a (masked) client address go to one backend while the client is active.
+    pub const SOURCE_IP: u32 = 1;
+}
+
+/// `AFFINITY` key: a service and a masked client address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub client: u32,
+}
+const _: () = assert!(size_of::<AffinityKey>() == 8);
+
+/// `AFFINITY` value: the backend of a client and when it last opened a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Affinity {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of the client's latest new flow.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<Affinity>() == 16);
+
+/// Backend states in [`Backend::state`]. Established flows continue in every state; the
+/// state decides whether a client's affinity to the backend is still honoured.
 pub mod backend_state {
     pub const UP: u8 = 0;
+    /// Failed its health checks, or drained past its timeout: sessions move elsewhere.
     pub const DOWN: u8 = 1;
+    /// Takes no new sessions but keeps the ones it has.
     pub const DRAINING: u8 = 2;
 }
 
@@ -122,7 +171,7 @@ pub struct Counter {
 const _: () = assert!(size_of::<Counter>() == 16);
 
 /// Why a packet left the program the way it did: every exit counts under exactly one reason.
-/// `NewFlow` is the exception, an event counted in addition to `Forwarded`.
+/// `NewFlow`, `NewSession` and `SessionMoved` are events, counted in addition.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
@@ -132,6 +181,12 @@ pub enum Reason {
     Replied,
     /// A client flow seen for the first time (also counted as `Forwarded` or `PassNoRoute`).
     NewFlow,
+    /// `source-ip`: a client with no live affinity got a backend (an event, like `NewFlow`).
+    NewSession,
+    /// `source-ip`: a client's backend was down, so its affinity moved (an event).
+    SessionMoved,
+    /// TCP to a service with no usable backend, answered with a reset (XDP_TX).
+    RefusedNoBackend,
     /// NAT-ed packet handed to the kernel stack because the FIB had no neighbour for it yet.
     PassNoRoute,
     /// NAT-ed packet whose TTL ran out, handed to the kernel stack to answer with ICMP.
@@ -152,16 +207,19 @@ pub enum Reason {
     DropTruncated,
     /// IPv4 header with a bad version, header length or total length.
     DropBadIpHeader,
-    /// Service with no usable backend.
+    /// Non-TCP packet (or a TCP reset) for a service with no usable backend.
     DropNoBackend,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 17;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::Replied,
         Reason::NewFlow,
+        Reason::NewSession,
+        Reason::SessionMoved,
+        Reason::RefusedNoBackend,
         Reason::PassNoRoute,
         Reason::PassTtlExpired,
         Reason::PassNotIpv4,
@@ -181,6 +239,9 @@ impl Reason {
             Reason::Forwarded => "forwarded",
             Reason::Replied => "replied",
             Reason::NewFlow => "new_flow",
+            Reason::NewSession => "new_session",
+            Reason::SessionMoved => "session_moved",
+            Reason::RefusedNoBackend => "refused_no_backend",
             Reason::PassNoRoute => "pass_no_route",
             Reason::PassTtlExpired => "pass_ttl_expired",
             Reason::PassNotIpv4 => "pass_not_ipv4",
@@ -207,6 +268,8 @@ mod user {
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for ReverseNat {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for Affinity {}
 }
 
 #[cfg(test)]
@@ -229,7 +292,15 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     mix(key.src ^ mix(key.dst ^ mix(ports ^ u32::from(key.proto))))
 }
 
+/// Hash of a masked client address that picks a `source-ip` session's slot; hosts that share
+/// a backend list agree on it without sharing state.
+#[inline(always)]
+pub fn client_hash(client: u32) -> u32 {
+    mix(client ^ 0x5bd1_e995)
+}
+
 /// The murmur3 finaliser: every input bit affects every output bit.
+
 #[inline(always)]
 const fn mix(mut h: u32) -> u32 {
     h ^= h >> 16;

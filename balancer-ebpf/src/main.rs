@@ -6,10 +6,12 @@
 #![no_std]
 #![no_main]
 
+mod affinity;
 mod forward;
 mod maps;
 mod nat;
 mod packet;
+mod reset;
 mod stats;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};

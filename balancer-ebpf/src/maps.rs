@@ -5,11 +5,12 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use balancer_common::{
-    Backend, Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey,
-    DEFAULT_FLOW_CAPACITY, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, TABLE_SIZE,
+    Affinity, AffinityKey, Backend, Counter, Flow, FlowKey, Reason, ReverseNat, Service,
+    ServiceKey, DEFAULT_AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY, DEFAULT_TABLE_SIZE, MAX_BACKENDS,
+    MAX_SERVICES, MAX_TX_PORTS, TABLES_PER_SERVICE,
 };
 
-/// Virtual services: (VIP, port, protocol) → service id and backend count.
+/// Virtual services: (VIP, port, protocol) → affinity mode, lookup table and backend count.
 #[map]
 pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(MAX_SERVICES, 0);
 
@@ -17,9 +18,16 @@ pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(MAX_SERVICES
 #[map]
 pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 
-/// Per service, `TABLE_SIZE` slots of backend ids; a new flow takes the slot its hash names.
+/// Maglev lookup tables of backend ids, two per service (active and next); a new flow or
+/// session takes the slot its hash names. Sized by the agent for its table size.
 #[map]
-pub static BACKEND_TABLE: Array<u32> = Array::pinned(MAX_SERVICES * TABLE_SIZE, 0);
+pub static BACKEND_TABLE: Array<u32> =
+    Array::pinned(MAX_SERVICES * TABLES_PER_SERVICE * DEFAULT_TABLE_SIZE, 0);
+
+/// `source-ip` affinity: (service, masked client address) → backend and last new flow.
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, Affinity> =
+    LruHashMap::pinned(DEFAULT_AFFINITY_CAPACITY, 0);
 
 /// Client-side 5-tuple → the backend that flow is bound to.
 #[map]

@@ -3,13 +3,15 @@
 
 use aya_ebpf::programs::XdpContext;
 use balancer_common::{
-    csum, flow_hash, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey, PROTO_UDP, TABLE_SIZE,
+    csum, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey, PROTO_TCP, PROTO_UDP,
 };
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
-    maps::{BACKENDS, BACKEND_TABLE, FLOWS, REVERSE, SERVICES},
+    affinity,
+    maps::{BACKENDS, FLOWS, REVERSE, SERVICES},
     packet::{ptr_at, Packet, IP_OFFSET, L4_OFFSET},
+    reset,
     stats::{self, Verdict},
 };
 
@@ -36,8 +38,14 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<()>, Verdi
     let flow = match FLOWS.get_ptr(key) {
         // SAFETY: map values stay valid for the duration of the program.
         Some(flow) => unsafe { *flow },
-        // SAFETY: as above.
-        None => new_flow(unsafe { &*service }, key)?,
+        None => {
+            // SAFETY: as above.
+            let service = unsafe { &*service };
+            if service.backend_count == 0 {
+                return Err(refuse(ctx, key.proto));
+            }
+            new_flow(service, key)?
+        }
     };
     rewrite(
         ctx,
@@ -61,16 +69,25 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<()>, Verdic
     Ok(Some(()))
 }
 
-/// Binds a new flow to the backend its hash selects, and records both directions.
+/// A service without backends refuses TCP connections with a reset and drops the rest.
+#[inline(always)]
+fn refuse(ctx: &XdpContext, proto: u8) -> Verdict {
+    if proto != PROTO_TCP {
+        return Verdict::drop(Reason::DropNoBackend);
+    }
+    match reset::refuse(ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+/// Binds a new flow to the backend its service's affinity selects, and records both
+/// directions.
 #[inline(always)]
 fn new_flow(service: &Service, key: &FlowKey) -> Result<Flow, Verdict> {
-    let no_backend = Verdict::drop(Reason::DropNoBackend);
-    if service.backend_count == 0 {
-        return Err(no_backend);
-    }
-    let slot = service.id * TABLE_SIZE + flow_hash(key) % TABLE_SIZE;
-    let backend_id = *BACKEND_TABLE.get(slot).ok_or(no_backend)?;
-    let backend = *BACKENDS.get(backend_id).ok_or(no_backend)?;
+    let backend_id = affinity::choose_backend(service, key)?;
+    let backend = *BACKENDS
+        .get(backend_id)
+        .ok_or(Verdict::drop(Reason::DropNoBackend))?;
     let flow = Flow {
         backend_id,
         backend_addr: backend.addr,

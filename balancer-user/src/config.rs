@@ -4,13 +4,16 @@
 
 use std::{collections::HashSet, fmt, net::Ipv4Addr, path::Path};
 
-use balancer_common::{MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP};
+use balancer_common::{affinity, ServiceKey, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP};
 use serde::Deserialize;
 
 pub const DEFAULT_INSTANCE: &str = "balancer";
 const MIN_FLOW_CAPACITY: u32 = 1024;
 const MAX_FLOW_CAPACITY: u32 = 1 << 26;
 const MAX_WEIGHT: u32 = 10_000;
+const MIN_TABLE_SIZE: u32 = 1021;
+const MAX_TABLE_SIZE: u32 = 262_139;
+const MAX_AFFINITY_TIMEOUT: u32 = 7 * 24 * 3600;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,6 +27,13 @@ pub struct Config {
     pub xdp_mode: XdpModeSetting,
     #[serde(default = "default_flow_capacity")]
     pub flow_capacity: u32,
+    /// Capacity of the `source-ip` affinity table (clients remembered across services).
+    #[serde(default = "default_affinity_capacity")]
+    pub affinity_capacity: u32,
+    /// Slots in each service's Maglev lookup table: a prime, much larger than the number of
+    /// backends (disruption on backend changes shrinks as it grows).
+    #[serde(default = "default_table_size")]
+    pub table_size: u32,
     /// Seconds between stats lines; 0 turns them off.
     #[serde(default = "default_stats_interval")]
     pub stats_interval: u64,
@@ -48,8 +58,64 @@ pub struct ServiceConfig {
     pub vip: Ipv4Addr,
     pub port: u16,
     pub protocol: Protocol,
+    /// What keeps a client on its backend.
+    #[serde(default)]
+    pub affinity: AffinityMode,
+    /// `source-ip`: seconds without a new flow after which a client may move.
+    #[serde(default = "default_affinity_timeout")]
+    pub affinity_timeout: u32,
+    /// `source-ip`: prefix length of client addresses that share a backend (32: one address;
+    /// 24: a whole NAT pool in a /24).
+    #[serde(default = "default_source_prefix")]
+    pub source_prefix: u8,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AffinityMode {
+    /// Each flow is placed on its own (Maglev on the 5-tuple).
+    #[default]
+    Flow,
+    /// All flows of a client address (masked by `source_prefix`) go to one backend.
+    SourceIp,
+}
+
+impl AffinityMode {
+    pub fn code(self) -> u32 {
+        match self {
+            AffinityMode::Flow => affinity::FLOW,
+            AffinityMode::SourceIp => affinity::SOURCE_IP,
+        }
+    }
+}
+
+impl fmt::Display for AffinityMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AffinityMode::Flow => "flow",
+            AffinityMode::SourceIp => "source-ip",
+        })
+    }
+}
+
+impl ServiceConfig {
+    /// The service's key in the `SERVICES` map.
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey {
+            vip: u32::from_ne_bytes(self.vip.octets()),
+            port: self.port.to_be(),
+            proto: self.protocol.number(),
+            _pad: 0,
+        }
+    }
+
+    /// The mask applied to client addresses for `source-ip` affinity.
+    pub fn source_mask(&self) -> Ipv4Addr {
+        let bits = u32::from(self.source_prefix.min(32));
+        Ipv4Addr::from(u32::MAX.checked_shl(32 - bits).unwrap_or(0))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -103,6 +169,26 @@ fn default_flow_capacity() -> u32 {
 
 fn default_stats_interval() -> u64 {
     1
+}
+
+fn default_affinity_capacity() -> u32 {
+    balancer_common::DEFAULT_AFFINITY_CAPACITY
+}
+
+fn default_table_size() -> u32 {
+    balancer_common::DEFAULT_TABLE_SIZE
+}
+
+fn default_affinity_timeout() -> u32 {
+    300
+}
+
+fn default_source_prefix() -> u8 {
+    32
+}
+
+fn is_prime(n: u32) -> bool {
+    n >= 2 && (2..).take_while(|d: &u32| d * d <= n).all(|d| n % d != 0)
 }
 
 /// A configuration that cannot be used, with the field at fault.
@@ -191,6 +277,26 @@ impl Config {
                 ),
             ));
         }
+        if !(MIN_FLOW_CAPACITY..=MAX_FLOW_CAPACITY).contains(&self.affinity_capacity) {
+            return Err(invalid(
+                "affinity_capacity",
+                format!(
+                    "{} is outside {MIN_FLOW_CAPACITY}..={MAX_FLOW_CAPACITY}",
+                    self.affinity_capacity
+                ),
+            ));
+        }
+        if !(MIN_TABLE_SIZE..=MAX_TABLE_SIZE).contains(&self.table_size)
+            || !is_prime(self.table_size)
+        {
+            return Err(invalid(
+                "table_size",
+                format!(
+                    "{} must be a prime in {MIN_TABLE_SIZE}..={MAX_TABLE_SIZE} (e.g. 65537)",
+                    self.table_size
+                ),
+            ));
+        }
         if self.services.len() > MAX_SERVICES as usize {
             return Err(invalid(
                 "service",
@@ -231,6 +337,25 @@ impl Config {
             if service.port == 0 {
                 return Err(invalid(format!("{field}.port"), "must be 1-65535"));
             }
+            if service.source_prefix > 32 {
+                return Err(invalid(
+                    format!("{field}.source_prefix"),
+                    format!(
+                        "{} is not an IPv4 prefix length (0-32)",
+                        service.source_prefix
+                    ),
+                ));
+            }
+            if !(1..=MAX_AFFINITY_TIMEOUT).contains(&service.affinity_timeout) {
+                return Err(invalid(
+                    format!("{field}.affinity_timeout"),
+                    format!(
+                        "{} seconds is outside 1..={MAX_AFFINITY_TIMEOUT} (7 days)",
+                        service.affinity_timeout
+                    ),
+                ));
+            }
+
             if service.vip.is_unspecified()
                 || service.vip.is_multicast()
                 || service.vip.is_broadcast()
@@ -355,7 +480,6 @@ mod tests {
                 VALID.replace("port = 8080", "weight = 20000"),
                 "service[0] (web).backend[1].weight",
             ),
-
             (
                 VALID.replace("port = 80\n", "port = 0\n"),
                 "service[0] (web).port",

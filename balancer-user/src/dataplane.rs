@@ -13,8 +13,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    backend_state, map_name, Backend, Counter, Flow, FlowKey, Reason, ReverseNat, Service,
-    ServiceKey, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, TABLE_SIZE, XDP_PROGRAM,
+    backend_state, map_name, Affinity, AffinityKey, Backend, Counter, Flow, FlowKey, Reason,
+    ReverseNat, Service, ServiceKey, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, TABLES_PER_SERVICE,
+    XDP_PROGRAM,
 };
 use tracing::{info, warn};
 
@@ -34,6 +35,12 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// The directory an instance pins its maps in.
 pub fn pin_dir(instance: &str) -> PathBuf {
     Path::new(BPF_FS).join(instance)
+}
+
+/// Where a freshly written lookup table lies and how many backends it holds.
+struct LiveTable {
+    base: u32,
+    backend_count: u32,
 }
 
 /// A loaded program attached to its interfaces; dropping it detaches the program.
@@ -58,6 +65,8 @@ impl Dataplane {
             .default_map_pin_directory(&dir)
             .map_max_entries(map_name::FLOWS, config.flow_capacity)
             .map_max_entries(map_name::REVERSE, config.flow_capacity)
+            .map_max_entries(map_name::AFFINITY, config.affinity_capacity)
+            .map_max_entries(map_name::BACKEND_TABLE, table_capacity(config))
             .load(XDP_OBJECT)
             .context("loading the XDP object")?;
 
@@ -110,30 +119,26 @@ impl Dataplane {
     /// Writes the services and backends of `config` into the maps and removes services that
     /// are no longer configured. Existing flows keep their backend.
     pub fn apply(&mut self, config: &Config) -> Result<()> {
-        let mut backend_id = 0u32;
+        let mut next_backend_id = 0u32;
         let mut wanted = HashSet::new();
         for (service_id, service) in config.services.iter().enumerate() {
-            let service_id = service_id as u32;
             let mut ids = Vec::with_capacity(service.backends.len());
-            {
-                let mut backends: Array<&mut MapData, Backend> =
-                    Array::try_from(self.map(map_name::BACKENDS)?)?;
-                for backend in &service.backends {
-                    let value = Backend {
-                        addr: u32::from_ne_bytes(backend.address.octets()),
-                        port: backend.port_for(service).to_be(),
-                        state: backend_state::UP,
-                        _pad: 0,
-                    };
-                    backends.set(backend_id, value, 0).with_context(|| {
+            for backend in &service.backends {
+                let value = Backend {
+                    addr: u32::from_ne_bytes(backend.address.octets()),
+                    port: backend.port_for(service).to_be(),
+                    state: backend_state::UP,
+                    _pad: 0,
+                };
+                self.write_backend(next_backend_id, value)
+                    .with_context(|| {
                         format!(
                             "writing backend {} of service {}",
                             backend.name, service.name
                         )
                     })?;
-                    ids.push(backend_id);
-                    backend_id += 1;
-                }
+                ids.push(next_backend_id);
+                next_backend_id += 1;
             }
             let members: Vec<maglev::Member<'_>> = service
                 .backends
@@ -143,36 +148,24 @@ impl Dataplane {
                     weight: b.weight,
                 })
                 .collect();
-            let usable = members.iter().filter(|m| m.weight > 0).count();
-            let lookup = maglev::build(&members, TABLE_SIZE);
-            if !lookup.is_empty() {
-                let mut table: Array<&mut MapData, u32> =
-                    Array::try_from(self.map(map_name::BACKEND_TABLE)?)?;
-                let base = service_id * TABLE_SIZE;
-                for (slot, member) in (0..TABLE_SIZE).zip(lookup) {
-                    table
-                        .set(base + slot, ids[member as usize], 0)
-                        .with_context(|| {
-                            format!("filling the table of service {}", service.name)
-                        })?;
-                }
-            } else {
-                warn!(service = %service.name, "service has no backends: its new flows are dropped");
+            let key = service.key();
+            let table = self
+                .write_table(&key, service_id as u32, &members, &ids, config.table_size)
+                .with_context(|| format!("filling the lookup table of service {}", service.name))?;
+            if table.backend_count == 0 {
+                warn!(service = %service.name, "service has no usable backend: TCP connections are refused, UDP dropped");
             }
-
-            let key = ServiceKey {
-                vip: u32::from_ne_bytes(service.vip.octets()),
-                port: service.port.to_be(),
-                proto: service.protocol.number(),
+            let value = Service {
+                id: service_id as u32,
+                affinity: service.affinity.code(),
+                table_base: table.base,
+                table_size: config.table_size,
+                backend_count: table.backend_count,
+                affinity_timeout: service.affinity_timeout,
+                source_mask: u32::from_ne_bytes(service.source_mask().octets()),
                 _pad: 0,
             };
-            let value = Service {
-                id: service_id,
-                backend_count: usable as u32,
-            };
-            let mut services: HashMap<&mut MapData, ServiceKey, Service> =
-                HashMap::try_from(self.map(map_name::SERVICES)?)?;
-            services
+            self.services()?
                 .insert(key, value, 0)
                 .with_context(|| format!("writing service {}", service.name))?;
             wanted.insert(key);
@@ -181,13 +174,13 @@ impl Dataplane {
                 vip = %service.vip,
                 port = service.port,
                 protocol = %service.protocol,
-                backends = ids.len(),
+                affinity = %service.affinity,
+                backends = table.backend_count,
                 "service programmed"
             );
         }
 
-        let mut services: HashMap<&mut MapData, ServiceKey, Service> =
-            HashMap::try_from(self.map(map_name::SERVICES)?)?;
+        let mut services = self.services()?;
         let stale: Vec<ServiceKey> = services
             .keys()
             .filter_map(Result::ok)
@@ -199,6 +192,47 @@ impl Dataplane {
                 .context("removing a service that is no longer configured")?;
         }
         Ok(())
+    }
+
+    fn services(&mut self) -> Result<HashMap<&mut MapData, ServiceKey, Service>> {
+        Ok(HashMap::try_from(self.map(map_name::SERVICES)?)?)
+    }
+
+    fn write_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
+        let mut backends: Array<&mut MapData, Backend> =
+            Array::try_from(self.map(map_name::BACKENDS)?)?;
+        backends.set(id, backend, 0)?;
+        Ok(())
+    }
+
+    /// Builds the Maglev table of a service into whichever of its two table areas the data
+    /// plane is not using; switching `Service::table_base` afterwards makes it live at once.
+    fn write_table(
+        &mut self,
+        key: &ServiceKey,
+        service_id: u32,
+        members: &[maglev::Member<'_>],
+        ids: &[u32],
+        table_size: u32,
+    ) -> Result<LiveTable> {
+        let area = |index: u32| (service_id * TABLES_PER_SERVICE + index) * table_size;
+        let active = self.services()?.get(key, 0).ok().map(|s| s.table_base);
+        let base = if active == Some(area(0)) {
+            area(1)
+        } else {
+            area(0)
+        };
+        let lookup = maglev::build(members, table_size);
+        let mut table: Array<&mut MapData, u32> =
+            Array::try_from(self.map(map_name::BACKEND_TABLE)?)?;
+        for (slot, member) in (base..).zip(&lookup) {
+            table.set(slot, ids[*member as usize], 0)?;
+        }
+        let backend_count = members.iter().filter(|m| m.weight > 0).count() as u32;
+        Ok(LiveTable {
+            base,
+            backend_count: if lookup.is_empty() { 0 } else { backend_count },
+        })
     }
 
     fn map(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
@@ -264,7 +298,7 @@ fn ifindex(interface: &str) -> Result<u32> {
 }
 
 /// The shape every map must have: (name, key size, value size, capacity).
-fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 7] {
+fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 8] {
     use std::mem::size_of;
     [
         (
@@ -283,7 +317,13 @@ fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 7] {
             map_name::BACKEND_TABLE,
             size_of::<u32>(),
             size_of::<u32>(),
-            MAX_SERVICES * TABLE_SIZE,
+            table_capacity(config),
+        ),
+        (
+            map_name::AFFINITY,
+            size_of::<AffinityKey>(),
+            size_of::<Affinity>(),
+            config.affinity_capacity,
         ),
         (
             map_name::FLOWS,
@@ -310,6 +350,11 @@ fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 7] {
             MAX_TX_PORTS,
         ),
     ]
+}
+
+/// Slots of `BACKEND_TABLE`: two tables of `table_size` for every possible service.
+fn table_capacity(config: &Config) -> u32 {
+    MAX_SERVICES * TABLES_PER_SERVICE * config.table_size
 }
 
 /// Pinned maps are reused across restarts so that flows survive; a pin left by a different

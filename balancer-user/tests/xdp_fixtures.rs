@@ -14,8 +14,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    backend_state, map_name, Backend, Counter, Flow, FlowKey, Reason, Service, ServiceKey,
-    PROTO_TCP, PROTO_UDP, TABLE_SIZE, XDP_PROGRAM,
+    affinity, backend_state, map_name, Backend, Counter, Flow, FlowKey, Reason, Service,
+    ServiceKey, MAX_SERVICES, PROTO_TCP, PROTO_UDP, TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 
 const XDP_DROP: u32 = 1;
@@ -38,8 +38,26 @@ const WEB_BACKEND_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 7;
 const EMPTY_PORT: u16 = 81;
 const UNROUTED_PORT: u16 = 82;
+const STICKY_PORT: u16 = 83;
 const CLIENT_PORT: u16 = 40000;
 
+/// Backends by id: (address, port).
+const BACKEND_ADDRESSES: [(Ipv4Addr, u16); 5] = [
+    (BACKEND, WEB_BACKEND_PORT),
+    (BACKEND, ECHO_PORT),
+    (UNROUTED_BACKEND, 80),
+    (BACKEND_2, 80),
+    (BACKEND_3, 80),
+];
+/// The backends of the `source-ip` service.
+const STICKY_BACKENDS: [u32; 2] = [3, 4];
+const BACKEND_2: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 12);
+const BACKEND_3: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 13);
+/// A small prime keeps writing the tables quick.
+const FIXTURE_TABLE_SIZE: u32 = 1021;
+
+const XDP_TX: u32 = 3;
+const TCP_RST: u8 = 0x04;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
@@ -64,12 +82,14 @@ struct Ip {
     dst: Ipv4Addr,
     ttl: u8,
     proto: u8,
+    id: u16,
 }
 
 fn ipv4_header(ip: &Ip, payload_len: usize) -> Vec<u8> {
     let total = (20 + payload_len) as u16;
-    let mut h = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, ip.ttl, ip.proto, 0, 0];
+    let mut h = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, ip.ttl, ip.proto, 0, 0];
     h[2..4].copy_from_slice(&total.to_be_bytes());
+    h[4..6].copy_from_slice(&ip.id.to_be_bytes());
     h.extend_from_slice(&ip.src.octets());
     h.extend_from_slice(&ip.dst.octets());
     let c = checksum(&[&h]);
@@ -86,13 +106,31 @@ fn l4_checksum(ip: &Ip, segment: &[u8]) -> u16 {
     checksum(&[&pseudo, segment])
 }
 
+/// Sequence number of every client segment the fixtures build.
+const CLIENT_SEQ: u32 = 0x1000_0000;
+/// Payload of the fixtures' TCP segments.
+const REQUEST: &[u8] = b"GET / HTTP/1.1\r\n\r\n";
+
 fn tcp(ip: &Ip, sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    tcp_segment(ip, (sport, dport), (CLIENT_SEQ, 0), flags, 0xffff, payload)
+}
+
+fn tcp_segment(
+    ip: &Ip,
+    (sport, dport): (u16, u16),
+    (seq, ack): (u32, u32),
+    flags: u8,
+    window: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut s = Vec::new();
     s.extend_from_slice(&sport.to_be_bytes());
     s.extend_from_slice(&dport.to_be_bytes());
-    s.extend_from_slice(&0x1000_0000u32.to_be_bytes());
-    s.extend_from_slice(&0u32.to_be_bytes());
-    s.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    s.extend_from_slice(&seq.to_be_bytes());
+    s.extend_from_slice(&ack.to_be_bytes());
+    s.extend_from_slice(&[0x50, flags]);
+    s.extend_from_slice(&window.to_be_bytes());
+    s.extend_from_slice(&[0, 0, 0, 0]);
     s.extend_from_slice(payload);
     let c = l4_checksum(ip, &s);
     s[16..18].copy_from_slice(&c.to_be_bytes());
@@ -129,12 +167,7 @@ fn ipv4_frame(dst_mac: [u8; 6], src_mac: [u8; 6], ip: &Ip, segment: &[u8]) -> Ve
 }
 
 fn tcp_frame(ip: &Ip, macs: ([u8; 6], [u8; 6]), sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    ipv4_frame(
-        macs.0,
-        macs.1,
-        ip,
-        &tcp(ip, sport, dport, flags, b"GET / HTTP/1.1\r\n\r\n"),
-    )
+    ipv4_frame(macs.0, macs.1, ip, &tcp(ip, sport, dport, flags, REQUEST))
 }
 
 fn ip(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Ip {
@@ -143,6 +176,7 @@ fn ip(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Ip {
         dst,
         ttl: 64,
         proto,
+        id: 0x1234,
     }
 }
 
@@ -224,6 +258,18 @@ fn enter_private_network() {
             dev,
         ]);
     }
+    for other in [BACKEND_2, BACKEND_3] {
+        sh(&[
+            "ip",
+            "neigh",
+            "add",
+            &other.to_string(),
+            "lladdr",
+            &mac(BACKEND_MAC),
+            "dev",
+            "fx-backend",
+        ]);
+    }
     sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
 }
 
@@ -239,9 +285,13 @@ impl Drop for Program {
 }
 
 impl Program {
-    fn load() -> Self {
-        let pin_dir =
-            std::path::PathBuf::from(format!("/sys/fs/bpf/fixtures-{}", std::process::id()));
+    /// Loads the program with its maps pinned in a directory of its own (`name` tells the
+    /// tests running in parallel apart) and the fixtures' services programmed.
+    fn load(name: &str) -> Self {
+        let pin_dir = std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/fixtures-{name}-{}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&pin_dir);
         std::fs::create_dir_all(&pin_dir).expect("creating a pin directory (is bpffs mounted?)");
         let object = aya::include_bytes_aligned!(env!("BALANCER_EBPF_OBJECT"));
@@ -249,6 +299,11 @@ impl Program {
             .default_map_pin_directory(&pin_dir)
             .map_max_entries(map_name::FLOWS, 1024)
             .map_max_entries(map_name::REVERSE, 1024)
+            .map_max_entries(map_name::AFFINITY, 1024)
+            .map_max_entries(
+                map_name::BACKEND_TABLE,
+                MAX_SERVICES * TABLES_PER_SERVICE * FIXTURE_TABLE_SIZE,
+            )
             .load(object)
             .expect("loading the XDP object");
         let program: &mut Xdp = ebpf
@@ -266,55 +321,27 @@ impl Program {
         self.ebpf.map_mut(name).expect(name)
     }
 
-    /// web tcp/80 → BACKEND:8080, echo udp/7 → BACKEND:7, tcp/81 with no backend,
-    /// tcp/82 → a backend without a route.
+    /// web tcp/80 → BACKEND:8080, echo udp/7 → BACKEND:7, tcp/81 and udp/81 with no
+    /// backend, tcp/82 → a backend without a route, tcp/83 `source-ip` /24 over two backends.
     fn program_services(&mut self) {
-        let backends = [
-            (BACKEND, WEB_BACKEND_PORT),
-            (BACKEND, ECHO_PORT),
-            (UNROUTED_BACKEND, 80),
-        ];
-        {
-            let mut map: Array<&mut MapData, Backend> =
-                Array::try_from(self.map(map_name::BACKENDS)).unwrap();
-            for (id, (addr, port)) in backends.iter().enumerate() {
-                let value = Backend {
-                    addr: u32::from_ne_bytes(addr.octets()),
-                    port: port.to_be(),
-                    state: backend_state::UP,
-                    _pad: 0,
-                };
-                map.set(id as u32, value, 0).unwrap();
-            }
+        for (id, (addr, port)) in BACKEND_ADDRESSES.iter().enumerate() {
+            self.set_backend(id as u32, *addr, *port, backend_state::UP);
         }
-        let services = [
-            (WEB_PORT, PROTO_TCP, Some(0u32)),
-            (ECHO_PORT, PROTO_UDP, Some(1)),
-            (EMPTY_PORT, PROTO_TCP, None),
-            (UNROUTED_PORT, PROTO_TCP, Some(2)),
+        let services: [(u16, u8, u32, &[u32]); 6] = [
+            (WEB_PORT, PROTO_TCP, affinity::FLOW, &[0]),
+            (ECHO_PORT, PROTO_UDP, affinity::FLOW, &[1]),
+            (EMPTY_PORT, PROTO_TCP, affinity::FLOW, &[]),
+            (EMPTY_PORT, PROTO_UDP, affinity::FLOW, &[]),
+            (UNROUTED_PORT, PROTO_TCP, affinity::FLOW, &[2]),
+            (
+                STICKY_PORT,
+                PROTO_TCP,
+                affinity::SOURCE_IP,
+                &STICKY_BACKENDS,
+            ),
         ];
-        for (id, (port, proto, backend)) in services.into_iter().enumerate() {
-            let id = id as u32;
-            if let Some(backend) = backend {
-                let mut table: Array<&mut MapData, u32> =
-                    Array::try_from(self.map(map_name::BACKEND_TABLE)).unwrap();
-                for slot in 0..TABLE_SIZE {
-                    table.set(id * TABLE_SIZE + slot, backend, 0).unwrap();
-                }
-            }
-            let mut map: HashMap<&mut MapData, ServiceKey, Service> =
-                HashMap::try_from(self.map(map_name::SERVICES)).unwrap();
-            let key = ServiceKey {
-                vip: u32::from_ne_bytes(VIP.octets()),
-                port: port.to_be(),
-                proto,
-                _pad: 0,
-            };
-            let value = Service {
-                id,
-                backend_count: u32::from(backend.is_some()),
-            };
-            map.insert(key, value, 0).unwrap();
+        for (id, (port, proto, mode, backends)) in services.into_iter().enumerate() {
+            self.set_service(id as u32, port, proto, mode, backends);
         }
         let mut ports: DevMapHash<&mut MapData> =
             DevMapHash::try_from(self.map(map_name::TX_PORTS)).unwrap();
@@ -325,6 +352,56 @@ impl Program {
             assert_ne!(index, 0, "{dev} exists");
             ports.insert(index, index, None, 0).unwrap();
         }
+    }
+
+    fn set_backend(&mut self, id: u32, addr: Ipv4Addr, port: u16, state: u8) {
+        let mut map: Array<&mut MapData, Backend> =
+            Array::try_from(self.map(map_name::BACKENDS)).unwrap();
+        let value = Backend {
+            addr: u32::from_ne_bytes(addr.octets()),
+            port: port.to_be(),
+            state,
+            _pad: 0,
+        };
+        map.set(id, value, 0).unwrap();
+    }
+
+    /// Writes a service whose lookup table cycles through `backends`, as the agent does after
+    /// a backend changes state.
+    fn set_service(&mut self, id: u32, port: u16, proto: u8, mode: u32, backends: &[u32]) {
+        let table_base = id * TABLES_PER_SERVICE * FIXTURE_TABLE_SIZE;
+        if !backends.is_empty() {
+            let mut table: Array<&mut MapData, u32> =
+                Array::try_from(self.map(map_name::BACKEND_TABLE)).unwrap();
+            for slot in 0..FIXTURE_TABLE_SIZE {
+                table
+                    .set(
+                        table_base + slot,
+                        backends[slot as usize % backends.len()],
+                        0,
+                    )
+                    .unwrap();
+            }
+        }
+        let mut map: HashMap<&mut MapData, ServiceKey, Service> =
+            HashMap::try_from(self.map(map_name::SERVICES)).unwrap();
+        let key = ServiceKey {
+            vip: u32::from_ne_bytes(VIP.octets()),
+            port: port.to_be(),
+            proto,
+            _pad: 0,
+        };
+        let value = Service {
+            id,
+            affinity: mode,
+            table_base,
+            table_size: FIXTURE_TABLE_SIZE,
+            backend_count: backends.len() as u32,
+            affinity_timeout: 300,
+            source_mask: u32::from_ne_bytes([255, 255, 255, 0]),
+            _pad: 0,
+        };
+        map.insert(key, value, 0).unwrap();
     }
 
     fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
@@ -540,12 +617,71 @@ fn fixtures() -> Vec<Fixture> {
             )),
         },
         Fixture {
-            name: "service without backends drops new flows",
+            name: "SYN to a service without backends is answered with a reset",
             input: tcp_frame(&syn, FROM_CLIENT, CLIENT_PORT, EMPTY_PORT, TCP_SYN),
-            action: XDP_DROP,
-            reason: Reason::DropNoBackend,
-            output: None,
+            action: XDP_TX,
+            reason: Reason::RefusedNoBackend,
+            output: Some({
+                let reset = Ip {
+                    id: 0,
+                    ..ip(VIP, CLIENT, PROTO_TCP)
+                };
+                let ack = CLIENT_SEQ + REQUEST.len() as u32 + 1;
+                let segment = tcp_segment(
+                    &reset,
+                    (EMPTY_PORT, CLIENT_PORT),
+                    (0, ack),
+                    TCP_RST | TCP_ACK,
+                    0,
+                    b"",
+                );
+                ipv4_frame(TO_CLIENT.0, TO_CLIENT.1, &reset, &segment)
+            }),
         },
+        Fixture {
+            name: "ACK to a service without backends is answered with a reset at its ack number",
+            input: ipv4_frame(
+                FROM_CLIENT.0,
+                FROM_CLIENT.1,
+                &syn,
+                &tcp_segment(
+                    &syn,
+                    (CLIENT_PORT, EMPTY_PORT),
+                    (CLIENT_SEQ, 777),
+                    TCP_ACK,
+                    512,
+                    b"",
+                ),
+            ),
+            action: XDP_TX,
+            reason: Reason::RefusedNoBackend,
+            output: Some({
+                let reset = Ip {
+                    id: 0,
+                    ..ip(VIP, CLIENT, PROTO_TCP)
+                };
+                let segment =
+                    tcp_segment(&reset, (EMPTY_PORT, CLIENT_PORT), (777, 0), TCP_RST, 0, b"");
+                ipv4_frame(TO_CLIENT.0, TO_CLIENT.1, &reset, &segment)
+            }),
+        },
+        unchanged(
+            "reset to a service without backends is dropped",
+            tcp_frame(&syn, FROM_CLIENT, CLIENT_PORT, EMPTY_PORT, TCP_RST),
+            XDP_DROP,
+            Reason::DropNoBackend,
+        ),
+        unchanged(
+            "UDP to a service without backends is dropped",
+            ipv4_frame(
+                FROM_CLIENT.0,
+                FROM_CLIENT.1,
+                &udp_in,
+                &udp(&udp_in, CLIENT_PORT, EMPTY_PORT, b"ping", true),
+            ),
+            XDP_DROP,
+            Reason::DropNoBackend,
+        ),
         unchanged(
             "port without a service is the host's",
             tcp_frame(&syn, FROM_CLIENT, CLIENT_PORT, 443, TCP_SYN),
@@ -619,7 +755,7 @@ fn xdp_program_handles_every_fixture_as_specified() {
         "the XDP fixtures need root (run them through `cargo xtask test`)"
     );
     enter_private_network();
-    let program = Program::load();
+    let program = Program::load("table");
 
     let fixtures = fixtures();
     let mut expected = vec![0u64; Reason::COUNT as usize];
@@ -653,4 +789,99 @@ fn xdp_program_handles_every_fixture_as_specified() {
     let flow = program.flow(&key).expect("the SYN recorded its flow");
     assert_eq!(flow.backend_addr, u32::from_ne_bytes(BACKEND.octets()));
     assert_eq!(u16::from_be(flow.backend_port), WEB_BACKEND_PORT);
+}
+
+/// The backend a new TCP flow from `client:port` to the `source-ip` service is sent to.
+fn sticky_backend(program: &Program, client: Ipv4Addr, port: u16) -> Ipv4Addr {
+    let syn = ip(client, VIP, PROTO_TCP);
+    let (action, output) = program.run(&tcp_frame(&syn, FROM_CLIENT, port, STICKY_PORT, TCP_SYN));
+    assert_eq!(action, XDP_REDIRECT, "flow from {client}:{port}");
+    let dst: [u8; 4] = output[30..34].try_into().expect("an IPv4 destination");
+    Ipv4Addr::from(dst)
+}
+
+#[test]
+fn source_ip_sessions_stick_move_off_down_backends_and_stay_moved() {
+    // SAFETY: geteuid has no preconditions.
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "the XDP fixtures need root"
+    );
+    enter_private_network();
+    let mut program = Program::load("affinity");
+    let neighbour = Ipv4Addr::new(198, 18, 0, 77);
+    let sticky_service_id = 5;
+
+    let first = sticky_backend(&program, CLIENT, 50000);
+    assert_eq!(
+        sticky_backend(&program, CLIENT, 50001),
+        first,
+        "second flow of the client"
+    );
+    assert_eq!(
+        sticky_backend(&program, neighbour, 50002),
+        first,
+        "same /24 shares the backend"
+    );
+    let counters = program.counters();
+    assert_eq!(counters[Reason::NewSession as usize], 1);
+    assert_eq!(counters[Reason::NewFlow as usize], 3);
+
+    // The session's backend goes down: the agent marks it and rebuilds the table without it.
+    let (down_id, other_id) = if BACKEND_ADDRESSES[3].0 == first {
+        (3, 4)
+    } else {
+        (4, 3)
+    };
+    let (down_addr, port) = BACKEND_ADDRESSES[down_id as usize];
+    program.set_backend(down_id, down_addr, port, backend_state::DOWN);
+    program.set_service(
+        sticky_service_id,
+        STICKY_PORT,
+        PROTO_TCP,
+        affinity::SOURCE_IP,
+        &[other_id],
+    );
+    let moved = sticky_backend(&program, CLIENT, 50003);
+    assert_eq!(
+        moved, BACKEND_ADDRESSES[other_id as usize].0,
+        "the session moved to the healthy backend"
+    );
+    assert_eq!(program.counters()[Reason::SessionMoved as usize], 1);
+
+    // It comes back: moved sessions stay where they are.
+    program.set_backend(down_id, down_addr, port, backend_state::UP);
+    program.set_service(
+        sticky_service_id,
+        STICKY_PORT,
+        PROTO_TCP,
+        affinity::SOURCE_IP,
+        &STICKY_BACKENDS,
+    );
+    assert_eq!(
+        sticky_backend(&program, CLIENT, 50004),
+        moved,
+        "no bounce-back"
+    );
+    assert_eq!(
+        sticky_backend(&program, neighbour, 50005),
+        moved,
+        "the whole /24 moved"
+    );
+
+    // A draining backend keeps its sessions.
+    let (moved_addr, moved_port) = BACKEND_ADDRESSES[other_id as usize];
+    program.set_backend(other_id, moved_addr, moved_port, backend_state::DRAINING);
+    program.set_service(
+        sticky_service_id,
+        STICKY_PORT,
+        PROTO_TCP,
+        affinity::SOURCE_IP,
+        &[down_id],
+    );
+    assert_eq!(
+        sticky_backend(&program, CLIENT, 50006),
+        moved,
+        "draining keeps the session"
+    );
 }

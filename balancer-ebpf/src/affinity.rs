@@ -1,0 +1,83 @@
+//! Choosing a backend for a new flow: by the flow's own hash (`flow`), or by the client's
+//! session (`source-ip`), which lasts while the client keeps opening flows.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use balancer_common::{
+    affinity, backend_state, client_hash, flow_hash, Affinity, AffinityKey, FlowKey, Reason,
+    Service,
+};
+
+use crate::{
+    maps::{AFFINITY, BACKENDS, BACKEND_TABLE},
+    stats::{self, Verdict},
+};
+
+const NANOS_PER_SECOND: u64 = 1_000_000_000;
+
+/// The backend id a new flow of `service` goes to.
+#[inline(always)]
+pub fn choose_backend(service: &Service, key: &FlowKey) -> Result<u32, Verdict> {
+    if service.affinity == affinity::SOURCE_IP {
+        session_backend(service, key.src & service.source_mask)
+    } else {
+        table_lookup(service, flow_hash(key))
+    }
+}
+
+/// The backend in the slot of the service's Maglev table that `hash` names.
+#[inline(always)]
+fn table_lookup(service: &Service, hash: u32) -> Result<u32, Verdict> {
+    let no_backend = Verdict::drop(Reason::DropNoBackend);
+    if service.table_size == 0 {
+        return Err(no_backend);
+    }
+    let slot = service.table_base + hash % service.table_size;
+    BACKEND_TABLE.get(slot).copied().ok_or(no_backend)
+}
+
+/// The client's session backend: kept while the client's last new flow is more recent than
+/// the timeout and its backend still honours sessions; otherwise chosen by the Maglev table
+/// from the client address alone, so every balancer host makes the same choice.
+#[inline(always)]
+fn session_backend(service: &Service, client: u32) -> Result<u32, Verdict> {
+    let key = AffinityKey {
+        service_id: service.id,
+        client,
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout = u64::from(service.affinity_timeout) * NANOS_PER_SECOND;
+    if let Some(session) = AFFINITY.get_ptr_mut(&key) {
+        // SAFETY: map values stay valid for the duration of the program; concurrent writers
+        // only race on the timestamp, which any of them may win.
+        let session = unsafe { &mut *session };
+        if now.wrapping_sub(session.last_seen_ns) < timeout {
+            session.last_seen_ns = now;
+            if honours_sessions(session.backend_id) {
+                return Ok(session.backend_id);
+            }
+            let backend_id = table_lookup(service, client_hash(client))?;
+            session.backend_id = backend_id;
+            stats::count(Reason::SessionMoved, 0);
+            return Ok(backend_id);
+        }
+    }
+    let backend_id = table_lookup(service, client_hash(client))?;
+    let session = Affinity {
+        backend_id,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    // A failed insert only means the client's next flow chooses again, the same way.
+    let _ = AFFINITY.insert(&key, &session, 0);
+    stats::count(Reason::NewSession, 0);
+    Ok(backend_id)
+}
+
+/// Whether a backend keeps the sessions it has: up, or draining within its drain timeout.
+#[inline(always)]
+fn honours_sessions(backend_id: u32) -> bool {
+    BACKENDS
+        .get(backend_id)
+        .is_some_and(|b| b.state == backend_state::UP || b.state == backend_state::DRAINING)
+}
