@@ -68,8 +68,78 @@ pub struct ServiceConfig {
     /// 24: a whole NAT pool in a /24).
     #[serde(default = "default_source_prefix")]
     pub source_prefix: u8,
+    /// Seconds a draining backend keeps its existing sessions before they move.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: u32,
+    /// Checks run from the balancer to each backend; without them backends count as healthy.
+    pub health_check: Option<HealthCheckConfig>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    #[serde(default)]
+    pub kind: CheckKind,
+    /// Seconds between two checks of a backend.
+    #[serde(default = "default_check_interval")]
+    pub interval: f64,
+    /// Seconds a check may take before it counts as failed.
+    #[serde(default = "default_check_timeout")]
+    pub timeout: f64,
+    /// Consecutive successes that bring a down backend up.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    /// `http`: the path requested.
+    #[serde(default = "default_check_path")]
+    pub path: String,
+    /// `http`: the Host header; the backend's address when absent.
+    pub host: Option<String>,
+    /// `http`: the statuses that count as healthy, e.g. "200-399" or "200".
+    #[serde(default = "default_expected_status")]
+    pub expected_status: String,
+    /// The port checked; the backend's port when absent.
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A TCP connection is accepted.
+    #[default]
+    Tcp,
+    /// An HTTP GET answers with an expected status.
+    Http,
+}
+
+impl HealthCheckConfig {
+    /// The inclusive range of healthy HTTP statuses.
+    pub fn status_range(&self) -> Option<(u16, u16)> {
+        let parse = |s: &str| {
+            s.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|c| (100..=599).contains(c))
+        };
+        match self.expected_status.split_once('-') {
+            Some((low, high)) => Some((parse(low)?, parse(high)?)).filter(|(l, h)| l <= h),
+            None => parse(&self.expected_status).map(|c| (c, c)),
+        }
+    }
+}
+
+/// Whether an operator wants a backend to take new sessions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    #[default]
+    Active,
+    /// No new sessions; existing ones stay until the service's drain timeout.
+    Draining,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -153,6 +223,8 @@ pub struct BackendConfig {
     /// Share of new flows relative to the other backends; 0 takes no new flows.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    #[serde(default)]
+    pub state: AdminState,
 }
 
 fn default_weight() -> u32 {
@@ -185,6 +257,34 @@ fn default_affinity_timeout() -> u32 {
 
 fn default_source_prefix() -> u8 {
     32
+}
+
+fn default_drain_timeout() -> u32 {
+    300
+}
+
+fn default_check_interval() -> f64 {
+    2.0
+}
+
+fn default_check_timeout() -> f64 {
+    1.0
+}
+
+fn default_rise() -> u32 {
+    2
+}
+
+fn default_fall() -> u32 {
+    3
+}
+
+fn default_check_path() -> String {
+    "/".to_owned()
+}
+
+fn default_expected_status() -> String {
+    "200-399".to_owned()
 }
 
 fn is_prime(n: u32) -> bool {
@@ -346,6 +446,18 @@ impl Config {
                     ),
                 ));
             }
+            if service.drain_timeout > MAX_AFFINITY_TIMEOUT {
+                return Err(invalid(
+                    format!("{field}.drain_timeout"),
+                    format!(
+                        "{} seconds is above {MAX_AFFINITY_TIMEOUT} (7 days)",
+                        service.drain_timeout
+                    ),
+                ));
+            }
+            if let Some(check) = &service.health_check {
+                check.validate(&format!("{field}.health_check"))?;
+            }
             if !(1..=MAX_AFFINITY_TIMEOUT).contains(&service.affinity_timeout) {
                 return Err(invalid(
                     format!("{field}.affinity_timeout"),
@@ -408,6 +520,60 @@ impl Config {
                     return Err(invalid(
                         format!("{field}.address"),
                         format!("{} cannot be a backend address", backend.address),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl HealthCheckConfig {
+    fn validate(&self, field: &str) -> Result<(), ConfigError> {
+        for (name, seconds) in [("interval", self.interval), ("timeout", self.timeout)] {
+            if !(0.05..=3600.0).contains(&seconds) {
+                return Err(invalid(
+                    format!("{field}.{name}"),
+                    format!("{seconds} seconds is outside 0.05..=3600"),
+                ));
+            }
+        }
+        for (name, count) in [("rise", self.rise), ("fall", self.fall)] {
+            if !(1..=100).contains(&count) {
+                return Err(invalid(
+                    format!("{field}.{name}"),
+                    format!("{count} is outside 1..=100"),
+                ));
+            }
+        }
+        if self.port == Some(0) {
+            return Err(invalid(format!("{field}.port"), "must be 1-65535"));
+        }
+        if self.kind == CheckKind::Http {
+            if !self.path.starts_with('/') || self.path.chars().any(|c| c.is_ascii_whitespace()) {
+                return Err(invalid(
+                    format!("{field}.path"),
+                    format!("{:?} must start with '/' and contain no spaces", self.path),
+                ));
+            }
+            if self.status_range().is_none() {
+                return Err(invalid(
+                    format!("{field}.expected_status"),
+                    format!(
+                        "{:?} is not a status or a range like \"200-399\"",
+                        self.expected_status
+                    ),
+                ));
+            }
+            if let Some(host) = &self.host {
+                if host.is_empty()
+                    || host
+                        .chars()
+                        .any(|c| c.is_ascii_whitespace() || c.is_control())
+                {
+                    return Err(invalid(
+                        format!("{field}.host"),
+                        format!("{host:?} is not a host name"),
                     ));
                 }
             }

@@ -1,7 +1,6 @@
 //! The XDP program and its maps: loading, pinning, attaching, and programming services.
 
 use std::{
-    collections::HashSet,
     fs,
     path::{Path, PathBuf},
 };
@@ -13,9 +12,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    backend_state, map_name, Affinity, AffinityKey, Backend, Counter, Flow, FlowKey, Reason,
-    ReverseNat, Service, ServiceKey, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, TABLES_PER_SERVICE,
-    XDP_PROGRAM,
+    map_name, Affinity, AffinityKey, Backend, Counter, Flow, FlowKey, Reason, ReverseNat, Service,
+    ServiceKey, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 use tracing::{info, warn};
 
@@ -37,18 +35,14 @@ pub fn pin_dir(instance: &str) -> PathBuf {
     Path::new(BPF_FS).join(instance)
 }
 
-/// Where a freshly written lookup table lies and how many backends it holds.
-struct LiveTable {
-    base: u32,
-    backend_count: u32,
-}
-
 /// A loaded program attached to its interfaces; dropping it detaches the program.
 pub struct Dataplane {
     ebpf: Ebpf,
     links: Vec<(String, XdpLinkId)>,
     /// Interfaces with the mode the program runs in, for the operator.
     pub attachments: Vec<(String, &'static str)>,
+    /// Slots of each lookup table, fixed when the maps were created.
+    pub table_size: u32,
     pub verified_instructions: Option<u32>,
 }
 
@@ -98,6 +92,7 @@ impl Dataplane {
             ebpf,
             links,
             attachments,
+            table_size: config.table_size,
             verified_instructions,
         };
         dataplane.set_tx_ports(&interfaces)?;
@@ -116,123 +111,92 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Writes the services and backends of `config` into the maps and removes services that
-    /// are no longer configured. Existing flows keep their backend.
-    pub fn apply(&mut self, config: &Config) -> Result<()> {
-        let mut next_backend_id = 0u32;
-        let mut wanted = HashSet::new();
-        for (service_id, service) in config.services.iter().enumerate() {
-            let mut ids = Vec::with_capacity(service.backends.len());
-            for backend in &service.backends {
-                let value = Backend {
-                    addr: u32::from_ne_bytes(backend.address.octets()),
-                    port: backend.port_for(service).to_be(),
-                    state: backend_state::UP,
-                    _pad: 0,
-                };
-                self.write_backend(next_backend_id, value)
-                    .with_context(|| {
-                        format!(
-                            "writing backend {} of service {}",
-                            backend.name, service.name
-                        )
-                    })?;
-                ids.push(next_backend_id);
-                next_backend_id += 1;
-            }
-            let members: Vec<maglev::Member<'_>> = service
-                .backends
-                .iter()
-                .map(|b| maglev::Member {
-                    name: &b.name,
-                    weight: b.weight,
-                })
-                .collect();
-            let key = service.key();
-            let table = self
-                .write_table(&key, service_id as u32, &members, &ids, config.table_size)
-                .with_context(|| format!("filling the lookup table of service {}", service.name))?;
-            if table.backend_count == 0 {
-                warn!(service = %service.name, "service has no usable backend: TCP connections are refused, UDP dropped");
-            }
-            let value = Service {
-                id: service_id as u32,
-                affinity: service.affinity.code(),
-                table_base: table.base,
-                table_size: config.table_size,
-                backend_count: table.backend_count,
-                affinity_timeout: service.affinity_timeout,
-                source_mask: u32::from_ne_bytes(service.source_mask().octets()),
-                _pad: 0,
-            };
-            self.services()?
-                .insert(key, value, 0)
-                .with_context(|| format!("writing service {}", service.name))?;
-            wanted.insert(key);
-            info!(
-                service = %service.name,
-                vip = %service.vip,
-                port = service.port,
-                protocol = %service.protocol,
-                affinity = %service.affinity,
-                backends = table.backend_count,
-                "service programmed"
-            );
-        }
-
-        let mut services = self.services()?;
-        let stale: Vec<ServiceKey> = services
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !wanted.contains(k))
-            .collect();
-        for key in stale {
-            services
-                .remove(&key)
-                .context("removing a service that is no longer configured")?;
-        }
-        Ok(())
-    }
-
     fn services(&mut self) -> Result<HashMap<&mut MapData, ServiceKey, Service>> {
         Ok(HashMap::try_from(self.map(map_name::SERVICES)?)?)
     }
 
-    fn write_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
-        let mut backends: Array<&mut MapData, Backend> =
-            Array::try_from(self.map(map_name::BACKENDS)?)?;
-        backends.set(id, backend, 0)?;
+    /// The services the maps hold, including those a previous run left behind.
+    pub fn service_keys(&mut self) -> Result<Vec<ServiceKey>> {
+        Ok(self.services()?.keys().filter_map(Result::ok).collect())
+    }
+
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        self.services()?.remove(key).context("removing a service")?;
         Ok(())
     }
 
-    /// Builds the Maglev table of a service into whichever of its two table areas the data
-    /// plane is not using; switching `Service::table_base` afterwards makes it live at once.
-    fn write_table(
+    pub fn write_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
+        let mut backends: Array<&mut MapData, Backend> =
+            Array::try_from(self.map(map_name::BACKENDS)?)?;
+        backends
+            .set(id, backend, 0)
+            .with_context(|| format!("writing backend {id}"))?;
+        Ok(())
+    }
+
+    /// Makes `service` live with a Maglev table over `members` (whose backend ids are `ids`).
+    /// The table is written into whichever of the service's two table areas the data plane
+    /// is not using, then `Service::table_base` switches to it in one map update, so no
+    /// packet ever sees a half-built table. Returns the number of backends in the table.
+    pub fn publish_service(
         &mut self,
         key: &ServiceKey,
-        service_id: u32,
+        mut service: Service,
         members: &[maglev::Member<'_>],
         ids: &[u32],
-        table_size: u32,
-    ) -> Result<LiveTable> {
-        let area = |index: u32| (service_id * TABLES_PER_SERVICE + index) * table_size;
+    ) -> Result<u32> {
+        let table_size = self.table_size;
+        let area = |index: u32| (service.id * TABLES_PER_SERVICE + index) * table_size;
         let active = self.services()?.get(key, 0).ok().map(|s| s.table_base);
         let base = if active == Some(area(0)) {
             area(1)
         } else {
             area(0)
         };
-        let lookup = maglev::build(members, table_size);
+        let lookup = maglev::build(members, self.table_size);
         let mut table: Array<&mut MapData, u32> =
             Array::try_from(self.map(map_name::BACKEND_TABLE)?)?;
         for (slot, member) in (base..).zip(&lookup) {
-            table.set(slot, ids[*member as usize], 0)?;
+            table
+                .set(slot, ids[*member as usize], 0)
+                .context("writing a lookup table")?;
         }
-        let backend_count = members.iter().filter(|m| m.weight > 0).count() as u32;
-        Ok(LiveTable {
-            base,
-            backend_count: if lookup.is_empty() { 0 } else { backend_count },
-        })
+        service.table_base = base;
+        service.table_size = self.table_size;
+        service.backend_count = if lookup.is_empty() {
+            0
+        } else {
+            members.iter().filter(|m| m.weight > 0).count() as u32
+        };
+        self.services()?
+            .insert(key, service, 0)
+            .context("writing a service")?;
+        Ok(service.backend_count)
+    }
+
+    /// Entries per backend id in a map whose values start with the backend id: the clients
+    /// with a session (`AFFINITY`) or the flows (`FLOWS`). Walks the whole map.
+    pub fn count_by_backend(&self, name: &str) -> Result<std::collections::HashMap<u32, u64>> {
+        let mut counts = std::collections::HashMap::new();
+        let map = self
+            .ebpf
+            .map(name)
+            .with_context(|| format!("the XDP object has no map {name}"))?;
+        match name {
+            map_name::AFFINITY => {
+                let sessions: HashMap<&MapData, AffinityKey, Affinity> = HashMap::try_from(map)?;
+                for (_, session) in sessions.iter().filter_map(Result::ok) {
+                    *counts.entry(session.backend_id).or_default() += 1;
+                }
+            }
+            _ => {
+                let flows: HashMap<&MapData, FlowKey, Flow> = HashMap::try_from(map)?;
+                for (_, flow) in flows.iter().filter_map(Result::ok) {
+                    *counts.entry(flow.backend_id).or_default() += 1;
+                }
+            }
+        }
+        Ok(counts)
     }
 
     fn map(&mut self, name: &str) -> Result<&mut aya::maps::Map> {

@@ -3,20 +3,33 @@
 //! It loads and attaches the XDP program, programs services and backends into its maps and
 //! reports what the data plane does.
 
+mod agent;
 mod config;
+mod control;
 mod dataplane;
+mod health;
 mod maglev;
 
 mod stats;
 
-use std::{io::IsTerminal, path::PathBuf, process::ExitCode, time::Instant};
+use std::{
+    io::IsTerminal,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use tokio::signal::unix::{signal, SignalKind};
-use tracing::{info, warn};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+use tracing::{error, info, warn};
 
-use crate::{config::Config, dataplane::Dataplane, stats::Snapshot};
+use crate::{
+    agent::Agent, config::Config, control::Request, dataplane::Dataplane, stats::Snapshot,
+};
 
 /// XDP load balancer for virtual IPs: forwards client flows to backends in the kernel.
 #[derive(Parser)]
@@ -39,12 +52,39 @@ enum Command {
         /// The configuration file (TOML).
         config: PathBuf,
     },
+    /// Make a running agent read its configuration file again (like SIGHUP); a bad file is
+    /// rejected and the running configuration stays in force.
+    Reload {
+        #[arg(short, long, default_value = config::DEFAULT_INSTANCE)]
+        instance: String,
+    },
+    /// Show each backend of a running agent: state, health, clients with a session, flows.
+    Status {
+        #[arg(short, long, default_value = config::DEFAULT_INSTANCE)]
+        instance: String,
+    },
+    /// Drain or restore a backend of a running agent.
+    Backend {
+        #[command(subcommand)]
+        action: BackendAction,
+        #[arg(short, long, default_value = config::DEFAULT_INSTANCE, global = true)]
+        instance: String,
+    },
     /// Print the packet counters of a running instance, one `reason packets bytes` per line.
     Stats {
         /// The instance name from the config.
         #[arg(short, long, default_value = config::DEFAULT_INSTANCE)]
         instance: String,
     },
+}
+
+#[derive(Subcommand)]
+enum BackendAction {
+    /// Stop sending new sessions to the backend; its flows continue and its sessions stay
+    /// until the service's drain_timeout, then move.
+    Drain { service: String, backend: String },
+    /// Let a draining backend take new sessions again.
+    Undrain { service: String, backend: String },
 }
 
 fn main() -> ExitCode {
@@ -81,6 +121,24 @@ fn execute(command: Command) -> Result<()> {
             );
             Ok(())
         }
+        Command::Reload { instance } => {
+            println!("{}", control::send(&instance, &Request::Reload)?);
+            Ok(())
+        }
+        Command::Status { instance } => {
+            println!("{}", control::send(&instance, &Request::Status)?);
+            Ok(())
+        }
+        Command::Backend { action, instance } => {
+            let request = match action {
+                BackendAction::Drain { service, backend } => Request::Drain { service, backend },
+                BackendAction::Undrain { service, backend } => {
+                    Request::Undrain { service, backend }
+                }
+            };
+            println!("{}", control::send(&instance, &request)?);
+            Ok(())
+        }
         Command::Stats { instance } => {
             print!("{}", Snapshot::read(&instance)?.table());
             Ok(())
@@ -90,8 +148,24 @@ fn execute(command: Command) -> Result<()> {
 
 fn run(config_path: PathBuf) -> Result<()> {
     let config = Config::load(&config_path)?;
-    let mut dataplane = Dataplane::start(&config)?;
-    dataplane.apply(&config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(config, config_path))
+}
+
+/// Runs the agent until SIGINT or SIGTERM: health reports, operator commands and SIGHUP
+/// reloads change the data plane; a stats line goes out every `stats_interval` seconds.
+async fn serve(config: Config, config_path: PathBuf) -> Result<()> {
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let (report_tx, mut reports) = mpsc::channel(64);
+    let (command_tx, mut commands) = mpsc::channel(16);
+
+    let dataplane = Dataplane::start(&config)?;
     let attached: Vec<String> = dataplane
         .attachments
         .iter()
@@ -100,44 +174,68 @@ fn run(config_path: PathBuf) -> Result<()> {
     let instructions = dataplane
         .verified_instructions
         .map_or_else(|| "unknown".to_owned(), |n| n.to_string());
+    let instance = config.instance.clone();
+    let stats_interval = config.stats_interval;
+    let services = config.services.len();
+    let mut agent = Agent::new(config, dataplane, report_tx)?;
+    let socket = control::serve(&instance, command_tx)?;
     println!(
-        "ready: attached to {}; {} services; verifier processed {instructions} instructions; maps pinned in {}",
+        "ready: attached to {}; {services} services; verifier processed {instructions} instructions; maps pinned in {}; control socket {}",
         attached.join(", "),
-        config.services.len(),
-        dataplane::pin_dir(&config.instance).display(),
+        dataplane::pin_dir(&instance).display(),
+        socket.display(),
     );
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(report_until_stopped(&config))?;
-    dataplane.detach()?;
+    let mut ticker = tokio::time::interval(Duration::from_secs(stats_interval.max(1)));
+    let mut last = (Instant::now(), Snapshot::read(&instance)?);
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => { info!("SIGINT received, detaching"); break; }
+            _ = terminate.recv() => { info!("SIGTERM received, detaching"); break; }
+            _ = hangup.recv() => {
+                if let Err(error) = agent.reload(&config_path) {
+                    error!("reload rejected, the running configuration stays in force: {error:#}");
+                }
+            }
+            Some(report) = reports.recv() => {
+                if let Err(error) = agent.health_changed(report) {
+                    error!("applying a health change: {error:#}");
+                }
+            }
+            Some(command) = commands.recv() => {
+                let answer = execute_request(&mut agent, &config_path, command.request);
+                let _ = command.reply.send(answer.map_err(|e| format!("{e:#}")));
+            }
+            _ = ticker.tick() => {
+                if let Err(error) = agent.expire_drains() {
+                    error!("ending a drain: {error:#}");
+                }
+                if stats_interval > 0 {
+                    match Snapshot::read(&instance) {
+                        Ok(now) => {
+                            println!("{}", now.line_since(&last.1, last.0.elapsed()));
+                            last = (Instant::now(), now);
+                        }
+                        Err(error) => warn!("reading stats: {error:#}"),
+                    }
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&socket);
+    agent.shutdown()?;
     info!("stopped");
     Ok(())
 }
 
-/// Prints a stats line every `stats_interval` seconds until SIGINT or SIGTERM.
-async fn report_until_stopped(config: &Config) -> Result<()> {
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let period = std::time::Duration::from_secs(config.stats_interval.max(1));
-    let mut ticker = tokio::time::interval(period);
-    let mut last = (Instant::now(), Snapshot::read(&config.instance)?);
-    loop {
-        tokio::select! {
-            _ = interrupt.recv() => { info!("SIGINT received, detaching"); return Ok(()); }
-            _ = terminate.recv() => { info!("SIGTERM received, detaching"); return Ok(()); }
-            _ = ticker.tick(), if config.stats_interval > 0 => {
-                match Snapshot::read(&config.instance) {
-                    Ok(now) => {
-                        println!("{}", now.line_since(&last.1, last.0.elapsed()));
-                        last = (Instant::now(), now);
-                    }
-                    Err(error) => warn!("reading stats: {error:#}"),
-                }
-            }
-        }
+fn execute_request(agent: &mut Agent, config_path: &Path, request: Request) -> Result<String> {
+    match request {
+        Request::Reload => agent.reload(config_path).map_err(|error| {
+            error!("reload rejected, the running configuration stays in force: {error:#}");
+            error.context("reload rejected, the running configuration stays in force")
+        }),
+        Request::Drain { service, backend } => agent.set_draining(&service, &backend, true),
+        Request::Undrain { service, backend } => agent.set_draining(&service, &backend, false),
+        Request::Status => agent.status(),
     }
 }

@@ -1,0 +1,456 @@
+//! The agent's model of services and backends, and the one place that turns it into map
+//! contents: configuration, health reports and operator commands all change the model, and
+//! every change republishes the affected service.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    fmt::Write as _,
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use balancer_common::{backend_state, map_name, Backend, Service, ServiceKey, MAX_BACKENDS};
+use tokio::{sync::mpsc, task::JoinHandle};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{AdminState, BackendConfig, Config, ServiceConfig},
+    dataplane::Dataplane,
+    health, maglev,
+};
+
+pub struct Agent {
+    config: Config,
+    dataplane: Dataplane,
+    services: Vec<ServiceRuntime>,
+    checks: Vec<JoinHandle<()>>,
+    reports: mpsc::Sender<health::Report>,
+}
+
+struct ServiceRuntime {
+    id: u32,
+    key: ServiceKey,
+    config: ServiceConfig,
+    backends: Vec<BackendRuntime>,
+}
+
+struct BackendRuntime {
+    id: u32,
+    config: BackendConfig,
+    /// The health checks' verdict; always true without checks.
+    healthy: bool,
+    /// When the backend started draining.
+    draining_since: Option<Instant>,
+    /// The state last written to the data plane.
+    published_state: u8,
+}
+
+impl BackendRuntime {
+    /// The state the data plane sees.
+    fn state(&self, drain_timeout: Duration) -> u8 {
+        match self.draining_since {
+            _ if !self.healthy => backend_state::DOWN,
+            None => backend_state::UP,
+            Some(since) if since.elapsed() < drain_timeout => backend_state::DRAINING,
+            Some(_) => backend_state::DOWN,
+        }
+    }
+}
+
+fn state_name(state: u8) -> &'static str {
+    match state {
+        backend_state::UP => "up",
+        backend_state::DRAINING => "draining",
+        _ => "down",
+    }
+}
+
+impl ServiceRuntime {
+    fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(u64::from(self.config.drain_timeout))
+    }
+}
+
+impl Agent {
+    /// Programs `config` into the data plane (removing services a previous run left there)
+    /// and starts the health checks.
+    pub fn new(
+        config: Config,
+        mut dataplane: Dataplane,
+        reports: mpsc::Sender<health::Report>,
+    ) -> Result<Self> {
+        let configured: Vec<ServiceKey> = config.services.iter().map(|s| s.key()).collect();
+        for key in dataplane.service_keys()? {
+            if !configured.contains(&key) {
+                dataplane.remove_service(&key)?;
+            }
+        }
+        let mut agent = Self {
+            config: config.clone(),
+            dataplane,
+            services: Vec::new(),
+            checks: Vec::new(),
+            reports,
+        };
+        agent.apply(config)?;
+        Ok(agent)
+    }
+
+    /// Reads the configuration file again and applies it; a file that cannot be used leaves
+    /// the running configuration in force.
+    pub fn reload(&mut self, path: &Path) -> Result<String> {
+        let config = Config::load(path)?;
+        for (field, old, new) in [
+            (
+                "instance",
+                self.config.instance.clone(),
+                config.instance.clone(),
+            ),
+            (
+                "client_interface",
+                self.config.client_interface.clone(),
+                config.client_interface.clone(),
+            ),
+            (
+                "backend_interface",
+                self.config.backend_interface().to_owned(),
+                config.backend_interface().to_owned(),
+            ),
+            (
+                "flow_capacity",
+                self.config.flow_capacity.to_string(),
+                config.flow_capacity.to_string(),
+            ),
+            (
+                "affinity_capacity",
+                self.config.affinity_capacity.to_string(),
+                config.affinity_capacity.to_string(),
+            ),
+            (
+                "table_size",
+                self.config.table_size.to_string(),
+                config.table_size.to_string(),
+            ),
+        ] {
+            if old != new {
+                bail!("{field}: a reload cannot change it ({old} → {new}); restart the agent");
+            }
+        }
+        self.apply(config)?;
+        let summary = format!(
+            "configuration reloaded: {} services, {} backends",
+            self.services.len(),
+            self.services
+                .iter()
+                .map(|s| s.backends.len())
+                .sum::<usize>()
+        );
+        info!("{summary}");
+        Ok(summary)
+    }
+
+    /// Makes the model match `config`, keeping the ids, health and drain state of services and
+    /// backends that remain, then republishes everything and restarts the health checks.
+    fn apply(&mut self, config: Config) -> Result<()> {
+        let mut old: HashMap<String, ServiceRuntime> = self
+            .services
+            .drain(..)
+            .map(|s| (s.config.name.clone(), s))
+            .collect();
+        let mut service_ids: BTreeSet<u32> = old.values().map(|s| s.id).collect();
+        let mut backend_ids: BTreeSet<u32> = old
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect();
+
+        let mut services = Vec::new();
+        for service in &config.services {
+            let previous = old.remove(&service.name);
+            let id = match &previous {
+                Some(p) => p.id,
+                None => take_free_id(&mut service_ids, balancer_common::MAX_SERVICES)?,
+            };
+            let mut old_backends: HashMap<String, BackendRuntime> = previous
+                .map(|p| {
+                    p.backends
+                        .into_iter()
+                        .map(|b| (b.config.name.clone(), b))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut backends = Vec::new();
+            for backend in &service.backends {
+                let runtime = match old_backends.remove(&backend.name) {
+                    Some(mut runtime) => {
+                        if runtime.config.state != backend.state {
+                            runtime.draining_since = match backend.state {
+                                AdminState::Draining => Some(Instant::now()),
+                                AdminState::Active => None,
+                            };
+                        }
+                        runtime.config = backend.clone();
+                        if service.health_check.is_none() {
+                            runtime.healthy = true;
+                        }
+                        runtime
+                    }
+                    None => BackendRuntime {
+                        id: take_free_id(&mut backend_ids, MAX_BACKENDS)?,
+                        config: backend.clone(),
+                        healthy: true,
+                        draining_since: (backend.state == AdminState::Draining).then(Instant::now),
+                        published_state: backend_state::DOWN,
+                    },
+                };
+                backends.push(runtime);
+            }
+            for removed in old_backends.into_values() {
+                self.retire_backend(&service.name, &removed);
+                backend_ids.remove(&removed.id);
+            }
+            services.push(ServiceRuntime {
+                id,
+                key: service.key(),
+                config: service.clone(),
+                backends,
+            });
+        }
+        for removed in old.into_values() {
+            for backend in &removed.backends {
+                self.retire_backend(&removed.config.name, backend);
+            }
+            if !services.iter().any(|s| s.key == removed.key) {
+                self.dataplane.remove_service(&removed.key)?;
+            }
+            info!(service = %removed.config.name, "service removed");
+        }
+
+        self.services = services;
+        self.config = config;
+        for index in 0..self.services.len() {
+            self.publish(index)?;
+        }
+        self.restart_health_checks();
+        Ok(())
+    }
+
+    /// A backend that left the configuration: its sessions move, its flows continue.
+    fn retire_backend(&mut self, service: &str, backend: &BackendRuntime) {
+        let value = backend_value(&backend.config, 0, backend_state::DOWN);
+        if let Err(error) = self.dataplane.write_backend(backend.id, value) {
+            warn!(%service, backend = %backend.config.name, "retiring a backend: {error:#}");
+        }
+        info!(%service, backend = %backend.config.name, "backend removed from the configuration");
+    }
+
+    /// Writes a service's backends and a fresh lookup table over the ones that take new
+    /// sessions.
+    fn publish(&mut self, index: usize) -> Result<()> {
+        let service = &self.services[index];
+        let drain_timeout = service.drain_timeout();
+        let mut members = Vec::new();
+        let mut ids = Vec::new();
+        for backend in &service.backends {
+            let state = backend.state(drain_timeout);
+            let value = backend_value(&backend.config, service.config.port, state);
+            self.dataplane
+                .write_backend(backend.id, value)
+                .with_context(|| {
+                    format!(
+                        "writing backend {} of service {}",
+                        backend.config.name, service.config.name
+                    )
+                })?;
+            if state == backend_state::UP {
+                members.push(maglev::Member {
+                    name: &backend.config.name,
+                    weight: backend.config.weight,
+                });
+                ids.push(backend.id);
+            }
+        }
+        let value = Service {
+            id: service.id,
+            affinity: service.config.affinity.code(),
+            affinity_timeout: service.config.affinity_timeout,
+            source_mask: u32::from_ne_bytes(service.config.source_mask().octets()),
+            ..Service::default()
+        };
+        let key = service.key;
+        let name = service.config.name.clone();
+        let count = self
+            .dataplane
+            .publish_service(&key, value, &members, &ids)
+            .with_context(|| format!("publishing service {name}"))?;
+        let service = &mut self.services[index];
+        for backend in &mut service.backends {
+            backend.published_state = backend.state(drain_timeout);
+        }
+        if count == 0 {
+            error!(service = %name, "no backend can take new connections: TCP is refused with a reset, UDP dropped");
+        } else {
+            info!(service = %name, backends = count, "service published");
+        }
+        Ok(())
+    }
+
+    fn restart_health_checks(&mut self) {
+        for check in self.checks.drain(..) {
+            check.abort();
+        }
+        for service in &self.services {
+            let Some(check) = &service.config.health_check else {
+                continue;
+            };
+            for backend in &service.backends {
+                let port = check
+                    .port
+                    .unwrap_or_else(|| backend.config.port_for(&service.config));
+                let target = health::Target {
+                    service: service.config.name.clone(),
+                    backend: backend.config.name.clone(),
+                    addr: SocketAddr::from((backend.config.address, port)),
+                    check: check.clone(),
+                };
+                self.checks
+                    .push(health::spawn(target, backend.healthy, self.reports.clone()));
+            }
+        }
+    }
+
+    /// A health checker saw a backend change state.
+    pub fn health_changed(&mut self, report: health::Report) -> Result<()> {
+        let Some((index, backend)) = self.find(&report.service, &report.backend) else {
+            return Ok(());
+        };
+        let runtime = &mut self.services[index].backends[backend];
+        if runtime.healthy == report.healthy {
+            return Ok(());
+        }
+        runtime.healthy = report.healthy;
+        if report.healthy {
+            info!(service = %report.service, backend = %report.backend, reason = %report.reason, "backend is up");
+        } else {
+            warn!(service = %report.service, backend = %report.backend, reason = %report.reason, "backend is down: its sessions move to healthy backends");
+        }
+        self.publish(index)
+    }
+
+    /// Starts (`true`) or ends draining a backend.
+    pub fn set_draining(&mut self, service: &str, backend: &str, draining: bool) -> Result<String> {
+        let (index, position) = self
+            .find(service, backend)
+            .with_context(|| format!("no backend {backend} in service {service}"))?;
+        let timeout = self.services[index].config.drain_timeout;
+        let runtime = &mut self.services[index].backends[position];
+        let message = match (draining, runtime.draining_since) {
+            (true, Some(_)) => format!("{service}/{backend} is already draining"),
+            (false, None) => format!("{service}/{backend} is not draining"),
+            (true, None) => {
+                runtime.draining_since = Some(Instant::now());
+                format!("{service}/{backend} is draining: no new sessions, existing ones stay for {timeout} s")
+            }
+            (false, Some(_)) => {
+                runtime.draining_since = None;
+                format!("{service}/{backend} takes new sessions again")
+            }
+        };
+        info!("{message}");
+        self.publish(index)?;
+        Ok(message)
+    }
+
+    /// Moves the sessions of backends whose drain timeout has passed.
+    pub fn expire_drains(&mut self) -> Result<()> {
+        for index in 0..self.services.len() {
+            let service = &self.services[index];
+            let timeout = service.drain_timeout();
+            let mut expired = false;
+            for backend in &service.backends {
+                if backend.state(timeout) != backend.published_state {
+                    info!(service = %service.config.name, backend = %backend.config.name, "drain timeout passed: remaining sessions move to other backends");
+                    expired = true;
+                }
+            }
+            if expired {
+                self.publish(index)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One line per backend: state, health, clients with a session and flows in the tables.
+    pub fn status(&self) -> Result<String> {
+        let sessions = self.dataplane.count_by_backend(map_name::AFFINITY)?;
+        let flows = self.dataplane.count_by_backend(map_name::FLOWS)?;
+        let mut text = String::new();
+        for service in &self.services {
+            let c = &service.config;
+            let _ = writeln!(
+                text,
+                "service {} {}:{}/{} affinity={}",
+                c.name, c.vip, c.port, c.protocol, c.affinity
+            );
+            for backend in &service.backends {
+                let state = backend.state(service.drain_timeout());
+                let flows = flows.get(&backend.id).copied().unwrap_or(0);
+                let drained = backend.draining_since.is_some()
+                    && state == backend_state::DOWN
+                    && backend.healthy;
+                let _ = writeln!(
+                    text,
+                    "  backend {} {}:{} state={}{} health={} weight={} sessions={} flows={}",
+                    backend.config.name,
+                    backend.config.address,
+                    backend.config.port_for(c),
+                    state_name(state),
+                    if drained { " (drained)" } else { "" },
+                    if backend.healthy { "ok" } else { "failing" },
+                    backend.config.weight,
+                    sessions.get(&backend.id).copied().unwrap_or(0),
+                    flows,
+                );
+            }
+        }
+        Ok(text)
+    }
+
+    fn find(&self, service: &str, backend: &str) -> Option<(usize, usize)> {
+        let index = self
+            .services
+            .iter()
+            .position(|s| s.config.name == service)?;
+        let position = self.services[index]
+            .backends
+            .iter()
+            .position(|b| b.config.name == backend)?;
+        Some((index, position))
+    }
+
+    pub fn shutdown(self) -> Result<()> {
+        for check in self.checks {
+            check.abort();
+        }
+        self.dataplane.detach()
+    }
+}
+
+fn backend_value(config: &BackendConfig, service_port: u16, state: u8) -> Backend {
+    Backend {
+        addr: u32::from_ne_bytes(config.address.octets()),
+        port: config.port.unwrap_or(service_port).to_be(),
+        state,
+        _pad: 0,
+    }
+}
+
+/// The lowest id below `limit` that is not in `used`, which then holds it.
+fn take_free_id(used: &mut BTreeSet<u32>, limit: u32) -> Result<u32> {
+    let id = (0..limit)
+        .find(|id| !used.contains(id))
+        .context("no free id left")?;
+    used.insert(id);
+    Ok(id)
+}
