@@ -147,9 +147,19 @@ pub struct Flow {
     pub backend_id: u32,
     pub backend_addr: u32,
     pub backend_port: u16,
-    pub _pad: u16,
+    /// [`flow_flags`] seen on the flow.
+    pub flags: u16,
+    /// Second (of `bpf_ktime_get_coarse_ns`) of the client's latest packet; written at most
+    /// once a second so the hot path rarely dirties the entry.
+    pub last_seen_s: u32,
 }
-const _: () = assert!(size_of::<Flow>() == 12);
+const _: () = assert!(size_of::<Flow>() == 16);
+
+/// Bits of [`Flow::flags`].
+pub mod flow_flags {
+    /// The client sent a FIN or a reset: the flow is ending.
+    pub const CLOSING: u16 = 1;
+}
 
 /// `REVERSE` value: the VIP and port a backend's reply must appear to come from.
 #[repr(C)]

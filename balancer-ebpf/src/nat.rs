@@ -1,9 +1,9 @@
 //! Gateway NAT: the destination of client → VIP packets becomes a backend, and the source of
 //! the backend's replies becomes the VIP again. Checksums are updated incrementally.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use balancer_common::{
-    csum, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey, PROTO_TCP, PROTO_UDP,
+    csum, flow_flags, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey, PROTO_TCP, PROTO_UDP,
 };
 use network_types::ip::Ipv4Hdr;
 
@@ -35,16 +35,22 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<()>, Verdi
     let Some(service) = SERVICES.get_ptr(&service_key) else {
         return Ok(None);
     };
-    let flow = match FLOWS.get_ptr(key) {
-        // SAFETY: map values stay valid for the duration of the program.
-        Some(flow) => unsafe { *flow },
+    let now_s = seconds_now();
+    let flow = match FLOWS.get_ptr_mut(key) {
+        Some(flow) => {
+            // SAFETY: map values stay valid for the duration of the program; concurrent
+            // writers only race on bookkeeping that any of them may win.
+            let flow = unsafe { &mut *flow };
+            touch(flow, now_s, packet.closing);
+            *flow
+        }
         None => {
             // SAFETY: as above.
             let service = unsafe { &*service };
             if service.backend_count == 0 {
                 return Err(refuse(ctx, key.proto));
             }
-            new_flow(service, key)?
+            new_flow(service, key, now_s, packet.closing)?
         }
     };
     rewrite(
@@ -69,6 +75,23 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<()>, Verdic
     Ok(Some(()))
 }
 
+/// Records that the client's flow is alive, writing only what changed.
+#[inline(always)]
+fn touch(flow: &mut Flow, now_s: u32, closing: bool) {
+    if flow.last_seen_s != now_s {
+        flow.last_seen_s = now_s;
+    }
+    if closing && flow.flags & flow_flags::CLOSING == 0 {
+        flow.flags |= flow_flags::CLOSING;
+    }
+}
+
+#[inline(always)]
+fn seconds_now() -> u32 {
+    // SAFETY: a helper without arguments.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
 /// A service without backends refuses TCP connections with a reset and drops the rest.
 #[inline(always)]
 fn refuse(ctx: &XdpContext, proto: u8) -> Verdict {
@@ -83,7 +106,7 @@ fn refuse(ctx: &XdpContext, proto: u8) -> Verdict {
 /// Binds a new flow to the backend its service's affinity selects, and records both
 /// directions.
 #[inline(always)]
-fn new_flow(service: &Service, key: &FlowKey) -> Result<Flow, Verdict> {
+fn new_flow(service: &Service, key: &FlowKey, now_s: u32, closing: bool) -> Result<Flow, Verdict> {
     let backend_id = affinity::choose_backend(service, key)?;
     let backend = *BACKENDS
         .get(backend_id)
@@ -92,7 +115,8 @@ fn new_flow(service: &Service, key: &FlowKey) -> Result<Flow, Verdict> {
         backend_id,
         backend_addr: backend.addr,
         backend_port: backend.port,
-        _pad: 0,
+        flags: if closing { flow_flags::CLOSING } else { 0 },
+        last_seen_s: now_s,
     };
     let reply_key = FlowKey {
         src: backend.addr,

@@ -27,6 +27,8 @@ pub struct Packet {
     pub key: FlowKey,
     /// Offset of the L4 checksum field from the start of the frame.
     pub l4_check_offset: usize,
+    /// The client is ending a TCP flow (FIN or RST); always false for UDP.
+    pub closing: bool,
 }
 
 /// A pointer to a `T` at `offset` in the frame, if the whole `T` lies inside it.
@@ -76,7 +78,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
         return Err(Verdict::pass(Reason::PassFragment));
     }
 
-    let (sport, dport, l4_check_offset) = match ip.proto {
+    let (sport, dport, l4_check_offset, closing) = match ip.proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = header(ctx, L4_OFFSET)?;
             // SAFETY: `header` checked that the TCP header lies inside the frame.
@@ -84,7 +86,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
             if usize::from(tcp.doff()) * 4 < TcpHdr::LEN || total_len < Ipv4Hdr::LEN + TcpHdr::LEN {
                 return Err(Verdict::drop(Reason::DropTruncated));
             }
-            (tcp.source, tcp.dest, L4_OFFSET + 16)
+            let closing = tcp.fin() != 0 || tcp.rst() != 0;
+            (tcp.source, tcp.dest, L4_OFFSET + 16, closing)
         }
         PROTO_UDP => {
             let udp: *const UdpHdr = header(ctx, L4_OFFSET)?;
@@ -93,7 +96,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
             if total_len < Ipv4Hdr::LEN + UdpHdr::LEN {
                 return Err(Verdict::drop(Reason::DropTruncated));
             }
-            (udp.src, udp.dst, L4_OFFSET + 6)
+            (udp.src, udp.dst, L4_OFFSET + 6, false)
         }
         _ => return Err(Verdict::pass(Reason::PassNotTcpUdp)),
     };
@@ -108,5 +111,6 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
             _pad: [0; 3],
         },
         l4_check_offset,
+        closing,
     })
 }

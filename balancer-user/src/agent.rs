@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use balancer_common::{backend_state, map_name, Backend, Service, ServiceKey, MAX_BACKENDS};
+use balancer_common::{backend_state, Backend, Service, ServiceKey, MAX_BACKENDS};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{error, info, warn};
 
@@ -20,6 +20,9 @@ use crate::{
     dataplane::Dataplane,
     health, maglev,
 };
+
+/// A flow counts as active while its client sent a packet this recently and did not close it.
+const ACTIVE_FLOW_WINDOW_S: u32 = 60;
 
 pub struct Agent {
     config: Config,
@@ -381,10 +384,12 @@ impl Agent {
         Ok(())
     }
 
-    /// One line per backend: state, health, clients with a session and flows in the tables.
+    /// One line per backend: state, health, clients with a session and active flows.
     pub fn status(&self) -> Result<String> {
-        let sessions = self.dataplane.count_by_backend(map_name::AFFINITY)?;
-        let flows = self.dataplane.count_by_backend(map_name::FLOWS)?;
+        let sessions = self.dataplane.sessions_by_backend()?;
+        let flows = self
+            .dataplane
+            .active_flows_by_backend(ACTIVE_FLOW_WINDOW_S)?;
         let mut text = String::new();
         for service in &self.services {
             let c = &service.config;
@@ -399,6 +404,11 @@ impl Agent {
                 let drained = backend.draining_since.is_some()
                     && state == backend_state::DOWN
                     && backend.healthy;
+                let drained = match (drained, flows) {
+                    (false, _) => "",
+                    (true, 0) => " (drained, no flows left)",
+                    (true, _) => " (drained, flows continue)",
+                };
                 let _ = writeln!(
                     text,
                     "  backend {} {}:{} state={}{} health={} weight={} sessions={} flows={}",
@@ -406,7 +416,7 @@ impl Agent {
                     backend.config.address,
                     backend.config.port_for(c),
                     state_name(state),
-                    if drained { " (drained)" } else { "" },
+                    drained,
                     if backend.healthy { "ok" } else { "failing" },
                     backend.config.weight,
                     sessions.get(&backend.id).copied().unwrap_or(0),

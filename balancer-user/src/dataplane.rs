@@ -12,8 +12,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    map_name, Affinity, AffinityKey, Backend, Counter, Flow, FlowKey, Reason, ReverseNat, Service,
-    ServiceKey, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, TABLES_PER_SERVICE, XDP_PROGRAM,
+    flow_flags, map_name, Affinity, AffinityKey, Backend, Counter, Flow, FlowKey, Reason,
+    ReverseNat, Service, ServiceKey, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, TABLES_PER_SERVICE,
+    XDP_PROGRAM,
 };
 use tracing::{info, warn};
 
@@ -174,29 +175,40 @@ impl Dataplane {
         Ok(service.backend_count)
     }
 
-    /// Entries per backend id in a map whose values start with the backend id: the clients
-    /// with a session (`AFFINITY`) or the flows (`FLOWS`). Walks the whole map.
-    pub fn count_by_backend(&self, name: &str) -> Result<std::collections::HashMap<u32, u64>> {
+    /// Clients with a `source-ip` session, per backend id. Walks the whole map.
+    pub fn sessions_by_backend(&self) -> Result<std::collections::HashMap<u32, u64>> {
+        let map = self.map_ref(map_name::AFFINITY)?;
+        let sessions: HashMap<&MapData, AffinityKey, Affinity> = HashMap::try_from(map)?;
         let mut counts = std::collections::HashMap::new();
-        let map = self
-            .ebpf
-            .map(name)
-            .with_context(|| format!("the XDP object has no map {name}"))?;
-        match name {
-            map_name::AFFINITY => {
-                let sessions: HashMap<&MapData, AffinityKey, Affinity> = HashMap::try_from(map)?;
-                for (_, session) in sessions.iter().filter_map(Result::ok) {
-                    *counts.entry(session.backend_id).or_default() += 1;
-                }
-            }
-            _ => {
-                let flows: HashMap<&MapData, FlowKey, Flow> = HashMap::try_from(map)?;
-                for (_, flow) in flows.iter().filter_map(Result::ok) {
-                    *counts.entry(flow.backend_id).or_default() += 1;
-                }
+        for (_, session) in sessions.iter().filter_map(Result::ok) {
+            *counts.entry(session.backend_id).or_default() += 1;
+        }
+        Ok(counts)
+    }
+
+    /// Flows per backend id that are not closing and saw a client packet in the last
+    /// `window_s` seconds. Walks the whole map.
+    pub fn active_flows_by_backend(
+        &self,
+        window_s: u32,
+    ) -> Result<std::collections::HashMap<u32, u64>> {
+        let map = self.map_ref(map_name::FLOWS)?;
+        let flows: HashMap<&MapData, FlowKey, Flow> = HashMap::try_from(map)?;
+        let now_s = monotonic_seconds();
+        let mut counts = std::collections::HashMap::new();
+        for (_, flow) in flows.iter().filter_map(Result::ok) {
+            let idle = now_s.saturating_sub(flow.last_seen_s);
+            if flow.flags & flow_flags::CLOSING == 0 && idle <= window_s {
+                *counts.entry(flow.backend_id).or_default() += 1;
             }
         }
         Ok(counts)
+    }
+
+    fn map_ref(&self, name: &str) -> Result<&aya::maps::Map> {
+        self.ebpf
+            .map(name)
+            .with_context(|| format!("the XDP object has no map {name}"))
     }
 
     fn map(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
@@ -345,6 +357,15 @@ fn remove_incompatible_pins(dir: &Path, config: &Config) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Seconds of the clock the data plane stamps flows with (`bpf_ktime_get_coarse_ns`).
+fn monotonic_seconds() -> u32 {
+    // SAFETY: `timespec` is plain data filled in by the kernel.
+    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `now` is writable.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    now.tv_sec as u32
 }
 
 /// Mounts the BPF filesystem at `/sys/fs/bpf` unless it is there already.
