@@ -266,13 +266,12 @@ impl Agent {
                         backend.config.name, service.config.name
                     )
                 })?;
-            if state == backend_state::UP {
-                members.push(maglev::Member {
-                    name: &backend.config.name,
-                    weight: backend.config.weight,
-                });
-                ids.push(backend.id);
-            }
+            members.push(maglev::Member {
+                name: &backend.config.name,
+                weight: backend.config.weight,
+                serving: state == backend_state::UP,
+            });
+            ids.push(backend.id);
         }
         let value = Service {
             id: service.id,

@@ -167,7 +167,7 @@ impl Dataplane {
         service.backend_count = if lookup.is_empty() {
             0
         } else {
-            members.iter().filter(|m| m.weight > 0).count() as u32
+            members.iter().filter(|m| m.serving && m.weight > 0).count() as u32
         };
         self.services()?
             .insert(key, service, 0)

@@ -1,21 +1,74 @@
-//! Maglev consistent hashing (Eisenbud et al., NSDI 2016) with weights.
+//! Lookup tables: Maglev consistent hashing (Eisenbud et al., NSDI 2016) with weights, over
+//! the configured backends, with the slots of backends that cannot serve handed over by
+//! rendezvous hashing.
 //!
 //! Each backend walks its own permutation of the table slots, taking the next free slot in
 //! turn; a backend of weight w takes a turn w / max(weight) as often as the heaviest one (the
 //! weighting Envoy uses). The permutation depends only on the backend's name, so every
-//! balancer host builds the same table from the same backend list, and removing one of N
-//! backends moves about 1/N of the slots.
+//! balancer host builds the same table from the same backend list.
+//!
+//! Rebuilding Maglev without a failed backend moves more than that backend's slots (about
+//! 1.5/N of them with 100 backends in 65537 slots). So a failed or draining backend keeps its
+//! place in the Maglev table and only its own slots move, each to the serving backend with
+//! the highest weighted rendezvous score for that slot: exactly 1/N of the keys move, spread
+//! evenly, and the table is still a function of the configuration and the backends' states,
+//! which all balancer hosts share.
 
-/// A backend as Maglev sees it: a stable identity and a weight.
+/// A backend as the table sees it: a stable identity, a weight, and whether it takes new
+/// sessions now.
 #[derive(Clone, Debug)]
 pub struct Member<'a> {
     pub name: &'a str,
     pub weight: u32,
+    pub serving: bool,
 }
 
-/// Fills a table of `size` slots (a prime) with indexes into `members`. Members of weight 0
-/// take no slots; with no member of positive weight the table is empty.
+/// Fills a table of `size` slots (a prime) with indexes of serving `members`. Members of
+/// weight 0 take no slots; with no serving member of positive weight the table is empty.
 pub fn build(members: &[Member<'_>], size: u32) -> Vec<u32> {
+    if !members.iter().any(|m| m.serving && m.weight > 0) {
+        return Vec::new();
+    }
+    let mut table = populate(members, size);
+    let heirs: Vec<(u32, u64, f64)> = members
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.serving && m.weight > 0)
+        .map(|(index, m)| {
+            (
+                index as u32,
+                hash(m.name.as_bytes(), HEIR_SEED),
+                f64::from(m.weight),
+            )
+        })
+        .collect();
+    for (slot, owner) in table.iter_mut().enumerate() {
+        if !members[*owner as usize].serving {
+            *owner = heir(slot as u64, &heirs);
+        }
+    }
+    table
+}
+
+const HEIR_SEED: u64 = 0x6d61_676c_6576_0003;
+
+/// The serving member with the highest weighted rendezvous score for `slot`
+/// (`weight / -ln(u)`, u uniform in (0, 1) from the slot and the member).
+fn heir(slot: u64, heirs: &[(u32, u64, f64)]) -> u32 {
+    let mut best = (f64::MIN, 0);
+    for &(index, name_hash, weight) in heirs {
+        let u = (mix64(name_hash ^ slot.wrapping_mul(0x9e37_79b9_7f4a_7c15)) >> 11) as f64;
+        let u = (u + 0.5) / (1u64 << 53) as f64;
+        let score = weight / -u.ln();
+        if score > best.0 {
+            best = (score, index);
+        }
+    }
+    best.1
+}
+
+/// Maglev population over every member of positive weight, serving or not.
+fn populate(members: &[Member<'_>], size: u32) -> Vec<u32> {
     let size = u64::from(size);
     let active: Vec<(usize, u64)> = members
         .iter()
@@ -84,6 +137,11 @@ fn hash(bytes: &[u8], seed: u64) -> u64 {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
+    mix64(h)
+}
+
+/// The murmur3 64-bit finaliser.
+fn mix64(mut h: u64) -> u64 {
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;
@@ -108,6 +166,7 @@ mod tests {
             .map(|(i, name)| Member {
                 name,
                 weight: weight(i),
+                serving: true,
             })
             .collect()
     }
@@ -158,8 +217,46 @@ mod tests {
     }
 
     #[test]
-    fn removing_one_of_n_backends_moves_at_most_1_1_over_n_of_keys() {
-        // N = 100 moves 1.54/N with this table size: see the note on issue 2.
+    fn a_failing_backend_moves_its_own_keys_only_and_they_spread_evenly() {
+        for n in [5usize, 10, 100] {
+            let names = names(n);
+            let mut all = members(&names, |_| 1);
+            let before = build(&all, SIZE);
+            let failed = n / 2;
+            all[failed].serving = false;
+            let after = build(&all, SIZE);
+            let moved: Vec<usize> = (0..SIZE as usize)
+                .filter(|&s| before[s] != after[s])
+                .collect();
+            assert!(
+                moved.iter().all(|&s| before[s] as usize == failed),
+                "{n}: another backend's keys moved"
+            );
+            assert!(
+                !after.contains(&(failed as u32)),
+                "{n}: the failed backend kept keys"
+            );
+            let fraction = moved.len() as f64 / f64::from(SIZE);
+            assert!(
+                fraction <= 1.1 / n as f64,
+                "{n} backends: a failure moved {fraction:.4} of keys (> {:.4})",
+                1.1 / n as f64
+            );
+            let shares = key_shares(&after, n);
+            let want = 1.0 / (n - 1) as f64;
+            for (index, share) in shares.iter().enumerate().filter(|(i, _)| *i != failed) {
+                assert!(
+                    (share - want).abs() <= want * 0.05,
+                    "{n}: backend {index} has share {share:.5} after the failure, want {want:.5}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn removing_one_of_n_backends_from_the_configuration_moves_at_most_1_1_over_n_of_keys() {
+        // A pure Maglev rebuild: 100 backends in 65537 slots move 1.54/N (see the note on
+        // issue 2); failures and drains take the exact path above instead.
         for n in [5usize, 10] {
             let names = names(n);
             let all = members(&names, |_| 1);
@@ -192,6 +289,9 @@ mod tests {
         let table = build(&members(&names, |i| u32::from(i != 1)), SIZE);
         assert!(!table.contains(&1));
         assert!(build(&members(&names, |_| 0), SIZE).is_empty());
+        let mut none_serving = members(&names, |_| 1);
+        none_serving.iter_mut().for_each(|m| m.serving = false);
+        assert!(build(&none_serving, SIZE).is_empty());
     }
 
     #[test]
