@@ -67,6 +67,64 @@ fn heir(slot: u64, heirs: &[(u32, u64, f64)]) -> u32 {
     best.1
 }
 
+/// Builds tables for `backends` equal members and describes build time, spread and the keys
+/// a single failure or removal moves.
+pub fn plan(backends: usize, size: u32) -> anyhow::Result<String> {
+    anyhow::ensure!(backends > 1, "--backends must be at least 2");
+    anyhow::ensure!(
+        u64::from(size) > backends as u64,
+        "--table-size must exceed --backends"
+    );
+    let names: Vec<String> = (0..backends).map(|i| format!("backend-{i}")).collect();
+    let mut members: Vec<Member<'_>> = names
+        .iter()
+        .map(|name| Member {
+            name,
+            weight: 1,
+            serving: true,
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let table = build(&members, size);
+    let build_time = started.elapsed();
+    let mut slots = vec![0u64; backends];
+    for owner in &table {
+        slots[*owner as usize] += 1;
+    }
+    let fair = f64::from(size) / backends as f64;
+    let min = *slots.iter().min().unwrap_or(&0) as f64 / fair;
+    let max = *slots.iter().max().unwrap_or(&0) as f64 / fair;
+    members[backends / 2].serving = false;
+    let failed = build(&members, size);
+    let moved_failure = table.iter().zip(&failed).filter(|(a, b)| a != b).count();
+    let remaining: Vec<Member<'_>> = names
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != backends / 2)
+        .map(|(_, name)| Member {
+            name,
+            weight: 1,
+            serving: true,
+        })
+        .collect();
+    let rebuilt = build(&remaining, size);
+    let moved_removal = (0..table.len())
+        .filter(|&s| names[table[s] as usize] != *remaining[rebuilt[s] as usize].name)
+        .count();
+    let share = |moved: usize| moved as f64 / f64::from(size) * backends as f64;
+    Ok(format!(
+        "table of {size} slots for {backends} backends: built in {:.1} ms\n\
+         slots per backend: {:.3}..{:.3} of the fair share\n\
+         one backend fails or drains: {:.3}/N of keys move\n\
+         one backend is removed from the configuration: {:.3}/N of keys move\n",
+        build_time.as_secs_f64() * 1e3,
+        min,
+        max,
+        share(moved_failure),
+        share(moved_removal),
+    ))
+}
+
 /// Maglev population over every member of positive weight, serving or not.
 fn populate(members: &[Member<'_>], size: u32) -> Vec<u32> {
     let size = u64::from(size);

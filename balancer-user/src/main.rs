@@ -70,6 +70,15 @@ enum Command {
         #[arg(short, long, default_value = config::DEFAULT_INSTANCE, global = true)]
         instance: String,
     },
+    /// Build a lookup table for a number of equal backends and report how long it took, how
+    /// evenly it spreads keys and how many move when one backend fails: helps choose
+    /// `table_size`.
+    TablePlan {
+        #[arg(long, default_value_t = 1000)]
+        backends: usize,
+        #[arg(long, default_value_t = balancer_common::DEFAULT_TABLE_SIZE)]
+        table_size: u32,
+    },
     /// Print the packet counters of a running instance, one `reason packets bytes` per line.
     Stats {
         /// The instance name from the config.
@@ -137,6 +146,13 @@ fn execute(command: Command) -> Result<()> {
                 }
             };
             println!("{}", control::send(&instance, &request)?);
+            Ok(())
+        }
+        Command::TablePlan {
+            backends,
+            table_size,
+        } => {
+            print!("{}", maglev::plan(backends, table_size)?);
             Ok(())
         }
         Command::Stats { instance } => {
