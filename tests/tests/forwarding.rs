@@ -1,0 +1,334 @@
+//! L4 forwarding through the XDP balancer, with real clients and servers in the namespace lab.
+//! Each test builds its own lab and tears it down, also when it fails. Needs root.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use balancer_lab::{Lab, BACKEND_COUNT, VIP};
+
+fn balancer_bin() -> PathBuf {
+    std::env::var_os("BALANCER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/balancer"))
+}
+
+/// A lab with its backends serving and the balancer attached.
+fn lab_with_balancer() -> Lab {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "integration tests need root (run `cargo xtask test`)"
+    );
+    let mut lab = Lab::new().expect("building the lab");
+    lab.start_backends(Path::new(env!("CARGO_BIN_EXE_lab-backend")))
+        .expect("starting the backends");
+    let config = lab.dir().join("balancer.toml");
+    std::fs::write(&config, lab.balancer_config()).expect("writing the balancer config");
+    lab.start_balancer(&balancer_bin(), &config)
+        .expect("starting the balancer");
+    lab
+}
+
+fn run(lab: &Lab, ns: &str, args: &[&str]) -> String {
+    let output = lab.exec(ns, args).expect("running a command in the lab");
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn python(lab: &Lab, ns: &str, script: &str) -> String {
+    run(lab, ns, &["python3", "-c", script])
+}
+
+/// The balancer's counters as `reason → packets`.
+fn counters(lab: &Lab) -> HashMap<String, u64> {
+    let output = std::process::Command::new(balancer_bin())
+        .args(["stats", "--instance", &lab.instance()])
+        .output()
+        .expect("running balancer stats");
+    assert!(
+        output.status.success(),
+        "balancer stats: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            Some((fields.next()?.to_owned(), fields.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn sha256_of_file(path: &Path) -> String {
+    let output = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn vip_url(path: &str) -> String {
+    format!("http://{VIP}{path}")
+}
+
+#[test]
+fn curl_to_the_vip_is_answered_by_a_backend() {
+    let lab = lab_with_balancer();
+    let body = run(
+        &lab,
+        &lab.client_ns(),
+        &["curl", "-sS", "--max-time", "10", &vip_url("/")],
+    );
+    let names: Vec<String> = (0..BACKEND_COUNT).map(Lab::backend_name).collect();
+    assert!(
+        names.iter().any(|n| body.trim() == n),
+        "unexpected answer {body:?}"
+    );
+    assert!(
+        counters(&lab)["forwarded"] > 0,
+        "the answer did not go through XDP"
+    );
+}
+
+#[test]
+fn new_connections_spread_over_all_backends() {
+    let lab = lab_with_balancer();
+    // 900 connections, each a fresh TCP connection with its own source port.
+    let script = format!(
+        r#"
+import http.client, collections
+seen = collections.Counter()
+for _ in range(900):
+    c = http.client.HTTPConnection("{VIP}", 80, timeout=10)
+    c.request("GET", "/", headers={{"Connection": "close"}})
+    seen[c.getresponse().read().decode().strip()] += 1
+    c.close()
+for name, n in sorted(seen.items()):
+    print(name, n)
+"#
+    );
+    let output = python(&lab, &lab.client_ns(), &script);
+    let counts: HashMap<&str, u32> = output
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(n, c)| (n, c.parse().unwrap_or(0))))
+        .collect();
+    assert_eq!(counts.values().sum::<u32>(), 900, "answers: {output}");
+    for index in 0..BACKEND_COUNT {
+        let name = Lab::backend_name(index);
+        let share = counts.get(name.as_str()).copied().unwrap_or(0);
+        assert!(
+            share >= 180,
+            "{name} got {share} of 900 connections (< 20%): {output}"
+        );
+    }
+}
+
+#[test]
+fn download_of_100_mb_arrives_intact() {
+    let lab = lab_with_balancer();
+    let size = 100_000_000u64;
+    let local = lab.dir().join("expected.bin");
+    let remote = lab.dir().join("downloaded.bin");
+    balancer_lab::write_test_data(&local, size).expect("generating the expected bytes");
+    run(
+        &lab,
+        &lab.client_ns(),
+        &[
+            "curl",
+            "-sS",
+            "--fail",
+            "--max-time",
+            "120",
+            "-o",
+            remote.to_str().unwrap(),
+            &vip_url(&format!("/bytes/{size}")),
+        ],
+    );
+    assert_eq!(
+        std::fs::metadata(&remote).map(|m| m.len()).unwrap_or(0),
+        size
+    );
+    assert_eq!(
+        sha256_of_file(&remote),
+        sha256_of_file(&local),
+        "downloaded bytes differ"
+    );
+}
+
+#[test]
+fn upload_of_100_mb_arrives_intact() {
+    let lab = lab_with_balancer();
+    let size = 100_000_000u64;
+    let local = lab.dir().join("upload.bin");
+    balancer_lab::write_test_data(&local, size).expect("generating the upload");
+    let answer = run(
+        &lab,
+        &lab.client_ns(),
+        &[
+            "curl",
+            "-sS",
+            "--fail",
+            "--max-time",
+            "120",
+            "-H",
+            "Expect:",
+            "--data-binary",
+            &format!("@{}", local.display()),
+            &vip_url("/upload"),
+        ],
+    );
+    let expected = format!("{} {size}", sha256_of_file(&local));
+    assert_eq!(
+        answer.trim(),
+        expected,
+        "the backend received different bytes"
+    );
+}
+
+#[test]
+fn udp_echo_through_the_vip() {
+    let lab = lab_with_balancer();
+    let script = format!(
+        r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+ok = 0
+for i in range(20):
+    msg = ("datagram %d " % i).encode() * 40
+    s.sendto(msg, ("{VIP}", 7))
+    try:
+        data, peer = s.recvfrom(4096)
+    except socket.timeout:
+        continue
+    assert peer == ("{VIP}", 7), peer
+    assert data == msg, data
+    ok += 1
+print(ok)
+"#
+    );
+    let answered: u32 = python(&lab, &lab.client_ns(), &script)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert_eq!(answered, 20, "datagrams echoed through the VIP");
+    assert!(counters(&lab)["replied"] >= 20);
+}
+
+#[test]
+fn balancer_host_keeps_answering_ping_and_tcp() {
+    let mut lab = lab_with_balancer();
+    let lb = lab.balancer_ns();
+    lab.spawn(&lb, &[
+        "python3", "-c",
+        "import socket\ns=socket.create_server(('198.18.0.1',2222))\nwhile True:\n c,_=s.accept(); c.sendall(b'balancer host\\n'); c.close()",
+    ])
+    .expect("starting a listener on the balancer host");
+    run(
+        &lab,
+        &lab.client_ns(),
+        &["ping", "-c", "3", "-i", "0.2", "-W", "2", "198.18.0.1"],
+    );
+    let script = r#"
+import socket, time
+for attempt in range(50):
+    try:
+        s = socket.create_connection(("198.18.0.1", 2222), timeout=2)
+        break
+    except OSError:
+        time.sleep(0.1)
+print(s.recv(100).decode().strip())
+"#;
+    assert_eq!(
+        python(&lab, &lab.client_ns(), script).trim(),
+        "balancer host"
+    );
+    let counters = counters(&lab);
+    assert!(
+        counters["pass_not_tcp_udp"] >= 3,
+        "ping went through the program as ICMP"
+    );
+    assert!(
+        counters["pass_not_service"] >= 1,
+        "the TCP connection went through the program"
+    );
+}
+
+#[test]
+fn malformed_packets_are_counted_and_forwarding_continues() {
+    let lab = lab_with_balancer();
+    let before = counters(&lab);
+    // Crafted with scapy on the client's link: each kind five times.
+    let script = format!(
+        r#"
+from scapy.all import Ether, IP, TCP, UDP, Dot1Q, Raw, sendp, get_if_hwaddr, getmacbyip, conf
+conf.verb = 0
+gw = getmacbyip("198.18.0.1")
+eth = Ether(dst=gw, src=get_if_hwaddr("eth0"), type=0x0800)
+syn = IP(src="198.18.0.2", dst="{VIP}") / TCP(sport=31337, dport=80, flags="S")
+frames = [
+    Ether(dst=gw, src=get_if_hwaddr("eth0")) / Dot1Q(vlan=5) / syn,  # VLAN tag
+    eth / IP(src="198.18.0.2", dst="{VIP}", options=b"\x01\x01\x01\x00") / TCP(dport=80, flags="S"),  # IP options
+    eth / IP(src="198.18.0.2", dst="{VIP}", flags="MF", frag=0) / UDP(dport=7) / Raw(b"x" * 64),       # fragment
+    eth / Raw(bytes(syn)[:12]),                                   # truncated IPv4 header
+    eth / Raw(bytes(IP(src="198.18.0.2", dst="{VIP}", ihl=4, proto=6) / Raw(b"y" * 40))),             # IHL < 5
+    eth / Raw(bytes(IP(src="198.18.0.2", dst="{VIP}", len=1400, proto=6) / Raw(b"z" * 20))),          # length beyond frame
+    eth / Raw(bytes(IP(src="198.18.0.2", dst="{VIP}", proto=6, len=30) / Raw(b"t" * 10))),            # truncated TCP header
+]
+for f in frames:
+    sendp(f, iface="eth0", count=5)
+"#
+    );
+    // Debian's python3 carries scapy (python3-scapy).
+    run(&lab, &lab.client_ns(), &["/usr/bin/python3", "-c", &script]);
+    // Counters are read right after the frames were sent on a veth: they are already counted.
+    let after = counters(&lab);
+    let grew = |reason: &str| after[reason] - before[reason];
+    assert!(
+        grew("pass_vlan") >= 5,
+        "VLAN-tagged frames: {}",
+        grew("pass_vlan")
+    );
+    assert!(
+        grew("pass_ip_options") >= 5,
+        "IP options: {}",
+        grew("pass_ip_options")
+    );
+    assert!(
+        grew("pass_fragment") >= 5,
+        "fragments: {}",
+        grew("pass_fragment")
+    );
+    assert!(
+        grew("drop_truncated") >= 10,
+        "truncated headers: {}",
+        grew("drop_truncated")
+    );
+    assert!(
+        grew("drop_bad_ip_header") >= 10,
+        "bad IPv4 headers: {}",
+        grew("drop_bad_ip_header")
+    );
+
+    let body = run(
+        &lab,
+        &lab.client_ns(),
+        &["curl", "-sS", "--max-time", "10", &vip_url("/")],
+    );
+    assert!(
+        body.starts_with("backend-"),
+        "forwarding after malformed input: {body:?}"
+    );
+}
