@@ -359,8 +359,8 @@ impl Lab {
 
     /// The lab's configuration with extra settings for the `web` service.
     pub fn balancer_config_with(&self, options: &ServiceOptions) -> String {
-        let backends = |port: u16| {
-            (0..BACKEND_COUNT)
+        let backends = |port: u16, count: usize| {
+            (0..count)
                 .map(|i| {
                     format!(
                         "  [[service.backend]]\n  name = \"{}\"\n  address = \"{}\"\n  port = {port}\n",
@@ -377,8 +377,8 @@ impl Lab {
              [[service]]\nname = \"echo-udp\"\nvip = \"{VIP}\"\nport = {ECHO_PORT}\nprotocol = \"udp\"\n{echo}",
             instance = self.instance(),
             web = options.web_settings,
-            web_backends = backends(HTTP_PORT),
-            echo = backends(ECHO_PORT),
+            web_backends = backends(HTTP_PORT, options.web_backend_count.unwrap_or(BACKEND_COUNT)),
+            echo = backends(ECHO_PORT, BACKEND_COUNT),
         )
     }
 
@@ -460,10 +460,13 @@ impl Lab {
     }
 }
 
-/// Extra TOML lines for the lab's `web` service.
+/// Variations of the lab's `web` service.
 #[derive(Default)]
 pub struct ServiceOptions {
+    /// Extra TOML lines for the service.
     pub web_settings: String,
+    /// Only the first backends (all three when `None`).
+    pub web_backend_count: Option<usize>,
 }
 
 impl Drop for Lab {

@@ -1,0 +1,101 @@
+//! `cargo xtask run`: the demo lab, or the agent on real interfaces.
+
+use std::{
+    io::{BufRead, BufReader, Seek, SeekFrom},
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use balancer_lab::{Lab, ECHO_PORT, VIP};
+
+use crate::{build, toolchain};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn request_stop(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C and SIGTERM end the wait instead of the process, so the lab is torn down.
+fn catch_stop_signals() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(signal, request_stop as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    if !toolchain::is_root() {
+        bail!("the balancer attaches XDP programs: run this as root");
+    }
+    let artifacts = build::all()?;
+    if !args.is_empty() {
+        return run_agent(&artifacts.balancer, args);
+    }
+    toolchain::ensure_lab()?;
+    catch_stop_signals();
+    println!("==> building the namespace lab");
+    let mut lab = Lab::new()?;
+    lab.start_backends(&artifacts.lab_backend)?;
+    let config = lab.dir().join("balancer.toml");
+    std::fs::write(&config, lab.balancer_config()).context("writing the demo config")?;
+    println!("==> starting the balancer (config: {})", config.display());
+    lab.start_balancer(&artifacts.balancer, &config)?;
+
+    let client = lab.client_ns();
+    let instance = lab.instance();
+    let balancer = artifacts.balancer.display();
+    println!(
+        "\nThe balancer is running. In another terminal, as root, try:\n\n\
+         \x20 ip netns exec {client} curl http://{VIP}/\n\
+         \x20 for i in $(seq 12); do ip netns exec {client} curl -s http://{VIP}/; done | sort | uniq -c\n\
+         \x20 ip netns exec {client} python3 -c \"import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.sendto(b'hello', ('{VIP}', {ECHO_PORT})); print(s.recv(100))\"\n\
+         \x20 {balancer} status --instance {instance}\n\
+         \x20 {balancer} backend drain web backend-1 --instance {instance}\n\n\
+         Live stats follow (Ctrl-C stops the demo and removes the lab):\n"
+    );
+    follow(&lab)?;
+    println!("\n==> stopping the balancer and removing the lab");
+    drop(lab);
+    Ok(())
+}
+
+/// Prints the agent's log as it grows until Ctrl-C or SIGTERM.
+fn follow(lab: &Lab) -> Result<()> {
+    let mut log = std::fs::File::open(lab.balancer_log()).context("opening the balancer log")?;
+    log.seek(SeekFrom::Start(0))?;
+    let mut reader = BufReader::new(log);
+    let mut line = String::new();
+    while !STOP.load(Ordering::SeqCst) {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        print!("{line}");
+    }
+    Ok(())
+}
+
+/// `balancer run <args>` in the foreground; Ctrl-C reaches it directly and it detaches.
+fn run_agent(balancer: &std::path::Path, args: &[String]) -> Result<()> {
+    // The terminal's Ctrl-C goes to the agent too; this process only waits for it.
+    // SAFETY: ignoring SIGINT in this process has no memory effects.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+    }
+    let status = Command::new(balancer)
+        .arg("run")
+        .args(args)
+        .status()
+        .context("starting the balancer")?;
+    if !status.success() {
+        bail!("the balancer exited with {status}");
+    }
+    Ok(())
+}

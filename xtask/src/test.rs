@@ -1,0 +1,50 @@
+//! `cargo xtask test`: unit tests, then the tests that need root (XDP fixtures through
+//! BPF_PROG_TEST_RUN and the namespace integration tests).
+
+use anyhow::{bail, Result};
+
+use crate::{build, toolchain};
+
+pub fn run(filter: Option<&str>) -> Result<()> {
+    if !toolchain::is_root() {
+        bail!("the tests load XDP programs and build network namespaces: run them as root");
+    }
+    let artifacts = build::all()?;
+    toolchain::ensure_lab()?;
+
+    println!("==> unit tests");
+    build::cargo(
+        &[
+            "test",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "balancer-ebpf",
+            "--lib",
+            "--bins",
+        ],
+        &artifacts.ebpf_object,
+    )?;
+
+    println!("==> XDP fixtures and namespace integration tests");
+    let balancer = artifacts.balancer.to_string_lossy().into_owned();
+    std::env::set_var("BALANCER_BIN", &balancer);
+    let mut args = vec![
+        "test",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "balancer-ebpf",
+        "--test",
+        "*",
+        "--",
+    ];
+    if let Some(filter) = filter {
+        args.push(filter);
+    }
+    // Each namespace test builds its own lab; two at a time keep both CPUs busy.
+    args.push("--test-threads=2");
+    build::cargo(&args, &artifacts.ebpf_object)?;
+    println!("==> all tests passed");
+    Ok(())
+}
