@@ -50,7 +50,7 @@ fn python(lab: &Lab, ns: &str, script: &str) -> String {
 /// The balancer's counters as `reason → packets`.
 fn counters(lab: &Lab) -> HashMap<String, u64> {
     let output = std::process::Command::new(balancer_bin())
-        .args(["stats", "--instance", &lab.instance()])
+        .args(["stats", "--instance", lab.instance()])
         .output()
         .expect("running balancer stats");
     assert!(
@@ -88,7 +88,7 @@ fn curl_to_the_vip_is_answered_by_a_backend() {
     let lab = lab_with_balancer();
     let body = run(
         &lab,
-        &lab.client_ns(),
+        lab.client_ns(),
         &["curl", "-sS", "--max-time", "10", &vip_url("/")],
     );
     let names: Vec<String> = (0..BACKEND_COUNT).map(Lab::backend_name).collect();
@@ -119,7 +119,7 @@ for name, n in sorted(seen.items()):
     print(name, n)
 "#
     );
-    let output = python(&lab, &lab.client_ns(), &script);
+    let output = python(&lab, lab.client_ns(), &script);
     let counts: HashMap<&str, u32> = output
         .lines()
         .filter_map(|l| l.split_once(' ').map(|(n, c)| (n, c.parse().unwrap_or(0))))
@@ -144,7 +144,7 @@ fn download_of_100_mb_arrives_intact() {
     balancer_lab::write_test_data(&local, size).expect("generating the expected bytes");
     run(
         &lab,
-        &lab.client_ns(),
+        lab.client_ns(),
         &[
             "curl",
             "-sS",
@@ -175,7 +175,7 @@ fn upload_of_100_mb_arrives_intact() {
     balancer_lab::write_test_data(&local, size).expect("generating the upload");
     let answer = run(
         &lab,
-        &lab.client_ns(),
+        lab.client_ns(),
         &[
             "curl",
             "-sS",
@@ -219,7 +219,7 @@ for i in range(20):
 print(ok)
 "#
     );
-    let answered: u32 = python(&lab, &lab.client_ns(), &script)
+    let answered: u32 = python(&lab, lab.client_ns(), &script)
         .trim()
         .parse()
         .unwrap_or(0);
@@ -230,7 +230,7 @@ print(ok)
 #[test]
 fn balancer_host_keeps_answering_ping_and_tcp() {
     let mut lab = lab_with_balancer();
-    let lb = lab.balancer_ns();
+    let lb = lab.balancer_ns().to_owned();
     lab.spawn(&lb, &[
         "python3", "-c",
         "import socket\ns=socket.create_server(('198.18.0.1',2222))\nwhile True:\n c,_=s.accept(); c.sendall(b'balancer host\\n'); c.close()",
@@ -238,7 +238,7 @@ fn balancer_host_keeps_answering_ping_and_tcp() {
     .expect("starting a listener on the balancer host");
     run(
         &lab,
-        &lab.client_ns(),
+        lab.client_ns(),
         &["ping", "-c", "3", "-i", "0.2", "-W", "2", "198.18.0.1"],
     );
     let script = r#"
@@ -252,7 +252,7 @@ for attempt in range(50):
 print(s.recv(100).decode().strip())
 "#;
     assert_eq!(
-        python(&lab, &lab.client_ns(), script).trim(),
+        python(&lab, lab.client_ns(), script).trim(),
         "balancer host"
     );
     let counters = counters(&lab);
@@ -292,7 +292,7 @@ for f in frames:
 "#
     );
     // Debian's python3 carries scapy (python3-scapy).
-    run(&lab, &lab.client_ns(), &["/usr/bin/python3", "-c", &script]);
+    run(&lab, lab.client_ns(), &["/usr/bin/python3", "-c", &script]);
     // Counters are read right after the frames were sent on a veth: they are already counted.
     let after = counters(&lab);
     let grew = |reason: &str| after[reason] - before[reason];
@@ -324,7 +324,7 @@ for f in frames:
 
     let body = run(
         &lab,
-        &lab.client_ns(),
+        lab.client_ns(),
         &["curl", "-sS", "--max-time", "10", &vip_url("/")],
     );
     assert!(

@@ -1,18 +1,34 @@
-//! The lab's backend server: HTTP/1.1 with keep-alive, a TCP echo and a UDP echo, each
+//! The lab's backend server: HTTP/1.1 with keep-alive (hyper), a TCP echo and a UDP echo, each
 //! answer naming the backend so tests can tell where a request landed.
 //!
 //! HTTP: `GET /` → `<name>\n`; `GET /bytes/<n>` → n bytes of the lab's test data, streamed;
-//! `POST /upload` → `<sha256 hex> <byte count>\n` of the body. Every response carries
-//! `X-Backend: <name>`.
+//! `POST /upload` → `<sha256 hex> <byte count>\n` of the body, read as it streams. Every
+//! response carries `X-Backend: <name>`. `lab-backend --generate <n>` prints the bytes that
+//! `/bytes/<n>` serves.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context as TaskContext, Poll},
+};
 
 use anyhow::{Context, Result};
-use balancer_lab::data::TestData;
+use balancer_lab::data::{self, Chunks};
 use clap::Parser;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::{
+    body::{Body, Bytes, Frame, Incoming, SizeHint},
+    header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE},
+    server::conn::http1,
+    service::service_fn,
+    Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt, BufReader},
+    io::AsyncWriteExt,
     net::{TcpListener, TcpStream, UdpSocket},
 };
 
@@ -20,199 +36,179 @@ use tokio::{
 #[command(about = "HTTP, TCP echo and UDP echo server for the balancer's namespace lab")]
 struct Args {
     /// The name every answer carries.
-    #[arg(long)]
-    name: String,
+    #[arg(long, required_unless_present = "generate")]
+    name: Option<String>,
     #[arg(long, default_value_t = 80)]
     http_port: u16,
     #[arg(long, default_value_t = 7)]
     echo_port: u16,
+    /// Print the first N bytes of the test data to stdout and exit.
+    #[arg(long, value_name = "N")]
+    generate: Option<u64>,
 }
 
-const MAX_HEAD: usize = 64 * 1024;
-const CHUNK: usize = 64 * 1024;
+type ResponseBody = BoxBody<Bytes, Infallible>;
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let args = Args::parse();
-    let name: Arc<str> = args.name.into();
-    let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
-    let http = TcpListener::bind(any(args.http_port))
-        .await
-        .context("binding the HTTP port")?;
-    let echo = TcpListener::bind(any(args.echo_port))
-        .await
-        .context("binding the TCP echo port")?;
-    let udp = UdpSocket::bind(any(args.echo_port))
-        .await
-        .context("binding the UDP echo port")?;
+    if let Some(size) = args.generate {
+        let stdout = std::io::stdout();
+        return data::copy_test_data(&mut stdout.lock(), size).context("writing the test data");
+    }
+    let name: Arc<str> = args.name.context("--name is required")?.into();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(serve(name, args.http_port, args.echo_port))
+}
 
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
-            let _ = udp.send_to(&buf[..n], peer).await;
-        }
-    });
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = stream.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
+async fn serve(name: Arc<str>, http_port: u16, echo_port: u16) -> Result<()> {
+    let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
+    let http = TcpListener::bind(any(http_port))
+        .await
+        .with_context(|| format!("binding the HTTP port {http_port}"))?;
+    let echo = TcpListener::bind(any(echo_port))
+        .await
+        .with_context(|| format!("binding the TCP echo port {echo_port}"))?;
+    let udp = UdpSocket::bind(any(echo_port))
+        .await
+        .with_context(|| format!("binding the UDP echo port {echo_port}"))?;
+    eprintln!("{name}: serving HTTP on {http_port}, TCP and UDP echo on {echo_port}");
+
+    tokio::spawn(udp_echo(udp));
+    tokio::spawn(tcp_echo(echo));
     loop {
         let (stream, _) = http.accept().await.context("accepting HTTP connections")?;
-        let name = name.clone();
+        tokio::spawn(serve_http(stream, name.clone()));
+    }
+}
+
+/// Replies each datagram to its sender.
+async fn udp_echo(udp: UdpSocket) {
+    let mut buf = vec![0u8; 65536];
+    while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
+        let _ = udp.send_to(&buf[..n], peer).await;
+    }
+}
+
+/// Echoes every connection's bytes back until the client closes its side.
+async fn tcp_echo(listener: TcpListener) {
+    while let Ok((mut stream, _)) = listener.accept().await {
         tokio::spawn(async move {
-            let _ = serve_http(stream, &name).await;
+            let (mut read, mut write) = stream.split();
+            if tokio::io::copy(&mut read, &mut write).await.is_ok() {
+                let _ = write.shutdown().await;
+            }
         });
     }
 }
 
-/// Serves requests on one connection until the client closes it or asks to.
-async fn serve_http(stream: TcpStream, name: &str) -> Result<()> {
-    stream.set_nodelay(true)?;
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::with_capacity(CHUNK, read);
-    let mut pending = Vec::new();
-    loop {
-        let Some((head_len, request)) = read_head(&mut reader, &mut pending).await? else {
-            return Ok(());
-        };
-        pending.drain(..head_len);
-        let close = request.close;
-        match (request.method.as_str(), request.path.as_str()) {
-            ("GET", "/") => {
-                let body = format!("{name}\n");
-                respond(&mut write, 200, name, body.len() as u64, close).await?;
-                write.write_all(body.as_bytes()).await?;
-            }
-            ("GET", path) if path.starts_with("/bytes/") => {
-                let Ok(size) = path["/bytes/".len()..].parse::<u64>() else {
-                    respond_text(&mut write, 400, name, "bad size\n", close).await?;
-                    continue;
-                };
-                respond(&mut write, 200, name, size, close).await?;
-                let mut data = TestData::default();
-                let mut buf = vec![0u8; CHUNK];
-                let mut left = size;
-                while left > 0 {
-                    data.fill(&mut buf);
-                    let n = left.min(CHUNK as u64) as usize;
-                    write.write_all(&buf[..n]).await?;
-                    left -= n as u64;
-                }
-            }
-            ("POST", "/upload") => {
-                let mut hasher = Sha256::new();
-                let mut left = request.content_length;
-                let from_pending = pending.len().min(left as usize);
-                hasher.update(&pending[..from_pending]);
-                pending.drain(..from_pending);
-                left -= from_pending as u64;
-                let mut buf = vec![0u8; CHUNK];
-                while left > 0 {
-                    let want = left.min(CHUNK as u64) as usize;
-                    let n = reader.read(&mut buf[..want]).await?;
-                    anyhow::ensure!(n > 0, "client closed during the body");
-                    hasher.update(&buf[..n]);
-                    left -= n as u64;
-                }
-                let digest: String = hasher
-                    .finalize()
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                let body = format!("{digest} {}\n", request.content_length);
-                respond_text(&mut write, 200, name, &body, close).await?;
-            }
-            _ => respond_text(&mut write, 404, name, "not found\n", close).await?,
-        }
-        write.flush().await?;
-        if close {
-            return Ok(());
-        }
-    }
+/// Serves HTTP/1.1 requests on one connection, keep-alive included.
+async fn serve_http(stream: TcpStream, name: Arc<str>) {
+    let _ = stream.set_nodelay(true);
+    let service = service_fn(move |request| handle(request, name.clone()));
+    let _ = http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
 }
 
-struct Request {
-    method: String,
-    path: String,
-    content_length: u64,
-    close: bool,
-}
-
-/// Reads until a complete request head is in `pending`; `None` when the client closed first.
-async fn read_head(
-    reader: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
-    pending: &mut Vec<u8>,
-) -> Result<Option<(usize, Request)>> {
-    let mut buf = [0u8; 8192];
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut parsed = httparse::Request::new(&mut headers);
-        if let httparse::Status::Complete(len) = parsed.parse(pending)? {
-            let header = |wanted: &str| {
-                parsed
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case(wanted))
-                    .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
-            };
-            let content_length = header("content-length")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            let close = header("connection").is_some_and(|v| v == "close")
-                || parsed.version == Some(0)
-                    && header("connection").is_none_or(|v| v != "keep-alive");
-            let request = Request {
-                method: parsed.method.unwrap_or("").to_owned(),
-                path: parsed.path.unwrap_or("").to_owned(),
-                content_length,
-                close,
-            };
-            return Ok(Some((len, request)));
+async fn handle(
+    request: Request<Incoming>,
+    name: Arc<str>,
+) -> Result<Response<ResponseBody>, hyper::Error> {
+    let path = request.uri().path().to_owned();
+    let response = match (request.method(), path.as_str()) {
+        (&Method::GET, "/") => text(StatusCode::OK, format!("{name}\n")),
+        (&Method::GET, path) if path.starts_with("/bytes/") => {
+            match path["/bytes/".len()..].parse::<u64>() {
+                Ok(size) => bytes(size),
+                Err(_) => text(StatusCode::BAD_REQUEST, "bad size\n".to_owned()),
+            }
         }
-        anyhow::ensure!(
-            pending.len() < MAX_HEAD,
-            "request head larger than {MAX_HEAD} bytes"
-        );
-        let n = reader.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(None);
+        (&Method::POST, "/upload") => {
+            let (digest, count) = digest_body(request.into_body()).await?;
+            text(StatusCode::OK, format!("{digest} {count}\n"))
         }
-        pending.extend_from_slice(&buf[..n]);
-    }
-}
-
-async fn respond(
-    write: &mut tokio::net::tcp::OwnedWriteHalf,
-    status: u16,
-    name: &str,
-    length: u64,
-    close: bool,
-) -> Result<()> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        _ => "Not Found",
+        _ => text(StatusCode::NOT_FOUND, "not found\n".to_owned()),
     };
-    let connection = if close { "close" } else { "keep-alive" };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nX-Backend: {name}\r\nContent-Length: {length}\r\nContent-Type: application/octet-stream\r\nConnection: {connection}\r\n\r\n"
-    );
-    write.write_all(head.as_bytes()).await?;
-    Ok(())
+    Ok(with_backend(response, &name))
 }
 
-async fn respond_text(
-    write: &mut tokio::net::tcp::OwnedWriteHalf,
-    status: u16,
-    name: &str,
-    body: &str,
-    close: bool,
-) -> Result<()> {
-    respond(write, status, name, body.len() as u64, close).await?;
-    write.write_all(body.as_bytes()).await?;
-    Ok(())
+fn with_backend(mut response: Response<ResponseBody>, name: &str) -> Response<ResponseBody> {
+    if let Ok(value) = HeaderValue::from_str(name) {
+        response.headers_mut().insert("x-backend", value);
+    }
+    response
+}
+
+fn text(status: StatusCode, body: String) -> Response<ResponseBody> {
+    let length = body.len();
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+    response
+}
+
+/// `size` bytes of test data, generated chunk by chunk as the connection drains.
+fn bytes(size: u64) -> Response<ResponseBody> {
+    let mut response = Response::new(
+        TestDataBody {
+            chunks: Chunks::new(size),
+        }
+        .boxed(),
+    );
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(size));
+    response
+}
+
+/// sha256 and length of a request body, read frame by frame.
+async fn digest_body(mut body: Incoming) -> Result<(String, u64), hyper::Error> {
+    let mut hasher = Sha256::new();
+    let mut count = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(chunk) = frame?.into_data() {
+            hasher.update(&chunk);
+            count += chunk.len() as u64;
+        }
+    }
+    Ok((data::hex(&hasher.finalize()), count))
+}
+
+/// A response body that generates the test data as hyper asks for it, so that large
+/// downloads are never held in memory.
+struct TestDataBody {
+    chunks: Chunks,
+}
+
+impl Body for TestDataBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(
+            self.chunks
+                .next()
+                .map(|chunk| Ok(Frame::data(Bytes::from(chunk)))),
+        )
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.remaining() == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.chunks.remaining())
+    }
 }

@@ -1,0 +1,55 @@
+//! The balancer configuration for a lab: services `web` (tcp/80), `echo-tcp` and `echo-udp`
+//! (port 7) on the VIP, each over the lab's backends.
+
+use crate::{Lab, BACKEND_COUNT, ECHO_PORT, HTTP_PORT, VIP};
+
+/// Variations of the lab's `web` service.
+#[derive(Default)]
+pub struct ServiceOptions {
+    /// Extra TOML lines for the service.
+    pub web_settings: String,
+    /// Only the first backends (all three when `None`).
+    pub web_backend_count: Option<usize>,
+}
+
+impl Lab {
+    /// The agent's TOML configuration for this lab.
+    pub fn balancer_config(&self) -> String {
+        self.balancer_config_with(&ServiceOptions::default())
+    }
+
+    /// The lab's configuration with extra settings for the `web` service.
+    pub fn balancer_config_with(&self, options: &ServiceOptions) -> String {
+        let web_count = options.web_backend_count.unwrap_or(BACKEND_COUNT);
+        let mut toml = format!(
+            "instance = \"{}\"\n\
+             client_interface = \"lb-client\"\n\
+             backend_interface = \"lb-backend\"\n\
+             xdp_mode = \"native\"\n\
+             stats_interval = 1\n",
+            self.instance()
+        );
+        toml += &service("web", HTTP_PORT, "tcp", &options.web_settings, web_count);
+        toml += &service("echo-tcp", ECHO_PORT, "tcp", "", BACKEND_COUNT);
+        toml += &service("echo-udp", ECHO_PORT, "udp", "", BACKEND_COUNT);
+        toml
+    }
+}
+
+fn service(name: &str, port: u16, protocol: &str, settings: &str, backends: usize) -> String {
+    let mut toml = format!(
+        "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}\"\nport = {port}\nprotocol = \"{protocol}\"\n"
+    );
+    if !settings.is_empty() {
+        toml += settings.trim_end();
+        toml += "\n";
+    }
+    for index in 0..backends {
+        toml += &format!(
+            "  [[service.backend]]\n  name = \"{}\"\n  address = \"{}\"\n  port = {port}\n",
+            Lab::backend_name(index),
+            Lab::backend_addr(index)
+        );
+    }
+    toml
+}

@@ -1,0 +1,578 @@
+//! [`Lab`]: builds the namespaces and links, runs processes inside them, and removes it all on
+//! drop.
+
+use std::{
+    fs,
+    io::Read,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::{
+    netns::{self, ip, BPF_FS, CONTROL_DIR, INSTANCE_PREFIX, PREFIX},
+    process::{self, log_tail, own_group, Process, STOP_GRACE},
+    BACKEND_COUNT, BALANCER_BACKEND_ADDR, BALANCER_CLIENT_ADDR, CLIENT_ADDR,
+};
+
+/// How long [`Lab::exec`] lets a command run before killing it.
+pub const EXEC_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long [`Lab::start_backends`] waits for each backend to answer.
+const BACKEND_READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long [`Lab::start_balancer`] waits for the agent's `ready` line.
+const BALANCER_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the agent gets to detach and exit after SIGTERM.
+const BALANCER_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Labs made by this process so far: the `<n>` in `blab-<pid>-<n>`.
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+/// A client, a balancer host, a switch and three backends, each in its own network namespace.
+/// Dropping it (also during a panic) stops every process it started and removes its
+/// namespaces, directory, pinned maps and control socket.
+pub struct Lab {
+    /// `blab-<pid>-<n>`, the prefix of its namespaces and the name of its directory.
+    name: String,
+    /// `lab-<pid>-<n>`, the balancer instance.
+    instance: String,
+    client: String,
+    balancer: String,
+    switch: String,
+    backends: Vec<String>,
+    dir: PathBuf,
+    /// Processes started with [`Lab::spawn`] and the backends.
+    processes: Vec<Process>,
+    agent: Option<Process>,
+}
+
+impl Lab {
+    /// Removes labs of dead owners, then builds a new one; on failure removes what it built.
+    pub fn new() -> Result<Lab> {
+        netns::reap_stale_labs();
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            LABS.fetch_add(1, Ordering::SeqCst)
+        );
+        let name = format!("{PREFIX}-{id}");
+        let dir = std::env::temp_dir().join(&name);
+        let lab = Lab {
+            instance: format!("{INSTANCE_PREFIX}-{id}"),
+            client: format!("{name}-client"),
+            balancer: format!("{name}-lb"),
+            switch: format!("{name}-sw"),
+            backends: (1..=BACKEND_COUNT)
+                .map(|i| format!("{name}-b{i}"))
+                .collect(),
+            dir,
+            processes: Vec::new(),
+            agent: None,
+            name,
+        };
+        // From here on, dropping `lab` removes whatever part of it exists.
+        fs::create_dir_all(&lab.dir).with_context(|| format!("creating {}", lab.dir.display()))?;
+        lab.build()
+            .with_context(|| format!("building the namespace lab {}", lab.name))?;
+        Ok(lab)
+    }
+
+    /// `blab-<pid>-<n>`: every namespace of the lab starts with it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn client_ns(&self) -> &str {
+        &self.client
+    }
+
+    pub fn balancer_ns(&self) -> &str {
+        &self.balancer
+    }
+
+    /// The namespace of the bridge joining the balancer host and the backends.
+    pub fn switch_ns(&self) -> &str {
+        &self.switch
+    }
+
+    /// The namespace of backend `index` (0..[`BACKEND_COUNT`]).
+    pub fn backend_ns(&self, index: usize) -> &str {
+        &self.backends[index]
+    }
+
+    pub fn backend_addr(index: usize) -> Ipv4Addr {
+        assert!(index < BACKEND_COUNT, "backend index {index} out of range");
+        Ipv4Addr::new(198, 19, 0, 11 + index as u8)
+    }
+
+    pub fn backend_name(index: usize) -> String {
+        format!("backend-{}", index + 1)
+    }
+
+    /// The balancer instance of this lab: its maps are pinned in `/sys/fs/bpf/<instance>`.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// A directory for configs, logs and data, removed with the lab.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// All namespaces of the lab.
+    pub fn namespaces(&self) -> Vec<&str> {
+        let mut all = vec![self.client_ns(), self.balancer_ns(), self.switch_ns()];
+        all.extend(self.backends.iter().map(String::as_str));
+        all
+    }
+
+    fn build(&self) -> Result<()> {
+        for ns in self.namespaces() {
+            netns::run(&["ip", "netns", "add", ns])?;
+            ip(ns, &["link", "set", "lo", "up"])?;
+        }
+        let (client, lb, sw) = (self.client_ns(), self.balancer_ns(), self.switch_ns());
+
+        self.veth(client, "eth0", lb, "lb-client")?;
+        ip(
+            client,
+            &["addr", "add", &format!("{CLIENT_ADDR}/16"), "dev", "eth0"],
+        )?;
+        ip(
+            client,
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &BALANCER_CLIENT_ADDR.to_string(),
+            ],
+        )?;
+
+        self.veth(lb, "lb-backend", sw, "sw-lb")?;
+        ip(
+            lb,
+            &[
+                "addr",
+                "add",
+                &format!("{BALANCER_CLIENT_ADDR}/16"),
+                "dev",
+                "lb-client",
+            ],
+        )?;
+        ip(
+            lb,
+            &[
+                "addr",
+                "add",
+                &format!("{BALANCER_BACKEND_ADDR}/24"),
+                "dev",
+                "lb-backend",
+            ],
+        )?;
+        for setting in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+            "net.ipv4.conf.lb-client.rp_filter=0",
+            "net.ipv4.conf.lb-backend.rp_filter=0",
+        ] {
+            self.exec_checked(lb, &["sysctl", "-qw", setting])?;
+        }
+
+        ip(sw, &["link", "add", "br0", "type", "bridge"])?;
+        ip(sw, &["link", "set", "br0", "up"])?;
+        ip(sw, &["link", "set", "sw-lb", "master", "br0"])?;
+        for index in 0..BACKEND_COUNT {
+            let (backend, port) = (self.backend_ns(index), format!("sw-b{}", index + 1));
+            self.veth(backend, "eth0", sw, &port)?;
+            ip(sw, &["link", "set", &port, "master", "br0"])?;
+            let addr = format!("{}/24", Lab::backend_addr(index));
+            ip(backend, &["addr", "add", &addr, "dev", "eth0"])?;
+            ip(
+                backend,
+                &[
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &BALANCER_BACKEND_ADDR.to_string(),
+                ],
+            )?;
+        }
+
+        // Many short connections from one client: reuse TIME_WAIT ports, use a wide range.
+        self.exec_checked(client, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+        self.exec_checked(
+            client,
+            &["sysctl", "-qw", "net.ipv4.ip_local_port_range=10000 65000"],
+        )?;
+        Ok(())
+    }
+
+    /// A veth pair made inside the namespaces (names never meet in the root namespace), two
+    /// queues per side (both CPUs can work), transmit checksum offload off (the stack would
+    /// leave checksums for the NIC to finish, and XDP forwards them unfinished) and GRO on (a
+    /// veth receiving XDP_REDIRECT or XDP_TX frames drops them without GRO or an XDP program).
+    fn veth(&self, ns_a: &str, dev_a: &str, ns_b: &str, dev_b: &str) -> Result<()> {
+        let queues = ["numrxqueues", "2", "numtxqueues", "2"];
+        let mut args = vec!["link", "add", dev_a];
+        args.extend(queues);
+        args.extend(["type", "veth", "peer", "name", dev_b, "netns", ns_b]);
+        args.extend(queues);
+        ip(ns_a, &args)?;
+        for (ns, dev) in [(ns_a, dev_a), (ns_b, dev_b)] {
+            ip(ns, &["link", "set", dev, "up"])?;
+            self.exec_checked(ns, &["ethtool", "-K", dev, "tx", "off", "gro", "on"])?;
+        }
+        Ok(())
+    }
+
+    /// Runs `args` in a namespace (`ip netns exec`) and returns its output, whatever its exit;
+    /// fails only if it cannot start or runs longer than [`EXEC_TIMEOUT`].
+    pub fn exec(&self, ns: &str, args: &[&str]) -> Result<Output> {
+        self.exec_timeout(ns, args, EXEC_TIMEOUT)
+    }
+
+    /// [`Lab::exec`] with its own time limit; the command's process group is killed when it
+    /// runs out.
+    pub fn exec_timeout(&self, ns: &str, args: &[&str], timeout: Duration) -> Result<Output> {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", ns])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = own_group(&mut command)
+            .spawn()
+            .with_context(|| format!("running {args:?} in {ns}"))?;
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
+        let mut process = Process {
+            child,
+            ns: ns.to_owned(),
+        };
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_millis(1);
+        let mut timed_out = false;
+        while !process.exited() {
+            if Instant::now() > deadline {
+                process.signal_group(libc::SIGKILL);
+                timed_out = true;
+                break;
+            }
+            thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+        let status = process.child.wait().context("waiting for a command")?;
+        let output = Output {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        };
+        if timed_out {
+            bail!(
+                "{args:?} in {ns} did not finish within {timeout:?}; killed. stderr: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(output)
+    }
+
+    /// Runs a command in a namespace and fails, with its stderr, unless it succeeds; returns
+    /// its stdout.
+    pub fn exec_checked(&self, ns: &str, args: &[&str]) -> Result<String> {
+        let output = self.exec(ns, args)?;
+        if !output.status.success() {
+            bail!(
+                "{args:?} in {ns} failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// `curl -sS --max-time 60 <args>` in a namespace; fails unless curl succeeds (add `-f`
+    /// to fail on HTTP errors too). Returns what curl printed.
+    pub fn curl(&self, ns: &str, args: &[&str]) -> Result<String> {
+        let mut full = vec!["curl", "-sS", "--max-time", "60"];
+        full.extend_from_slice(args);
+        self.exec_checked(ns, &full)
+    }
+
+    /// Starts a process in a namespace, in a process group of its own, with its output
+    /// appended to `spawned.log` in [`Lab::dir`]. It is stopped when the lab is dropped.
+    pub fn spawn(&mut self, ns: &str, args: &[&str]) -> Result<u32> {
+        let log = self.dir.join("spawned.log");
+        self.spawn_logged(ns, args, &log)
+    }
+
+    /// [`Lab::spawn`] with stdout and stderr appended to `log`.
+    pub fn spawn_logged(&mut self, ns: &str, args: &[&str], log: &Path) -> Result<u32> {
+        let (out, err) = append_twice(log)?;
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", ns])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = own_group(&mut command)
+            .spawn()
+            .with_context(|| format!("starting {args:?} in {ns}"))?;
+        let pid = child.id();
+        self.processes.push(Process {
+            child,
+            ns: ns.to_owned(),
+        });
+        Ok(pid)
+    }
+
+    /// PIDs of the processes started with [`Lab::spawn`] (and the backends) still tracked.
+    pub fn pids(&self) -> Vec<u32> {
+        self.processes.iter().map(Process::pid).collect()
+    }
+
+    /// Stops one process the lab started (SIGTERM to its group, SIGKILL after a grace period).
+    pub fn stop(&mut self, pid: u32) -> Result<()> {
+        let Some(at) = self.processes.iter().position(|p| p.pid() == pid) else {
+            bail!("process {pid} was not started by this lab");
+        };
+        let mut process = self.processes.swap_remove(at);
+        process::stop_all(
+            std::slice::from_mut(&mut process),
+            libc::SIGTERM,
+            true,
+            STOP_GRACE,
+        );
+        Ok(())
+    }
+
+    /// Extra source addresses for the client (each must lie within 198.18.0.0/16).
+    pub fn add_client_addresses(&self, addrs: &[Ipv4Addr]) -> Result<()> {
+        for addr in addrs {
+            ensure!(
+                addr.octets()[..2] == [198, 18],
+                "{addr} is outside 198.18.0.0/16"
+            );
+            ip(
+                self.client_ns(),
+                &["addr", "add", &format!("{addr}/16"), "dev", "eth0"],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Starts `lab-backend` in every backend namespace and returns once each answers HTTP.
+    pub fn start_backends(&mut self, backend_bin: &Path) -> Result<()> {
+        let mut pids = Vec::new();
+        for index in 0..BACKEND_COUNT {
+            pids.push(self.spawn_backend(backend_bin, index)?);
+        }
+        for (index, pid) in pids.into_iter().enumerate() {
+            self.wait_for_backend(index, pid)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the server of one backend (again, after [`Lab::stop_backend`]); returns its PID
+    /// once it answers HTTP.
+    pub fn start_backend(&mut self, backend_bin: &Path, index: usize) -> Result<u32> {
+        let pid = self.spawn_backend(backend_bin, index)?;
+        self.wait_for_backend(index, pid)?;
+        Ok(pid)
+    }
+
+    /// Stops every process in one backend namespace: its server goes away, its address stays.
+    pub fn stop_backend(&mut self, index: usize) -> Result<()> {
+        let ns = self.backend_ns(index).to_owned();
+        let (mut stopping, keep) = std::mem::take(&mut self.processes)
+            .into_iter()
+            .partition::<Vec<_>, _>(|p| p.ns == ns);
+        self.processes = keep;
+        process::stop_all(&mut stopping, libc::SIGTERM, true, STOP_GRACE);
+        process::stop_foreign(&netns::pids(&ns), STOP_GRACE);
+        Ok(())
+    }
+
+    /// Where the output of backend `index` goes.
+    pub fn backend_log(&self, index: usize) -> PathBuf {
+        self.dir.join(format!("{}.log", Lab::backend_name(index)))
+    }
+
+    fn spawn_backend(&mut self, backend_bin: &Path, index: usize) -> Result<u32> {
+        let bin = backend_bin
+            .to_str()
+            .context("the backend binary's path is not UTF-8")?
+            .to_owned();
+        ensure!(
+            backend_bin.exists(),
+            "no backend binary at {bin} (build it with `cargo build -p balancer-lab`)"
+        );
+        let ns = self.backend_ns(index).to_owned();
+        let log = self.backend_log(index);
+        self.spawn_logged(&ns, &[&bin, "--name", &Lab::backend_name(index)], &log)
+    }
+
+    /// Waits until backend `index` answers `GET /` with its name, asked from the balancer
+    /// host; fails early if its process exits.
+    fn wait_for_backend(&self, index: usize, pid: u32) -> Result<()> {
+        let name = Lab::backend_name(index);
+        let url = format!("http://{}/", Lab::backend_addr(index));
+        let deadline = Instant::now() + BACKEND_READY_TIMEOUT;
+        loop {
+            let output = self.exec_timeout(
+                self.balancer_ns(),
+                &["curl", "-s", "--max-time", "1", &url],
+                Duration::from_secs(5),
+            )?;
+            if output.status.success() && output.stdout == format!("{name}\n").as_bytes() {
+                return Ok(());
+            }
+            let exited = self
+                .processes
+                .iter()
+                .find(|p| p.pid() == pid)
+                .is_none_or(Process::exited);
+            if exited || Instant::now() > deadline {
+                bail!(
+                    "{name} at {url} did not answer within {BACKEND_READY_TIMEOUT:?}{}; its log:\n{}",
+                    if exited { " (its process exited)" } else { "" },
+                    log_tail(&self.backend_log(index), 20)
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn balancer_log(&self) -> PathBuf {
+        self.dir.join("balancer.log")
+    }
+
+    /// Starts the agent in the balancer namespace (keeping the host's mount namespace, so that
+    /// its maps are pinned in the host's bpffs) and waits until it logs a line starting with
+    /// `ready`.
+    pub fn start_balancer(&mut self, balancer_bin: &Path, config: &Path) -> Result<()> {
+        ensure!(self.agent.is_none(), "the balancer is already running");
+        ensure!(
+            balancer_bin.exists(),
+            "no balancer binary at {}",
+            balancer_bin.display()
+        );
+        let log_path = self.balancer_log();
+        // Only what this run writes counts: the log may hold an earlier run.
+        let start = fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0) as usize;
+        let (out, err) = append_twice(&log_path)?;
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", self.balancer_ns()))
+            .arg(balancer_bin)
+            .args(["run", "--config"])
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = own_group(&mut command)
+            .spawn()
+            .context("starting the balancer")?;
+        let agent = self.agent.insert(Process {
+            child,
+            ns: self.balancer.clone(),
+        });
+        let deadline = Instant::now() + BALANCER_READY_TIMEOUT;
+        loop {
+            let log = fs::read(&log_path).unwrap_or_default();
+            let text = String::from_utf8_lossy(log.get(start..).unwrap_or_default());
+            if text.lines().any(|line| line.starts_with("ready")) {
+                return Ok(());
+            }
+            if agent.exited() {
+                let status = agent.child.wait().context("waiting for the balancer")?;
+                self.agent = None;
+                bail!(
+                    "the balancer exited ({status}) before it was ready; its log:\n{}",
+                    process::tail(&text, 30)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the balancer was not ready within {BALANCER_READY_TIMEOUT:?}; its log:\n{}",
+                    process::tail(&text, 30)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the agent: SIGTERM to its PID, then SIGKILL if it has not exited within 10 s (an
+    /// error, with its log tail). Nothing to do if it is not running.
+    pub fn stop_balancer(&mut self) -> Result<()> {
+        let Some(mut agent) = self.agent.take() else {
+            return Ok(());
+        };
+        let exited = process::stop_all(
+            std::slice::from_mut(&mut agent),
+            libc::SIGTERM,
+            false,
+            BALANCER_STOP_GRACE,
+        );
+        ensure!(
+            exited,
+            "the balancer did not exit within {BALANCER_STOP_GRACE:?} of SIGTERM and was killed; its log:\n{}",
+            log_tail(&self.balancer_log(), 30)
+        );
+        Ok(())
+    }
+
+    /// The PID of the running agent, to send it signals.
+    pub fn balancer_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Process::pid)
+    }
+
+    fn teardown(&mut self) {
+        let _ = self.stop_balancer();
+        process::stop_all(&mut self.processes, libc::SIGTERM, true, STOP_GRACE);
+        self.processes.clear();
+        for ns in self.namespaces() {
+            if netns::exists(ns) {
+                netns::remove(ns);
+            }
+        }
+        let _ = fs::remove_dir_all(Path::new(BPF_FS).join(&self.instance));
+        let _ = fs::remove_file(Path::new(CONTROL_DIR).join(format!("{}.sock", self.instance)));
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Two append handles on one log file, for a child's stdout and stderr.
+fn append_twice(path: &Path) -> Result<(fs::File, fs::File)> {
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok((file.try_clone()?, file))
+}
+
+/// Reads a child's pipe to the end on a thread of its own.
+fn drain(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut buf);
+        }
+        buf
+    })
+}
