@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::toolchain::{self, EbpfToolchain};
+use crate::toolchain::{self, Ebpf, EbpfToolchain};
 
 /// What a build produced.
 pub struct Artifacts {
@@ -38,13 +38,17 @@ pub fn all() -> Result<Artifacts> {
 }
 
 /// Compiles the eBPF crate; its own target directory keeps the two compilers' artifacts apart.
-fn ebpf(toolchain: EbpfToolchain) -> Result<PathBuf> {
+fn ebpf(toolchain: Ebpf) -> Result<PathBuf> {
     let root = workspace_root();
     let target_dir = root.join("target/ebpf");
-    println!("==> building the XDP program ({toolchain:?} toolchain)");
-    let mut command = match toolchain {
+    println!(
+        "==> building the XDP program ({:?} toolchain, {})",
+        toolchain.toolchain,
+        toolchain.linker.display()
+    );
+    let mut command = match toolchain.toolchain {
         EbpfToolchain::Debian => {
-            let mut c = Command::new("cargo");
+            let mut c = Command::new(toolchain::cargo());
             // Debian's compiler ships a prebuilt `core`; aya-ebpf needs unstable features.
             c.env("RUSTC", "/usr/bin/rustc").env("RUSTC_BOOTSTRAP", "1");
             c.args(["build"]);
@@ -56,6 +60,15 @@ fn ebpf(toolchain: EbpfToolchain) -> Result<PathBuf> {
             c
         }
     };
+    // rustc finds the linker on PATH; `cargo install` may have put it where PATH does not look.
+    if let Some(dir) = toolchain.linker.parent() {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let paths = std::iter::once(dir.to_path_buf()).chain(std::env::split_paths(&path));
+        command.env(
+            "PATH",
+            std::env::join_paths(paths).context("joining PATH with bpf-linker's directory")?,
+        );
+    }
     command
         .current_dir(&root)
         .args([
@@ -82,7 +95,7 @@ fn ebpf(toolchain: EbpfToolchain) -> Result<PathBuf> {
 
 /// Runs cargo in the workspace with the XDP object to embed.
 pub fn cargo(args: &[&str], ebpf_object: &Path) -> Result<()> {
-    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    let status = Command::new(toolchain::cargo())
         .current_dir(workspace_root())
         .args(args)
         .env("BALANCER_EBPF_OBJECT", ebpf_object)

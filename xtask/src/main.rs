@@ -30,9 +30,12 @@ enum Task {
         args: Vec<String>,
     },
     /// Unit tests, then the XDP fixtures and the namespace integration tests (needs root).
+    /// Arguments after `--` go to the integration test binaries, e.g.
+    /// `cargo xtask test -- udp --nocapture`.
     Test {
-        /// Only run integration tests whose name contains this.
-        filter: Option<String>,
+        /// A test name filter and other libtest options for the integration tests.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Throughput and requests per second through the balancer and the direct path.
     Bench {
@@ -46,7 +49,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Task::Build => build::all().map(|_| ()),
         Task::Run { args } => run::run(&args),
-        Task::Test { filter } => test::run(filter.as_deref()),
+        Task::Test { args } => test::run(&args),
         Task::Bench { quick } => bench::run(quick),
     };
     match result {

@@ -2,8 +2,10 @@
 
 use std::{
     io::{BufRead, BufReader, Seek, SeekFrom},
+    os::unix::process::CommandExt,
+    path::Path,
     process::Command,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::atomic::{AtomicBool, AtomicI32, Ordering},
     thread,
     time::Duration,
 };
@@ -13,10 +15,14 @@ use balancer_lab::{Lab, ECHO_PORT, VIP};
 
 use crate::{build, toolchain};
 
+/// Set by SIGINT or SIGTERM: the demo stops and removes its lab.
 static STOP: AtomicBool = AtomicBool::new(false);
+/// The last stop signal received and not yet forwarded to the agent (0: none).
+static RECEIVED: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn request_stop(_: libc::c_int) {
+extern "C" fn request_stop(signal: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
+    RECEIVED.store(signal, Ordering::SeqCst);
 }
 
 /// Ctrl-C and SIGTERM end the wait instead of the process, so the lab is torn down.
@@ -82,18 +88,31 @@ fn follow(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
-/// `balancer run <args>` in the foreground; Ctrl-C reaches it directly and it detaches.
-fn run_agent(balancer: &std::path::Path, args: &[String]) -> Result<()> {
-    // The terminal's Ctrl-C goes to the agent too; this process only waits for it.
-    // SAFETY: ignoring SIGINT in this process has no memory effects.
-    unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-    }
-    let status = Command::new(balancer)
+/// `balancer run <args>` in the foreground. The agent leads its own process group and this
+/// process forwards SIGINT and SIGTERM to it, so Ctrl-C and a `kill` of `cargo xtask run`
+/// both reach it exactly once and it detaches its programs before exiting.
+fn run_agent(balancer: &Path, args: &[String]) -> Result<()> {
+    let mut child = Command::new(balancer)
         .arg("run")
         .args(args)
-        .status()
-        .context("starting the balancer")?;
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {}", balancer.display()))?;
+    catch_stop_signals();
+    let pid = libc::pid_t::try_from(child.id()).context("the agent's PID does not fit pid_t")?;
+    let status = loop {
+        if let Some(status) = child.try_wait().context("waiting for the agent")? {
+            break status;
+        }
+        let signal = RECEIVED.swap(0, Ordering::SeqCst);
+        if signal != 0 {
+            // SAFETY: kill has no memory effects; `pid` is our child, not yet reaped.
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
     if !status.success() {
         bail!("the balancer exited with {status}");
     }

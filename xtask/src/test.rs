@@ -5,7 +5,8 @@ use anyhow::{bail, Result};
 
 use crate::{build, toolchain};
 
-pub fn run(filter: Option<&str>) -> Result<()> {
+/// `extra` goes to the integration test binaries (a name filter, `--nocapture`, ...).
+pub fn run(extra: &[String]) -> Result<()> {
     if !toolchain::is_root() {
         bail!("the tests load XDP programs and build network namespaces: run them as root");
     }
@@ -39,11 +40,11 @@ pub fn run(filter: Option<&str>) -> Result<()> {
         "*",
         "--",
     ];
-    if let Some(filter) = filter {
-        args.push(filter);
-    }
     // Each namespace test builds its own lab; two at a time keep both CPUs busy.
-    args.push("--test-threads=2");
+    if !extra.iter().any(|a| a.starts_with("--test-threads")) {
+        args.push("--test-threads=2");
+    }
+    args.extend(extra.iter().map(String::as_str));
     build::cargo(&args, &artifacts.ebpf_object)?;
     println!("==> all tests passed");
     Ok(())

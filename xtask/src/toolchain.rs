@@ -14,6 +14,10 @@ use anyhow::{bail, Context, Result};
 
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 const DEBIAN_BPF_CORE: &str = "/usr/lib/rustlib/bpfel-unknown-none/lib";
+/// The bpf-linker release built and tried with Debian's LLVM 22 (see shared/TOOLCHAIN.md);
+/// pinned, with its own lock file, so a newer release or dependency cannot raise the Rust
+/// version it needs.
+const BPF_LINKER_VERSION: &str = "0.13.0";
 const DEBIAN_PACKAGES: [&str; 6] = [
     "rustc-web",
     "libstd-rust-web-dev-bpf",
@@ -32,34 +36,39 @@ pub enum EbpfToolchain {
     RustupNightly,
 }
 
+/// A usable eBPF toolchain and where its linker is (put on PATH for the build, since
+/// `~/.cargo/bin` need not be on it).
+pub struct Ebpf {
+    pub toolchain: EbpfToolchain,
+    pub linker: PathBuf,
+}
+
 /// Returns a working eBPF toolchain, installing the Debian one if nothing usable is there.
-pub fn ensure_ebpf() -> Result<EbpfToolchain> {
-    if debian_ready() && bpf_linker().is_some() {
-        return Ok(EbpfToolchain::Debian);
-    }
-    if nightly_with_rust_src() && bpf_linker().is_some() {
-        return Ok(EbpfToolchain::RustupNightly);
+/// Fast when everything is present: a few file checks and, at most, one `rustup` query.
+pub fn ensure_ebpf() -> Result<Ebpf> {
+    if let Some(found) = find_ebpf() {
+        return Ok(found);
     }
     if !can_install() {
-        bail!(
-            "no eBPF toolchain found, and this is not a Debian/Ubuntu machine where I can install one as root.\n\
-             Install either:\n\
-             - Debian/Ubuntu (as root): apt-get install {} && \\\n  \
-               LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --no-default-features --features llvm-22\n\
-             - or anywhere with internet: rustup toolchain install nightly --component rust-src && cargo install bpf-linker",
-            DEBIAN_PACKAGES.join(" ")
-        );
+        bail!("{}", missing_toolchain_help());
     }
     if !debian_ready() {
-        println!("==> installing Debian's Rust with the BPF core library and LLVM 22");
+        println!(
+            "==> installing Debian's Rust with the BPF core library and LLVM 22 (apt-get, a few minutes)"
+        );
         apt_install(&DEBIAN_PACKAGES)?;
     }
     if bpf_linker().is_none() {
-        println!("==> building bpf-linker against LLVM 22 (takes 1-2 minutes)");
-        let status = Command::new("cargo")
+        println!(
+            "==> installing bpf-linker {BPF_LINKER_VERSION} built against LLVM 22 (1-2 minutes)"
+        );
+        let status = Command::new(cargo())
             .args([
                 "install",
                 "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
                 "--no-default-features",
                 "--features",
                 "llvm-22",
@@ -71,11 +80,66 @@ pub fn ensure_ebpf() -> Result<EbpfToolchain> {
             bail!("cargo install bpf-linker failed ({status})");
         }
     }
-    if debian_ready() && bpf_linker().is_some() {
-        Ok(EbpfToolchain::Debian)
-    } else {
-        bail!("the eBPF toolchain is still incomplete after installing it: see the output above")
+    match (debian_ready(), bpf_linker()) {
+        (true, Some(linker)) => Ok(Ebpf {
+            toolchain: EbpfToolchain::Debian,
+            linker,
+        }),
+        _ => bail!(
+            "the eBPF toolchain is still incomplete after installing it: see the output above"
+        ),
     }
+}
+
+/// The Debian toolchain when present, else a rustup nightly with `rust-src`.
+fn find_ebpf() -> Option<Ebpf> {
+    let linker = bpf_linker()?;
+    if debian_ready() {
+        return Some(Ebpf {
+            toolchain: EbpfToolchain::Debian,
+            linker,
+        });
+    }
+    nightly_with_rust_src().then_some(Ebpf {
+        toolchain: EbpfToolchain::RustupNightly,
+        linker,
+    })
+}
+
+/// What to install, in plain words, when neither toolchain is there and we cannot install.
+fn missing_toolchain_help() -> String {
+    let why = if !is_root() {
+        "not running as root"
+    } else {
+        "no apt-get here"
+    };
+    let mut found = Vec::new();
+    if debian_ready() {
+        found.push("Debian's rustc with the BPF core library".to_owned());
+    }
+    if nightly_installed() && !nightly_with_rust_src() {
+        found.push("a rustup nightly, but without the rust-src component".to_owned());
+    }
+    if let Some(linker) = bpf_linker() {
+        found.push(format!("bpf-linker at {}", linker.display()));
+    }
+    let found = if found.is_empty() {
+        "nothing usable".to_owned()
+    } else {
+        found.join("; ")
+    };
+    format!(
+        "no eBPF toolchain found (found: {found}), and I cannot install one ({why}).\n\
+         Building the XDP program needs a Rust compiler with `core` for bpfel-unknown-none and bpf-linker. Install either:\n\
+         \x20 - on Debian 12 / Ubuntu, as root:\n\
+         \x20     apt-get install {}\n\
+         \x20     LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version {BPF_LINKER_VERSION} --locked --no-default-features --features llvm-22\n\
+         \x20   (or just run `cargo xtask build` as root, which does this)\n\
+         \x20 - anywhere with internet access (the usual aya recipe):\n\
+         \x20     rustup toolchain install nightly --component rust-src\n\
+         \x20     cargo install bpf-linker",
+        DEBIAN_PACKAGES.join(" ")
+    )
 }
 
 /// The programs the lab, the tests and the benchmark run, by the Debian package that has them.
@@ -125,6 +189,13 @@ fn debian_ready() -> bool {
             .unwrap_or(false)
 }
 
+fn nightly_installed() -> bool {
+    Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 fn nightly_with_rust_src() -> bool {
     Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
@@ -150,6 +221,11 @@ pub fn which(program: &str) -> Option<PathBuf> {
             .map(|dir| dir.join(program))
             .find(|p| p.is_file())
     })
+}
+
+/// The cargo that runs us (so a rustup toolchain choice carries over), else the one on PATH.
+pub fn cargo() -> std::ffi::OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
 }
 
 pub fn is_root() -> bool {
