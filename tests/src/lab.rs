@@ -53,6 +53,10 @@ pub struct Lab {
 impl Lab {
     /// Removes labs of dead owners, then builds a new one; on failure removes what it built.
     pub fn new() -> Result<Lab> {
+        ensure!(
+            crate::is_root(),
+            "integration tests need root: the lab creates network namespaces"
+        );
         netns::reap_stale_labs();
         let id = format!(
             "{}-{}",
