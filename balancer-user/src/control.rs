@@ -141,7 +141,7 @@ pub fn send(instance: &str, request: &Request) -> Result<String> {
         .context("the agent closed the connection without answering")??;
     let rest: Vec<String> = lines.collect::<Result<_, _>>()?;
     if let Some(error) = first.strip_prefix("error: ") {
-        bail!("{error}");
+        bail!("{error}\n{}", rest.join("\n"));
     }
     Ok(rest.join("\n"))
 }

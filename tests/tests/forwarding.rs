@@ -1,87 +1,12 @@
 //! L4 forwarding through the XDP balancer, with real clients and servers in the namespace lab.
 //! Each test builds its own lab and tears it down, also when it fails. Needs root.
 
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-};
+mod common;
+
+use std::collections::HashMap;
 
 use balancer_lab::{Lab, BACKEND_COUNT, VIP};
-
-fn balancer_bin() -> PathBuf {
-    std::env::var_os("BALANCER_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/balancer"))
-}
-
-/// A lab with its backends serving and the balancer attached.
-fn lab_with_balancer() -> Lab {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "integration tests need root (run `cargo xtask test`)"
-    );
-    let mut lab = Lab::new().expect("building the lab");
-    lab.start_backends(Path::new(env!("CARGO_BIN_EXE_lab-backend")))
-        .expect("starting the backends");
-    let config = lab.dir().join("balancer.toml");
-    std::fs::write(&config, lab.balancer_config()).expect("writing the balancer config");
-    lab.start_balancer(&balancer_bin(), &config)
-        .expect("starting the balancer");
-    lab
-}
-
-fn run(lab: &Lab, ns: &str, args: &[&str]) -> String {
-    let output = lab.exec(ns, args).expect("running a command in the lab");
-    assert!(
-        output.status.success(),
-        "{args:?} failed: {}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn python(lab: &Lab, ns: &str, script: &str) -> String {
-    run(lab, ns, &["python3", "-c", script])
-}
-
-/// The balancer's counters as `reason → packets`.
-fn counters(lab: &Lab) -> HashMap<String, u64> {
-    let output = std::process::Command::new(balancer_bin())
-        .args(["stats", "--instance", lab.instance()])
-        .output()
-        .expect("running balancer stats");
-    assert!(
-        output.status.success(),
-        "balancer stats: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            Some((fields.next()?.to_owned(), fields.next()?.parse().ok()?))
-        })
-        .collect()
-}
-
-fn sha256_of_file(path: &Path) -> String {
-    let output = std::process::Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
-}
-
-fn vip_url(path: &str) -> String {
-    format!("http://{VIP}{path}")
-}
+use common::{counters, lab_with_balancer, python, run, sha256_of_file, vip_url};
 
 #[test]
 fn curl_to_the_vip_is_answered_by_a_backend() {

@@ -1,0 +1,186 @@
+//! What the namespace tests share: a lab with the balancer running, commands that must
+//! succeed, the balancer's counters and status, and which backend answers a client.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses its own part of the harness"
+)]
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use balancer_lab::{Lab, ServiceOptions, VIP};
+
+pub fn balancer_bin() -> PathBuf {
+    std::env::var_os("BALANCER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/balancer"))
+}
+
+pub fn backend_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_lab-backend"))
+}
+
+/// A lab with its backends serving and the balancer attached.
+pub fn lab_with_balancer() -> Lab {
+    lab_with(&ServiceOptions::default())
+}
+
+/// A lab whose `web` service has extra settings.
+pub fn lab_with(options: &ServiceOptions) -> Lab {
+    assert!(
+        balancer_lab::is_root(),
+        "integration tests need root (run `cargo xtask test`)"
+    );
+    let mut lab = Lab::new().expect("building the lab");
+    lab.start_backends(backend_bin())
+        .expect("starting the backends");
+    let config = config_path(&lab);
+    std::fs::write(&config, lab.balancer_config_with(options))
+        .expect("writing the balancer config");
+    lab.start_balancer(&balancer_bin(), &config)
+        .expect("starting the balancer");
+    lab
+}
+
+pub fn config_path(lab: &Lab) -> PathBuf {
+    lab.dir().join("balancer.toml")
+}
+
+/// Runs a command in a namespace of the lab and returns its output; panics unless it succeeds.
+pub fn run(lab: &Lab, ns: &str, args: &[&str]) -> String {
+    lab.exec_checked(ns, args)
+        .unwrap_or_else(|error| panic!("{error:#}"))
+}
+
+pub fn python(lab: &Lab, ns: &str, script: &str) -> String {
+    run(lab, ns, &["python3", "-c", script])
+}
+
+/// `balancer <args> --instance <lab's>`; panics unless it succeeds.
+pub fn balancer(lab: &Lab, args: &[&str]) -> String {
+    let output = std::process::Command::new(balancer_bin())
+        .args(args)
+        .args(["--instance", lab.instance()])
+        .output()
+        .expect("running balancer");
+    assert!(
+        output.status.success(),
+        "balancer {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The balancer's counters as `reason → packets`.
+pub fn counters(lab: &Lab) -> HashMap<String, u64> {
+    balancer(lab, &["stats"])
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            Some((fields.next()?.to_owned(), fields.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The `balancer status` line of a backend of the `web` service.
+pub fn status_of(lab: &Lab, backend: &str) -> String {
+    let status = balancer(lab, &["status"]);
+    let mut in_web = false;
+    for line in status.lines() {
+        if line.starts_with("service ") {
+            in_web = line.starts_with("service web ");
+        } else if in_web
+            && line
+                .trim_start()
+                .starts_with(&format!("backend {backend} "))
+        {
+            return line.trim().to_owned();
+        }
+    }
+    panic!("no status line for web/{backend} in:\n{status}");
+}
+
+/// Polls until `condition` holds, for at most `limit`; returns how long it took.
+pub fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    started.elapsed()
+}
+
+pub fn sha256_of_file(path: &Path) -> String {
+    let output = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+pub fn vip_url(path: &str) -> String {
+    format!("http://{VIP}{path}")
+}
+
+/// Client addresses `198.18.<third>.<1..=count>`, added to the client namespace.
+pub fn add_clients(lab: &Lab, third: u8, count: u8) -> Vec<Ipv4Addr> {
+    let addrs: Vec<Ipv4Addr> = (1..=count)
+        .map(|i| Ipv4Addr::new(198, 18, third, i))
+        .collect();
+    lab.add_client_addresses(&addrs)
+        .expect("adding client addresses");
+    addrs
+}
+
+/// For each client address, the backends that answered `requests` new connections from it,
+/// in order.
+pub fn backends_seen(
+    lab: &Lab,
+    clients: &[Ipv4Addr],
+    requests: usize,
+) -> HashMap<Ipv4Addr, Vec<String>> {
+    let list: Vec<String> = clients.iter().map(|a| format!("\"{a}\"")).collect();
+    let script = format!(
+        r#"
+import http.client
+for addr in [{list}]:
+    seen = []
+    for _ in range({requests}):
+        c = http.client.HTTPConnection("{VIP}", 80, timeout=10, source_address=(addr, 0))
+        c.request("GET", "/", headers={{"Connection": "close"}})
+        seen.append(c.getresponse().read().decode().strip())
+        c.close()
+    print(addr, " ".join(seen))
+"#,
+        list = list.join(", ")
+    );
+    python(lab, lab.client_ns(), &script)
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let addr = words.next()?.parse().ok()?;
+            Some((addr, words.map(str::to_owned).collect()))
+        })
+        .collect()
+}
+
+/// The one backend a client was always sent to; panics if it was sent to several.
+pub fn sticky_backend(seen: &[String], client: Ipv4Addr) -> String {
+    let first = seen
+        .first()
+        .unwrap_or_else(|| panic!("{client} got no answer"));
+    assert!(
+        seen.iter().all(|b| b == first),
+        "{client} was not sticky: {seen:?}"
+    );
+    first.clone()
+}
