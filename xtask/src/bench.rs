@@ -1,53 +1,121 @@
-//! `cargo xtask bench`: the same workloads through the direct routed path and through the
-//! balancer, interleaved in one run, with raw numbers and ratios. Both paths reach one
-//! backend, so the ratio measures the path, not the backends' capacity.
+//! `cargo xtask bench`: the same workloads over the plain routed path and through the balancer,
+//! interleaved round by round in one lab, with medians, spread, CPU time per unit of work and
+//! the CPU steal seen.
+//!
+//! Three paths from the client to backend-1 (the VIP's `web` service has only that backend
+//! here, so every path ends at the same server and the ratio measures the path):
+//! - routed, no XDP: to 198.19.0.11 while the agent is stopped (it detaches on exit), i.e.
+//!   plain kernel forwarding in the balancer namespace;
+//! - through the VIP: to 203.0.113.10 with the agent running (XDP NAT + redirect);
+//! - routed, XDP attached: to 198.19.0.11 with the agent running (the cost the program adds
+//!   to traffic that is not for a VIP and passes to the kernel).
 
-use std::process::Command;
+use std::{
+    fmt::Write as _,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use anyhow::{bail, Context, Result};
 use balancer_lab::{Lab, ServiceOptions, VIP};
 
 use crate::{build, toolchain};
 
+/// Runs above this much CPU steal are flagged: the host took the CPUs away.
+const STEAL_WARNING_PERCENT: f64 = 10.0;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    Routed,
+    Vip,
+    RoutedWithXdp,
+}
+
+const PATHS: [Path; 3] = [Path::Routed, Path::Vip, Path::RoutedWithXdp];
+
+impl Path {
+    fn title(self) -> &'static str {
+        match self {
+            Path::Routed => "routed, no XDP",
+            Path::Vip => "through the VIP",
+            Path::RoutedWithXdp => "routed, XDP attached",
+        }
+    }
+
+    fn address(self) -> String {
+        match self {
+            Path::Vip => VIP.to_string(),
+            Path::Routed | Path::RoutedWithXdp => Lab::backend_addr(0).to_string(),
+        }
+    }
+}
+
 struct Workload {
     name: &'static str,
+    /// Unit of the rate.
     unit: &'static str,
+    /// What one unit of work is, for the CPU cost column.
+    work: &'static str,
+    /// Units of work per unit of rate and second (1 for req/s; 1/8 MB per Mbit/s).
+    work_per_rate_second: f64,
+    /// Measures the rate against an address for a number of seconds.
     measure: fn(&Lab, &str, u32) -> Result<f64>,
 }
 
 const WORKLOADS: [Workload; 3] = [
     Workload {
-        name: "HTTP keep-alive (wrk -c32)",
+        name: "HTTP keep-alive (wrk, 32 connections)",
         unit: "req/s",
+        work: "request",
+        work_per_rate_second: 1.0,
         measure: keepalive_rps,
     },
     Workload {
-        name: "HTTP new connections",
+        name: "HTTP, new connection per request (wrk)",
         unit: "conn/s",
+        work: "connection",
+        work_per_rate_second: 1.0,
         measure: new_connections_rps,
     },
     Workload {
-        name: "TCP bulk download",
+        name: "TCP bulk download (curl, 1 stream)",
         unit: "Mbit/s",
+        work: "MB",
+        work_per_rate_second: 1.0 / 8.0,
         measure: bulk_mbits,
     },
 ];
 
+/// One measurement: the rate and what the machine did meanwhile.
+#[derive(Clone, Copy)]
+struct Sample {
+    rate: f64,
+    /// Machine-wide busy CPU time per unit of work, in microseconds.
+    cpu_us_per_work: f64,
+    steal_percent: f64,
+}
+
 pub fn run(quick: bool) -> Result<()> {
     if !toolchain::is_root() {
-        bail!("the benchmark builds network namespaces: run it as root");
+        bail!("the benchmark builds network namespaces and attaches XDP programs: run it as root");
     }
     let artifacts = build::all()?;
     toolchain::ensure_lab()?;
     let (seconds, rounds) = if quick { (2, 1) } else { (5, 3) };
 
-    println!("==> lookup table build for 1,000 backends");
-    let plan = Command::new(&artifacts.balancer)
+    println!("==> lookup table build for 1,000 backends (balancer table-plan)");
+    match Command::new(&artifacts.balancer)
         .args(["table-plan", "--backends", "1000"])
-        .output()?;
-    print!("{}", String::from_utf8_lossy(&plan.stdout));
+        .output()
+    {
+        Ok(plan) if plan.status.success() => print!("{}", String::from_utf8_lossy(&plan.stdout)),
+        _ => println!("  (table-plan failed; skipped)"),
+    }
 
-    println!("==> building the lab (one backend behind the VIP, as on the direct path)");
+    println!(
+        "==> building the lab; the VIP's web service gets backend-1 only, like the routed path"
+    );
     let mut lab = Lab::new()?;
     lab.start_backends(&artifacts.lab_backend)?;
     let config = lab.dir().join("balancer.toml");
@@ -55,92 +123,260 @@ pub fn run(quick: bool) -> Result<()> {
         web_backend_count: Some(1),
         ..ServiceOptions::default()
     };
-    std::fs::write(&config, lab.balancer_config_with(&options))?;
-    lab.start_balancer(&artifacts.balancer, &config)?;
-    let direct = Lab::backend_addr(0).to_string();
-    let vip = VIP.to_string();
+    std::fs::write(&config, lab.balancer_config_with(&options))
+        .context("writing the benchmark's balancer config")?;
 
-    let mut rows = Vec::new();
-    for workload in &WORKLOADS {
-        let (mut via_direct, mut via_balancer) = (Vec::new(), Vec::new());
-        for round in 0..rounds {
-            println!("  {} round {}/{rounds}", workload.name, round + 1);
-            via_direct.push((workload.measure)(&lab, &direct, seconds)?);
-            via_balancer.push((workload.measure)(&lab, &vip, seconds)?);
-        }
-        rows.push((
-            workload,
-            median(&mut via_direct),
-            median(&mut via_balancer),
-            via_direct,
-            via_balancer,
-        ));
+    // samples[workload][path]
+    let mut samples = vec![vec![Vec::<Sample>::new(); PATHS.len()]; WORKLOADS.len()];
+    for round in 1..=rounds {
+        println!("==> round {round}/{rounds} ({seconds} s per run)");
+        lab.stop_balancer()?;
+        measure_path(&lab, Path::Routed, seconds, &mut samples)?;
+        lab.start_balancer(&artifacts.balancer, &config)?;
+        measure_path(&lab, Path::Vip, seconds, &mut samples)?;
+        measure_path(&lab, Path::RoutedWithXdp, seconds, &mut samples)?;
     }
+    lab.stop_balancer()?;
+    drop(lab);
 
-    println!("\n| workload | unit | direct path | balancer | balancer / direct | runs (direct; balancer) |");
-    println!("|---|---|---|---|---|---|");
-    for (workload, direct, balancer, runs_direct, runs_balancer) in &rows {
-        println!(
-            "| {} | {} | {direct:.0} | {balancer:.0} | {:.2} | {:?}; {:?} |",
-            workload.name,
-            workload.unit,
-            balancer / direct,
-            runs_direct.iter().map(|v| v.round()).collect::<Vec<_>>(),
-            runs_balancer.iter().map(|v| v.round()).collect::<Vec<_>>(),
-        );
+    let report = report(&samples, seconds, rounds);
+    println!("\n{report}");
+    match save(&report) {
+        Ok(path) => println!("saved to {}", path.display()),
+        Err(error) => println!("(not saved: {error:#})"),
     }
-    println!(
-        "\nmedians of {rounds} interleaved rounds of {seconds} s; CPU steal during the run: {:.1}%",
-        steal_percent_since_boot()
-    );
     Ok(())
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+fn measure_path(
+    lab: &Lab,
+    path: Path,
+    seconds: u32,
+    samples: &mut [Vec<Vec<Sample>>],
+) -> Result<()> {
+    let index = PATHS.iter().position(|p| *p == path).unwrap_or(0);
+    for (workload, per_path) in WORKLOADS.iter().zip(samples.iter_mut()) {
+        let before = CpuTimes::read()?;
+        let rate = match (workload.measure)(lab, &path.address(), seconds) {
+            Ok(rate) => rate,
+            Err(error) => {
+                // One broken run must not cost the others: report it and go on.
+                println!(
+                    "  {:<42} {:<22} FAILED: {error:#}",
+                    workload.name,
+                    path.title()
+                );
+                f64::NAN
+            }
+        };
+        let after = CpuTimes::read()?;
+        let work = rate * workload.work_per_rate_second * f64::from(seconds);
+        let sample = Sample {
+            rate,
+            cpu_us_per_work: if work > 0.0 {
+                after.busy_seconds_since(&before) * 1e6 / work
+            } else {
+                f64::NAN
+            },
+            steal_percent: after.steal_percent_since(&before),
+        };
+        if !rate.is_nan() {
+            println!(
+                "  {:<42} {:<22} {:>10.0} {:<7} {:>8.1} µs CPU/{}  steal {:.0}%",
+                workload.name,
+                path.title(),
+                sample.rate,
+                workload.unit,
+                sample.cpu_us_per_work,
+                workload.work,
+                sample.steal_percent
+            );
+        }
+        per_path[index].push(sample);
+    }
+    Ok(())
 }
 
-/// wrk against `/`, 32 keep-alive connections.
-fn keepalive_rps(lab: &Lab, addr: &str, seconds: u32) -> Result<f64> {
-    let output = lab.exec_checked(
-        &lab.client_ns(),
-        &[
-            "wrk",
-            "-t2",
-            "-c32",
-            &format!("-d{seconds}s"),
-            &format!("http://{addr}/"),
-        ],
+fn report(samples: &[Vec<Vec<Sample>>], seconds: u32, rounds: u32) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Rates: median of {rounds} interleaved round(s) of {seconds} s, [min-max]; all paths end at backend-1."
+    );
+    let _ = writeln!(
+        out,
+        "| workload | unit | {} | {} | VIP / routed | {} | XDP attached / routed |",
+        Path::Routed.title(),
+        Path::Vip.title(),
+        Path::RoutedWithXdp.title()
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    for (workload, per_path) in WORKLOADS.iter().zip(samples) {
+        let rates: Vec<Vec<f64>> = per_path
+            .iter()
+            .map(|s| s.iter().map(|s| s.rate).collect())
+            .collect();
+        let medians: Vec<f64> = rates.iter().map(|r| median(r)).collect();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.2} | {} | {:.2} |",
+            workload.name,
+            workload.unit,
+            spread(&rates[0]),
+            spread(&rates[1]),
+            medians[1] / medians[0],
+            spread(&rates[2]),
+            medians[2] / medians[0],
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nCPU time per unit of work (machine-wide busy time over the run / work done; median, lower is better)."
+    );
+    let _ = writeln!(
+        out,
+        "| workload | {} | {} | VIP / routed | {} |",
+        Path::Routed.title(),
+        Path::Vip.title(),
+        Path::RoutedWithXdp.title()
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    for (workload, per_path) in WORKLOADS.iter().zip(samples) {
+        let costs: Vec<f64> = per_path
+            .iter()
+            .map(|s| median(&s.iter().map(|s| s.cpu_us_per_work).collect::<Vec<_>>()))
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {} | {:.1} µs/{w} | {:.1} µs/{w} | {:.2} | {:.1} µs/{w} |",
+            workload.name,
+            costs[0],
+            costs[1],
+            costs[1] / costs[0],
+            costs[2],
+            w = workload.work,
+        );
+    }
+    let steal: Vec<f64> = samples
+        .iter()
+        .flatten()
+        .flatten()
+        .map(|s| s.steal_percent)
+        .collect();
+    let max_steal = steal.iter().copied().fold(0.0, f64::max);
+    let flagged = steal.iter().filter(|s| **s > STEAL_WARNING_PERCENT).count();
+    let _ = writeln!(
+        out,
+        "\nCPU steal per run: median {:.1}%, max {max_steal:.1}%{}",
+        median(&steal),
+        if flagged > 0 {
+            format!(
+                "; WARNING: {flagged} of {} runs above {STEAL_WARNING_PERCENT}% steal, their numbers are unreliable",
+                steal.len()
+            )
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        out,
+        "The client, the balancer host and the backend share this machine's CPUs (and with anything else running on it)."
+    );
+    out
+}
+
+/// Writes the report to `bench-results/bench-<unix time>.md` in the workspace.
+fn save(report: &str) -> Result<PathBuf> {
+    let dir = build::workspace_root().join("bench-results");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let path = dir.join(format!("bench-{stamp}.md"));
+    std::fs::write(&path, report).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// The median of the values that are numbers (failed runs are NaN); NaN if there are none.
+fn median(values: &[f64]) -> f64 {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| !v.is_nan()).collect();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn spread(values: &[f64]) -> String {
+    let failed = values.iter().filter(|v| v.is_nan()).count();
+    let values: Vec<f64> = values.iter().copied().filter(|v| !v.is_nan()).collect();
+    let text = if values.is_empty() {
+        "failed".to_owned()
+    } else {
+        spread_of(&values)
+    };
+    if failed > 0 && !values.is_empty() {
+        format!("{text} ({failed} failed)")
+    } else {
+        text
+    }
+}
+
+fn spread_of(values: &[f64]) -> String {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if values.len() > 1 {
+        format!("{:.0} [{min:.0}-{max:.0}]", median(values))
+    } else {
+        format!("{:.0}", median(values))
+    }
+}
+
+/// A command in the client namespace, killed if it overruns its own time limit by 30 s.
+fn client(lab: &Lab, seconds: u32, args: &[&str]) -> Result<String> {
+    let output = lab.exec_timeout(
+        lab.client_ns(),
+        args,
+        Duration::from_secs(u64::from(seconds) + 30),
     )?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        bail!(
+            "{args:?} failed ({}): {}{}",
+            output.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(stdout)
+}
+
+fn wrk(lab: &Lab, addr: &str, seconds: u32, extra: &[&str]) -> Result<f64> {
+    let duration = format!("-d{seconds}s");
+    let url = format!("http://{addr}/");
+    let mut args = vec!["wrk", "-t2", "-c32", &duration, "--timeout", "2s"];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    let output = client(lab, seconds, &args)?;
+    if let Some(errors) = output.lines().find(|l| l.contains("Socket errors")) {
+        println!("    wrk to {addr}: {}", errors.trim());
+    }
     parse_after(&output, "Requests/sec:")
 }
 
-/// Python opens a new connection per request for `seconds` (bounded in time and count).
-fn new_connections_rps(lab: &Lab, addr: &str, seconds: u32) -> Result<f64> {
-    let script = format!(
-        r#"
-import socket, time
-end = time.time() + {seconds}
-n = 0
-while time.time() < end and n < 1000000:
-    s = socket.create_connection(("{addr}", 80), timeout=5)
-    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    while s.recv(4096):
-        pass
-    s.close()
-    n += 1
-print(n / {seconds})
-"#
-    );
-    let output = lab.exec_checked(&lab.client_ns(), &["python3", "-c", &script])?;
-    output.trim().parse().context("parsing the connection rate")
+/// Requests per second over 32 keep-alive connections.
+fn keepalive_rps(lab: &Lab, addr: &str, seconds: u32) -> Result<f64> {
+    wrk(lab, addr, seconds, &[])
 }
 
-/// One download of far more than fits in `seconds`, cut off at `seconds`.
+/// `Connection: close`: the server closes after each response and wrk reconnects, so each
+/// request is a new TCP connection (a new flow for the balancer).
+fn new_connections_rps(lab: &Lab, addr: &str, seconds: u32) -> Result<f64> {
+    wrk(lab, addr, seconds, &["-H", "Connection: close"])
+}
+
+/// One download of far more than fits in `seconds`, cut off after `seconds`.
 fn bulk_mbits(lab: &Lab, addr: &str, seconds: u32) -> Result<f64> {
-    let output = lab.exec(
-        &lab.client_ns(),
+    let output = lab.exec_timeout(
+        lab.client_ns(),
         &[
             "curl",
             "-s",
@@ -150,13 +386,22 @@ fn bulk_mbits(lab: &Lab, addr: &str, seconds: u32) -> Result<f64> {
             &seconds.to_string(),
             "-w",
             "%{speed_download}",
-            &format!("http://{addr}/bytes/100000000000"),
+            &format!("http://{addr}/bytes/1000000000000"),
         ],
+        Duration::from_secs(u64::from(seconds) + 30),
     )?;
+    // curl exits 28 when --max-time cuts the download, as intended; it still prints the speed.
     let bytes_per_second: f64 = String::from_utf8_lossy(&output.stdout)
         .trim()
         .parse()
-        .context("parsing curl's speed")?;
+        .with_context(|| format!("parsing curl's download speed ({})", output.status))?;
+    if bytes_per_second <= 0.0 {
+        bail!(
+            "no data downloaded from {addr} ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
     Ok(bytes_per_second * 8.0 / 1e6)
 }
 
@@ -170,22 +415,46 @@ fn parse_after(text: &str, label: &str) -> Result<f64> {
         .with_context(|| format!("no {label:?} in:\n{text}"))
 }
 
-/// Steal time as a share of all CPU time since boot, from /proc/stat.
-fn steal_percent_since_boot() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let fields: Vec<f64> = stat
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let total: f64 = fields.iter().sum();
-    let steal = fields.get(7).copied().unwrap_or(0.0);
-    if total > 0.0 {
-        steal / total * 100.0
-    } else {
-        0.0
+/// The machine's CPU time counters from the first line of /proc/stat, in clock ticks.
+struct CpuTimes {
+    busy: u64,
+    steal: u64,
+    total: u64,
+}
+
+impl CpuTimes {
+    fn read() -> Result<CpuTimes> {
+        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .context("/proc/stat is empty")?
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|v| v.parse().context("parsing /proc/stat"))
+            .collect::<Result<_>>()?;
+        let [user, nice, system, idle, iowait, irq, softirq, steal] = fields[..] else {
+            bail!("/proc/stat has fewer than 8 CPU fields");
+        };
+        Ok(CpuTimes {
+            busy: user + nice + system + irq + softirq,
+            steal,
+            total: user + nice + system + idle + iowait + irq + softirq + steal,
+        })
+    }
+
+    fn busy_seconds_since(&self, earlier: &CpuTimes) -> f64 {
+        // SAFETY: sysconf has no preconditions.
+        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+        self.busy.saturating_sub(earlier.busy) as f64 / ticks_per_second as f64
+    }
+
+    fn steal_percent_since(&self, earlier: &CpuTimes) -> f64 {
+        let total = self.total.saturating_sub(earlier.total);
+        if total == 0 {
+            return 0.0;
+        }
+        self.steal.saturating_sub(earlier.steal) as f64 * 100.0 / total as f64
     }
 }
