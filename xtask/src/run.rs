@@ -65,13 +65,13 @@ pub fn run(args: &[String]) -> Result<()> {
          \x20 {balancer} backend drain web backend-1 --instance {instance}\n\n\
          Live stats follow (Ctrl-C stops the demo and removes the lab):\n"
     );
-    follow(&lab)?;
+    let followed = follow(&lab);
     println!("\n==> stopping the balancer and removing the lab");
     drop(lab);
-    Ok(())
+    followed
 }
 
-/// Prints the agent's log as it grows until Ctrl-C or SIGTERM.
+/// Prints the agent's log as it grows until Ctrl-C or SIGTERM; fails if the agent exits.
 fn follow(lab: &Lab) -> Result<()> {
     let mut log = std::fs::File::open(lab.balancer_log()).context("opening the balancer log")?;
     log.seek(SeekFrom::Start(0))?;
@@ -80,6 +80,12 @@ fn follow(lab: &Lab) -> Result<()> {
     while !STOP.load(Ordering::SeqCst) {
         line.clear();
         if reader.read_line(&mut line)? == 0 {
+            let running = lab
+                .balancer_pid()
+                .is_some_and(balancer_lab::process::running);
+            if !running {
+                bail!("the balancer exited; its log is above");
+            }
             thread::sleep(Duration::from_millis(200));
             continue;
         }
