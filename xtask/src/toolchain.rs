@@ -120,16 +120,13 @@ fn missing_toolchain_help() -> String {
     if nightly_installed() && !nightly_with_rust_src() {
         found.push("a rustup nightly, but without the rust-src component".to_owned());
     }
-    if let Some(linker) = bpf_linker() {
-        found.push(format!("bpf-linker at {}", linker.display()));
+    match bpf_linker() {
+        Some(linker) => found.push(format!("bpf-linker at {}", linker.display())),
+        None => found.push("no bpf-linker".to_owned()),
     }
-    let found = if found.is_empty() {
-        "nothing usable".to_owned()
-    } else {
-        found.join("; ")
-    };
+    let found = found.join("; ");
     format!(
-        "no eBPF toolchain found (found: {found}), and I cannot install one ({why}).\n\
+        "no eBPF toolchain found ({found}), and I cannot install one ({why}).\n\
          Building the XDP program needs a Rust compiler with `core` for bpfel-unknown-none and bpf-linker. Install either:\n\
          \x20 - on Debian 12 / Ubuntu, as root:\n\
          \x20     apt-get install {}\n\
@@ -143,7 +140,7 @@ fn missing_toolchain_help() -> String {
 }
 
 /// The programs the lab, the tests and the benchmark run, by the Debian package that has them.
-const LAB_TOOLS: [(&str, &str); 9] = [
+const LAB_TOOLS: [(&str, &str); 11] = [
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("ethtool", "ethtool"),
@@ -153,6 +150,8 @@ const LAB_TOOLS: [(&str, &str); 9] = [
     ("wrk", "wrk"),
     ("nft", "nftables"),
     ("sha256sum", "coreutils"),
+    ("iperf3", "iperf3"),
+    ("python3", "python3"),
 ];
 
 /// Installs what the lab needs (tools above, Debian's python3 with scapy) and mounts bpffs.
