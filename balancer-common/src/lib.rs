@@ -17,6 +17,10 @@ pub mod map_name {
     pub const BACKENDS: &str = "BACKENDS";
     pub const BACKEND_TABLE: &str = "BACKEND_TABLE";
     pub const FLOWS: &str = "FLOWS";
+    pub const SYN_OPTIONS: &str = "SYN_OPTIONS";
+    pub const BINDINGS: &str = "BINDINGS";
+    pub const PUNTS: &str = "PUNTS";
+    pub const COOKIE_SECRET: &str = "COOKIE_SECRET";
     pub const REVERSE: &str = "REVERSE";
     pub const AFFINITY: &str = "AFFINITY";
     pub const STATS: &str = "STATS";
@@ -36,6 +40,8 @@ pub const TABLES_PER_SERVICE: u32 = 2;
 pub const MAX_TX_PORTS: u32 = 64;
 /// Default capacity of the flow tables (`FLOWS` and `REVERSE`); configurable at load time.
 pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 20;
+/// Cookie services: client connections between their SYN and the agent's binding.
+pub const BINDING_CAPACITY: u32 = 1 << 16;
 /// Default capacity of the client affinity table (`AFFINITY`); configurable at load time.
 pub const DEFAULT_AFFINITY_CAPACITY: u32 = 1 << 20;
 
@@ -84,6 +90,23 @@ pub mod affinity {
     pub const FLOW: u32 = 0;
     /// All flows of a (masked) client address go to one backend while the client is active.
     pub const SOURCE_IP: u32 = 1;
+    /// HTTP: the agent chooses the backend from the request's cookie (delayed binding: XDP
+    /// completes the client's handshake with a SYN cookie, the agent opens the backend side,
+    /// then XDP splices the two).
+    pub const COOKIE: u32 = 2;
+}
+
+/// States of a client flow in [`Flow::state`] and of its reverse entry in
+/// [`ReverseNat::state`].
+pub mod flow_state {
+    /// Plain NAT: every packet is rewritten and forwarded.
+    pub const NAT: u32 = 0;
+    /// The client's handshake is done; its data goes to the agent until a backend is chosen.
+    pub const BINDING: u32 = 1;
+    /// The agent sent the backend a SYN; the backend's answer goes to the agent.
+    pub const CONNECTING: u32 = 2;
+    /// Both legs are up: packets are rewritten with the sequence offset and forwarded.
+    pub const SPLICED: u32 = 3;
 }
 
 /// `AFFINITY` key: a service and a masked client address.
@@ -152,8 +175,13 @@ pub struct Flow {
     /// Second (of `bpf_ktime_get_coarse_ns`) of the client's latest packet; written at most
     /// once a second so the hot path rarely dirties the entry.
     pub last_seen_s: u32,
+    /// One of [`flow_state`].
+    pub state: u32,
+    /// Spliced TCP: added to the client's acknowledgement numbers (backend ISN minus the
+    /// ISN the balancer gave the client).
+    pub seq_delta: u32,
 }
-const _: () = assert!(size_of::<Flow>() == 16);
+const _: () = assert!(size_of::<Flow>() == 24);
 
 /// Bits of [`Flow::flags`].
 pub mod flow_flags {
@@ -167,9 +195,98 @@ pub mod flow_flags {
 pub struct ReverseNat {
     pub vip: u32,
     pub port: u16,
-    pub _pad: u16,
+    /// Spliced TCP: the window scale the backend announced, and the one the client was
+    /// promised; windows are rescaled from the first to the second.
+    pub backend_window_shift: u8,
+    pub client_window_shift: u8,
+    /// One of [`flow_state`].
+    pub state: u32,
+    /// Spliced TCP: subtracted from the backend's sequence numbers.
+    pub seq_delta: u32,
 }
-const _: () = assert!(size_of::<ReverseNat>() == 8);
+const _: () = assert!(size_of::<ReverseNat>() == 16);
+
+/// `SYN_OPTIONS` value: what a client's SYN offered, kept until its handshake completes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SynOptions {
+    pub mss: u16,
+    /// The client's window scale, or [`NO_WINDOW_SCALE`].
+    pub window_shift: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<SynOptions>() == 4);
+
+/// [`SynOptions::window_shift`] of a client that offered no window scaling.
+pub const NO_WINDOW_SCALE: u8 = 0xff;
+
+/// `BINDINGS` value: a client connection whose handshake the balancer completed, waiting for
+/// the agent to open the backend side with the client's own sequence numbers and options.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Binding {
+    /// The client's initial sequence number.
+    pub client_isn: u32,
+    /// The initial sequence number the balancer answered with (its SYN cookie).
+    pub cookie_isn: u32,
+    pub options: SynOptions,
+}
+const _: () = assert!(size_of::<Binding>() == 12);
+
+/// The MSS the balancer offers clients of cookie services; conservative, so segments fit any
+/// backend path.
+pub const COOKIE_MSS: u16 = 1400;
+/// The window scale the balancer offers clients of cookie services (Linux's usual); backend
+/// windows are rescaled to it when a backend announces another.
+pub const COOKIE_WINDOW_SHIFT: u8 = 7;
+
+/// `PUNTS` record: a frame the agent must see.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct Punt {
+    /// One of [`punt_kind`].
+    pub kind: u32,
+    /// Bytes of `frame` that hold the frame (it is cut at [`PUNT_FRAME_SIZE`]).
+    pub len: u32,
+    pub frame: [u8; PUNT_FRAME_SIZE],
+}
+const _: () = assert!(size_of::<Punt>() == 8 + PUNT_FRAME_SIZE);
+
+/// Bytes of a punted frame kept: a full 1500-byte MTU frame with its Ethernet header.
+pub const PUNT_FRAME_SIZE: usize = 1520;
+/// Size of the `PUNTS` ring buffer.
+pub const PUNT_RING_SIZE: u32 = 4 << 20;
+
+/// What a [`Punt`] carries.
+pub mod punt_kind {
+    /// A client segment of a connection that is not spliced yet.
+    pub const CLIENT: u32 = 1;
+    /// A backend segment of a connection the agent is opening (its SYN-ACK, or a reset).
+    pub const BACKEND: u32 = 2;
+}
+
+/// `COOKIE_SECRET` value: the key of the SYN cookies, set by the agent at start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CookieSecret {
+    pub key: [u32; 4],
+}
+const _: () = assert!(size_of::<CookieSecret>() == 16);
+
+/// Seconds a SYN cookie is issued for; an ACK is accepted for the current period and the one
+/// before, so a cookie lives 64 to 128 seconds.
+pub const COOKIE_PERIOD_S: u32 = 64;
+
+/// The SYN cookie (the balancer's ISN) of a client connection in cookie period `period`: a
+/// keyed hash of the 4-tuple, so answering a SYN costs no state.
+#[inline(always)]
+pub fn syn_cookie(secret: &CookieSecret, key: &FlowKey, period: u32) -> u32 {
+    let ports = (u32::from(key.sport) << 16) | u32::from(key.dport);
+    let mut h = mix(secret.key[0] ^ key.src);
+    h = mix(h ^ secret.key[1] ^ key.dst);
+    h = mix(h ^ secret.key[2] ^ ports);
+    mix(h ^ secret.key[3] ^ period)
+}
 
 /// `STATS` value (per CPU), indexed by [`Reason`].
 #[repr(C)]
@@ -219,10 +336,27 @@ pub enum Reason {
     DropBadIpHeader,
     /// Non-TCP packet (or a TCP reset) for a service with no usable backend.
     DropNoBackend,
+    /// Cookie service: a client SYN answered with a SYN cookie (XDP_TX).
+    SynCookieSent,
+    /// Cookie service: a client ACK that matches its SYN cookie; binding starts.
+    HandshakeDone,
+    /// Cookie service: an ACK of no connection whose cookie does not match, dropped.
+    DropBadCookie,
+    /// Cookie service: a segment handed to the agent (client data while binding, or the
+    /// backend's answer to the agent's SYN).
+    Punted,
+    /// Cookie service: a segment the agent will not need (a pure ACK while binding), dropped.
+    DropWhileBinding,
+    /// A segment that should have gone to the agent, dropped because the ring was full.
+    DropPuntRingFull,
+    /// Cookie service: a client segment forwarded on a spliced connection.
+    SplicedToBackend,
+    /// Cookie service: a backend segment forwarded on a spliced connection.
+    SplicedToClient,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 25;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::Replied,
@@ -241,6 +375,14 @@ impl Reason {
         Reason::DropTruncated,
         Reason::DropBadIpHeader,
         Reason::DropNoBackend,
+        Reason::SynCookieSent,
+        Reason::HandshakeDone,
+        Reason::DropBadCookie,
+        Reason::Punted,
+        Reason::DropWhileBinding,
+        Reason::DropPuntRingFull,
+        Reason::SplicedToBackend,
+        Reason::SplicedToClient,
     ];
 
     /// Stable name used in logs, the stats line and metrics.
@@ -263,6 +405,14 @@ impl Reason {
             Reason::DropTruncated => "drop_truncated",
             Reason::DropBadIpHeader => "drop_bad_ip_header",
             Reason::DropNoBackend => "drop_no_backend",
+            Reason::SynCookieSent => "syn_cookie_sent",
+            Reason::HandshakeDone => "handshake_done",
+            Reason::DropBadCookie => "drop_bad_cookie",
+            Reason::Punted => "punted",
+            Reason::DropWhileBinding => "drop_while_binding",
+            Reason::DropPuntRingFull => "drop_punt_ring_full",
+            Reason::SplicedToBackend => "spliced_to_backend",
+            Reason::SplicedToClient => "spliced_to_client",
         }
     }
 }
@@ -280,6 +430,9 @@ mod user {
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for Affinity {}
+    unsafe impl aya::Pod for SynOptions {}
+    unsafe impl aya::Pod for Binding {}
+    unsafe impl aya::Pod for CookieSecret {}
 }
 
 #[cfg(test)]

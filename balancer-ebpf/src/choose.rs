@@ -16,7 +16,7 @@ const NANOS_PER_SECOND: u64 = 1_000_000_000;
 
 /// The backend id a new flow of `service` goes to.
 #[inline(always)]
-pub fn choose_backend(service: &Service, key: &FlowKey) -> Result<u32, Verdict> {
+pub fn backend(service: &Service, key: &FlowKey) -> Result<u32, Verdict> {
     if service.affinity == affinity::SOURCE_IP {
         session_backend(service, key.src & service.source_mask)
     } else {

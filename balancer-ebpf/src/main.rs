@@ -6,13 +6,16 @@
 #![no_std]
 #![no_main]
 
-mod affinity;
+mod choose;
 mod forward;
 mod maps;
 mod nat;
 mod packet;
+mod reply;
 mod reset;
+mod splice;
 mod stats;
+mod synack;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 
@@ -31,11 +34,11 @@ pub fn balancer(ctx: XdpContext) -> u32 {
 
 fn try_balancer(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let packet = packet::parse(ctx)?;
-    if nat::to_backend(ctx, &packet)?.is_some() {
-        return forward::redirect(ctx, Reason::Forwarded);
+    if let Some(reason) = nat::to_backend(ctx, &packet)? {
+        return forward::redirect(ctx, reason);
     }
-    if nat::to_client(ctx, &packet)?.is_some() {
-        return forward::redirect(ctx, Reason::Replied);
+    if let Some(reason) = nat::to_client(ctx, &packet)? {
+        return forward::redirect(ctx, reason);
     }
     Err(Verdict::pass(Reason::PassNotService))
 }

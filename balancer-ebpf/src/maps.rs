@@ -2,12 +2,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use balancer_common::{
-    Affinity, AffinityKey, Backend, Counter, Flow, FlowKey, Reason, ReverseNat, Service,
-    ServiceKey, DEFAULT_AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY, DEFAULT_TABLE_SIZE, MAX_BACKENDS,
-    MAX_SERVICES, MAX_TX_PORTS, TABLES_PER_SERVICE,
+    Affinity, AffinityKey, Backend, Binding, CookieSecret, Counter, Flow, FlowKey, Reason,
+    ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY, DEFAULT_AFFINITY_CAPACITY,
+    DEFAULT_FLOW_CAPACITY, DEFAULT_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS,
+    PUNT_RING_SIZE, TABLES_PER_SERVICE,
 };
 
 /// Virtual services: (VIP, port, protocol) → affinity mode, lookup table and backend count.
@@ -44,3 +45,20 @@ pub static STATS: PerCpuArray<Counter> = PerCpuArray::pinned(Reason::COUNT, 0);
 /// Interfaces the program may redirect to, keyed by ifindex.
 #[map]
 pub static TX_PORTS: DevMapHash = DevMapHash::pinned(MAX_TX_PORTS, 0);
+
+/// Cookie services: what each client SYN offered, until its handshake completes. Under a SYN
+/// flood entries are evicted and those clients get default options.
+#[map]
+pub static SYN_OPTIONS: LruHashMap<FlowKey, SynOptions> = LruHashMap::pinned(BINDING_CAPACITY, 0);
+
+/// Cookie services: client connections the balancer accepted, until the agent binds them.
+#[map]
+pub static BINDINGS: LruHashMap<FlowKey, Binding> = LruHashMap::pinned(BINDING_CAPACITY, 0);
+
+/// Frames for the agent: client data while a connection is being bound, backend answers.
+#[map]
+pub static PUNTS: RingBuf = RingBuf::pinned(PUNT_RING_SIZE, 0);
+
+/// The key of the SYN cookies (one entry), written by the agent.
+#[map]
+pub static COOKIE_SECRET: Array<CookieSecret> = Array::pinned(1, 0);

@@ -3,15 +3,16 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use balancer_common::{
-    csum, flow_flags, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey, PROTO_TCP, PROTO_UDP,
+    affinity, csum, flow_flags, flow_state, punt_kind, Flow, FlowKey, Reason, ReverseNat, Service,
+    ServiceKey, PROTO_TCP, PROTO_UDP,
 };
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
-    affinity,
+    choose,
     maps::{BACKENDS, FLOWS, REVERSE, SERVICES},
-    packet::{ptr_at, Packet, IP_OFFSET, L4_OFFSET},
-    reset,
+    packet::{ptr_at, Packet, IP_OFFSET, L4_OFFSET, TCP_SYN},
+    reset, splice,
     stats::{self, Verdict},
 };
 
@@ -22,9 +23,10 @@ enum End {
     Destination,
 }
 
-/// Rewrites a client → VIP packet to its backend. `None` when it is not addressed to a service.
+/// Rewrites a client → VIP packet to its backend and says what forwarding it counts as.
+/// `None` when it is not addressed to a service.
 #[inline(always)]
-pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<()>, Verdict> {
+pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, Verdict> {
     let key = &packet.key;
     let service_key = ServiceKey {
         vip: key.dst,
@@ -50,8 +52,19 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<()>, Verdi
             if service.backend_count == 0 {
                 return Err(refuse(ctx, key.proto));
             }
+            if service.affinity == affinity::COOKIE && key.proto == PROTO_TCP {
+                return Err(splice::accept(ctx, packet, now_s));
+            }
             new_flow(service, key, now_s, packet.closing)?
         }
+    };
+    let reason = match flow.state {
+        flow_state::NAT => Reason::Forwarded,
+        flow_state::SPLICED => {
+            splice::client_to_backend(ctx, packet, &flow)?;
+            Reason::SplicedToBackend
+        }
+        _ => return Err(splice::while_binding(ctx, packet)),
     };
     rewrite(
         ctx,
@@ -60,19 +73,28 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<()>, Verdi
         flow.backend_addr,
         flow.backend_port,
     )?;
-    Ok(Some(()))
+    Ok(Some(reason))
 }
 
 /// Rewrites a backend's reply to come from the VIP. `None` when it belongs to no known flow.
 #[inline(always)]
-pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<()>, Verdict> {
+pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, Verdict> {
     let Some(nat) = REVERSE.get_ptr(&packet.key) else {
         return Ok(None);
     };
     // SAFETY: map values stay valid for the duration of the program.
     let nat = unsafe { *nat };
+    let reason = match nat.state {
+        flow_state::NAT => Reason::Replied,
+        // A SYN-ACK (first or repeated) answers the agent's SYN: the agent acknowledges it.
+        flow_state::SPLICED if packet.tcp_flags & TCP_SYN == 0 => {
+            splice::backend_to_client(ctx, packet, &nat)?;
+            Reason::SplicedToClient
+        }
+        _ => return Err(splice::punt(ctx, punt_kind::BACKEND)),
+    };
     rewrite(ctx, packet, End::Source, nat.vip, nat.port)?;
-    Ok(Some(()))
+    Ok(Some(reason))
 }
 
 /// Records that the client's flow is alive, writing only what changed.
@@ -107,7 +129,7 @@ fn refuse(ctx: &XdpContext, proto: u8) -> Verdict {
 /// directions.
 #[inline(always)]
 fn new_flow(service: &Service, key: &FlowKey, now_s: u32, closing: bool) -> Result<Flow, Verdict> {
-    let backend_id = affinity::choose_backend(service, key)?;
+    let backend_id = choose::backend(service, key)?;
     let backend = *BACKENDS
         .get(backend_id)
         .ok_or(Verdict::drop(Reason::DropNoBackend))?;
@@ -117,6 +139,8 @@ fn new_flow(service: &Service, key: &FlowKey, now_s: u32, closing: bool) -> Resu
         backend_port: backend.port,
         flags: if closing { flow_flags::CLOSING } else { 0 },
         last_seen_s: now_s,
+        state: flow_state::NAT,
+        seq_delta: 0,
     };
     let reply_key = FlowKey {
         src: backend.addr,
@@ -129,7 +153,7 @@ fn new_flow(service: &Service, key: &FlowKey, now_s: u32, closing: bool) -> Resu
     let reverse = ReverseNat {
         vip: key.dst,
         port: key.dport,
-        _pad: 0,
+        ..ReverseNat::default()
     };
     // A failed insert only means the next packet takes this path again.
     let _ = FLOWS.insert(key, &flow, 0);

@@ -29,7 +29,20 @@ pub struct Packet {
     pub l4_check_offset: usize,
     /// The client is ending a TCP flow (FIN or RST); always false for UDP.
     pub closing: bool,
+    /// TCP: the flags byte (`TCP_*`); 0 for UDP.
+    pub tcp_flags: u8,
+    /// TCP: header length in bytes, options included.
+    pub tcp_header_len: usize,
+    /// TCP: payload bytes, from the IPv4 total length.
+    pub payload_len: usize,
 }
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+/// Offset of the TCP flags byte from the start of the frame.
+pub const TCP_FLAGS_OFFSET: usize = L4_OFFSET + 13;
 
 /// A pointer to a `T` at `offset` in the frame, if the whole `T` lies inside it.
 #[inline(always)]
@@ -78,7 +91,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
         return Err(Verdict::pass(Reason::PassFragment));
     }
 
-    let (sport, dport, l4_check_offset, closing) = match ip.proto {
+    let (sport, dport, l4_check_offset, closing, tcp_flags, tcp_header_len) = match ip.proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = header(ctx, L4_OFFSET)?;
             // SAFETY: `header` checked that the TCP header lies inside the frame.
@@ -87,7 +100,18 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
                 return Err(Verdict::drop(Reason::DropTruncated));
             }
             let closing = tcp.fin() != 0 || tcp.rst() != 0;
-            (tcp.source, tcp.dest, L4_OFFSET + 16, closing)
+            let flags: *const u8 = header(ctx, TCP_FLAGS_OFFSET)?;
+            // SAFETY: the flags byte lies inside the checked TCP header.
+            let flags = unsafe { *flags };
+            let header_len = usize::from(tcp.doff()) * 4;
+            (
+                tcp.source,
+                tcp.dest,
+                L4_OFFSET + 16,
+                closing,
+                flags,
+                header_len,
+            )
         }
         PROTO_UDP => {
             let udp: *const UdpHdr = header(ctx, L4_OFFSET)?;
@@ -96,7 +120,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
             if total_len < Ipv4Hdr::LEN + UdpHdr::LEN {
                 return Err(Verdict::drop(Reason::DropTruncated));
             }
-            (udp.src, udp.dst, L4_OFFSET + 6, false)
+            (udp.src, udp.dst, L4_OFFSET + 6, false, 0, 0)
         }
         _ => return Err(Verdict::pass(Reason::PassNotTcpUdp)),
     };
@@ -112,5 +136,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
         },
         l4_check_offset,
         closing,
+        tcp_flags,
+        tcp_header_len,
+        payload_len: total_len.saturating_sub(Ipv4Hdr::LEN + tcp_header_len),
     })
 }

@@ -1,13 +1,14 @@
 //! Refusing a TCP connection: the segment is turned into the reset the client expects
 //! (RFC 9293 §3.10.7.1) and sent back out of the interface it came in on.
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_tail, programs::XdpContext};
-use balancer_common::{csum, Reason};
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use balancer_common::Reason;
 
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
 
 use crate::{
     packet::{ptr_at, IP_OFFSET, L4_OFFSET},
+    reply,
     stats::Verdict,
 };
 
@@ -63,35 +64,10 @@ pub fn refuse(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     tcp.check = [0; 2];
     tcp.urg_ptr = [0; 2];
 
-    let shrink = RESET_LEN as i32 - (ctx.data_end() - ctx.data()) as i32;
-    // SAFETY: shrinking the frame to the headers written above.
-    if shrink != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, shrink) } != 0 {
-        return Err(dropped);
-    }
-    write_checksums(ctx).ok_or(dropped)?;
+    reply::resize(ctx, RESET_LEN).ok_or(dropped)?;
+    reply::write_checksums::<{ TcpHdr::LEN / 2 }>(ctx).ok_or(dropped)?;
     Ok(Verdict {
         action: xdp_action::XDP_TX,
         reason: Reason::RefusedNoBackend,
     })
-}
-
-/// Full IPv4 and TCP checksums of the 54-byte reset.
-#[inline(always)]
-fn write_checksums(ctx: &XdpContext) -> Option<()> {
-    let ip: *mut [u16; 10] = ptr_at(ctx, IP_OFFSET)?;
-    let tcp: *mut [u16; 10] = ptr_at(ctx, L4_OFFSET)?;
-    // SAFETY: `ptr_at` checked that both headers lie inside the (shrunk) frame.
-    let (ip, tcp) = unsafe { (&mut *ip, &mut *tcp) };
-    let ip_sum: u32 = ip.iter().map(|w| u32::from(*w)).sum();
-    ip[5] = !csum::fold(ip_sum);
-    // Pseudo header: addresses, protocol and TCP length, all as they lie in memory.
-    let pseudo = u32::from(ip[6])
-        + u32::from(ip[7])
-        + u32::from(ip[8])
-        + u32::from(ip[9])
-        + u32::from(u16::from_ne_bytes([0, 6]))
-        + u32::from((TcpHdr::LEN as u16).to_be());
-    let tcp_sum: u32 = tcp.iter().map(|w| u32::from(*w)).sum();
-    tcp[8] = !csum::fold(pseudo + tcp_sum);
-    Some(())
 }

@@ -1,0 +1,40 @@
+//! Frames the program builds in place of the one it received and sends back with XDP_TX: a
+//! reset, a SYN-ACK. Both end with the frame resized and its checksums computed in full.
+
+use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
+use balancer_common::{csum, PROTO_TCP};
+
+use crate::packet::{ptr_at, IP_OFFSET, L4_OFFSET};
+
+/// Grows or shrinks the frame to `len` bytes; pointers into it must be fetched again after.
+#[inline(always)]
+pub fn resize(ctx: &XdpContext, len: usize) -> Option<()> {
+    let delta = len as i32 - (ctx.data_end() - ctx.data()) as i32;
+    // SAFETY: the kernel checks the new length against the frame's buffer.
+    if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return None;
+    }
+    Some(())
+}
+
+/// Computes the IPv4 header checksum and the checksum of a TCP segment of `TCP_WORDS` 16-bit
+/// words (header and options, no payload), both fields zero beforehand.
+#[inline(always)]
+pub fn write_checksums<const TCP_WORDS: usize>(ctx: &XdpContext) -> Option<()> {
+    let ip: *mut [u16; 10] = ptr_at(ctx, IP_OFFSET)?;
+    let tcp: *mut [u16; TCP_WORDS] = ptr_at(ctx, L4_OFFSET)?;
+    // SAFETY: `ptr_at` checked that both lie inside the frame.
+    let (ip, tcp) = unsafe { (&mut *ip, &mut *tcp) };
+    let ip_sum: u32 = ip.iter().map(|w| u32::from(*w)).sum();
+    ip[5] = !csum::fold(ip_sum);
+    // Pseudo header: addresses, protocol and TCP length, all as they lie in memory.
+    let pseudo = u32::from(ip[6])
+        + u32::from(ip[7])
+        + u32::from(ip[8])
+        + u32::from(ip[9])
+        + u32::from(u16::from_ne_bytes([0, PROTO_TCP]))
+        + u32::from(((TCP_WORDS * 2) as u16).to_be());
+    let tcp_sum: u32 = tcp.iter().map(|w| u32::from(*w)).sum();
+    tcp[8] = !csum::fold(pseudo + tcp_sum);
+    Some(())
+}

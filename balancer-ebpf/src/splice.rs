@@ -1,0 +1,201 @@
+//! Cookie services in XDP: the client's handshake is completed with a SYN cookie, its data
+//! goes to the agent (which reads the request's cookie and opens the backend side), and once
+//! both legs are up every packet is forwarded with its sequence numbers shifted between the
+//! two legs' ISNs and the backend's windows rescaled.
+
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
+    programs::XdpContext,
+};
+use balancer_common::{
+    csum, flow_state, punt_kind, syn_cookie, Binding, CookieSecret, Flow, Punt, Reason, ReverseNat,
+    SynOptions, COOKIE_PERIOD_S, NO_WINDOW_SCALE, PUNT_FRAME_SIZE,
+};
+use network_types::tcp::TcpHdr;
+
+use crate::{
+    maps::{BINDINGS, COOKIE_SECRET, FLOWS, PUNTS, SYN_OPTIONS},
+    packet::{ptr_at, Packet, L4_OFFSET, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats::{self, Verdict},
+    synack,
+};
+
+const SEQ_OFFSET: usize = L4_OFFSET + 4;
+const ACK_OFFSET: usize = L4_OFFSET + 8;
+const WINDOW_OFFSET: usize = L4_OFFSET + 14;
+/// Options a client is assumed to have when its SYN's were evicted from `SYN_OPTIONS`.
+const DEFAULT_OPTIONS: SynOptions = SynOptions {
+    mss: 536,
+    window_shift: NO_WINDOW_SCALE,
+    _pad: 0,
+};
+
+pub fn cookie_secret() -> CookieSecret {
+    COOKIE_SECRET.get(0).copied().unwrap_or_default()
+}
+
+pub fn cookie_period() -> u32 {
+    // SAFETY: a helper without arguments.
+    let now_s = unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000;
+    (now_s / u64::from(COOKIE_PERIOD_S)) as u32
+}
+
+/// A client segment of a cookie service that belongs to no connection yet: a SYN is answered
+/// with a SYN cookie; an ACK carrying a valid cookie starts the binding.
+#[inline(always)]
+pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
+    let flags = packet.tcp_flags;
+    if flags & TCP_SYN != 0 && flags & (TCP_ACK | TCP_RST) == 0 {
+        return synack::answer(ctx, packet);
+    }
+    let bad_cookie = Verdict::drop(Reason::DropBadCookie);
+    if flags & TCP_ACK == 0 || flags & (TCP_SYN | TCP_RST) != 0 {
+        return bad_cookie;
+    }
+    let Some(tcp) = ptr_at::<TcpHdr>(ctx, L4_OFFSET) else {
+        return bad_cookie;
+    };
+    // SAFETY: `ptr_at` checked that the header lies inside the frame.
+    let (seq, ack) = unsafe {
+        (
+            u32::from_be_bytes((*tcp).seq),
+            u32::from_be_bytes((*tcp).ack_seq),
+        )
+    };
+    let cookie_isn = ack.wrapping_sub(1);
+    let secret = cookie_secret();
+    let period = cookie_period();
+    let key = &packet.key;
+    if cookie_isn != syn_cookie(&secret, key, period)
+        && cookie_isn != syn_cookie(&secret, key, period.wrapping_sub(1))
+    {
+        return bad_cookie;
+    }
+    let options = SYN_OPTIONS.get_ptr(key).map_or(DEFAULT_OPTIONS, |o| {
+        // SAFETY: map values stay valid for the duration of the program.
+        unsafe { *o }
+    });
+    let _ = SYN_OPTIONS.remove(key);
+    let binding = Binding {
+        client_isn: seq.wrapping_sub(1),
+        cookie_isn,
+        options,
+    };
+    let flow = Flow {
+        state: flow_state::BINDING,
+        last_seen_s: now_s,
+        ..Flow::default()
+    };
+    if BINDINGS.insert(key, &binding, 0).is_err() || FLOWS.insert(key, &flow, 0).is_err() {
+        return Verdict::drop(Reason::DropWhileBinding);
+    }
+    stats::count(Reason::HandshakeDone, 0);
+    while_binding(ctx, packet)
+}
+
+/// A client segment while its connection is being bound: data, FIN and RST go to the agent,
+/// pure ACKs are not needed.
+#[inline(always)]
+pub fn while_binding(ctx: &XdpContext, packet: &Packet) -> Verdict {
+    if packet.payload_len > 0 || packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        punt(ctx, punt_kind::CLIENT)
+    } else {
+        Verdict::drop(Reason::DropWhileBinding)
+    }
+}
+
+/// Hands the frame to the agent through the `PUNTS` ring and drops it here.
+#[inline(always)]
+pub fn punt(ctx: &XdpContext, kind: u32) -> Verdict {
+    let Some(mut entry) = PUNTS.reserve::<Punt>(0) else {
+        return Verdict::drop(Reason::DropPuntRingFull);
+    };
+    // Punted frames were parsed as TCP, so they hold at least the headers; the lower bound
+    // also tells the verifier the copy is not empty.
+    let len = (ctx.data_end() - ctx.data()).clamp(L4_OFFSET + TcpHdr::LEN, PUNT_FRAME_SIZE);
+    let record = entry.as_mut_ptr();
+    // SAFETY: `record` points at a reserved `Punt`; `len` is at most its frame's size.
+    let copied = unsafe {
+        (*record).kind = kind;
+        (*record).len = len as u32;
+        bpf_xdp_load_bytes(ctx.ctx, 0, (*record).frame.as_mut_ptr().cast(), len as u32) == 0
+    };
+    if !copied {
+        entry.discard(0);
+        return Verdict::drop(Reason::DropTruncated);
+    }
+    entry.submit(0);
+    Verdict::drop(Reason::Punted)
+}
+
+/// A client segment of a spliced connection: acknowledgement numbers move into the backend's
+/// sequence space. (The address rewrite is the caller's.)
+#[inline(always)]
+pub fn client_to_backend(ctx: &XdpContext, packet: &Packet, flow: &Flow) -> Result<(), Verdict> {
+    if packet.tcp_flags & TCP_ACK != 0 {
+        shift(ctx, packet, ACK_OFFSET, flow.seq_delta)?;
+    }
+    Ok(())
+}
+
+/// A backend segment of a spliced connection: sequence numbers move into the space the client
+/// knows, and the window is rescaled to the shift the client was promised.
+#[inline(always)]
+pub fn backend_to_client(
+    ctx: &XdpContext,
+    packet: &Packet,
+    nat: &ReverseNat,
+) -> Result<(), Verdict> {
+    shift(ctx, packet, SEQ_OFFSET, nat.seq_delta.wrapping_neg())?;
+    if nat.backend_window_shift != nat.client_window_shift {
+        rescale_window(
+            ctx,
+            packet,
+            nat.backend_window_shift,
+            nat.client_window_shift,
+        )?;
+    }
+    Ok(())
+}
+
+/// Adds `delta` to the 32-bit sequence field at `offset`, fixing the TCP checksum.
+#[inline(always)]
+fn shift(ctx: &XdpContext, packet: &Packet, offset: usize, delta: u32) -> Result<(), Verdict> {
+    let truncated = Verdict::drop(Reason::DropTruncated);
+    let field: *mut [u8; 4] = ptr_at(ctx, offset).ok_or(truncated)?;
+    let check: *mut [u8; 2] = ptr_at(ctx, packet.l4_check_offset).ok_or(truncated)?;
+    // SAFETY: `ptr_at` checked that both fields lie inside the frame.
+    unsafe {
+        let old = *field;
+        let new = u32::from_be_bytes(old).wrapping_add(delta).to_be_bytes();
+        *field = new;
+        let sum = csum::replace32(
+            u16::from_ne_bytes(*check),
+            u32::from_ne_bytes(old),
+            u32::from_ne_bytes(new),
+        );
+        *check = sum.to_ne_bytes();
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn rescale_window(ctx: &XdpContext, packet: &Packet, from: u8, to: u8) -> Result<(), Verdict> {
+    let truncated = Verdict::drop(Reason::DropTruncated);
+    let field: *mut [u8; 2] = ptr_at(ctx, WINDOW_OFFSET).ok_or(truncated)?;
+    let check: *mut [u8; 2] = ptr_at(ctx, packet.l4_check_offset).ok_or(truncated)?;
+    // SAFETY: `ptr_at` checked that both fields lie inside the frame.
+    unsafe {
+        let old = *field;
+        let bytes = u64::from(u16::from_be_bytes(old)) << (from & 15) >> (to & 15);
+        let new = (bytes.min(u64::from(u16::MAX)) as u16).to_be_bytes();
+        *field = new;
+        let sum = csum::replace16(
+            u16::from_ne_bytes(*check),
+            u16::from_ne_bytes(old),
+            u16::from_ne_bytes(new),
+        );
+        *check = sum.to_ne_bytes();
+    }
+    Ok(())
+}
