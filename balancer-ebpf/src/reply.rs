@@ -1,10 +1,28 @@
 //! Frames the program builds in place of the one it received and sends back with XDP_TX: a
 //! reset, a SYN-ACK. Both end with the frame resized and its checksums computed in full.
 
-use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_tail, programs::XdpContext};
 use balancer_common::{csum, PROTO_TCP};
 
-use crate::packet::{ptr_at, IP_OFFSET, L4_OFFSET};
+use crate::{
+    maps::TX_PORTS,
+    packet::{ptr_at, IP_OFFSET, L4_OFFSET},
+};
+
+/// The action that sends the rebuilt frame back out of the interface it came in on.
+///
+/// A redirect to the ingress interface rather than XDP_TX: on veth, XDP_TX frames of an
+/// skb-fed receive path wait in the peer's queue until something else wakes it (seen here as
+/// SYN-ACKs arriving seconds late), while redirected frames are flushed at the end of the
+/// poll. XDP_TX remains the fallback when the interface is not in `TX_PORTS`.
+#[inline(always)]
+pub fn send_back(ctx: &XdpContext) -> u32 {
+    // SAFETY: reading the context's ingress interface index.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    match TX_PORTS.redirect(ifindex, u64::from(xdp_action::XDP_TX)) {
+        Ok(action) | Err(action) => action,
+    }
+}
 
 /// Grows or shrinks the frame to `len` bytes; pointers into it must be fetched again after.
 #[inline(always)]

@@ -1,7 +1,7 @@
 //! Refusing a TCP connection: the segment is turned into the reset the client expects
 //! (RFC 9293 §3.10.7.1) and sent back out of the interface it came in on.
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use balancer_common::Reason;
 
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
@@ -67,7 +67,7 @@ pub fn refuse(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     reply::resize(ctx, RESET_LEN).ok_or(dropped)?;
     reply::write_checksums::<{ TcpHdr::LEN / 2 }>(ctx).ok_or(dropped)?;
     Ok(Verdict {
-        action: xdp_action::XDP_TX,
+        action: reply::send_back(ctx),
         reason: Reason::RefusedNoBackend,
     })
 }

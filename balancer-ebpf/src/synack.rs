@@ -2,7 +2,7 @@
 //! completes the handshake itself so the request, and its cookie, can be read before a
 //! backend is chosen. The SYN's options are kept in `SYN_OPTIONS` for the backend leg.
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_load_bytes, programs::XdpContext};
+use aya_ebpf::{helpers::bpf_xdp_load_bytes, programs::XdpContext};
 use balancer_common::{
     syn_cookie, Reason, SynOptions, COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE, PROTO_TCP,
 };
@@ -103,7 +103,7 @@ pub fn answer(ctx: &XdpContext, packet: &Packet) -> Verdict {
         return dropped;
     }
     Verdict {
-        action: xdp_action::XDP_TX,
+        action: reply::send_back(ctx),
         reason: Reason::SynCookieSent,
     }
 }

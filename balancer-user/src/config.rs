@@ -73,6 +73,11 @@ pub struct ServiceConfig {
     pub drain_timeout: u32,
     /// Checks run from the balancer to each backend; without them backends count as healthy.
     pub health_check: Option<HealthCheckConfig>,
+    /// `app-cookie`: the name of the application's cookie whose value picks the backend.
+    pub cookie: Option<String>,
+    /// `app-cookie`: how requests without the cookie are placed.
+    #[serde(default)]
+    pub cookie_fallback: CookieFallback,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }
@@ -150,6 +155,20 @@ pub enum AffinityMode {
     Flow,
     /// All flows of a client address (masked by `source_prefix`) go to one backend.
     SourceIp,
+    /// HTTP: requests carrying the application's cookie (`cookie`) go to the backend its value
+    /// hashes to; the connection is then spliced in XDP.
+    AppCookie,
+}
+
+/// How a cookie service places a request that carries no cookie.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CookieFallback {
+    /// By the client address (masked by `source_prefix`), as `source-ip` does.
+    #[default]
+    SourceIp,
+    /// By the connection's 5-tuple, as `flow` does.
+    Flow,
 }
 
 impl AffinityMode {
@@ -157,6 +176,7 @@ impl AffinityMode {
         match self {
             AffinityMode::Flow => affinity::FLOW,
             AffinityMode::SourceIp => affinity::SOURCE_IP,
+            AffinityMode::AppCookie => affinity::COOKIE,
         }
     }
 }
@@ -166,6 +186,7 @@ impl fmt::Display for AffinityMode {
         f.write_str(match self {
             AffinityMode::Flow => "flow",
             AffinityMode::SourceIp => "source-ip",
+            AffinityMode::AppCookie => "app-cookie",
         })
     }
 }
@@ -285,6 +306,15 @@ fn default_check_path() -> String {
 
 fn default_expected_status() -> String {
     "200-399".to_owned()
+}
+
+/// An RFC 6265 cookie name: a token of visible ASCII without separators.
+fn is_cookie_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
 }
 
 fn is_prime(n: u32) -> bool {
@@ -457,6 +487,33 @@ impl Config {
             }
             if let Some(check) = &service.health_check {
                 check.validate(&format!("{field}.health_check"))?;
+            }
+            match (service.affinity, &service.cookie) {
+                (AffinityMode::AppCookie, None) => {
+                    return Err(invalid(
+                        format!("{field}.cookie"),
+                        "affinity \"app-cookie\" needs the name of the application's cookie",
+                    ));
+                }
+                (AffinityMode::AppCookie, Some(name)) if !is_cookie_name(name) => {
+                    return Err(invalid(
+                        format!("{field}.cookie"),
+                        format!("{name:?} is not a cookie name (RFC 6265 token)"),
+                    ));
+                }
+                (AffinityMode::AppCookie, _) if service.protocol != Protocol::Tcp => {
+                    return Err(invalid(
+                        format!("{field}.protocol"),
+                        "cookie affinity is for HTTP over TCP",
+                    ));
+                }
+                (mode, Some(_)) if mode != AffinityMode::AppCookie => {
+                    return Err(invalid(
+                        format!("{field}.cookie"),
+                        format!("is only used with affinity \"app-cookie\", not \"{mode}\""),
+                    ));
+                }
+                _ => {}
             }
             if !(1..=MAX_AFFINITY_TIMEOUT).contains(&service.affinity_timeout) {
                 return Err(invalid(
@@ -670,6 +727,24 @@ mod tests {
             (
                 VALID.replace("client_interface = \"lb-client\"", ""),
                 "client_interface",
+            ),
+            (
+                VALID.replace(
+                    "protocol = \"tcp\"",
+                    "protocol = \"tcp\"\naffinity = \"app-cookie\"",
+                ),
+                "service[0] (web).cookie",
+            ),
+            (
+                VALID.replace(
+                    "protocol = \"tcp\"",
+                    "protocol = \"tcp\"\naffinity = \"app-cookie\"\ncookie = \"a;b\"",
+                ),
+                "service[0] (web).cookie",
+            ),
+            (
+                VALID.replace("protocol = \"tcp\"", "protocol = \"tcp\"\ncookie = \"SID\""),
+                "service[0] (web).cookie",
             ),
             (
                 VALID.replace("instance = \"lab\"", "xdp_mode = \"turbo\""),

@@ -7,21 +7,18 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, DevMapHash, HashMap, MapData, MapInfo},
+    maps::{Array, DevMapHash, HashMap, MapData, MapInfo, RingBuf},
     programs::{xdp::XdpLinkId, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    flow_flags, map_name, Affinity, AffinityKey, Backend, Counter, Flow, FlowKey, Reason,
-    ReverseNat, Service, ServiceKey, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, TABLES_PER_SERVICE,
-    XDP_PROGRAM,
+    flow_flags, map_name, Affinity, AffinityKey, Backend, Binding, CookieSecret, Counter, Flow,
+    FlowKey, Reason, ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY, MAX_BACKENDS,
+    MAX_SERVICES, MAX_TX_PORTS, TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 use tracing::{info, warn};
 
-use crate::{
-    config::{Config, XdpModeSetting},
-    maglev,
-};
+use crate::config::{Config, XdpModeSetting};
 
 /// The compiled XDP program, embedded at build time.
 static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("BALANCER_EBPF_OBJECT"));
@@ -135,17 +132,16 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Makes `service` live with a Maglev table over `members` (whose backend ids are `ids`).
-    /// The table is written into whichever of the service's two table areas the data plane
-    /// is not using, then `Service::table_base` switches to it in one map update, so no
-    /// packet ever sees a half-built table. Returns the number of backends in the table.
+    /// Makes `service` live with `lookup`, its table of backend ids (empty: no backend takes
+    /// new connections). The table is written into whichever of the service's two table areas
+    /// the data plane is not using, then `Service::table_base` switches to it in one map
+    /// update, so no packet ever sees a half-built table.
     pub fn publish_service(
         &mut self,
         key: &ServiceKey,
         mut service: Service,
-        members: &[maglev::Member<'_>],
-        ids: &[u32],
-    ) -> Result<u32> {
+        lookup: &[u32],
+    ) -> Result<()> {
         let table_size = self.table_size;
         let area = |index: u32| (service.id * TABLES_PER_SERVICE + index) * table_size;
         let active = self.services()?.get(key, 0).ok().map(|s| s.table_base);
@@ -154,25 +150,87 @@ impl Dataplane {
         } else {
             area(0)
         };
-        let lookup = maglev::build(members, self.table_size);
         let mut table: Array<&mut MapData, u32> =
             Array::try_from(self.map(map_name::BACKEND_TABLE)?)?;
-        for (slot, member) in (base..).zip(&lookup) {
+        for (slot, backend_id) in (base..).zip(lookup) {
             table
-                .set(slot, ids[*member as usize], 0)
+                .set(slot, backend_id, 0)
                 .context("writing a lookup table")?;
         }
         service.table_base = base;
-        service.table_size = self.table_size;
-        service.backend_count = if lookup.is_empty() {
-            0
-        } else {
-            members.iter().filter(|m| m.serving && m.weight > 0).count() as u32
-        };
+        service.table_size = table_size;
+        if lookup.is_empty() {
+            service.backend_count = 0;
+        }
         self.services()?
             .insert(key, service, 0)
             .context("writing a service")?;
-        Ok(service.backend_count)
+        Ok(())
+    }
+
+    /// Sets the key of the SYN cookies.
+    pub fn set_cookie_secret(&mut self, secret: CookieSecret) -> Result<()> {
+        let mut map: Array<&mut MapData, CookieSecret> =
+            Array::try_from(self.map(map_name::COOKIE_SECRET)?)?;
+        map.set(0, secret, 0)
+            .context("writing the SYN cookie secret")?;
+        Ok(())
+    }
+
+    /// Takes the ring buffer of punted frames, to be read by the agent.
+    pub fn take_punts(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(map_name::PUNTS)
+            .context("the XDP object has no punt ring")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// The handshake the data plane completed for a client connection.
+    pub fn binding(&self, key: &FlowKey) -> Option<Binding> {
+        let map = self.map_ref(map_name::BINDINGS).ok()?;
+        let bindings: HashMap<&MapData, FlowKey, Binding> = HashMap::try_from(map).ok()?;
+        bindings.get(key, 0).ok()
+    }
+
+    /// Writes both directions of a client connection: its flow entry (client-side key) and
+    /// its reverse entry (backend-side key).
+    pub fn set_connection(
+        &mut self,
+        key: &FlowKey,
+        flow: Flow,
+        reply_key: &FlowKey,
+        nat: ReverseNat,
+    ) -> Result<()> {
+        // The reverse entry first: once the flow says where packets go, replies may come.
+        let mut reverse: HashMap<&mut MapData, FlowKey, ReverseNat> =
+            HashMap::try_from(self.map(map_name::REVERSE)?)?;
+        reverse
+            .insert(reply_key, nat, 0)
+            .context("writing a reverse entry")?;
+        let mut flows: HashMap<&mut MapData, FlowKey, Flow> =
+            HashMap::try_from(self.map(map_name::FLOWS)?)?;
+        flows.insert(key, flow, 0).context("writing a flow")?;
+        Ok(())
+    }
+
+    /// Forgets a client connection: its flow, its binding and (if any) its reverse entry.
+    pub fn remove_connection(&mut self, key: &FlowKey, reply_key: Option<&FlowKey>) {
+        if let Ok(map) = self.map(map_name::FLOWS) {
+            if let Ok(mut flows) = HashMap::<&mut MapData, FlowKey, Flow>::try_from(map) {
+                let _ = flows.remove(key);
+            }
+        }
+        if let Ok(map) = self.map(map_name::BINDINGS) {
+            if let Ok(mut bindings) = HashMap::<&mut MapData, FlowKey, Binding>::try_from(map) {
+                let _ = bindings.remove(key);
+            }
+        }
+        if let (Some(reply_key), Ok(map)) = (reply_key, self.map(map_name::REVERSE)) {
+            if let Ok(mut reverse) = HashMap::<&mut MapData, FlowKey, ReverseNat>::try_from(map) {
+                let _ = reverse.remove(reply_key);
+            }
+        }
     }
 
     /// Clients with a `source-ip` session, per backend id. Walks the whole map.
@@ -274,7 +332,7 @@ fn ifindex(interface: &str) -> Result<u32> {
 }
 
 /// The shape every map must have: (name, key size, value size, capacity).
-fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 8] {
+fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 11] {
     use std::mem::size_of;
     [
         (
@@ -294,6 +352,24 @@ fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 8] {
             size_of::<u32>(),
             size_of::<u32>(),
             table_capacity(config),
+        ),
+        (
+            map_name::SYN_OPTIONS,
+            size_of::<FlowKey>(),
+            size_of::<SynOptions>(),
+            BINDING_CAPACITY,
+        ),
+        (
+            map_name::BINDINGS,
+            size_of::<FlowKey>(),
+            size_of::<Binding>(),
+            BINDING_CAPACITY,
+        ),
+        (
+            map_name::COOKIE_SECRET,
+            size_of::<u32>(),
+            size_of::<CookieSecret>(),
+            1,
         ),
         (
             map_name::AFFINITY,

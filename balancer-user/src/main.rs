@@ -9,6 +9,7 @@ mod control;
 mod dataplane;
 mod health;
 mod maglev;
+mod segment;
 
 mod stats;
 
@@ -22,6 +23,7 @@ use std::{
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tokio::{
+    io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
     sync::mpsc,
 };
@@ -194,6 +196,10 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<()> {
     let stats_interval = config.stats_interval;
     let services = config.services.len();
     let mut agent = Agent::new(config, dataplane, report_tx)?;
+    // SAFETY: the ring buffer owns its descriptor for as long as the `AsyncFd` owns it.
+    let mut punts = unsafe { AsyncFd::register(agent.take_punts()?) }
+        .map_err(|error| anyhow::anyhow!("watching the punt ring: {}", error.into_parts().1))?;
+    let mut binding_ticker = tokio::time::interval(Duration::from_millis(200));
     let socket = control::serve(&instance, command_tx)?;
     println!(
         "ready: attached to {}; {services} services; verifier processed {instructions} instructions; maps pinned in {}; control socket {}",
@@ -218,6 +224,19 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<()> {
                     error!("applying a health change: {error:#}");
                 }
             }
+            ready = punts.readable_mut() => {
+                let mut guard = ready.context("waiting on the punt ring")?;
+                let ring = guard.get_inner_mut();
+                let mut record = Vec::with_capacity(std::mem::size_of::<balancer_common::Punt>());
+                while let Some(item) = ring.next() {
+                    record.clear();
+                    record.extend_from_slice(&item);
+                    drop(item);
+                    agent.on_punt(&record);
+                }
+                guard.clear_ready();
+            }
+            _ = binding_ticker.tick() => agent.binding_tick(),
             Some(command) = commands.recv() => {
                 let answer = execute_request(&mut agent, &config_path, command.request);
                 let _ = command.reply.send(answer.map_err(|e| format!("{e:#}")));
@@ -229,7 +248,13 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<()> {
                 if stats_interval > 0 {
                     match Snapshot::read(&instance) {
                         Ok(now) => {
-                            println!("{}", now.line_since(&last.1, last.0.elapsed()));
+                            let b = agent.binding_counters();
+                            let bindings = if b.bound + b.failed > 0 {
+                                format!(" | bindings: bound {} (cookie {}, fallback {}), retried {}, failed {}, head too large {}", b.bound, b.with_cookie, b.without_cookie, b.retried, b.failed, b.head_too_large)
+                            } else {
+                                String::new()
+                            };
+                            println!("{}{bindings}", now.line_since(&last.1, last.0.elapsed()));
                             last = (Instant::now(), now);
                         }
                         Err(error) => warn!("reading stats: {error:#}"),

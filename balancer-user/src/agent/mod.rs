@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use balancer_common::{backend_state, Backend, Service, ServiceKey, MAX_BACKENDS};
+use balancer_common::{backend_state, Backend, CookieSecret, Service, ServiceKey, MAX_BACKENDS};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{error, info, warn};
 
@@ -24,9 +24,14 @@ use crate::{
 /// A flow counts as active while its client sent a packet this recently and did not close it.
 const ACTIVE_FLOW_WINDOW_S: u32 = 60;
 
+mod binding;
+
+pub use binding::BindingCounters;
+
 pub struct Agent {
     config: Config,
     dataplane: Dataplane,
+    binder: binding::Binder,
     services: Vec<ServiceRuntime>,
     checks: Vec<JoinHandle<()>>,
     reports: mpsc::Sender<health::Report>,
@@ -37,6 +42,8 @@ struct ServiceRuntime {
     key: ServiceKey,
     config: ServiceConfig,
     backends: Vec<BackendRuntime>,
+    /// The published lookup table: backend ids by slot.
+    lookup: Vec<u32>,
 }
 
 struct BackendRuntime {
@@ -90,9 +97,11 @@ impl Agent {
                 dataplane.remove_service(&key)?;
             }
         }
+        dataplane.set_cookie_secret(random_secret()?)?;
         let mut agent = Self {
             config: config.clone(),
             dataplane,
+            binder: binding::Binder::new()?,
             services: Vec::new(),
             checks: Vec::new(),
             reports,
@@ -218,6 +227,7 @@ impl Agent {
                 key: service.key(),
                 config: service.clone(),
                 backends,
+                lookup: Vec::new(),
             });
         }
         for removed in old.into_values() {
@@ -254,7 +264,6 @@ impl Agent {
         let service = &self.services[index];
         let drain_timeout = service.drain_timeout();
         let mut members = Vec::new();
-        let mut ids = Vec::new();
         for backend in &service.backends {
             let state = backend.state(drain_timeout);
             let value = backend_value(&backend.config, service.config.port, state);
@@ -271,29 +280,38 @@ impl Agent {
                 weight: backend.config.weight,
                 serving: state == backend_state::UP,
             });
-            ids.push(backend.id);
         }
+        let lookup: Vec<u32> = maglev::build(&members, self.config.table_size)
+            .into_iter()
+            .map(|member| service.backends[member as usize].id)
+            .collect();
+        let backend_count = if lookup.is_empty() {
+            0
+        } else {
+            members.iter().filter(|m| m.serving && m.weight > 0).count() as u32
+        };
         let value = Service {
             id: service.id,
             affinity: service.config.affinity.code(),
             affinity_timeout: service.config.affinity_timeout,
             source_mask: u32::from_ne_bytes(service.config.source_mask().octets()),
+            backend_count,
             ..Service::default()
         };
         let key = service.key;
         let name = service.config.name.clone();
-        let count = self
-            .dataplane
-            .publish_service(&key, value, &members, &ids)
+        self.dataplane
+            .publish_service(&key, value, &lookup)
             .with_context(|| format!("publishing service {name}"))?;
         let service = &mut self.services[index];
+        service.lookup = lookup;
         for backend in &mut service.backends {
             backend.published_state = backend.state(drain_timeout);
         }
-        if count == 0 {
+        if backend_count == 0 {
             error!(service = %name, "no backend can take new connections: TCP is refused with a reset, UDP dropped");
         } else {
-            info!(service = %name, backends = count, "service published");
+            info!(service = %name, backends = backend_count, "service published");
         }
         Ok(())
     }
@@ -443,6 +461,27 @@ impl Agent {
             check.abort();
         }
         self.dataplane.detach()
+    }
+}
+
+/// A fresh key for the SYN cookies of this run.
+fn random_secret() -> Result<CookieSecret> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .context("reading /dev/urandom for the SYN cookie key")?;
+    Ok(bytemuck::cast(bytes))
+}
+
+impl Agent {
+    /// Counters of the cookie services' binding stage.
+    pub fn binding_counters(&self) -> BindingCounters {
+        self.binder.counters
+    }
+
+    /// Takes the ring of frames XDP punts to the agent.
+    pub fn take_punts(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.dataplane.take_punts()
     }
 }
 

@@ -1,0 +1,673 @@
+//! Delayed binding for cookie services, the agent's half.
+//!
+//! XDP completed the client's handshake with a SYN cookie and hands over the client's data.
+//! Once the request head is complete, its cookie picks the backend (the application cookie's
+//! value hashed into the service's lookup table, so every balancer host agrees and a backend
+//! failure moves only its own sessions); without a cookie the service's fallback decides.
+//! The agent then opens the backend side with the client's own address, port, ISN and
+//! options through a raw socket, XDP hands over the backend's SYN-ACK, and the agent records
+//! the sequence offset, acknowledges the SYN-ACK with the buffered request bytes and leaves
+//! the connection to XDP.
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Result};
+use balancer_common::{
+    client_hash, flow_hash, flow_state, punt_kind, Binding, Flow, FlowKey, Punt, ReverseNat,
+    COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE,
+};
+use tracing::{debug, warn};
+
+use super::{Agent, ServiceRuntime};
+use crate::{
+    config::{AffinityMode, CookieFallback},
+    segment::{Segment, ACK, FIN, PSH, RST, SYN},
+};
+
+/// Request heads are collected up to this size; a larger head is placed by the fallback.
+const MAX_HEAD: usize = 16 * 1024;
+/// Connections being bound at once; more are refused until some finish.
+const MAX_PENDING: usize = 10_000;
+/// A client that has not completed its request head by then is reset.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The backend's SYN-ACK is awaited this long before the SYN is sent again.
+const SYN_RETRY: Duration = Duration::from_millis(500);
+/// SYNs sent to one backend before the next one is tried.
+const SYNS_PER_BACKEND: u32 = 3;
+/// Backends tried for one connection before the client is reset.
+const MAX_BACKENDS_TRIED: usize = 3;
+/// A spliced connection is remembered this long, to answer a repeated SYN-ACK.
+const SPLICED_MEMORY: Duration = Duration::from_secs(5);
+
+/// What the binding stage did, for the stats line.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct BindingCounters {
+    pub bound: u64,
+    pub with_cookie: u64,
+    pub without_cookie: u64,
+    pub head_too_large: u64,
+    pub retried: u64,
+    pub failed: u64,
+}
+
+pub struct Binder {
+    raw: OwnedFd,
+    pending: HashMap<FlowKey, Pending>,
+    /// Backend-side key of each connection being opened → its client-side key.
+    by_backend: HashMap<FlowKey, FlowKey>,
+    pub counters: BindingCounters,
+}
+
+struct Pending {
+    client: Ipv4Addr,
+    client_port: u16,
+    vip: Ipv4Addr,
+    vip_port: u16,
+    binding: Binding,
+    /// The client's bytes from its first sequence number on, without gaps.
+    request: Vec<u8>,
+    /// The client's latest window field (scaled as the backend will read it).
+    window: u16,
+    created: Instant,
+    stage: Stage,
+    tried: Vec<u32>,
+}
+
+#[derive(Clone, Copy)]
+struct Target {
+    id: u32,
+    addr: Ipv4Addr,
+    port: u16,
+}
+
+enum Stage {
+    Reading,
+    Connecting {
+        target: Target,
+        syn_sent: Instant,
+        syns: u32,
+    },
+    Spliced {
+        target: Target,
+        backend_isn: u32,
+        at: Instant,
+    },
+}
+
+impl Binder {
+    pub fn new() -> Result<Self> {
+        // SAFETY: plain socket creation; the descriptor is owned right after.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        if fd < 0 {
+            bail!(
+                "opening a raw socket for backend connections: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let raw = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self {
+            raw,
+            pending: HashMap::new(),
+            by_backend: HashMap::new(),
+            counters: BindingCounters::default(),
+        })
+    }
+
+    /// Sends an IPv4 packet (headers included) through the raw socket.
+    fn send(&self, segment: &Segment) {
+        let packet = segment.to_packet();
+        // SAFETY: `sockaddr_in` is plain data.
+        let mut to: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        to.sin_family = libc::AF_INET as libc::sa_family_t;
+        to.sin_addr.s_addr = u32::from_ne_bytes(segment.dst.octets());
+        // SAFETY: `packet` and `to` are valid for the lengths given.
+        let sent = unsafe {
+            libc::sendto(
+                self.raw.as_raw_fd(),
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                std::ptr::from_ref(&to).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if sent < 0 {
+            warn!(dst = %segment.dst, "sending through the raw socket: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
+impl Agent {
+    /// Handles one record of the punt ring.
+    pub fn on_punt(&mut self, record: &[u8]) {
+        let Some(punt) = record
+            .get(..std::mem::size_of::<Punt>())
+            .and_then(|b| bytemuck::try_pod_read_unaligned::<Punt>(b).ok())
+        else {
+            return;
+        };
+        let frame = &punt.frame[..(punt.len as usize).min(punt.frame.len())];
+        let Some(segment) = Segment::from_frame(frame) else {
+            return;
+        };
+        match punt.kind {
+            punt_kind::CLIENT => self.on_client_segment(segment),
+            punt_kind::BACKEND => self.on_backend_segment(segment),
+            _ => {}
+        }
+    }
+
+    fn on_client_segment(&mut self, segment: Segment) {
+        let key = segment.key();
+        if !self.binder.pending.contains_key(&key) {
+            if self.binder.pending.len() >= MAX_PENDING {
+                warn!(
+                    "{MAX_PENDING} connections are being bound already: refusing {}:{}",
+                    segment.src, segment.sport
+                );
+                self.abort_quietly(&key);
+                return;
+            }
+            let Some(binding) = self.dataplane.binding(&key) else {
+                return;
+            };
+            self.binder.pending.insert(
+                key,
+                Pending {
+                    client: segment.src,
+                    client_port: segment.sport,
+                    vip: segment.dst,
+                    vip_port: segment.dport,
+                    binding,
+                    request: Vec::new(),
+                    window: segment.window,
+                    created: Instant::now(),
+                    stage: Stage::Reading,
+                    tried: Vec::new(),
+                },
+            );
+        }
+        if segment.flags & (RST | FIN) != 0 {
+            debug!(client = %segment.src, port = segment.sport, "client closed during binding");
+            self.abort(&key, segment.flags & RST != 0);
+            return;
+        }
+        let Some(pending) = self.binder.pending.get_mut(&key) else {
+            return;
+        };
+        pending.window = segment.window;
+        let offset = segment
+            .seq
+            .wrapping_sub(pending.binding.client_isn.wrapping_add(1)) as usize;
+        // In order (or overlapping what we have): keep the new bytes. After a gap: the client
+        // sends them again.
+        if offset <= pending.request.len() && offset < MAX_HEAD * 4 {
+            let new_from = pending.request.len() - offset;
+            if new_from < segment.payload.len() {
+                pending
+                    .request
+                    .extend_from_slice(&segment.payload[new_from..]);
+            }
+        }
+        match pending.stage {
+            Stage::Reading => self.try_bind(&key),
+            Stage::Spliced {
+                target,
+                backend_isn,
+                ..
+            } => {
+                // Data that raced the splice: the backend may not have it yet.
+                let pending = &self.binder.pending[&key];
+                self.replay(pending, target, backend_isn);
+            }
+            Stage::Connecting { .. } => {}
+        }
+    }
+
+    /// Chooses the backend once the request head is complete (or too large to wait for).
+    fn try_bind(&mut self, key: &FlowKey) {
+        let Some(pending) = self.binder.pending.get(key) else {
+            return;
+        };
+        let head_complete = pending.request.windows(4).any(|w| w == b"\r\n\r\n");
+        let too_large = pending.request.len() >= MAX_HEAD;
+        if !head_complete && !too_large {
+            return;
+        }
+        if too_large && !head_complete {
+            self.binder.counters.head_too_large += 1;
+        }
+        self.connect_next(key);
+    }
+
+    /// Sends a SYN to the next backend for a connection, or resets the client when there is
+    /// none left to try.
+    fn connect_next(&mut self, key: &FlowKey) {
+        let Some(pending) = self.binder.pending.get(key) else {
+            return;
+        };
+        let Some(service) = self.services.iter().find(|s| {
+            s.config.vip == pending.vip
+                && s.config.port == pending.vip_port
+                && s.config.affinity == AffinityMode::AppCookie
+        }) else {
+            self.abort_quietly(key);
+            return;
+        };
+        let choice = if pending.tried.len() >= MAX_BACKENDS_TRIED {
+            None
+        } else {
+            choose(service, pending, key)
+        };
+        let Some((target, cookie)) = choice else {
+            warn!(client = %pending.client, port = pending.client_port, tried = pending.tried.len(), "no backend took the connection: resetting the client");
+            self.binder.counters.failed += 1;
+            self.abort(key, false);
+            return;
+        };
+        if pending.tried.is_empty() {
+            if cookie.is_some() {
+                self.binder.counters.with_cookie += 1;
+            } else {
+                self.binder.counters.without_cookie += 1;
+            }
+        } else {
+            self.binder.counters.retried += 1;
+        }
+        debug!(
+            client = %pending.client, port = pending.client_port, service = %service.config.name,
+            cookie = cookie.as_deref().unwrap_or("-"), backend = %target.addr, attempt = pending.tried.len() + 1,
+            "binding decision"
+        );
+        let reply_key = backend_key(pending, target);
+        let flow = Flow {
+            backend_id: target.id,
+            backend_addr: u32::from_ne_bytes(target.addr.octets()),
+            backend_port: target.port.to_be(),
+            state: flow_state::CONNECTING,
+            ..Flow::default()
+        };
+        let nat = ReverseNat {
+            vip: u32::from_ne_bytes(pending.vip.octets()),
+            port: pending.vip_port.to_be(),
+            state: flow_state::CONNECTING,
+            ..ReverseNat::default()
+        };
+        if let Err(error) = self.dataplane.set_connection(key, flow, &reply_key, nat) {
+            warn!("recording a connection being opened: {error:#}");
+            self.abort_quietly(key);
+            return;
+        }
+        self.binder.by_backend.insert(reply_key, *key);
+        let Some(pending) = self.binder.pending.get_mut(key) else {
+            return;
+        };
+        pending.tried.push(target.id);
+        pending.stage = Stage::Connecting {
+            target,
+            syn_sent: Instant::now(),
+            syns: 1,
+        };
+        let syn = backend_syn(pending, target);
+        self.binder.send(&syn);
+    }
+
+    fn on_backend_segment(&mut self, segment: Segment) {
+        let Some(&key) = self.binder.by_backend.get(&segment.key()) else {
+            return;
+        };
+        let Some(pending) = self.binder.pending.get(&key) else {
+            return;
+        };
+        let (target, already) = match pending.stage {
+            Stage::Connecting { target, .. } => (target, None),
+            Stage::Spliced {
+                target,
+                backend_isn,
+                ..
+            } => (target, Some(backend_isn)),
+            Stage::Reading => return,
+        };
+        if segment.flags & RST != 0 {
+            if already.is_none() {
+                debug!(backend = %target.addr, "backend refused the connection: trying the next one");
+                self.binder.by_backend.remove(&segment.key());
+                self.connect_next(&key);
+            }
+            return;
+        }
+        if segment.flags & (SYN | ACK) != SYN | ACK
+            || segment.ack != pending.binding.client_isn.wrapping_add(1)
+        {
+            return;
+        }
+        let backend_isn = segment.seq;
+        if already.is_none() {
+            let client_scales = pending.binding.options.window_shift != NO_WINDOW_SCALE;
+            let delta = backend_isn.wrapping_sub(pending.binding.cookie_isn);
+            let flow = Flow {
+                backend_id: target.id,
+                backend_addr: u32::from_ne_bytes(target.addr.octets()),
+                backend_port: target.port.to_be(),
+                state: flow_state::SPLICED,
+                seq_delta: delta,
+                ..Flow::default()
+            };
+            let nat = ReverseNat {
+                vip: u32::from_ne_bytes(pending.vip.octets()),
+                port: pending.vip_port.to_be(),
+                backend_window_shift: if client_scales {
+                    segment.window_shift.unwrap_or(0)
+                } else {
+                    0
+                },
+                client_window_shift: if client_scales {
+                    COOKIE_WINDOW_SHIFT
+                } else {
+                    0
+                },
+                state: flow_state::SPLICED,
+                seq_delta: delta,
+            };
+            if let Err(error) = self
+                .dataplane
+                .set_connection(&key, flow, &segment.key(), nat)
+            {
+                warn!("recording a spliced connection: {error:#}");
+                return;
+            }
+            self.binder.counters.bound += 1;
+        }
+        let pending = self.binder.pending.get_mut(&key).expect("looked up above");
+        pending.stage = Stage::Spliced {
+            target,
+            backend_isn,
+            at: Instant::now(),
+        };
+        if let Some(mss) = segment.mss {
+            pending.binding.options.mss = pending.binding.options.mss.min(mss);
+        }
+        let pending = &self.binder.pending[&key];
+        self.replay(pending, target, backend_isn);
+    }
+
+    /// Acknowledges the backend's SYN-ACK with the client's buffered bytes.
+    fn replay(&self, pending: &Pending, target: Target, backend_isn: u32) {
+        let mss = usize::from(pending.binding.options.mss.clamp(536, COOKIE_MSS));
+        let first_seq = pending.binding.client_isn.wrapping_add(1);
+        let template = Segment {
+            src: pending.client,
+            dst: target.addr,
+            sport: pending.client_port,
+            dport: target.port,
+            seq: first_seq,
+            ack: backend_isn.wrapping_add(1),
+            flags: ACK,
+            window: pending.window,
+            ..Segment::empty()
+        };
+        if pending.request.is_empty() {
+            self.binder.send(&template);
+        }
+        let chunks = pending.request.chunks(mss).count();
+        for (index, chunk) in pending.request.chunks(mss).enumerate() {
+            let segment = Segment {
+                seq: first_seq.wrapping_add((index * mss) as u32),
+                flags: if index + 1 == chunks { ACK | PSH } else { ACK },
+                payload: chunk.to_vec(),
+                ..template.clone()
+            };
+            self.binder.send(&segment);
+        }
+    }
+
+    /// Resends SYNs that got no answer, moves to the next backend, forgets finished and
+    /// abandoned connections.
+    pub fn binding_tick(&mut self) {
+        let now = Instant::now();
+        let mut retry = Vec::new();
+        let mut next = Vec::new();
+        let mut forget = Vec::new();
+        let mut expire = Vec::new();
+        for (key, pending) in &self.binder.pending {
+            match pending.stage {
+                Stage::Reading if now.duration_since(pending.created) > READ_TIMEOUT => {
+                    expire.push(*key)
+                }
+                Stage::Connecting { syn_sent, syns, .. }
+                    if now.duration_since(syn_sent) > SYN_RETRY =>
+                {
+                    if syns < SYNS_PER_BACKEND {
+                        retry.push(*key)
+                    } else {
+                        next.push(*key)
+                    }
+                }
+                Stage::Spliced { at, .. } if now.duration_since(at) > SPLICED_MEMORY => {
+                    forget.push(*key)
+                }
+                _ => {}
+            }
+        }
+        for key in retry {
+            if let Some(pending) = self.binder.pending.get_mut(&key) {
+                if let Stage::Connecting { target, syns, .. } = pending.stage {
+                    pending.stage = Stage::Connecting {
+                        target,
+                        syn_sent: now,
+                        syns: syns + 1,
+                    };
+                    let syn = backend_syn(pending, target);
+                    self.binder.send(&syn);
+                }
+            }
+        }
+        for key in next {
+            if let Some(pending) = self.binder.pending.get(&key) {
+                if let Stage::Connecting { target, .. } = pending.stage {
+                    debug!(backend = %target.addr, "backend did not answer: trying the next one");
+                    let reply_key = backend_key(pending, target);
+                    self.binder.by_backend.remove(&reply_key);
+                }
+            }
+            self.connect_next(&key);
+        }
+        for key in forget {
+            if let Some(pending) = self.binder.pending.remove(&key) {
+                if let Stage::Spliced { target, .. } = pending.stage {
+                    self.binder
+                        .by_backend
+                        .remove(&backend_key(&pending, target));
+                }
+            }
+        }
+        for key in expire {
+            if let Some(pending) = self.binder.pending.get(&key) {
+                debug!(client = %pending.client, port = pending.client_port, "request head not complete in time: resetting the client");
+                self.binder.counters.failed += 1;
+                self.abort(&key, false);
+            }
+        }
+    }
+
+    /// Forgets a connection and resets the backend, if one was contacted, and the client,
+    /// unless `client_reset` says the client reset it already.
+    fn abort(&mut self, key: &FlowKey, client_reset: bool) {
+        if let Some(pending) = self.binder.pending.get(key) {
+            if !client_reset {
+                let acked = pending
+                    .binding
+                    .client_isn
+                    .wrapping_add(1)
+                    .wrapping_add(pending.request.len() as u32);
+                self.binder.send(&Segment {
+                    src: pending.vip,
+                    dst: pending.client,
+                    sport: pending.vip_port,
+                    dport: pending.client_port,
+                    seq: pending.binding.cookie_isn.wrapping_add(1),
+                    ack: acked,
+                    flags: RST | ACK,
+                    ..Segment::empty()
+                });
+            }
+            if let Stage::Connecting { target, .. } | Stage::Spliced { target, .. } = pending.stage
+            {
+                self.binder.send(&Segment {
+                    src: pending.client,
+                    dst: target.addr,
+                    sport: pending.client_port,
+                    dport: target.port,
+                    seq: pending.binding.client_isn.wrapping_add(1),
+                    flags: RST,
+                    ..Segment::empty()
+                });
+            }
+        }
+        self.abort_quietly(key);
+    }
+
+    fn abort_quietly(&mut self, key: &FlowKey) {
+        let reply_key = self
+            .binder
+            .pending
+            .remove(key)
+            .and_then(|pending| match pending.stage {
+                Stage::Connecting { target, .. } | Stage::Spliced { target, .. } => {
+                    Some(backend_key(&pending, target))
+                }
+                Stage::Reading => None,
+            });
+        if let Some(reply_key) = &reply_key {
+            self.binder.by_backend.remove(reply_key);
+        }
+        self.dataplane.remove_connection(key, reply_key.as_ref());
+    }
+}
+
+/// The backend for a connection: the one its cookie's value hashes to, else the service's
+/// fallback; backends already tried are skipped. Returns it with the cookie value, if any.
+fn choose(
+    service: &ServiceRuntime,
+    pending: &Pending,
+    key: &FlowKey,
+) -> Option<(Target, Option<String>)> {
+    if service.lookup.is_empty() {
+        return None;
+    }
+    let cookie = service
+        .config
+        .cookie
+        .as_deref()
+        .and_then(|name| cookie_value(&pending.request, name));
+    let hash = match (&cookie, service.config.cookie_fallback) {
+        (Some(value), _) => value_hash(value.as_bytes()),
+        (None, CookieFallback::SourceIp) => {
+            let mask = u32::from_ne_bytes(service.config.source_mask().octets());
+            client_hash(u32::from_ne_bytes(pending.client.octets()) & mask)
+        }
+        (None, CookieFallback::Flow) => flow_hash(key),
+    };
+    let len = service.lookup.len();
+    let start = hash as usize % len;
+    // Skipping tried backends walks the table from the chosen slot: bounded, deterministic.
+    let id = (0..len.min(4096))
+        .map(|step| service.lookup[(start + step) % len])
+        .find(|id| !pending.tried.contains(id))?;
+    let backend = service.backends.iter().find(|b| b.id == id)?;
+    Some((
+        Target {
+            id,
+            addr: backend.config.address,
+            port: backend.config.port_for(&service.config),
+        },
+        cookie,
+    ))
+}
+
+/// The value of cookie `name` in the request head's `Cookie` headers.
+fn cookie_value(request: &[u8], name: &str) -> Option<String> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    // A partial head (too large) still has its complete header lines parsed.
+    let _ = parsed.parse(request);
+    parsed
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
+        .flat_map(|h| std::str::from_utf8(h.value).unwrap_or("").split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, value)| value.trim().to_owned())
+        .filter(|value| !value.is_empty())
+}
+
+/// FNV-1a of a cookie value folded to 32 bits, finalised with the flow hash's mixer.
+fn value_hash(value: &[u8]) -> u32 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for &b in value {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    client_hash((h ^ (h >> 32)) as u32)
+}
+
+fn backend_key(pending: &Pending, target: Target) -> FlowKey {
+    Segment {
+        src: target.addr,
+        dst: pending.client,
+        sport: target.port,
+        dport: pending.client_port,
+        ..Segment::empty()
+    }
+    .key()
+}
+
+/// The SYN that opens the backend side with the client's address, port, ISN and options.
+fn backend_syn(pending: &Pending, target: Target) -> Segment {
+    let options = pending.binding.options;
+    Segment {
+        src: pending.client,
+        dst: target.addr,
+        sport: pending.client_port,
+        dport: target.port,
+        seq: pending.binding.client_isn,
+        ack: 0,
+        flags: SYN,
+        window: u16::MAX,
+        mss: Some(options.mss),
+        window_shift: (options.window_shift != NO_WINDOW_SCALE).then_some(options.window_shift),
+        ..Segment::empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookie_values_are_found_among_several_cookies_and_headers() {
+        let head =
+            b"GET / HTTP/1.1\r\nHost: x\r\nCookie: a=1; SID=abc123 ; b=2\r\nCookie: c=3\r\n\r\n";
+        assert_eq!(cookie_value(head, "SID").as_deref(), Some("abc123"));
+        assert_eq!(cookie_value(head, "c").as_deref(), Some("3"));
+        assert_eq!(cookie_value(head, "sid"), None, "names are case-sensitive");
+        assert_eq!(
+            cookie_value(b"GET / HTTP/1.1\r\nCookie: SID=\r\n\r\n", "SID"),
+            None
+        );
+        assert_eq!(cookie_value(b"garbage\x00\xff", "SID"), None);
+    }
+
+    #[test]
+    fn cookie_values_hash_stably() {
+        assert_eq!(value_hash(b"abc123"), value_hash(b"abc123"));
+        assert_ne!(value_hash(b"abc123"), value_hash(b"abc124"));
+    }
+}
