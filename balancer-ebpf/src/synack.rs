@@ -28,6 +28,10 @@ const OPTION_MSS: u8 = 2;
 const OPTION_WINDOW_SCALE: u8 = 3;
 /// TCP options occupy at most 40 bytes.
 const MAX_OPTION_BYTES: usize = 40;
+/// Options read from a SYN. Real stacks send at most 8 (macOS: MSS, NOP, WS, NOP, NOP, TS,
+/// SACK-permitted, EOL); every further iteration multiplies the verifier's work, and a SYN
+/// that pads beyond this only loses its options (defaults apply).
+const MAX_OPTIONS_READ: usize = 12;
 /// A power of two above 40 + 3, so masked indexes stay inside it.
 const OPTION_BUFFER: usize = 64;
 const MAX_WINDOW_SHIFT: u8 = 14;
@@ -140,7 +144,7 @@ fn syn_options(ctx: &XdpContext, header_len: usize) -> SynOptions {
         return options;
     }
     let mut at = 0;
-    for _ in 0..MAX_OPTION_BYTES {
+    for _ in 0..MAX_OPTIONS_READ {
         if at >= present {
             break;
         }
