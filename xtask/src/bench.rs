@@ -9,21 +9,31 @@
 //! - through the VIP: to 203.0.113.10 with the agent running (XDP NAT + redirect);
 //! - routed, XDP attached: to 198.19.0.11 with the agent running (the cost the program adds
 //!   to traffic that is not for a VIP and passes to the kernel).
+//!
+//! The routed paths use their own client address (see [`ROUTED_SOURCE`]).
 
 use std::{
     fmt::Write as _,
+    net::Ipv4Addr,
     path::PathBuf,
     process::Command,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context, Result};
-use balancer_lab::{Lab, ServiceOptions, VIP};
+use balancer_lab::{Lab, ServiceOptions, BALANCER_CLIENT_ADDR, VIP};
 
 use crate::{build, toolchain};
 
 /// Runs above this much CPU steal are flagged: the host took the CPUs away.
 const STEAL_WARNING_PERCENT: f64 = 10.0;
+/// How long a client command may run past its own duration before it is killed.
+const OVERRUN_SECONDS: u64 = 10;
+/// The client's source address towards the backend network on the routed paths, apart from
+/// the one it uses for the VIP: otherwise a routed connection from a port that an earlier VIP
+/// flow used meets that flow's reverse entry, and the program rewrites the backend's reply
+/// to come from the VIP (the client then resets it).
+const ROUTED_SOURCE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
 
 #[derive(Clone, Copy, PartialEq)]
 enum Path {
@@ -117,6 +127,20 @@ pub fn run(quick: bool) -> Result<()> {
         "==> building the lab; the VIP's web service gets backend-1 only, like the routed path"
     );
     let mut lab = Lab::new()?;
+    lab.add_client_addresses(&[ROUTED_SOURCE])?;
+    lab.exec_checked(
+        lab.client_ns(),
+        &[
+            "ip",
+            "route",
+            "add",
+            &format!("{}/32", Lab::backend_addr(0)),
+            "via",
+            &BALANCER_CLIENT_ADDR.to_string(),
+            "src",
+            &ROUTED_SOURCE.to_string(),
+        ],
+    )?;
     lab.start_backends(&artifacts.lab_backend)?;
     let config = lab.dir().join("balancer.toml");
     let options = ServiceOptions {
@@ -330,12 +354,12 @@ fn spread_of(values: &[f64]) -> String {
     }
 }
 
-/// A command in the client namespace, killed if it overruns its own time limit by 30 s.
+/// A command in the client namespace, killed if it overruns its own time limit.
 fn client(lab: &Lab, seconds: u32, args: &[&str]) -> Result<String> {
     let output = lab.exec_timeout(
         lab.client_ns(),
         args,
-        Duration::from_secs(u64::from(seconds) + 30),
+        Duration::from_secs(u64::from(seconds) + OVERRUN_SECONDS),
     )?;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {
@@ -388,7 +412,7 @@ fn bulk_mbits(lab: &Lab, addr: &str, seconds: u32) -> Result<f64> {
             "%{speed_download}",
             &format!("http://{addr}/bytes/1000000000000"),
         ],
-        Duration::from_secs(u64::from(seconds) + 30),
+        Duration::from_secs(u64::from(seconds) + OVERRUN_SECONDS),
     )?;
     // curl exits 28 when --max-time cuts the download, as intended; it still prints the speed.
     let bytes_per_second: f64 = String::from_utf8_lossy(&output.stdout)
