@@ -64,3 +64,300 @@ fn requests_with_the_same_cookie_reach_the_same_backend_and_cookies_spread() {
     assert!(stats["syn_cookie_sent"] >= 120, "{stats:?}");
     assert!(stats["spliced_to_client"] > 0, "{stats:?}");
 }
+
+#[test]
+fn a_curl_cookie_jar_keeps_its_session_on_one_backend() {
+    let lab = lab_with(&cookie_options());
+    let mut backends = HashSet::new();
+    for session in 0..20 {
+        let jar = lab.dir().join(format!("jar-{session}"));
+        let jar = jar.to_str().expect("utf-8 path");
+        let answers: Vec<String> = (0..8)
+            .map(|_| {
+                run(
+                    &lab,
+                    lab.client_ns(),
+                    &[
+                        "curl",
+                        "-sS",
+                        "--fail",
+                        "--max-time",
+                        "10",
+                        "-c",
+                        jar,
+                        "-b",
+                        jar,
+                        &vip_url("/"),
+                    ],
+                )
+                .trim()
+                .to_owned()
+            })
+            .collect();
+        // The first request has no cookie yet (the fallback places it, the backend sets one);
+        // every request that carries it lands where its value hashes.
+        let sticky = &answers[1];
+        assert!(
+            answers[1..].iter().all(|b| b == sticky),
+            "session {session} moved: {answers:?}"
+        );
+        backends.insert(sticky.clone());
+    }
+    assert_eq!(
+        backends.len(),
+        BACKEND_COUNT,
+        "20 sessions should use every backend"
+    );
+}
+
+#[test]
+fn python_sessions_stick_and_a_down_backends_sessions_move_to_healthy_ones() {
+    let mut options = cookie_options();
+    options.web_settings += "[service.health_check]\nkind = \"http\"\ninterval = 0.5\ntimeout = 0.5\nfall = 2\nrise = 2\n";
+    let mut lab = lab_with(&options);
+    let script = format!(
+        r#"
+import requests, sys
+sessions = [requests.Session() for _ in range(30)]
+# The first request carries no cookie and its connection stays on the backend the fallback
+# chose (connection-level stickiness), so it closes; the session's later connections carry
+# the cookie the backend set.
+for s in sessions:
+    s.get("{url}", headers={{"Connection": "close"}}, timeout=10)
+for i, s in enumerate(sessions):
+    seen = {{s.get("{url}", timeout=10).text.strip() for _ in range(5)}}
+    print(i, s.cookies.get("SID"), " ".join(sorted(seen)))
+"#,
+        url = vip_url("/")
+    );
+    let output = python(&lab, lab.client_ns(), &script);
+    let mut cookies = Vec::new();
+    for line in output.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            words.len(),
+            3,
+            "session {} saw several backends: {line}",
+            words[0]
+        );
+        cookies.push((words[1].to_owned(), words[2].to_owned()));
+    }
+    assert_eq!(cookies.len(), 30);
+
+    let victim = Lab::backend_name(2);
+    let orphaned: Vec<&(String, String)> = cookies.iter().filter(|(_, b)| *b == victim).collect();
+    assert!(!orphaned.is_empty(), "some of 30 sessions use {victim}");
+    lab.stop_backend(2).expect("stopping backend-3's server");
+    wait_until(
+        std::time::Duration::from_secs(5),
+        "backend-3 marked down",
+        || status_of(&lab, &victim).contains("state=down"),
+    );
+    for (cookie, _) in &orphaned {
+        let moved = backend_for_cookie(&lab, cookie);
+        assert_ne!(
+            moved, victim,
+            "session {cookie} still goes to the dead backend"
+        );
+        assert_eq!(
+            backend_for_cookie(&lab, cookie),
+            moved,
+            "session {cookie} did not settle"
+        );
+    }
+    for (cookie, backend) in cookies.iter().filter(|(_, b)| *b != victim) {
+        assert_eq!(
+            &backend_for_cookie(&lab, cookie),
+            backend,
+            "a healthy backend's session moved"
+        );
+    }
+}
+
+/// sha256 of each test-data size the integrity runs download.
+fn expected_digests(sizes: &[u64]) -> HashMap<u64, String> {
+    sizes
+        .iter()
+        .map(|&s| (s, balancer_lab::test_data_sha256(s)))
+        .collect()
+}
+
+/// Runs `requests` GETs of `/bytes/<size>` and POSTs to `/upload` through the VIP, `count` in
+/// all, cycling through `sizes`, on one keep-alive session or a new connection each; checks
+/// every body's sha256.
+fn integrity_run(lab: &Lab, sizes: &[u64], count: usize, keep_alive: bool) {
+    let digests = expected_digests(sizes);
+    let sizes_list: Vec<String> = sizes.iter().map(u64::to_string).collect();
+    let script = format!(
+        r#"
+import hashlib, os, requests
+sizes = [{sizes}]
+session = requests.Session()
+headers = {{"Cookie": "SID=integrity"}} if {keep} else {{"Cookie": "SID=integrity", "Connection": "close"}}
+for i in range({count}):
+    size = sizes[i % len(sizes)]
+    if i % 2 == 0:
+        r = session.get("{base}/bytes/%d" % size, headers=headers, timeout=60)
+        print("get", size, hashlib.sha256(r.content).hexdigest(), len(r.content))
+    else:
+        body = os.urandom(size)
+        r = session.post("{base}/upload", data=body, headers=headers, timeout=60)
+        print("post", size, hashlib.sha256(body).hexdigest(), r.text.strip())
+"#,
+        sizes = sizes_list.join(", "),
+        keep = if keep_alive { "True" } else { "False" },
+        base = vip_url(""),
+    );
+    let output = python(lab, lab.client_ns(), &script);
+    let mut checked = 0;
+    for line in output.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let size: u64 = words[1].parse().expect("a size");
+        match words[0] {
+            "get" => {
+                assert_eq!(
+                    words[3],
+                    size.to_string(),
+                    "download of {size} bytes was cut"
+                );
+                assert_eq!(
+                    words[2], digests[&size],
+                    "download of {size} bytes was corrupted"
+                );
+            }
+            _ => assert_eq!(
+                &words[3..],
+                [words[2], &size.to_string()],
+                "upload of {size} bytes arrived different"
+            ),
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, count, "every request answered:\n{output}");
+}
+
+/// Sizes from 1 KB to 10 MB, spread log-uniformly.
+const SIZES: [u64; 12] = [
+    1_000, 3_000, 9_000, 27_000, 81_000, 243_000, 729_000, 1_500_000, 2_187_000, 4_000_000,
+    6_561_000, 10_000_000,
+];
+
+#[test]
+fn a_thousand_downloads_and_uploads_arrive_intact_on_keep_alive_and_new_connections() {
+    let lab = lab_with(&cookie_options());
+    integrity_run(&lab, &SIZES, 500, true);
+    integrity_run(&lab, &SIZES, 500, false);
+    let stats = counters(&lab);
+    assert!(stats["spliced_to_client"] > 100_000, "{stats:?}");
+}
+
+#[test]
+fn established_connections_are_forwarded_by_xdp_alone() {
+    let lab = lab_with(&cookie_options());
+    let warm_up = format!(
+        r#"
+import requests, sys
+s = requests.Session()
+s.get("{url}", headers={{"Cookie": "SID=long"}}, timeout=10)
+sys.stdout.write("ready\n"); sys.stdout.flush()
+sys.stdin.readline()
+for _ in range(2000):
+    assert s.get("{url}", headers={{"Cookie": "SID=long"}}, timeout=10).ok
+"#,
+        url = vip_url("/")
+    );
+    // One process: warm up, report the counters, then 2000 requests on the same connection.
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.client_ns(), "python3", "-c", &warm_up])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the client");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().expect("stdout")),
+        &mut line,
+    )
+    .expect("reading");
+    assert_eq!(line.trim(), "ready");
+    let before = counters(&lab);
+    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), b"go\n").expect("writing");
+    assert!(
+        child.wait().expect("waiting").success(),
+        "the keep-alive run failed"
+    );
+    let after = counters(&lab);
+    assert_eq!(
+        after["punted"], before["punted"],
+        "established traffic went to the agent"
+    );
+    assert!(after["spliced_to_backend"] - before["spliced_to_backend"] >= 2000);
+    assert!(after["spliced_to_client"] - before["spliced_to_client"] >= 2000);
+}
+
+#[test]
+fn a_request_head_over_many_small_segments_and_pipelined_requests_are_served() {
+    let lab = lab_with(&cookie_options());
+    // The client advertises a 536-byte MSS, so the balancer offers no more: the 8 KB of
+    // cookies below cross about 16 segments.
+    run(
+        &lab,
+        lab.client_ns(),
+        &[
+            "ip",
+            "route",
+            "change",
+            "default",
+            "via",
+            "198.18.0.1",
+            "advmss",
+            "536",
+        ],
+    );
+    let filler: String = (0..80)
+        .map(|i| format!("pad{i}={}; ", "x".repeat(90)))
+        .collect();
+    let cookie = format!("{filler}SID=split-session");
+    let first = run(
+        &lab,
+        lab.client_ns(),
+        &[
+            "curl",
+            "-sS",
+            "--fail",
+            "--max-time",
+            "10",
+            "-H",
+            &format!("Cookie: {cookie}"),
+            &vip_url("/"),
+        ],
+    );
+    let again = backend_for_cookie(&lab, "split-session");
+    assert_eq!(
+        first.trim(),
+        again,
+        "the split head was routed by another cookie"
+    );
+
+    let script = format!(
+        r#"
+import socket
+s = socket.create_connection(("{vip}", 80), timeout=10)
+req = b"GET / HTTP/1.1\r\nHost: x\r\nCookie: SID=pipelined\r\n\r\n"
+s.sendall(req * 3)
+data = b""
+while data.count(b"HTTP/1.1 200") < 3:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(data.count(b"HTTP/1.1 200"))
+"#,
+        vip = balancer_lab::VIP
+    );
+    assert_eq!(
+        python(&lab, lab.client_ns(), &script).trim(),
+        "3",
+        "three pipelined requests, three responses"
+    );
+}

@@ -216,7 +216,10 @@ impl Agent {
             }
         }
         match pending.stage {
-            Stage::Reading => self.try_bind(&key),
+            Stage::Reading => {
+                self.acknowledge(&key);
+                self.try_bind(&key);
+            }
             Stage::Spliced {
                 target,
                 backend_isn,
@@ -228,6 +231,35 @@ impl Agent {
             }
             Stage::Connecting { .. } => {}
         }
+    }
+
+    /// Acknowledges the client's bytes while its head is read: a head longer than the client's
+    /// initial congestion window (about 10 segments) would otherwise stall.
+    fn acknowledge(&self, key: &FlowKey) {
+        let Some(pending) = self.binder.pending.get(key) else {
+            return;
+        };
+        let scaled = pending.binding.options.window_shift != NO_WINDOW_SCALE;
+        let window = if scaled {
+            u16::MAX >> COOKIE_WINDOW_SHIFT
+        } else {
+            u16::MAX
+        };
+        self.binder.send(&Segment {
+            src: pending.vip,
+            dst: pending.client,
+            sport: pending.vip_port,
+            dport: pending.client_port,
+            seq: pending.binding.cookie_isn.wrapping_add(1),
+            ack: pending
+                .binding
+                .client_isn
+                .wrapping_add(1)
+                .wrapping_add(pending.request.len() as u32),
+            flags: ACK,
+            window,
+            ..Segment::empty()
+        });
     }
 
     /// Chooses the backend once the request head is complete (or too large to wait for).

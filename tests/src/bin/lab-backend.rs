@@ -3,14 +3,18 @@
 //!
 //! HTTP: `GET /` → `<name>\n`; `GET /bytes/<n>` → n bytes of the lab's test data, streamed;
 //! `POST /upload` → `<sha256 hex> <byte count>\n` of the body, read as it streams. Every
-//! response carries `X-Backend: <name>`. `lab-backend --generate <n>` prints the bytes that
-//! `/bytes/<n>` serves.
+//! response carries `X-Backend: <name>`, and a response to a request without the application's
+//! session cookie sets one (`Set-Cookie: SID=<name>-<n>`), as a web application would.
+//! `lab-backend --generate <n>` prints the bytes that `/bytes/<n>` serves.
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     task::{Context as TaskContext, Poll},
 };
 
@@ -119,6 +123,13 @@ async fn handle(
     name: Arc<str>,
 ) -> Result<Response<ResponseBody>, hyper::Error> {
     let path = request.uri().path().to_owned();
+    let has_session = request
+        .headers()
+        .get_all(hyper::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .any(|pair| pair.trim().starts_with(&format!("{SESSION_COOKIE}=")));
     let response = match (request.method(), path.as_str()) {
         (&Method::GET, "/") => text(StatusCode::OK, format!("{name}\n")),
         (&Method::GET, path) if path.starts_with("/bytes/") => {
@@ -133,8 +144,22 @@ async fn handle(
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n".to_owned()),
     };
-    Ok(with_backend(response, &name))
+    let mut response = with_backend(response, &name);
+    if !has_session {
+        let n = SESSIONS.fetch_add(1, Ordering::Relaxed);
+        if let Ok(value) = HeaderValue::from_str(&format!("{SESSION_COOKIE}={name}-{n}; Path=/")) {
+            response
+                .headers_mut()
+                .insert(hyper::header::SET_COOKIE, value);
+        }
+    }
+    Ok(response)
 }
+
+/// The application's session cookie.
+const SESSION_COOKIE: &str = "SID";
+/// Sessions this backend has started.
+static SESSIONS: AtomicU64 = AtomicU64::new(0);
 
 fn with_backend(mut response: Response<ResponseBody>, name: &str) -> Response<ResponseBody> {
     if let Ok(value) = HeaderValue::from_str(name) {
