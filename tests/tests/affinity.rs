@@ -326,11 +326,7 @@ fn rejected_reload_keeps_the_running_configuration() {
         error.contains("client_interface"),
         "the error does not name the field: {error}"
     );
-    let body = run(
-        &lab,
-        lab.client_ns(),
-        &["curl", "-sS", "--max-time", "10", &vip_url("/")],
-    );
+    let body = get(&lab, &[], "/");
     assert!(
         body.starts_with("backend-"),
         "the balancer stopped forwarding: {body:?}"

@@ -19,22 +19,7 @@ fn cookie_options() -> ServiceOptions {
 
 /// The backend that answers `GET /` with `Cookie: SID=<value>` on a new connection.
 fn backend_for_cookie(lab: &Lab, value: &str) -> String {
-    run(
-        lab,
-        lab.client_ns(),
-        &[
-            "curl",
-            "-sS",
-            "--fail",
-            "--max-time",
-            "10",
-            "-H",
-            &format!("Cookie: SID={value}"),
-            &vip_url("/"),
-        ],
-    )
-    .trim()
-    .to_owned()
+    get(lab, &["-H", &format!("Cookie: SID={value}")], "/")
 }
 
 #[test]
@@ -73,26 +58,7 @@ fn a_curl_cookie_jar_keeps_its_session_on_one_backend() {
         let jar = lab.dir().join(format!("jar-{session}"));
         let jar = jar.to_str().expect("utf-8 path");
         let answers: Vec<String> = (0..8)
-            .map(|_| {
-                run(
-                    &lab,
-                    lab.client_ns(),
-                    &[
-                        "curl",
-                        "-sS",
-                        "--fail",
-                        "--max-time",
-                        "10",
-                        "-c",
-                        jar,
-                        "-b",
-                        jar,
-                        &vip_url("/"),
-                    ],
-                )
-                .trim()
-                .to_owned()
-            })
+            .map(|_| get(&lab, &["-c", jar, "-b", jar], "/"))
             .collect();
         // The first request has no cookie yet (the fallback places it, the backend sets one);
         // every request that carries it lands where its value hashes.
@@ -318,20 +284,7 @@ fn a_request_head_over_many_small_segments_and_pipelined_requests_are_served() {
         .map(|i| format!("pad{i}={}; ", "x".repeat(90)))
         .collect();
     let cookie = format!("{filler}SID=split-session");
-    let first = run(
-        &lab,
-        lab.client_ns(),
-        &[
-            "curl",
-            "-sS",
-            "--fail",
-            "--max-time",
-            "10",
-            "-H",
-            &format!("Cookie: {cookie}"),
-            &vip_url("/"),
-        ],
-    );
+    let first = get(&lab, &["-H", &format!("Cookie: {cookie}")], "/");
     let again = backend_for_cookie(&lab, "split-session");
     assert_eq!(
         first.trim(),

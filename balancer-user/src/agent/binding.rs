@@ -78,6 +78,27 @@ struct Pending {
     tried: Vec<u32>,
 }
 
+impl Pending {
+    /// A segment from the VIP to the client that acknowledges every byte read so far.
+    fn to_client(&self, flags: u8, window: u16) -> Segment {
+        Segment {
+            src: self.vip,
+            dst: self.client,
+            sport: self.vip_port,
+            dport: self.client_port,
+            seq: self.binding.cookie_isn.wrapping_add(1),
+            ack: self
+                .binding
+                .client_isn
+                .wrapping_add(1)
+                .wrapping_add(self.request.len() as u32),
+            flags,
+            window,
+            ..Segment::empty()
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Target {
     id: u32,
@@ -245,21 +266,7 @@ impl Agent {
         } else {
             u16::MAX
         };
-        self.binder.send(&Segment {
-            src: pending.vip,
-            dst: pending.client,
-            sport: pending.vip_port,
-            dport: pending.client_port,
-            seq: pending.binding.cookie_isn.wrapping_add(1),
-            ack: pending
-                .binding
-                .client_isn
-                .wrapping_add(1)
-                .wrapping_add(pending.request.len() as u32),
-            flags: ACK,
-            window,
-            ..Segment::empty()
-        });
+        self.binder.send(&pending.to_client(ACK, window));
     }
 
     /// Chooses the backend once the request head is complete (or too large to wait for).
@@ -533,21 +540,7 @@ impl Agent {
     fn abort(&mut self, key: &FlowKey, client_reset: bool) {
         if let Some(pending) = self.binder.pending.get(key) {
             if !client_reset {
-                let acked = pending
-                    .binding
-                    .client_isn
-                    .wrapping_add(1)
-                    .wrapping_add(pending.request.len() as u32);
-                self.binder.send(&Segment {
-                    src: pending.vip,
-                    dst: pending.client,
-                    sport: pending.vip_port,
-                    dport: pending.client_port,
-                    seq: pending.binding.cookie_isn.wrapping_add(1),
-                    ack: acked,
-                    flags: RST | ACK,
-                    ..Segment::empty()
-                });
+                self.binder.send(&pending.to_client(RST | ACK, 0));
             }
             if let Stage::Connecting { target, .. } | Stage::Spliced { target, .. } = pending.stage
             {

@@ -131,6 +131,16 @@ pub fn vip_url(path: &str) -> String {
     format!("http://{VIP}{path}")
 }
 
+/// The body of `GET <path>` through the VIP from the client, on a new connection, with curl's
+/// extra `args` (headers, a cookie jar); panics unless the request succeeds.
+pub fn get(lab: &Lab, args: &[&str], path: &str) -> String {
+    let url = vip_url(path);
+    let mut full = vec!["curl", "-sS", "--fail", "--max-time", "10"];
+    full.extend_from_slice(args);
+    full.push(&url);
+    run(lab, lab.client_ns(), &full).trim().to_owned()
+}
+
 /// Client addresses `198.18.<third>.<1..=count>`, added to the client namespace.
 pub fn add_clients(lab: &Lab, third: u8, count: u8) -> Vec<Ipv4Addr> {
     let addrs: Vec<Ipv4Addr> = (1..=count)
