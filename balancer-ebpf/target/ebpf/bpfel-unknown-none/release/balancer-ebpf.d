@@ -1,1 +1,0 @@
-/work/main/balancer-ebpf/target/ebpf/bpfel-unknown-none/release/balancer-ebpf: /work/main/balancer-common/src/csum.rs /work/main/balancer-common/src/lib.rs /work/main/balancer-ebpf/src/forward.rs /work/main/balancer-ebpf/src/main.rs /work/main/balancer-ebpf/src/maps.rs /work/main/balancer-ebpf/src/nat.rs /work/main/balancer-ebpf/src/packet.rs /work/main/balancer-ebpf/src/stats.rs
