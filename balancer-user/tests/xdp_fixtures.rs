@@ -39,6 +39,7 @@ const ECHO_PORT: u16 = 7;
 const EMPTY_PORT: u16 = 81;
 const UNROUTED_PORT: u16 = 82;
 const STICKY_PORT: u16 = 83;
+const COOKIE_PORT: u16 = 84;
 const CLIENT_PORT: u16 = 40000;
 
 /// Backends by id: (address, port).
@@ -327,7 +328,7 @@ impl Program {
         for (id, (addr, port)) in BACKEND_ADDRESSES.iter().enumerate() {
             self.set_backend(id as u32, *addr, *port, backend_state::UP);
         }
-        let services: [(u16, u8, u32, &[u32]); 6] = [
+        let services: [(u16, u8, u32, &[u32]); 7] = [
             (WEB_PORT, PROTO_TCP, affinity::FLOW, &[0]),
             (ECHO_PORT, PROTO_UDP, affinity::FLOW, &[1]),
             (EMPTY_PORT, PROTO_TCP, affinity::FLOW, &[]),
@@ -339,6 +340,7 @@ impl Program {
                 affinity::SOURCE_IP,
                 &STICKY_BACKENDS,
             ),
+            (COOKIE_PORT, PROTO_TCP, affinity::COOKIE, &[0]),
         ];
         for (id, (port, proto, mode, backends)) in services.into_iter().enumerate() {
             self.set_service(id as u32, port, proto, mode, backends);
@@ -883,5 +885,148 @@ fn source_ip_sessions_stick_move_off_down_backends_and_stay_moved() {
         sticky_backend(&program, CLIENT, 50006),
         moved,
         "draining keeps the session"
+    );
+}
+
+/// A TCP segment with options (padded to whole words), for SYNs.
+fn tcp_with_options(
+    ip: &Ip,
+    ports: (u16, u16),
+    seq_ack: (u32, u32),
+    flags: u8,
+    window: u16,
+    options: &[u8],
+) -> Vec<u8> {
+    let mut padded = options.to_vec();
+    while padded.len() % 4 != 0 {
+        padded.push(1);
+    }
+    let mut s = tcp_segment(ip, ports, seq_ack, flags, window, &padded);
+    s[12] = (((20 + padded.len()) / 4) as u8) << 4;
+    s[16..18].copy_from_slice(&[0, 0]);
+    let c = l4_checksum(ip, &s);
+    s[16..18].copy_from_slice(&c.to_be_bytes());
+    s
+}
+
+/// The SYN cookie periods now and a moment later, as the program computes them.
+fn cookie_periods() -> [u32; 2] {
+    let now = || {
+        // SAFETY: `timespec` is plain data filled in by the kernel.
+        let mut t: libc::timespec = unsafe { std::mem::zeroed() };
+        // SAFETY: `t` is writable.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut t) };
+        (t.tv_sec as u64 / u64::from(balancer_common::COOKIE_PERIOD_S)) as u32
+    };
+    [now(), now() + 1]
+}
+
+#[test]
+fn cookie_service_answers_syns_with_a_cookie_and_binds_on_the_matching_ack() {
+    // SAFETY: geteuid has no preconditions.
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "the XDP fixtures need root"
+    );
+    enter_private_network();
+    let program = Program::load("cookie");
+    let syn_ip = ip(CLIENT, VIP, PROTO_TCP);
+    let ports = (CLIENT_PORT, COOKIE_PORT);
+    // Linux's SYN options: MSS 1460, SACK permitted, timestamps, NOP, window scale 10.
+    let options = [
+        2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 10,
+    ];
+    let syn = ipv4_frame(
+        FROM_CLIENT.0,
+        FROM_CLIENT.1,
+        &syn_ip,
+        &tcp_with_options(&syn_ip, ports, (CLIENT_SEQ, 0), TCP_SYN, 64240, &options),
+    );
+    let (action, output) = program.run(&syn);
+    // The test run's ingress (loopback) is no TX port: the reply falls back to XDP_TX.
+    assert_eq!(action, XDP_TX, "the SYN is answered on the spot");
+
+    let key = FlowKey {
+        src: u32::from_ne_bytes(CLIENT.octets()),
+        dst: u32::from_ne_bytes(VIP.octets()),
+        sport: CLIENT_PORT.to_be(),
+        dport: COOKIE_PORT.to_be(),
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    };
+    let secret = balancer_common::CookieSecret::default();
+    let synack_ip = Ip {
+        id: 0,
+        ..ip(VIP, CLIENT, PROTO_TCP)
+    };
+    let synack_for = |cookie: u32| {
+        // MSS clamped to what the balancer offers (1400), its own window scale (7).
+        let segment = tcp_with_options(
+            &synack_ip,
+            (COOKIE_PORT, CLIENT_PORT),
+            (cookie, CLIENT_SEQ + 1),
+            TCP_SYN | TCP_ACK,
+            u16::MAX,
+            &[2, 4, 0x05, 0x78, 1, 3, 3, 7],
+        );
+        ipv4_frame(TO_CLIENT.0, TO_CLIENT.1, &synack_ip, &segment)
+    };
+    let cookie = cookie_periods()
+        .into_iter()
+        .map(|period| balancer_common::syn_cookie(&secret, &key, period))
+        .find(|cookie| output == synack_for(*cookie))
+        .expect("the SYN-ACK, byte for byte, with the cookie of this period");
+
+    let ack_ip = ip(CLIENT, VIP, PROTO_TCP);
+    let ack = |ack_number: u32, payload: &[u8]| {
+        ipv4_frame(
+            FROM_CLIENT.0,
+            FROM_CLIENT.1,
+            &ack_ip,
+            &tcp_segment(
+                &ack_ip,
+                ports,
+                (CLIENT_SEQ + 1, ack_number),
+                TCP_ACK,
+                502,
+                payload,
+            ),
+        )
+    };
+    assert_eq!(
+        program.run(&ack(cookie ^ 0x5a5a, b"")).0,
+        XDP_DROP,
+        "a forged cookie"
+    );
+    assert_eq!(
+        program.run(&ack(cookie + 1, b"")).0,
+        XDP_DROP,
+        "the handshake's ACK carries nothing to forward"
+    );
+    assert_eq!(
+        program.run(&ack(cookie + 1, REQUEST)).0,
+        XDP_DROP,
+        "the request goes to the agent"
+    );
+    let counters = program.counters();
+    for (reason, expected) in [
+        (Reason::SynCookieSent, 1),
+        (Reason::DropBadCookie, 1),
+        (Reason::HandshakeDone, 1),
+        (Reason::DropWhileBinding, 1),
+        (Reason::Punted, 1),
+    ] {
+        assert_eq!(counters[reason as usize], expected, "{}", reason.name());
+    }
+    let bindings: HashMap<&MapData, FlowKey, balancer_common::Binding> =
+        HashMap::try_from(program.ebpf.map(map_name::BINDINGS).expect("BINDINGS")).unwrap();
+    let binding = bindings.get(&key, 0).expect("the binding was recorded");
+    assert_eq!(
+        (binding.client_isn, binding.cookie_isn),
+        (CLIENT_SEQ, cookie)
+    );
+    assert_eq!(
+        (binding.options.mss, binding.options.window_shift),
+        (1460, 10)
     );
 }
