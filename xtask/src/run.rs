@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use balancer_lab::{Lab, ECHO_PORT, VIP};
+use balancer_lab::{Lab, ServiceOptions, ECHO_PORT, HTTP_PORT, VIP};
 
 use crate::{build, toolchain};
 
@@ -49,17 +49,25 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut lab = Lab::new()?;
     lab.start_backends(&artifacts.lab_backend)?;
     let config = lab.dir().join("balancer.toml");
-    std::fs::write(&config, lab.balancer_config()).context("writing the demo config")?;
+    std::fs::write(&config, lab.balancer_config_with(&demo_services()))
+        .context("writing the demo config")?;
     println!("==> starting the balancer (config: {})", config.display());
     lab.start_balancer(&artifacts.balancer, &config)?;
 
     let client = lab.client_ns();
     let instance = lab.instance();
     let balancer = artifacts.balancer.display();
+    let jar = lab.dir().join("cookies.txt");
+    let jar = jar.display();
     println!(
-        "\nThe balancer is running. In another terminal, as root, try:\n\n\
-         \x20 ip netns exec {client} curl http://{VIP}/\n\
+        "\nThe balancer is running: {VIP} port {HTTP_PORT} (web, cookie affinity on the backends' \
+         SID cookie) and port {ECHO_PORT} (echo, TCP and UDP), over three backends.\n\
+         In another terminal, as root, try:\n\n\
+         \x20 ip netns exec {client} curl -i http://{VIP}/\n\
+         \x20 # new visitors spread over the backends:\n\
          \x20 for i in $(seq 12); do ip netns exec {client} curl -s http://{VIP}/; done | sort | uniq -c\n\
+         \x20 # a visitor with a cookie jar stays on one backend:\n\
+         \x20 for i in $(seq 12); do ip netns exec {client} curl -s -b {jar} -c {jar} http://{VIP}/; done | sort | uniq -c\n\
          \x20 ip netns exec {client} python3 -c \"import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.sendto(b'hello', ('{VIP}', {ECHO_PORT})); print(s.recv(100))\"\n\
          \x20 {balancer} status --instance {instance}\n\
          \x20 {balancer} backend drain web backend-1 --instance {instance}\n\n\
@@ -69,6 +77,16 @@ pub fn run(args: &[String]) -> Result<()> {
     println!("\n==> stopping the balancer and removing the lab");
     drop(lab);
     followed
+}
+
+/// The lab's services, with the web service on app-cookie affinity (the lab's backends set
+/// a `SID` cookie on a first visit); requests without the cookie are placed per connection.
+fn demo_services() -> ServiceOptions {
+    ServiceOptions {
+        web_settings: "affinity = \"app-cookie\"\ncookie = \"SID\"\ncookie_fallback = \"flow\"\n"
+            .to_owned(),
+        ..ServiceOptions::default()
+    }
 }
 
 /// Prints the agent's log as it grows until Ctrl-C or SIGTERM; fails if the agent exits.
