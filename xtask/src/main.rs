@@ -37,9 +37,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Throughput and requests per second through the balancer and the direct path.
+    /// Requests, new connections and download throughput through the VIP against plain
+    /// kernel routing, interleaved in one lab (needs root; about 2.5 minutes).
     Bench {
-        /// Short runs, for a smoke test.
+        /// One round of 2-second runs instead of three of 5 seconds.
         #[arg(long)]
         quick: bool,
     },
