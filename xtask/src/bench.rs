@@ -482,3 +482,24 @@ impl CpuTimes {
         self.steal.saturating_sub(earlier.steal) as f64 * 100.0 / total as f64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_runs_are_left_out_of_the_median_and_counted_in_the_spread() {
+        let values = [3.0, f64::NAN, 1.0, 2.0];
+        assert_eq!(median(&values), 2.0);
+        assert_eq!(spread(&values), "2 [1-3] (1 failed)");
+        assert_eq!(spread(&[f64::NAN]), "failed");
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn the_request_rate_is_read_from_wrk_output() {
+        let output = "Running 2s test @ http://198.19.0.11/\n  148235 requests in 2.02s, 18.94MB read\nRequests/sec:  73295.16\nTransfer/sec:      9.37MB\n";
+        assert_eq!(parse_after(output, "Requests/sec:").ok(), Some(73295.16));
+        assert!(parse_after("no numbers", "Requests/sec:").is_err());
+    }
+}
