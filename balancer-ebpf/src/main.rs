@@ -40,6 +40,7 @@ fn try_balancer(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     if let Some(reason) = nat::to_client(ctx, &packet)? {
         return forward::redirect(ctx, reason);
     }
+    nat::forget_reused_tuple(&packet);
     Err(Verdict::pass(Reason::PassNotService))
 }
 

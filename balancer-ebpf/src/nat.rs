@@ -11,7 +11,7 @@ use network_types::ip::Ipv4Hdr;
 use crate::{
     choose,
     maps::{BACKENDS, FLOWS, REVERSE, SERVICES},
-    packet::{ptr_at, Packet, IP_OFFSET, L4_OFFSET, TCP_SYN},
+    packet::{ptr_at, Packet, IP_OFFSET, L4_OFFSET, TCP_ACK, TCP_SYN},
     reset, splice,
     stats::{self, Verdict},
 };
@@ -95,6 +95,27 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, Ve
     };
     rewrite(ctx, packet, End::Source, nat.vip, nat.port)?;
     Ok(Some(reason))
+}
+
+/// A client opening a connection straight to an address that an old VIP flow was NAT-ed to,
+/// from the same port, reuses that flow's backend-side 5-tuple: the backend cannot tell the
+/// two apart, so the old flow is over, and its reverse entry must not rewrite the new
+/// connection's replies to come from the VIP.
+#[inline(always)]
+pub fn forget_reused_tuple(packet: &Packet) {
+    if packet.key.proto != PROTO_TCP || packet.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return;
+    }
+    let key = &packet.key;
+    let reply_key = FlowKey {
+        src: key.dst,
+        dst: key.src,
+        sport: key.dport,
+        dport: key.sport,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    let _ = REVERSE.remove(&reply_key);
 }
 
 /// Records that the client's flow is alive, writing only what changed.

@@ -236,3 +236,45 @@ for f in frames:
         "forwarding after malformed input: {body:?}"
     );
 }
+
+#[test]
+fn a_direct_connection_that_reuses_an_old_vip_flows_port_is_not_rewritten() {
+    let lab = lab_with_balancer();
+    // Both connections from port 40003: first through the VIP, then straight to the backend
+    // that answered, which sees the same 4-tuple twice. SO_REUSEADDR lets the second bind
+    // while the first waits in TIME_WAIT.
+    let script = format!(
+        r#"
+import socket
+def get(host):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 40003))
+    s.settimeout(10)
+    s.connect((host, 80))
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    return data.split(b"\r\n\r\n", 1)[1].decode().strip()
+via_vip = get("{VIP}")
+backends = {{{backends}}}
+print(via_vip, get(backends[via_vip]))
+"#,
+        backends = (0..BACKEND_COUNT)
+            .map(|i| format!("\"{}\": \"{}\"", Lab::backend_name(i), Lab::backend_addr(i)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let answer = python(&lab, lab.client_ns(), &script);
+    let words: Vec<&str> = answer.split_whitespace().collect();
+    assert_eq!(words.len(), 2, "{answer}");
+    assert_eq!(
+        words[0], words[1],
+        "the direct connection reached another backend"
+    );
+}
