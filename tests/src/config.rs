@@ -10,7 +10,13 @@ pub struct ServiceOptions {
     pub web_settings: String,
     /// Only the first backends (all three when `None`).
     pub web_backend_count: Option<usize>,
+    /// A second HTTP service, `web-cookie` on port [`COOKIE_PORT`], over the same backends
+    /// with `app-cookie` affinity on the backends' `SID` cookie.
+    pub cookie_service: bool,
 }
+
+/// The VIP port of the optional `web-cookie` service.
+pub const COOKIE_PORT: u16 = 8080;
 
 impl Lab {
     /// The agent's TOML configuration for this lab.
@@ -30,6 +36,17 @@ impl Lab {
             self.instance()
         );
         toml += &service("web", HTTP_PORT, "tcp", &options.web_settings, web_count);
+        if options.cookie_service {
+            let settings = "affinity = \"app-cookie\"\ncookie = \"SID\"";
+            toml += &service_on(
+                "web-cookie",
+                COOKIE_PORT,
+                HTTP_PORT,
+                "tcp",
+                settings,
+                web_count,
+            );
+        }
         toml += &service("echo-tcp", ECHO_PORT, "tcp", "", BACKEND_COUNT);
         toml += &service("echo-udp", ECHO_PORT, "udp", "", BACKEND_COUNT);
         toml
@@ -37,6 +54,18 @@ impl Lab {
 }
 
 fn service(name: &str, port: u16, protocol: &str, settings: &str, backends: usize) -> String {
+    service_on(name, port, port, protocol, settings, backends)
+}
+
+/// A service on VIP port `port` whose backends listen on `backend_port`.
+fn service_on(
+    name: &str,
+    port: u16,
+    backend_port: u16,
+    protocol: &str,
+    settings: &str,
+    backends: usize,
+) -> String {
     let mut toml = format!(
         "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}\"\nport = {port}\nprotocol = \"{protocol}\"\n"
     );
@@ -46,7 +75,7 @@ fn service(name: &str, port: u16, protocol: &str, settings: &str, backends: usiz
     }
     for index in 0..backends {
         toml += &format!(
-            "  [[service.backend]]\n  name = \"{}\"\n  address = \"{}\"\n  port = {port}\n",
+            "  [[service.backend]]\n  name = \"{}\"\n  address = \"{}\"\n  port = {backend_port}\n",
             Lab::backend_name(index),
             Lab::backend_addr(index)
         );

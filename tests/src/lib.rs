@@ -26,7 +26,7 @@ pub mod process;
 use std::net::Ipv4Addr;
 
 pub use crate::{
-    config::ServiceOptions,
+    config::{ServiceOptions, COOKIE_PORT},
     data::{test_data_sha256, write_test_data},
     lab::{Lab, EXEC_TIMEOUT},
     netns::reap_stale_labs,

@@ -8,7 +8,10 @@
 //!   plain kernel forwarding in the balancer namespace;
 //! - through the VIP: to 203.0.113.10 with the agent running (XDP NAT + redirect);
 //! - routed, XDP attached: to 198.19.0.11 with the agent running (the cost the program adds
-//!   to traffic that is not for a VIP and passes to the kernel).
+//!   to traffic that is not for a VIP and passes to the kernel);
+//! - through the cookie VIP: to 203.0.113.10:8080, the `web-cookie` service (app-cookie
+//!   affinity: XDP answers the handshake, the agent binds each new connection from its
+//!   cookie, XDP splices it), with the cookie of a returning session on every request.
 //!
 //! The routed paths use their own client address (see [`ROUTED_SOURCE`]).
 
@@ -21,7 +24,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use balancer_lab::{Lab, ServiceOptions, BALANCER_CLIENT_ADDR, VIP};
+use balancer_lab::{Lab, ServiceOptions, BALANCER_CLIENT_ADDR, COOKIE_PORT, VIP};
 
 use crate::{build, toolchain};
 
@@ -40,9 +43,17 @@ enum Path {
     Routed,
     Vip,
     RoutedWithXdp,
+    CookieVip,
 }
 
-const PATHS: [Path; 3] = [Path::Routed, Path::Vip, Path::RoutedWithXdp];
+const PATHS: [Path; 4] = [
+    Path::Routed,
+    Path::Vip,
+    Path::RoutedWithXdp,
+    Path::CookieVip,
+];
+/// The cookie a returning session sends on the cookie path.
+const SESSION_COOKIE: &str = "Cookie: SID=bench-session";
 
 impl Path {
     fn title(self) -> &'static str {
@@ -50,13 +61,23 @@ impl Path {
             Path::Routed => "routed, no XDP",
             Path::Vip => "through the VIP",
             Path::RoutedWithXdp => "routed, XDP attached",
+            Path::CookieVip => "through the cookie VIP",
         }
     }
 
     fn address(self) -> String {
         match self {
             Path::Vip => VIP.to_string(),
+            Path::CookieVip => format!("{VIP}:{COOKIE_PORT}"),
             Path::Routed | Path::RoutedWithXdp => Lab::backend_addr(0).to_string(),
+        }
+    }
+
+    /// Headers every request on this path carries.
+    fn headers(self) -> &'static [&'static str] {
+        match self {
+            Path::CookieVip => &["-H", SESSION_COOKIE],
+            _ => &[],
         }
     }
 }
@@ -69,8 +90,8 @@ struct Workload {
     work: &'static str,
     /// Units of work per unit of rate and second (1 for req/s; 1/8 MB per Mbit/s).
     work_per_rate_second: f64,
-    /// Measures the rate against an address for a number of seconds.
-    measure: fn(&Lab, &str, u32) -> Result<f64>,
+    /// Measures the rate on a path for a number of seconds.
+    measure: fn(&Lab, Path, u32) -> Result<f64>,
 }
 
 const WORKLOADS: [Workload; 3] = [
@@ -103,6 +124,8 @@ struct Sample {
     rate: f64,
     /// Machine-wide busy CPU time per unit of work, in microseconds.
     cpu_us_per_work: f64,
+    /// The agent's own CPU time per unit of work, in microseconds (NaN when it is stopped).
+    agent_us_per_work: f64,
     steal_percent: f64,
 }
 
@@ -145,6 +168,7 @@ pub fn run(quick: bool) -> Result<()> {
     let config = lab.dir().join("balancer.toml");
     let options = ServiceOptions {
         web_backend_count: Some(1),
+        cookie_service: true,
         ..ServiceOptions::default()
     };
     std::fs::write(&config, lab.balancer_config_with(&options))
@@ -159,6 +183,7 @@ pub fn run(quick: bool) -> Result<()> {
         lab.start_balancer(&artifacts.balancer, &config)?;
         measure_path(&lab, Path::Vip, seconds, &mut samples)?;
         measure_path(&lab, Path::RoutedWithXdp, seconds, &mut samples)?;
+        measure_path(&lab, Path::CookieVip, seconds, &mut samples)?;
     }
     lab.stop_balancer()?;
     drop(lab);
@@ -181,7 +206,8 @@ fn measure_path(
     let index = PATHS.iter().position(|p| *p == path).unwrap_or(0);
     for (workload, per_path) in WORKLOADS.iter().zip(samples.iter_mut()) {
         let before = CpuTimes::read()?;
-        let rate = match (workload.measure)(lab, &path.address(), seconds) {
+        let agent_before = agent_cpu_seconds(lab);
+        let rate = match (workload.measure)(lab, path, seconds) {
             Ok(rate) => rate,
             Err(error) => {
                 // One broken run must not cost the others: report it and go on.
@@ -194,6 +220,7 @@ fn measure_path(
             }
         };
         let after = CpuTimes::read()?;
+        let agent = agent_cpu_seconds(lab).zip(agent_before).map(|(a, b)| a - b);
         let work = rate * workload.work_per_rate_second * f64::from(seconds);
         let sample = Sample {
             rate,
@@ -203,6 +230,10 @@ fn measure_path(
                 f64::NAN
             },
             steal_percent: after.steal_percent_since(&before),
+            agent_us_per_work: match agent {
+                Some(seconds) if work > 0.0 => seconds * 1e6 / work,
+                _ => f64::NAN,
+            },
         };
         if !rate.is_nan() {
             println!(
@@ -225,61 +256,66 @@ fn report(samples: &[Vec<Vec<Sample>>], seconds: u32, rounds: u32) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Rates: median of {rounds} interleaved round(s) of {seconds} s, [min-max]; all paths end at backend-1."
+        "Rates: median of {rounds} interleaved round(s) of {seconds} s, [min-max]; all paths end at backend-1; ratios against the routed path without XDP."
     );
+    let others = &PATHS[1..];
+    let mut header = format!("| workload | unit | {} |", PATHS[0].title());
+    for path in others {
+        let _ = write!(header, " {} | ratio |", path.title());
+    }
     let _ = writeln!(
         out,
-        "| workload | unit | {} | {} | VIP / routed | {} | XDP attached / routed |",
-        Path::Routed.title(),
-        Path::Vip.title(),
-        Path::RoutedWithXdp.title()
+        "{header}\n|{}",
+        "---|".repeat(2 + 1 + 2 * others.len())
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
     for (workload, per_path) in WORKLOADS.iter().zip(samples) {
         let rates: Vec<Vec<f64>> = per_path
             .iter()
             .map(|s| s.iter().map(|s| s.rate).collect())
             .collect();
-        let medians: Vec<f64> = rates.iter().map(|r| median(r)).collect();
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {:.2} | {} | {:.2} |",
+        let routed = median(&rates[0]);
+        let mut row = format!(
+            "| {} | {} | {} |",
             workload.name,
             workload.unit,
-            spread(&rates[0]),
-            spread(&rates[1]),
-            medians[1] / medians[0],
-            spread(&rates[2]),
-            medians[2] / medians[0],
+            spread(&rates[0])
         );
+        for rates in &rates[1..] {
+            let _ = write!(row, " {} | {:.2} |", spread(rates), median(rates) / routed);
+        }
+        let _ = writeln!(out, "{row}");
     }
     let _ = writeln!(
         out,
-        "\nCPU time per unit of work (machine-wide busy time over the run / work done; median, lower is better)."
+        "\nCPU time per unit of work, median, lower is better: machine-wide busy time over the run / work done (the client, the balancer and the backend share the CPUs), and in brackets the agent's own share."
     );
-    let _ = writeln!(
-        out,
-        "| workload | {} | {} | VIP / routed | {} |",
-        Path::Routed.title(),
-        Path::Vip.title(),
-        Path::RoutedWithXdp.title()
-    );
-    let _ = writeln!(out, "|---|---|---|---|---|");
+    let mut header = "| workload |".to_owned();
+    for path in &PATHS {
+        let _ = write!(header, " {} |", path.title());
+    }
+    let _ = writeln!(out, "{header}\n|{}", "---|".repeat(1 + PATHS.len()));
     for (workload, per_path) in WORKLOADS.iter().zip(samples) {
-        let costs: Vec<f64> = per_path
-            .iter()
-            .map(|s| median(&s.iter().map(|s| s.cpu_us_per_work).collect::<Vec<_>>()))
-            .collect();
-        let _ = writeln!(
-            out,
-            "| {} | {:.1} µs/{w} | {:.1} µs/{w} | {:.2} | {:.1} µs/{w} |",
-            workload.name,
-            costs[0],
-            costs[1],
-            costs[1] / costs[0],
-            costs[2],
-            w = workload.work,
-        );
+        let mut row = format!("| {} |", workload.name);
+        for samples in per_path {
+            let cost = median(
+                &samples
+                    .iter()
+                    .map(|s| s.cpu_us_per_work)
+                    .collect::<Vec<_>>(),
+            );
+            let agent = median(
+                &samples
+                    .iter()
+                    .map(|s| s.agent_us_per_work)
+                    .collect::<Vec<_>>(),
+            );
+            let _ = write!(row, " {cost:.1} µs/{}", workload.work);
+            if !agent.is_nan() {
+                let _ = write!(row, " (agent {agent:.2})");
+            }
+            row.push_str(" |");
+        }
+        let _ = writeln!(out, "{row}");
     }
     let steal: Vec<f64> = samples
         .iter()
@@ -373,10 +409,12 @@ fn client(lab: &Lab, seconds: u32, args: &[&str]) -> Result<String> {
     Ok(stdout)
 }
 
-fn wrk(lab: &Lab, addr: &str, seconds: u32, extra: &[&str]) -> Result<f64> {
+fn wrk(lab: &Lab, path: Path, seconds: u32, extra: &[&str]) -> Result<f64> {
     let duration = format!("-d{seconds}s");
+    let addr = path.address();
     let url = format!("http://{addr}/");
     let mut args = vec!["wrk", "-t2", "-c32", &duration, "--timeout", "2s"];
+    args.extend_from_slice(path.headers());
     args.extend_from_slice(extra);
     args.push(&url);
     let output = client(lab, seconds, &args)?;
@@ -387,31 +425,36 @@ fn wrk(lab: &Lab, addr: &str, seconds: u32, extra: &[&str]) -> Result<f64> {
 }
 
 /// Requests per second over 32 keep-alive connections.
-fn keepalive_rps(lab: &Lab, addr: &str, seconds: u32) -> Result<f64> {
-    wrk(lab, addr, seconds, &[])
+fn keepalive_rps(lab: &Lab, path: Path, seconds: u32) -> Result<f64> {
+    wrk(lab, path, seconds, &[])
 }
 
 /// `Connection: close`: the server closes after each response and wrk reconnects, so each
 /// request is a new TCP connection (a new flow for the balancer).
-fn new_connections_rps(lab: &Lab, addr: &str, seconds: u32) -> Result<f64> {
-    wrk(lab, addr, seconds, &["-H", "Connection: close"])
+fn new_connections_rps(lab: &Lab, path: Path, seconds: u32) -> Result<f64> {
+    wrk(lab, path, seconds, &["-H", "Connection: close"])
 }
 
 /// One download of far more than fits in `seconds`, cut off after `seconds`.
-fn bulk_mbits(lab: &Lab, addr: &str, seconds: u32) -> Result<f64> {
+fn bulk_mbits(lab: &Lab, path: Path, seconds: u32) -> Result<f64> {
+    let addr = path.address();
+    let mut args = vec!["curl"];
+    args.extend_from_slice(path.headers());
+    let url = format!("http://{addr}/bytes/1000000000000");
+    let max_time = seconds.to_string();
+    args.extend_from_slice(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "--max-time",
+        &max_time,
+        "-w",
+        "%{speed_download}",
+        &url,
+    ]);
     let output = lab.exec_timeout(
         lab.client_ns(),
-        &[
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "--max-time",
-            &seconds.to_string(),
-            "-w",
-            "%{speed_download}",
-            &format!("http://{addr}/bytes/1000000000000"),
-        ],
+        &args,
         Duration::from_secs(u64::from(seconds) + OVERRUN_SECONDS),
     )?;
     // curl exits 28 when --max-time cuts the download, as intended; it still prints the speed.
@@ -427,6 +470,19 @@ fn bulk_mbits(lab: &Lab, addr: &str, seconds: u32) -> Result<f64> {
         );
     }
     Ok(bytes_per_second * 8.0 / 1e6)
+}
+
+/// The agent's user and system CPU time so far, while it runs.
+fn agent_cpu_seconds(lab: &Lab) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", lab.balancer_pid()?)).ok()?;
+    // Fields after the command name (which may hold spaces) : utime is the 14th field, stime
+    // the 15th, counted from the pid.
+    let after_name = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks / per_second)
 }
 
 fn parse_after(text: &str, label: &str) -> Result<f64> {
