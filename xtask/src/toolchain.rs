@@ -174,7 +174,25 @@ pub fn ensure_lab() -> Result<()> {
         println!("==> installing the lab's tools: {}", missing.join(" "));
         apt_install(&missing)?;
     }
+    ensure_python_requests()?;
     mount_bpffs()
+}
+
+/// The cookie tests drive sessions with Python `requests` in the `python3` on PATH.
+fn ensure_python_requests() -> Result<()> {
+    let present = Command::new("python3").args(["-c", "import requests"]).output();
+    if present.is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    println!("==> installing Python requests for the lab's clients (pip)");
+    let status = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "requests"])
+        .status()
+        .context("running pip")?;
+    if !status.success() {
+        bail!("pip install requests failed ({status}); install Python's requests module for python3");
+    }
+    Ok(())
 }
 
 fn debian_ready() -> bool {
