@@ -2,6 +2,7 @@
 //! drop.
 
 use std::{
+    collections::HashMap,
     fs,
     io::Read,
     net::Ipv4Addr,
@@ -15,6 +16,7 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::{
+    impair::{self, Impairment},
     netns::{self, ip, BPF_FS, CONTROL_DIR, INSTANCE_PREFIX, PREFIX},
     process::{self, log_tail, own_group, Process, STOP_GRACE},
     BACKEND_COUNT, BALANCER_BACKEND_ADDR, BALANCER_CLIENT_ADDR, CLIENT_ADDR,
@@ -26,8 +28,14 @@ pub const EXEC_TIMEOUT: Duration = Duration::from_secs(300);
 const BACKEND_READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long [`Lab::start_balancer`] waits for the agent's `ready` line.
 const BALANCER_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`Lab::start_impairment`] waits for the relay's first counters.
+const IMPAIRMENT_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the agent gets to detach and exit after SIGTERM.
 const BALANCER_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// The relay namespace's port towards the client, and towards the balancer host.
+const WIRE_CLIENT_PORT: &str = "to-client";
+const WIRE_BALANCER_PORT: &str = "to-lb";
 
 /// Labs made by this process so far: the `<n>` in `blab-<pid>-<n>`.
 static LABS: AtomicU32 = AtomicU32::new(0);
@@ -43,6 +51,8 @@ pub struct Lab {
     client: String,
     balancer: String,
     switch: String,
+    /// The relay namespace on the client link, in a lab with an impaired client link.
+    wire: Option<String>,
     backends: Vec<String>,
     dir: PathBuf,
     /// Processes started with [`Lab::spawn`] and the backends.
@@ -53,6 +63,16 @@ pub struct Lab {
 impl Lab {
     /// Removes labs of dead owners, then builds a new one; on failure removes what it built.
     pub fn new() -> Result<Lab> {
+        Lab::create(false)
+    }
+
+    /// A lab whose client link runs through a relay namespace, `<name>-wire`, that forwards
+    /// nothing until [`Lab::start_impairment`] starts its relay.
+    pub fn with_impaired_client_link() -> Result<Lab> {
+        Lab::create(true)
+    }
+
+    fn create(impaired: bool) -> Result<Lab> {
         ensure!(
             crate::is_root(),
             "integration tests need root: the lab creates network namespaces"
@@ -70,6 +90,7 @@ impl Lab {
             client: format!("{name}-client"),
             balancer: format!("{name}-lb"),
             switch: format!("{name}-sw"),
+            wire: impaired.then(|| format!("{name}-wire")),
             backends: (1..=BACKEND_COUNT)
                 .map(|i| format!("{name}-b{i}"))
                 .collect(),
@@ -130,6 +151,7 @@ impl Lab {
     /// All namespaces of the lab.
     pub fn namespaces(&self) -> Vec<&str> {
         let mut all = vec![self.client_ns(), self.balancer_ns(), self.switch_ns()];
+        all.extend(self.wire.as_deref());
         all.extend(self.backends.iter().map(String::as_str));
         all
     }
@@ -141,7 +163,23 @@ impl Lab {
         }
         let (client, lb, sw) = (self.client_ns(), self.balancer_ns(), self.switch_ns());
 
-        self.veth(client, "eth0", lb, "lb-client")?;
+        match &self.wire {
+            None => self.veth(client, "eth0", lb, "lb-client")?,
+            Some(wire) => {
+                self.veth(client, "eth0", wire, WIRE_CLIENT_PORT)?;
+                self.veth(wire, WIRE_BALANCER_PORT, lb, "lb-client")?;
+                // The relay impairs frames as they cross a wire: nothing may merge them on the
+                // way in (GRO) or hand them over unsegmented (GSO from the client's stack or
+                // from the balancer host's routing).
+                for port in [WIRE_CLIENT_PORT, WIRE_BALANCER_PORT] {
+                    self.exec_checked(wire, &["ethtool", "-K", port, "gro", "off"])?;
+                }
+                for (ns, dev) in [(client, "eth0"), (lb, "lb-client")] {
+                    self.exec_checked(ns, &["ethtool", "-K", dev, "gso", "off", "tso", "off"])?;
+                }
+                self.exec_checked(wire, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+            }
+        }
         ip(
             client,
             &["addr", "add", &format!("{CLIENT_ADDR}/16"), "dev", "eth0"],
@@ -453,6 +491,65 @@ impl Lab {
             }
             thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Starts the relay of the impaired client link (see [`Lab::with_impaired_client_link`])
+    /// and waits for its first counters; from then on the client reaches the balancer through
+    /// it.
+    pub fn start_impairment(&mut self, relay_bin: &Path, impairment: &Impairment) -> Result<()> {
+        impairment.validate()?;
+        let Some(wire) = self.wire.clone() else {
+            bail!(
+                "this lab's client link has no relay: build it with Lab::with_impaired_client_link"
+            );
+        };
+        ensure!(
+            relay_bin.exists(),
+            "no relay binary at {}",
+            relay_bin.display()
+        );
+        let counters = self.impairment_counters_path();
+        let bin = relay_bin.to_string_lossy().into_owned();
+        let mut args = vec![
+            bin,
+            "--client-port".into(),
+            WIRE_CLIENT_PORT.into(),
+            "--balancer-port".into(),
+            WIRE_BALANCER_PORT.into(),
+            "--counters".into(),
+            counters.to_string_lossy().into_owned(),
+        ];
+        args.extend(impairment.args());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = self.dir.join("impairment.log");
+        let pid = self.spawn_logged(&wire, &args, &log)?;
+        let deadline = Instant::now() + IMPAIRMENT_READY_TIMEOUT;
+        while !counters.exists() {
+            let exited = self
+                .processes
+                .iter()
+                .find(|p| p.pid() == pid)
+                .is_none_or(Process::exited);
+            if exited || Instant::now() > deadline {
+                bail!(
+                    "the impairment relay did not start; its log:
+{}",
+                    log_tail(&log, 20)
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn impairment_counters_path(&self) -> PathBuf {
+        self.dir.join("impairment.counters")
+    }
+
+    /// What the relay has done so far: `<direction>_<counter>` → frames (see
+    /// [`crate::impair::COUNTERS`]).
+    pub fn impairment_counters(&self) -> Result<HashMap<String, u64>> {
+        impair::read_counters(&self.impairment_counters_path())
     }
 
     pub fn balancer_log(&self) -> PathBuf {

@@ -12,6 +12,9 @@
 //!                                                          ─ sw-b3 ── eth0 198.19.0.13
 //! ```
 //!
+//! [`Lab::with_impaired_client_link`] puts a relay namespace (`wire`) on the client link, whose
+//! `lab-impair` drops, reorders, duplicates and delays frames (the kernel has no netem).
+//!
 //! The client's default route points at the balancer host, which forwards between its two
 //! networks; the VIP has no route there, the balancer's XDP program answers for it.
 //! Everything is removed when the [`Lab`] is dropped, also during a panic; a lab whose process
@@ -19,6 +22,7 @@
 
 pub mod config;
 pub mod data;
+pub mod impair;
 mod lab;
 pub mod netns;
 pub mod process;
@@ -28,6 +32,7 @@ use std::net::Ipv4Addr;
 pub use crate::{
     config::{ServiceOptions, COOKIE_PORT},
     data::{test_data_sha256, write_test_data},
+    impair::Impairment,
     lab::{Lab, EXEC_TIMEOUT},
     netns::reap_stale_labs,
 };

@@ -14,6 +14,7 @@ pub struct Artifacts {
     pub ebpf_object: PathBuf,
     pub balancer: PathBuf,
     pub lab_backend: PathBuf,
+    pub lab_impair: PathBuf,
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -34,6 +35,7 @@ pub fn all() -> Result<Artifacts> {
         ebpf_object,
         balancer: bin.join("balancer"),
         lab_backend: bin.join("lab-backend"),
+        lab_impair: bin.join("lab-impair"),
     })
 }
 

@@ -6,7 +6,9 @@ mod run;
 mod test;
 mod toolchain;
 
-use std::process::ExitCode;
+use std::{process::ExitCode, time::Duration};
+
+use balancer_lab::Impairment;
 
 use clap::{Parser, Subcommand};
 
@@ -22,9 +24,22 @@ enum Task {
     /// Find or install the eBPF toolchain, then build the XDP program and the binaries.
     Build,
     /// Without arguments: a demo in a namespace lab (client, balancer, three backends) that
-    /// prints commands to try and shows live stats until Ctrl-C. With arguments: runs the
-    /// agent, e.g. `cargo xtask run -- --config balancer.toml`.
+    /// prints commands to try and shows live stats until Ctrl-C; `--loss`, `--reorder`,
+    /// `--duplicate` and `--delay` impair the client's link. With arguments after `--`: runs
+    /// the agent, e.g. `cargo xtask run -- --config balancer.toml`.
     Run {
+        /// Demo only: percent of frames the lab drops on the client link, each way.
+        #[arg(long, value_name = "PERCENT")]
+        loss: Option<f64>,
+        /// Demo only: percent of frames the lab holds back behind the next one, each way.
+        #[arg(long, value_name = "PERCENT")]
+        reorder: Option<f64>,
+        /// Demo only: percent of frames the lab sends twice, each way.
+        #[arg(long, value_name = "PERCENT")]
+        duplicate: Option<f64>,
+        /// Demo only: milliseconds the lab adds to every frame on the client link, each way.
+        #[arg(long, value_name = "MS")]
+        delay: Option<u64>,
         /// Arguments for `balancer run`, e.g. `--config balancer.toml`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -49,7 +64,21 @@ enum Task {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Task::Build => build::all().map(|_| ()),
-        Task::Run { args } => run::run(&args),
+        Task::Run {
+            loss,
+            reorder,
+            duplicate,
+            delay,
+            args,
+        } => {
+            let impairment = Impairment {
+                loss: loss.unwrap_or_default(),
+                reorder: reorder.unwrap_or_default(),
+                duplicate: duplicate.unwrap_or_default(),
+                delay: Duration::from_millis(delay.unwrap_or_default()),
+            };
+            run::run(&args, &impairment)
+        }
         Task::Test { args } => test::run(&args),
         Task::Bench { quick } => bench::run(quick),
     };

@@ -7,13 +7,18 @@ use std::{
     process::Command,
     sync::atomic::{AtomicBool, AtomicI32, Ordering},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
-use balancer_lab::{Lab, ServiceOptions, ECHO_PORT, HTTP_PORT, VIP};
+use balancer_lab::{
+    impair::DIRECTIONS, Impairment, Lab, ServiceOptions, ECHO_PORT, HTTP_PORT, VIP,
+};
 
 use crate::{build, toolchain};
+
+/// How often the demo prints what the impairment relay did.
+const IMPAIRMENT_REPORT_PERIOD: Duration = Duration::from_secs(5);
 
 /// Set by SIGINT or SIGTERM: the demo stops and removes its lab.
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -35,10 +40,14 @@ fn catch_stop_signals() {
     }
 }
 
-pub fn run(args: &[String]) -> Result<()> {
+pub fn run(args: &[String], impairment: &Impairment) -> Result<()> {
     if !toolchain::is_root() {
         bail!("the balancer attaches XDP programs: run this as root");
     }
+    if !args.is_empty() && !impairment.is_none() {
+        bail!("--loss, --reorder, --duplicate and --delay impair the demo lab's client link; they do not apply to the agent on real interfaces");
+    }
+    impairment.validate()?;
     let artifacts = build::all()?;
     if !args.is_empty() {
         return run_agent(&artifacts.balancer, args);
@@ -46,7 +55,14 @@ pub fn run(args: &[String]) -> Result<()> {
     toolchain::ensure_lab()?;
     catch_stop_signals();
     println!("==> building the namespace lab");
-    let mut lab = Lab::new()?;
+    let mut lab = if impairment.is_none() {
+        Lab::new()?
+    } else {
+        let mut lab = Lab::with_impaired_client_link()?;
+        println!("==> impairing the client link: {}", describe(impairment));
+        lab.start_impairment(&artifacts.lab_impair, impairment)?;
+        lab
+    };
     lab.start_backends(&artifacts.lab_backend)?;
     let config = lab.dir().join("balancer.toml");
     std::fs::write(&config, lab.balancer_config_with(&demo_services()))
@@ -73,7 +89,7 @@ pub fn run(args: &[String]) -> Result<()> {
          \x20 {balancer} backend drain web backend-1 --instance {instance}\n\n\
          Live stats follow (Ctrl-C stops the demo and removes the lab):\n"
     );
-    let followed = follow(&lab);
+    let followed = follow(&lab, !impairment.is_none());
     println!("\n==> stopping the balancer and removing the lab");
     drop(lab);
     followed
@@ -89,13 +105,53 @@ fn demo_services() -> ServiceOptions {
     }
 }
 
-/// Prints the agent's log as it grows until Ctrl-C or SIGTERM; fails if the agent exits.
-fn follow(lab: &Lab) -> Result<()> {
+fn describe(impairment: &Impairment) -> String {
+    format!(
+        "{}% loss, {}% reordered, {}% duplicated, {} ms delay, each way",
+        impairment.loss,
+        impairment.reorder,
+        impairment.duplicate,
+        impairment.delay.as_millis()
+    )
+}
+
+/// One line of what the impairment relay did, per direction.
+fn impairment_line(lab: &Lab) -> String {
+    let Ok(counters) = lab.impairment_counters() else {
+        return "impairment: no counters yet".to_owned();
+    };
+    let mut line = String::from("impairment:");
+    for direction in DIRECTIONS {
+        let value = |name: &str| {
+            counters
+                .get(&format!("{direction}_{name}"))
+                .copied()
+                .unwrap_or(0)
+        };
+        line.push_str(&format!(
+            " {direction} {} frames, {} dropped, {} reordered, {} duplicated;",
+            value("frames"),
+            value("dropped"),
+            value("reordered"),
+            value("duplicated")
+        ));
+    }
+    line
+}
+
+/// Prints the agent's log as it grows until Ctrl-C or SIGTERM, and what the impairment
+/// relay did every few seconds when there is one; fails if the agent exits.
+fn follow(lab: &Lab, impaired: bool) -> Result<()> {
+    let mut last_impairment_line = Instant::now();
     let mut log = std::fs::File::open(lab.balancer_log()).context("opening the balancer log")?;
     log.seek(SeekFrom::Start(0))?;
     let mut reader = BufReader::new(log);
     let mut line = String::new();
     while !STOP.load(Ordering::SeqCst) {
+        if impaired && last_impairment_line.elapsed() >= IMPAIRMENT_REPORT_PERIOD {
+            println!("{}", impairment_line(lab));
+            last_impairment_line = Instant::now();
+        }
         line.clear();
         if reader.read_line(&mut line)? == 0 {
             let running = lab

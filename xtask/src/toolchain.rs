@@ -180,7 +180,9 @@ pub fn ensure_lab() -> Result<()> {
 
 /// The cookie tests drive sessions with Python `requests` in the `python3` on PATH.
 fn ensure_python_requests() -> Result<()> {
-    let present = Command::new("python3").args(["-c", "import requests"]).output();
+    let present = Command::new("python3")
+        .args(["-c", "import requests"])
+        .output();
     if present.is_ok_and(|o| o.status.success()) {
         return Ok(());
     }
@@ -190,7 +192,9 @@ fn ensure_python_requests() -> Result<()> {
         .status()
         .context("running pip")?;
     if !status.success() {
-        bail!("pip install requests failed ({status}); install Python's requests module for python3");
+        bail!(
+            "pip install requests failed ({status}); install Python's requests module for python3"
+        );
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use balancer_lab::{Lab, ServiceOptions, VIP};
+use balancer_lab::{Impairment, Lab, ServiceOptions, VIP};
 
 pub fn balancer_bin() -> PathBuf {
     std::env::var_os("BALANCER_BIN")
@@ -30,13 +30,34 @@ pub fn lab_with_balancer() -> Lab {
     lab_with(&ServiceOptions::default())
 }
 
+pub fn relay_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_lab-impair"))
+}
+
 /// A lab whose `web` service has extra settings.
 pub fn lab_with(options: &ServiceOptions) -> Lab {
+    require_root();
+    serving(Lab::new().expect("building the lab"), options)
+}
+
+/// [`lab_with`], the client link impaired by the lab's relay.
+pub fn lab_with_impairment(options: &ServiceOptions, impairment: &Impairment) -> Lab {
+    require_root();
+    let mut lab = Lab::with_impaired_client_link().expect("building the lab");
+    lab.start_impairment(relay_bin(), impairment)
+        .expect("starting the impairment relay");
+    serving(lab, options)
+}
+
+fn require_root() {
     assert!(
         balancer_lab::is_root(),
         "integration tests need root (run `cargo xtask test`)"
     );
-    let mut lab = Lab::new().expect("building the lab");
+}
+
+/// Starts the backends and the balancer with `options` for the `web` service.
+fn serving(mut lab: Lab, options: &ServiceOptions) -> Lab {
     lab.start_backends(backend_bin())
         .expect("starting the backends");
     let config = config_path(&lab);
