@@ -2,10 +2,17 @@
 //!
 //! Every error names the field it is about, so an operator can fix the file without guessing.
 
-use std::{collections::HashSet, fmt, net::Ipv4Addr, path::Path};
+use std::{
+    collections::HashSet,
+    fmt,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use balancer_common::{affinity, ServiceKey, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP};
 use serde::Deserialize;
+
+use crate::cookie::{backend_token, CookieKey, CookieKeys};
 
 pub const DEFAULT_INSTANCE: &str = "balancer";
 const MIN_FLOW_CAPACITY: u32 = 1024;
@@ -14,6 +21,11 @@ const MAX_WEIGHT: u32 = 10_000;
 const MIN_TABLE_SIZE: u32 = 1021;
 const MAX_TABLE_SIZE: u32 = 262_139;
 const MAX_AFFINITY_TIMEOUT: u32 = 7 * 24 * 3600;
+/// Longest life of a balancer cookie, as the cloud balancers allow.
+const MAX_COOKIE_DURATION: u32 = 7 * 24 * 3600;
+const DEFAULT_LB_COOKIE: &str = "LBSESSION";
+/// Shortest cookie signing secret: 128 bits.
+const MIN_SECRET_LEN: usize = 16;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,8 +49,25 @@ pub struct Config {
     /// Seconds between stats lines; 0 turns them off.
     #[serde(default = "default_stats_interval")]
     pub stats_interval: u64,
+    /// Keys that sign and verify `lb-cookie` cookies: the first signs, all verify.
+    #[serde(default)]
+    pub cookie_keys: Vec<CookieKeyConfig>,
+    /// A file of more keys, one `<id> <secret>` a line, read after `cookie_keys`.
+    pub cookie_key_file: Option<PathBuf>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
+    /// `cookie_keys` and the key file's keys, once loaded and checked.
+    #[serde(skip)]
+    pub signing_keys: CookieKeys,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CookieKeyConfig {
+    /// 0-255; travels in the cookie so the right key verifies it.
+    pub id: u8,
+    /// At least 16 bytes; every balancer host that serves the VIP needs the same.
+    pub secret: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -73,11 +102,15 @@ pub struct ServiceConfig {
     pub drain_timeout: u32,
     /// Checks run from the balancer to each backend; without them backends count as healthy.
     pub health_check: Option<HealthCheckConfig>,
-    /// `app-cookie`: the name of the application's cookie whose value picks the backend.
+    /// `app-cookie`: the name of the application's cookie whose value picks the backend;
+    /// `lb-cookie`: the name of the balancer's cookie (default `LBSESSION`).
     pub cookie: Option<String>,
-    /// `app-cookie`: how requests without the cookie are placed.
+    /// `app-cookie`, `lb-cookie`: how requests without a usable cookie are placed.
     #[serde(default)]
     pub cookie_fallback: CookieFallback,
+    /// `lb-cookie`: seconds a session cookie lives, 1 to 604800 (7 days).
+    #[serde(default = "default_cookie_duration")]
+    pub cookie_duration: u32,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }
@@ -158,6 +191,9 @@ pub enum AffinityMode {
     /// HTTP: requests carrying the application's cookie (`cookie`) go to the backend its value
     /// hashes to; the connection is then spliced in XDP.
     AppCookie,
+    /// HTTP: requests carrying the balancer's signed cookie go to the backend it names; the
+    /// connection is then spliced in XDP.
+    LbCookie,
 }
 
 /// How a cookie service places a request that carries no cookie.
@@ -176,7 +212,7 @@ impl AffinityMode {
         match self {
             AffinityMode::Flow => affinity::FLOW,
             AffinityMode::SourceIp => affinity::SOURCE_IP,
-            AffinityMode::AppCookie => affinity::COOKIE,
+            AffinityMode::AppCookie | AffinityMode::LbCookie => affinity::COOKIE,
         }
     }
 }
@@ -187,6 +223,7 @@ impl fmt::Display for AffinityMode {
             AffinityMode::Flow => "flow",
             AffinityMode::SourceIp => "source-ip",
             AffinityMode::AppCookie => "app-cookie",
+            AffinityMode::LbCookie => "lb-cookie",
         })
     }
 }
@@ -199,6 +236,15 @@ impl ServiceConfig {
             port: self.port.to_be(),
             proto: self.protocol.number(),
             _pad: 0,
+        }
+    }
+
+    /// The cookie whose value places a connection, for the cookie modes.
+    pub fn cookie_name(&self) -> Option<&str> {
+        match self.affinity {
+            AffinityMode::AppCookie => self.cookie.as_deref(),
+            AffinityMode::LbCookie => Some(self.cookie.as_deref().unwrap_or(DEFAULT_LB_COOKIE)),
+            AffinityMode::Flow | AffinityMode::SourceIp => None,
         }
     }
 
@@ -276,6 +322,10 @@ fn default_affinity_timeout() -> u32 {
     300
 }
 
+fn default_cookie_duration() -> u32 {
+    24 * 3600
+}
+
 fn default_source_prefix() -> u8 {
     32
 }
@@ -349,7 +399,9 @@ impl Config {
             path: path.display().to_string(),
             error,
         })?;
-        Self::parse(&text).map_err(|error| match error {
+        // A relative key file is found beside the configuration.
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse_in(&text, base).map_err(|error| match error {
             ConfigError::Parse { error, .. } => ConfigError::Parse {
                 path: path.display().to_string(),
                 error,
@@ -358,14 +410,83 @@ impl Config {
         })
     }
 
+    #[cfg(test)]
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse {
+        Self::parse_in(text, Path::new("."))
+    }
+
+    /// Parses `text`, reading a relative `cookie_key_file` from `base`.
+    fn parse_in(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse {
             path: String::new(),
             error: Box::new(error),
         })?;
-
+        config.signing_keys = config.load_keys(base)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// `cookie_keys`, then the key file's keys; every id once, every secret long enough.
+    fn load_keys(&self, base: &Path) -> Result<CookieKeys, ConfigError> {
+        let mut keys: Vec<(String, CookieKey)> = self
+            .cookie_keys
+            .iter()
+            .enumerate()
+            .map(|(index, key)| {
+                (
+                    format!("cookie_keys[{index}]"),
+                    CookieKey {
+                        id: key.id,
+                        secret: key.secret.as_bytes().to_vec(),
+                    },
+                )
+            })
+            .collect();
+        if let Some(file) = &self.cookie_key_file {
+            let path = base.join(file);
+            let text = std::fs::read_to_string(&path).map_err(|error| {
+                invalid(
+                    "cookie_key_file",
+                    format!("cannot read {}: {error}", path.display()),
+                )
+            })?;
+            for (number, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let field = format!("cookie_key_file ({} line {})", path.display(), number + 1);
+                let parsed = line
+                    .split_once(char::is_whitespace)
+                    .and_then(|(id, secret)| Some((id.parse::<u8>().ok()?, secret.trim())));
+                let Some((id, secret)) = parsed else {
+                    return Err(invalid(field, "expected `<id 0-255> <secret>`"));
+                };
+                keys.push((
+                    field,
+                    CookieKey {
+                        id,
+                        secret: secret.as_bytes().to_vec(),
+                    },
+                ));
+            }
+        }
+        let mut ids = HashSet::new();
+        for (field, key) in &keys {
+            if key.secret.len() < MIN_SECRET_LEN {
+                return Err(invalid(
+                    field.clone(),
+                    format!("the secret must be at least {MIN_SECRET_LEN} bytes"),
+                ));
+            }
+            if !ids.insert(key.id) {
+                return Err(invalid(
+                    field.clone(),
+                    format!("key id {} is used twice", key.id),
+                ));
+            }
+        }
+        Ok(CookieKeys(keys.into_iter().map(|(_, key)| key).collect()))
     }
 
     pub fn backend_interface(&self) -> &str {
@@ -489,28 +610,54 @@ impl Config {
                 check.validate(&format!("{field}.health_check"))?;
             }
             match (service.affinity, &service.cookie) {
+                (AffinityMode::LbCookie, _) if self.signing_keys.is_empty() => {
+                    return Err(invalid(
+                        "cookie_keys",
+                        format!(
+                            "service {} uses affinity \"lb-cookie\", which needs a signing key (cookie_keys or cookie_key_file)",
+                            service.name
+                        ),
+                    ));
+                }
+                (AffinityMode::LbCookie, _)
+                    if !(1..=MAX_COOKIE_DURATION).contains(&service.cookie_duration) =>
+                {
+                    return Err(invalid(
+                        format!("{field}.cookie_duration"),
+                        format!(
+                            "{} seconds is outside 1..={MAX_COOKIE_DURATION} (7 days)",
+                            service.cookie_duration
+                        ),
+                    ));
+                }
                 (AffinityMode::AppCookie, None) => {
                     return Err(invalid(
                         format!("{field}.cookie"),
                         "affinity \"app-cookie\" needs the name of the application's cookie",
                     ));
                 }
-                (AffinityMode::AppCookie, Some(name)) if !is_cookie_name(name) => {
+                (AffinityMode::AppCookie | AffinityMode::LbCookie, Some(name))
+                    if !is_cookie_name(name) =>
+                {
                     return Err(invalid(
                         format!("{field}.cookie"),
                         format!("{name:?} is not a cookie name (RFC 6265 token)"),
                     ));
                 }
-                (AffinityMode::AppCookie, _) if service.protocol != Protocol::Tcp => {
+                (AffinityMode::AppCookie | AffinityMode::LbCookie, _)
+                    if service.protocol != Protocol::Tcp =>
+                {
                     return Err(invalid(
                         format!("{field}.protocol"),
                         "cookie affinity is for HTTP over TCP",
                     ));
                 }
-                (mode, Some(_)) if mode != AffinityMode::AppCookie => {
+                (mode @ (AffinityMode::Flow | AffinityMode::SourceIp), Some(_)) => {
                     return Err(invalid(
                         format!("{field}.cookie"),
-                        format!("is only used with affinity \"app-cookie\", not \"{mode}\""),
+                        format!(
+                            "is only used with affinity \"app-cookie\" or \"lb-cookie\", not \"{mode}\""
+                        ),
                     ));
                 }
                 _ => {}
@@ -544,6 +691,7 @@ impl Config {
                 ));
             }
             let mut backend_names = HashSet::new();
+            let mut cookie_tokens = HashSet::new();
             for (b, backend) in service.backends.iter().enumerate() {
                 let field = format!("{field}.backend[{b}]");
                 if !name_ok(&backend.name) {
@@ -559,6 +707,14 @@ impl Config {
                     return Err(invalid(
                         format!("{field}.name"),
                         "is used by another backend of this service",
+                    ));
+                }
+                if service.affinity == AffinityMode::LbCookie
+                    && !cookie_tokens.insert(backend_token(&backend.name))
+                {
+                    return Err(invalid(
+                        format!("{field}.name"),
+                        "names the same cookie token as another backend of this service; rename one",
                     ));
                 }
                 if backend.weight > MAX_WEIGHT {
@@ -689,6 +845,93 @@ mod tests {
     fn the_example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../balancer.example.toml");
         Config::load(&path).expect("balancer.example.toml must be valid");
+    }
+
+    /// [`VALID`] with its service on `lb-cookie` and keys before the service.
+    fn lb_cookie(keys: &str, settings: &str) -> String {
+        VALID
+            .replace("[[service]]", &format!("{keys}\n[[service]]"))
+            .replace(
+                "protocol = \"tcp\"",
+                &format!("protocol = \"tcp\"\naffinity = \"lb-cookie\"\n{settings}"),
+            )
+    }
+
+    const TWO_KEYS: &str = r#"cookie_keys = [{ id = 2, secret = "the newer secret, 32 bytes long" }, { id = 1, secret = "the older secret of the two keys" }]"#;
+
+    #[test]
+    fn lb_cookie_services_get_a_default_name_and_duration_and_all_keys() {
+        let config = Config::parse(&lb_cookie(TWO_KEYS, "")).expect("valid config");
+        let service = &config.services[0];
+        assert_eq!(service.cookie_name(), Some("LBSESSION"));
+        assert_eq!(service.cookie_duration, 86_400);
+        let ids: Vec<u8> = config.signing_keys.0.iter().map(|k| k.id).collect();
+        assert_eq!(ids, [2, 1], "the first key signs");
+    }
+
+    #[test]
+    fn cookie_keys_are_read_from_a_key_file_beside_the_config() {
+        let dir = std::env::temp_dir().join(format!("balancer-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a directory");
+        std::fs::write(
+            dir.join("keys"),
+            "# rotated monthly\n7 a secret from the key file\n",
+        )
+        .expect("writing keys");
+        let config = lb_cookie("cookie_key_file = \"keys\"", "cookie = \"STICKY\"");
+        std::fs::write(dir.join("balancer.toml"), &config).expect("writing the config");
+        let loaded = Config::load(&dir.join("balancer.toml"));
+        std::fs::write(dir.join("keys"), "7\n").expect("writing keys");
+        let broken = Config::load(&dir.join("balancer.toml"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let loaded = loaded.expect("valid config");
+        assert_eq!(loaded.signing_keys.0[0].id, 7);
+        assert_eq!(
+            loaded.signing_keys.0[0].secret,
+            b"a secret from the key file"
+        );
+        assert_eq!(loaded.services[0].cookie_name(), Some("STICKY"));
+        let broken = broken.expect_err("a key line without a secret").to_string();
+        assert!(broken.starts_with("cookie_key_file ("), "{broken}");
+        assert!(broken.contains("line 1"), "{broken}");
+    }
+
+    #[test]
+    fn lb_cookie_errors_name_the_field() {
+        let cases = [
+            (lb_cookie("", ""), "cookie_keys"),
+            (
+                lb_cookie(TWO_KEYS, "cookie_duration = 0"),
+                "service[0] (web).cookie_duration",
+            ),
+            (
+                lb_cookie(TWO_KEYS, "cookie_duration = 604801"),
+                "service[0] (web).cookie_duration",
+            ),
+            (
+                lb_cookie(r#"cookie_keys = [{ id = 1, secret = "short" }]"#, ""),
+                "cookie_keys[0]",
+            ),
+            (
+                lb_cookie(&TWO_KEYS.replace("id = 2", "id = 1"), ""),
+                "cookie_keys[1]",
+            ),
+            (
+                lb_cookie(TWO_KEYS, "cookie = \"A B\""),
+                "service[0] (web).cookie",
+            ),
+            (
+                lb_cookie("cookie_key_file = \"/nonexistent/keys\"", ""),
+                "cookie_key_file",
+            ),
+        ];
+        for (text, field) in cases {
+            let error = error_of(&text);
+            assert!(
+                error.starts_with(&format!("{field}:")),
+                "expected an error about {field}, got: {error}"
+            );
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 mod agent;
 mod config;
 mod control;
+mod cookie;
 mod dataplane;
 mod health;
 mod maglev;
@@ -81,6 +82,20 @@ enum Command {
         #[arg(long, default_value_t = balancer_common::DEFAULT_TABLE_SIZE)]
         table_size: u32,
     },
+    /// Print the `lb-cookie` value that sends a browser to a backend, signed with the
+    /// config's first key, e.g. to pin a test client or to check another host's key.
+    Cookie {
+        /// The configuration file (TOML) with the service and its keys.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// A service with `affinity = "lb-cookie"`.
+        service: String,
+        /// One of its backends, by name.
+        backend: String,
+        /// Seconds until the cookie expires; the service's `cookie_duration` when absent.
+        #[arg(long)]
+        expires_in: Option<u32>,
+    },
     /// Print the packet counters of a running instance, one `reason packets bytes` per line.
     Stats {
         /// The instance name from the config.
@@ -130,6 +145,15 @@ fn execute(command: Command) -> Result<()> {
                     .map(|s| s.backends.len())
                     .sum::<usize>()
             );
+            Ok(())
+        }
+        Command::Cookie {
+            config,
+            service,
+            backend,
+            expires_in,
+        } => {
+            println!("{}", cookie_for(&config, &service, &backend, expires_in)?);
             Ok(())
         }
         Command::Reload { instance } => {
@@ -267,6 +291,44 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<()> {
     agent.shutdown()?;
     info!("stopped");
     Ok(())
+}
+
+fn cookie_for(
+    config: &Path,
+    service: &str,
+    backend: &str,
+    expires_in: Option<u32>,
+) -> Result<String> {
+    let config = Config::load(config)?;
+    let service = config
+        .services
+        .iter()
+        .find(|s| s.name == service)
+        .with_context(|| format!("no service {service} in the configuration"))?;
+    anyhow::ensure!(
+        service.affinity == config::AffinityMode::LbCookie,
+        "service {} uses affinity \"{}\", not \"lb-cookie\"",
+        service.name,
+        service.affinity
+    );
+    anyhow::ensure!(
+        service.backends.iter().any(|b| b.name == backend),
+        "service {} has no backend {backend}",
+        service.name
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_secs() as u32;
+    let expires = now.saturating_add(expires_in.unwrap_or(service.cookie_duration));
+    let value = config
+        .signing_keys
+        .seal(&service.name, cookie::backend_token(backend), expires)
+        .context("the configuration has no cookie key")?;
+    Ok(format!(
+        "{}={value}",
+        service.cookie_name().unwrap_or_default()
+    ))
 }
 
 fn execute_request(agent: &mut Agent, config_path: &Path, request: Request) -> Result<String> {

@@ -15,6 +15,9 @@ pub struct ServiceOptions {
     pub cookie_service: bool,
 }
 
+/// The key that signs the lab's `lb-cookie` cookies.
+pub const LAB_COOKIE_SECRET: &str = "the namespace lab's cookie signing key";
+
 /// The VIP port of the optional `web-cookie` service.
 pub const COOKIE_PORT: u16 = 8080;
 
@@ -32,7 +35,8 @@ impl Lab {
              client_interface = \"lb-client\"\n\
              backend_interface = \"lb-backend\"\n\
              xdp_mode = \"native\"\n\
-             stats_interval = 1\n",
+             stats_interval = 1\n\
+             cookie_keys = [{{ id = 1, secret = \"{LAB_COOKIE_SECRET}\" }}]\n",
             self.instance()
         );
         toml += &service("web", HTTP_PORT, "tcp", &options.web_settings, web_count);

@@ -337,21 +337,34 @@ fn rejected_reload_keeps_the_running_configuration() {
 fn with_every_backend_down_new_connections_are_refused_with_a_reset() {
     let mut lab = lab_with(&sticky_options(32));
     for index in 0..BACKEND_COUNT {
-        lab.stop_backend(index).expect("stopping a backend's server");
+        lab.stop_backend(index)
+            .expect("stopping a backend's server");
     }
     for index in 0..BACKEND_COUNT {
         let name = Lab::backend_name(index);
-        wait_until(Duration::from_secs(5), &format!("{name} marked down"), || {
-            status_of(&lab, &name).contains("state=down")
-        });
+        wait_until(
+            Duration::from_secs(5),
+            &format!("{name} marked down"),
+            || status_of(&lab, &name).contains("state=down"),
+        );
     }
     let output = lab
-        .exec(lab.client_ns(), &["curl", "-sS", "--max-time", "5", &vip_url("/")])
+        .exec(
+            lab.client_ns(),
+            &["curl", "-sS", "--max-time", "5", &vip_url("/")],
+        )
         .expect("running curl");
     let error = String::from_utf8_lossy(&output.stderr);
     // curl's exit 7 is "connection refused": the reset, not a time-out (exit 28).
-    assert_eq!(output.status.code(), Some(7), "expected a refused connection: {error}");
+    assert_eq!(
+        output.status.code(),
+        Some(7),
+        "expected a refused connection: {error}"
+    );
     assert!(counters(&lab)["refused_no_backend"] >= 1);
     let log = std::fs::read_to_string(lab.balancer_log()).unwrap_or_default();
-    assert!(log.contains("no backend can take new connections"), "the log does not say so");
+    assert!(
+        log.contains("no backend can take new connections"),
+        "the log does not say so"
+    );
 }

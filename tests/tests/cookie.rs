@@ -223,6 +223,93 @@ fn a_thousand_downloads_and_uploads_arrive_intact_on_keep_alive_and_new_connecti
     assert!(stats["spliced_to_client"] > 100_000, "{stats:?}");
 }
 
+fn lb_cookie_options() -> ServiceOptions {
+    ServiceOptions {
+        web_settings: "affinity = \"lb-cookie\"\ncookie_fallback = \"flow\"\n".to_owned(),
+        ..ServiceOptions::default()
+    }
+}
+
+/// `LBSESSION=<value>` for a backend of `web`, made by `balancer cookie` from the lab's config.
+fn lb_cookie_for(lab: &Lab, backend: &str, expires_in: u32) -> String {
+    let config = config_path(lab);
+    let output = std::process::Command::new(balancer_bin())
+        .args(["cookie", "--config"])
+        .arg(&config)
+        .args(["web", backend, "--expires-in", &expires_in.to_string()])
+        .output()
+        .expect("running balancer cookie");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// The `cookies_rejected` counts of `balancer status`, by reason.
+fn cookies_rejected(lab: &Lab) -> HashMap<String, u64> {
+    let status = balancer(lab, &["status"]);
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("cookies_rejected"))
+        .unwrap_or_else(|| panic!("no cookies_rejected line in:\n{status}"));
+    line.split_whitespace()
+        .skip(1)
+        .filter_map(|pair| {
+            let (reason, count) = pair.split_once('=')?;
+            Some((reason.to_owned(), count.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn a_signed_lb_cookie_routes_to_its_backend_and_a_tampered_or_expired_one_counts_as_absent() {
+    let lab = lab_with(&lb_cookie_options());
+    for index in 0..BACKEND_COUNT {
+        let backend = Lab::backend_name(index);
+        let cookie = lb_cookie_for(&lab, &backend, 3600);
+        for _ in 0..10 {
+            assert_eq!(
+                get(&lab, &["-H", &format!("Cookie: other=1; {cookie}")], "/").trim(),
+                backend,
+                "{cookie} names {backend}"
+            );
+        }
+    }
+
+    let cookie = lb_cookie_for(&lab, &Lab::backend_name(1), 3600);
+    let (name, value) = cookie.split_once('=').expect("name=value");
+    // Flip one character in the MAC part; truncate; expire.
+    let mut flipped: Vec<char> = value.chars().collect();
+    let last = flipped.len() - 3;
+    flipped[last] = if flipped[last] == 'A' { 'B' } else { 'A' };
+    let flipped: String = flipped.into_iter().collect();
+    let expiring = lb_cookie_for(&lab, &Lab::backend_name(1), 1);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let cases = [
+        (format!("{name}={flipped}"), "bad_signature"),
+        (format!("{name}={}", &value[..value.len() - 4]), "malformed"),
+        (expiring, "expired"),
+    ];
+    for (cookie, reason) in cases {
+        let before = cookies_rejected(&lab)[reason];
+        let mut backends = HashSet::new();
+        for _ in 0..12 {
+            backends.insert(get(&lab, &["-H", &format!("Cookie: {cookie}")], "/"));
+        }
+        assert_eq!(
+            cookies_rejected(&lab)[reason] - before,
+            12,
+            "{cookie} must be counted as {reason}"
+        );
+        assert!(
+            backends.len() > 1,
+            "{reason}: requests must be placed by the fallback (spread), got {backends:?}"
+        );
+    }
+}
+
 #[test]
 fn established_connections_are_forwarded_by_xdp_alone() {
     let lab = lab_with(&cookie_options());

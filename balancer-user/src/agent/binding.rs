@@ -13,21 +13,32 @@ use std::{
     collections::HashMap,
     net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Result};
 use balancer_common::{
-    client_hash, flow_hash, flow_state, punt_kind, Binding, Flow, FlowKey, Punt, ReverseNat,
-    COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE,
+    backend_state, client_hash, flow_hash, flow_state, punt_kind, Binding, Flow, FlowKey, Punt,
+    ReverseNat, COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE,
 };
 use tracing::{debug, warn};
 
-use super::{Agent, ServiceRuntime};
+use super::{Agent, BackendRuntime, ServiceRuntime};
 use crate::{
     config::{AffinityMode, CookieFallback},
+    cookie::{backend_token, CookieKeys, Rejection},
     segment::{Segment, ACK, FIN, PSH, RST, SYN},
 };
+
+/// Why a balancer cookie counted as absent: the codec's reasons, then the backend's.
+pub const REJECTION_REASONS: [&str; 5] = [
+    Rejection::ALL[0].name(),
+    Rejection::ALL[1].name(),
+    Rejection::ALL[2].name(),
+    Rejection::ALL[3].name(),
+    "backend_unusable",
+];
+const BACKEND_UNUSABLE: usize = 4;
 
 /// Request heads are collected up to this size; a larger head is placed by the fallback.
 const MAX_HEAD: usize = 16 * 1024;
@@ -44,12 +55,17 @@ const MAX_BACKENDS_TRIED: usize = 3;
 /// A spliced connection is remembered this long, to answer a repeated SYN-ACK.
 const SPLICED_MEMORY: Duration = Duration::from_secs(5);
 
-/// What the binding stage did, for the stats line.
+/// What the binding stage did, for the stats line and `balancer status`.
 #[derive(Default, Clone, Copy, Debug)]
 pub struct BindingCounters {
     pub bound: u64,
+    /// Connections placed by an application cookie's value or a genuine balancer cookie.
     pub with_cookie: u64,
+    /// Connections placed by the fallback: no cookie, or one that counted as absent.
     pub without_cookie: u64,
+    /// Balancer cookies that counted as absent, by [`Rejection`] (then one more slot: the
+    /// backend it names is gone, down or drained).
+    pub cookies_rejected: [u64; REJECTION_REASONS.len()],
     pub head_too_large: u64,
     pub retried: u64,
     pub failed: u64,
@@ -104,6 +120,16 @@ struct Target {
     id: u32,
     addr: Ipv4Addr,
     port: u16,
+}
+
+impl ServiceRuntime {
+    fn target(&self, backend: &BackendRuntime) -> Target {
+        Target {
+            id: backend.id,
+            addr: backend.config.address,
+            port: backend.config.port_for(&self.config),
+        }
+    }
 }
 
 enum Stage {
@@ -294,7 +320,7 @@ impl Agent {
         let Some(service) = self.services.iter().find(|s| {
             s.config.vip == pending.vip
                 && s.config.port == pending.vip_port
-                && s.config.affinity == AffinityMode::AppCookie
+                && s.config.cookie_name().is_some()
         }) else {
             self.abort_quietly(key);
             return;
@@ -302,7 +328,7 @@ impl Agent {
         let choice = if pending.tried.len() >= MAX_BACKENDS_TRIED {
             None
         } else {
-            choose(service, pending, key)
+            choose(service, pending, key, &self.config.signing_keys, unix_now())
         };
         let Some((target, cookie)) = choice else {
             warn!(client = %pending.client, port = pending.client_port, tried = pending.tried.len(), "no backend took the connection: resetting the client");
@@ -311,17 +337,21 @@ impl Agent {
             return;
         };
         if pending.tried.is_empty() {
-            if cookie.is_some() {
-                self.binder.counters.with_cookie += 1;
-            } else {
-                self.binder.counters.without_cookie += 1;
+            let counters = &mut self.binder.counters;
+            match cookie {
+                Cookie::Hashed(_) | Cookie::Session(_) => counters.with_cookie += 1,
+                Cookie::Absent => counters.without_cookie += 1,
+                Cookie::Rejected(reason) => {
+                    counters.without_cookie += 1;
+                    counters.cookies_rejected[reason] += 1;
+                }
             }
         } else {
             self.binder.counters.retried += 1;
         }
         debug!(
             client = %pending.client, port = pending.client_port, service = %service.config.name,
-            cookie = cookie.as_deref().unwrap_or("-"), backend = %target.addr, attempt = pending.tried.len() + 1,
+            cookie = %cookie, backend = %target.addr, attempt = pending.tried.len() + 1,
             "binding decision"
         );
         let reply_key = backend_key(pending, target);
@@ -576,28 +606,74 @@ impl Agent {
     }
 }
 
-/// The backend for a connection: the one its cookie's value hashes to, else the service's
-/// fallback; backends already tried are skipped. Returns it with the cookie value, if any.
+/// What a connection's cookie did to its placement.
+#[derive(Debug, Clone, PartialEq)]
+enum Cookie {
+    /// No cookie of the service's name.
+    Absent,
+    /// An application cookie's value, hashed into the lookup table.
+    Hashed(String),
+    /// A genuine balancer cookie naming a backend that keeps its sessions.
+    Session(String),
+    /// A balancer cookie that counts as absent, by [`REJECTION_REASONS`] index.
+    Rejected(usize),
+}
+
+impl std::fmt::Display for Cookie {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cookie::Absent => f.write_str("none"),
+            Cookie::Hashed(value) => write!(f, "app {value}"),
+            Cookie::Session(backend) => write!(f, "session on {backend}"),
+            Cookie::Rejected(reason) => write!(f, "rejected ({})", REJECTION_REASONS[*reason]),
+        }
+    }
+}
+
+/// The backend for a connection: the one a genuine balancer cookie names while it keeps its
+/// sessions (up, or draining within the drain timeout), the one an application cookie's value
+/// hashes to, else the service's fallback; backends already tried are skipped.
 fn choose(
     service: &ServiceRuntime,
     pending: &Pending,
     key: &FlowKey,
-) -> Option<(Target, Option<String>)> {
+    keys: &CookieKeys,
+    now: u32,
+) -> Option<(Target, Cookie)> {
     if service.lookup.is_empty() {
         return None;
     }
-    let cookie = service
+    let value = service
         .config
-        .cookie
-        .as_deref()
+        .cookie_name()
         .and_then(|name| cookie_value(&pending.request, name));
+    let cookie = match (service.config.affinity, value) {
+        (_, None) => Cookie::Absent,
+        (AffinityMode::LbCookie, Some(value)) => match keys.open(&service.config.name, &value, now)
+        {
+            Ok(token) => {
+                let named = service.backends.iter().find(|b| {
+                    backend_token(&b.config.name) == token
+                        && b.state(service.drain_timeout()) != backend_state::DOWN
+                        && !pending.tried.contains(&b.id)
+                });
+                if let Some(backend) = named {
+                    let cookie = Cookie::Session(backend.config.name.clone());
+                    return Some((service.target(backend), cookie));
+                }
+                Cookie::Rejected(BACKEND_UNUSABLE)
+            }
+            Err(rejection) => Cookie::Rejected(rejection as usize),
+        },
+        (_, Some(value)) => Cookie::Hashed(value),
+    };
     let hash = match (&cookie, service.config.cookie_fallback) {
-        (Some(value), _) => value_hash(value.as_bytes()),
-        (None, CookieFallback::SourceIp) => {
+        (Cookie::Hashed(value), _) => value_hash(value.as_bytes()),
+        (_, CookieFallback::SourceIp) => {
             let mask = u32::from_ne_bytes(service.config.source_mask().octets());
             client_hash(u32::from_ne_bytes(pending.client.octets()) & mask)
         }
-        (None, CookieFallback::Flow) => flow_hash(key),
+        (_, CookieFallback::Flow) => flow_hash(key),
     };
     let len = service.lookup.len();
     let start = hash as usize % len;
@@ -606,14 +682,13 @@ fn choose(
         .map(|step| service.lookup[(start + step) % len])
         .find(|id| !pending.tried.contains(id))?;
     let backend = service.backends.iter().find(|b| b.id == id)?;
-    Some((
-        Target {
-            id,
-            addr: backend.config.address,
-            port: backend.config.port_for(&service.config),
-        },
-        cookie,
-    ))
+    Some((service.target(backend), cookie))
+}
+
+fn unix_now() -> u32 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as u32)
 }
 
 /// The value of cookie `name` in the request head's `Cookie` headers.

@@ -441,6 +441,17 @@ impl Agent {
                 );
             }
         }
+        let b = &self.binder.counters;
+        let _ = writeln!(
+            text,
+            "bindings bound={} cookie={} fallback={} retried={} failed={} head_too_large={}",
+            b.bound, b.with_cookie, b.without_cookie, b.retried, b.failed, b.head_too_large
+        );
+        let _ = write!(text, "cookies_rejected");
+        for (reason, count) in binding::REJECTION_REASONS.iter().zip(b.cookies_rejected) {
+            let _ = write!(text, " {reason}={count}");
+        }
+        text.push('\n');
         Ok(text)
     }
 
