@@ -213,7 +213,8 @@ pub struct SynOptions {
     pub mss: u16,
     /// The client's window scale, or [`NO_WINDOW_SCALE`].
     pub window_shift: u8,
-    pub _pad: u8,
+    /// 1 when the client offered selective acknowledgements (SACK-permitted), else 0.
+    pub sack_permitted: u8,
 }
 const _: () = assert!(size_of::<SynOptions>() == 4);
 
@@ -278,13 +279,17 @@ const _: () = assert!(size_of::<CookieSecret>() == 16);
 pub const COOKIE_PERIOD_S: u32 = 64;
 
 /// The SYN cookie (the balancer's ISN) of a client connection in cookie period `period`: a
-/// keyed hash of the 4-tuple, so answering a SYN costs no state.
+/// keyed hash of the 4-tuple and the client's ISN, so answering a SYN costs no state. As with
+/// the kernel's SYN cookies, only a segment at the client's first sequence number (the
+/// handshake's ACK or the first data) completes the handshake: a later segment that overtook
+/// them would place the request's bytes wrongly, and is dropped until they arrive.
 #[inline(always)]
-pub fn syn_cookie(secret: &CookieSecret, key: &FlowKey, period: u32) -> u32 {
+pub fn syn_cookie(secret: &CookieSecret, key: &FlowKey, client_isn: u32, period: u32) -> u32 {
     let ports = (u32::from(key.sport) << 16) | u32::from(key.dport);
     let mut h = mix(secret.key[0] ^ key.src);
     h = mix(h ^ secret.key[1] ^ key.dst);
     h = mix(h ^ secret.key[2] ^ ports);
+    h = mix(h ^ client_isn);
     mix(h ^ secret.key[3] ^ period)
 }
 

@@ -16,6 +16,7 @@ mod reset;
 mod splice;
 mod stats;
 mod synack;
+mod tcp_options;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 

@@ -43,6 +43,14 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, V
             // SAFETY: map values stay valid for the duration of the program; concurrent
             // writers only race on bookkeeping that any of them may win.
             let flow = unsafe { &mut *flow };
+            // SAFETY: as above.
+            let service = unsafe { &*service };
+            // A spliced connection's backend leg cannot be reused: its sequence offset
+            // belongs to the old connection. (A NAT flow simply carries the new one.)
+            if service.affinity == affinity::COOKIE && reopens(packet, flow) {
+                forget(key, flow);
+                return Err(splice::accept(ctx, packet, now_s));
+            }
             touch(flow, now_s, packet.closing);
             *flow
         }
@@ -116,6 +124,30 @@ pub fn forget_reused_tuple(packet: &Packet) {
         _pad: [0; 3],
     };
     let _ = REVERSE.remove(&reply_key);
+}
+
+/// A client SYN on a flow that the client closed: it reused its port for a new connection (it
+/// does so at once when the server closed first), so the old flow is over.
+#[inline(always)]
+fn reopens(packet: &Packet, flow: &Flow) -> bool {
+    packet.key.proto == PROTO_TCP
+        && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && flow.flags & flow_flags::CLOSING != 0
+}
+
+/// Removes a flow and its reverse entry.
+#[inline(always)]
+fn forget(key: &FlowKey, flow: &Flow) {
+    let reply_key = FlowKey {
+        src: flow.backend_addr,
+        dst: key.src,
+        sport: flow.backend_port,
+        dport: key.sport,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    let _ = REVERSE.remove(&reply_key);
+    let _ = FLOWS.remove(key);
 }
 
 /// Records that the client's flow is alive, writing only what changed.

@@ -18,16 +18,19 @@ use crate::{
     packet::{ptr_at, Packet, L4_OFFSET, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::{self, Verdict},
     synack,
+    tcp_options::{Options, OPTION_NOP, OPTION_SACK},
 };
 
 const SEQ_OFFSET: usize = L4_OFFSET + 4;
 const ACK_OFFSET: usize = L4_OFFSET + 8;
 const WINDOW_OFFSET: usize = L4_OFFSET + 14;
+/// Block edges a SACK option holds at most: 4 blocks of two (2 + 32 of the 40 option bytes).
+const MAX_SACK_EDGES: usize = 8;
 /// Options a client is assumed to have when its SYN's were evicted from `SYN_OPTIONS`.
 const DEFAULT_OPTIONS: SynOptions = SynOptions {
     mss: 536,
     window_shift: NO_WINDOW_SCALE,
-    _pad: 0,
+    sack_permitted: 0,
 };
 
 pub fn cookie_secret() -> CookieSecret {
@@ -63,11 +66,12 @@ pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
         )
     };
     let cookie_isn = ack.wrapping_sub(1);
+    let client_isn = seq.wrapping_sub(1);
     let secret = cookie_secret();
     let period = cookie_period();
     let key = &packet.key;
-    if cookie_isn != syn_cookie(&secret, key, period)
-        && cookie_isn != syn_cookie(&secret, key, period.wrapping_sub(1))
+    if cookie_isn != syn_cookie(&secret, key, client_isn, period)
+        && cookie_isn != syn_cookie(&secret, key, client_isn, period.wrapping_sub(1))
     {
         return bad_cookie;
     }
@@ -77,7 +81,7 @@ pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
     });
     let _ = SYN_OPTIONS.remove(key);
     let binding = Binding {
-        client_isn: seq.wrapping_sub(1),
+        client_isn,
         cookie_isn,
         options,
     };
@@ -134,7 +138,52 @@ pub fn punt(ctx: &XdpContext, kind: u32) -> Verdict {
 pub fn client_to_backend(ctx: &XdpContext, packet: &Packet, flow: &Flow) -> Result<(), Verdict> {
     if packet.tcp_flags & TCP_ACK != 0 {
         shift(ctx, packet, ACK_OFFSET, flow.seq_delta)?;
+        shift_sack_blocks(ctx, packet, flow.seq_delta)?;
     }
+    Ok(())
+}
+
+/// Moves the edges of a client segment's SACK blocks by `delta`, as its acknowledgement
+/// number: they name backend bytes in the sequence space the client knows.
+#[inline(always)]
+fn shift_sack_blocks(ctx: &XdpContext, packet: &Packet, delta: u32) -> Result<(), Verdict> {
+    if packet.tcp_header_len <= TcpHdr::LEN {
+        return Ok(());
+    }
+    let truncated = Verdict::drop(Reason::DropTruncated);
+    let mut options = Options::load(ctx, packet.tcp_header_len).ok_or(truncated)?;
+    // Clients align the SACK option on a word: first, or behind two NOPs (timestamps are off
+    // on these connections). A block left untranslated elsewhere lies outside the backend's
+    // window and is ignored by it: it costs speed, never data. Not walking the options keeps
+    // this per-packet path cheap for the verifier.
+    let at = if options.byte(0) == OPTION_SACK {
+        0
+    } else if options.byte(0) == OPTION_NOP
+        && options.byte(1) == OPTION_NOP
+        && options.byte(2) == OPTION_SACK
+    {
+        2
+    } else {
+        return Ok(());
+    };
+    let len = usize::from(options.byte(at + 1));
+    let check: *mut [u8; 2] = ptr_at(ctx, packet.l4_check_offset).ok_or(truncated)?;
+    // SAFETY: `ptr_at` checked that the field lies inside the frame.
+    let mut sum = u16::from_ne_bytes(unsafe { *check });
+    for edge in 0..MAX_SACK_EDGES {
+        let field = at + 2 + 4 * edge;
+        if field + 4 > at + len {
+            break;
+        }
+        let old = options.word(field);
+        let new = u32::from_be_bytes(old).wrapping_add(delta).to_be_bytes();
+        options.set_word(field, new);
+        sum = csum::replace32(sum, u32::from_ne_bytes(old), u32::from_ne_bytes(new));
+    }
+    options.store(ctx).ok_or(truncated)?;
+    let check: *mut [u8; 2] = ptr_at(ctx, packet.l4_check_offset).ok_or(truncated)?;
+    // SAFETY: `ptr_at` checked that the field lies inside the frame.
+    unsafe { *check = sum.to_ne_bytes() };
     Ok(())
 }
 

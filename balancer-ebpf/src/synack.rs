@@ -2,7 +2,7 @@
 //! completes the handshake itself so the request, and its cookie, can be read before a
 //! backend is chosen. The SYN's options are kept in `SYN_OPTIONS` for the backend leg.
 
-use aya_ebpf::{helpers::bpf_xdp_load_bytes, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use balancer_common::{
     syn_cookie, Reason, SynOptions, COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE, PROTO_TCP,
 };
@@ -14,26 +14,17 @@ use crate::{
     reply,
     splice::{cookie_period, cookie_secret},
     stats::Verdict,
+    tcp_options::{Options, OPTION_MSS, OPTION_NOP, OPTION_SACK_PERMITTED, OPTION_WINDOW_SCALE},
 };
 
-/// TCP header of the SYN-ACK: 20 bytes and 8 of options (MSS; window scale or padding).
-const SYNACK_TCP_LEN: usize = 28;
+/// TCP header of the SYN-ACK: 20 bytes and 12 of options (MSS; window scale or padding;
+/// SACK-permitted or padding).
+const SYNACK_TCP_LEN: usize = 32;
+const SYNACK_OPTION_LEN: usize = SYNACK_TCP_LEN - TcpHdr::LEN;
 const SYNACK_LEN: usize = L4_OFFSET + SYNACK_TCP_LEN;
 /// MSS a client that sends none is assumed to accept (RFC 9293).
 const DEFAULT_MSS: u16 = 536;
 const TTL: u8 = 64;
-const OPTION_END: u8 = 0;
-const OPTION_NOP: u8 = 1;
-const OPTION_MSS: u8 = 2;
-const OPTION_WINDOW_SCALE: u8 = 3;
-/// TCP options occupy at most 40 bytes.
-const MAX_OPTION_BYTES: usize = 40;
-/// Options read from a SYN. Real stacks send at most 8 (macOS: MSS, NOP, WS, NOP, NOP, TS,
-/// SACK-permitted, EOL); every further iteration multiplies the verifier's work, and a SYN
-/// that pads beyond this only loses its options (defaults apply).
-const MAX_OPTIONS_READ: usize = 12;
-/// A power of two above 40 + 3, so masked indexes stay inside it.
-const OPTION_BUFFER: usize = 64;
 const MAX_WINDOW_SHIFT: u8 = 14;
 
 /// Sends the SYN-ACK for `packet`, a SYN to a cookie service.
@@ -43,7 +34,6 @@ pub fn answer(ctx: &XdpContext, packet: &Packet) -> Verdict {
     let options = syn_options(ctx, packet.tcp_header_len);
     // A failed insert only costs the client its options on the backend leg.
     let _ = SYN_OPTIONS.insert(&packet.key, &options, 0);
-    let cookie = syn_cookie(&cookie_secret(), &packet.key, cookie_period());
 
     let (Some(eth), Some(tcp)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<TcpHdr>(ctx, L4_OFFSET))
     else {
@@ -57,6 +47,7 @@ pub fn answer(ctx: &XdpContext, packet: &Packet) -> Verdict {
             u32::from_be_bytes((*tcp).seq),
         )
     };
+    let cookie = syn_cookie(&cookie_secret(), &packet.key, client_seq, cookie_period());
     if reply::resize(ctx, SYNACK_LEN).is_none() {
         return dropped;
     }
@@ -64,7 +55,7 @@ pub fn answer(ctx: &XdpContext, packet: &Packet) -> Verdict {
         ptr_at::<EthHdr>(ctx, 0),
         ptr_at::<Ipv4Hdr>(ctx, IP_OFFSET),
         ptr_at::<[u8; SYNACK_TCP_LEN]>(ctx, L4_OFFSET),
-        ptr_at::<[u8; 8]>(ctx, L4_OFFSET + TcpHdr::LEN),
+        ptr_at::<[u8; SYNACK_OPTION_LEN]>(ctx, L4_OFFSET + TcpHdr::LEN),
     ) else {
         return dropped;
     };
@@ -74,6 +65,13 @@ pub fn answer(ctx: &XdpContext, packet: &Packet) -> Verdict {
         [OPTION_NOP; 4]
     } else {
         [OPTION_NOP, OPTION_WINDOW_SCALE, 3, COOKIE_WINDOW_SHIFT]
+    };
+    // Selective acknowledgements keep a lossy path fast; the backend is offered them in
+    // turn and the splice moves the blocks between the two legs' sequence spaces.
+    let sack = if options.sack_permitted != 0 {
+        [OPTION_NOP, OPTION_NOP, OPTION_SACK_PERMITTED, 2]
+    } else {
+        [OPTION_NOP; 4]
     };
     // SAFETY: `ptr_at` checked that every header lies inside the resized frame.
     unsafe {
@@ -100,7 +98,8 @@ pub fn answer(ctx: &XdpContext, packet: &Packet) -> Verdict {
         tcp[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
         tcp[16..20].copy_from_slice(&[0; 4]); // checksum, urgent pointer
         *tcp_options = [
-            OPTION_MSS, 4, mss[0], mss[1], scale[0], scale[1], scale[2], scale[3],
+            OPTION_MSS, 4, mss[0], mss[1], scale[0], scale[1], scale[2], scale[3], sack[0],
+            sack[1], sack[2], sack[3],
         ];
     }
     if reply::write_checksums::<{ SYNACK_TCP_LEN / 2 }>(ctx).is_none() {
@@ -112,60 +111,26 @@ pub fn answer(ctx: &XdpContext, packet: &Packet) -> Verdict {
     }
 }
 
-/// The MSS and window scale a SYN offers (defaults where it offers none). The options are
-/// copied out of the frame first: parsing them in place needs bounds checks at variable
-/// offsets, which the compiler reshapes beyond what the verifier can follow.
+/// The MSS, window scale and SACK permission a SYN offers (defaults where it offers none).
 #[inline(always)]
 fn syn_options(ctx: &XdpContext, header_len: usize) -> SynOptions {
     let mut options = SynOptions {
         mss: DEFAULT_MSS,
         window_shift: NO_WINDOW_SCALE,
-        _pad: 0,
+        sack_permitted: 0,
     };
-    let present = header_len.saturating_sub(TcpHdr::LEN).min(MAX_OPTION_BYTES);
-    if present == 0 {
+    let Some(offered) = Options::load(ctx, header_len) else {
         return options;
-    }
-    // Indexes are masked into the buffer so that every read is in bounds for the verifier
-    // whatever the compiler does with the loop's checks.
-    let mut bytes = [0u8; OPTION_BUFFER];
-    let byte = |bytes: &[u8; OPTION_BUFFER], at: usize| bytes[at & (OPTION_BUFFER - 1)];
-    let len = present.clamp(1, MAX_OPTION_BYTES) as u32;
-    // SAFETY: `bytes` has room for `len` bytes.
-    let copied = unsafe {
-        bpf_xdp_load_bytes(
-            ctx.ctx,
-            (L4_OFFSET + TcpHdr::LEN) as u32,
-            bytes.as_mut_ptr().cast(),
-            len,
-        )
     };
-    if copied != 0 {
-        return options;
-    }
-    let mut at = 0;
-    for _ in 0..MAX_OPTIONS_READ {
-        if at >= present {
-            break;
-        }
-        let kind = byte(&bytes, at);
-        if kind == OPTION_END {
-            break;
-        }
-        if kind == OPTION_NOP {
-            at += 1;
-            continue;
-        }
-        let len = usize::from(byte(&bytes, at + 1));
-        if len < 2 {
-            break;
-        }
+    offered.each(|kind, at, len| {
         if kind == OPTION_MSS && len == 4 {
-            options.mss = u16::from_be_bytes([byte(&bytes, at + 2), byte(&bytes, at + 3)]);
+            options.mss = u16::from_be_bytes([offered.byte(at + 2), offered.byte(at + 3)]);
         } else if kind == OPTION_WINDOW_SCALE && len == 3 {
-            options.window_shift = byte(&bytes, at + 2).min(MAX_WINDOW_SHIFT);
+            options.window_shift = offered.byte(at + 2).min(MAX_WINDOW_SHIFT);
+        } else if kind == OPTION_SACK_PERMITTED && len == 2 {
+            options.sack_permitted = 1;
         }
-        at += len;
-    }
+        true
+    });
     options
 }

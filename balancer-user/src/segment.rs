@@ -15,6 +15,7 @@ const ETH_LEN: usize = 14;
 const IP_LEN: usize = 20;
 const OPTION_MSS: u8 = 2;
 const OPTION_WINDOW_SCALE: u8 = 3;
+const OPTION_SACK_PERMITTED: u8 = 4;
 
 /// A parsed TCP segment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +32,8 @@ pub struct Segment {
     pub mss: Option<u16>,
     /// Window scale option, if present.
     pub window_shift: Option<u8>,
+    /// SACK-permitted option present.
+    pub sack_permitted: bool,
     pub payload: Vec<u8>,
 }
 
@@ -48,6 +51,7 @@ impl Segment {
             window: 0,
             mss: None,
             window_shift: None,
+            sack_permitted: false,
             payload: Vec::new(),
         }
     }
@@ -75,6 +79,7 @@ impl Segment {
             window: u16::from_be_bytes([tcp[14], tcp[15]]),
             mss: None,
             window_shift: None,
+            sack_permitted: false,
             payload: tcp[header_len..].to_vec(),
         };
         let mut options = &tcp[20..header_len];
@@ -92,6 +97,7 @@ impl Segment {
             match (*kind, len) {
                 (OPTION_MSS, 4) => segment.mss = Some(u16::from_be_bytes([option[2], option[3]])),
                 (OPTION_WINDOW_SCALE, 3) => segment.window_shift = Some(option[2].min(14)),
+                (OPTION_SACK_PERMITTED, 2) => segment.sack_permitted = true,
                 _ => {}
             }
             options = &options[len.max(2)..];
@@ -111,8 +117,8 @@ impl Segment {
         }
     }
 
-    /// The IPv4 packet (header, TCP header with MSS and window scale options when set, and
-    /// payload) with both checksums.
+    /// The IPv4 packet (header, TCP header with the MSS, window scale and SACK-permitted
+    /// options when set, and payload) with both checksums.
     pub fn to_packet(&self) -> Vec<u8> {
         let mut options = Vec::new();
         if let Some(mss) = self.mss {
@@ -121,6 +127,9 @@ impl Segment {
         }
         if let Some(shift) = self.window_shift {
             options.extend_from_slice(&[1, OPTION_WINDOW_SCALE, 3, shift]);
+        }
+        if self.sack_permitted {
+            options.extend_from_slice(&[1, 1, OPTION_SACK_PERMITTED, 2]);
         }
         let tcp_len = 20 + options.len() + self.payload.len();
         let mut packet = Vec::with_capacity(IP_LEN + tcp_len);
@@ -183,6 +192,7 @@ mod tests {
             window: 64240,
             mss: Some(1460),
             window_shift: Some(7),
+            sack_permitted: true,
             payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
         }
     }

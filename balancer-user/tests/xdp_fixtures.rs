@@ -960,20 +960,21 @@ fn cookie_service_answers_syns_with_a_cookie_and_binds_on_the_matching_ack() {
         ..ip(VIP, CLIENT, PROTO_TCP)
     };
     let synack_for = |cookie: u32| {
-        // MSS clamped to what the balancer offers (1400), its own window scale (7).
+        // MSS clamped to what the balancer offers (1400), its own window scale (7), SACK
+        // permitted as the client offered it.
         let segment = tcp_with_options(
             &synack_ip,
             (COOKIE_PORT, CLIENT_PORT),
             (cookie, CLIENT_SEQ + 1),
             TCP_SYN | TCP_ACK,
             u16::MAX,
-            &[2, 4, 0x05, 0x78, 1, 3, 3, 7],
+            &[2, 4, 0x05, 0x78, 1, 3, 3, 7, 1, 1, 4, 2],
         );
         ipv4_frame(TO_CLIENT.0, TO_CLIENT.1, &synack_ip, &segment)
     };
     let cookie = cookie_periods()
         .into_iter()
-        .map(|period| balancer_common::syn_cookie(&secret, &key, period))
+        .map(|period| balancer_common::syn_cookie(&secret, &key, CLIENT_SEQ, period))
         .find(|cookie| output == synack_for(*cookie))
         .expect("the SYN-ACK, byte for byte, with the cookie of this period");
 
@@ -1026,7 +1027,11 @@ fn cookie_service_answers_syns_with_a_cookie_and_binds_on_the_matching_ack() {
         (CLIENT_SEQ, cookie)
     );
     assert_eq!(
-        (binding.options.mss, binding.options.window_shift),
-        (1460, 10)
+        (
+            binding.options.mss,
+            binding.options.window_shift,
+            binding.options.sack_permitted
+        ),
+        (1460, 10, 1)
     );
 }

@@ -212,6 +212,15 @@ impl Agent {
 
     fn on_client_segment(&mut self, segment: Segment) {
         let key = segment.key();
+        let binding = self.dataplane.binding(&key);
+        let reused = self.binder.pending.get(&key).is_some_and(|pending| {
+            binding.is_some_and(|b| b.client_isn != pending.binding.client_isn)
+        });
+        if reused {
+            // The client reused its port for a new connection while the old one was still
+            // remembered: the old one is over.
+            self.forget(&key);
+        }
         if !self.binder.pending.contains_key(&key) {
             if self.binder.pending.len() >= MAX_PENDING {
                 warn!(
@@ -221,7 +230,7 @@ impl Agent {
                 self.abort_quietly(&key);
                 return;
             }
-            let Some(binding) = self.dataplane.binding(&key) else {
+            let Some(binding) = binding else {
                 return;
             };
             self.binder.pending.insert(
@@ -411,6 +420,23 @@ impl Agent {
             }
             return;
         }
+        if already.is_none() && segment.flags & (SYN | ACK) == ACK {
+            // The backend still holds this tuple in TIME_WAIT (the client reused its port)
+            // and our ISN is below the old connection's: it answers with a bare ACK. The
+            // client's own stack would reset that and try again, and so does the agent.
+            debug!(backend = %target.addr, client = %pending.client, port = pending.client_port, "backend answered the SYN from TIME_WAIT: resetting it and sending the SYN again");
+            self.binder.send(&Segment {
+                flags: RST,
+                seq: segment.ack,
+                window: 0,
+                mss: None,
+                window_shift: None,
+                sack_permitted: false,
+                ..backend_syn(pending, target)
+            });
+            self.binder.send(&backend_syn(pending, target));
+            return;
+        }
         if segment.flags & (SYN | ACK) != SYN | ACK
             || segment.ack != pending.binding.client_isn.wrapping_add(1)
         {
@@ -548,13 +574,7 @@ impl Agent {
             self.connect_next(&key);
         }
         for key in forget {
-            if let Some(pending) = self.binder.pending.remove(&key) {
-                if let Stage::Spliced { target, .. } = pending.stage {
-                    self.binder
-                        .by_backend
-                        .remove(&backend_key(&pending, target));
-                }
-            }
+            self.forget(&key);
         }
         for key in expire {
             if let Some(pending) = self.binder.pending.get(&key) {
@@ -589,6 +609,13 @@ impl Agent {
     }
 
     fn abort_quietly(&mut self, key: &FlowKey) {
+        let reply_key = self.forget(key);
+        self.dataplane.remove_connection(key, reply_key.as_ref());
+    }
+
+    /// Drops what the agent holds of a connection (not its map entries); returns its
+    /// backend-side key, if it had one.
+    fn forget(&mut self, key: &FlowKey) -> Option<FlowKey> {
         let reply_key = self
             .binder
             .pending
@@ -602,7 +629,7 @@ impl Agent {
         if let Some(reply_key) = &reply_key {
             self.binder.by_backend.remove(reply_key);
         }
-        self.dataplane.remove_connection(key, reply_key.as_ref());
+        reply_key
     }
 }
 
@@ -743,6 +770,7 @@ fn backend_syn(pending: &Pending, target: Target) -> Segment {
         window: u16::MAX,
         mss: Some(options.mss),
         window_shift: (options.window_shift != NO_WINDOW_SCALE).then_some(options.window_shift),
+        sack_permitted: options.sack_permitted != 0,
         ..Segment::empty()
     }
 }
