@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 
-use balancer_lab::{Lab, ServiceOptions, BACKEND_COUNT};
+use balancer_lab::{impair::DIRECTIONS, Impairment, Lab, ServiceOptions, BACKEND_COUNT};
 use common::*;
 
 fn cookie_options() -> ServiceOptions {
@@ -308,6 +308,42 @@ fn a_signed_lb_cookie_routes_to_its_backend_and_a_tampered_or_expired_one_counts
             "{reason}: requests must be placed by the fallback (spread), got {backends:?}"
         );
     }
+}
+
+#[test]
+fn downloads_and_uploads_arrive_intact_through_loss_and_reordering_on_the_client_link() {
+    let impairment = Impairment {
+        loss: 5.0,
+        reorder: 5.0,
+        ..Impairment::default()
+    };
+    let lab = lab_with_impairment(&cookie_options(), &impairment);
+    integrity_run(&lab, &SIZES, 500, true);
+    integrity_run(&lab, &SIZES, 500, false);
+    let relay = lab
+        .impairment_counters()
+        .expect("reading the relay's counters");
+    for direction in DIRECTIONS {
+        let frames = relay[&format!("{direction}_frames")] as f64;
+        let dropped = relay[&format!("{direction}_dropped")] as f64;
+        assert!(
+            frames > 10_000.0,
+            "{direction}: too few frames to judge: {relay:?}"
+        );
+        assert!(
+            (0.04..0.06).contains(&(dropped / frames)),
+            "{direction}: not about 5% dropped: {relay:?}"
+        );
+        assert!(
+            relay[&format!("{direction}_reordered")] as f64 > 0.03 * frames,
+            "{direction}: too few frames reordered: {relay:?}"
+        );
+        for unplanned in ["oversized", "send_errors"] {
+            assert_eq!(relay[&format!("{direction}_{unplanned}")], 0, "{relay:?}");
+        }
+    }
+    let stats = counters(&lab);
+    assert!(stats["spliced_to_client"] > 10_000, "{stats:?}");
 }
 
 #[test]
