@@ -1,6 +1,8 @@
 //! The balancer configuration for a lab: services `web` (tcp/80), `echo-tcp` and `echo-udp`
 //! (port 7) on the VIP, each over the lab's backends.
 
+use std::ops::Range;
+
 use crate::{Lab, BACKEND_COUNT, ECHO_PORT, HTTP_PORT, VIP};
 
 /// Variations of the lab's `web` service.
@@ -10,8 +12,11 @@ pub struct ServiceOptions {
     pub web_settings: String,
     /// Only the first backends (all three when `None`).
     pub web_backend_count: Option<usize>,
-    /// A second HTTP service, `web-cookie` on port [`COOKIE_PORT`], over the same backends
-    /// with `app-cookie` affinity on the backends' `SID` cookie.
+    /// A second HTTP service, `web-cookie` on port [`COOKIE_PORT`], with `app-cookie`
+    /// affinity on the backends' `SID` cookie, over as many backends as `web` but counted from
+    /// the last: its connections carry no TCP timestamps, so the backends' TIME_WAIT sockets
+    /// they leave cannot tell a reused client port from an old segment, and they would stall
+    /// `web`'s new connections from the same client ports to the same backend.
     pub cookie_service: bool,
 }
 
@@ -39,7 +44,7 @@ impl Lab {
              cookie_keys = [{{ id = 1, secret = \"{LAB_COOKIE_SECRET}\" }}]\n",
             self.instance()
         );
-        toml += &service("web", HTTP_PORT, "tcp", &options.web_settings, web_count);
+        toml += &service("web", HTTP_PORT, "tcp", &options.web_settings, 0..web_count);
         if options.cookie_service {
             let settings = "affinity = \"app-cookie\"\ncookie = \"SID\"";
             toml += &service_on(
@@ -48,27 +53,34 @@ impl Lab {
                 HTTP_PORT,
                 "tcp",
                 settings,
-                web_count,
+                BACKEND_COUNT - web_count..BACKEND_COUNT,
             );
         }
-        toml += &service("echo-tcp", ECHO_PORT, "tcp", "", BACKEND_COUNT);
-        toml += &service("echo-udp", ECHO_PORT, "udp", "", BACKEND_COUNT);
+        toml += &service("echo-tcp", ECHO_PORT, "tcp", "", 0..BACKEND_COUNT);
+        toml += &service("echo-udp", ECHO_PORT, "udp", "", 0..BACKEND_COUNT);
         toml
     }
 }
 
-fn service(name: &str, port: u16, protocol: &str, settings: &str, backends: usize) -> String {
+fn service(
+    name: &str,
+    port: u16,
+    protocol: &str,
+    settings: &str,
+    backends: Range<usize>,
+) -> String {
     service_on(name, port, port, protocol, settings, backends)
 }
 
-/// A service on VIP port `port` whose backends listen on `backend_port`.
+/// A service on VIP port `port` over the lab's backends `backends`, listening on
+/// `backend_port`.
 fn service_on(
     name: &str,
     port: u16,
     backend_port: u16,
     protocol: &str,
     settings: &str,
-    backends: usize,
+    backends: Range<usize>,
 ) -> String {
     let mut toml = format!(
         "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}\"\nport = {port}\nprotocol = \"{protocol}\"\n"
@@ -77,7 +89,7 @@ fn service_on(
         toml += settings.trim_end();
         toml += "\n";
     }
-    for index in 0..backends {
+    for index in backends {
         toml += &format!(
             "  [[service.backend]]\n  name = \"{}\"\n  address = \"{}\"\n  port = {backend_port}\n",
             Lab::backend_name(index),

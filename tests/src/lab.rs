@@ -477,11 +477,7 @@ impl Lab {
             if output.status.success() && output.stdout == format!("{name}\n").as_bytes() {
                 return Ok(());
             }
-            let exited = self
-                .processes
-                .iter()
-                .find(|p| p.pid() == pid)
-                .is_none_or(Process::exited);
+            let exited = self.exited(pid);
             if exited || Instant::now() > deadline {
                 bail!(
                     "{name} at {url} did not answer within {BACKEND_READY_TIMEOUT:?}{}; its log:\n{}",
@@ -525,11 +521,7 @@ impl Lab {
         let pid = self.spawn_logged(&wire, &args, &log)?;
         let deadline = Instant::now() + IMPAIRMENT_READY_TIMEOUT;
         while !counters.exists() {
-            let exited = self
-                .processes
-                .iter()
-                .find(|p| p.pid() == pid)
-                .is_none_or(Process::exited);
+            let exited = self.exited(pid);
             if exited || Instant::now() > deadline {
                 bail!(
                     "the impairment relay did not start; its log:
@@ -550,6 +542,14 @@ impl Lab {
     /// [`crate::impair::COUNTERS`]).
     pub fn impairment_counters(&self) -> Result<HashMap<String, u64>> {
         impair::read_counters(&self.impairment_counters_path())
+    }
+
+    /// Whether a process this lab started has exited (or is no longer tracked).
+    fn exited(&self, pid: u32) -> bool {
+        self.processes
+            .iter()
+            .find(|p| p.pid() == pid)
+            .is_none_or(Process::exited)
     }
 
     pub fn balancer_log(&self) -> PathBuf {

@@ -2,8 +2,8 @@
 //! interleaved round by round in one lab, with medians, spread, CPU time per unit of work and
 //! the CPU steal seen.
 //!
-//! Three paths from the client to backend-1 (the VIP's `web` service has only that backend
-//! here, so every path ends at the same server and the ratio measures the path):
+//! Paths from the client to one backend each (the VIP's `web` service has only backend-1
+//! here, so every L4 path ends at the same server and the ratio measures the path):
 //! - routed, no XDP: to 198.19.0.11 while the agent is stopped (it detaches on exit), i.e.
 //!   plain kernel forwarding in the balancer namespace;
 //! - through the VIP: to 203.0.113.10 with the agent running (XDP NAT + redirect);
@@ -11,7 +11,10 @@
 //!   to traffic that is not for a VIP and passes to the kernel);
 //! - through the cookie VIP: to 203.0.113.10:8080, the `web-cookie` service (app-cookie
 //!   affinity: XDP answers the handshake, the agent binds each new connection from its
-//!   cookie, XDP splices it), with the cookie of a returning session on every request.
+//!   cookie, XDP splices it), with the cookie of a returning session on every request; it
+//!   ends at backend-3, the same server program on the same kind of link, because the
+//!   TIME_WAIT sockets its connections leave on a backend (without TCP timestamps) would stall
+//!   the VIP path's new connections from the same client ports.
 //!
 //! The routed paths use their own client address (see [`ROUTED_SOURCE`]).
 
@@ -256,7 +259,7 @@ fn report(samples: &[Vec<Vec<Sample>>], seconds: u32, rounds: u32) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Rates: median of {rounds} interleaved round(s) of {seconds} s, [min-max]; all paths end at backend-1; ratios against the routed path without XDP."
+        "Rates: median of {rounds} interleaved round(s) of {seconds} s, [min-max]; the L4 paths end at backend-1, the cookie VIP at backend-3 (the same server); ratios against the routed path without XDP."
     );
     let others = &PATHS[1..];
     let mut header = format!("| workload | unit | {} |", PATHS[0].title());
