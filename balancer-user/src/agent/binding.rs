@@ -167,6 +167,16 @@ impl Binder {
     }
 
     /// Sends an IPv4 packet (headers included) through the raw socket.
+    /// Drops the spliced connections remembered for repeated SYN-ACKs, to make room for
+    /// connections still being bound: at a few thousand new connections a second those
+    /// memories alone fill the table, and new connections were refused.
+    fn forget_spliced(&mut self) {
+        self.pending
+            .retain(|_, pending| !matches!(pending.stage, Stage::Spliced { .. }));
+        let pending = &self.pending;
+        self.by_backend.retain(|_, key| pending.contains_key(key));
+    }
+
     fn send(&self, segment: &Segment) {
         let packet = segment.to_packet();
         // SAFETY: `sockaddr_in` is plain data.
@@ -222,6 +232,9 @@ impl Agent {
             self.forget(&key);
         }
         if !self.binder.pending.contains_key(&key) {
+            if self.binder.pending.len() >= MAX_PENDING {
+                self.binder.forget_spliced();
+            }
             if self.binder.pending.len() >= MAX_PENDING {
                 warn!(
                     "{MAX_PENDING} connections are being bound already: refusing {}:{}",
