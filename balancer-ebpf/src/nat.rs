@@ -115,15 +115,7 @@ pub fn forget_reused_tuple(packet: &Packet) {
         return;
     }
     let key = &packet.key;
-    let reply_key = FlowKey {
-        src: key.dst,
-        dst: key.src,
-        sport: key.dport,
-        dport: key.sport,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
-    let _ = REVERSE.remove(&reply_key);
+    let _ = REVERSE.remove(&reply_key(key, key.dst, key.dport));
 }
 
 /// A client SYN on a flow that the client closed: it reused its port for a new connection (it
@@ -138,16 +130,22 @@ fn reopens(packet: &Packet, flow: &Flow) -> bool {
 /// Removes a flow and its reverse entry.
 #[inline(always)]
 fn forget(key: &FlowKey, flow: &Flow) {
-    let reply_key = FlowKey {
-        src: flow.backend_addr,
+    let _ = REVERSE.remove(&reply_key(key, flow.backend_addr, flow.backend_port));
+    let _ = FLOWS.remove(key);
+}
+
+/// The 5-tuple of the replies to a client flow sent on to `addr:port` (network byte order):
+/// the key of its `REVERSE` entry.
+#[inline(always)]
+fn reply_key(key: &FlowKey, addr: u32, port: u16) -> FlowKey {
+    FlowKey {
+        src: addr,
         dst: key.src,
-        sport: flow.backend_port,
+        sport: port,
         dport: key.sport,
         proto: key.proto,
         _pad: [0; 3],
-    };
-    let _ = REVERSE.remove(&reply_key);
-    let _ = FLOWS.remove(key);
+    }
 }
 
 /// Records that the client's flow is alive, writing only what changed.
@@ -195,14 +193,7 @@ fn new_flow(service: &Service, key: &FlowKey, now_s: u32, closing: bool) -> Resu
         state: flow_state::NAT,
         seq_delta: 0,
     };
-    let reply_key = FlowKey {
-        src: backend.addr,
-        dst: key.src,
-        sport: backend.port,
-        dport: key.sport,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
+    let reply_key = reply_key(key, backend.addr, backend.port);
     let reverse = ReverseNat {
         vip: key.dst,
         port: key.dport,
