@@ -107,6 +107,9 @@ pub mod flow_state {
     pub const CONNECTING: u32 = 2;
     /// Both legs are up: packets are rewritten with the sequence offset and forwarded.
     pub const SPLICED: u32 = 3;
+    /// Reverse entries only: spliced, but the backend's data and FIN go to the agent, which
+    /// reads its first response head to add the balancer's cookie to it.
+    pub const RESPONSE_HEAD: u32 = 4;
 }
 
 /// `AFFINITY` key: a service and a masked client address.
@@ -180,13 +183,21 @@ pub struct Flow {
     /// Spliced TCP: added to the client's acknowledgement numbers (backend ISN minus the
     /// ISN the balancer gave the client).
     pub seq_delta: u32,
+    /// Spliced TCP whose first response head the agent edited: bytes it added to the head.
+    /// Acknowledgements of what follows the head move back by as much.
+    pub inserted: u32,
+    /// With `inserted`: the client's sequence number just past the edited head.
+    pub head_end: u32,
 }
-const _: () = assert!(size_of::<Flow>() == 24);
+const _: () = assert!(size_of::<Flow>() == 32);
 
 /// Bits of [`Flow::flags`].
 pub mod flow_flags {
     /// The client sent a FIN or a reset: the flow is ending.
     pub const CLOSING: u16 = 1;
+    /// The client acknowledged all of an edited response head: the backend will not send
+    /// any of it again.
+    pub const HEAD_ACKED: u16 = 2;
 }
 
 /// `REVERSE` value: the VIP and port a backend's reply must appear to come from.
@@ -201,10 +212,16 @@ pub struct ReverseNat {
     pub client_window_shift: u8,
     /// One of [`flow_state`].
     pub state: u32,
-    /// Spliced TCP: subtracted from the backend's sequence numbers.
+    /// Spliced TCP: subtracted from the backend's sequence numbers (after an edited response
+    /// head, less the bytes the edit added).
     pub seq_delta: u32,
+    /// Spliced TCP whose first response head the agent edited: bytes it added (0: none).
+    pub inserted: u32,
+    /// With `inserted`: the backend's sequence number just past its original head. Data
+    /// sent again from before it goes to the agent, which holds the edited head.
+    pub head_end: u32,
 }
-const _: () = assert!(size_of::<ReverseNat>() == 16);
+const _: () = assert!(size_of::<ReverseNat>() == 24);
 
 /// `SYN_OPTIONS` value: what a client's SYN offered, kept until its handshake completes.
 #[repr(C)]
@@ -262,7 +279,8 @@ pub const PUNT_RING_SIZE: u32 = 4 << 20;
 pub mod punt_kind {
     /// A client segment of a connection that is not spliced yet.
     pub const CLIENT: u32 = 1;
-    /// A backend segment of a connection the agent is opening (its SYN-ACK, or a reset).
+    /// A backend segment of a connection the agent is opening (its SYN-ACK, or a reset), or
+    /// data of a response head the agent edits.
     pub const BACKEND: u32 = 2;
 }
 

@@ -52,6 +52,9 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, V
                 return Err(splice::accept(ctx, packet, now_s));
             }
             touch(flow, now_s, packet.closing);
+            if flow.inserted != 0 {
+                splice::note_head_acked(ctx, packet, flow);
+            }
             *flow
         }
         None => {
@@ -95,7 +98,10 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, Ve
     let reason = match nat.state {
         flow_state::NAT => Reason::Replied,
         // A SYN-ACK (first or repeated) answers the agent's SYN: the agent acknowledges it.
-        flow_state::SPLICED if packet.tcp_flags & TCP_SYN == 0 => {
+        // Response head bytes the agent edits (or edited, when sent again) go to it too.
+        flow_state::SPLICED | flow_state::RESPONSE_HEAD
+            if packet.tcp_flags & TCP_SYN == 0 && !splice::for_agent(ctx, packet, &nat) =>
+        {
             splice::backend_to_client(ctx, packet, &nat)?;
             Reason::SplicedToClient
         }
@@ -191,7 +197,7 @@ fn new_flow(service: &Service, key: &FlowKey, now_s: u32, closing: bool) -> Resu
         flags: if closing { flow_flags::CLOSING } else { 0 },
         last_seen_s: now_s,
         state: flow_state::NAT,
-        seq_delta: 0,
+        ..Flow::default()
     };
     let reply_key = reply_key(key, backend.addr, backend.port);
     let reverse = ReverseNat {

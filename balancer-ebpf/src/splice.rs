@@ -8,8 +8,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use balancer_common::{
-    csum, flow_state, punt_kind, syn_cookie, Binding, CookieSecret, Flow, Punt, Reason, ReverseNat,
-    SynOptions, COOKIE_PERIOD_S, NO_WINDOW_SCALE, PUNT_FRAME_SIZE,
+    csum, flow_flags, flow_state, punt_kind, syn_cookie, Binding, CookieSecret, Flow, FlowKey,
+    Punt, Reason, ReverseNat, SynOptions, COOKIE_PERIOD_S, NO_WINDOW_SCALE, PROTO_TCP,
+    PUNT_FRAME_SIZE,
 };
 use network_types::tcp::TcpHdr;
 
@@ -136,11 +137,89 @@ pub fn punt(ctx: &XdpContext, kind: u32) -> Verdict {
 /// sequence space. (The address rewrite is the caller's.)
 #[inline(always)]
 pub fn client_to_backend(ctx: &XdpContext, packet: &Packet, flow: &Flow) -> Result<(), Verdict> {
-    if packet.tcp_flags & TCP_ACK != 0 {
-        shift(ctx, packet, ACK_OFFSET, flow.seq_delta)?;
-        shift_sack_blocks(ctx, packet, flow.seq_delta)?;
+    if packet.tcp_flags & TCP_ACK == 0 {
+        return Ok(());
     }
-    Ok(())
+    if flow.inserted == 0 {
+        shift(ctx, packet, ACK_OFFSET, flow.seq_delta)?;
+        return shift_sack_blocks(ctx, packet, flow.seq_delta);
+    }
+    let past_head = flow.seq_delta.wrapping_sub(flow.inserted);
+    if flow.flags & flow_flags::HEAD_ACKED == 0 {
+        // Part of the edited head: its bytes do not map one to one onto the backend's, so
+        // acknowledge at most up to the head's last byte. The backend sends from there
+        // again, and the agent answers with the whole edited head.
+        let ack = read_u32(ctx, ACK_OFFSET)?;
+        let last_head_byte = flow.head_end.wrapping_add(past_head).wrapping_sub(1);
+        let shifted = ack.wrapping_add(flow.seq_delta);
+        let delta = if (shifted.wrapping_sub(last_head_byte) as i32) > 0 {
+            last_head_byte.wrapping_sub(ack)
+        } else {
+            flow.seq_delta
+        };
+        shift(ctx, packet, ACK_OFFSET, delta)?;
+    } else {
+        shift(ctx, packet, ACK_OFFSET, past_head)?;
+    }
+    // Blocks inside the edited head come out approximate: the backend learns at most that
+    // some head bytes arrived, and any head bytes it sends again reach the agent.
+    shift_sack_blocks(ctx, packet, past_head)
+}
+
+/// Marks the flow once the client acknowledged its whole edited response head.
+#[inline(always)]
+pub fn note_head_acked(ctx: &XdpContext, packet: &Packet, flow: &mut Flow) {
+    if flow.flags & flow_flags::HEAD_ACKED != 0 || packet.tcp_flags & TCP_ACK == 0 {
+        return;
+    }
+    if let Ok(ack) = read_u32(ctx, ACK_OFFSET) {
+        if ack.wrapping_sub(flow.head_end) as i32 >= 0 {
+            flow.flags |= flow_flags::HEAD_ACKED;
+        }
+    }
+}
+
+/// Whether a backend segment of a spliced connection goes to the agent: data or FIN while
+/// it reads the response head, and data sent again from before the end of a head it edited
+/// (until the client acknowledged that head; later the same sequence numbers, 2 GB further
+/// on, are new data).
+#[inline(always)]
+pub fn for_agent(ctx: &XdpContext, packet: &Packet, nat: &ReverseNat) -> bool {
+    let carries_data = packet.payload_len > 0 || packet.tcp_flags & TCP_FIN != 0;
+    if !carries_data {
+        return false;
+    }
+    if nat.state == flow_state::RESPONSE_HEAD {
+        return true;
+    }
+    if nat.inserted == 0 {
+        return false;
+    }
+    let Ok(seq) = read_u32(ctx, SEQ_OFFSET) else {
+        return false;
+    };
+    if seq.wrapping_sub(nat.head_end) as i32 >= 0 {
+        return false;
+    }
+    let client_key = FlowKey {
+        src: packet.key.dst,
+        dst: nat.vip,
+        sport: packet.key.dport,
+        dport: nat.port,
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    };
+    // SAFETY: map values stay valid for the duration of the program.
+    FLOWS
+        .get_ptr(&client_key)
+        .is_some_and(|flow| unsafe { (*flow).flags } & flow_flags::HEAD_ACKED == 0)
+}
+
+#[inline(always)]
+fn read_u32(ctx: &XdpContext, offset: usize) -> Result<u32, Verdict> {
+    let field: *const [u8; 4] = ptr_at(ctx, offset).ok_or(Verdict::drop(Reason::DropTruncated))?;
+    // SAFETY: `ptr_at` checked that the field lies inside the frame.
+    Ok(u32::from_be_bytes(unsafe { *field }))
 }
 
 /// Moves the edges of a client segment's SACK blocks by `delta`, as its acknowledgement

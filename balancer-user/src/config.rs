@@ -24,6 +24,9 @@ const MAX_AFFINITY_TIMEOUT: u32 = 7 * 24 * 3600;
 /// Longest life of a balancer cookie, as the cloud balancers allow.
 const MAX_COOKIE_DURATION: u32 = 7 * 24 * 3600;
 const DEFAULT_LB_COOKIE: &str = "LBSESSION";
+const DEFAULT_COMPANION_COOKIE: &str = "LBAPP";
+/// Appended to the balancer cookie's name to name its cross-origin variant.
+const CORS_SUFFIX: &str = "CORS";
 /// Shortest cookie signing secret: 128 bits.
 const MIN_SECRET_LEN: usize = 16;
 
@@ -108,9 +111,22 @@ pub struct ServiceConfig {
     /// `app-cookie`, `lb-cookie`: how requests without a usable cookie are placed.
     #[serde(default)]
     pub cookie_fallback: CookieFallback,
-    /// `lb-cookie`: seconds a session cookie lives, 1 to 604800 (7 days).
+    /// `lb-cookie`, companion `app-cookie`: seconds the balancer's cookie lives, 1 to 604800
+    /// (7 days).
     #[serde(default = "default_cookie_duration")]
     pub cookie_duration: u32,
+    /// `app-cookie`: how the application's cookie keeps a session on its backend.
+    #[serde(default)]
+    pub app_cookie: AppCookieMode,
+    /// `app-cookie` in `companion` mode: the name of the balancer's companion cookie (default
+    /// `LBAPP`).
+    pub companion_cookie: Option<String>,
+    /// Also issue a cross-origin variant of the balancer's cookie (`SameSite=None; Secure`),
+    /// for pages that call the service from another site.
+    #[serde(default)]
+    pub cors: bool,
+    /// With `cors`: the variant's name (default: the balancer cookie's name + `CORS`).
+    pub cors_cookie: Option<String>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }
@@ -196,6 +212,20 @@ pub enum AffinityMode {
     LbCookie,
 }
 
+/// How `app-cookie` follows the application's cookie.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AppCookieMode {
+    /// The cookie's value is hashed into the lookup table (as Envoy does): every balancer
+    /// host agrees, and a backend failure moves only its own sessions.
+    #[default]
+    Hash,
+    /// When a response sets the application's cookie, the balancer adds its own signed
+    /// cookie naming the backend (as AWS application-based stickiness does); requests
+    /// carrying it go to that backend.
+    Companion,
+}
+
 /// How a cookie service places a request that carries no cookie.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -239,12 +269,47 @@ impl ServiceConfig {
         }
     }
 
-    /// The cookie whose value places a connection, for the cookie modes.
+    /// The cookie whose value places a connection, for the cookie modes: the balancer's
+    /// signed cookie when it issues one, else the application's.
     pub fn cookie_name(&self) -> Option<&str> {
         match self.affinity {
-            AffinityMode::AppCookie => self.cookie.as_deref(),
-            AffinityMode::LbCookie => Some(self.cookie.as_deref().unwrap_or(DEFAULT_LB_COOKIE)),
+            AffinityMode::AppCookie => self.balancer_cookie().or(self.cookie.as_deref()),
+            AffinityMode::LbCookie => self.balancer_cookie(),
             AffinityMode::Flow | AffinityMode::SourceIp => None,
+        }
+    }
+
+    /// The name of the signed cookie the balancer issues, if it issues one.
+    pub fn balancer_cookie(&self) -> Option<&str> {
+        match (self.affinity, self.app_cookie) {
+            (AffinityMode::LbCookie, _) => {
+                Some(self.cookie.as_deref().unwrap_or(DEFAULT_LB_COOKIE))
+            }
+            (AffinityMode::AppCookie, AppCookieMode::Companion) => Some(
+                self.companion_cookie
+                    .as_deref()
+                    .unwrap_or(DEFAULT_COMPANION_COOKIE),
+            ),
+            _ => None,
+        }
+    }
+
+    /// The name of the balancer cookie's cross-origin variant, when it issues one.
+    pub fn cors_cookie_name(&self) -> Option<String> {
+        let own = self.balancer_cookie().filter(|_| self.cors)?;
+        Some(
+            self.cors_cookie
+                .clone()
+                .unwrap_or_else(|| format!("{own}{CORS_SUFFIX}")),
+        )
+    }
+
+    /// The application's cookie in companion mode, whose setting makes the balancer issue
+    /// its own.
+    pub fn companion_of(&self) -> Option<&str> {
+        match (self.affinity, self.app_cookie) {
+            (AffinityMode::AppCookie, AppCookieMode::Companion) => self.cookie.as_deref(),
+            _ => None,
         }
     }
 
@@ -356,6 +421,93 @@ fn default_check_path() -> String {
 
 fn default_expected_status() -> String {
     "200-399".to_owned()
+}
+
+/// The settings of the cookies the balancer issues: a signing key, a duration in range, names
+/// that are cookie names and differ; none of them on services that issue no cookie.
+fn check_issued_cookies(
+    service: &ServiceConfig,
+    field: &str,
+    has_keys: bool,
+) -> Result<(), ConfigError> {
+    let companion = service.app_cookie == AppCookieMode::Companion;
+    if companion && service.affinity != AffinityMode::AppCookie {
+        return Err(invalid(
+            format!("{field}.app_cookie"),
+            format!(
+                "is only used with affinity \"app-cookie\", not \"{}\"",
+                service.affinity
+            ),
+        ));
+    }
+    let Some(own) = service.balancer_cookie() else {
+        let unused = [
+            ("companion_cookie", service.companion_cookie.is_some()),
+            ("cors", service.cors),
+            ("cors_cookie", service.cors_cookie.is_some()),
+        ];
+        if let Some((name, _)) = unused.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                format!("{field}.{name}"),
+                "is only used where the balancer issues a cookie: affinity \"lb-cookie\", or \"app-cookie\" with app_cookie = \"companion\"",
+            ));
+        }
+        return Ok(());
+    };
+    if !has_keys {
+        return Err(invalid(
+            "cookie_keys",
+            format!(
+                "service {} issues signed cookies ({own}), which need a signing key (cookie_keys or cookie_key_file)",
+                service.name
+            ),
+        ));
+    }
+    if !(1..=MAX_COOKIE_DURATION).contains(&service.cookie_duration) {
+        return Err(invalid(
+            format!("{field}.cookie_duration"),
+            format!(
+                "{} seconds is outside 1..={MAX_COOKIE_DURATION} (7 days)",
+                service.cookie_duration
+            ),
+        ));
+    }
+    if service.cors_cookie.is_some() && !service.cors {
+        return Err(invalid(
+            format!("{field}.cors_cookie"),
+            "names the cross-origin cookie, which is only issued with cors = true",
+        ));
+    }
+    let names = [
+        ("companion_cookie", service.companion_cookie.clone()),
+        ("cors_cookie", service.cors_cookie.clone()),
+    ];
+    for (name, value) in names {
+        if let Some(value) = value.filter(|v| !is_cookie_name(v)) {
+            return Err(invalid(
+                format!("{field}.{name}"),
+                format!("{value:?} is not a cookie name (RFC 6265 token)"),
+            ));
+        }
+    }
+    let cors = service.cors_cookie_name();
+    let app = service.companion_of();
+    if cors.as_deref() == Some(own)
+        || (app.is_some() && (app == Some(own) || app == cors.as_deref()))
+    {
+        return Err(invalid(
+            format!(
+                "{field}.{}",
+                if companion {
+                    "companion_cookie"
+                } else {
+                    "cors_cookie"
+                }
+            ),
+            "the balancer's cookies need names of their own, apart from the application's",
+        ));
+    }
+    Ok(())
 }
 
 /// An RFC 6265 cookie name: a token of visible ASCII without separators.
@@ -609,27 +761,8 @@ impl Config {
             if let Some(check) = &service.health_check {
                 check.validate(&format!("{field}.health_check"))?;
             }
+            check_issued_cookies(service, &field, !self.signing_keys.is_empty())?;
             match (service.affinity, &service.cookie) {
-                (AffinityMode::LbCookie, _) if self.signing_keys.is_empty() => {
-                    return Err(invalid(
-                        "cookie_keys",
-                        format!(
-                            "service {} uses affinity \"lb-cookie\", which needs a signing key (cookie_keys or cookie_key_file)",
-                            service.name
-                        ),
-                    ));
-                }
-                (AffinityMode::LbCookie, _)
-                    if !(1..=MAX_COOKIE_DURATION).contains(&service.cookie_duration) =>
-                {
-                    return Err(invalid(
-                        format!("{field}.cookie_duration"),
-                        format!(
-                            "{} seconds is outside 1..={MAX_COOKIE_DURATION} (7 days)",
-                            service.cookie_duration
-                        ),
-                    ));
-                }
                 (AffinityMode::AppCookie, None) => {
                     return Err(invalid(
                         format!("{field}.cookie"),

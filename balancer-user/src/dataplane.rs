@@ -214,6 +214,40 @@ impl Dataplane {
         Ok(())
     }
 
+    /// A client connection's flow entry.
+    pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
+        let map = self.map_ref(map_name::FLOWS).ok()?;
+        let flows: HashMap<&MapData, FlowKey, Flow> = HashMap::try_from(map).ok()?;
+        flows.get(key, 0).ok()
+    }
+
+    /// Changes both entries of a spliced connection, the flow first.
+    pub fn update_connection(
+        &mut self,
+        key: &FlowKey,
+        reply_key: &FlowKey,
+        change: impl FnOnce(&mut Flow, &mut ReverseNat),
+    ) -> Result<()> {
+        let mut flow = self.flow(key).context("reading a flow")?;
+        let mut nat = {
+            let reverse: HashMap<&MapData, FlowKey, ReverseNat> =
+                HashMap::try_from(self.map_ref(map_name::REVERSE)?)?;
+            reverse
+                .get(reply_key, 0)
+                .context("reading a reverse entry")?
+        };
+        change(&mut flow, &mut nat);
+        let mut flows: HashMap<&mut MapData, FlowKey, Flow> =
+            HashMap::try_from(self.map(map_name::FLOWS)?)?;
+        flows.insert(key, flow, 0).context("writing a flow")?;
+        let mut reverse: HashMap<&mut MapData, FlowKey, ReverseNat> =
+            HashMap::try_from(self.map(map_name::REVERSE)?)?;
+        reverse
+            .insert(reply_key, nat, 0)
+            .context("writing a reverse entry")?;
+        Ok(())
+    }
+
     /// Forgets a client connection: its flow, its binding and (if any) its reverse entry.
     pub fn remove_connection(&mut self, key: &FlowKey, reply_key: Option<&FlowKey>) {
         if let Ok(map) = self.map(map_name::FLOWS) {

@@ -274,7 +274,7 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<()> {
                         Ok(now) => {
                             let b = agent.binding_counters();
                             let bindings = if b.bound + b.failed > 0 {
-                                format!(" | bindings: bound {} (cookie {}, fallback {}), retried {}, failed {}, head too large {}", b.bound, b.with_cookie, b.without_cookie, b.retried, b.failed, b.head_too_large)
+                                format!(" | bindings: bound {} (cookie {}, fallback {}), cookies issued {}, retried {}, failed {}, head too large {}", b.bound, b.with_cookie, b.without_cookie, b.cookies_issued, b.retried, b.failed, b.head_too_large)
                             } else {
                                 String::new()
                             };

@@ -18,14 +18,17 @@ use std::{
 
 use anyhow::{bail, Result};
 use balancer_common::{
-    backend_state, client_hash, flow_hash, flow_state, punt_kind, Binding, Flow, FlowKey, Punt,
-    ReverseNat, COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE,
+    backend_state, client_hash, flow_flags, flow_hash, flow_state, punt_kind, Binding, Flow,
+    FlowKey, Punt, ReverseNat, COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE,
 };
 use tracing::{debug, warn};
 
-use super::{Agent, BackendRuntime, ServiceRuntime};
+use super::{
+    response::{Issue, Out, Response},
+    Agent, BackendRuntime, ServiceRuntime,
+};
 use crate::{
-    config::{AffinityMode, CookieFallback},
+    config::{CookieFallback, ServiceConfig},
     cookie::{backend_token, CookieKeys, Rejection},
     segment::{Segment, ACK, FIN, PSH, RST, SYN},
 };
@@ -54,6 +57,9 @@ const SYNS_PER_BACKEND: u32 = 3;
 const MAX_BACKENDS_TRIED: usize = 3;
 /// A spliced connection is remembered this long, to answer a repeated SYN-ACK.
 const SPLICED_MEMORY: Duration = Duration::from_secs(5);
+/// A response head the agent edits is held at most this long: for the backend to answer
+/// (a long poll), and for the client to acknowledge the edited head.
+const RESPONSE_MEMORY: Duration = Duration::from_secs(300);
 
 /// What the binding stage did, for the stats line and `balancer status`.
 #[derive(Default, Clone, Copy, Debug)]
@@ -67,6 +73,8 @@ pub struct BindingCounters {
     /// backend it names is gone, down or drained).
     pub cookies_rejected: [u64; REJECTION_REASONS.len()],
     pub head_too_large: u64,
+    /// Responses given the balancer's cookie(s).
+    pub cookies_issued: u64,
     pub retried: u64,
     pub failed: u64,
 }
@@ -92,6 +100,12 @@ struct Pending {
     created: Instant,
     stage: Stage,
     tried: Vec<u32>,
+    /// What the chosen backend's first response head gets, if anything.
+    issue: Option<Issue>,
+    /// The first response, while its head is read and until the client has the edited head.
+    response: Option<Response>,
+    /// Spliced: the backend's window scale and the client's, as XDP rescales windows.
+    window_shifts: (u8, u8),
 }
 
 impl Pending {
@@ -120,6 +134,8 @@ struct Target {
     id: u32,
     addr: Ipv4Addr,
     port: u16,
+    /// The backend's name as cookies carry it.
+    token: u32,
 }
 
 impl ServiceRuntime {
@@ -128,6 +144,7 @@ impl ServiceRuntime {
             id: backend.id,
             addr: backend.config.address,
             port: backend.config.port_for(&self.config),
+            token: backend_token(&backend.config.name),
         }
     }
 }
@@ -171,8 +188,9 @@ impl Binder {
     /// connections still being bound: at a few thousand new connections a second those
     /// memories alone fill the table, and new connections were refused.
     fn forget_spliced(&mut self) {
-        self.pending
-            .retain(|_, pending| !matches!(pending.stage, Stage::Spliced { .. }));
+        self.pending.retain(|_, pending| {
+            !matches!(pending.stage, Stage::Spliced { .. }) || pending.response.is_some()
+        });
         let pending = &self.pending;
         self.by_backend.retain(|_, key| pending.contains_key(key));
     }
@@ -259,6 +277,9 @@ impl Agent {
                     created: Instant::now(),
                     stage: Stage::Reading,
                     tried: Vec::new(),
+                    issue: None,
+                    response: None,
+                    window_shifts: (0, 0),
                 },
             );
         }
@@ -396,9 +417,11 @@ impl Agent {
             return;
         }
         self.binder.by_backend.insert(reply_key, *key);
+        let issue = issue(&service.config, &self.config.signing_keys, target, &cookie);
         let Some(pending) = self.binder.pending.get_mut(key) else {
             return;
         };
+        pending.issue = issue;
         pending.tried.push(target.id);
         pending.stage = Stage::Connecting {
             target,
@@ -450,6 +473,10 @@ impl Agent {
             self.binder.send(&backend_syn(pending, target));
             return;
         }
+        if already.is_some() && segment.flags & SYN == 0 {
+            self.on_response_data(&key, &segment);
+            return;
+        }
         if segment.flags & (SYN | ACK) != SYN | ACK
             || segment.ack != pending.binding.client_isn.wrapping_add(1)
         {
@@ -467,21 +494,24 @@ impl Agent {
                 seq_delta: delta,
                 ..Flow::default()
             };
+            let window_shifts = if client_scales {
+                (segment.window_shift.unwrap_or(0), COOKIE_WINDOW_SHIFT)
+            } else {
+                (0, 0)
+            };
             let nat = ReverseNat {
                 vip: u32::from_ne_bytes(pending.vip.octets()),
                 port: pending.vip_port.to_be(),
-                backend_window_shift: if client_scales {
-                    segment.window_shift.unwrap_or(0)
+                backend_window_shift: window_shifts.0,
+                client_window_shift: window_shifts.1,
+                // The first response head comes to the agent when it gets the cookie.
+                state: if pending.issue.is_some() {
+                    flow_state::RESPONSE_HEAD
                 } else {
-                    0
+                    flow_state::SPLICED
                 },
-                client_window_shift: if client_scales {
-                    COOKIE_WINDOW_SHIFT
-                } else {
-                    0
-                },
-                state: flow_state::SPLICED,
                 seq_delta: delta,
+                ..ReverseNat::default()
             };
             if let Err(error) = self
                 .dataplane
@@ -491,6 +521,9 @@ impl Agent {
                 return;
             }
             self.binder.counters.bound += 1;
+            let pending = self.binder.pending.get_mut(&key).expect("looked up above");
+            pending.window_shifts = (nat.backend_window_shift, nat.client_window_shift);
+            pending.response = pending.issue.take().map(Response::new);
         }
         let pending = self.binder.pending.get_mut(&key).expect("looked up above");
         pending.stage = Stage::Spliced {
@@ -535,6 +568,97 @@ impl Agent {
         }
     }
 
+    /// Backend data of a spliced connection whose first response head the agent edits (or
+    /// edited, when it comes again).
+    fn on_response_data(&mut self, key: &FlowKey, segment: &Segment) {
+        let Some(pending) = self.binder.pending.get_mut(key) else {
+            return;
+        };
+        let Stage::Spliced {
+            target,
+            backend_isn,
+            ..
+        } = pending.stage
+        else {
+            return;
+        };
+        let Some(response) = pending.response.as_mut() else {
+            return;
+        };
+        let offset = segment.seq.wrapping_sub(backend_isn.wrapping_add(1)) as usize;
+        let (edit, outs) = response.on_segment(offset, &segment.payload, segment.flags & FIN != 0);
+        let pending = &self.binder.pending[key];
+        if let Some(edit) = edit {
+            let inserted = edit.inserted() as u32;
+            let response_start = pending.binding.cookie_isn.wrapping_add(1);
+            let client_head_end = response_start.wrapping_add(edit.edited.len() as u32);
+            let backend_head_end = backend_isn
+                .wrapping_add(1)
+                .wrapping_add(edit.head_end as u32);
+            let reply_key = backend_key(pending, target);
+            // The flow first: the client acknowledges the edited head only once it has it,
+            // and the agent sends it after both entries know the edit.
+            let recorded = self
+                .dataplane
+                .update_connection(key, &reply_key, |flow, nat| {
+                    flow.inserted = inserted;
+                    flow.head_end = client_head_end;
+                    nat.state = flow_state::SPLICED;
+                    nat.seq_delta = nat.seq_delta.wrapping_sub(inserted);
+                    nat.inserted = inserted;
+                    nat.head_end = backend_head_end;
+                });
+            if let Err(error) = recorded {
+                warn!("recording an edited response head: {error:#}");
+                self.abort(key, false);
+                return;
+            }
+            if inserted > 0 {
+                self.binder.counters.cookies_issued += 1;
+            }
+            debug!(client = %pending.client, port = pending.client_port, inserted, "response head edited");
+        }
+        let pending = &self.binder.pending[key];
+        for out in outs {
+            self.send_to_client(pending, segment, out);
+        }
+    }
+
+    /// Sends bytes of the client's stream as the backend's segment `from` would reach it.
+    fn send_to_client(&self, pending: &Pending, from: &Segment, out: Out) {
+        let mss = usize::from(pending.binding.options.mss.clamp(536, COOKIE_MSS));
+        let (backend_shift, client_shift) = pending.window_shifts;
+        let bytes = u64::from(from.window) << (backend_shift & 15) >> (client_shift & 15);
+        let first_seq = pending.binding.cookie_isn.wrapping_add(1);
+        let template = Segment {
+            ack: from.ack,
+            window: bytes.min(u64::from(u16::MAX)) as u16,
+            ..pending.to_client(ACK, 0)
+        };
+        let chunks = out.bytes.chunks(mss).count().max(1);
+        for index in 0..chunks {
+            let start = (index * mss).min(out.bytes.len());
+            let end = (start + mss).min(out.bytes.len());
+            let last = index + 1 == chunks;
+            let mut flags = ACK;
+            if last && end > start {
+                flags |= PSH;
+            }
+            if last && out.fin {
+                flags |= FIN;
+            }
+            if start == end && flags & FIN == 0 {
+                continue;
+            }
+            self.binder.send(&Segment {
+                seq: first_seq.wrapping_add((out.offset + start) as u32),
+                flags,
+                payload: out.bytes[start..end].to_vec(),
+                ..template.clone()
+            });
+        }
+    }
+
     /// Resends SYNs that got no answer, moves to the next backend, forgets finished and
     /// abandoned connections.
     pub fn binding_tick(&mut self) {
@@ -558,7 +682,16 @@ impl Agent {
                     }
                 }
                 Stage::Spliced { at, .. } if now.duration_since(at) > SPLICED_MEMORY => {
-                    forget.push(*key)
+                    let response_pending = pending.response.as_ref().is_some_and(|response| {
+                        response.edit().is_none()
+                            || self
+                                .dataplane
+                                .flow(key)
+                                .is_some_and(|flow| flow.flags & flow_flags::HEAD_ACKED == 0)
+                    });
+                    if !response_pending || now.duration_since(at) > RESPONSE_MEMORY {
+                        forget.push(*key)
+                    }
                 }
                 _ => {}
             }
@@ -683,14 +816,19 @@ fn choose(
     if service.lookup.is_empty() {
         return None;
     }
+    // The cross-origin variant carries the same value, for requests that only send it.
     let value = service
         .config
         .cookie_name()
-        .and_then(|name| cookie_value(&pending.request, name));
-    let cookie = match (service.config.affinity, value) {
+        .and_then(|name| cookie_value(&pending.request, name))
+        .or_else(|| {
+            let cors = service.config.cors_cookie_name()?;
+            cookie_value(&pending.request, &cors)
+        });
+    let signed = service.config.balancer_cookie().is_some();
+    let cookie = match (signed, value) {
         (_, None) => Cookie::Absent,
-        (AffinityMode::LbCookie, Some(value)) => match keys.open(&service.config.name, &value, now)
-        {
+        (true, Some(value)) => match keys.open(&service.config.name, &value, now) {
             Ok(token) => {
                 let named = service.backends.iter().find(|b| {
                     backend_token(&b.config.name) == token
@@ -705,7 +843,7 @@ fn choose(
             }
             Err(rejection) => Cookie::Rejected(rejection as usize),
         },
-        (_, Some(value)) => Cookie::Hashed(value),
+        (false, Some(value)) => Cookie::Hashed(value),
     };
     let hash = match (&cookie, service.config.cookie_fallback) {
         (Cookie::Hashed(value), _) => value_hash(value.as_bytes()),
@@ -723,6 +861,39 @@ fn choose(
         .find(|id| !pending.tried.contains(id))?;
     let backend = service.backends.iter().find(|b| b.id == id)?;
     Some((service.target(backend), cookie))
+}
+
+/// The `Set-Cookie` lines the connection's first response gets: the balancer's cookie (and
+/// its cross-origin variant) naming the chosen backend, unless the request's cookie already
+/// names it; in companion mode, whenever the application sets its cookie.
+fn issue(
+    service: &ServiceConfig,
+    keys: &CookieKeys,
+    target: Target,
+    cookie: &Cookie,
+) -> Option<Issue> {
+    let own = service.balancer_cookie()?;
+    let when_set = service.companion_of().map(str::to_owned);
+    if when_set.is_none() && matches!(cookie, Cookie::Session(_)) {
+        return None;
+    }
+    let duration = service.cookie_duration;
+    let value = keys.seal(
+        &service.name,
+        target.token,
+        unix_now().saturating_add(duration),
+    )?;
+    let mut lines = format!("Set-Cookie: {own}={value}; Max-Age={duration}; Path=/; HttpOnly\r\n");
+    if let Some(cors) = service.cors_cookie_name() {
+        lines += &format!(
+            "Set-Cookie: {cors}={value}; Max-Age={duration}; Path=/; HttpOnly; SameSite=None; Secure\r\n"
+        );
+    }
+    Some(Issue {
+        lines,
+        own: own.to_owned(),
+        when_set,
+    })
 }
 
 fn unix_now() -> u32 {

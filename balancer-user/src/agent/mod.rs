@@ -25,6 +25,7 @@ use crate::{
 const ACTIVE_FLOW_WINDOW_S: u32 = 60;
 
 mod binding;
+mod response;
 
 pub use binding::BindingCounters;
 
@@ -444,8 +445,14 @@ impl Agent {
         let b = &self.binder.counters;
         let _ = writeln!(
             text,
-            "bindings bound={} cookie={} fallback={} retried={} failed={} head_too_large={}",
-            b.bound, b.with_cookie, b.without_cookie, b.retried, b.failed, b.head_too_large
+            "bindings bound={} cookie={} fallback={} issued={} retried={} failed={} head_too_large={}",
+            b.bound,
+            b.with_cookie,
+            b.without_cookie,
+            b.cookies_issued,
+            b.retried,
+            b.failed,
+            b.head_too_large
         );
         let _ = write!(text, "cookies_rejected");
         for (reason, count) in binding::REJECTION_REASONS.iter().zip(b.cookies_rejected) {

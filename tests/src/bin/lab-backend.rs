@@ -2,7 +2,8 @@
 //! answer naming the backend so tests can tell where a request landed.
 //!
 //! HTTP: `GET /` → `<name>\n`; `GET /bytes/<n>` → n bytes of the lab's test data, streamed;
-//! `POST /upload` → `<sha256 hex> <byte count>\n` of the body, read as it streams. Every
+//! `POST /upload` → `<sha256 hex> <byte count>\n` of the body, read as it streams; `?pad=<n>`
+//! adds an `X-Padding` header of n bytes to any answer. Every
 //! response carries `X-Backend: <name>`, and a response to a request without the application's
 //! session cookie sets one (`Set-Cookie: SID=<name>-<n>`), as a web application would.
 //! `lab-backend --generate <n>` prints the bytes that `/bytes/<n>` serves.
@@ -123,6 +124,7 @@ async fn handle(
     name: Arc<str>,
 ) -> Result<Response<ResponseBody>, hyper::Error> {
     let path = request.uri().path().to_owned();
+    let request_query = request.uri().query().map(str::to_owned);
     let has_session = request
         .headers()
         .get_all(hyper::header::COOKIE)
@@ -145,6 +147,9 @@ async fn handle(
         _ => text(StatusCode::NOT_FOUND, "not found\n".to_owned()),
     };
     let mut response = with_backend(response, &name);
+    if let Some(padding) = padding(request_query.as_deref()) {
+        response.headers_mut().insert("x-padding", padding);
+    }
     if !has_session {
         let n = SESSIONS.fetch_add(1, Ordering::Relaxed);
         if let Ok(value) = HeaderValue::from_str(&format!("{SESSION_COOKIE}={name}-{n}; Path=/")) {
@@ -154,6 +159,19 @@ async fn handle(
         }
     }
     Ok(response)
+}
+
+/// `pad=<n>` in the query asks for an `X-Padding` header of n bytes (at most 64 KB), so that
+/// tests get response heads over several segments.
+fn padding(query: Option<&str>) -> Option<HeaderValue> {
+    let n: usize = query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("pad="))?
+        .parse()
+        .ok()?;
+    let pattern = b"0123456789abcdef";
+    let value: Vec<u8> = pattern.iter().cycle().take(n.min(65536)).copied().collect();
+    HeaderValue::from_bytes(&value).ok()
 }
 
 /// The application's session cookie.

@@ -1,0 +1,349 @@
+//! The first response head of a cookie connection, when the balancer adds its cookie to it.
+//!
+//! XDP hands the backend's data to the agent until the head is complete. The agent adds its
+//! `Set-Cookie` lines before the head's blank line, sends the edited head and whatever
+//! followed it to the client, and tells XDP how many bytes it added: from then on the
+//! backend's sequence numbers past the head move forward by as much and the client's
+//! acknowledgements back. Head bytes the backend sends again (the client lost them) come back
+//! to the agent, which answers with the edited head.
+
+/// Response bytes read while looking for the head's end; a longer head passes unedited. It
+/// stays below a backend's initial congestion window (10 segments), so the whole head
+/// arrives without the agent acknowledging any of it.
+pub const MAX_RESPONSE_HEAD: usize = 8 * 1024;
+
+/// `Set-Cookie` lines the balancer adds to a connection's first response head, and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// The header lines, each ending in CRLF.
+    pub lines: String,
+    /// The balancer's cookie: nothing is added to a response that sets it itself.
+    pub own: String,
+    /// Companion mode: the lines are added only to a response that sets this (the
+    /// application's) cookie.
+    pub when_set: Option<String>,
+}
+
+/// What the agent knows of a connection's response while it reads or has edited its head.
+pub struct Response {
+    issue: Issue,
+    /// The backend's bytes from its first sequence number on, without gaps.
+    bytes: Vec<u8>,
+    /// Stream offset of the backend's FIN, once seen.
+    fin: Option<usize>,
+    /// Bytes from the start passed to the client unedited: interim (1xx) heads, which the
+    /// client may be waiting for (`Expect: 100-continue`).
+    passed: usize,
+    edit: Option<Edit>,
+}
+
+/// The decision on a response head: the bytes that replace the backend's first `head_end`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edit {
+    pub head_end: usize,
+    pub edited: Vec<u8>,
+}
+
+impl Edit {
+    /// Bytes the edit added.
+    pub fn inserted(&self) -> usize {
+        self.edited.len() - self.head_end
+    }
+}
+
+/// Bytes of the client's stream to send: from `offset` (counted from the response's first
+/// byte), followed by a FIN when `fin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Out {
+    pub offset: usize,
+    pub bytes: Vec<u8>,
+    pub fin: bool,
+}
+
+impl Response {
+    pub fn new(issue: Issue) -> Self {
+        Self {
+            issue,
+            bytes: Vec::new(),
+            fin: None,
+            passed: 0,
+            edit: None,
+        }
+    }
+
+    /// Whether the head is edited: the data plane then knows how many bytes were added.
+    pub fn edit(&self) -> Option<&Edit> {
+        self.edit.as_ref()
+    }
+
+    /// Takes in a backend segment at stream `offset`, and says what the client gets: the
+    /// newly decided edit (for the data plane), and the bytes to send.
+    pub fn on_segment(
+        &mut self,
+        offset: usize,
+        payload: &[u8],
+        fin: bool,
+    ) -> (Option<Edit>, Vec<Out>) {
+        self.receive(offset, payload, fin);
+        if let Some(edit) = &self.edit {
+            // Sent again: from inside the head, the whole edited head; past it, the bytes
+            // moved by what the edit added.
+            let out = if offset < edit.head_end {
+                self.edited_from(0)
+            } else {
+                Out {
+                    offset: offset + edit.inserted(),
+                    bytes: payload.to_vec(),
+                    fin,
+                }
+            };
+            return (None, vec![out]);
+        }
+        match self.find_final_head() {
+            Ok((start, end)) => {
+                let edit = edit_head(&self.bytes, start, end, &self.issue);
+                self.decided(edit)
+            }
+            Err(interim_end) => {
+                let at_end = self.fin == Some(self.bytes.len());
+                if at_end || self.bytes.len() - self.passed >= MAX_RESPONSE_HEAD {
+                    // No head to edit: the backend closed, or it is not HTTP as we know it.
+                    let edit = Edit {
+                        head_end: self.bytes.len(),
+                        edited: self.bytes.clone(),
+                    };
+                    return self.decided(edit);
+                }
+                if interim_end > self.passed {
+                    let out = Out {
+                        offset: self.passed,
+                        bytes: self.bytes[self.passed..interim_end].to_vec(),
+                        fin: false,
+                    };
+                    self.passed = interim_end;
+                    return (None, vec![out]);
+                }
+                (None, Vec::new())
+            }
+        }
+    }
+
+    fn decided(&mut self, edit: Edit) -> (Option<Edit>, Vec<Out>) {
+        self.edit = Some(edit.clone());
+        let out = self.edited_from(self.passed);
+        (Some(edit), vec![out])
+    }
+
+    /// The client's stream from `offset` to the end of what the agent holds.
+    fn edited_from(&self, offset: usize) -> Out {
+        let edit = self.edit.as_ref().expect("called once edited");
+        let mut bytes = edit.edited[offset.min(edit.edited.len())..].to_vec();
+        bytes.extend_from_slice(&self.bytes[edit.head_end..]);
+        Out {
+            offset,
+            bytes,
+            fin: self.fin == Some(self.bytes.len()),
+        }
+    }
+
+    /// Keeps the bytes that extend the gapless stream; a segment after a gap is sent again by
+    /// the backend.
+    fn receive(&mut self, offset: usize, payload: &[u8], fin: bool) {
+        if offset <= self.bytes.len() {
+            let new_from = self.bytes.len() - offset;
+            if new_from < payload.len() {
+                self.bytes.extend_from_slice(&payload[new_from..]);
+            }
+            if fin && offset + payload.len() == self.bytes.len() {
+                self.fin = Some(self.bytes.len());
+            }
+        }
+    }
+
+    /// The final (not 1xx) head's start and end, or the end of the interim heads before it.
+    fn find_final_head(&self) -> Result<(usize, usize), usize> {
+        let mut start = self.passed;
+        loop {
+            let Some(end) = find_blank_line(&self.bytes[start..]).map(|at| start + at) else {
+                return Err(start);
+            };
+            let mut headers = [httparse::EMPTY_HEADER; 0];
+            let mut response = httparse::Response::new(&mut headers);
+            // Only the status line matters here; too many headers is not an error for it.
+            let _ = response.parse(&self.bytes[start..end]);
+            match response.code {
+                Some(code) if (100..200).contains(&code) && code != 101 => start = end,
+                _ => return Ok((start, end)),
+            }
+        }
+    }
+}
+
+/// The end of the first head in `bytes` (just past its blank line).
+fn find_blank_line(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|at| at + 4)
+}
+
+/// The response head `bytes[start..end]` with the issue's lines before its blank line, when
+/// they belong there; the bytes before it unchanged.
+fn edit_head(bytes: &[u8], start: usize, end: usize, issue: &Issue) -> Edit {
+    let unchanged = Edit {
+        head_end: end,
+        edited: bytes[..end].to_vec(),
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut response = httparse::Response::new(&mut headers);
+    if !matches!(
+        response.parse(&bytes[start..end]),
+        Ok(httparse::Status::Complete(_))
+    ) {
+        return unchanged;
+    }
+    let sets = |name: &str| {
+        response
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("set-cookie"))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .filter_map(|value| value.split_once('='))
+            .any(|(cookie, _)| cookie.trim() == name)
+    };
+    let wanted = issue.when_set.as_deref().is_none_or(sets);
+    if !wanted || sets(&issue.own) {
+        return unchanged;
+    }
+    let blank_line = end - 2;
+    let mut edited = Vec::with_capacity(end + issue.lines.len());
+    edited.extend_from_slice(&bytes[..blank_line]);
+    edited.extend_from_slice(issue.lines.as_bytes());
+    edited.extend_from_slice(&bytes[blank_line..end]);
+    Edit {
+        head_end: end,
+        edited,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINE: &str = "Set-Cookie: LB=v; Path=/\r\n";
+
+    fn issue() -> Issue {
+        Issue {
+            lines: LINE.to_owned(),
+            own: "LB".to_owned(),
+            when_set: None,
+        }
+    }
+
+    /// The client's stream as the outputs build it, one byte slot per offset.
+    fn apply(stream: &mut Vec<u8>, outs: &[Out]) {
+        for out in outs {
+            if stream.len() < out.offset + out.bytes.len() {
+                stream.resize(out.offset + out.bytes.len(), 0);
+            }
+            stream[out.offset..out.offset + out.bytes.len()].copy_from_slice(&out.bytes);
+        }
+    }
+
+    #[test]
+    fn a_head_split_over_segments_gets_the_lines_before_its_blank_line() {
+        let wire = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+        let mut response = Response::new(issue());
+        let mut client = Vec::new();
+        let mut decided = None;
+        for (index, chunk) in wire.chunks(7).enumerate() {
+            let (edit, outs) = response.on_segment(index * 7, chunk, false);
+            decided = decided.or(edit);
+            apply(&mut client, &outs);
+        }
+        let expected = format!("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n{LINE}\r\nhello");
+        assert_eq!(String::from_utf8(client).unwrap(), expected);
+        let edit = decided.expect("the head was decided");
+        assert_eq!(edit.inserted(), LINE.len());
+        assert_eq!(edit.head_end, wire.len() - 5);
+    }
+
+    #[test]
+    fn head_bytes_sent_again_are_answered_with_the_edited_head() {
+        let wire = b"HTTP/1.1 200 OK\r\n\r\nbody";
+        let mut response = Response::new(issue());
+        let (edit, _) = response.on_segment(0, wire, false);
+        let edit = edit.unwrap();
+        let (again, outs) = response.on_segment(0, &wire[..10], false);
+        assert!(again.is_none());
+        assert_eq!(outs[0].offset, 0);
+        assert!(outs[0].bytes.starts_with(&edit.edited));
+        let (_, outs) = response.on_segment(wire.len(), b"more", true);
+        assert_eq!(outs[0].offset, wire.len() + edit.inserted());
+        assert!(outs[0].fin);
+    }
+
+    #[test]
+    fn interim_heads_pass_at_once_and_the_final_head_is_edited() {
+        let mut response = Response::new(issue());
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+        let (edit, outs) = response.on_segment(0, interim, false);
+        assert!(edit.is_none());
+        assert_eq!(
+            outs,
+            vec![Out {
+                offset: 0,
+                bytes: interim.to_vec(),
+                fin: false
+            }]
+        );
+        let last = b"HTTP/1.1 200 OK\r\n\r\n";
+        let (edit, outs) = response.on_segment(interim.len(), last, false);
+        assert_eq!(edit.unwrap().head_end, interim.len() + last.len());
+        assert_eq!(outs[0].offset, interim.len());
+        assert_eq!(
+            outs[0].bytes,
+            format!("HTTP/1.1 200 OK\r\n{LINE}\r\n").into_bytes()
+        );
+    }
+
+    #[test]
+    fn responses_that_set_the_cookie_themselves_or_are_not_http_pass_unedited() {
+        let own = b"HTTP/1.1 200 OK\r\nSet-Cookie: LB=mine\r\n\r\n";
+        let (edit, _) = Response::new(issue()).on_segment(0, own, false);
+        assert_eq!(edit.unwrap().inserted(), 0);
+
+        let closed = b"not http";
+        let (edit, outs) = Response::new(issue()).on_segment(0, closed, true);
+        assert_eq!(edit.unwrap().inserted(), 0);
+        assert!(outs[0].fin);
+
+        let endless = vec![b'x'; MAX_RESPONSE_HEAD];
+        let (edit, outs) = Response::new(issue()).on_segment(0, &endless, false);
+        assert_eq!(edit.unwrap().inserted(), 0);
+        assert_eq!(outs[0].bytes, endless);
+    }
+
+    #[test]
+    fn a_companion_cookie_follows_only_the_applications_own() {
+        let companion = Issue {
+            when_set: Some("SID".to_owned()),
+            ..issue()
+        };
+        let plain = b"HTTP/1.1 200 OK\r\nSet-Cookie: other=1\r\n\r\n";
+        let (edit, _) = Response::new(companion.clone()).on_segment(0, plain, false);
+        assert_eq!(edit.unwrap().inserted(), 0);
+        let sets = b"HTTP/1.1 200 OK\r\nset-cookie: SID=abc; Path=/\r\n\r\n";
+        let (edit, _) = Response::new(companion).on_segment(0, sets, false);
+        assert_eq!(edit.unwrap().inserted(), LINE.len());
+    }
+
+    #[test]
+    fn segments_after_a_gap_wait_for_the_bytes_before_them() {
+        let mut response = Response::new(issue());
+        let (edit, outs) = response.on_segment(5, b"/1.1 200 OK\r\n\r\n", false);
+        assert!(edit.is_none() && outs.is_empty());
+        let (edit, _) = response.on_segment(0, b"HTTP/1.1 200 OK\r\n\r\n", false);
+        assert!(edit.is_some());
+    }
+}

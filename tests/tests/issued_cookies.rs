@@ -1,0 +1,273 @@
+//! Cookies the balancer issues: the agent adds `Set-Cookie` to the first response head of a
+//! connection whose session is new or moved, and XDP splices the rest with the added bytes
+//! as a second sequence offset. Real clients (curl cookie jars, python `requests`) through
+//! the namespace lab. Needs root.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+
+use balancer_lab::{Lab, ServiceOptions, BACKEND_COUNT};
+use common::*;
+
+const HEALTH_CHECK: &str =
+    "[service.health_check]\nkind = \"http\"\ninterval = 0.5\ntimeout = 0.5\nfall = 2\nrise = 2\n";
+
+fn lb_cookie(extra: &str) -> ServiceOptions {
+    ServiceOptions {
+        web_settings: format!(
+            "affinity = \"lb-cookie\"\ncookie_fallback = \"flow\"\ncookie_duration = 3600\n{extra}"
+        ),
+        ..ServiceOptions::default()
+    }
+}
+
+/// `curl -i`-style head and body of `GET <path>` on a new connection.
+fn get_with_head(lab: &Lab, args: &[&str], path: &str) -> (String, String) {
+    let mut full = vec!["-D", "-"];
+    full.extend_from_slice(args);
+    let answer = get(lab, &full, path);
+    // With `-o`, the head alone (its blank line trimmed away).
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    (head.to_owned(), body.trim().to_owned())
+}
+
+/// The `Set-Cookie` lines of a response head (any case), as `name → value and attributes`.
+fn set_cookies(head: &str) -> HashMap<String, String> {
+    head.lines()
+        .filter_map(|line| line.split_once(": "))
+        .filter(|(name, _)| name.eq_ignore_ascii_case("set-cookie"))
+        .map(|(_, line)| line)
+        .filter_map(|line| Some((line.split_once('=')?.0.to_owned(), line.to_owned())))
+        .collect()
+}
+
+/// `name=value` of a `Set-Cookie` line.
+fn pair(line: &str) -> &str {
+    line.split(';').next().unwrap_or_default()
+}
+
+#[test]
+fn the_first_response_carries_the_cookie_and_its_cors_variant_and_sessions_stick() {
+    let lab = lab_with(&lb_cookie("cors = true\n"));
+    let (head, backend) = get_with_head(&lab, &[], "/");
+    let cookies = set_cookies(&head);
+    let own = &cookies["LBSESSION"];
+    assert!(
+        own.ends_with("; Max-Age=3600; Path=/; HttpOnly"),
+        "attributes of {own:?}"
+    );
+    let cors = &cookies["LBSESSIONCORS"];
+    assert!(
+        cors.ends_with("; Max-Age=3600; Path=/; HttpOnly; SameSite=None; Secure"),
+        "attributes of {cors:?}"
+    );
+    assert_eq!(
+        pair(own).split_once('=').unwrap().1,
+        pair(cors).split_once('=').unwrap().1,
+        "both cookies name the same session"
+    );
+    assert!(
+        cookies.contains_key("SID"),
+        "the application's own cookie is kept: {head}"
+    );
+    for cookie in [pair(own), pair(cors)] {
+        for _ in 0..5 {
+            let (head, again) = get_with_head(&lab, &["-H", &format!("Cookie: {cookie}")], "/");
+            assert_eq!(
+                again, backend,
+                "{cookie} must keep the session on {backend}"
+            );
+            assert!(
+                !set_cookies(&head).contains_key("LBSESSION"),
+                "a valid cookie is not issued again: {head}"
+            );
+        }
+    }
+
+    // curl cookie jars: every request of a jar, the first included, on one backend.
+    let mut jar_backends = HashSet::new();
+    for session in 0..10 {
+        let jar = lab.dir().join(format!("jar-{session}"));
+        let jar = jar.to_str().expect("utf-8 path");
+        let answers: Vec<String> = (0..6)
+            .map(|_| get(&lab, &["-c", jar, "-b", jar], "/"))
+            .collect();
+        assert!(
+            answers.iter().all(|b| *b == answers[0]),
+            "jar {session} moved: {answers:?}"
+        );
+        jar_backends.insert(answers[0].clone());
+    }
+    assert!(jar_backends.len() > 1, "10 jars on one backend");
+
+    // 100 python sessions x 20 requests, each on a new connection.
+    let script = format!(
+        r#"
+import requests
+for i in range(100):
+    s = requests.Session()
+    seen, issued = [], 0
+    for _ in range(20):
+        r = s.get("{url}", headers={{"Connection": "close"}}, timeout=10)
+        seen.append(r.text.strip())
+        issued += "LBSESSION=" in r.headers.get("Set-Cookie", "")
+    print(i, issued, " ".join(sorted(set(seen))))
+"#,
+        url = vip_url("/")
+    );
+    let output = python(&lab, lab.client_ns(), &script);
+    let mut per_backend: HashMap<String, usize> = HashMap::new();
+    for line in output.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            words.len(),
+            3,
+            "session {} saw several backends: {line}",
+            words[0]
+        );
+        assert_eq!(
+            words[1], "1",
+            "session {}: the cookie is issued once: {line}",
+            words[0]
+        );
+        *per_backend.entry(words[2].to_owned()).or_default() += 1;
+    }
+    assert_eq!(per_backend.values().sum::<usize>(), 100, "{output}");
+    assert_eq!(per_backend.len(), BACKEND_COUNT, "{per_backend:?}");
+    assert!(
+        per_backend.values().all(|&n| n >= 15),
+        "sessions spread over the backends: {per_backend:?}"
+    );
+    let status = balancer(&lab, &["status"]);
+    let issued: u64 = status
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("issued="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no issued= in {status}"));
+    assert!(issued >= 111, "status counts the issued cookies: {status}");
+}
+
+#[test]
+fn a_failed_backends_sessions_get_a_new_cookie_and_stay_when_it_returns() {
+    let mut lab = lab_with(&lb_cookie(HEALTH_CHECK));
+    let mut sessions: Vec<(String, String)> = Vec::new();
+    while sessions.len() < 30 {
+        let (head, backend) = get_with_head(&lab, &[], "/");
+        let cookie = pair(&set_cookies(&head)["LBSESSION"]).to_owned();
+        sessions.push((cookie, backend));
+    }
+    let victim = Lab::backend_name(2);
+    let orphaned: Vec<String> = sessions
+        .iter()
+        .filter(|(_, b)| *b == victim)
+        .map(|(c, _)| c.clone())
+        .collect();
+    assert!(!orphaned.is_empty(), "some of 30 sessions use {victim}");
+    lab.stop_backend(2).expect("stopping backend-3's server");
+    wait_until(
+        std::time::Duration::from_secs(5),
+        "backend-3 marked down",
+        || status_of(&lab, &victim).contains("state=down"),
+    );
+    let mut moved = Vec::new();
+    for cookie in &orphaned {
+        let (head, backend) = get_with_head(&lab, &["-H", &format!("Cookie: {cookie}")], "/");
+        assert_ne!(backend, victim, "{cookie} still goes to the dead backend");
+        let reissued = set_cookies(&head)
+            .get("LBSESSION")
+            .map(|line| pair(line).to_owned())
+            .unwrap_or_else(|| panic!("no new cookie for a moved session: {head}"));
+        assert_ne!(&reissued, cookie);
+        moved.push((reissued, backend));
+    }
+    lab.start_backend(backend_bin(), 2)
+        .expect("restarting backend-3's server");
+    wait_until(
+        std::time::Duration::from_secs(5),
+        "backend-3 up again",
+        || status_of(&lab, &victim).contains("state=up"),
+    );
+    for (cookie, backend) in moved
+        .iter()
+        .chain(sessions.iter().filter(|(_, b)| *b != victim))
+    {
+        for _ in 0..3 {
+            let (head, now) = get_with_head(&lab, &["-H", &format!("Cookie: {cookie}")], "/");
+            assert_eq!(
+                &now, backend,
+                "{cookie} moved after the old backend returned"
+            );
+            assert!(!set_cookies(&head).contains_key("LBSESSION"), "{head}");
+        }
+    }
+}
+
+#[test]
+fn a_tampered_cookie_is_answered_with_a_fresh_one() {
+    let lab = lab_with(&lb_cookie(""));
+    let (head, _) = get_with_head(&lab, &[], "/");
+    let cookie = pair(&set_cookies(&head)["LBSESSION"]).to_owned();
+    let mut tampered: Vec<char> = cookie.chars().collect();
+    let at = tampered.len() - 2;
+    tampered[at] = if tampered[at] == 'A' { 'B' } else { 'A' };
+    let tampered: String = tampered.into_iter().collect();
+    let (head, backend) = get_with_head(&lab, &["-H", &format!("Cookie: {tampered}")], "/");
+    let fresh = pair(&set_cookies(&head)["LBSESSION"]).to_owned();
+    assert_ne!(fresh, tampered);
+    for _ in 0..5 {
+        assert_eq!(
+            get(&lab, &["-H", &format!("Cookie: {fresh}")], "/"),
+            backend
+        );
+    }
+}
+
+#[test]
+fn a_companion_cookie_follows_the_applications_cookie() {
+    let options = ServiceOptions {
+        web_settings: "affinity = \"app-cookie\"\ncookie = \"SID\"\napp_cookie = \"companion\"\ncookie_fallback = \"flow\"\n".to_owned(),
+        ..ServiceOptions::default()
+    };
+    let lab = lab_with(&options);
+    // The backend sets SID on a request without it: the balancer adds LBAPP beside it.
+    let (head, backend) = get_with_head(&lab, &[], "/");
+    let cookies = set_cookies(&head);
+    assert!(cookies.contains_key("SID"), "{head}");
+    let companion = pair(&cookies["LBAPP"]).to_owned();
+    let app = pair(&cookies["SID"]).to_owned();
+    for _ in 0..10 {
+        let (head, now) = get_with_head(&lab, &["-H", &format!("Cookie: {app}; {companion}")], "/");
+        assert_eq!(now, backend, "{companion} names {backend}");
+        assert!(set_cookies(&head).is_empty(), "nothing set again: {head}");
+    }
+    // A response that sets no application cookie gets no companion either.
+    let (head, _) = get_with_head(&lab, &["-H", "Cookie: SID=mine"], "/");
+    assert!(!set_cookies(&head).contains_key("LBAPP"), "{head}");
+}
+
+#[test]
+fn response_heads_over_several_segments_get_the_cookie_and_bodies_stay_intact() {
+    let lab = lab_with(&lb_cookie(""));
+    for (pad, size) in [(3_000, 1_000), (7_000, 300_000), (20_000, 2_000)] {
+        let out = lab.dir().join("body");
+        let out = out.to_str().expect("utf-8 path");
+        let (head, _) = get_with_head(&lab, &["-o", out], &format!("/bytes/{size}?pad={pad}"));
+        let padding = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-padding: "))
+            .unwrap_or_else(|| panic!("no padding in the head"));
+        assert_eq!(padding.len(), pad, "the padded header arrived whole");
+        // Heads past 8 KB pass unedited (the agent does not wait for the whole head).
+        assert_eq!(
+            head.contains("LBSESSION="),
+            pad < 8_000,
+            "pad {pad}: {head:.200}"
+        );
+        assert_eq!(
+            sha256_of_file(std::path::Path::new(out)),
+            balancer_lab::test_data_sha256(size),
+            "the body after a {pad}-byte head"
+        );
+    }
+}
