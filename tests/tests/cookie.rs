@@ -146,79 +146,11 @@ for i, s in enumerate(sessions):
     }
 }
 
-/// sha256 of each test-data size the integrity runs download.
-fn expected_digests(sizes: &[u64]) -> HashMap<u64, String> {
-    sizes
-        .iter()
-        .map(|&s| (s, balancer_lab::test_data_sha256(s)))
-        .collect()
-}
-
-/// Runs `requests` GETs of `/bytes/<size>` and POSTs to `/upload` through the VIP, `count` in
-/// all, cycling through `sizes`, on one keep-alive session or a new connection each; checks
-/// every body's sha256.
-fn integrity_run(lab: &Lab, sizes: &[u64], count: usize, keep_alive: bool) {
-    let digests = expected_digests(sizes);
-    let sizes_list: Vec<String> = sizes.iter().map(u64::to_string).collect();
-    let script = format!(
-        r#"
-import hashlib, os, requests
-sizes = [{sizes}]
-session = requests.Session()
-headers = {{"Cookie": "SID=integrity"}} if {keep} else {{"Cookie": "SID=integrity", "Connection": "close"}}
-for i in range({count}):
-    size = sizes[i % len(sizes)]
-    if i % 2 == 0:
-        r = session.get("{base}/bytes/%d" % size, headers=headers, timeout=60)
-        print("get", size, hashlib.sha256(r.content).hexdigest(), len(r.content))
-    else:
-        body = os.urandom(size)
-        r = session.post("{base}/upload", data=body, headers=headers, timeout=60)
-        print("post", size, hashlib.sha256(body).hexdigest(), r.text.strip())
-"#,
-        sizes = sizes_list.join(", "),
-        keep = if keep_alive { "True" } else { "False" },
-        base = vip_url(""),
-    );
-    let output = python(lab, lab.client_ns(), &script);
-    let mut checked = 0;
-    for line in output.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let size: u64 = words[1].parse().expect("a size");
-        match words[0] {
-            "get" => {
-                assert_eq!(
-                    words[3],
-                    size.to_string(),
-                    "download of {size} bytes was cut"
-                );
-                assert_eq!(
-                    words[2], digests[&size],
-                    "download of {size} bytes was corrupted"
-                );
-            }
-            _ => assert_eq!(
-                &words[3..],
-                [words[2], &size.to_string()],
-                "upload of {size} bytes arrived different"
-            ),
-        }
-        checked += 1;
-    }
-    assert_eq!(checked, count, "every request answered:\n{output}");
-}
-
-/// Sizes from 1 KB to 10 MB, spread log-uniformly.
-const SIZES: [u64; 12] = [
-    1_000, 3_000, 9_000, 27_000, 81_000, 243_000, 729_000, 1_500_000, 2_187_000, 4_000_000,
-    6_561_000, 10_000_000,
-];
-
 #[test]
 fn a_thousand_downloads_and_uploads_arrive_intact_on_keep_alive_and_new_connections() {
     let lab = lab_with(&cookie_options());
-    integrity_run(&lab, &SIZES, 500, true);
-    integrity_run(&lab, &SIZES, 500, false);
+    integrity_run(&lab, &SIZES, 500, true, "SID=integrity");
+    integrity_run(&lab, &SIZES, 500, false, "SID=integrity");
     let stats = counters(&lab);
     assert!(stats["spliced_to_client"] > 100_000, "{stats:?}");
 }
@@ -318,8 +250,8 @@ fn downloads_and_uploads_arrive_intact_through_loss_and_reordering_on_the_client
         ..Impairment::default()
     };
     let lab = lab_with_impairment(&cookie_options(), &impairment);
-    integrity_run(&lab, &SIZES, 500, true);
-    integrity_run(&lab, &SIZES, 500, false);
+    // New connections through loss are run with a cookie inserted (issued_cookies.rs).
+    integrity_run(&lab, &SIZES, 500, true, "SID=integrity");
     let relay = lab
         .impairment_counters()
         .expect("reading the relay's counters");

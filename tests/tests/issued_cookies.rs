@@ -101,7 +101,20 @@ fn the_first_response_carries_the_cookie_and_its_cors_variant_and_sessions_stick
     }
     assert!(jar_backends.len() > 1, "10 jars on one backend");
 
-    // 100 python sessions x 20 requests, each on a new connection.
+    sessions_stick_and_spread(&lab, "LBSESSION");
+    let status = balancer(&lab, &["status"]);
+    let issued: u64 = status
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("issued="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no issued= in {status}"));
+    assert!(issued >= 111, "status counts the issued cookies: {status}");
+}
+
+/// 100 python `requests` sessions of 20 requests, each on a new connection: every session's
+/// requests reach one backend, its first response alone sets the balancer's cookie `name`,
+/// and the sessions spread over the backends.
+fn sessions_stick_and_spread(lab: &Lab, name: &str) {
     let script = format!(
         r#"
 import requests
@@ -111,12 +124,12 @@ for i in range(100):
     for _ in range(20):
         r = s.get("{url}", headers={{"Connection": "close"}}, timeout=10)
         seen.append(r.text.strip())
-        issued += "LBSESSION=" in r.headers.get("Set-Cookie", "")
+        issued += "{name}=" in r.headers.get("Set-Cookie", "")
     print(i, issued, " ".join(sorted(set(seen))))
 "#,
         url = vip_url("/")
     );
-    let output = python(&lab, lab.client_ns(), &script);
+    let output = python(lab, lab.client_ns(), &script);
     let mut per_backend: HashMap<String, usize> = HashMap::new();
     for line in output.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -128,7 +141,7 @@ for i in range(100):
         );
         assert_eq!(
             words[1], "1",
-            "session {}: the cookie is issued once: {line}",
+            "session {}: {name} is issued once: {line}",
             words[0]
         );
         *per_backend.entry(words[2].to_owned()).or_default() += 1;
@@ -139,13 +152,6 @@ for i in range(100):
         per_backend.values().all(|&n| n >= 15),
         "sessions spread over the backends: {per_backend:?}"
     );
-    let status = balancer(&lab, &["status"]);
-    let issued: u64 = status
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("issued="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no issued= in {status}"));
-    assert!(issued >= 111, "status counts the issued cookies: {status}");
 }
 
 #[test]
@@ -241,6 +247,7 @@ fn a_companion_cookie_follows_the_applications_cookie() {
         assert_eq!(now, backend, "{companion} names {backend}");
         assert!(set_cookies(&head).is_empty(), "nothing set again: {head}");
     }
+    sessions_stick_and_spread(&lab, "LBAPP");
     // A response that sets no application cookie gets no companion either.
     let (head, _) = get_with_head(&lab, &["-H", "Cookie: SID=mine"], "/");
     assert!(!set_cookies(&head).contains_key("LBAPP"), "{head}");
@@ -268,6 +275,80 @@ fn response_heads_over_several_segments_get_the_cookie_and_bodies_stay_intact() 
             sha256_of_file(std::path::Path::new(out)),
             balancer_lab::test_data_sha256(size),
             "the body after a {pad}-byte head"
+        );
+    }
+}
+
+#[test]
+fn an_upload_that_waits_for_100_continue_gets_it_at_once_and_the_final_head_the_cookie() {
+    let lab = lab_with(&lb_cookie(""));
+    let file = lab.dir().join("upload");
+    let size = 3_000_000u64;
+    balancer_lab::write_test_data(&file, size).expect("writing the upload");
+    let file_arg = format!("@{}", file.display());
+    let answer = get(
+        &lab,
+        &[
+            "-D",
+            "-",
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+            &file_arg,
+        ],
+        "/upload",
+    );
+    let interim = answer
+        .find("HTTP/1.1 100 Continue")
+        .expect("the interim head reached curl");
+    let last = answer.rfind("HTTP/1.1 200").expect("a final head");
+    assert!(interim < last, "{answer:.300}");
+    let (head, body) = answer[last..].split_once("\r\n\r\n").expect("a head");
+    assert!(set_cookies(head).contains_key("LBSESSION"), "{head}");
+    assert_eq!(
+        body.trim(),
+        format!("{} {size}", balancer_lab::test_data_sha256(size)),
+        "the upload arrived whole"
+    );
+}
+
+#[test]
+fn a_thousand_responses_with_an_inserted_cookie_arrive_intact() {
+    let lab = lab_with(&lb_cookie(""));
+    let issued = integrity_run(&lab, &SIZES, 1000, false, "other=1");
+    assert_eq!(
+        issued, 1000,
+        "each new connection without a cookie gets one"
+    );
+    // On one keep-alive connection the first response's cookie shifts every later byte.
+    let issued = integrity_run(&lab, &SIZES, 300, true, "other=1");
+    assert!(issued >= 1, "the keep-alive connection got its cookie");
+}
+
+#[test]
+fn responses_with_an_inserted_cookie_arrive_intact_through_loss_and_reordering() {
+    let impairment = balancer_lab::Impairment {
+        loss: 5.0,
+        reorder: 5.0,
+        ..balancer_lab::Impairment::default()
+    };
+    let lab = lab_with_impairment(&lb_cookie(""), &impairment);
+    let issued = integrity_run(&lab, &SIZES, 1000, false, "other=1");
+    assert_eq!(
+        issued, 1000,
+        "each new connection without a cookie gets one"
+    );
+    let issued = integrity_run(&lab, &SIZES, 200, true, "other=1");
+    assert!(issued >= 1, "the keep-alive connection got its cookie");
+    let relay = lab
+        .impairment_counters()
+        .expect("reading the relay's counters");
+    for direction in balancer_lab::impair::DIRECTIONS {
+        let frames = relay[&format!("{direction}_frames")] as f64;
+        let dropped = relay[&format!("{direction}_dropped")] as f64;
+        assert!(
+            (0.04..0.06).contains(&(dropped / frames)),
+            "{direction}: not about 5% dropped: {relay:?}"
         );
     }
 }

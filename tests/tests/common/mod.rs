@@ -215,3 +215,83 @@ pub fn sticky_backend(seen: &[String], client: Ipv4Addr) -> String {
     );
     first.clone()
 }
+
+/// sha256 of each test-data size the integrity runs download.
+pub fn expected_digests(sizes: &[u64]) -> HashMap<u64, String> {
+    sizes
+        .iter()
+        .map(|&s| (s, balancer_lab::test_data_sha256(s)))
+        .collect()
+}
+
+/// Runs `requests` GETs of `/bytes/<size>` and POSTs to `/upload` through the VIP, `count` in
+/// all, cycling through `sizes`, on one keep-alive session or a new connection each, every
+/// request with `Cookie: <cookie>`; checks every body's sha256. Returns how many responses
+/// set the balancer's `LBSESSION` cookie.
+pub fn integrity_run(
+    lab: &Lab,
+    sizes: &[u64],
+    count: usize,
+    keep_alive: bool,
+    cookie: &str,
+) -> usize {
+    let digests = expected_digests(sizes);
+    let sizes_list: Vec<String> = sizes.iter().map(u64::to_string).collect();
+    let script = format!(
+        r#"
+import hashlib, os, requests
+sizes = [{sizes}]
+session = requests.Session()
+def issued(r):
+    return int("LBSESSION=" in r.headers.get("Set-Cookie", ""))
+headers = {{"Cookie": "{cookie}"}} if {keep} else {{"Cookie": "{cookie}", "Connection": "close"}}
+for i in range({count}):
+    size = sizes[i % len(sizes)]
+    if i % 2 == 0:
+        r = session.get("{base}/bytes/%d" % size, headers=headers, timeout=60)
+        print("get", size, issued(r), hashlib.sha256(r.content).hexdigest(), len(r.content))
+    else:
+        body = os.urandom(size)
+        r = session.post("{base}/upload", data=body, headers=headers, timeout=60)
+        print("post", size, issued(r), hashlib.sha256(body).hexdigest(), r.text.strip())
+"#,
+        sizes = sizes_list.join(", "),
+        keep = if keep_alive { "True" } else { "False" },
+        base = vip_url(""),
+    );
+    let output = python(lab, lab.client_ns(), &script);
+    let mut checked = 0;
+    let mut issued = 0;
+    for line in output.lines() {
+        let mut words: Vec<&str> = line.split_whitespace().collect();
+        let size: u64 = words[1].parse().expect("a size");
+        issued += usize::from(words.remove(2) == "1");
+        match words[0] {
+            "get" => {
+                assert_eq!(
+                    words[3],
+                    size.to_string(),
+                    "download of {size} bytes was cut"
+                );
+                assert_eq!(
+                    words[2], digests[&size],
+                    "download of {size} bytes was corrupted"
+                );
+            }
+            _ => assert_eq!(
+                &words[3..],
+                [words[2], &size.to_string()],
+                "upload of {size} bytes arrived different"
+            ),
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, count, "every request answered:\n{output}");
+    issued
+}
+
+/// Sizes from 1 KB to 10 MB, spread log-uniformly.
+pub const SIZES: [u64; 12] = [
+    1_000, 3_000, 9_000, 27_000, 81_000, 243_000, 729_000, 1_500_000, 2_187_000, 4_000_000,
+    6_561_000, 10_000_000,
+];
