@@ -18,6 +18,9 @@ pub struct ServiceOptions {
     /// they leave cannot tell a reused client port from an old segment, and they would stall
     /// `web`'s new connections from the same client ports to the same backend.
     pub cookie_service: bool,
+    /// A third HTTP service, `web-lb-cookie` on port [`LB_COOKIE_PORT`], with `lb-cookie`
+    /// affinity, on this backend alone (for the same TIME_WAIT reason).
+    pub lb_cookie_backend: Option<usize>,
 }
 
 /// The key that signs the lab's `lb-cookie` cookies.
@@ -25,6 +28,8 @@ pub const LAB_COOKIE_SECRET: &str = "the namespace lab's cookie signing key";
 
 /// The VIP port of the optional `web-cookie` service.
 pub const COOKIE_PORT: u16 = 8080;
+/// The VIP port of the optional `web-lb-cookie` service.
+pub const LB_COOKIE_PORT: u16 = 8081;
 
 impl Lab {
     /// The agent's TOML configuration for this lab.
@@ -54,6 +59,16 @@ impl Lab {
                 "tcp",
                 settings,
                 BACKEND_COUNT - web_count..BACKEND_COUNT,
+            );
+        }
+        if let Some(backend) = options.lb_cookie_backend {
+            toml += &service_on(
+                "web-lb-cookie",
+                LB_COOKIE_PORT,
+                HTTP_PORT,
+                "tcp",
+                "affinity = \"lb-cookie\"",
+                backend..backend + 1,
             );
         }
         toml += &service("echo-tcp", ECHO_PORT, "tcp", "", 0..BACKEND_COUNT);

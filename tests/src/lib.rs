@@ -30,7 +30,7 @@ pub mod process;
 use std::net::Ipv4Addr;
 
 pub use crate::{
-    config::{ServiceOptions, COOKIE_PORT},
+    config::{ServiceOptions, COOKIE_PORT, LB_COOKIE_PORT},
     data::{test_data_sha256, write_test_data},
     impair::Impairment,
     lab::{Lab, EXEC_TIMEOUT},

@@ -14,7 +14,11 @@
 //!   cookie, XDP splices it), with the cookie of a returning session on every request; it
 //!   ends at backend-3, the same server program on the same kind of link, because the
 //!   TIME_WAIT sockets its connections leave on a backend (without TCP timestamps) would stall
-//!   the VIP path's new connections from the same client ports.
+//!   the VIP path's new connections from the same client ports;
+//! - through the lb-cookie VIP: to 203.0.113.10:8081, the `web-lb-cookie` service on
+//!   backend-2, with no cookie: every connection is a new session, so the agent also reads the
+//!   first response head and adds the balancer's Set-Cookie, and XDP splices the rest with the
+//!   added bytes as a second offset (the costliest cookie path).
 //!
 //! The routed paths use their own client address (see [`ROUTED_SOURCE`]).
 
@@ -27,9 +31,11 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use balancer_lab::{Lab, ServiceOptions, BALANCER_CLIENT_ADDR, COOKIE_PORT, VIP};
+use balancer_lab::{
+    Lab, ServiceOptions, BALANCER_CLIENT_ADDR, COOKIE_PORT, LB_COOKIE_PORT, VIP,
+};
 
-use crate::{build, toolchain};
+use crate::{build, run, toolchain};
 
 /// Runs above this much CPU steal are flagged: the host took the CPUs away.
 const STEAL_WARNING_PERCENT: f64 = 10.0;
@@ -47,13 +53,15 @@ enum Path {
     Vip,
     RoutedWithXdp,
     CookieVip,
+    LbCookieVip,
 }
 
-const PATHS: [Path; 4] = [
+const PATHS: [Path; 5] = [
     Path::Routed,
     Path::Vip,
     Path::RoutedWithXdp,
     Path::CookieVip,
+    Path::LbCookieVip,
 ];
 /// The cookie a returning session sends on the cookie path.
 const SESSION_COOKIE: &str = "Cookie: SID=bench-session";
@@ -65,6 +73,7 @@ impl Path {
             Path::Vip => "through the VIP",
             Path::RoutedWithXdp => "routed, XDP attached",
             Path::CookieVip => "through the cookie VIP",
+            Path::LbCookieVip => "lb-cookie VIP, new sessions",
         }
     }
 
@@ -72,6 +81,7 @@ impl Path {
         match self {
             Path::Vip => VIP.to_string(),
             Path::CookieVip => format!("{VIP}:{COOKIE_PORT}"),
+            Path::LbCookieVip => format!("{VIP}:{LB_COOKIE_PORT}"),
             Path::Routed | Path::RoutedWithXdp => Lab::backend_addr(0).to_string(),
         }
     }
@@ -152,6 +162,8 @@ pub fn run(quick: bool) -> Result<()> {
     println!(
         "==> building the lab; the VIP's web service gets backend-1 only, like the routed path"
     );
+    // Ctrl-C ends the run after the current measurement, and the lab is removed.
+    run::catch_stop_signals();
     let mut lab = Lab::new()?;
     lab.add_client_addresses(&[ROUTED_SOURCE])?;
     lab.exec_checked(
@@ -172,6 +184,7 @@ pub fn run(quick: bool) -> Result<()> {
     let options = ServiceOptions {
         web_backend_count: Some(1),
         cookie_service: true,
+        lb_cookie_backend: Some(1),
         ..ServiceOptions::default()
     };
     std::fs::write(&config, lab.balancer_config_with(&options))
@@ -181,12 +194,18 @@ pub fn run(quick: bool) -> Result<()> {
     let mut samples = vec![vec![Vec::<Sample>::new(); PATHS.len()]; WORKLOADS.len()];
     for round in 1..=rounds {
         println!("==> round {round}/{rounds} ({seconds} s per run)");
-        lab.stop_balancer()?;
-        measure_path(&lab, Path::Routed, seconds, &mut samples)?;
-        lab.start_balancer(&artifacts.balancer, &config)?;
-        measure_path(&lab, Path::Vip, seconds, &mut samples)?;
-        measure_path(&lab, Path::RoutedWithXdp, seconds, &mut samples)?;
-        measure_path(&lab, Path::CookieVip, seconds, &mut samples)?;
+        for path in PATHS {
+            if run::stop_requested() {
+                drop(lab);
+                bail!("stopped by a signal; the lab is removed");
+            }
+            match path {
+                Path::Routed => lab.stop_balancer()?,
+                Path::Vip => lab.start_balancer(&artifacts.balancer, &config)?,
+                _ => {}
+            }
+            measure_path(&lab, path, seconds, &mut samples)?;
+        }
     }
     lab.stop_balancer()?;
     drop(lab);
@@ -259,7 +278,7 @@ fn report(samples: &[Vec<Vec<Sample>>], seconds: u32, rounds: u32) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Rates: median of {rounds} interleaved round(s) of {seconds} s, [min-max]; the L4 paths end at backend-1, the cookie VIP at backend-3 (the same server); ratios against the routed path without XDP."
+        "Rates: median of {rounds} interleaved round(s) of {seconds} s, [min-max]; the L4 paths end at backend-1, the cookie VIP at backend-3 and the lb-cookie VIP at backend-2 (the same server program); ratios against the routed path without XDP."
     );
     let others = &PATHS[1..];
     let mut header = format!("| workload | unit | {} |", PATHS[0].title());

@@ -31,13 +31,18 @@ extern "C" fn request_stop(signal: libc::c_int) {
 }
 
 /// Ctrl-C and SIGTERM end the wait instead of the process, so the lab is torn down.
-fn catch_stop_signals() {
+pub fn catch_stop_signals() {
     for signal in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe {
             libc::signal(signal, request_stop as *const () as libc::sighandler_t);
         }
     }
+}
+
+/// Whether SIGINT or SIGTERM arrived since [`catch_stop_signals`].
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
 }
 
 pub fn run(args: &[String], impairment: &Impairment) -> Result<()> {

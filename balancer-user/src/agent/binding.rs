@@ -184,17 +184,6 @@ impl Binder {
     }
 
     /// Sends an IPv4 packet (headers included) through the raw socket.
-    /// Drops the spliced connections remembered for repeated SYN-ACKs, to make room for
-    /// connections still being bound: at a few thousand new connections a second those
-    /// memories alone fill the table, and new connections were refused.
-    fn forget_spliced(&mut self) {
-        self.pending.retain(|_, pending| {
-            !matches!(pending.stage, Stage::Spliced { .. }) || pending.response.is_some()
-        });
-        let pending = &self.pending;
-        self.by_backend.retain(|_, key| pending.contains_key(key));
-    }
-
     fn send(&self, segment: &Segment) {
         let packet = segment.to_packet();
         // SAFETY: `sockaddr_in` is plain data.
@@ -219,6 +208,24 @@ impl Binder {
 }
 
 impl Agent {
+    /// Drops the spliced connections remembered for repeated SYN-ACKs, to make room for
+    /// connections still being bound: at a few thousand new connections a second those
+    /// memories alone fill the table, and new connections were refused. Response heads the
+    /// agent still reads, or whose edit the client has not acknowledged, are kept.
+    fn forget_spliced(&mut self) {
+        let dataplane = &self.dataplane;
+        self.binder.pending.retain(|key, pending| {
+            !matches!(pending.stage, Stage::Spliced { .. })
+                || pending.response.as_ref().is_some_and(|response| {
+                    response.edit().is_none() || head_unacknowledged(dataplane, key)
+                })
+        });
+        let pending = &self.binder.pending;
+        self.binder
+            .by_backend
+            .retain(|_, key| pending.contains_key(key));
+    }
+
     /// Handles one record of the punt ring.
     pub fn on_punt(&mut self, record: &[u8]) {
         let Some(punt) = record
@@ -251,13 +258,26 @@ impl Agent {
         }
         if !self.binder.pending.contains_key(&key) {
             if self.binder.pending.len() >= MAX_PENDING {
-                self.binder.forget_spliced();
+                self.forget_spliced();
             }
             if self.binder.pending.len() >= MAX_PENDING {
                 warn!(
                     "{MAX_PENDING} connections are being bound already: refusing {}:{}",
                     segment.src, segment.sport
                 );
+                if let Some(binding) = binding {
+                    // A reset, so the client does not retry into a handshake that lost its
+                    // SYN's options.
+                    self.binder.send(&Segment {
+                        src: segment.dst,
+                        dst: segment.src,
+                        sport: segment.dport,
+                        dport: segment.sport,
+                        seq: binding.cookie_isn.wrapping_add(1),
+                        flags: RST,
+                        ..Segment::empty()
+                    });
+                }
                 self.abort_quietly(&key);
                 return;
             }
@@ -667,6 +687,7 @@ impl Agent {
         let mut next = Vec::new();
         let mut forget = Vec::new();
         let mut expire = Vec::new();
+        let mut give_up = Vec::new();
         for (key, pending) in &self.binder.pending {
             match pending.stage {
                 Stage::Reading if now.duration_since(pending.created) > READ_TIMEOUT => {
@@ -681,16 +702,20 @@ impl Agent {
                         next.push(*key)
                     }
                 }
-                Stage::Spliced { at, .. } if now.duration_since(at) > SPLICED_MEMORY => {
-                    let response_pending = pending.response.as_ref().is_some_and(|response| {
-                        response.edit().is_none()
-                            || self
-                                .dataplane
-                                .flow(key)
-                                .is_some_and(|flow| flow.flags & flow_flags::HEAD_ACKED == 0)
-                    });
-                    if !response_pending || now.duration_since(at) > RESPONSE_MEMORY {
-                        forget.push(*key)
+                Stage::Spliced { at, .. } => {
+                    let age = now.duration_since(at);
+                    match pending.response.as_ref().map(Response::edit) {
+                        None if age > SPLICED_MEMORY => forget.push(*key),
+                        // Once the client has the edited head, none of it comes again (and
+                        // the backend, sending data, had the handshake's last ACK).
+                        Some(Some(_))
+                            if age > RESPONSE_MEMORY
+                                || !head_unacknowledged(&self.dataplane, key) =>
+                        {
+                            forget.push(*key)
+                        }
+                        Some(None) if age > RESPONSE_MEMORY => give_up.push(*key),
+                        _ => {}
                     }
                 }
                 _ => {}
@@ -721,6 +746,18 @@ impl Agent {
         }
         for key in forget {
             self.forget(&key);
+        }
+        for key in give_up {
+            // No response head in all that time (a long poll): the backend's data passes
+            // unedited from now on; what it sent meanwhile it sends again, unacknowledged.
+            if let Some(reply_key) = self.forget(&key) {
+                let passed = self.dataplane.update_connection(&key, &reply_key, |_, nat| {
+                    nat.state = flow_state::SPLICED;
+                });
+                if let Err(error) = passed {
+                    warn!("letting a response pass unedited: {error:#}");
+                }
+            }
         }
         for key in expire {
             if let Some(pending) = self.binder.pending.get(&key) {
@@ -777,6 +814,13 @@ impl Agent {
         }
         reply_key
     }
+}
+
+/// Whether the client has yet to acknowledge all of a response head the agent edited.
+fn head_unacknowledged(dataplane: &crate::dataplane::Dataplane, key: &FlowKey) -> bool {
+    dataplane
+        .flow(key)
+        .is_some_and(|flow| flow.flags & flow_flags::HEAD_ACKED == 0)
 }
 
 /// What a connection's cookie did to its placement.
