@@ -188,8 +188,12 @@ pub struct Flow {
     pub inserted: u32,
     /// With `inserted`: the client's sequence number just past the edited head.
     pub head_end: u32,
+    /// Spliced TCP whose first request the agent shortened (`app-cookie` rewrite mode strips
+    /// its prefix from the application's cookie): subtracted from the client's sequence
+    /// numbers.
+    pub removed: u32,
 }
-const _: () = assert!(size_of::<Flow>() == 32);
+const _: () = assert!(size_of::<Flow>() == 36);
 
 /// Bits of [`Flow::flags`].
 pub mod flow_flags {
@@ -220,8 +224,11 @@ pub struct ReverseNat {
     /// With `inserted`: the backend's sequence number just past its original head. Data
     /// sent again from before it goes to the agent, which holds the edited head.
     pub head_end: u32,
+    /// Spliced TCP whose first request the agent shortened by this many bytes: added to the
+    /// backend's acknowledgement numbers and SACK blocks.
+    pub removed: u32,
 }
-const _: () = assert!(size_of::<ReverseNat>() == 24);
+const _: () = assert!(size_of::<ReverseNat>() == 28);
 
 /// `SYN_OPTIONS` value: what a client's SYN offered, kept until its handshake completes.
 #[repr(C)]
@@ -486,7 +493,6 @@ pub fn client_hash(client: u32) -> u32 {
 }
 
 /// The murmur3 finaliser: every input bit affects every output bit.
-
 #[inline(always)]
 const fn mix(mut h: u32) -> u32 {
     h ^= h >> 16;

@@ -137,6 +137,11 @@ pub fn punt(ctx: &XdpContext, kind: u32) -> Verdict {
 /// sequence space. (The address rewrite is the caller's.)
 #[inline(always)]
 pub fn client_to_backend(ctx: &XdpContext, packet: &Packet, flow: &Flow) -> Result<(), Verdict> {
+    if flow.removed != 0 {
+        // Bytes the client sends again from before the shortened request's end land, moved
+        // back, on bytes the backend already has from the agent, which it ignores.
+        shift(ctx, packet, SEQ_OFFSET, flow.removed.wrapping_neg())?;
+    }
     if packet.tcp_flags & TCP_ACK == 0 {
         return Ok(());
     }
@@ -222,8 +227,8 @@ fn read_u32(ctx: &XdpContext, offset: usize) -> Result<u32, Verdict> {
     Ok(u32::from_be_bytes(unsafe { *field }))
 }
 
-/// Moves the edges of a client segment's SACK blocks by `delta`, as its acknowledgement
-/// number: they name backend bytes in the sequence space the client knows.
+/// Moves the edges of a segment's SACK blocks by `delta`, as its acknowledgement number: they
+/// name the other side's bytes in the sequence space that side knows.
 #[inline(always)]
 fn shift_sack_blocks(ctx: &XdpContext, packet: &Packet, delta: u32) -> Result<(), Verdict> {
     if packet.tcp_header_len <= TcpHdr::LEN {
@@ -231,8 +236,8 @@ fn shift_sack_blocks(ctx: &XdpContext, packet: &Packet, delta: u32) -> Result<()
     }
     let truncated = Verdict::drop(Reason::DropTruncated);
     let mut options = Options::load(ctx, packet.tcp_header_len).ok_or(truncated)?;
-    // Clients align the SACK option on a word: first, or behind two NOPs (timestamps are off
-    // on these connections). A block left untranslated elsewhere lies outside the backend's
+    // Stacks align the SACK option on a word: first, or behind two NOPs (timestamps are off
+    // on these connections). A block left untranslated elsewhere lies outside the receiver's
     // window and is ignored by it: it costs speed, never data. Not walking the options keeps
     // this per-packet path cheap for the verifier.
     let at = if options.byte(0) == OPTION_SACK {
@@ -275,6 +280,10 @@ pub fn backend_to_client(
     nat: &ReverseNat,
 ) -> Result<(), Verdict> {
     shift(ctx, packet, SEQ_OFFSET, nat.seq_delta.wrapping_neg())?;
+    if nat.removed != 0 && packet.tcp_flags & TCP_ACK != 0 {
+        shift(ctx, packet, ACK_OFFSET, nat.removed)?;
+        shift_sack_blocks(ctx, packet, nat.removed)?;
+    }
     if nat.backend_window_shift != nat.client_window_shift {
         rescale_window(
             ctx,

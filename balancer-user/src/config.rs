@@ -224,6 +224,12 @@ pub enum AppCookieMode {
     /// cookie naming the backend (as AWS application-based stickiness does); requests
     /// carrying it go to that backend.
     Companion,
+    /// The balancer prefixes the application cookie's value with the backend's token when a
+    /// response sets it, and strips the prefix from requests, so the application sees its
+    /// own value (as Alibaba's rewrite cookie and HAProxy's `cookie prefix` do). XDP cannot
+    /// strip later requests of a connection, so each response closes its connection: every
+    /// request is read by the agent.
+    Rewrite,
 }
 
 /// How a cookie service places a request that carries no cookie.
@@ -302,6 +308,14 @@ impl ServiceConfig {
                 .clone()
                 .unwrap_or_else(|| format!("{own}{CORS_SUFFIX}")),
         )
+    }
+
+    /// The application's cookie in rewrite mode, whose value carries the backend's token.
+    pub fn rewritten_cookie(&self) -> Option<&str> {
+        match (self.affinity, self.app_cookie) {
+            (AffinityMode::AppCookie, AppCookieMode::Rewrite) => self.cookie.as_deref(),
+            _ => None,
+        }
     }
 
     /// The application's cookie in companion mode, whose setting makes the balancer issue
@@ -431,7 +445,7 @@ fn check_issued_cookies(
     has_keys: bool,
 ) -> Result<(), ConfigError> {
     let companion = service.app_cookie == AppCookieMode::Companion;
-    if companion && service.affinity != AffinityMode::AppCookie {
+    if service.app_cookie != AppCookieMode::Hash && service.affinity != AffinityMode::AppCookie {
         return Err(invalid(
             format!("{field}.app_cookie"),
             format!(
@@ -520,7 +534,7 @@ fn is_cookie_name(name: &str) -> bool {
 }
 
 fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d: &u32| d * d <= n).all(|d| n % d != 0)
+    n >= 2 && (2..).take_while(|d: &u32| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
 /// A configuration that cannot be used, with the field at fault.

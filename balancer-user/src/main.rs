@@ -10,6 +10,7 @@ mod cookie;
 mod dataplane;
 mod health;
 mod maglev;
+mod rewrite;
 mod segment;
 
 mod stats;

@@ -898,7 +898,7 @@ fn tcp_with_options(
     options: &[u8],
 ) -> Vec<u8> {
     let mut padded = options.to_vec();
-    while padded.len() % 4 != 0 {
+    while !padded.len().is_multiple_of(4) {
         padded.push(1);
     }
     let mut s = tcp_segment(ip, ports, seq_ack, flags, window, &padded);

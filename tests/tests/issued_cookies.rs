@@ -156,11 +156,17 @@ for i in range(100):
 
 #[test]
 fn a_failed_backends_sessions_get_a_new_cookie_and_stay_when_it_returns() {
-    let mut lab = lab_with(&lb_cookie(HEALTH_CHECK));
+    failover_reissues(&lb_cookie(HEALTH_CHECK), "LBSESSION");
+}
+
+/// Sessions on a backend that fails are moved and given a new cookie `name` naming their
+/// new backend; when the old one returns, no session goes back.
+fn failover_reissues(options: &ServiceOptions, name: &str) {
+    let mut lab = lab_with(options);
     let mut sessions: Vec<(String, String)> = Vec::new();
     while sessions.len() < 30 {
         let (head, backend) = get_with_head(&lab, &[], "/");
-        let cookie = pair(&set_cookies(&head)["LBSESSION"]).to_owned();
+        let cookie = pair(&set_cookies(&head)[name]).to_owned();
         sessions.push((cookie, backend));
     }
     let victim = Lab::backend_name(2);
@@ -181,7 +187,7 @@ fn a_failed_backends_sessions_get_a_new_cookie_and_stay_when_it_returns() {
         let (head, backend) = get_with_head(&lab, &["-H", &format!("Cookie: {cookie}")], "/");
         assert_ne!(backend, victim, "{cookie} still goes to the dead backend");
         let reissued = set_cookies(&head)
-            .get("LBSESSION")
+            .get(name)
             .map(|line| pair(line).to_owned())
             .unwrap_or_else(|| panic!("no new cookie for a moved session: {head}"));
         assert_ne!(&reissued, cookie);
@@ -204,7 +210,7 @@ fn a_failed_backends_sessions_get_a_new_cookie_and_stay_when_it_returns() {
                 &now, backend,
                 "{cookie} moved after the old backend returned"
             );
-            assert!(!set_cookies(&head).contains_key("LBSESSION"), "{head}");
+            assert!(!set_cookies(&head).contains_key(name), "{head}");
         }
     }
 }
@@ -251,6 +257,72 @@ fn a_companion_cookie_follows_the_applications_cookie() {
     // A response that sets no application cookie gets no companion either.
     let (head, _) = get_with_head(&lab, &["-H", "Cookie: SID=mine"], "/");
     assert!(!set_cookies(&head).contains_key("LBAPP"), "{head}");
+}
+
+fn rewrite_options(extra: &str) -> ServiceOptions {
+    ServiceOptions {
+        web_settings: format!(
+            "affinity = \"app-cookie\"\ncookie = \"SID\"\napp_cookie = \"rewrite\"\ncookie_fallback = \"flow\"\n{extra}"
+        ),
+        ..ServiceOptions::default()
+    }
+}
+
+#[test]
+fn rewrite_mode_prefixes_the_applications_cookie_and_the_application_sees_its_own_value() {
+    let lab = lab_with(&rewrite_options(""));
+    let (head, backend) = get_with_head(&lab, &[], "/");
+    let sid = pair(&set_cookies(&head)["SID"]).to_owned();
+    let (prefix, own) = sid["SID=".len()..]
+        .split_once('~')
+        .unwrap_or_else(|| panic!("no prefix in {sid}"));
+    assert_eq!(prefix.len(), 8, "{sid}");
+    assert!(
+        own.starts_with(&format!("{backend}-")),
+        "the application's value follows the prefix: {sid}"
+    );
+    assert!(
+        head.to_ascii_lowercase().contains("\r\nconnection: close"),
+        "each response closes its connection, so the next request is read again: {head}"
+    );
+    for _ in 0..5 {
+        let seen = get(
+            &lab,
+            &["-H", &format!("Cookie: a=1; {sid}; b=2")],
+            "/cookies",
+        );
+        assert_eq!(
+            seen,
+            format!("a=1; SID={own}; b=2"),
+            "the application sees its own value"
+        );
+        assert_eq!(get(&lab, &["-H", &format!("Cookie: {sid}")], "/"), backend);
+    }
+    // A POST body after the shortened head arrives whole, and the response's
+    // acknowledgements reach the client moved back by the removed bytes.
+    let file = lab.dir().join("upload");
+    let size = 2_000_000u64;
+    balancer_lab::write_test_data(&file, size).expect("writing the upload");
+    let answer = get(
+        &lab,
+        &[
+            "-H",
+            &format!("Cookie: {sid}"),
+            "--data-binary",
+            &format!("@{}", file.display()),
+        ],
+        "/upload",
+    );
+    assert_eq!(
+        answer,
+        format!("{} {size}", balancer_lab::test_data_sha256(size))
+    );
+    sessions_stick_and_spread(&lab, "SID");
+}
+
+#[test]
+fn rewrite_mode_reissues_the_prefix_when_the_backend_fails() {
+    failover_reissues(&rewrite_options(HEALTH_CHECK), "SID");
 }
 
 #[test]
@@ -351,4 +423,19 @@ fn responses_with_an_inserted_cookie_arrive_intact_through_loss_and_reordering()
             "{direction}: not about 5% dropped: {relay:?}"
         );
     }
+}
+
+#[test]
+fn rewritten_requests_and_uploads_arrive_intact_through_loss_and_reordering() {
+    let impairment = balancer_lab::Impairment {
+        loss: 5.0,
+        reorder: 5.0,
+        ..balancer_lab::Impairment::default()
+    };
+    let lab = lab_with_impairment(&rewrite_options(""), &impairment);
+    let (head, _) = get_with_head(&lab, &[], "/");
+    let sid = pair(&set_cookies(&head)["SID"]).to_owned();
+    // Every request's head loses the prefix on its way to the backend; the uploads' bodies
+    // and all acknowledgements move by as much.
+    integrity_run(&lab, &SIZES, 300, false, &sid);
 }

@@ -31,9 +31,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use balancer_lab::{
-    Lab, ServiceOptions, BALANCER_CLIENT_ADDR, COOKIE_PORT, LB_COOKIE_PORT, VIP,
-};
+use balancer_lab::{Lab, ServiceOptions, BALANCER_CLIENT_ADDR, COOKIE_PORT, LB_COOKIE_PORT, VIP};
 
 use crate::{build, run, toolchain};
 

@@ -30,6 +30,7 @@ use super::{
 use crate::{
     config::{CookieFallback, ServiceConfig},
     cookie::{backend_token, CookieKeys, Rejection},
+    rewrite,
     segment::{Segment, ACK, FIN, PSH, RST, SYN},
 };
 
@@ -106,6 +107,9 @@ struct Pending {
     response: Option<Response>,
     /// Spliced: the backend's window scale and the client's, as XDP rescales windows.
     window_shifts: (u8, u8),
+    /// Rewrite mode: the application's cookie whose prefix comes off the request before the
+    /// backend gets it, and the bytes that removes.
+    strip: Option<(String, u32)>,
 }
 
 impl Pending {
@@ -300,6 +304,7 @@ impl Agent {
                     issue: None,
                     response: None,
                     window_shifts: (0, 0),
+                    strip: None,
                 },
             );
         }
@@ -437,11 +442,22 @@ impl Agent {
             return;
         }
         self.binder.by_backend.insert(reply_key, *key);
-        let issue = issue(&service.config, &self.config.signing_keys, target, &cookie);
+        let issue = issue(
+            &service.config,
+            &self.config.signing_keys,
+            target,
+            &cookie,
+            &pending.request,
+        );
+        let strip = service.config.rewritten_cookie().and_then(|name| {
+            let (_, removed) = rewrite::strip(&pending.request, name);
+            (removed > 0).then(|| (name.to_owned(), removed as u32))
+        });
         let Some(pending) = self.binder.pending.get_mut(key) else {
             return;
         };
         pending.issue = issue;
+        pending.strip = strip;
         pending.tried.push(target.id);
         pending.stage = Stage::Connecting {
             target,
@@ -506,12 +522,14 @@ impl Agent {
         if already.is_none() {
             let client_scales = pending.binding.options.window_shift != NO_WINDOW_SCALE;
             let delta = backend_isn.wrapping_sub(pending.binding.cookie_isn);
+            let removed = pending.strip.as_ref().map_or(0, |(_, removed)| *removed);
             let flow = Flow {
                 backend_id: target.id,
                 backend_addr: u32::from_ne_bytes(target.addr.octets()),
                 backend_port: target.port.to_be(),
                 state: flow_state::SPLICED,
                 seq_delta: delta,
+                removed,
                 ..Flow::default()
             };
             let window_shifts = if client_scales {
@@ -531,6 +549,7 @@ impl Agent {
                     flow_state::SPLICED
                 },
                 seq_delta: delta,
+                removed,
                 ..ReverseNat::default()
             };
             if let Err(error) = self
@@ -573,11 +592,15 @@ impl Agent {
             window: pending.window,
             ..Segment::empty()
         };
-        if pending.request.is_empty() {
+        let request = match &pending.strip {
+            Some((name, _)) => std::borrow::Cow::Owned(rewrite::strip(&pending.request, name).0),
+            None => std::borrow::Cow::Borrowed(&pending.request),
+        };
+        if request.is_empty() {
             self.binder.send(&template);
         }
-        let chunks = pending.request.chunks(mss).count();
-        for (index, chunk) in pending.request.chunks(mss).enumerate() {
+        let chunks = request.chunks(mss).count();
+        for (index, chunk) in request.chunks(mss).enumerate() {
             let segment = Segment {
                 seq: first_seq.wrapping_add((index * mss) as u32),
                 flags: if index + 1 == chunks { ACK | PSH } else { ACK },
@@ -650,8 +673,9 @@ impl Agent {
         let (backend_shift, client_shift) = pending.window_shifts;
         let bytes = u64::from(from.window) << (backend_shift & 15) >> (client_shift & 15);
         let first_seq = pending.binding.cookie_isn.wrapping_add(1);
+        let removed = pending.strip.as_ref().map_or(0, |(_, removed)| *removed);
         let template = Segment {
-            ack: from.ack,
+            ack: from.ack.wrapping_add(removed),
             window: bytes.min(u64::from(u16::MAX)) as u16,
             ..pending.to_client(ACK, 0)
         };
@@ -751,9 +775,11 @@ impl Agent {
             // No response head in all that time (a long poll): the backend's data passes
             // unedited from now on; what it sent meanwhile it sends again, unacknowledged.
             if let Some(reply_key) = self.forget(&key) {
-                let passed = self.dataplane.update_connection(&key, &reply_key, |_, nat| {
-                    nat.state = flow_state::SPLICED;
-                });
+                let passed = self
+                    .dataplane
+                    .update_connection(&key, &reply_key, |_, nat| {
+                        nat.state = flow_state::SPLICED;
+                    });
                 if let Err(error) = passed {
                     warn!("letting a response pass unedited: {error:#}");
                 }
@@ -870,24 +896,39 @@ fn choose(
             cookie_value(&pending.request, &cors)
         });
     let signed = service.config.balancer_cookie().is_some();
-    let cookie = match (signed, value) {
-        (_, None) => Cookie::Absent,
-        (true, Some(value)) => match keys.open(&service.config.name, &value, now) {
-            Ok(token) => {
-                let named = service.backends.iter().find(|b| {
-                    backend_token(&b.config.name) == token
-                        && b.state(service.drain_timeout()) != backend_state::DOWN
-                        && !pending.tried.contains(&b.id)
-                });
-                if let Some(backend) = named {
-                    let cookie = Cookie::Session(backend.config.name.clone());
-                    return Some((service.target(backend), cookie));
+    let rewritten = service.config.rewritten_cookie().is_some();
+    let cookie = match value {
+        None => Cookie::Absent,
+        Some(value) => {
+            let token = if signed {
+                Some(
+                    keys.open(&service.config.name, &value, now)
+                        .map_err(|r| r as usize),
+                )
+            } else if rewritten {
+                rewrite::split(&value).map(|(token, _)| Ok(token))
+            } else {
+                None
+            };
+            match token {
+                // The application's own value, set before the balancer prefixed it.
+                None if rewritten => Cookie::Absent,
+                None => Cookie::Hashed(value),
+                Some(Ok(token)) => {
+                    let named = service.backends.iter().find(|b| {
+                        backend_token(&b.config.name) == token
+                            && b.state(service.drain_timeout()) != backend_state::DOWN
+                            && !pending.tried.contains(&b.id)
+                    });
+                    if let Some(backend) = named {
+                        let cookie = Cookie::Session(backend.config.name.clone());
+                        return Some((service.target(backend), cookie));
+                    }
+                    Cookie::Rejected(BACKEND_UNUSABLE)
                 }
-                Cookie::Rejected(BACKEND_UNUSABLE)
+                Some(Err(reason)) => Cookie::Rejected(reason),
             }
-            Err(rejection) => Cookie::Rejected(rejection as usize),
-        },
-        (false, Some(value)) => Cookie::Hashed(value),
+        }
     };
     let hash = match (&cookie, service.config.cookie_fallback) {
         (Cookie::Hashed(value), _) => value_hash(value.as_bytes()),
@@ -907,15 +948,32 @@ fn choose(
     Some((service.target(backend), cookie))
 }
 
-/// The `Set-Cookie` lines the connection's first response gets: the balancer's cookie (and
-/// its cross-origin variant) naming the chosen backend, unless the request's cookie already
-/// names it; in companion mode, whenever the application sets its cookie.
+/// What the connection's first response head gets: the balancer's cookie (and its
+/// cross-origin variant) naming the chosen backend, unless the request's cookie already
+/// names it; in companion mode, whenever the application sets its cookie; in rewrite mode,
+/// the prefix on the application's cookie, re-issued when the session moved, and the end of
+/// the connection.
 fn issue(
     service: &ServiceConfig,
     keys: &CookieKeys,
     target: Target,
     cookie: &Cookie,
+    request: &[u8],
 ) -> Option<Issue> {
+    if let Some(app) = service.rewritten_cookie() {
+        let prefix = rewrite::prefix(target.token);
+        let moved = cookie_value(request, app).and_then(|value| {
+            let (token, own) = rewrite::split(&value)?;
+            (token != target.token).then(|| format!("Set-Cookie: {app}={prefix}{own}; Path=/\r\n"))
+        });
+        return Some(Issue {
+            lines: moved.unwrap_or_default(),
+            own: app.to_owned(),
+            prefix: Some((app.to_owned(), prefix)),
+            close: true,
+            ..Issue::default()
+        });
+    }
     let own = service.balancer_cookie()?;
     let when_set = service.companion_of().map(str::to_owned);
     if when_set.is_none() && matches!(cookie, Cookie::Session(_)) {
@@ -937,6 +995,7 @@ fn issue(
         lines,
         own: own.to_owned(),
         when_set,
+        ..Issue::default()
     })
 }
 

@@ -12,16 +12,23 @@
 /// arrives without the agent acknowledging any of it.
 pub const MAX_RESPONSE_HEAD: usize = 8 * 1024;
 
-/// `Set-Cookie` lines the balancer adds to a connection's first response head, and when.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the balancer changes in a connection's first response head.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Issue {
-    /// The header lines, each ending in CRLF.
+    /// `Set-Cookie` lines to add, each ending in CRLF.
     pub lines: String,
-    /// The balancer's cookie: nothing is added to a response that sets it itself.
+    /// The lines are not added to a response that sets this cookie itself (the balancer's
+    /// own; in rewrite mode the application's, which then gets the prefix instead).
     pub own: String,
     /// Companion mode: the lines are added only to a response that sets this (the
     /// application's) cookie.
     pub when_set: Option<String>,
+    /// Rewrite mode: the application's cookie, and the prefix its value gets wherever the
+    /// response sets it.
+    pub prefix: Option<(String, String)>,
+    /// The response closes the connection (`Connection: close`): the client's next request
+    /// comes on a new connection, which the agent reads.
+    pub close: bool,
 }
 
 /// What the agent knows of a connection's response while it reads or has edited its head.
@@ -187,20 +194,19 @@ fn find_blank_line(bytes: &[u8]) -> Option<usize> {
         .map(|at| at + 4)
 }
 
-/// The response head `bytes[start..end]` with the issue's lines before its blank line, when
-/// they belong there; the bytes before it unchanged.
+/// The response head `bytes[start..end]` as the issue wants it, the bytes before it
+/// unchanged. Edits only ever add bytes.
 fn edit_head(bytes: &[u8], start: usize, end: usize, issue: &Issue) -> Edit {
-    let unchanged = Edit {
-        head_end: end,
-        edited: bytes[..end].to_vec(),
-    };
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut response = httparse::Response::new(&mut headers);
     if !matches!(
         response.parse(&bytes[start..end]),
         Ok(httparse::Status::Complete(_))
     ) {
-        return unchanged;
+        return Edit {
+            head_end: end,
+            edited: bytes[..end].to_vec(),
+        };
     }
     let sets = |name: &str| {
         response
@@ -211,15 +217,52 @@ fn edit_head(bytes: &[u8], start: usize, end: usize, issue: &Issue) -> Edit {
             .filter_map(|value| value.split_once('='))
             .any(|(cookie, _)| cookie.trim() == name)
     };
-    let wanted = issue.when_set.as_deref().is_none_or(sets);
-    if !wanted || sets(&issue.own) {
-        return unchanged;
-    }
+    let add_lines =
+        !issue.lines.is_empty() && issue.when_set.as_deref().is_none_or(sets) && !sets(&issue.own);
     let blank_line = end - 2;
-    let mut edited = Vec::with_capacity(end + issue.lines.len());
-    edited.extend_from_slice(&bytes[..blank_line]);
-    edited.extend_from_slice(issue.lines.as_bytes());
-    edited.extend_from_slice(&bytes[blank_line..end]);
+    let mut edited = Vec::with_capacity(end + issue.lines.len() + 64);
+    edited.extend_from_slice(&bytes[..start]);
+    let mut closes = false;
+    for (index, line) in bytes[start..blank_line]
+        .split_inclusive(|&b| b == b'\n')
+        .enumerate()
+    {
+        let (name, value) = match line.iter().position(|&b| b == b':') {
+            Some(colon) if index > 0 => (&line[..colon], &line[colon + 1..]),
+            _ => (&line[..0], line),
+        };
+        if issue.close && name.eq_ignore_ascii_case(b"connection") {
+            // Padded to the old line's length: an edit must not shorten the head.
+            let close = b"Connection: close";
+            edited.extend_from_slice(close);
+            let pad = line.len().saturating_sub(close.len() + 2);
+            edited.extend(std::iter::repeat_n(b' ', pad));
+            edited.extend_from_slice(b"\r\n");
+            closes = true;
+            continue;
+        }
+        if let Some((app, prefix)) = &issue.prefix {
+            let value_at = line.len() - value.trim_ascii_start().len();
+            let pair = format!("{app}=");
+            if name.eq_ignore_ascii_case(b"set-cookie")
+                && line[value_at..].starts_with(pair.as_bytes())
+            {
+                let at = value_at + pair.len();
+                edited.extend_from_slice(&line[..at]);
+                edited.extend_from_slice(prefix.as_bytes());
+                edited.extend_from_slice(&line[at..]);
+                continue;
+            }
+        }
+        edited.extend_from_slice(line);
+    }
+    if issue.close && !closes {
+        edited.extend_from_slice(b"Connection: close\r\n");
+    }
+    if add_lines {
+        edited.extend_from_slice(issue.lines.as_bytes());
+    }
+    edited.extend_from_slice(b"\r\n");
     Edit {
         head_end: end,
         edited,
@@ -236,7 +279,7 @@ mod tests {
         Issue {
             lines: LINE.to_owned(),
             own: "LB".to_owned(),
-            when_set: None,
+            ..Issue::default()
         }
     }
 
@@ -345,5 +388,30 @@ mod tests {
         assert!(edit.is_none() && outs.is_empty());
         let (edit, _) = response.on_segment(0, b"HTTP/1.1 200 OK\r\n\r\n", false);
         assert!(edit.is_some());
+    }
+
+    #[test]
+    fn rewrite_mode_prefixes_the_applications_cookie_and_closes_the_connection() {
+        let rewrite = Issue {
+            lines: "Set-Cookie: SID=p~old; Path=/\r\n".to_owned(),
+            own: "SID".to_owned(),
+            prefix: Some(("SID".to_owned(), "p~".to_owned())),
+            close: true,
+            ..Issue::default()
+        };
+        let head = b"HTTP/1.1 200 OK\r\nSet-Cookie: SID=abc; Path=/\r\nSet-Cookie: other=1\r\nConnection: keep-alive\r\n\r\n";
+        let (edit, _) = Response::new(rewrite.clone()).on_segment(0, head, false);
+        let edited = String::from_utf8(edit.unwrap().edited).unwrap();
+        assert_eq!(
+            edited,
+            "HTTP/1.1 200 OK\r\nSet-Cookie: SID=p~abc; Path=/\r\nSet-Cookie: other=1\r\nConnection: close     \r\n\r\n"
+        );
+        // A response that does not set the cookie re-issues it for the session's backend.
+        let plain = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        let (edit, _) = Response::new(rewrite).on_segment(0, plain, false);
+        assert_eq!(
+            String::from_utf8(edit.unwrap().edited).unwrap(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\nSet-Cookie: SID=p~old; Path=/\r\n\r\n"
+        );
     }
 }

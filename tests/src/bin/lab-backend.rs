@@ -1,7 +1,8 @@
 //! The lab's backend server: HTTP/1.1 with keep-alive (hyper), a TCP echo and a UDP echo, each
 //! answer naming the backend so tests can tell where a request landed.
 //!
-//! HTTP: `GET /` → `<name>\n`; `GET /bytes/<n>` → n bytes of the lab's test data, streamed;
+//! HTTP: `GET /` → `<name>\n`; `GET /cookies` → the request's `Cookie` headers;
+//! `GET /bytes/<n>` → n bytes of the lab's test data, streamed;
 //! `POST /upload` → `<sha256 hex> <byte count>\n` of the body, read as it streams; `?pad=<n>`
 //! adds an `X-Padding` header of n bytes to any answer. Every
 //! response carries `X-Backend: <name>`, and a response to a request without the application's
@@ -125,6 +126,12 @@ async fn handle(
 ) -> Result<Response<ResponseBody>, hyper::Error> {
     let path = request.uri().path().to_owned();
     let request_query = request.uri().query().map(str::to_owned);
+    let cookies: Vec<String> = request
+        .headers()
+        .get_all(hyper::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .collect();
     let has_session = request
         .headers()
         .get_all(hyper::header::COOKIE)
@@ -134,6 +141,7 @@ async fn handle(
         .any(|pair| pair.trim().starts_with(&format!("{SESSION_COOKIE}=")));
     let response = match (request.method(), path.as_str()) {
         (&Method::GET, "/") => text(StatusCode::OK, format!("{name}\n")),
+        (&Method::GET, "/cookies") => text(StatusCode::OK, format!("{}\n", cookies.join("; "))),
         (&Method::GET, path) if path.starts_with("/bytes/") => {
             match path["/bytes/".len()..].parse::<u64>() {
                 Ok(size) => bytes(size),
