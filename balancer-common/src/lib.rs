@@ -465,18 +465,6 @@ mod user {
     unsafe impl aya::Pod for CookieSecret {}
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reasons_are_indexed_by_their_value() {
-        for (index, reason) in Reason::ALL.iter().enumerate() {
-            assert_eq!(*reason as usize, index, "{}", reason.name());
-        }
-    }
-}
-
 /// Hash of a 5-tuple that picks a new flow's slot in its service's backend table.
 /// Shared so that the agent and tests can predict where a flow lands.
 #[inline(always)]
@@ -501,4 +489,16 @@ const fn mix(mut h: u32) -> u32 {
     h = h.wrapping_mul(0xc2b2_ae35);
     h ^= h >> 16;
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_indexed_by_their_value() {
+        for (index, reason) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, index, "{}", reason.name());
+        }
+    }
 }

@@ -534,7 +534,10 @@ fn is_cookie_name(name: &str) -> bool {
 }
 
 fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d: &u32| d * d <= n).all(|d| !n.is_multiple_of(d))
+    n >= 2
+        && (2..)
+            .take_while(|d: &u32| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 /// A configuration that cannot be used, with the field at fault.
@@ -1070,6 +1073,47 @@ mod tests {
             (
                 lb_cookie("cookie_key_file = \"/nonexistent/keys\"", ""),
                 "cookie_key_file",
+            ),
+            (
+                lb_cookie(TWO_KEYS, "cors_cookie = \"X\""),
+                "service[0] (web).cors_cookie",
+            ),
+            (
+                lb_cookie(TWO_KEYS, "cors = true\ncors_cookie = \"LBSESSION\""),
+                "service[0] (web).cors_cookie",
+            ),
+            (
+                lb_cookie(TWO_KEYS, "cors = true\ncors_cookie = \"a;b\""),
+                "service[0] (web).cors_cookie",
+            ),
+            (
+                lb_cookie(TWO_KEYS, "app_cookie = \"companion\""),
+                "service[0] (web).app_cookie",
+            ),
+            (
+                VALID.replace("protocol = \"tcp\"", "protocol = \"tcp\"\ncors = true"),
+                "service[0] (web).cors",
+            ),
+            (
+                VALID.replace(
+                    "protocol = \"tcp\"",
+                    "protocol = \"tcp\"\naffinity = \"app-cookie\"\ncookie = \"SID\"\napp_cookie = \"companion\"",
+                ),
+                "cookie_keys",
+            ),
+            (
+                lb_cookie(TWO_KEYS, "").replace(
+                    "affinity = \"lb-cookie\"",
+                    "affinity = \"app-cookie\"\ncookie = \"SID\"\napp_cookie = \"companion\"\ncompanion_cookie = \"SID\"",
+                ),
+                "service[0] (web).companion_cookie",
+            ),
+            (
+                VALID.replace(
+                    "protocol = \"tcp\"",
+                    "protocol = \"tcp\"\naffinity = \"app-cookie\"\ncookie = \"SID\"\napp_cookie = \"rewrite\"\ncompanion_cookie = \"X\"",
+                ),
+                "service[0] (web).companion_cookie",
             ),
         ];
         for (text, field) in cases {

@@ -81,8 +81,9 @@ pub fn run(args: &[String], impairment: &Impairment) -> Result<()> {
     let jar = lab.dir().join("cookies.txt");
     let jar = jar.display();
     println!(
-        "\nThe balancer is running: {VIP} port {HTTP_PORT} (web, cookie affinity on the backends' \
-         SID cookie) and port {ECHO_PORT} (echo, TCP and UDP), over three backends.\n\
+        "\nThe balancer is running: {VIP} port {HTTP_PORT} (web, lb-cookie affinity: the first \
+         response of a new session carries the balancer's signed LBSESSION cookie) and port \
+         {ECHO_PORT} (echo, TCP and UDP), over three backends.\n\
          In another terminal, as root, try:\n\n\
          \x20 ip netns exec {client} curl -i http://{VIP}/\n\
          \x20 # new visitors spread over the backends:\n\
@@ -100,11 +101,11 @@ pub fn run(args: &[String], impairment: &Impairment) -> Result<()> {
     followed
 }
 
-/// The lab's services, with the web service on app-cookie affinity (the lab's backends set
-/// a `SID` cookie on a first visit); requests without the cookie are placed per connection.
+/// The lab's services, with the web service on lb-cookie affinity (and its cross-origin
+/// variant); requests without a cookie are placed per connection.
 fn demo_services() -> ServiceOptions {
     ServiceOptions {
-        web_settings: "affinity = \"app-cookie\"\ncookie = \"SID\"\ncookie_fallback = \"flow\"\n"
+        web_settings: "affinity = \"lb-cookie\"\ncors = true\ncookie_fallback = \"flow\"\n"
             .to_owned(),
         ..ServiceOptions::default()
     }
