@@ -13,6 +13,9 @@ use common::*;
 const HEALTH_CHECK: &str =
     "[service.health_check]\nkind = \"http\"\ninterval = 0.5\ntimeout = 0.5\nfall = 2\nrise = 2\n";
 
+const COMPANION: &str =
+    "affinity = \"app-cookie\"\ncookie = \"SID\"\napp_cookie = \"companion\"\ncookie_fallback = \"flow\"\n";
+
 fn lb_cookie(extra: &str) -> ServiceOptions {
     ServiceOptions {
         web_settings: format!(
@@ -160,38 +163,41 @@ fn a_failed_backends_sessions_get_a_new_cookie_and_stay_when_it_returns() {
 }
 
 /// Sessions on a backend that fails are moved and given a new cookie `name` naming their
-/// new backend; when the old one returns, no session goes back.
+/// new backend; when the old one returns, no session goes back. Each session sends every
+/// cookie its responses set, as a browser would.
 fn failover_reissues(options: &ServiceOptions, name: &str) {
     let mut lab = lab_with(options);
-    let mut sessions: Vec<(String, String)> = Vec::new();
+    let header = |jar: &HashMap<String, String>| {
+        let pairs: Vec<&str> = jar.values().map(|line| pair(line)).collect();
+        format!("Cookie: {}", pairs.join("; "))
+    };
+    let mut sessions: Vec<(HashMap<String, String>, String)> = Vec::new();
     while sessions.len() < 30 {
         let (head, backend) = get_with_head(&lab, &[], "/");
-        let cookie = pair(&set_cookies(&head)[name]).to_owned();
-        sessions.push((cookie, backend));
+        let jar = set_cookies(&head);
+        assert!(jar.contains_key(name), "no {name} in {head}");
+        sessions.push((jar, backend));
     }
     let victim = Lab::backend_name(2);
-    let orphaned: Vec<String> = sessions
-        .iter()
-        .filter(|(_, b)| *b == victim)
-        .map(|(c, _)| c.clone())
-        .collect();
-    assert!(!orphaned.is_empty(), "some of 30 sessions use {victim}");
+    assert!(
+        sessions.iter().any(|(_, b)| *b == victim),
+        "some of 30 sessions use {victim}"
+    );
     lab.stop_backend(2).expect("stopping backend-3's server");
     wait_until(
         std::time::Duration::from_secs(5),
         "backend-3 marked down",
         || status_of(&lab, &victim).contains("state=down"),
     );
-    let mut moved = Vec::new();
-    for cookie in &orphaned {
-        let (head, backend) = get_with_head(&lab, &["-H", &format!("Cookie: {cookie}")], "/");
-        assert_ne!(backend, victim, "{cookie} still goes to the dead backend");
+    for (jar, backend) in sessions.iter_mut().filter(|(_, b)| *b == victim) {
+        let (head, now) = get_with_head(&lab, &["-H", &header(jar)], "/");
+        assert_ne!(now, victim, "{jar:?} still goes to the dead backend");
         let reissued = set_cookies(&head)
-            .get(name)
-            .map(|line| pair(line).to_owned())
-            .unwrap_or_else(|| panic!("no new cookie for a moved session: {head}"));
-        assert_ne!(&reissued, cookie);
-        moved.push((reissued, backend));
+            .remove(name)
+            .unwrap_or_else(|| panic!("no new {name} for a moved session: {head}"));
+        assert_ne!(pair(&reissued), pair(&jar[name]));
+        jar.insert(name.to_owned(), reissued);
+        *backend = now;
     }
     lab.start_backend(backend_bin(), 2)
         .expect("restarting backend-3's server");
@@ -200,17 +206,14 @@ fn failover_reissues(options: &ServiceOptions, name: &str) {
         "backend-3 up again",
         || status_of(&lab, &victim).contains("state=up"),
     );
-    for (cookie, backend) in moved
-        .iter()
-        .chain(sessions.iter().filter(|(_, b)| *b != victim))
-    {
+    for (jar, backend) in &sessions {
         for _ in 0..3 {
-            let (head, now) = get_with_head(&lab, &["-H", &format!("Cookie: {cookie}")], "/");
+            let (head, now) = get_with_head(&lab, &["-H", &header(jar)], "/");
             assert_eq!(
                 &now, backend,
-                "{cookie} moved after the old backend returned"
+                "{jar:?} moved after the old backend returned"
             );
-            assert!(!set_cookies(&head).contains_key(name), "{head}");
+            assert!(set_cookies(&head).is_empty(), "nothing set again: {head}");
         }
     }
 }
@@ -238,7 +241,7 @@ fn a_tampered_cookie_is_answered_with_a_fresh_one() {
 #[test]
 fn a_companion_cookie_follows_the_applications_cookie() {
     let options = ServiceOptions {
-        web_settings: "affinity = \"app-cookie\"\ncookie = \"SID\"\napp_cookie = \"companion\"\ncookie_fallback = \"flow\"\n".to_owned(),
+        web_settings: COMPANION.to_owned(),
         ..ServiceOptions::default()
     };
     let lab = lab_with(&options);
@@ -318,6 +321,17 @@ fn rewrite_mode_prefixes_the_applications_cookie_and_the_application_sees_its_ow
         format!("{} {size}", balancer_lab::test_data_sha256(size))
     );
     sessions_stick_and_spread(&lab, "SID");
+}
+
+#[test]
+fn companion_mode_reissues_its_cookie_when_the_backend_fails() {
+    failover_reissues(
+        &ServiceOptions {
+            web_settings: format!("{COMPANION}{HEALTH_CHECK}"),
+            ..ServiceOptions::default()
+        },
+        "LBAPP",
+    );
 }
 
 #[test]
