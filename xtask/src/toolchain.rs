@@ -254,11 +254,11 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-fn can_install() -> bool {
+pub fn can_install() -> bool {
     is_root() && which("apt-get").is_some()
 }
 
-fn apt_install(packages: &[&str]) -> Result<()> {
+pub fn apt_install(packages: &[&str]) -> Result<()> {
     static UPDATED: std::sync::Once = std::sync::Once::new();
     let mut update = Ok(());
     UPDATED.call_once(|| {

@@ -1,8 +1,9 @@
-//! `cargo xtask bench`: the same workloads over the plain routed path and through the balancer,
-//! interleaved round by round in one lab, with medians, spread, CPU time per unit of work and
-//! the CPU steal seen.
+//! `cargo xtask bench`: the same workloads over the plain routed path, through the balancer
+//! and through the peers users would pick instead (nftables DNAT, HAProxy, nginx), all
+//! interleaved round by round in one lab, with medians, spread, latency percentiles, CPU time
+//! per unit of work and the CPU steal seen. `docs/benchmarks.md` describes the method.
 //!
-//! Paths from the client to one backend each (the VIP's `web` service has only backend-1
+//! Systems from the client to one backend each (the VIP's `web` service has only backend-1
 //! here, so every L4 path ends at the same server and the ratio measures the path):
 //! - routed, no XDP: to 198.19.0.11 while the agent is stopped (it detaches on exit), i.e.
 //!   plain kernel forwarding in the balancer namespace;
@@ -20,20 +21,21 @@
 //!   first response head and adds the balancer's Set-Cookie, and XDP splices the rest with the
 //!   added bytes as a second offset (the costliest cookie path).
 //!
+//! - the peers ([`peers`]): on 203.0.113.20, to backend-1, while the agent is stopped.
+//!
 //! The routed paths use their own client address (see [`ROUTED_SOURCE`]).
 
-use std::{
-    fmt::Write as _,
-    net::Ipv4Addr,
-    path::PathBuf,
-    process::Command,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{net::Ipv4Addr, process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use balancer_lab::{Lab, ServiceOptions, BALANCER_CLIENT_ADDR, COOKIE_PORT, LB_COOKIE_PORT, VIP};
 
 use crate::{build, run, toolchain};
+
+mod peers;
+mod report;
+
+use peers::{Peer, PEER_ADDR};
 
 /// Runs above this much CPU steal are flagged: the host took the CPUs away.
 const STEAL_WARNING_PERCENT: f64 = 10.0;
@@ -45,51 +47,68 @@ const OVERRUN_SECONDS: u64 = 10;
 /// to come from the VIP (the client then resets it).
 const ROUTED_SOURCE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
 
-#[derive(Clone, Copy, PartialEq)]
-enum Path {
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum System {
     Routed,
     Vip,
     RoutedWithXdp,
     CookieVip,
     LbCookieVip,
+    Peer(Peer),
 }
 
-const PATHS: [Path; 5] = [
-    Path::Routed,
-    Path::Vip,
-    Path::RoutedWithXdp,
-    Path::CookieVip,
-    Path::LbCookieVip,
+/// In the order of a round: the agent is stopped for the routed path and the peers, then
+/// started for the balancer's paths.
+const SYSTEMS: [System; 9] = [
+    System::Routed,
+    System::Peer(Peer::NftNumgen),
+    System::Peer(Peer::NftJhash),
+    System::Peer(Peer::Haproxy),
+    System::Peer(Peer::Nginx),
+    System::Vip,
+    System::RoutedWithXdp,
+    System::CookieVip,
+    System::LbCookieVip,
 ];
 /// The cookie a returning session sends on the cookie path.
 const SESSION_COOKIE: &str = "Cookie: SID=bench-session";
 
-impl Path {
+impl System {
     fn title(self) -> &'static str {
         match self {
-            Path::Routed => "routed, no XDP",
-            Path::Vip => "through the VIP",
-            Path::RoutedWithXdp => "routed, XDP attached",
-            Path::CookieVip => "through the cookie VIP",
-            Path::LbCookieVip => "lb-cookie VIP, new sessions",
+            System::Routed => "routed, no XDP",
+            System::Vip => "through the VIP",
+            System::RoutedWithXdp => "routed, XDP attached",
+            System::CookieVip => "cookie VIP, returning sessions",
+            System::LbCookieVip => "lb-cookie VIP, new sessions",
+            System::Peer(peer) => peer.title(),
         }
     }
 
     fn address(self) -> String {
         match self {
-            Path::Vip => VIP.to_string(),
-            Path::CookieVip => format!("{VIP}:{COOKIE_PORT}"),
-            Path::LbCookieVip => format!("{VIP}:{LB_COOKIE_PORT}"),
-            Path::Routed | Path::RoutedWithXdp => Lab::backend_addr(0).to_string(),
+            System::Vip => VIP.to_string(),
+            System::CookieVip => format!("{VIP}:{COOKIE_PORT}"),
+            System::LbCookieVip => format!("{VIP}:{LB_COOKIE_PORT}"),
+            System::Routed | System::RoutedWithXdp => Lab::backend_addr(0).to_string(),
+            System::Peer(_) => PEER_ADDR.to_string(),
         }
     }
 
     /// Headers every request on this path carries.
     fn headers(self) -> &'static [&'static str] {
         match self {
-            Path::CookieVip => &["-H", SESSION_COOKIE],
+            System::CookieVip => &["-H", SESSION_COOKIE],
             _ => &[],
         }
+    }
+
+    /// Whether the balancer's agent (and so its XDP program) runs during the measurement.
+    fn with_agent(self) -> bool {
+        matches!(
+            self,
+            System::Vip | System::RoutedWithXdp | System::CookieVip | System::LbCookieVip
+        )
     }
 }
 
@@ -101,8 +120,8 @@ struct Workload {
     work: &'static str,
     /// Units of work per unit of rate and second (1 for req/s; 1/8 MB per Mbit/s).
     work_per_rate_second: f64,
-    /// Measures the rate on a path for a number of seconds.
-    measure: fn(&Lab, Path, u32) -> Result<f64>,
+    /// Measures a system for a number of seconds.
+    measure: fn(&Lab, System, u32) -> Result<Measured>,
 }
 
 const WORKLOADS: [Workload; 3] = [
@@ -129,10 +148,30 @@ const WORKLOADS: [Workload; 3] = [
     },
 ];
 
+/// What a load tool reports: the rate, and latency percentiles when it measures them.
+struct Measured {
+    rate: f64,
+    /// Median and 99th percentile request latency, in microseconds (NaN: not measured).
+    p50_us: f64,
+    p99_us: f64,
+}
+
+impl Measured {
+    fn rate(rate: f64) -> Self {
+        Self {
+            rate,
+            p50_us: f64::NAN,
+            p99_us: f64::NAN,
+        }
+    }
+}
+
 /// One measurement: the rate and what the machine did meanwhile.
 #[derive(Clone, Copy)]
 struct Sample {
     rate: f64,
+    p50_us: f64,
+    p99_us: f64,
     /// Machine-wide busy CPU time per unit of work, in microseconds.
     cpu_us_per_work: f64,
     /// The agent's own CPU time per unit of work, in microseconds (NaN when it is stopped).
@@ -146,7 +185,8 @@ pub fn run(quick: bool) -> Result<()> {
     }
     let artifacts = build::all()?;
     toolchain::ensure_lab()?;
-    let (seconds, rounds) = if quick { (2, 1) } else { (5, 3) };
+    let (seconds, rounds) = if quick { (2, 1) } else { (3, 5) };
+    let skipped = peers::ensure_installed();
 
     println!("==> lookup table build for 1,000 backends (balancer table-plan)");
     match Command::new(&artifacts.balancer)
@@ -188,62 +228,89 @@ pub fn run(quick: bool) -> Result<()> {
     std::fs::write(&config, lab.balancer_config_with(&options))
         .context("writing the benchmark's balancer config")?;
 
-    // samples[workload][path]
-    let mut samples = vec![vec![Vec::<Sample>::new(); PATHS.len()]; WORKLOADS.len()];
+    lab.exec_checked(
+        lab.balancer_ns(),
+        &["ip", "addr", "add", &format!("{PEER_ADDR}/32"), "dev", "lo"],
+    )?;
+
+    // samples[workload][system]
+    let mut samples = vec![vec![Vec::<Sample>::new(); SYSTEMS.len()]; WORKLOADS.len()];
+    let mut agent_running = true;
     for round in 1..=rounds {
         println!("==> round {round}/{rounds} ({seconds} s per run)");
-        for path in PATHS {
+        for system in SYSTEMS {
             if run::stop_requested() {
                 drop(lab);
                 bail!("stopped by a signal; the lab is removed");
             }
-            match path {
-                Path::Routed => lab.stop_balancer()?,
-                Path::Vip => lab.start_balancer(&artifacts.balancer, &config)?,
-                _ => {}
+            if let System::Peer(peer) = system {
+                if skipped.iter().any(|(p, _)| *p == peer) {
+                    continue;
+                }
             }
-            measure_path(&lab, path, seconds, &mut samples)?;
+            if system.with_agent() != agent_running {
+                if system.with_agent() {
+                    lab.start_balancer(&artifacts.balancer, &config)?;
+                } else {
+                    lab.stop_balancer()?;
+                }
+                agent_running = system.with_agent();
+            }
+            let running = match system {
+                System::Peer(peer) => match peer.start(&mut lab) {
+                    Ok(running) => Some(running),
+                    Err(error) => {
+                        println!("  {}: {error:#}", peer.title());
+                        continue;
+                    }
+                },
+                _ => None,
+            };
+            measure_system(&lab, system, seconds, &mut samples)?;
+            if let Some(running) = running {
+                running.stop(&mut lab);
+            }
         }
     }
     lab.stop_balancer()?;
     drop(lab);
 
-    let report = report(&samples, seconds, rounds);
+    let report = report::tables(&samples, seconds, rounds, &skipped);
     println!("\n{report}");
-    match save(&report) {
-        Ok(path) => println!("saved to {}", path.display()),
+    match report::save(&report, &samples) {
+        Ok(path) => println!("saved to {} (with plots beside it)", path.display()),
         Err(error) => println!("(not saved: {error:#})"),
     }
     Ok(())
 }
 
-fn measure_path(
+fn measure_system(
     lab: &Lab,
-    path: Path,
+    system: System,
     seconds: u32,
     samples: &mut [Vec<Vec<Sample>>],
 ) -> Result<()> {
-    let index = PATHS.iter().position(|p| *p == path).unwrap_or(0);
-    for (workload, per_path) in WORKLOADS.iter().zip(samples.iter_mut()) {
+    let index = SYSTEMS.iter().position(|s| *s == system).unwrap_or(0);
+    for (workload, per_system) in WORKLOADS.iter().zip(samples.iter_mut()) {
         let before = CpuTimes::read()?;
         let agent_before = agent_cpu_seconds(lab);
-        let rate = match (workload.measure)(lab, path, seconds) {
-            Ok(rate) => rate,
-            Err(error) => {
-                // One broken run must not cost the others: report it and go on.
-                println!(
-                    "  {:<42} {:<22} FAILED: {error:#}",
-                    workload.name,
-                    path.title()
-                );
-                f64::NAN
-            }
-        };
+        let measured = (workload.measure)(lab, system, seconds).unwrap_or_else(|error| {
+            // One broken run must not cost the others: report it and go on.
+            println!(
+                "  {:<40} {:<30} FAILED: {error:#}",
+                workload.name,
+                system.title()
+            );
+            Measured::rate(f64::NAN)
+        });
         let after = CpuTimes::read()?;
         let agent = agent_cpu_seconds(lab).zip(agent_before).map(|(a, b)| a - b);
+        let rate = measured.rate;
         let work = rate * workload.work_per_rate_second * f64::from(seconds);
         let sample = Sample {
             rate,
+            p50_us: measured.p50_us,
+            p99_us: measured.p99_us,
             cpu_us_per_work: if work > 0.0 {
                 after.busy_seconds_since(&before) * 1e6 / work
             } else {
@@ -256,10 +323,15 @@ fn measure_path(
             },
         };
         if !rate.is_nan() {
+            let latency = if sample.p99_us.is_nan() {
+                String::new()
+            } else {
+                format!("  p50 {:.0} µs p99 {:.0} µs", sample.p50_us, sample.p99_us)
+            };
             println!(
-                "  {:<42} {:<22} {:>10.0} {:<7} {:>8.1} µs CPU/{}  steal {:.0}%",
+                "  {:<40} {:<30} {:>8.0} {:<6} {:>7.1} µs CPU/{}  steal {:.0}%{latency}",
                 workload.name,
-                path.title(),
+                system.title(),
                 sample.rate,
                 workload.unit,
                 sample.cpu_us_per_work,
@@ -267,147 +339,9 @@ fn measure_path(
                 sample.steal_percent
             );
         }
-        per_path[index].push(sample);
+        per_system[index].push(sample);
     }
     Ok(())
-}
-
-fn report(samples: &[Vec<Vec<Sample>>], seconds: u32, rounds: u32) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "Rates: median of {rounds} interleaved round(s) of {seconds} s, [min-max]; the L4 paths end at backend-1, the cookie VIP at backend-3 and the lb-cookie VIP at backend-2 (the same server program); ratios against the routed path without XDP."
-    );
-    let others = &PATHS[1..];
-    let mut header = format!("| workload | unit | {} |", PATHS[0].title());
-    for path in others {
-        let _ = write!(header, " {} | ratio |", path.title());
-    }
-    let _ = writeln!(
-        out,
-        "{header}\n|{}",
-        "---|".repeat(2 + 1 + 2 * others.len())
-    );
-    for (workload, per_path) in WORKLOADS.iter().zip(samples) {
-        let rates: Vec<Vec<f64>> = per_path
-            .iter()
-            .map(|s| s.iter().map(|s| s.rate).collect())
-            .collect();
-        let routed = median(&rates[0]);
-        let mut row = format!(
-            "| {} | {} | {} |",
-            workload.name,
-            workload.unit,
-            spread(&rates[0])
-        );
-        for rates in &rates[1..] {
-            let _ = write!(row, " {} | {:.2} |", spread(rates), median(rates) / routed);
-        }
-        let _ = writeln!(out, "{row}");
-    }
-    let _ = writeln!(
-        out,
-        "\nCPU time per unit of work, median, lower is better: machine-wide busy time over the run / work done (the client, the balancer and the backend share the CPUs), and in brackets the agent's own share."
-    );
-    let mut header = "| workload |".to_owned();
-    for path in &PATHS {
-        let _ = write!(header, " {} |", path.title());
-    }
-    let _ = writeln!(out, "{header}\n|{}", "---|".repeat(1 + PATHS.len()));
-    for (workload, per_path) in WORKLOADS.iter().zip(samples) {
-        let mut row = format!("| {} |", workload.name);
-        for samples in per_path {
-            let cost = median(
-                &samples
-                    .iter()
-                    .map(|s| s.cpu_us_per_work)
-                    .collect::<Vec<_>>(),
-            );
-            let agent = median(
-                &samples
-                    .iter()
-                    .map(|s| s.agent_us_per_work)
-                    .collect::<Vec<_>>(),
-            );
-            let _ = write!(row, " {cost:.1} µs/{}", workload.work);
-            if !agent.is_nan() {
-                let _ = write!(row, " (agent {agent:.2})");
-            }
-            row.push_str(" |");
-        }
-        let _ = writeln!(out, "{row}");
-    }
-    let steal: Vec<f64> = samples
-        .iter()
-        .flatten()
-        .flatten()
-        .map(|s| s.steal_percent)
-        .collect();
-    let max_steal = steal.iter().copied().fold(0.0, f64::max);
-    let flagged = steal.iter().filter(|s| **s > STEAL_WARNING_PERCENT).count();
-    let _ = writeln!(
-        out,
-        "\nCPU steal per run: median {:.1}%, max {max_steal:.1}%{}",
-        median(&steal),
-        if flagged > 0 {
-            format!(
-                "; WARNING: {flagged} of {} runs above {STEAL_WARNING_PERCENT}% steal, their numbers are unreliable",
-                steal.len()
-            )
-        } else {
-            String::new()
-        }
-    );
-    let _ = writeln!(
-        out,
-        "The client, the balancer host and the backend share this machine's CPUs (and with anything else running on it)."
-    );
-    out
-}
-
-/// Writes the report to `bench-results/bench-<unix time>.md` in the workspace.
-fn save(report: &str) -> Result<PathBuf> {
-    let dir = build::workspace_root().join("bench-results");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let stamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
-    let path = dir.join(format!("bench-{stamp}.md"));
-    std::fs::write(&path, report).with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
-}
-
-/// The median of the values that are numbers (failed runs are NaN); NaN if there are none.
-fn median(values: &[f64]) -> f64 {
-    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| !v.is_nan()).collect();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn spread(values: &[f64]) -> String {
-    let failed = values.iter().filter(|v| v.is_nan()).count();
-    let values: Vec<f64> = values.iter().copied().filter(|v| !v.is_nan()).collect();
-    let text = if values.is_empty() {
-        "failed".to_owned()
-    } else {
-        spread_of(&values)
-    };
-    if failed > 0 && !values.is_empty() {
-        format!("{text} ({failed} failed)")
-    } else {
-        text
-    }
-}
-
-fn spread_of(values: &[f64]) -> String {
-    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    if values.len() > 1 {
-        format!("{:.0} [{min:.0}-{max:.0}]", median(values))
-    } else {
-        format!("{:.0}", median(values))
-    }
 }
 
 /// A command in the client namespace, killed if it overruns its own time limit.
@@ -429,37 +363,62 @@ fn client(lab: &Lab, seconds: u32, args: &[&str]) -> Result<String> {
     Ok(stdout)
 }
 
-fn wrk(lab: &Lab, path: Path, seconds: u32, extra: &[&str]) -> Result<f64> {
+fn wrk(lab: &Lab, system: System, seconds: u32, extra: &[&str]) -> Result<Measured> {
     let duration = format!("-d{seconds}s");
-    let addr = path.address();
+    let addr = system.address();
     let url = format!("http://{addr}/");
-    let mut args = vec!["wrk", "-t2", "-c32", &duration, "--timeout", "2s"];
-    args.extend_from_slice(path.headers());
+    let mut args = vec!["wrk", "-t2", "-c32", &duration, "--timeout", "2s", "--latency"];
+    args.extend_from_slice(system.headers());
     args.extend_from_slice(extra);
     args.push(&url);
     let output = client(lab, seconds, &args)?;
     if let Some(errors) = output.lines().find(|l| l.contains("Socket errors")) {
         println!("    wrk to {addr}: {}", errors.trim());
     }
-    parse_after(&output, "Requests/sec:")
+    Ok(Measured {
+        rate: parse_after(&output, "Requests/sec:")?,
+        p50_us: latency_percentile(&output, "50%")?,
+        p99_us: latency_percentile(&output, "99%")?,
+    })
+}
+
+/// A percentile of wrk's `--latency` distribution (`50%  245.00us`), in microseconds.
+fn latency_percentile(output: &str, label: &str) -> Result<f64> {
+    let value = output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(label))
+        .map(str::trim)
+        .with_context(|| format!("no {label} latency in:\n{output}"))?;
+    let split = value
+        .find(|c: char| c.is_ascii_alphabetic())
+        .with_context(|| format!("no unit in {value:?}"))?;
+    let number: f64 = value[..split].parse().context("parsing a latency")?;
+    let scale = match &value[split..] {
+        "us" => 1.0,
+        "ms" => 1e3,
+        "s" => 1e6,
+        "m" => 60e6,
+        unit => bail!("unknown latency unit {unit:?}"),
+    };
+    Ok(number * scale)
 }
 
 /// Requests per second over 32 keep-alive connections.
-fn keepalive_rps(lab: &Lab, path: Path, seconds: u32) -> Result<f64> {
-    wrk(lab, path, seconds, &[])
+fn keepalive_rps(lab: &Lab, system: System, seconds: u32) -> Result<Measured> {
+    wrk(lab, system, seconds, &[])
 }
 
 /// `Connection: close`: the server closes after each response and wrk reconnects, so each
 /// request is a new TCP connection (a new flow for the balancer).
-fn new_connections_rps(lab: &Lab, path: Path, seconds: u32) -> Result<f64> {
-    wrk(lab, path, seconds, &["-H", "Connection: close"])
+fn new_connections_rps(lab: &Lab, system: System, seconds: u32) -> Result<Measured> {
+    wrk(lab, system, seconds, &["-H", "Connection: close"])
 }
 
 /// One download of far more than fits in `seconds`, cut off after `seconds`.
-fn bulk_mbits(lab: &Lab, path: Path, seconds: u32) -> Result<f64> {
-    let addr = path.address();
+fn bulk_mbits(lab: &Lab, system: System, seconds: u32) -> Result<Measured> {
+    let addr = system.address();
     let mut args = vec!["curl"];
-    args.extend_from_slice(path.headers());
+    args.extend_from_slice(system.headers());
     let url = format!("http://{addr}/bytes/1000000000000");
     let max_time = seconds.to_string();
     args.extend_from_slice(&[
@@ -489,7 +448,7 @@ fn bulk_mbits(lab: &Lab, path: Path, seconds: u32) -> Result<f64> {
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
-    Ok(bytes_per_second * 8.0 / 1e6)
+    Ok(Measured::rate(bytes_per_second * 8.0 / 1e6))
 }
 
 /// The agent's user and system CPU time so far, while it runs.
@@ -564,18 +523,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn failed_runs_are_left_out_of_the_median_and_counted_in_the_spread() {
-        let values = [3.0, f64::NAN, 1.0, 2.0];
-        assert_eq!(median(&values), 2.0);
-        assert_eq!(spread(&values), "2 [1-3] (1 failed)");
-        assert_eq!(spread(&[f64::NAN]), "failed");
-        assert!(median(&[]).is_nan());
-    }
-
-    #[test]
     fn the_request_rate_is_read_from_wrk_output() {
         let output = "Running 2s test @ http://198.19.0.11/\n  148235 requests in 2.02s, 18.94MB read\nRequests/sec:  73295.16\nTransfer/sec:      9.37MB\n";
         assert_eq!(parse_after(output, "Requests/sec:").ok(), Some(73295.16));
         assert!(parse_after("no numbers", "Requests/sec:").is_err());
+    }
+
+    #[test]
+    fn latency_percentiles_are_read_in_microseconds() {
+        let output = "  Latency Distribution\n     50%  245.00us\n     75%    1.50ms\n     99%    2.00s\n";
+        assert_eq!(latency_percentile(output, "50%").ok(), Some(245.0));
+        assert_eq!(latency_percentile(output, "75%").ok(), Some(1500.0));
+        assert_eq!(latency_percentile(output, "99%").ok(), Some(2e6));
+        assert!(latency_percentile(output, "90%").is_err());
     }
 }
