@@ -23,7 +23,8 @@
 //!
 //! - the peers ([`peers`]): on 203.0.113.20, to backend-1, while the agent is stopped.
 //!
-//! The routed paths use their own client address (see [`ROUTED_SOURCE`]).
+//! The routed paths and the peers use client addresses of their own (see [`ROUTED_SOURCE`]
+//! and [`peers::PEER_SOURCE`]).
 
 use std::{net::Ipv4Addr, process::Command, time::Duration};
 
@@ -203,20 +204,26 @@ pub fn run(quick: bool) -> Result<()> {
     // Ctrl-C ends the run after the current measurement, and the lab is removed.
     run::catch_stop_signals();
     let mut lab = Lab::new()?;
-    lab.add_client_addresses(&[ROUTED_SOURCE])?;
-    lab.exec_checked(
-        lab.client_ns(),
-        &[
-            "ip",
-            "route",
-            "add",
-            &format!("{}/32", Lab::backend_addr(0)),
-            "via",
-            &BALANCER_CLIENT_ADDR.to_string(),
-            "src",
-            &ROUTED_SOURCE.to_string(),
-        ],
-    )?;
+    lab.add_client_addresses(&[ROUTED_SOURCE, peers::PEER_SOURCE])?;
+    let routes = [
+        (Lab::backend_addr(0), ROUTED_SOURCE),
+        (PEER_ADDR, peers::PEER_SOURCE),
+    ];
+    for (destination, source) in routes {
+        lab.exec_checked(
+            lab.client_ns(),
+            &[
+                "ip",
+                "route",
+                "add",
+                &format!("{destination}/32"),
+                "via",
+                &BALANCER_CLIENT_ADDR.to_string(),
+                "src",
+                &source.to_string(),
+            ],
+        )?;
+    }
     lab.start_backends(&artifacts.lab_backend)?;
     let config = lab.dir().join("balancer.toml");
     let options = ServiceOptions {
@@ -367,7 +374,15 @@ fn wrk(lab: &Lab, system: System, seconds: u32, extra: &[&str]) -> Result<Measur
     let duration = format!("-d{seconds}s");
     let addr = system.address();
     let url = format!("http://{addr}/");
-    let mut args = vec!["wrk", "-t2", "-c32", &duration, "--timeout", "2s", "--latency"];
+    let mut args = vec![
+        "wrk",
+        "-t2",
+        "-c32",
+        &duration,
+        "--timeout",
+        "2s",
+        "--latency",
+    ];
     args.extend_from_slice(system.headers());
     args.extend_from_slice(extra);
     args.push(&url);
@@ -531,7 +546,8 @@ mod tests {
 
     #[test]
     fn latency_percentiles_are_read_in_microseconds() {
-        let output = "  Latency Distribution\n     50%  245.00us\n     75%    1.50ms\n     99%    2.00s\n";
+        let output =
+            "  Latency Distribution\n     50%  245.00us\n     75%    1.50ms\n     99%    2.00s\n";
         assert_eq!(latency_percentile(output, "50%").ok(), Some(245.0));
         assert_eq!(latency_percentile(output, "75%").ok(), Some(1500.0));
         assert_eq!(latency_percentile(output, "99%").ok(), Some(2e6));

@@ -14,6 +14,11 @@ use crate::toolchain;
 /// The address every peer serves on, routed to the balancer host like the VIP. It is not the
 /// VIP so that nothing of the balancer's own state (its flows, XDP) touches the peers.
 pub const PEER_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+/// The client's address towards the peers. nftables DNAT keeps the client's address and
+/// port, so from the client's usual address its connections would meet, at backend-1, the
+/// TIME_WAIT sockets of the VIP path's connections from the same ports; and the client's
+/// TCP timestamps, offset per address pair, would not tell the two apart.
+pub const PEER_SOURCE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
 /// nftables table the DNAT peers use; deleted after each run, so conntrack stops tracking
 /// the namespace's other traffic.
 const NFT_TABLE: &str = "bench_peer";
@@ -49,7 +54,10 @@ pub fn ensure_installed() -> Vec<(Peer, String)> {
         .into_iter()
         .collect();
     if !missing.is_empty() && toolchain::can_install() {
-        println!("==> installing the peers to compare with: {}", missing.join(" "));
+        println!(
+            "==> installing the peers to compare with: {}",
+            missing.join(" ")
+        );
         let placed = !std::path::Path::new(POLICY_RC_D).exists()
             && std::fs::write(POLICY_RC_D, "#!/bin/sh\nexit 101\n").is_ok()
             && std::process::Command::new("chmod")
@@ -65,7 +73,16 @@ pub fn ensure_installed() -> Vec<(Peer, String)> {
     }
     ALL.iter()
         .filter(|p| toolchain::which(p.package().1).is_none())
-        .map(|p| (*p, format!("{} is not installed (Debian package {})", p.package().1, p.package().0)))
+        .map(|p| {
+            (
+                *p,
+                format!(
+                    "{} is not installed (Debian package {})",
+                    p.package().1,
+                    p.package().0
+                ),
+            )
+        })
         .collect()
 }
 
@@ -115,7 +132,11 @@ impl Peer {
                 // (262,144 entries) within a run, and the kernel would drop new ones.
                 let _ = lab.exec(
                     &ns,
-                    &["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1"],
+                    &[
+                        "sysctl",
+                        "-qw",
+                        "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1",
+                    ],
                 );
                 None
             }

@@ -29,7 +29,12 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
         for per_system in samples {
             let rates = field(&per_system[index], |s| s.rate);
             let routed = median(&field(&per_system[0], |s| s.rate));
-            let _ = write!(row, " {} | {:.2} |", spread(&rates), median(&rates) / routed);
+            let _ = write!(
+                row,
+                " {} | {:.2} |",
+                spread(&rates),
+                median(&rates) / routed
+            );
         }
         let _ = writeln!(out, "{row}");
     }
@@ -184,13 +189,22 @@ fn charts(samples: &Samples) -> Vec<(String, String)> {
             .map(|(system, runs)| Bar::of(system.title(), &field(runs, |s| s.rate)))
             .collect();
         let name = workload.unit.replace('/', "-per-");
-        let title = format!("{} ({}, median of the rounds, min-max)", workload.name, workload.unit);
+        let title = format!(
+            "{} ({}, median of the rounds, min-max)",
+            workload.name, workload.unit
+        );
         charts.push((name, bar_chart(&title, &bars)));
     }
     let mut bars = Vec::new();
     for (system, runs) in SYSTEMS.iter().zip(&samples[0]) {
-        bars.push(Bar::of(&format!("{} p50", system.title()), &field(runs, |s| s.p50_us)));
-        bars.push(Bar::of(&format!("{} p99", system.title()), &field(runs, |s| s.p99_us)));
+        bars.push(Bar::of(
+            &format!("{} p50", system.title()),
+            &field(runs, |s| s.p50_us),
+        ));
+        bars.push(Bar::of(
+            &format!("{} p99", system.title()),
+            &field(runs, |s| s.p99_us),
+        ));
     }
     let title = format!("{} latency (µs, lower is better)", WORKLOADS[0].name);
     charts.push(("latency".to_owned(), bar_chart(&title, &bars)));
@@ -369,10 +383,20 @@ mod tests {
 
     #[test]
     fn a_chart_has_a_bar_per_system_and_marks_failures() {
-        let bars = [Bar::of("through the VIP", &[2.0, 4.0, 3.0]), Bar::of("nginx (ip_hash)", &[f64::NAN])];
+        let bars = [
+            Bar::of("through the VIP", &[2.0, 4.0, 3.0]),
+            Bar::of("nginx (ip_hash)", &[f64::NAN]),
+        ];
         let svg = bar_chart("req/s", &bars);
-        assert_eq!(svg.matches("<rect").count(), 2, "the background and one bar");
+        assert_eq!(
+            svg.matches("<rect").count(),
+            2,
+            "the background and one bar"
+        );
         assert!(svg.contains(">failed</text>"));
-        assert!(svg.contains(">3</text>"), "the median is written beside its bar");
+        assert!(
+            svg.contains(">3</text>"),
+            "the median is written beside its bar"
+        );
     }
 }
