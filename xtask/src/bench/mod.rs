@@ -21,6 +21,8 @@
 //!   first response head and adds the balancer's Set-Cookie, and XDP splices the rest with the
 //!   added bytes as a second offset (the costliest cookie path).
 //!
+//! - trivial XDP router: to 198.19.0.11 with the agent stopped and a program that only does a
+//!   FIB lookup and redirects attached on both of the balancer host's interfaces;
 //! - the peers ([`peers`]): on 203.0.113.20, to backend-1, while the agent is stopped.
 //!
 //! The routed paths and the peers use client addresses of their own (see [`ROUTED_SOURCE`]
@@ -55,13 +57,16 @@ enum System {
     RoutedWithXdp,
     CookieVip,
     LbCookieVip,
+    /// The trivial XDP router on the routed path, the ceiling of XDP forwarding here.
+    XdpRouter,
     Peer(Peer),
 }
 
 /// In the order of a round: the agent is stopped for the routed path and the peers, then
 /// started for the balancer's paths.
-const SYSTEMS: [System; 9] = [
+const SYSTEMS: [System; 10] = [
     System::Routed,
+    System::XdpRouter,
     System::Peer(Peer::NftNumgen),
     System::Peer(Peer::NftJhash),
     System::Peer(Peer::Haproxy),
@@ -71,6 +76,17 @@ const SYSTEMS: [System; 9] = [
     System::CookieVip,
     System::LbCookieVip,
 ];
+/// The UDP port of the packet-rate workload: the `discard-udp` service on the VIP, and
+/// nothing listening at the backend (which answers with rate-limited ICMP).
+const DISCARD_PORT: u16 = 9;
+/// The service the packet-rate workload sends through on the VIP, over backend-1 alone.
+fn discard_service() -> String {
+    format!(
+        "\n[[service]]\nname = \"discard-udp\"\nvip = \"{VIP}\"\nport = {DISCARD_PORT}\nprotocol = \"udp\"\n  [[service.backend]]\n  name = \"{}\"\n  address = \"{}\"\n",
+        Lab::backend_name(0),
+        Lab::backend_addr(0)
+    )
+}
 /// The cookie a returning session sends on the cookie path.
 const SESSION_COOKIE: &str = "Cookie: SID=bench-session";
 
@@ -82,6 +98,7 @@ impl System {
             System::RoutedWithXdp => "routed, XDP attached",
             System::CookieVip => "cookie VIP, returning sessions",
             System::LbCookieVip => "lb-cookie VIP, new sessions",
+            System::XdpRouter => "trivial XDP router (FIB + redirect)",
             System::Peer(peer) => peer.title(),
         }
     }
@@ -91,7 +108,9 @@ impl System {
             System::Vip => VIP.to_string(),
             System::CookieVip => format!("{VIP}:{COOKIE_PORT}"),
             System::LbCookieVip => format!("{VIP}:{LB_COOKIE_PORT}"),
-            System::Routed | System::RoutedWithXdp => Lab::backend_addr(0).to_string(),
+            System::Routed | System::RoutedWithXdp | System::XdpRouter => {
+                Lab::backend_addr(0).to_string()
+            }
             System::Peer(_) => PEER_ADDR.to_string(),
         }
     }
@@ -102,6 +121,18 @@ impl System {
             System::CookieVip => &["-H", SESSION_COOKIE],
             _ => &[],
         }
+    }
+
+    /// Where the packet-rate workload sends: a port nothing listens on at backend-1, through
+    /// this system. The HTTP proxies have no UDP path.
+    fn udp_address(self) -> Option<String> {
+        let host = match self {
+            System::Routed | System::RoutedWithXdp | System::XdpRouter => Lab::backend_addr(0),
+            System::Vip => VIP,
+            System::Peer(Peer::NftNumgen | Peer::NftJhash) => PEER_ADDR,
+            _ => return None,
+        };
+        Some(format!("{host}:{DISCARD_PORT}"))
     }
 
     /// Whether the balancer's agent (and so its XDP program) runs during the measurement.
@@ -123,15 +154,18 @@ struct Workload {
     work_per_rate_second: f64,
     /// Measures a system for a number of seconds.
     measure: fn(&Lab, System, u32) -> Result<Measured>,
+    /// Whether the workload means something for a system.
+    applies: fn(System) -> bool,
 }
 
-const WORKLOADS: [Workload; 3] = [
+const WORKLOADS: [Workload; 4] = [
     Workload {
         name: "HTTP keep-alive (wrk, 32 connections)",
         unit: "req/s",
         work: "request",
         work_per_rate_second: 1.0,
         measure: keepalive_rps,
+        applies: |_| true,
     },
     Workload {
         name: "HTTP, new connection per request (wrk)",
@@ -139,6 +173,7 @@ const WORKLOADS: [Workload; 3] = [
         work: "connection",
         work_per_rate_second: 1.0,
         measure: new_connections_rps,
+        applies: |_| true,
     },
     Workload {
         name: "TCP bulk download (curl, 1 stream)",
@@ -146,6 +181,15 @@ const WORKLOADS: [Workload; 3] = [
         work: "MB",
         work_per_rate_second: 1.0 / 8.0,
         measure: bulk_mbits,
+        applies: |_| true,
+    },
+    Workload {
+        name: "UDP 64-byte frames (lab-flood, 2 flows)",
+        unit: "pkt/s",
+        work: "packet",
+        work_per_rate_second: 1.0,
+        measure: udp_pps,
+        applies: |system| system.udp_address().is_some(),
     },
 ];
 
@@ -188,6 +232,7 @@ pub fn run(quick: bool) -> Result<()> {
     toolchain::ensure_lab()?;
     let (seconds, rounds) = if quick { (2, 1) } else { (3, 5) };
     let skipped = peers::ensure_installed();
+    let router = artifacts.ebpf_object.with_file_name("xdp-router");
 
     println!("==> lookup table build for 1,000 backends (balancer table-plan)");
     match Command::new(&artifacts.balancer)
@@ -232,8 +277,11 @@ pub fn run(quick: bool) -> Result<()> {
         lb_cookie_backend: Some(1),
         ..ServiceOptions::default()
     };
-    std::fs::write(&config, lab.balancer_config_with(&options))
-        .context("writing the benchmark's balancer config")?;
+    std::fs::write(
+        &config,
+        lab.balancer_config_with(&options) + &discard_service(),
+    )
+    .context("writing the benchmark's balancer config")?;
 
     lab.exec_checked(
         lab.balancer_ns(),
@@ -263,19 +311,24 @@ pub fn run(quick: bool) -> Result<()> {
                 }
                 agent_running = system.with_agent();
             }
-            let running = match system {
-                System::Peer(peer) => match peer.start(&mut lab) {
-                    Ok(running) => Some(running),
-                    Err(error) => {
-                        println!("  {}: {error:#}", peer.title());
-                        continue;
-                    }
-                },
-                _ => None,
+            let started = match system {
+                System::Peer(peer) => peer.start(&mut lab).map(Some),
+                System::XdpRouter => peers::attach_router(&lab, &router).map(|()| None),
+                _ => Ok(None),
+            };
+            let running = match started {
+                Ok(running) => running,
+                Err(error) => {
+                    println!("  {}: {error:#}", system.title());
+                    continue;
+                }
             };
             measure_system(&lab, system, seconds, &mut samples)?;
             if let Some(running) = running {
                 running.stop(&mut lab);
+            }
+            if system == System::XdpRouter {
+                peers::detach_router(&lab);
             }
         }
     }
@@ -299,6 +352,9 @@ fn measure_system(
 ) -> Result<()> {
     let index = SYSTEMS.iter().position(|s| *s == system).unwrap_or(0);
     for (workload, per_system) in WORKLOADS.iter().zip(samples.iter_mut()) {
+        if !(workload.applies)(system) {
+            continue;
+        }
         let before = CpuTimes::read()?;
         let agent_before = agent_cpu_seconds(lab);
         let measured = (workload.measure)(lab, system, seconds).unwrap_or_else(|error| {
@@ -464,6 +520,39 @@ fn bulk_mbits(lab: &Lab, system: System, seconds: u32) -> Result<Measured> {
         );
     }
     Ok(Measured::rate(bytes_per_second * 8.0 / 1e6))
+}
+
+/// Datagrams per second that reach backend-1 (its interface's receive counter) while
+/// `lab-flood` sends from the client for `seconds`.
+fn udp_pps(lab: &Lab, system: System, seconds: u32) -> Result<Measured> {
+    let to = system.udp_address().context("no UDP path")?;
+    let flood = build::workspace_root().join("target/release/lab-flood");
+    let received = || -> Result<u64> {
+        let count = lab.exec_checked(
+            lab.backend_ns(0),
+            &["cat", "/sys/class/net/eth0/statistics/rx_packets"],
+        )?;
+        count.trim().parse().context("parsing rx_packets")
+    };
+    let before = received()?;
+    let started = std::time::Instant::now();
+    let output = client(
+        lab,
+        seconds,
+        &[
+            &flood.to_string_lossy(),
+            "--to",
+            &to,
+            "--seconds",
+            &seconds.to_string(),
+        ],
+    )?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let delivered = received()?.saturating_sub(before);
+    if delivered == 0 {
+        bail!("nothing reached backend-1 ({})", output.trim());
+    }
+    Ok(Measured::rate(delivered as f64 / elapsed))
 }
 
 /// The agent's user and system CPU time so far, while it runs.

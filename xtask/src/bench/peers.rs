@@ -1,14 +1,16 @@
 //! The systems users would pick instead of the balancer, set up in the lab's balancer
 //! namespace for one measurement and removed after it: nftables DNAT (as kube-proxy's
 //! nftables mode balances), HAProxy inserting a session cookie, nginx with `ip_hash`. Each
-//! serves [`PEER_ADDR`] port 80 from backend-1, the one server the other paths end at, so
-//! every system is measured against the same backend capacity.
+//! serves [`PEER_ADDR`] port 80 (nftables also UDP) from backend-1, the one server the other
+//! paths end at, so every system is measured against the same backend capacity. Also the
+//! trivial XDP router, attached for its runs.
 
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use balancer_lab::Lab;
 
+use super::DISCARD_PORT;
 use crate::toolchain;
 
 /// The address every peer serves on, routed to the balancer host like the VIP. It is not the
@@ -122,7 +124,7 @@ impl Peer {
                     "jhash ip saddr"
                 };
                 let rules = format!(
-                    "table ip {NFT_TABLE} {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    ip daddr {PEER_ADDR} tcp dport 80 dnat to {selector} mod 1 map {{ 0 : {backend} }}\n  }}\n}}\n"
+                    "table ip {NFT_TABLE} {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    ip daddr {PEER_ADDR} tcp dport 80 dnat to {selector} mod 1 map {{ 0 : {backend} }}\n    ip daddr {PEER_ADDR} udp dport {DISCARD_PORT} dnat to {selector} mod 1 map {{ 0 : {backend} }}\n  }}\n}}\n"
                 );
                 let file = lab.dir().join("peer.nft");
                 std::fs::write(&file, rules).context("writing the nftables rules")?;
@@ -201,6 +203,37 @@ impl Running {
                 let _ = lab.exec(&ns, &["nft", "delete", "table", "ip", NFT_TABLE]);
             }
         }
+    }
+}
+
+/// The balancer host's interfaces, where the trivial XDP router is attached.
+const ROUTER_INTERFACES: [&str; 2] = ["lb-client", "lb-backend"];
+
+/// Attaches the trivial XDP router (`object`, built with the balancer's program) to the
+/// balancer host's interfaces, in native mode like the balancer.
+pub fn attach_router(lab: &Lab, object: &std::path::Path) -> Result<()> {
+    let object = object.to_string_lossy();
+    for interface in ROUTER_INTERFACES {
+        let attached = lab.exec_checked(
+            lab.balancer_ns(),
+            &[
+                "ip", "link", "set", "dev", interface, "xdpdrv", "obj", &object, "sec", "xdp",
+            ],
+        );
+        if let Err(error) = attached {
+            detach_router(lab);
+            return Err(error.context(format!("attaching the trivial XDP router to {interface}")));
+        }
+    }
+    Ok(())
+}
+
+pub fn detach_router(lab: &Lab) {
+    for interface in ROUTER_INTERFACES {
+        let _ = lab.exec(
+            lab.balancer_ns(),
+            &["ip", "link", "set", "dev", interface, "xdpdrv", "off"],
+        );
     }
 }
 

@@ -31,9 +31,9 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
             let routed = median(&field(&per_system[0], |s| s.rate));
             let _ = write!(
                 row,
-                " {} | {:.2} |",
+                " {} | {} |",
                 spread(&rates),
-                median(&rates) / routed
+                ratio(median(&rates), routed)
             );
         }
         let _ = writeln!(out, "{row}");
@@ -65,13 +65,11 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
             .collect::<Vec<_>>()
             .join(" / ")
     );
-    let peers: Vec<(usize, Peer)> = SYSTEMS
+    let peers: Vec<(usize, System)> = SYSTEMS
         .iter()
         .enumerate()
-        .filter_map(|(i, s)| match s {
-            System::Peer(peer) => Some((i, *peer)),
-            _ => None,
-        })
+        .filter(|(_, s)| matches!(s, System::Peer(_) | System::XdpRouter))
+        .map(|(i, s)| (i, *s))
         .collect();
     let mut header = "| balancer |".to_owned();
     for (_, peer) in &peers {
@@ -92,7 +90,7 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
                 .map(|per_system| {
                     let ours = median(&field(&per_system[index], |s| s.rate));
                     let theirs = median(&field(&per_system[*peer_index], |s| s.rate));
-                    format!("{:.2}", ours / theirs)
+                    ratio(ours, theirs)
                 })
                 .collect();
             let _ = write!(row, " {} |", ratios.join(" / "));
@@ -115,6 +113,10 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
             let runs = &per_system[index];
             let cost = median(&field(runs, |s| s.cpu_us_per_work));
             let agent = median(&field(runs, |s| s.agent_us_per_work));
+            if cost.is_nan() {
+                row.push_str(" - |");
+                continue;
+            }
             let _ = write!(row, " {cost:.1}");
             if !agent.is_nan() {
                 let _ = write!(row, " (agent {agent:.2})");
@@ -268,10 +270,7 @@ fn bar_chart(title: &str, bars: &[Bar]) -> String {
             continue;
         }
         let length = bar.median / scale_max * PLOT_WIDTH;
-        let ours = !bar.label.contains("nftables")
-            && !bar.label.contains("HAProxy")
-            && !bar.label.contains("nginx")
-            && !bar.label.contains("routed");
+        let ours = bar.label.contains("VIP");
         let colour = if ours { "#2b6cb0" } else { "#a0aec0" };
         let _ = writeln!(
             svg,
@@ -329,6 +328,16 @@ fn machine() -> String {
         run(&["nproc"]),
         run(&["date", "-u", "+%Y-%m-%d %H:%M UTC"])
     )
+}
+
+/// `a / b` to two places, or `-` where either was not measured.
+fn ratio(a: f64, b: f64) -> String {
+    let ratio = a / b;
+    if ratio.is_finite() {
+        format!("{ratio:.2}")
+    } else {
+        "-".to_owned()
+    }
 }
 
 fn field(samples: &[Sample], of: impl Fn(&Sample) -> f64) -> Vec<f64> {
