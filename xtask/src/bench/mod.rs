@@ -217,6 +217,8 @@ struct Sample {
     rate: f64,
     p50_us: f64,
     p99_us: f64,
+    /// Run time of the XDP program per packet it ran on, in nanoseconds (NaN without one).
+    xdp_ns_per_packet: f64,
     /// Machine-wide busy CPU time per unit of work, in microseconds.
     cpu_us_per_work: f64,
     /// The agent's own CPU time per unit of work, in microseconds (NaN when it is stopped).
@@ -232,6 +234,7 @@ pub fn run(quick: bool) -> Result<()> {
     toolchain::ensure_lab()?;
     let (seconds, rounds) = if quick { (2, 1) } else { (3, 5) };
     let skipped = peers::ensure_installed();
+    let _stats = BpfStats::enable();
     let router = artifacts.ebpf_object.with_file_name("xdp-router");
 
     println!("==> lookup table build for 1,000 backends (balancer table-plan)");
@@ -357,6 +360,7 @@ fn measure_system(
         }
         let before = CpuTimes::read()?;
         let agent_before = agent_cpu_seconds(lab);
+        let xdp_before = XdpRuns::read();
         let measured = (workload.measure)(lab, system, seconds).unwrap_or_else(|error| {
             // One broken run must not cost the others: report it and go on.
             println!(
@@ -367,6 +371,7 @@ fn measure_system(
             Measured::rate(f64::NAN)
         });
         let after = CpuTimes::read()?;
+        let xdp_ns_per_packet = XdpRuns::read().ns_per_run_since(&xdp_before);
         let agent = agent_cpu_seconds(lab).zip(agent_before).map(|(a, b)| a - b);
         let rate = measured.rate;
         let work = rate * workload.work_per_rate_second * f64::from(seconds);
@@ -374,6 +379,7 @@ fn measure_system(
             rate,
             p50_us: measured.p50_us,
             p99_us: measured.p99_us,
+            xdp_ns_per_packet,
             cpu_us_per_work: if work > 0.0 {
                 after.busy_seconds_since(&before) * 1e6 / work
             } else {
@@ -578,6 +584,85 @@ fn parse_after(text: &str, label: &str) -> Result<f64> {
         .with_context(|| format!("no {label:?} in:\n{text}"))
 }
 
+/// `kernel.bpf_stats_enabled` on while the bench runs (the kernel then accounts each BPF
+/// program's run time), back to what it was when dropped.
+struct BpfStats {
+    before: Option<String>,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> BpfStats {
+        let before = std::fs::read_to_string(BPF_STATS).ok();
+        let _ = std::fs::write(BPF_STATS, "1");
+        BpfStats { before }
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Some(before) = &self.before {
+            let _ = std::fs::write(BPF_STATS, before.trim());
+        }
+    }
+}
+
+/// Run time and runs, summed, of the XDP programs the bench measures: the balancer's and the
+/// trivial router (`bpftool prog show`, with [`BpfStats`] on).
+#[derive(Default)]
+struct XdpRuns {
+    nanos: u64,
+    runs: u64,
+}
+
+impl XdpRuns {
+    fn read() -> XdpRuns {
+        Command::new("bpftool")
+            .args(["prog", "show"])
+            .output()
+            .map(|o| XdpRuns::parse(&String::from_utf8_lossy(&o.stdout)))
+            .unwrap_or_default()
+    }
+
+    /// From lines like `12: xdp  name balancer  tag 5a..  gpl run_time_ns 8120 run_cnt 31`.
+    fn parse(text: &str) -> XdpRuns {
+        let mut total = XdpRuns::default();
+        for line in text.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let after = |key: &str| {
+                words
+                    .iter()
+                    .position(|w| *w == key)
+                    .and_then(|at| words.get(at + 1))
+                    .and_then(|v| v.parse::<u64>().ok())
+            };
+            let ours = words.get(1) == Some(&"xdp")
+                && matches!(
+                    words
+                        .iter()
+                        .position(|w| *w == "name")
+                        .and_then(|at| words.get(at + 1)),
+                    Some(&"balancer" | &"router")
+                );
+            if let (true, Some(nanos), Some(runs)) = (ours, after("run_time_ns"), after("run_cnt"))
+            {
+                total.nanos += nanos;
+                total.runs += runs;
+            }
+        }
+        total
+    }
+
+    fn ns_per_run_since(&self, earlier: &XdpRuns) -> f64 {
+        let runs = self.runs.saturating_sub(earlier.runs);
+        if runs == 0 {
+            return f64::NAN;
+        }
+        self.nanos.saturating_sub(earlier.nanos) as f64 / runs as f64
+    }
+}
+
 /// The machine's CPU time counters from the first line of /proc/stat, in clock ticks.
 struct CpuTimes {
     busy: u64,
@@ -641,5 +726,14 @@ mod tests {
         assert_eq!(latency_percentile(output, "75%").ok(), Some(1500.0));
         assert_eq!(latency_percentile(output, "99%").ok(), Some(2e6));
         assert!(latency_percentile(output, "90%").is_err());
+    }
+
+    #[test]
+    fn xdp_run_time_is_summed_over_the_measured_programs() {
+        let text = "12: xdp  name balancer  tag 5a  gpl run_time_ns 8000 run_cnt 40\n\tloaded_at 2026\n13: xdp  name router  tag 6b  gpl run_time_ns 1000 run_cnt 10\n14: xdp  name lab_pass  tag 7c  gpl run_time_ns 5 run_cnt 5\n15: kprobe  name balancer  run_time_ns 9 run_cnt 9\n";
+        let runs = XdpRuns::parse(text);
+        assert_eq!((runs.nanos, runs.runs), (9000, 50));
+        assert_eq!(runs.ns_per_run_since(&XdpRuns::default()), 180.0);
+        assert!(runs.ns_per_run_since(&runs).is_nan());
     }
 }

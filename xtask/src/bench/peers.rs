@@ -45,11 +45,14 @@ const ALL: [Peer; 4] = [Peer::NftNumgen, Peer::NftJhash, Peer::Haproxy, Peer::Ng
 /// in the lab's namespace only, never as the host's daemons.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
-/// Installs the peers' packages that are missing; returns the peers that cannot run, and why.
+/// Installs the peers' packages (and bpftool) that are missing; returns the peers that cannot
+/// run, and why.
 pub fn ensure_installed() -> Vec<(Peer, String)> {
+    // bpftool reads the XDP programs' run time (see `XdpRuns`).
     let missing: Vec<&str> = ALL
         .iter()
         .map(|p| p.package())
+        .chain([("bpftool", "bpftool")])
         .filter(|(_, command)| toolchain::which(command).is_none())
         .map(|(package, _)| package)
         .collect::<std::collections::BTreeSet<_>>()

@@ -126,6 +126,34 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
         let _ = writeln!(out, "{row}");
     }
 
+    let _ = writeln!(
+        out,
+        "\nXDP program run time per packet, median, in ns (run_time_ns / run_cnt with kernel.bpf_stats_enabled; the balancer's program, or the trivial router's):"
+    );
+    let mut header = "| system |".to_owned();
+    for workload in &WORKLOADS {
+        let _ = write!(header, " {} |", workload.name);
+    }
+    let _ = writeln!(out, "{header}\n|---|{}", "---|".repeat(WORKLOADS.len()));
+    for (index, system) in SYSTEMS.iter().enumerate() {
+        let costs: Vec<f64> = samples
+            .iter()
+            .map(|per_system| median(&field(&per_system[index], |s| s.xdp_ns_per_packet)))
+            .collect();
+        if costs.iter().all(|c| c.is_nan()) {
+            continue;
+        }
+        let mut row = format!("| {} |", system.title());
+        for cost in costs {
+            if cost.is_nan() {
+                row.push_str(" - |");
+            } else {
+                let _ = write!(row, " {cost:.0} |");
+            }
+        }
+        let _ = writeln!(out, "{row}");
+    }
+
     let steal: Vec<f64> = samples
         .iter()
         .flatten()
