@@ -7,6 +7,7 @@
 #![no_main]
 
 mod choose;
+mod fib;
 mod forward;
 mod maps;
 mod nat;

@@ -5,21 +5,14 @@
 #![no_std]
 #![no_main]
 
-use core::mem::{size_of, zeroed};
-
-use aya_ebpf::{
-    bindings::{bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
-    macros::xdp,
-    programs::XdpContext,
-};
-use balancer_common::csum;
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, macros::xdp, programs::XdpContext};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
 };
 
-const AF_INET: u8 = 2;
+#[path = "fib.rs"]
+mod fib;
 
 #[xdp]
 pub fn router(ctx: XdpContext) -> u32 {
@@ -40,39 +33,14 @@ fn route(ctx: &XdpContext) -> Option<u32> {
             &mut *((start + EthHdr::LEN) as *mut Ipv4Hdr),
         )
     };
-    if eth.ether_type != EtherType::Ipv4 as u16 || ip.ttl <= 1 {
+    if eth.ether_type != EtherType::Ipv4 as u16 {
         return None;
     }
-    // SAFETY: `bpf_fib_lookup` is plain data; all-zero is its documented initial state.
-    let mut fib: bpf_fib_lookup = unsafe { zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = ip.proto as u8;
-    fib.__bindgen_anon_1.tot_len = ip.tot_len();
-    fib.__bindgen_anon_2.tos = ip.tos;
-    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
-    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
-    // SAFETY: reading the context's ingress interface index.
-    fib.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    // SAFETY: `fib` is a valid `bpf_fib_lookup` of the size passed.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.ctx.cast(),
-            &mut fib,
-            size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
-    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
-        return None;
+    match fib::next_hop(ctx, eth, ip) {
+        // SAFETY: a helper taking plain values.
+        fib::Hop::Via(ifindex) => Some(unsafe { bpf_redirect(ifindex, 0) } as u32),
+        fib::Hop::Expired | fib::Hop::Unknown => None,
     }
-    let old_word = u16::from_ne_bytes([ip.ttl, ip.proto as u8]);
-    ip.ttl -= 1;
-    let new_word = u16::from_ne_bytes([ip.ttl, ip.proto as u8]);
-    ip.check = csum::replace16(u16::from_ne_bytes(ip.check), old_word, new_word).to_ne_bytes();
-    eth.dst_addr = fib.dmac;
-    eth.src_addr = fib.smac;
-    // SAFETY: a helper taking plain values.
-    Some(unsafe { bpf_redirect(fib.ifindex, 0) } as u32)
 }
 
 #[cfg(not(test))]
