@@ -164,10 +164,14 @@ fn lb_cookie_options() -> ServiceOptions {
 
 /// `LBSESSION=<value>` for a backend of `web`, made by `balancer cookie` from the lab's config.
 fn lb_cookie_for(lab: &Lab, backend: &str, expires_in: u32) -> String {
-    let config = config_path(lab);
+    cookie_signed_by(&config_path(lab), backend, expires_in)
+}
+
+/// `LBSESSION=<value>` for a backend of `web`, signed with the first key of `config`.
+fn cookie_signed_by(config: &std::path::Path, backend: &str, expires_in: u32) -> String {
     let output = std::process::Command::new(balancer_bin())
         .args(["cookie", "--config"])
-        .arg(&config)
+        .arg(config)
         .args(["web", backend, "--expires-in", &expires_in.to_string()])
         .output()
         .expect("running balancer cookie");
@@ -196,7 +200,8 @@ fn cookies_rejected(lab: &Lab) -> HashMap<String, u64> {
 }
 
 #[test]
-fn a_signed_lb_cookie_routes_to_its_backend_and_a_tampered_or_expired_one_counts_as_absent() {
+fn a_signed_lb_cookie_routes_to_its_backend_and_a_tampered_expired_or_foreign_one_counts_as_absent()
+{
     let lab = lab_with(&lb_cookie_options());
     for index in 0..BACKEND_COUNT {
         let backend = Lab::backend_name(index);
@@ -219,10 +224,16 @@ fn a_signed_lb_cookie_routes_to_its_backend_and_a_tampered_or_expired_one_counts
     let flipped: String = flipped.into_iter().collect();
     let expiring = lb_cookie_for(&lab, &Lab::backend_name(1), 1);
     std::thread::sleep(std::time::Duration::from_secs(2));
+    // Signed by a key this balancer does not have (another deployment's, or one retired).
+    let foreign = lab.dir().join("foreign.toml");
+    let config = std::fs::read_to_string(config_path(&lab)).expect("reading the config");
+    std::fs::write(&foreign, config.replace("{ id = 1,", "{ id = 9,")).expect("writing");
+    let foreign = cookie_signed_by(&foreign, &Lab::backend_name(1), 3600);
     let cases = [
         (format!("{name}={flipped}"), "bad_signature"),
         (format!("{name}={}", &value[..value.len() - 4]), "malformed"),
         (expiring, "expired"),
+        (foreign, "unknown_key"),
     ];
     for (cookie, reason) in cases {
         let before = cookies_rejected(&lab)[reason];

@@ -76,6 +76,9 @@ pub struct BindingCounters {
     pub head_too_large: u64,
     /// Responses given the balancer's cookie(s).
     pub cookies_issued: u64,
+    /// Edited response heads sent again, for head bytes the backend sent again (the client
+    /// had not acknowledged them).
+    pub heads_resent: u64,
     pub retried: u64,
     pub failed: u64,
 }
@@ -629,6 +632,9 @@ impl Agent {
             return;
         };
         let offset = segment.seq.wrapping_sub(backend_isn.wrapping_add(1)) as usize;
+        if response.edit().is_some_and(|edit| offset < edit.head_end) {
+            self.binder.counters.heads_resent += 1;
+        }
         let (edit, outs) = response.on_segment(offset, &segment.payload, segment.flags & FIN != 0);
         let pending = &self.binder.pending[key];
         if let Some(edit) = edit {
