@@ -344,6 +344,10 @@ pub fn run(quick: bool) -> Result<()> {
         Ok(path) => println!("saved to {} (with plots beside it)", path.display()),
         Err(error) => println!("(not saved: {error:#})"),
     }
+    let failed = samples.iter().flatten().flatten().filter(|s| s.rate.is_nan()).count();
+    if failed > 0 {
+        bail!("{failed} run(s) failed (marked FAILED above): a path or a peer does not work");
+    }
     Ok(())
 }
 
