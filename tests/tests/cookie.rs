@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 
-use balancer_lab::{impair::DIRECTIONS, Impairment, Lab, ServiceOptions, BACKEND_COUNT};
+use balancer_lab::{impair::DIRECTIONS, Lab, ServiceOptions, BACKEND_COUNT};
 use common::*;
 
 fn cookie_options() -> ServiceOptions {
@@ -61,11 +61,7 @@ fn a_curl_cookie_jar_keeps_its_session_on_one_backend() {
     let lab = lab_with(&cookie_options());
     let mut backends = HashSet::new();
     for session in 0..20 {
-        let jar = lab.dir().join(format!("jar-{session}"));
-        let jar = jar.to_str().expect("utf-8 path");
-        let answers: Vec<String> = (0..8)
-            .map(|_| get(&lab, &["-c", jar, "-b", jar], "/"))
-            .collect();
+        let answers = jar_answers(&lab, session, 8);
         // The first request has no cookie yet (the fallback places it, the backend sets one);
         // every request that carries it lands where its value hashes.
         let sticky = &answers[1];
@@ -255,12 +251,7 @@ fn a_signed_lb_cookie_routes_to_its_backend_and_a_tampered_expired_or_foreign_on
 
 #[test]
 fn downloads_and_uploads_arrive_intact_through_loss_and_reordering_on_the_client_link() {
-    let impairment = Impairment {
-        loss: 5.0,
-        reorder: 5.0,
-        ..Impairment::default()
-    };
-    let lab = lab_with_impairment(&cookie_options(), &impairment);
+    let lab = lab_with_impairment(&cookie_options(), &lossy());
     // New connections through loss are run with a cookie inserted (issued_cookies.rs).
     integrity_run(&lab, &SIZES, 500, true, "SID=integrity");
     let relay = lab

@@ -91,11 +91,7 @@ fn the_first_response_carries_the_cookie_and_its_cors_variant_and_sessions_stick
     // curl cookie jars: every request of a jar, the first included, on one backend.
     let mut jar_backends = HashSet::new();
     for session in 0..10 {
-        let jar = lab.dir().join(format!("jar-{session}"));
-        let jar = jar.to_str().expect("utf-8 path");
-        let answers: Vec<String> = (0..6)
-            .map(|_| get(&lab, &["-c", jar, "-b", jar], "/"))
-            .collect();
+        let answers = jar_answers(&lab, session, 6);
         assert!(
             answers.iter().all(|b| *b == answers[0]),
             "jar {session} moved: {answers:?}"
@@ -423,12 +419,7 @@ fn a_thousand_responses_with_an_inserted_cookie_arrive_intact() {
 
 #[test]
 fn responses_with_an_inserted_cookie_arrive_intact_through_loss_and_reordering() {
-    let impairment = balancer_lab::Impairment {
-        loss: 5.0,
-        reorder: 5.0,
-        ..balancer_lab::Impairment::default()
-    };
-    let lab = lab_with_impairment(&lb_cookie(""), &impairment);
+    let lab = lab_with_impairment(&lb_cookie(""), &lossy());
     let issued = integrity_run(&lab, &SIZES, 1000, false, "other=1");
     assert_eq!(
         issued, 1000,
@@ -457,12 +448,7 @@ fn responses_with_an_inserted_cookie_arrive_intact_through_loss_and_reordering()
 
 #[test]
 fn rewritten_requests_and_uploads_arrive_intact_through_loss_and_reordering() {
-    let impairment = balancer_lab::Impairment {
-        loss: 5.0,
-        reorder: 5.0,
-        ..balancer_lab::Impairment::default()
-    };
-    let lab = lab_with_impairment(&rewrite_options(""), &impairment);
+    let lab = lab_with_impairment(&rewrite_options(""), &lossy());
     let (head, _) = get_with_head(&lab, &[], "/");
     let sid = pair(&set_cookies(&head)["SID"]).to_owned();
     // Every request's head loses the prefix on its way to the backend; the uploads' bodies

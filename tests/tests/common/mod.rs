@@ -162,6 +162,25 @@ pub fn get(lab: &Lab, args: &[&str], path: &str) -> String {
     run(lab, lab.client_ns(), &full).trim().to_owned()
 }
 
+/// The backends that answered `requests` GETs of `/`, each on a new connection, by curl with
+/// cookie jar number `jar` (its cookies kept between the requests, as a browser keeps them).
+pub fn jar_answers(lab: &Lab, jar: usize, requests: usize) -> Vec<String> {
+    let jar = lab.dir().join(format!("jar-{jar}"));
+    let jar = jar.to_str().expect("utf-8 path");
+    (0..requests)
+        .map(|_| get(lab, &["-c", jar, "-b", jar], "/"))
+        .collect()
+}
+
+/// The lab's lossy client link: 5% of frames dropped and 5% reordered, each way.
+pub fn lossy() -> Impairment {
+    Impairment {
+        loss: 5.0,
+        reorder: 5.0,
+        ..Impairment::default()
+    }
+}
+
 /// Client addresses `198.18.<third>.<1..=count>`, added to the client namespace.
 pub fn add_clients(lab: &Lab, third: u8, count: u8) -> Vec<Ipv4Addr> {
     let addrs: Vec<Ipv4Addr> = (1..=count)

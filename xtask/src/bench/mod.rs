@@ -344,7 +344,12 @@ pub fn run(quick: bool) -> Result<()> {
         Ok(path) => println!("saved to {} (with plots beside it)", path.display()),
         Err(error) => println!("(not saved: {error:#})"),
     }
-    let failed = samples.iter().flatten().flatten().filter(|s| s.rate.is_nan()).count();
+    let failed = samples
+        .iter()
+        .flatten()
+        .flatten()
+        .filter(|s| s.rate.is_nan())
+        .count();
     if failed > 0 {
         bail!("{failed} run(s) failed (marked FAILED above): a path or a peer does not work");
     }
