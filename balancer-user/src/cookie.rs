@@ -19,6 +19,14 @@ const VALUE_LEN: usize = SIGNED_LEN + MAC_LEN;
 /// base64url of [`VALUE_LEN`] bytes without padding.
 const ENCODED_LEN: usize = (VALUE_LEN * 4).div_ceil(3);
 
+/// What a genuine cookie says: the backend's token and when the cookie expires (Unix
+/// seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Session {
+    pub token: u32,
+    pub expires: u32,
+}
+
 /// A signing key; its id travels in the cookie so the right key verifies it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct CookieKey {
@@ -92,8 +100,8 @@ impl CookieKeys {
         Some(URL_SAFE_NO_PAD.encode(value))
     }
 
-    /// The backend token a cookie value names, if it is genuine and not expired at `now`.
-    pub fn open(&self, service: &str, cookie: &str, now: u32) -> Result<u32, Rejection> {
+    /// The session a cookie value holds, if it is genuine and not expired at `now`.
+    pub fn open(&self, service: &str, cookie: &str, now: u32) -> Result<Session, Rejection> {
         if cookie.len() != ENCODED_LEN {
             return Err(Rejection::Malformed);
         }
@@ -116,7 +124,10 @@ impl CookieKeys {
         if field(6) <= now {
             return Err(Rejection::Expired);
         }
-        Ok(field(2))
+        Ok(Session {
+            token: field(2),
+            expires: field(6),
+        })
     }
 }
 
@@ -158,7 +169,10 @@ mod tests {
         let keys = keys(&[1]);
         let cookie = keys.seal("web", 0xdead_beef, NOW + 60).expect("a key");
         assert_eq!(cookie.len(), ENCODED_LEN);
-        assert_eq!(keys.open("web", &cookie, NOW), Ok(0xdead_beef));
+        assert_eq!(
+            keys.open("web", &cookie, NOW).map(|s| s.token),
+            Ok(0xdead_beef)
+        );
         assert_eq!(keys.open("web", &cookie, NOW + 60), Err(Rejection::Expired));
         assert_eq!(
             keys.open("api", &cookie, NOW),
@@ -171,9 +185,9 @@ mod tests {
     fn rotated_keys_verify_old_cookies_and_sign_with_the_first() {
         let old = keys(&[1]).seal("web", 7, NOW + 60).expect("a key");
         let rotated = keys(&[2, 1]);
-        assert_eq!(rotated.open("web", &old, NOW), Ok(7));
+        assert_eq!(rotated.open("web", &old, NOW).map(|s| s.token), Ok(7));
         let new = rotated.seal("web", 7, NOW + 60).expect("a key");
-        assert_eq!(keys(&[2]).open("web", &new, NOW), Ok(7));
+        assert_eq!(keys(&[2]).open("web", &new, NOW).map(|s| s.token), Ok(7));
         assert_eq!(
             keys(&[1]).open("web", &new, NOW),
             Err(Rejection::UnknownKey)

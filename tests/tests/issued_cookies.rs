@@ -455,3 +455,32 @@ fn rewritten_requests_and_uploads_arrive_intact_through_loss_and_reordering() {
     // and all acknowledgements move by as much.
     integrity_run(&lab, &SIZES, 300, false, &sid);
 }
+
+#[test]
+fn a_cookie_past_half_its_life_is_renewed_for_the_same_backend() {
+    let lab = lab_with(&ServiceOptions {
+        web_settings: "affinity = \"lb-cookie\"\ncookie_fallback = \"flow\"\ncookie_duration = 6\n"
+            .to_owned(),
+        ..ServiceOptions::default()
+    });
+    let (head, backend) = get_with_head(&lab, &[], "/");
+    let cookie = pair(&set_cookies(&head)["LBSESSION"]).to_owned();
+    let (head, again) = get_with_head(&lab, &["-H", &format!("Cookie: {cookie}")], "/");
+    assert_eq!(again, backend);
+    assert!(
+        !set_cookies(&head).contains_key("LBSESSION"),
+        "a fresh cookie is not renewed: {head}"
+    );
+    // Cookie times are whole seconds: 4.2 s on, at most 2 of its 6 are left.
+    std::thread::sleep(std::time::Duration::from_millis(4200));
+    let (head, again) = get_with_head(&lab, &["-H", &format!("Cookie: {cookie}")], "/");
+    assert_eq!(again, backend, "the session stays where it is");
+    let renewed = pair(&set_cookies(&head)["LBSESSION"]).to_owned();
+    assert_ne!(renewed, cookie, "a new expiry, so a new value");
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    // The first cookie has expired by now; the renewed one still routes.
+    assert_eq!(
+        get(&lab, &["-H", &format!("Cookie: {renewed}")], "/"),
+        backend
+    );
+}

@@ -410,7 +410,7 @@ impl Agent {
         if pending.tried.is_empty() {
             let counters = &mut self.binder.counters;
             match cookie {
-                Cookie::Hashed(_) | Cookie::Session(_) => counters.with_cookie += 1,
+                Cookie::Hashed(_) | Cookie::Session { .. } => counters.with_cookie += 1,
                 Cookie::Absent => counters.without_cookie += 1,
                 Cookie::Rejected(reason) => {
                     counters.without_cookie += 1;
@@ -862,8 +862,10 @@ enum Cookie {
     Absent,
     /// An application cookie's value, hashed into the lookup table.
     Hashed(String),
-    /// A genuine balancer cookie naming a backend that keeps its sessions.
-    Session(String),
+    /// A genuine balancer cookie naming a backend that keeps its sessions; `renew` when less
+    /// than half its life is left, so an active session does not end at its first cookie's
+    /// expiry.
+    Session { backend: String, renew: bool },
     /// A balancer cookie that counts as absent, by [`REJECTION_REASONS`] index.
     Rejected(usize),
 }
@@ -873,7 +875,13 @@ impl std::fmt::Display for Cookie {
         match self {
             Cookie::Absent => f.write_str("none"),
             Cookie::Hashed(value) => write!(f, "app {value}"),
-            Cookie::Session(backend) => write!(f, "session on {backend}"),
+            Cookie::Session { backend, renew } => {
+                write!(f, "session on {backend}")?;
+                if *renew {
+                    f.write_str(", renewed")?;
+                }
+                Ok(())
+            }
             Cookie::Rejected(reason) => write!(f, "rejected ({})", REJECTION_REASONS[*reason]),
         }
     }
@@ -906,13 +914,15 @@ fn choose(
     let cookie = match value {
         None => Cookie::Absent,
         Some(value) => {
+            let half_life = service.config.cookie_duration / 2;
             let token = if signed {
                 Some(
                     keys.open(&service.config.name, &value, now)
+                        .map(|session| (session.token, session.expires - now < half_life))
                         .map_err(|r| r as usize),
                 )
             } else if rewritten {
-                rewrite::split(&value).map(|(token, _)| Ok(token))
+                rewrite::split(&value).map(|(token, _)| Ok((token, false)))
             } else {
                 None
             };
@@ -920,14 +930,17 @@ fn choose(
                 // The application's own value, set before the balancer prefixed it.
                 None if rewritten => Cookie::Absent,
                 None => Cookie::Hashed(value),
-                Some(Ok(token)) => {
+                Some(Ok((token, renew))) => {
                     let named = service.backends.iter().find(|b| {
                         backend_token(&b.config.name) == token
                             && b.state(service.drain_timeout()) != backend_state::DOWN
                             && !pending.tried.contains(&b.id)
                     });
                     if let Some(backend) = named {
-                        let cookie = Cookie::Session(backend.config.name.clone());
+                        let cookie = Cookie::Session {
+                            backend: backend.config.name.clone(),
+                            renew,
+                        };
                         return Some((service.target(backend), cookie));
                     }
                     Cookie::Rejected(BACKEND_UNUSABLE)
@@ -956,7 +969,7 @@ fn choose(
 
 /// What the connection's first response head gets: the balancer's cookie (and its
 /// cross-origin variant) naming the chosen backend, unless the request's cookie already
-/// names it; in companion mode, whenever the application sets its cookie; in rewrite mode,
+/// names it with more than half its life left; in companion mode, whenever the application sets its cookie; in rewrite mode,
 /// the prefix on the application's cookie, re-issued when the session moved, and the end of
 /// the connection.
 fn issue(
@@ -987,7 +1000,7 @@ fn issue(
         let moved = matches!(cookie, Cookie::Rejected(_)) && cookie_value(request, app).is_some();
         (!moved).then(|| app.to_owned())
     });
-    if service.companion_of().is_none() && matches!(cookie, Cookie::Session(_)) {
+    if service.companion_of().is_none() && matches!(cookie, Cookie::Session { renew: false, .. }) {
         return None;
     }
     let duration = service.cookie_duration;
