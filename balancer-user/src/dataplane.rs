@@ -12,9 +12,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    flow_flags, map_name, Affinity, AffinityKey, Backend, Binding, CookieSecret, Counter, Flow,
-    FlowKey, Reason, ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY, MAX_BACKENDS,
-    MAX_SERVICES, MAX_TX_PORTS, TABLES_PER_SERVICE, XDP_PROGRAM,
+    flow_flags, flow_state, map_name, Affinity, AffinityKey, Backend, Binding, CookieSecret,
+    Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY,
+    MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 use tracing::{info, warn};
 
@@ -295,6 +295,28 @@ impl Dataplane {
             }
         }
         Ok(counts)
+    }
+
+    /// Lets responses whose head a previous run of the agent was reading pass unedited: their
+    /// data would otherwise go to an agent that knows nothing of them. Returns how many.
+    pub fn pass_response_heads(&mut self) -> Result<usize> {
+        let mut reverse: HashMap<&mut MapData, FlowKey, ReverseNat> =
+            HashMap::try_from(self.map(map_name::REVERSE)?)?;
+        let waiting: Vec<(FlowKey, ReverseNat)> = reverse
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, nat)| nat.state == flow_state::RESPONSE_HEAD)
+            .collect();
+        for (key, nat) in &waiting {
+            let passing = ReverseNat {
+                state: flow_state::SPLICED,
+                ..*nat
+            };
+            reverse
+                .insert(key, passing, 0)
+                .context("writing a reverse entry")?;
+        }
+        Ok(waiting.len())
     }
 
     fn map_ref(&self, name: &str) -> Result<&aya::maps::Map> {

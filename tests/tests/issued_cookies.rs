@@ -484,3 +484,48 @@ fn a_cookie_past_half_its_life_is_renewed_for_the_same_backend() {
         backend
     );
 }
+
+#[test]
+fn a_response_whose_head_the_agent_was_reading_when_it_restarted_passes_unedited() {
+    let mut lab = lab_with(&lb_cookie(""));
+    let size = 300_000u64;
+    let body = lab.dir().join("slow-body");
+    let (ns, url, out) = (
+        lab.client_ns().to_owned(),
+        vip_url(&format!("/bytes/{size}?delay=4000")),
+        body.to_string_lossy().into_owned(),
+    );
+    let client = std::thread::spawn(move || {
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "curl",
+                "-sS",
+                "--fail",
+                "--max-time",
+                "20",
+            ])
+            .args(["-o", &out, &url])
+            .output()
+            .expect("running curl")
+    });
+    // The backend holds the response back while the agent restarts: the connection is
+    // spliced and its reverse entry waits for the head, in the maps the next run reuses.
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    lab.stop_balancer().expect("stopping the agent");
+    lab.start_balancer(&balancer_bin(), &config_path(&lab))
+        .expect("starting the agent again");
+    let output = client.join().expect("the client thread");
+    assert!(
+        output.status.success(),
+        "the response never arrived: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        sha256_of_file(&body),
+        balancer_lab::test_data_sha256(size),
+        "the response arrived whole"
+    );
+}

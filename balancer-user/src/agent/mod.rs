@@ -99,6 +99,10 @@ impl Agent {
             }
         }
         dataplane.set_cookie_secret(random_secret()?)?;
+        let passed = dataplane.pass_response_heads()?;
+        if passed > 0 {
+            info!("{passed} response(s) whose head the previous run was reading pass unedited");
+        }
         let mut agent = Self {
             config: config.clone(),
             dataplane,

@@ -4,7 +4,7 @@
 //! HTTP: `GET /` → `<name>\n`; `GET /cookies` → the request's `Cookie` headers;
 //! `GET /bytes/<n>` → n bytes of the lab's test data, streamed;
 //! `POST /upload` → `<sha256 hex> <byte count>\n` of the body, read as it streams; `?pad=<n>`
-//! adds an `X-Padding` header of n bytes to any answer. Every
+//! adds an `X-Padding` header of n bytes to any answer, `?delay=<ms>` holds it back. Every
 //! response carries `X-Backend: <name>`, and a response to a request without the application's
 //! session cookie sets one (`Set-Cookie: SID=<name>-<n>`), as a web application would.
 //! `lab-backend --generate <n>` prints the bytes that `/bytes/<n>` serves.
@@ -139,6 +139,9 @@ async fn handle(
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .any(|pair| pair.trim().starts_with(&format!("{SESSION_COOKIE}=")));
+    if let Some(delay) = query_number(request_query.as_deref(), "delay") {
+        tokio::time::sleep(std::time::Duration::from_millis(delay.min(30_000) as u64)).await;
+    }
     let response = match (request.method(), path.as_str()) {
         (&Method::GET, "/") => text(StatusCode::OK, format!("{name}\n")),
         (&Method::GET, "/cookies") => text(StatusCode::OK, format!("{}\n", cookies.join("; "))),
@@ -155,7 +158,7 @@ async fn handle(
         _ => text(StatusCode::NOT_FOUND, "not found\n".to_owned()),
     };
     let mut response = with_backend(response, &name);
-    if let Some(padding) = padding(request_query.as_deref()) {
+    if let Some(padding) = query_number(request_query.as_deref(), "pad").and_then(padding) {
         response.headers_mut().insert("x-padding", padding);
     }
     if !has_session {
@@ -169,14 +172,18 @@ async fn handle(
     Ok(response)
 }
 
-/// `pad=<n>` in the query asks for an `X-Padding` header of n bytes (at most 64 KB), so that
-/// tests get response heads over several segments.
-fn padding(query: Option<&str>) -> Option<HeaderValue> {
-    let n: usize = query?
+/// The number `<name>=<n>` in a query.
+fn query_number(query: Option<&str>, name: &str) -> Option<usize> {
+    query?
         .split('&')
-        .find_map(|pair| pair.strip_prefix("pad="))?
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))?
         .parse()
-        .ok()?;
+        .ok()
+}
+
+/// An `X-Padding` value of `n` bytes (at most 64 KB), so that tests get response heads over
+/// several segments.
+fn padding(n: usize) -> Option<HeaderValue> {
     let pattern = b"0123456789abcdef";
     let value: Vec<u8> = pattern.iter().cycle().take(n.min(65536)).copied().collect();
     HeaderValue::from_bytes(&value).ok()
