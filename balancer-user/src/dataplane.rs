@@ -221,31 +221,31 @@ impl Dataplane {
         flows.get(key, 0).ok()
     }
 
-    /// Changes both entries of a spliced connection, the flow first.
+    /// Rewrites both entries of a spliced connection, the flow first: `change` gets the flow
+    /// as the data plane has it now (it updates flags there) and the reverse entry as the
+    /// agent last wrote it (the data plane only reads those).
     pub fn update_connection(
         &mut self,
         key: &FlowKey,
         reply_key: &FlowKey,
+        mut nat: ReverseNat,
         change: impl FnOnce(&mut Flow, &mut ReverseNat),
     ) -> Result<()> {
         let mut flow = self.flow(key).context("reading a flow")?;
-        let mut nat = {
-            let reverse: HashMap<&MapData, FlowKey, ReverseNat> =
-                HashMap::try_from(self.map_ref(map_name::REVERSE)?)?;
-            reverse
-                .get(reply_key, 0)
-                .context("reading a reverse entry")?
-        };
         change(&mut flow, &mut nat);
         let mut flows: HashMap<&mut MapData, FlowKey, Flow> =
             HashMap::try_from(self.map(map_name::FLOWS)?)?;
         flows.insert(key, flow, 0).context("writing a flow")?;
+        self.write_reverse(reply_key, nat)
+    }
+
+    /// Writes a reverse entry.
+    pub fn write_reverse(&mut self, reply_key: &FlowKey, nat: ReverseNat) -> Result<()> {
         let mut reverse: HashMap<&mut MapData, FlowKey, ReverseNat> =
             HashMap::try_from(self.map(map_name::REVERSE)?)?;
         reverse
             .insert(reply_key, nat, 0)
-            .context("writing a reverse entry")?;
-        Ok(())
+            .context("writing a reverse entry")
     }
 
     /// Forgets a client connection: its flow, its binding and (if any) its reverse entry.

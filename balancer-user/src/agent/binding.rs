@@ -108,8 +108,8 @@ struct Pending {
     issue: Option<Issue>,
     /// The first response, while its head is read and until the client has the edited head.
     response: Option<Response>,
-    /// Spliced: the backend's window scale and the client's, as XDP rescales windows.
-    window_shifts: (u8, u8),
+    /// Spliced: the reverse entry as the agent wrote it (the data plane only reads it).
+    reverse: ReverseNat,
     /// Rewrite mode: the application's cookie whose prefix comes off the request before the
     /// backend gets it, and the bytes that removes.
     strip: Option<(String, u32)>,
@@ -306,7 +306,7 @@ impl Agent {
                     tried: Vec::new(),
                     issue: None,
                     response: None,
-                    window_shifts: (0, 0),
+                    reverse: ReverseNat::default(),
                     strip: None,
                 },
             );
@@ -335,8 +335,15 @@ impl Agent {
         }
         match pending.stage {
             Stage::Reading => {
-                self.acknowledge(&key);
                 self.try_bind(&key);
+                // A complete head needs no acknowledgement of its own: the backend's reply
+                // carries one. A partial head does, or the client stops at its window.
+                if matches!(
+                    self.binder.pending.get(&key).map(|p| &p.stage),
+                    Some(Stage::Reading)
+                ) {
+                    self.acknowledge(&key);
+                }
             }
             Stage::Spliced {
                 target,
@@ -564,7 +571,7 @@ impl Agent {
             }
             self.binder.counters.bound += 1;
             let pending = self.binder.pending.get_mut(&key).expect("looked up above");
-            pending.window_shifts = (nat.backend_window_shift, nat.client_window_shift);
+            pending.reverse = nat;
             pending.response = pending.issue.take().map(Response::new);
         }
         let pending = self.binder.pending.get_mut(&key).expect("looked up above");
@@ -647,16 +654,16 @@ impl Agent {
             let reply_key = backend_key(pending, target);
             // The flow first: the client acknowledges the edited head only once it has it,
             // and the agent sends it after both entries know the edit.
-            let recorded = self
-                .dataplane
-                .update_connection(key, &reply_key, |flow, nat| {
-                    flow.inserted = inserted;
-                    flow.head_end = client_head_end;
-                    nat.state = flow_state::SPLICED;
-                    nat.seq_delta = nat.seq_delta.wrapping_sub(inserted);
-                    nat.inserted = inserted;
-                    nat.head_end = backend_head_end;
-                });
+            let recorded =
+                self.dataplane
+                    .update_connection(key, &reply_key, pending.reverse, |flow, nat| {
+                        flow.inserted = inserted;
+                        flow.head_end = client_head_end;
+                        nat.state = flow_state::SPLICED;
+                        nat.seq_delta = nat.seq_delta.wrapping_sub(inserted);
+                        nat.inserted = inserted;
+                        nat.head_end = backend_head_end;
+                    });
             if let Err(error) = recorded {
                 warn!("recording an edited response head: {error:#}");
                 self.abort(key, false);
@@ -676,7 +683,10 @@ impl Agent {
     /// Sends bytes of the client's stream as the backend's segment `from` would reach it.
     fn send_to_client(&self, pending: &Pending, from: &Segment, out: Out) {
         let mss = usize::from(pending.binding.options.mss.clamp(536, COOKIE_MSS));
-        let (backend_shift, client_shift) = pending.window_shifts;
+        let (backend_shift, client_shift) = (
+            pending.reverse.backend_window_shift,
+            pending.reverse.client_window_shift,
+        );
         let bytes = u64::from(from.window) << (backend_shift & 15) >> (client_shift & 15);
         let first_seq = pending.binding.cookie_isn.wrapping_add(1);
         let removed = pending.strip.as_ref().map_or(0, |(_, removed)| *removed);
@@ -780,13 +790,15 @@ impl Agent {
         for key in give_up {
             // No response head in all that time (a long poll): the backend's data passes
             // unedited from now on; what it sent meanwhile it sends again, unacknowledged.
+            let Some(reverse) = self.binder.pending.get(&key).map(|p| p.reverse) else {
+                continue;
+            };
             if let Some(reply_key) = self.forget(&key) {
-                let passed = self
-                    .dataplane
-                    .update_connection(&key, &reply_key, |_, nat| {
-                        nat.state = flow_state::SPLICED;
-                    });
-                if let Err(error) = passed {
+                let passing = ReverseNat {
+                    state: flow_state::SPLICED,
+                    ..reverse
+                };
+                if let Err(error) = self.dataplane.write_reverse(&reply_key, passing) {
                     warn!("letting a response pass unedited: {error:#}");
                 }
             }
