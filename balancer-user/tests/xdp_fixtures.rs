@@ -14,8 +14,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    affinity, backend_state, map_name, Backend, Counter, Flow, FlowKey, Reason, Service,
-    ServiceKey, MAX_SERVICES, PROTO_TCP, PROTO_UDP, TABLES_PER_SERVICE, XDP_PROGRAM,
+    affinity, backend_state, flow_flags, flow_state, map_name, Backend, Counter, Flow, FlowKey,
+    Reason, ReverseNat, Service, ServiceKey, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
+    TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 
 const XDP_DROP: u32 = 1;
@@ -1033,5 +1034,167 @@ fn cookie_service_answers_syns_with_a_cookie_and_binds_on_the_matching_ack() {
             binding.options.sack_permitted
         ),
         (1460, 10, 1)
+    );
+}
+
+/// Writes both entries of a spliced cookie connection from the client's port to backend 0.
+fn splice(program: &mut Program, client_key: &FlowKey, flow: Flow, nat: ReverseNat) {
+    let reply_key = FlowKey {
+        src: u32::from_ne_bytes(BACKEND.octets()),
+        dst: client_key.src,
+        sport: WEB_BACKEND_PORT.to_be(),
+        dport: client_key.sport,
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    };
+    let mut flows: HashMap<&mut MapData, FlowKey, Flow> =
+        HashMap::try_from(program.map(map_name::FLOWS)).unwrap();
+    flows.insert(client_key, flow, 0).unwrap();
+    let mut reverse: HashMap<&mut MapData, FlowKey, ReverseNat> =
+        HashMap::try_from(program.map(map_name::REVERSE)).unwrap();
+    reverse.insert(reply_key, nat, 0).unwrap();
+}
+
+#[test]
+fn a_splice_moves_sequence_numbers_past_an_edited_head_and_a_shortened_request() {
+    // SAFETY: geteuid has no preconditions.
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "the XDP fixtures need root"
+    );
+    enter_private_network();
+    let mut program = Program::load("splice");
+    // The client knows the balancer's ISN; the backend's is DELTA further. The agent added
+    // INSERTED bytes to the response head, which ends at HEAD_END in the client's space, and
+    // took REMOVED bytes out of the request.
+    const DELTA: u32 = 1_000_000;
+    const INSERTED: u32 = 70;
+    const REMOVED: u32 = 9;
+    const COOKIE_ISN: u32 = 5_000;
+    const HEAD_END: u32 = COOKIE_ISN + 1 + 400;
+    let backend_head_end = HEAD_END.wrapping_add(DELTA) - INSERTED;
+    let key = FlowKey {
+        src: u32::from_ne_bytes(CLIENT.octets()),
+        dst: u32::from_ne_bytes(VIP.octets()),
+        sport: CLIENT_PORT.to_be(),
+        dport: COOKIE_PORT.to_be(),
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    };
+    splice(
+        &mut program,
+        &key,
+        Flow {
+            backend_id: 0,
+            backend_addr: u32::from_ne_bytes(BACKEND.octets()),
+            backend_port: WEB_BACKEND_PORT.to_be(),
+            state: flow_state::SPLICED,
+            seq_delta: DELTA,
+            inserted: INSERTED,
+            head_end: HEAD_END,
+            removed: REMOVED,
+            ..Flow::default()
+        },
+        ReverseNat {
+            vip: u32::from_ne_bytes(VIP.octets()),
+            port: COOKIE_PORT.to_be(),
+            state: flow_state::SPLICED,
+            seq_delta: DELTA - INSERTED,
+            inserted: INSERTED,
+            head_end: backend_head_end,
+            removed: REMOVED,
+            ..ReverseNat::default()
+        },
+    );
+    let from_client = ip(CLIENT, VIP, PROTO_TCP);
+    let at_backend = Ip {
+        ttl: from_client.ttl - 1,
+        ..ip(CLIENT, BACKEND, PROTO_TCP)
+    };
+    let from_backend = ip(BACKEND, CLIENT, PROTO_TCP);
+    let at_client = Ip {
+        ttl: from_backend.ttl - 1,
+        ..ip(VIP, CLIENT, PROTO_TCP)
+    };
+    let client_ack = |ack: u32| {
+        let segment = tcp_segment(
+            &from_client,
+            (CLIENT_PORT, COOKIE_PORT),
+            (CLIENT_SEQ + 600, ack),
+            TCP_ACK,
+            500,
+            b"",
+        );
+        ipv4_frame(FROM_CLIENT.0, FROM_CLIENT.1, &from_client, &segment)
+    };
+    let at_backend_ack = |ack: u32| {
+        let segment = tcp_segment(
+            &at_backend,
+            (CLIENT_PORT, WEB_BACKEND_PORT),
+            (CLIENT_SEQ + 600 - REMOVED, ack),
+            TCP_ACK,
+            500,
+            b"",
+        );
+        ipv4_frame(TO_BACKEND.0, TO_BACKEND.1, &at_backend, &segment)
+    };
+    let backend_data = |seq: u32| {
+        let segment = tcp_segment(
+            &from_backend,
+            (WEB_BACKEND_PORT, CLIENT_PORT),
+            (seq, CLIENT_SEQ + 600 - REMOVED),
+            TCP_ACK,
+            500,
+            b"body",
+        );
+        ipv4_frame(FROM_BACKEND.0, FROM_BACKEND.1, &from_backend, &segment)
+    };
+    let at_client_data = |seq: u32| {
+        let segment = tcp_segment(
+            &at_client,
+            (COOKIE_PORT, CLIENT_PORT),
+            (seq, CLIENT_SEQ + 600),
+            TCP_ACK,
+            500,
+            b"body",
+        );
+        ipv4_frame(TO_CLIENT.0, TO_CLIENT.1, &at_client, &segment)
+    };
+
+    // Inside the edited head: acknowledged at most up to the original head's last byte.
+    let (action, output) = program.run(&client_ack(HEAD_END - 10));
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(
+        output,
+        at_backend_ack(backend_head_end - 1),
+        "clamped below the head's end"
+    );
+    // Head bytes the backend sends again go to the agent while the client lacks the head.
+    let (action, _) = program.run(&backend_data(backend_head_end - 100));
+    assert_eq!(action, XDP_DROP, "punted");
+    assert_eq!(program.counters()[Reason::Punted as usize], 1);
+    assert_eq!(
+        program.flow(&key).unwrap().flags & flow_flags::HEAD_ACKED,
+        0
+    );
+
+    // The whole head acknowledged: past it, exact, and the flow remembers.
+    let (action, output) = program.run(&client_ack(HEAD_END + 50));
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(output, at_backend_ack(HEAD_END + 50 + DELTA - INSERTED));
+    assert_ne!(
+        program.flow(&key).unwrap().flags & flow_flags::HEAD_ACKED,
+        0
+    );
+
+    // Backend data past the head: moved by the insertion; its ack by the removed bytes.
+    let (action, output) = program.run(&backend_data(backend_head_end + 1_000));
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(output, at_client_data(HEAD_END + 1_000));
+    // Before the head end again (2 GB later, say): the client has the head, so forwarded.
+    let (action, _) = program.run(&backend_data(backend_head_end - 100));
+    assert_eq!(
+        action, XDP_REDIRECT,
+        "not punted once the head is acknowledged"
     );
 }
