@@ -227,8 +227,12 @@ pub struct ReverseNat {
     /// Spliced TCP whose first request the agent shortened by this many bytes: added to the
     /// backend's acknowledgement numbers and SACK blocks.
     pub removed: u32,
+    /// Spliced TCP: the backend's sequence number just past the request bytes the agent
+    /// replayed to it, until the backend acknowledges them (then 0): only the agent can send
+    /// them again, the client had them acknowledged by the agent.
+    pub replay_end: u32,
 }
-const _: () = assert!(size_of::<ReverseNat>() == 28);
+const _: () = assert!(size_of::<ReverseNat>() == 32);
 
 /// `SYN_OPTIONS` value: what a client's SYN offered, kept until its handshake completes.
 #[repr(C)]

@@ -90,11 +90,14 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, V
 /// Rewrites a backend's reply to come from the VIP. `None` when it belongs to no known flow.
 #[inline(always)]
 pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, Verdict> {
-    let Some(nat) = REVERSE.get_ptr(&packet.key) else {
+    let Some(entry) = REVERSE.get_ptr_mut(&packet.key) else {
         return Ok(None);
     };
     // SAFETY: map values stay valid for the duration of the program.
-    let nat = unsafe { *nat };
+    let nat = unsafe { *entry };
+    if nat.replay_end != 0 {
+        splice::note_replay_acked(ctx, packet, entry);
+    }
     let reason = match nat.state {
         flow_state::NAT => Reason::Replied,
         // A SYN-ACK (first or repeated) answers the agent's SYN: the agent acknowledges it.

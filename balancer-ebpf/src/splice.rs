@@ -184,6 +184,24 @@ pub fn note_head_acked(ctx: &XdpContext, packet: &Packet, flow: &mut Flow) {
     }
 }
 
+/// Clears the reverse entry's `replay_end` once the backend acknowledges all of the request
+/// the agent replayed to it.
+#[inline(always)]
+pub fn note_replay_acked(ctx: &XdpContext, packet: &Packet, entry: *mut ReverseNat) {
+    if packet.tcp_flags & TCP_ACK == 0 {
+        return;
+    }
+    if let Ok(ack) = read_u32(ctx, ACK_OFFSET) {
+        // SAFETY: map values stay valid for the duration of the program; a racing writer
+        // only delays the agent's check.
+        unsafe {
+            if ack.wrapping_sub((*entry).replay_end) as i32 >= 0 {
+                (*entry).replay_end = 0;
+            }
+        }
+    }
+}
+
 /// Whether a backend segment of a spliced connection goes to the agent: data or FIN while
 /// it reads the response head, and data sent again from before the end of a head it edited
 /// (until the client acknowledged that head; later the same sequence numbers, 2 GB further

@@ -221,9 +221,16 @@ impl Dataplane {
         flows.get(key, 0).ok()
     }
 
+    /// A backend connection's reverse entry.
+    pub fn reverse(&self, reply_key: &FlowKey) -> Option<ReverseNat> {
+        let map = self.map_ref(map_name::REVERSE).ok()?;
+        let reverse: HashMap<&MapData, FlowKey, ReverseNat> = HashMap::try_from(map).ok()?;
+        reverse.get(reply_key, 0).ok()
+    }
+
     /// Rewrites both entries of a spliced connection, the flow first: `change` gets the flow
     /// as the data plane has it now (it updates flags there) and the reverse entry as the
-    /// agent last wrote it (the data plane only reads those).
+    /// agent last wrote it (the data plane changes only its `replay_end` there).
     pub fn update_connection(
         &mut self,
         key: &FlowKey,

@@ -489,6 +489,20 @@ impl Lab {
         }
     }
 
+    /// Makes every backend drop `percent` of the frames it receives (`lab-drop` on its
+    /// interface): a lossy link between the balancer host and the backends.
+    pub fn drop_at_backends(&mut self, drop_bin: &Path, percent: f64) -> Result<()> {
+        let bin = drop_bin.to_string_lossy().into_owned();
+        let percent = percent.to_string();
+        for index in 0..BACKEND_COUNT {
+            let ns = self.backend_ns(index).to_owned();
+            self.spawn(&ns, &[&bin, "--interface", "eth0", "--percent", &percent])?;
+        }
+        // The programs are attached within milliseconds of the start.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(())
+    }
+
     /// Starts the relay of the impaired client link (see [`Lab::with_impaired_client_link`])
     /// and waits for its first counters; from then on the client reaches the balancer through
     /// it.

@@ -26,6 +26,7 @@ pub mod impair;
 mod lab;
 pub mod netns;
 pub mod process;
+pub mod xdp;
 
 use std::net::Ipv4Addr;
 

@@ -377,3 +377,46 @@ print(data.count(b"HTTP/1.1 200"))
         "three pipelined requests, three responses"
     );
 }
+
+#[test]
+fn requests_arrive_when_the_link_to_the_backends_loses_frames() {
+    let mut lab = lab_with(&cookie_options());
+    // The agent's SYN and its replay of the request cross this link too: the client has had
+    // its bytes acknowledged by the agent, so only the agent can send them again. Heads of
+    // several segments: a lost first one the backend asks for again (its SYN-ACK comes
+    // again), a lost later one only the agent can notice.
+    lab.drop_at_backends(drop_bin(), 10.0)
+        .expect("making the backend link lossy");
+    let script = format!(
+        r#"
+import http.client, time
+failed = 0
+started = time.time()
+for i in range(200):
+    try:
+        c = http.client.HTTPConnection("{vip}", 80, timeout=5)
+        c.request("GET", "/", headers={{"Cookie": "pad=%s; SID=lossy-%d" % ("x" * 4000, i), "Connection": "close"}})
+        if not c.getresponse().read().startswith(b"backend-"):
+            failed += 1
+        c.close()
+    except Exception:
+        failed += 1
+print(failed, round(time.time() - started, 1))
+"#,
+        vip = balancer_lab::VIP
+    );
+    let output = python(&lab, lab.client_ns(), &script);
+    let failed: usize = output
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(usize::MAX);
+    assert_eq!(
+        failed, 0,
+        "requests lost on the backend link (failed, seconds): {output}"
+    );
+    assert!(
+        binding_count(&lab, "replays_resent") > 0,
+        "the agent never had to send a request again: the loss never hit a replay"
+    );
+}

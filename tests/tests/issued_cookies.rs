@@ -105,16 +105,6 @@ fn the_first_response_carries_the_cookie_and_its_cors_variant_and_sessions_stick
     assert!(issued >= 111, "status counts the issued cookies: {issued}");
 }
 
-/// A count of the `bindings` line of `balancer status`.
-fn binding_count(lab: &Lab, name: &str) -> u64 {
-    let status = balancer(lab, &["status"]);
-    status
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{name}=")))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no {name}= in {status}"))
-}
-
 /// 100 python `requests` sessions of 20 requests, each on a new connection: every session's
 /// requests reach one backend, its first response alone sets the balancer's cookie `name`,
 /// and the sessions spread over the backends.

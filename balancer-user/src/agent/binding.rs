@@ -58,6 +58,10 @@ const SYNS_PER_BACKEND: u32 = 3;
 const MAX_BACKENDS_TRIED: usize = 3;
 /// A spliced connection is remembered this long, to answer a repeated SYN-ACK.
 const SPLICED_MEMORY: Duration = Duration::from_secs(5);
+/// The request replayed to the backend is checked for its acknowledgement this long after
+/// it was sent, and sent again if it is missing, the wait doubling up to [`MAX_REPLAY_WAIT`].
+const REPLAY_WAIT: Duration = Duration::from_millis(200);
+const MAX_REPLAY_WAIT: Duration = Duration::from_secs(3);
 /// A response head the agent edits is held at most this long: for the backend to answer
 /// (a long poll), and for the client to acknowledge the edited head.
 const RESPONSE_MEMORY: Duration = Duration::from_secs(300);
@@ -79,6 +83,8 @@ pub struct BindingCounters {
     /// Edited response heads sent again, for head bytes the backend sent again (the client
     /// had not acknowledged them).
     pub heads_resent: u64,
+    /// Requests replayed to the backend again, for want of its acknowledgement.
+    pub replays_resent: u64,
     pub retried: u64,
     pub failed: u64,
 }
@@ -108,8 +114,12 @@ struct Pending {
     issue: Option<Issue>,
     /// The first response, while its head is read and until the client has the edited head.
     response: Option<Response>,
-    /// Spliced: the reverse entry as the agent wrote it (the data plane only reads it).
+    /// Spliced: the reverse entry as the agent wrote it (the data plane only clears its
+    /// `replay_end`, which the agent then clears here too).
     reverse: ReverseNat,
+    /// When to check next that the backend acknowledged the replayed request, and how long
+    /// to wait after that.
+    replay_check: (Instant, Duration),
     /// Rewrite mode: the application's cookie whose prefix comes off the request before the
     /// backend gets it, and the bytes that removes.
     strip: Option<(String, u32)>,
@@ -307,6 +317,7 @@ impl Agent {
                     issue: None,
                     response: None,
                     reverse: ReverseNat::default(),
+                    replay_check: (Instant::now(), REPLAY_WAIT),
                     strip: None,
                 },
             );
@@ -533,6 +544,16 @@ impl Agent {
             let client_scales = pending.binding.options.window_shift != NO_WINDOW_SCALE;
             let delta = backend_isn.wrapping_sub(pending.binding.cookie_isn);
             let removed = pending.strip.as_ref().map_or(0, |(_, removed)| *removed);
+            let replayed = pending.request.len() as u32 - removed;
+            let replay_end = if replayed > 0 {
+                pending
+                    .binding
+                    .client_isn
+                    .wrapping_add(1)
+                    .wrapping_add(replayed)
+            } else {
+                0
+            };
             let flow = Flow {
                 backend_id: target.id,
                 backend_addr: u32::from_ne_bytes(target.addr.octets()),
@@ -560,6 +581,7 @@ impl Agent {
                 },
                 seq_delta: delta,
                 removed,
+                replay_end,
                 ..ReverseNat::default()
             };
             if let Err(error) = self
@@ -572,6 +594,7 @@ impl Agent {
             self.binder.counters.bound += 1;
             let pending = self.binder.pending.get_mut(&key).expect("looked up above");
             pending.reverse = nat;
+            pending.replay_check = (Instant::now() + REPLAY_WAIT, REPLAY_WAIT);
             pending.response = pending.issue.take().map(Response::new);
         }
         let pending = self.binder.pending.get_mut(&key).expect("looked up above");
@@ -660,6 +683,8 @@ impl Agent {
                         flow.inserted = inserted;
                         flow.head_end = client_head_end;
                         nat.state = flow_state::SPLICED;
+                        // The backend answered: it has the request.
+                        nat.replay_end = 0;
                         nat.seq_delta = nat.seq_delta.wrapping_sub(inserted);
                         nat.inserted = inserted;
                         nat.head_end = backend_head_end;
@@ -728,6 +753,7 @@ impl Agent {
         let mut forget = Vec::new();
         let mut expire = Vec::new();
         let mut give_up = Vec::new();
+        let mut recheck = Vec::new();
         for (key, pending) in &self.binder.pending {
             match pending.stage {
                 Stage::Reading if now.duration_since(pending.created) > READ_TIMEOUT => {
@@ -744,8 +770,16 @@ impl Agent {
                 }
                 Stage::Spliced { at, .. } => {
                     let age = now.duration_since(at);
+                    let replay_unconfirmed = pending.reverse.replay_end != 0;
+                    if replay_unconfirmed && now >= pending.replay_check.0 {
+                        recheck.push(*key);
+                    }
                     match pending.response.as_ref().map(Response::edit) {
-                        None if age > SPLICED_MEMORY => forget.push(*key),
+                        None if age > SPLICED_MEMORY
+                            && (!replay_unconfirmed || age > RESPONSE_MEMORY) =>
+                        {
+                            forget.push(*key)
+                        }
                         // Once the client has the edited head, none of it comes again (and
                         // the backend, sending data, had the handshake's last ACK).
                         Some(Some(_))
@@ -784,6 +818,9 @@ impl Agent {
             }
             self.connect_next(&key);
         }
+        for key in recheck {
+            self.recheck_replay(&key, now);
+        }
         for key in forget {
             self.forget(&key);
         }
@@ -809,6 +846,42 @@ impl Agent {
                 self.binder.counters.failed += 1;
                 self.abort(&key, false);
             }
+        }
+    }
+
+    /// Sends the request to the backend again if it has not acknowledged it yet (a replay
+    /// segment was lost on the way: the client, its bytes acknowledged by the agent, will not
+    /// send them again).
+    fn recheck_replay(&mut self, key: &FlowKey, now: Instant) {
+        let Some(pending) = self.binder.pending.get(key) else {
+            return;
+        };
+        let Stage::Spliced {
+            target,
+            backend_isn,
+            ..
+        } = pending.stage
+        else {
+            return;
+        };
+        let reply_key = backend_key(pending, target);
+        let acknowledged = self
+            .dataplane
+            .reverse(&reply_key)
+            .is_none_or(|nat| nat.replay_end == 0);
+        if !acknowledged {
+            debug!(client = %pending.client, port = pending.client_port, backend = %target.addr, "the backend has not acknowledged the request: sending it again");
+            self.binder.counters.replays_resent += 1;
+            self.replay(pending, target, backend_isn);
+        }
+        let Some(pending) = self.binder.pending.get_mut(key) else {
+            return;
+        };
+        if acknowledged {
+            pending.reverse.replay_end = 0;
+        } else {
+            let wait = pending.replay_check.1;
+            pending.replay_check = (now + wait, (wait * 2).min(MAX_REPLAY_WAIT));
         }
     }
 

@@ -449,12 +449,13 @@ impl Agent {
         let b = &self.binder.counters;
         let _ = writeln!(
             text,
-            "bindings bound={} cookie={} fallback={} issued={} heads_resent={} retried={} failed={} head_too_large={}",
+            "bindings bound={} cookie={} fallback={} issued={} heads_resent={} replays_resent={} retried={} failed={} head_too_large={}",
             b.bound,
             b.with_cookie,
             b.without_cookie,
             b.cookies_issued,
             b.heads_resent,
+            b.replays_resent,
             b.retried,
             b.failed,
             b.head_too_large

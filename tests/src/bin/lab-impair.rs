@@ -5,7 +5,6 @@
 
 use std::{
     collections::VecDeque,
-    ffi::CString,
     fs,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     path::{Path, PathBuf},
@@ -18,7 +17,10 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use balancer_lab::impair::{Impairment, COUNTERS, DIRECTIONS, MAX_WIRE_FRAME};
+use balancer_lab::{
+    impair::{Impairment, COUNTERS, DIRECTIONS, MAX_WIRE_FRAME},
+    xdp,
+};
 use clap::Parser;
 
 /// How long a frame chosen for reordering waits for a later frame to overtake it.
@@ -84,7 +86,9 @@ fn main() -> Result<()> {
     impairment.validate()?;
     let client = packet_socket(&args.client_port)?;
     let balancer = packet_socket(&args.balancer_port)?;
-    let _pass = attach_xdp_pass(interface_index(&args.balancer_port)?)
+    // A veth drops frames that an XDP program redirects into it unless it runs XDP itself or
+    // has GRO on, and GRO would hand the relay merged frames larger than the link can send.
+    let _pass = xdp::attach(xdp::interface_index(&args.balancer_port)?, 0.0)
         .with_context(|| format!("attaching an XDP pass program to {}", args.balancer_port))?;
 
     let seed = args.seed.unwrap_or_else(|| {
@@ -272,16 +276,6 @@ fn wait_readable(fd: RawFd, due: Option<Instant>) -> bool {
     ready > 0 && poll.revents & libc::POLLIN != 0
 }
 
-fn interface_index(name: &str) -> Result<u32> {
-    let c_name = CString::new(name).context("an interface name with a NUL byte")?;
-    // SAFETY: a valid C string.
-    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
-    if index == 0 {
-        bail!("no interface {name} in this namespace");
-    }
-    Ok(index)
-}
-
 fn check(rc: libc::c_int, what: &str) -> Result<()> {
     if rc < 0 {
         bail!("{what}: {}", std::io::Error::last_os_error());
@@ -312,7 +306,7 @@ fn set_option<T>(
 /// A packet socket on `name` that sees every frame the interface receives, in promiscuous
 /// mode, but not the frames sent on it.
 fn packet_socket(name: &str) -> Result<OwnedFd> {
-    let index = interface_index(name)?;
+    let index = xdp::interface_index(name)?;
     let all = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: plain socket call; the fd is owned from here on.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, all.into()) };
@@ -401,88 +395,4 @@ fn write_counters(path: &Path, counters: &[Counters; 2]) -> Result<()> {
     let partial = path.with_extension("partial");
     fs::write(&partial, text).with_context(|| format!("writing {}", partial.display()))?;
     fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))
-}
-
-/// Attaches `r0 = XDP_PASS; exit` to `ifindex` in native mode through a BPF link, which lives
-/// as long as the returned descriptor. A veth drops frames that an XDP program redirects into
-/// it unless it runs XDP itself or has GRO on, and GRO would hand the relay merged frames
-/// larger than the link can send on.
-fn attach_xdp_pass(ifindex: u32) -> Result<OwnedFd> {
-    const BPF_PROG_LOAD: libc::c_long = 5;
-    const BPF_LINK_CREATE: libc::c_long = 28;
-    const BPF_PROG_TYPE_XDP: u32 = 6;
-    const BPF_XDP: u32 = 37;
-    const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
-    const XDP_PASS: u64 = 2;
-    // mov64 r0, XDP_PASS (opcode 0xb7, immediate in the high 32 bits); exit (0x95).
-    let program: [u64; 2] = [0xb7 | XDP_PASS << 32, 0x95];
-    let license = b"GPL\0";
-
-    #[repr(C)]
-    struct ProgLoad {
-        prog_type: u32,
-        insn_cnt: u32,
-        insns: u64,
-        license: u64,
-        log_level: u32,
-        log_size: u32,
-        log_buf: u64,
-        kern_version: u32,
-        prog_flags: u32,
-        prog_name: [u8; 16],
-        prog_ifindex: u32,
-        expected_attach_type: u32,
-    }
-    let load = ProgLoad {
-        prog_type: BPF_PROG_TYPE_XDP,
-        insn_cnt: program.len() as u32,
-        insns: program.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        log_level: 0,
-        log_size: 0,
-        log_buf: 0,
-        kern_version: 0,
-        prog_flags: 0,
-        prog_name: *b"lab_pass\0\0\0\0\0\0\0\0",
-        prog_ifindex: 0,
-        expected_attach_type: BPF_XDP,
-    };
-    // SAFETY: a bpf_attr prefix for BPF_PROG_LOAD whose pointers outlive the call.
-    let prog = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &load as *const ProgLoad,
-            size_of::<ProgLoad>(),
-        )
-    };
-    check(prog as libc::c_int, "loading the XDP pass program")?;
-    // SAFETY: a new descriptor nobody else owns.
-    let prog = unsafe { OwnedFd::from_raw_fd(prog as RawFd) };
-
-    #[repr(C)]
-    struct LinkCreate {
-        prog_fd: u32,
-        target_ifindex: u32,
-        attach_type: u32,
-        flags: u32,
-    }
-    let create = LinkCreate {
-        prog_fd: prog.as_raw_fd() as u32,
-        target_ifindex: ifindex,
-        attach_type: BPF_XDP,
-        flags: XDP_FLAGS_DRV_MODE,
-    };
-    // SAFETY: a bpf_attr prefix for BPF_LINK_CREATE.
-    let link = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            &create as *const LinkCreate,
-            size_of::<LinkCreate>(),
-        )
-    };
-    check(link as libc::c_int, "linking the XDP pass program")?;
-    // SAFETY: a new descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(link as RawFd) })
 }

@@ -30,6 +30,10 @@ pub fn lab_with_balancer() -> Lab {
     lab_with(&ServiceOptions::default())
 }
 
+pub fn drop_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_lab-drop"))
+}
+
 pub fn relay_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_lab-impair"))
 }
@@ -106,6 +110,16 @@ pub fn counters(lab: &Lab) -> HashMap<String, u64> {
             Some((fields.next()?.to_owned(), fields.next()?.parse().ok()?))
         })
         .collect()
+}
+
+/// A count of the `bindings` line of `balancer status`.
+pub fn binding_count(lab: &Lab, name: &str) -> u64 {
+    let status = balancer(lab, &["status"]);
+    status
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{name}=")))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {name}= in {status}"))
 }
 
 /// The `balancer status` line of a backend of the `web` service.
