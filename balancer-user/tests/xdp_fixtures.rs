@@ -287,6 +287,18 @@ impl Drop for Program {
 }
 
 impl Program {
+    /// Loads the program (see [`Program::load`]) in the fixtures' private network, which
+    /// needs root.
+    fn in_private_network(name: &str) -> Self {
+        // SAFETY: geteuid has no preconditions.
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "the XDP fixtures need root (run them through `cargo xtask test`)"
+        );
+        enter_private_network();
+        Program::load(name)
+    }
+
     /// Loads the program with its maps pinned in a directory of its own (`name` tells the
     /// tests running in parallel apart) and the fixtures' services programmed.
     fn load(name: &str) -> Self {
@@ -752,13 +764,7 @@ fn fixtures() -> Vec<Fixture> {
 
 #[test]
 fn xdp_program_handles_every_fixture_as_specified() {
-    assert!(
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() } == 0,
-        "the XDP fixtures need root (run them through `cargo xtask test`)"
-    );
-    enter_private_network();
-    let program = Program::load("table");
+    let program = Program::in_private_network("table");
 
     let fixtures = fixtures();
     let mut expected = vec![0u64; Reason::COUNT as usize];
@@ -805,13 +811,7 @@ fn sticky_backend(program: &Program, client: Ipv4Addr, port: u16) -> Ipv4Addr {
 
 #[test]
 fn source_ip_sessions_stick_move_off_down_backends_and_stay_moved() {
-    // SAFETY: geteuid has no preconditions.
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "the XDP fixtures need root"
-    );
-    enter_private_network();
-    let mut program = Program::load("affinity");
+    let mut program = Program::in_private_network("affinity");
     let neighbour = Ipv4Addr::new(198, 18, 0, 77);
     let sticky_service_id = 5;
 
@@ -924,13 +924,7 @@ fn cookie_periods() -> [u32; 2] {
 
 #[test]
 fn cookie_service_answers_syns_with_a_cookie_and_binds_on_the_matching_ack() {
-    // SAFETY: geteuid has no preconditions.
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "the XDP fixtures need root"
-    );
-    enter_private_network();
-    let program = Program::load("cookie");
+    let program = Program::in_private_network("cookie");
     let syn_ip = ip(CLIENT, VIP, PROTO_TCP);
     let ports = (CLIENT_PORT, COOKIE_PORT);
     // Linux's SYN options: MSS 1460, SACK permitted, timestamps, NOP, window scale 10.
@@ -1057,13 +1051,7 @@ fn splice(program: &mut Program, client_key: &FlowKey, flow: Flow, nat: ReverseN
 
 #[test]
 fn a_splice_moves_sequence_numbers_past_an_edited_head_and_a_shortened_request() {
-    // SAFETY: geteuid has no preconditions.
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "the XDP fixtures need root"
-    );
-    enter_private_network();
-    let mut program = Program::load("splice");
+    let mut program = Program::in_private_network("splice");
     // The client knows the balancer's ISN; the backend's is DELTA further. The agent added
     // INSERTED bytes to the response head, which ends at HEAD_END in the client's space, and
     // took REMOVED bytes out of the request.
@@ -1116,49 +1104,47 @@ fn a_splice_moves_sequence_numbers_past_an_edited_head_and_a_shortened_request()
         ttl: from_backend.ttl - 1,
         ..ip(VIP, CLIENT, PROTO_TCP)
     };
-    let client_ack = |ack: u32| {
-        let segment = tcp_segment(
+    // Every segment of the connection: an ACK with a window of 500, perhaps with data.
+    let frame = |ip: &Ip, macs: ([u8; 6], [u8; 6]), ports, seq_ack, payload: &[u8]| {
+        let segment = tcp_segment(ip, ports, seq_ack, TCP_ACK, 500, payload);
+        ipv4_frame(macs.0, macs.1, ip, &segment)
+    };
+    let client_seq = CLIENT_SEQ + 600;
+    let client_ack = |ack| {
+        frame(
             &from_client,
+            FROM_CLIENT,
             (CLIENT_PORT, COOKIE_PORT),
-            (CLIENT_SEQ + 600, ack),
-            TCP_ACK,
-            500,
+            (client_seq, ack),
             b"",
-        );
-        ipv4_frame(FROM_CLIENT.0, FROM_CLIENT.1, &from_client, &segment)
+        )
     };
-    let at_backend_ack = |ack: u32| {
-        let segment = tcp_segment(
+    let at_backend_ack = |ack| {
+        frame(
             &at_backend,
+            TO_BACKEND,
             (CLIENT_PORT, WEB_BACKEND_PORT),
-            (CLIENT_SEQ + 600 - REMOVED, ack),
-            TCP_ACK,
-            500,
+            (client_seq - REMOVED, ack),
             b"",
-        );
-        ipv4_frame(TO_BACKEND.0, TO_BACKEND.1, &at_backend, &segment)
+        )
     };
-    let backend_data = |seq: u32| {
-        let segment = tcp_segment(
+    let backend_data = |seq| {
+        frame(
             &from_backend,
+            FROM_BACKEND,
             (WEB_BACKEND_PORT, CLIENT_PORT),
-            (seq, CLIENT_SEQ + 600 - REMOVED),
-            TCP_ACK,
-            500,
+            (seq, client_seq - REMOVED),
             b"body",
-        );
-        ipv4_frame(FROM_BACKEND.0, FROM_BACKEND.1, &from_backend, &segment)
+        )
     };
-    let at_client_data = |seq: u32| {
-        let segment = tcp_segment(
+    let at_client_data = |seq| {
+        frame(
             &at_client,
+            TO_CLIENT,
             (COOKIE_PORT, CLIENT_PORT),
-            (seq, CLIENT_SEQ + 600),
-            TCP_ACK,
-            500,
+            (seq, client_seq),
             b"body",
-        );
-        ipv4_frame(TO_CLIENT.0, TO_CLIENT.1, &at_client, &segment)
+        )
     };
 
     // Inside the edited head: acknowledged at most up to the original head's last byte.

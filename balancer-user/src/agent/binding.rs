@@ -126,6 +126,18 @@ struct Pending {
 }
 
 impl Pending {
+    /// The backend and its ISN, once both legs are spliced.
+    fn spliced(&self) -> Option<(Target, u32)> {
+        match self.stage {
+            Stage::Spliced {
+                target,
+                backend_isn,
+                ..
+            } => Some((target, backend_isn)),
+            _ => None,
+        }
+    }
+
     /// A segment from the VIP to the client that acknowledges every byte read so far.
     fn to_client(&self, flags: u8, window: u16) -> Segment {
         Segment {
@@ -650,12 +662,7 @@ impl Agent {
         let Some(pending) = self.binder.pending.get_mut(key) else {
             return;
         };
-        let Stage::Spliced {
-            target,
-            backend_isn,
-            ..
-        } = pending.stage
-        else {
+        let Some((target, backend_isn)) = pending.spliced() else {
             return;
         };
         let Some(response) = pending.response.as_mut() else {
@@ -856,12 +863,7 @@ impl Agent {
         let Some(pending) = self.binder.pending.get(key) else {
             return;
         };
-        let Stage::Spliced {
-            target,
-            backend_isn,
-            ..
-        } = pending.stage
-        else {
+        let Some((target, backend_isn)) = pending.spliced() else {
             return;
         };
         let reply_key = backend_key(pending, target);
