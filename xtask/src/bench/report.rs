@@ -23,7 +23,11 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
     for workload in &WORKLOADS {
         let _ = write!(header, " {} ({}) | ratio |", workload.name, workload.unit);
     }
-    let _ = writeln!(out, "{header}\n|---|{}", "---|---|".repeat(WORKLOADS.len()));
+    let _ = writeln!(
+        out,
+        "\n{header}\n|---|{}",
+        "---|---|".repeat(WORKLOADS.len())
+    );
     for (index, system) in SYSTEMS.iter().enumerate() {
         let mut row = format!("| {} |", system.title());
         for per_system in samples {
@@ -44,7 +48,7 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
         "\nLatency of {} (wrk --latency), median over the rounds of each run's percentile, in µs:",
         WORKLOADS[0].name
     );
-    let _ = writeln!(out, "| system | p50 | p99 |\n|---|---|---|");
+    let _ = writeln!(out, "\n| system | p50 | p99 |\n|---|---|---|");
     for (index, system) in SYSTEMS.iter().enumerate() {
         let runs = &samples[0][index];
         let _ = writeln!(
@@ -75,7 +79,7 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
     for (_, peer) in &peers {
         let _ = write!(header, " vs {} |", peer.title());
     }
-    let _ = writeln!(out, "{header}\n|---|{}", "---|".repeat(peers.len()));
+    let _ = writeln!(out, "\n{header}\n|---|{}", "---|".repeat(peers.len()));
     for (index, system) in SYSTEMS.iter().enumerate() {
         if !matches!(
             system,
@@ -106,7 +110,7 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
     for workload in &WORKLOADS {
         let _ = write!(header, " µs/{} |", workload.work);
     }
-    let _ = writeln!(out, "{header}\n|---|{}", "---|".repeat(WORKLOADS.len()));
+    let _ = writeln!(out, "\n{header}\n|---|{}", "---|".repeat(WORKLOADS.len()));
     for (index, system) in SYSTEMS.iter().enumerate() {
         let mut row = format!("| {} |", system.title());
         for per_system in samples {
@@ -134,7 +138,7 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
     for workload in &WORKLOADS {
         let _ = write!(header, " {} |", workload.name);
     }
-    let _ = writeln!(out, "{header}\n|---|{}", "---|".repeat(WORKLOADS.len()));
+    let _ = writeln!(out, "\n{header}\n|---|{}", "---|".repeat(WORKLOADS.len()));
     for (index, system) in SYSTEMS.iter().enumerate() {
         let costs: Vec<f64> = samples
             .iter()
