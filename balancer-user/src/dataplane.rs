@@ -230,20 +230,22 @@ impl Dataplane {
 
     /// Rewrites both entries of a spliced connection, the flow first: `change` gets the flow
     /// as the data plane has it now (it updates flags there) and the reverse entry as the
-    /// agent last wrote it (the data plane changes only its `replay_end` there).
+    /// agent last wrote it (the data plane changes only its `replay_end` there). Returns the
+    /// reverse entry written.
     pub fn update_connection(
         &mut self,
         key: &FlowKey,
         reply_key: &FlowKey,
         mut nat: ReverseNat,
         change: impl FnOnce(&mut Flow, &mut ReverseNat),
-    ) -> Result<()> {
+    ) -> Result<ReverseNat> {
         let mut flow = self.flow(key).context("reading a flow")?;
         change(&mut flow, &mut nat);
         let mut flows: HashMap<&mut MapData, FlowKey, Flow> =
             HashMap::try_from(self.map(map_name::FLOWS)?)?;
         flows.insert(key, flow, 0).context("writing a flow")?;
-        self.write_reverse(reply_key, nat)
+        self.write_reverse(reply_key, nat)?;
+        Ok(nat)
     }
 
     /// Writes a reverse entry.

@@ -696,15 +696,21 @@ impl Agent {
                         nat.inserted = inserted;
                         nat.head_end = backend_head_end;
                     });
-            if let Err(error) = recorded {
-                warn!("recording an edited response head: {error:#}");
-                self.abort(key, false);
-                return;
-            }
+            let written = match recorded {
+                Ok(written) => written,
+                Err(error) => {
+                    warn!("recording an edited response head: {error:#}");
+                    self.abort(key, false);
+                    return;
+                }
+            };
             if inserted > 0 {
                 self.binder.counters.cookies_issued += 1;
             }
             debug!(client = %pending.client, port = pending.client_port, inserted, "response head edited");
+            if let Some(pending) = self.binder.pending.get_mut(key) {
+                pending.reverse = written;
+            }
         }
         let pending = &self.binder.pending[key];
         for out in outs {
