@@ -787,14 +787,7 @@ fn xdp_program_handles_every_fixture_as_specified() {
         );
     }
 
-    let key = FlowKey {
-        src: u32::from_ne_bytes(CLIENT.octets()),
-        dst: u32::from_ne_bytes(VIP.octets()),
-        sport: CLIENT_PORT.to_be(),
-        dport: WEB_PORT.to_be(),
-        proto: PROTO_TCP,
-        _pad: [0; 3],
-    };
+    let key = client_flow(WEB_PORT);
     let flow = program.flow(&key).expect("the SYN recorded its flow");
     assert_eq!(flow.backend_addr, u32::from_ne_bytes(BACKEND.octets()));
     assert_eq!(u16::from_be(flow.backend_port), WEB_BACKEND_PORT);
@@ -941,14 +934,7 @@ fn cookie_service_answers_syns_with_a_cookie_and_binds_on_the_matching_ack() {
     // The test run's ingress (loopback) is no TX port: the reply falls back to XDP_TX.
     assert_eq!(action, XDP_TX, "the SYN is answered on the spot");
 
-    let key = FlowKey {
-        src: u32::from_ne_bytes(CLIENT.octets()),
-        dst: u32::from_ne_bytes(VIP.octets()),
-        sport: CLIENT_PORT.to_be(),
-        dport: COOKIE_PORT.to_be(),
-        proto: PROTO_TCP,
-        _pad: [0; 3],
-    };
+    let key = client_flow(COOKIE_PORT);
     let secret = balancer_common::CookieSecret::default();
     let synack_ip = Ip {
         id: 0,
@@ -1031,6 +1017,18 @@ fn cookie_service_answers_syns_with_a_cookie_and_binds_on_the_matching_ack() {
     );
 }
 
+/// The key of the client's TCP flow from [`CLIENT_PORT`] to the VIP's `port`.
+fn client_flow(port: u16) -> FlowKey {
+    FlowKey {
+        src: u32::from_ne_bytes(CLIENT.octets()),
+        dst: u32::from_ne_bytes(VIP.octets()),
+        sport: CLIENT_PORT.to_be(),
+        dport: port.to_be(),
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
 /// Writes both entries of a spliced cookie connection from the client's port to backend 0.
 fn splice(program: &mut Program, client_key: &FlowKey, flow: Flow, nat: ReverseNat) {
     let reply_key = FlowKey {
@@ -1061,14 +1059,7 @@ fn a_splice_moves_sequence_numbers_past_an_edited_head_and_a_shortened_request()
     const COOKIE_ISN: u32 = 5_000;
     const HEAD_END: u32 = COOKIE_ISN + 1 + 400;
     let backend_head_end = HEAD_END.wrapping_add(DELTA) - INSERTED;
-    let key = FlowKey {
-        src: u32::from_ne_bytes(CLIENT.octets()),
-        dst: u32::from_ne_bytes(VIP.octets()),
-        sport: CLIENT_PORT.to_be(),
-        dport: COOKIE_PORT.to_be(),
-        proto: PROTO_TCP,
-        _pad: [0; 3],
-    };
+    let key = client_flow(COOKIE_PORT);
     splice(
         &mut program,
         &key,
