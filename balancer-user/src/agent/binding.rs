@@ -1087,15 +1087,16 @@ fn issue(
         });
     }
     let own = service.balancer_cookie()?;
+    let companion_of = service.companion_of();
+    if companion_of.is_none() && matches!(cookie, Cookie::Session { renew: false, .. }) {
+        return None;
+    }
     // A companion follows the application's cookie; one that named a backend no longer
     // usable (or was rejected) is issued again for a request that still carries it.
-    let when_set = service.companion_of().and_then(|app| {
+    let when_set = companion_of.and_then(|app| {
         let moved = matches!(cookie, Cookie::Rejected(_)) && cookie_value(request, app).is_some();
         (!moved).then(|| app.to_owned())
     });
-    if service.companion_of().is_none() && matches!(cookie, Cookie::Session { renew: false, .. }) {
-        return None;
-    }
     let duration = service.cookie_duration;
     let value = keys.seal(
         &service.name,
