@@ -25,7 +25,18 @@ pub mod map_name {
     pub const AFFINITY: &str = "AFFINITY";
     pub const STATS: &str = "STATS";
     pub const TX_PORTS: &str = "TX_PORTS";
+    pub const AGENT: &str = "AGENT";
 }
+
+/// Version of the maps' layout (their key and value types and the meaning of their fields).
+/// Pinned maps outlive the agent and its program; a program of another layout version must
+/// not adopt them. Bump it with every change to a type or map below.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Seconds after the agent's last heartbeat that the data plane takes it for gone: cookie
+/// services then stop handing connections to it (see [`without_agent`]). Compiled into the
+/// program; `BALANCER_AGENT_TIMEOUT_S` at build time sets another value.
+pub const DEFAULT_AGENT_TIMEOUT_S: u32 = 2;
 
 /// Name of the XDP entry point in the object file.
 pub const XDP_PROGRAM: &str = "balancer";
@@ -78,9 +89,12 @@ pub struct Service {
     pub backend_count: u32,
     /// `source-ip` affinity: seconds an idle client keeps its backend.
     pub affinity_timeout: u32,
-    /// `source-ip` affinity: mask applied to the client address (network byte order).
+    /// `source-ip` affinity, and the cookie fallback by source: mask applied to the client
+    /// address (network byte order).
     pub source_mask: u32,
-    pub _pad: u32,
+    /// Cookie services: what a new connection gets while no agent runs, one of
+    /// [`without_agent`].
+    pub without_agent: u32,
 }
 const _: () = assert!(size_of::<Service>() == 32);
 
@@ -95,6 +109,30 @@ pub mod affinity {
     /// then XDP splices the two).
     pub const COOKIE: u32 = 2;
 }
+
+/// What a cookie service does with a new connection while no agent runs (its heartbeat in
+/// `AGENT` is older than the program's agent timeout): the request cannot be read, so either
+/// XDP places the connection as a plain L4 flow by the service's cookie fallback, the same
+/// backend the agent would give a request without a cookie, or it refuses it with a reset.
+pub mod without_agent {
+    /// Placed by a hash of the 5-tuple (`cookie_fallback = "flow"`).
+    pub const PLACE_BY_FLOW: u32 = 0;
+    /// Placed by a hash of the masked client address (`cookie_fallback = "source-ip"`).
+    pub const PLACE_BY_SOURCE: u32 = 1;
+    /// Refused with a reset.
+    pub const RESET: u32 = 2;
+}
+
+/// `AGENT` value (one entry): the agent's heartbeat and the layout of the pinned maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AgentState {
+    /// Second (of `bpf_ktime_get_coarse_ns`, `CLOCK_MONOTONIC_COARSE`) the agent last wrote.
+    pub heartbeat_s: u32,
+    /// [`LAYOUT_VERSION`] of the agent that created the maps.
+    pub layout_version: u32,
+}
+const _: () = assert!(size_of::<AgentState>() == 8);
 
 /// States of a client flow in [`Flow::state`] and of its reverse entry in
 /// [`ReverseNat::state`].
@@ -387,10 +425,16 @@ pub enum Reason {
     SplicedToBackend,
     /// Cookie service: a backend segment forwarded on a spliced connection.
     SplicedToClient,
+    /// Cookie service, no agent running: a new connection placed by XDP as a plain L4 flow
+    /// by the cookie fallback (an event, like `NewFlow`).
+    PlacedWithoutAgent,
+    /// Cookie service, no agent running: a new connection, or one the agent was binding when
+    /// it went, refused with a reset (XDP_TX).
+    ResetWithoutAgent,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 25;
+    pub const COUNT: u32 = 27;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::Replied,
@@ -417,6 +461,8 @@ impl Reason {
         Reason::DropPuntRingFull,
         Reason::SplicedToBackend,
         Reason::SplicedToClient,
+        Reason::PlacedWithoutAgent,
+        Reason::ResetWithoutAgent,
     ];
 
     /// Stable name used in logs, the stats line and metrics.
@@ -447,6 +493,8 @@ impl Reason {
             Reason::DropPuntRingFull => "drop_punt_ring_full",
             Reason::SplicedToBackend => "spliced_to_backend",
             Reason::SplicedToClient => "spliced_to_client",
+            Reason::PlacedWithoutAgent => "placed_without_agent",
+            Reason::ResetWithoutAgent => "reset_without_agent",
         }
     }
 }
@@ -467,6 +515,7 @@ mod user {
     unsafe impl aya::Pod for SynOptions {}
     unsafe impl aya::Pod for Binding {}
     unsafe impl aya::Pod for CookieSecret {}
+    unsafe impl aya::Pod for AgentState {}
 }
 
 /// Hash of a 5-tuple that picks a new flow's slot in its service's backend table.

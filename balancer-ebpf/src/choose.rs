@@ -3,8 +3,8 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use balancer_common::{
-    affinity, backend_state, client_hash, flow_hash, Affinity, AffinityKey, FlowKey, Reason,
-    Service,
+    affinity, backend_state, client_hash, flow_hash, without_agent, Affinity, AffinityKey, FlowKey,
+    Reason, Service,
 };
 
 use crate::{
@@ -22,6 +22,18 @@ pub fn backend(service: &Service, key: &FlowKey) -> Result<u32, Verdict> {
     } else {
         table_lookup(service, flow_hash(key))
     }
+}
+
+/// The backend a cookie service's new connection goes to while no agent runs: the one the
+/// agent gives a request without a cookie (its cookie fallback). No session is recorded.
+#[inline(always)]
+pub fn fallback_backend(service: &Service, key: &FlowKey) -> Result<u32, Verdict> {
+    let hash = if service.without_agent == without_agent::PLACE_BY_SOURCE {
+        client_hash(key.src & service.source_mask)
+    } else {
+        flow_hash(key)
+    };
+    table_lookup(service, hash)
 }
 
 /// The backend in the slot of the service's Maglev table that `hash` names.

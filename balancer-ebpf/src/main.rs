@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod agent;
 mod choose;
 mod fib;
 mod forward;

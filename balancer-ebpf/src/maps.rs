@@ -5,10 +5,10 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use balancer_common::{
-    Affinity, AffinityKey, Backend, Binding, CookieSecret, Counter, Flow, FlowKey, Reason,
-    ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY, DEFAULT_AFFINITY_CAPACITY,
-    DEFAULT_FLOW_CAPACITY, DEFAULT_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS,
-    PUNT_RING_SIZE, TABLES_PER_SERVICE,
+    Affinity, AffinityKey, AgentState, Backend, Binding, CookieSecret, Counter, Flow, FlowKey,
+    Reason, ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY,
+    DEFAULT_AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY, DEFAULT_TABLE_SIZE, MAX_BACKENDS,
+    MAX_SERVICES, MAX_TX_PORTS, PUNT_RING_SIZE, TABLES_PER_SERVICE,
 };
 
 /// Virtual services: (VIP, port, protocol) → affinity mode, lookup table and backend count.
@@ -62,3 +62,7 @@ pub static PUNTS: RingBuf = RingBuf::pinned(PUNT_RING_SIZE, 0);
 /// The key of the SYN cookies (one entry), written by the agent.
 #[map]
 pub static COOKIE_SECRET: Array<CookieSecret> = Array::pinned(1, 0);
+
+/// The agent's heartbeat and the maps' layout version (one entry), written by the agent.
+#[map]
+pub static AGENT: Array<AgentState> = Array::pinned(1, 0);

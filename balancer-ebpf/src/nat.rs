@@ -3,14 +3,14 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use balancer_common::{
-    affinity, csum, flow_flags, flow_state, punt_kind, Flow, FlowKey, Reason, ReverseNat, Service,
-    ServiceKey, PROTO_TCP, PROTO_UDP,
+    affinity, csum, flow_flags, flow_state, punt_kind, without_agent, Flow, FlowKey, Reason,
+    ReverseNat, Service, ServiceKey, PROTO_TCP, PROTO_UDP,
 };
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
-    choose,
-    maps::{BACKENDS, FLOWS, REVERSE, SERVICES},
+    agent, choose,
+    maps::{BACKENDS, BINDINGS, FLOWS, REVERSE, SERVICES},
     packet::{ptr_at, Packet, IP_OFFSET, L4_OFFSET, TCP_ACK, TCP_SYN},
     reset, splice,
     stats::{self, Verdict},
@@ -64,9 +64,14 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, V
                 return Err(refuse(ctx, key.proto));
             }
             if service.affinity == affinity::COOKIE && key.proto == PROTO_TCP {
-                return Err(splice::accept(ctx, packet, now_s));
+                if agent::present(now_s) {
+                    return Err(splice::accept(ctx, packet, now_s));
+                }
+                place_without_agent(ctx, packet, service, now_s)?
+            } else {
+                let backend_id = choose::backend(service, key)?;
+                new_flow(backend_id, key, now_s, packet.closing)?
             }
-            new_flow(service, key, now_s, packet.closing)?
         }
     };
     let reason = match flow.state {
@@ -74,6 +79,12 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, V
         flow_state::SPLICED => {
             splice::client_to_backend(ctx, packet, &flow)?;
             Reason::SplicedToBackend
+        }
+        // Being bound by an agent that has gone: nobody will finish it.
+        _ if !agent::present(now_s) => {
+            forget(key, &flow);
+            let _ = BINDINGS.remove(key);
+            return Err(reset_without_agent(ctx));
         }
         _ => return Err(splice::while_binding(ctx, packet)),
     };
@@ -180,16 +191,42 @@ fn refuse(ctx: &XdpContext, proto: u8) -> Verdict {
     if proto != PROTO_TCP {
         return Verdict::drop(Reason::DropNoBackend);
     }
-    match reset::refuse(ctx) {
+    match reset::refuse(ctx, Reason::RefusedNoBackend, Reason::DropNoBackend) {
         Ok(verdict) | Err(verdict) => verdict,
     }
 }
 
-/// Binds a new flow to the backend its service's affinity selects, and records both
-/// directions.
 #[inline(always)]
-fn new_flow(service: &Service, key: &FlowKey, now_s: u32, closing: bool) -> Result<Flow, Verdict> {
-    let backend_id = choose::backend(service, key)?;
+fn reset_without_agent(ctx: &XdpContext) -> Verdict {
+    match reset::refuse(ctx, Reason::ResetWithoutAgent, Reason::DropWhileBinding) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+/// A cookie service's new connection while no agent runs: a SYN becomes a plain L4 flow to
+/// the cookie fallback's backend (or is refused, as the service says); any other segment
+/// belongs to a handshake the balancer answered for an agent that has gone, and is reset so
+/// the client opens a new connection.
+#[inline(always)]
+fn place_without_agent(
+    ctx: &XdpContext,
+    packet: &Packet,
+    service: &Service,
+    now_s: u32,
+) -> Result<Flow, Verdict> {
+    let syn = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if !syn || service.without_agent == without_agent::RESET {
+        return Err(reset_without_agent(ctx));
+    }
+    let backend_id = choose::fallback_backend(service, &packet.key)?;
+    let flow = new_flow(backend_id, &packet.key, now_s, packet.closing)?;
+    stats::count(Reason::PlacedWithoutAgent, 0);
+    Ok(flow)
+}
+
+/// Binds a new flow to `backend_id` and records both directions.
+#[inline(always)]
+fn new_flow(backend_id: u32, key: &FlowKey, now_s: u32, closing: bool) -> Result<Flow, Verdict> {
     let backend = *BACKENDS
         .get(backend_id)
         .ok_or(Verdict::drop(Reason::DropNoBackend))?;

@@ -17,10 +17,11 @@ const TTL: u8 = 64;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
-/// Answers a TCP segment with a reset (XDP_TX). A segment that is itself a reset is dropped.
+/// Answers a TCP segment with a reset (XDP_TX), counted under `sent`. A segment that is itself
+/// a reset (or too short to answer) is dropped, counted under `dropped`.
 #[inline(always)]
-pub fn refuse(ctx: &XdpContext) -> Result<Verdict, Verdict> {
-    let dropped = Verdict::drop(Reason::DropNoBackend);
+pub fn refuse(ctx: &XdpContext, sent: Reason, dropped: Reason) -> Result<Verdict, Verdict> {
+    let dropped = Verdict::drop(dropped);
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(dropped)?;
     let ip: *mut Ipv4Hdr = ptr_at(ctx, IP_OFFSET).ok_or(dropped)?;
     let tcp: *mut TcpHdr = ptr_at(ctx, L4_OFFSET).ok_or(dropped)?;
@@ -68,6 +69,6 @@ pub fn refuse(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     reply::write_checksums::<{ TcpHdr::LEN / 2 }>(ctx).ok_or(dropped)?;
     Ok(Verdict {
         action: reply::send_back(ctx),
-        reason: Reason::RefusedNoBackend,
+        reason: sent,
     })
 }

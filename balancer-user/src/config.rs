@@ -9,7 +9,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use balancer_common::{affinity, ServiceKey, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP};
+use balancer_common::{
+    affinity, without_agent, ServiceKey, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
+};
 use serde::Deserialize;
 
 use crate::cookie::{backend_token, CookieKey, CookieKeys};
@@ -111,6 +113,10 @@ pub struct ServiceConfig {
     /// `app-cookie`, `lb-cookie`: how requests without a usable cookie are placed.
     #[serde(default)]
     pub cookie_fallback: CookieFallback,
+    /// `app-cookie`, `lb-cookie`: what XDP does with new connections while no agent runs
+    /// (crashed, stopped or restarting): `fallback` places them as plain L4 flows by
+    /// `cookie_fallback` (served, but no cookie is read or issued), `reset` refuses them.
+    pub without_agent: Option<WithoutAgent>,
     /// `lb-cookie`, companion `app-cookie`: seconds the balancer's cookie lives, 1 to 604800
     /// (7 days).
     #[serde(default = "default_cookie_duration")]
@@ -243,6 +249,17 @@ pub enum CookieFallback {
     Flow,
 }
 
+/// What a cookie service does with new connections while no agent runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WithoutAgent {
+    /// Placed by XDP as plain L4 flows, by the service's `cookie_fallback`.
+    #[default]
+    Fallback,
+    /// Refused with a reset; clients retry once an agent runs.
+    Reset,
+}
+
 impl AffinityMode {
     pub fn code(self) -> u32 {
         match self {
@@ -324,6 +341,16 @@ impl ServiceConfig {
         match (self.affinity, self.app_cookie) {
             (AffinityMode::AppCookie, AppCookieMode::Companion) => self.cookie.as_deref(),
             _ => None,
+        }
+    }
+
+    /// What XDP does with this service's new connections while no agent runs, as a
+    /// [`without_agent`] code.
+    pub fn without_agent_code(&self) -> u32 {
+        match (self.without_agent.unwrap_or_default(), self.cookie_fallback) {
+            (WithoutAgent::Reset, _) => without_agent::RESET,
+            (WithoutAgent::Fallback, CookieFallback::SourceIp) => without_agent::PLACE_BY_SOURCE,
+            (WithoutAgent::Fallback, CookieFallback::Flow) => without_agent::PLACE_BY_FLOW,
         }
     }
 
@@ -800,6 +827,16 @@ impl Config {
                     return Err(invalid(
                         format!("{field}.protocol"),
                         "cookie affinity is for HTTP over TCP",
+                    ));
+                }
+                (mode @ (AffinityMode::Flow | AffinityMode::SourceIp), _)
+                    if service.without_agent.is_some() =>
+                {
+                    return Err(invalid(
+                        format!("{field}.without_agent"),
+                        format!(
+                            "only cookie services depend on the agent; \"{mode}\" is forwarded by XDP alone"
+                        ),
                     ));
                 }
                 (mode @ (AffinityMode::Flow | AffinityMode::SourceIp), Some(_)) => {

@@ -30,9 +30,19 @@ pub fn socket_path(instance: &str) -> PathBuf {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Reload,
-    Drain { service: String, backend: String },
-    Undrain { service: String, backend: String },
+    Drain {
+        service: String,
+        backend: String,
+    },
+    Undrain {
+        service: String,
+        backend: String,
+    },
     Status,
+    /// The agent exits; with `detach` it removes its data plane first.
+    Stop {
+        detach: bool,
+    },
 }
 
 impl Request {
@@ -42,6 +52,8 @@ impl Request {
             Request::Drain { service, backend } => format!("drain {service} {backend}"),
             Request::Undrain { service, backend } => format!("undrain {service} {backend}"),
             Request::Status => "status".to_owned(),
+            Request::Stop { detach: false } => "stop".to_owned(),
+            Request::Stop { detach: true } => "stop detach".to_owned(),
         }
     }
 
@@ -50,6 +62,8 @@ impl Request {
         match words.as_slice() {
             ["reload"] => Ok(Request::Reload),
             ["status"] => Ok(Request::Status),
+            ["stop"] => Ok(Request::Stop { detach: false }),
+            ["stop", "detach"] => Ok(Request::Stop { detach: true }),
             ["drain", service, backend] => Ok(Request::Drain {
                 service: (*service).into(),
                 backend: (*backend).into(),
@@ -163,6 +177,8 @@ mod tests {
                 service: "web".into(),
                 backend: "b_2".into(),
             },
+            Request::Stop { detach: false },
+            Request::Stop { detach: true },
         ] {
             assert_eq!(Request::parse(&request.to_line()), Ok(request));
         }

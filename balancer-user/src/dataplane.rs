@@ -1,24 +1,31 @@
 //! The XDP program and its maps: loading, pinning, attaching, and programming services.
 
 use std::{
+    borrow::Cow,
+    fmt::Write as _,
     fs,
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use anyhow::{bail, Context, Result};
 use aya::{
     maps::{Array, DevMapHash, HashMap, MapData, MapInfo, RingBuf},
-    programs::{xdp::XdpLinkId, Xdp, XdpMode},
+    programs::Xdp,
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    flow_flags, flow_state, map_name, Affinity, AffinityKey, Backend, Binding, CookieSecret,
-    Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY,
-    MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, TABLES_PER_SERVICE, XDP_PROGRAM,
+    flow_flags, flow_state, map_name, Affinity, AffinityKey, AgentState, Backend, Binding,
+    CookieSecret, Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey, SynOptions,
+    BINDING_CAPACITY, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, TABLES_PER_SERVICE,
+    XDP_PROGRAM,
 };
 use tracing::{info, warn};
 
-use crate::config::{Config, XdpModeSetting};
+use crate::{
+    bpf,
+    config::{Config, XdpModeSetting},
+};
 
 /// The compiled XDP program, embedded at build time.
 static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("BALANCER_EBPF_OBJECT"));
@@ -27,39 +34,67 @@ static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("BALANCER_EBPF_OBJEC
 const DEVMAP_VALUE_SIZE: usize = 8;
 const BPF_FS: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Pins of the XDP links are named after their interface: `link_<interface>`.
+const LINK_PIN_PREFIX: &str = "link_";
+/// Entries counted at most when telling what a cold start would lose.
+const COUNT_LIMIT: u64 = 10_000_000;
 
-/// The directory an instance pins its maps in.
+/// The directory an instance pins its maps and links in.
 pub fn pin_dir(instance: &str) -> PathBuf {
     Path::new(BPF_FS).join(instance)
 }
 
-/// A loaded program attached to its interfaces; dropping it detaches the program.
+fn link_pin(dir: &Path, interface: &str) -> PathBuf {
+    dir.join(format!("{LINK_PIN_PREFIX}{interface}"))
+}
+
+/// How `balancer run` starts the data plane.
+#[derive(Debug, Default)]
+pub struct StartOptions {
+    /// Replace the pinned maps with empty ones, even when they fit.
+    pub cold: bool,
+    /// An XDP object to load instead of the one built in.
+    pub program: Option<PathBuf>,
+}
+
+/// The loaded program with its maps. It stays attached through links pinned beside the maps
+/// when the agent exits, for whatever reason: only [`remove_instance`] detaches it.
 pub struct Dataplane {
     ebpf: Ebpf,
-    links: Vec<(String, XdpLinkId)>,
-    /// Interfaces with the mode the program runs in, for the operator.
-    pub attachments: Vec<(String, &'static str)>,
+    /// Interfaces, each with how the program came to run there, for the operator.
+    pub attachments: Vec<(String, String)>,
     /// Slots of each lookup table, fixed when the maps were created.
     pub table_size: u32,
     pub verified_instructions: Option<u32>,
+    /// The kernel's id of the program this agent loaded.
+    pub program_id: u32,
 }
 
 impl Dataplane {
-    /// Loads the program with its maps pinned under `/sys/fs/bpf/<instance>/` (reusing maps a
-    /// previous run left there, so flows survive a restart) and attaches it.
-    pub fn start(config: &Config) -> Result<Self> {
+    /// Loads the program with its maps pinned under `/sys/fs/bpf/<instance>/`, adopting the
+    /// maps a previous run left there when their layout fits, and makes it the program on each
+    /// interface: the links a previous run pinned are switched to it in one step (so no packet
+    /// goes unhandled across a restart or an upgrade), other interfaces get new pinned links.
+    pub fn start(config: &Config, options: &StartOptions) -> Result<Self> {
         mount_bpf_fs()?;
         let dir = pin_dir(&config.instance);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        remove_incompatible_pins(&dir, config)?;
+        check_pinned_maps(&dir, config, options.cold)?;
 
+        let object: Cow<[u8]> = match &options.program {
+            Some(path) => Cow::Owned(
+                fs::read(path)
+                    .with_context(|| format!("reading the XDP object {}", path.display()))?,
+            ),
+            None => Cow::Borrowed(XDP_OBJECT),
+        };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .map_max_entries(map_name::FLOWS, config.flow_capacity)
             .map_max_entries(map_name::REVERSE, config.flow_capacity)
             .map_max_entries(map_name::AFFINITY, config.affinity_capacity)
             .map_max_entries(map_name::BACKEND_TABLE, table_capacity(config))
-            .load(XDP_OBJECT)
+            .load(&object)
             .context("loading the XDP object")?;
 
         let program: &mut Xdp = ebpf
@@ -69,32 +104,49 @@ impl Dataplane {
         program
             .load()
             .context("the kernel verifier rejected the XDP program")?;
-        let verified_instructions = program
+        let info = program
             .info()
-            .ok()
-            .and_then(|i| i.verified_instruction_count());
+            .context("reading the loaded program's info")?;
+        let verified_instructions = info.verified_instruction_count();
+        let program_id = info.id();
 
         let mut interfaces = vec![config.client_interface.clone()];
         if config.backend_interface() != config.client_interface {
             interfaces.push(config.backend_interface().to_owned());
         }
-        let mut links = Vec::new();
-        let mut attachments = Vec::new();
-        for interface in &interfaces {
-            let (link, mode) = attach(program, interface, config.xdp_mode)?;
-            links.push((interface.clone(), link));
-            attachments.push((interface.clone(), mode));
-        }
-
         let mut dataplane = Self {
             ebpf,
-            links,
-            attachments,
+            attachments: Vec::new(),
             table_size: config.table_size,
             verified_instructions,
+            program_id,
         };
+        // Before the program runs: an adopted connection being bound must not look orphaned.
+        dataplane.heartbeat()?;
         dataplane.set_tx_ports(&interfaces)?;
+        let program: &Xdp = dataplane
+            .ebpf
+            .program(XDP_PROGRAM)
+            .context("the XDP object has no balancer program")?
+            .try_into()?;
+        for interface in &interfaces {
+            let how = attach_pinned(program, &dir, interface, config.xdp_mode)?;
+            dataplane.attachments.push((interface.clone(), how));
+        }
+        detach_unconfigured(&dir, &interfaces)?;
         Ok(dataplane)
+    }
+
+    /// Tells the data plane the agent is alive; without it for the program's agent timeout,
+    /// cookie services stop handing connections to the agent.
+    pub fn heartbeat(&mut self) -> Result<()> {
+        let mut map: Array<&mut MapData, AgentState> = Array::try_from(self.map(map_name::AGENT)?)?;
+        let state = AgentState {
+            heartbeat_s: monotonic_seconds(),
+            layout_version: LAYOUT_VERSION,
+        };
+        map.set(0, state, 0)
+            .context("writing the agent's heartbeat")
     }
 
     fn set_tx_ports(&mut self, interfaces: &[String]) -> Result<()> {
@@ -168,11 +220,21 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Sets the key of the SYN cookies.
-    pub fn set_cookie_secret(&mut self, secret: CookieSecret) -> Result<()> {
+    /// Sets the key of the SYN cookies unless the maps have one: handshakes answered before
+    /// a restart must still complete after it.
+    pub fn ensure_cookie_secret(
+        &mut self,
+        fresh: impl FnOnce() -> Result<CookieSecret>,
+    ) -> Result<()> {
         let mut map: Array<&mut MapData, CookieSecret> =
             Array::try_from(self.map(map_name::COOKIE_SECRET)?)?;
-        map.set(0, secret, 0)
+        if map
+            .get(&0, 0)
+            .is_ok_and(|secret| secret != CookieSecret::default())
+        {
+            return Ok(());
+        }
+        map.set(0, fresh()?, 0)
             .context("writing the SYN cookie secret")?;
         Ok(())
     }
@@ -339,51 +401,268 @@ impl Dataplane {
             .map_mut(name)
             .with_context(|| format!("the XDP object has no map {name}"))
     }
-
-    pub fn detach(mut self) -> Result<()> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(XDP_PROGRAM)
-            .context("the XDP object has no balancer program")?
-            .try_into()?;
-        for (interface, link) in self.links.drain(..) {
-            program
-                .detach(link)
-                .with_context(|| format!("detaching from {interface}"))?;
-            info!(%interface, "detached");
-        }
-        Ok(())
-    }
 }
 
-fn attach(
-    program: &mut Xdp,
+/// Makes `program` the one on `interface`: the link a previous run pinned there is switched to
+/// it (the previous program keeps handling packets until that instant); without one, a new
+/// link is created and pinned. Returns how, for the operator.
+fn attach_pinned(
+    program: &Xdp,
+    dir: &Path,
     interface: &str,
     setting: XdpModeSetting,
-) -> Result<(XdpLinkId, &'static str)> {
-    ifindex(interface)?;
+) -> Result<String> {
+    let ifindex = ifindex(interface)?;
+    let program_fd = program.fd().context("the XDP program is not loaded")?;
+    let pin = link_pin(dir, interface);
+    if let Ok(link) = bpf::open_pin(&pin) {
+        let info = bpf::link_info(link.as_fd())
+            .with_context(|| format!("reading the link pinned at {}", pin.display()))?;
+        if info.ifindex == ifindex {
+            bpf::update_link(link.as_fd(), program_fd.as_fd()).with_context(|| {
+                format!(
+                    "replacing the program attached to {interface} (link {})",
+                    info.id
+                )
+            })?;
+            return Ok(format!("took over from program {}", info.program_id));
+        }
+        // The interface it was made for is gone (a link does not follow a new device of
+        // the same name).
+        info!(%interface, link = info.id, "the pinned link belongs to an interface that is gone: replacing it");
+        fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+    }
+    let (link, mode) = create_link(program_fd.as_fd(), interface, ifindex, setting)?;
+    bpf::pin(link.as_fd(), &pin)?;
+    Ok(mode.to_owned())
+}
+
+fn create_link(
+    program: std::os::fd::BorrowedFd<'_>,
+    interface: &str,
+    ifindex: u32,
+    setting: XdpModeSetting,
+) -> Result<(std::os::fd::OwnedFd, &'static str)> {
+    let attach = |flags: u32, mode: &str| {
+        bpf::create_xdp_link(program, ifindex, flags).map_err(|error| {
+            let hint = if error.raw_os_error() == Some(libc::EBUSY) {
+                format!(
+                    "; another XDP program is attached (`ip link show {interface}` shows it, `ip link set {interface} xdp off` removes it)"
+                )
+            } else {
+                String::new()
+            };
+            anyhow::anyhow!("attaching in {mode} mode to {interface}: {error}{hint}")
+        })
+    };
     match setting {
-        XdpModeSetting::Native => program
-            .attach(interface, XdpMode::Driver)
+        XdpModeSetting::Native => attach(bpf::XDP_NATIVE, "native")
             .map(|link| (link, "native"))
-            .with_context(|| {
-                format!("attaching in native mode to {interface} (try xdp_mode = \"generic\")")
-            }),
-        XdpModeSetting::Generic => program
-            .attach(interface, XdpMode::Skb)
-            .map(|link| (link, "generic"))
-            .with_context(|| format!("attaching in generic mode to {interface}")),
-        XdpModeSetting::Auto => match program.attach(interface, XdpMode::Driver) {
+            .context("try xdp_mode = \"generic\""),
+        XdpModeSetting::Generic => {
+            attach(bpf::XDP_GENERIC, "generic").map(|link| (link, "generic"))
+        }
+        XdpModeSetting::Auto => match attach(bpf::XDP_NATIVE, "native") {
             Ok(link) => Ok((link, "native")),
             Err(error) => {
-                warn!(%interface, %error, "native XDP is not available, falling back to generic mode (slower)");
-                program
-                    .attach(interface, XdpMode::Skb)
-                    .map(|link| (link, "generic"))
-                    .with_context(|| format!("attaching in generic mode to {interface}"))
+                warn!(%interface, "{error:#}: falling back to generic mode (slower)");
+                attach(bpf::XDP_GENERIC, "generic").map(|link| (link, "generic"))
             }
         },
     }
+}
+
+/// Detaches the program from interfaces a previous run attached to and the config no longer
+/// names.
+fn detach_unconfigured(dir: &Path, interfaces: &[String]) -> Result<()> {
+    for (interface, pin) in pinned_links(dir) {
+        if !interfaces.contains(&interface) {
+            fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+            info!(%interface, "detached: the configuration no longer names this interface");
+        }
+    }
+    Ok(())
+}
+
+/// The links pinned in an instance's directory, by interface.
+fn pinned_links(dir: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut links: Vec<(String, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let interface = name.strip_prefix(LINK_PIN_PREFIX)?.to_owned();
+            Some((interface, entry.path()))
+        })
+        .collect();
+    links.sort();
+    links
+}
+
+/// Detaches an instance's program from every interface and removes its maps: the explicit end
+/// of its data plane (`balancer stop --detach`). Returns the interfaces it was attached to.
+pub fn remove_instance(instance: &str) -> Result<Vec<String>> {
+    let dir = pin_dir(instance);
+    if !dir.exists() {
+        bail!(
+            "instance {instance} has nothing pinned in {}",
+            dir.display()
+        );
+    }
+    let mut detached = Vec::new();
+    for (interface, pin) in pinned_links(&dir) {
+        fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+        detached.push(interface);
+    }
+    fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok(detached)
+}
+
+/// What is pinned for an instance whose agent does not answer: where its program runs and
+/// when the agent was last alive. `None` when nothing is pinned.
+pub fn describe_pinned(instance: &str) -> Option<String> {
+    let dir = pin_dir(instance);
+    if !dir.exists() {
+        return None;
+    }
+    let mut text = String::new();
+    let links = pinned_links(&dir);
+    let attached: Vec<String> = links
+        .iter()
+        .filter_map(|(interface, pin)| {
+            let info = bpf::open_pin(pin)
+                .and_then(|fd| bpf::link_info(fd.as_fd()))
+                .ok()?;
+            Some(if info.ifindex == 0 {
+                format!(
+                    "{interface} (link {}, defunct: the interface is gone)",
+                    info.id
+                )
+            } else {
+                format!(
+                    "{interface} (link {}, program {})",
+                    info.id, info.program_id
+                )
+            })
+        })
+        .collect();
+    if attached.is_empty() {
+        let _ = writeln!(
+            text,
+            "instance {instance}: no agent running and no program attached; maps pinned in {}",
+            dir.display()
+        );
+    } else {
+        let _ = writeln!(
+            text,
+            "instance {instance}: no agent running; the data plane is attached to {}",
+            attached.join(", ")
+        );
+        let _ = writeln!(text, "  L4 VIPs and spliced connections keep flowing in XDP; new connections to cookie VIPs get what their service's without_agent says");
+    }
+    match pinned_agent_state(&dir) {
+        Some(state) => {
+            let _ = writeln!(
+                text,
+                "  last agent heartbeat {} s ago; maps of layout version {}",
+                monotonic_seconds().saturating_sub(state.heartbeat_s),
+                state.layout_version
+            );
+        }
+        None => {
+            let _ = writeln!(text, "  the maps carry no layout version");
+        }
+    }
+    let _ = writeln!(
+        text,
+        "  `balancer run` adopts it; `balancer stop --detach --instance {instance}` removes it"
+    );
+    Some(text)
+}
+
+fn pinned_agent_state(dir: &Path) -> Option<AgentState> {
+    let map = MapData::from_pin(dir.join(map_name::AGENT)).ok()?;
+    let array: Array<MapData, AgentState> = Array::try_from(aya::maps::Map::Array(map)).ok()?;
+    array.get(&0, 0).ok()
+}
+
+/// Maps pinned by a previous run are adopted, so flows survive; maps of another layout (an
+/// agent of another version) or shape (another capacity in the config) would be misread, so
+/// the agent refuses them, saying what replacing them would lose, unless it starts cold.
+fn check_pinned_maps(dir: &Path, config: &Config, cold: bool) -> Result<()> {
+    let pinned: Vec<_> = expected_maps(config)
+        .into_iter()
+        .filter(|(name, ..)| dir.join(name).exists())
+        .collect();
+    if pinned.is_empty() {
+        return Ok(());
+    }
+    let mut misfits = Vec::new();
+    match pinned_agent_state(dir) {
+        Some(state) if state.layout_version == LAYOUT_VERSION => {}
+        Some(state) => misfits.push(format!(
+            "their layout is version {}, this program's is {LAYOUT_VERSION}",
+            state.layout_version
+        )),
+        None => misfits.push(
+            "they carry no layout version (an agent from before versions made them)".to_owned(),
+        ),
+    }
+    for (name, key_size, value_size, capacity) in &pinned {
+        let Ok(info) = MapInfo::from_pin(dir.join(name)) else {
+            continue;
+        };
+        let found = (
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
+        if found != (*key_size, *value_size, *capacity) {
+            misfits.push(format!(
+                "{name} has key, value and capacity {found:?} where this configuration and program want {:?}",
+                (key_size, value_size, capacity)
+            ));
+        }
+    }
+    if misfits.is_empty() && !cold {
+        return Ok(());
+    }
+    let lost = what_replacing_loses(dir);
+    if !cold {
+        bail!(
+            "the maps pinned in {} do not fit this program: {}. Adopting them would misread them; \
+             replacing them loses {lost}. The attached program keeps running on them meanwhile. \
+             Start with --cold to replace them (or undo the change).",
+            dir.display(),
+            misfits.join("; ")
+        );
+    }
+    warn!("starting cold: replacing the pinned maps loses {lost}");
+    for (name, ..) in &pinned {
+        let path = dir.join(name);
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// What replacing an instance's pinned maps loses, counted in the maps.
+fn what_replacing_loses(dir: &Path) -> String {
+    let count = |name: &str| -> String {
+        let path = dir.join(name);
+        let counted = MapInfo::from_pin(&path).ok().and_then(|info| {
+            let fd = bpf::open_pin(&path).ok()?;
+            bpf::count_entries(fd.as_fd(), info.key_size() as usize, COUNT_LIMIT).ok()
+        });
+        counted.map_or_else(|| "?".to_owned(), |n| n.to_string())
+    };
+    format!(
+        "{} flows (spliced cookie connections among them break; L4 flows are placed again), {} source-ip sessions and {} connections being bound",
+        count(map_name::FLOWS),
+        count(map_name::AFFINITY),
+        count(map_name::BINDINGS)
+    )
 }
 
 fn ifindex(interface: &str) -> Result<u32> {
@@ -397,7 +676,7 @@ fn ifindex(interface: &str) -> Result<u32> {
 }
 
 /// The shape every map must have: (name, key size, value size, capacity).
-fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 11] {
+fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 12] {
     use std::mem::size_of;
     [
         (
@@ -466,38 +745,18 @@ fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 11] {
             DEVMAP_VALUE_SIZE,
             MAX_TX_PORTS,
         ),
+        (
+            map_name::AGENT,
+            size_of::<u32>(),
+            size_of::<AgentState>(),
+            1,
+        ),
     ]
 }
 
 /// Slots of `BACKEND_TABLE`: two tables of `table_size` for every possible service.
 fn table_capacity(config: &Config) -> u32 {
     MAX_SERVICES * TABLES_PER_SERVICE * config.table_size
-}
-
-/// Pinned maps are reused across restarts so that flows survive; a pin left by a different
-/// version or a different `flow_capacity` would be reused with the wrong shape, so it goes.
-fn remove_incompatible_pins(dir: &Path, config: &Config) -> Result<()> {
-    for (name, key_size, value_size, capacity) in expected_maps(config) {
-        let path = dir.join(name);
-        let Ok(info) = MapInfo::from_pin(&path) else {
-            continue;
-        };
-        let found = (
-            info.key_size() as usize,
-            info.value_size() as usize,
-            info.max_entries(),
-        );
-        if found != (key_size, value_size, capacity) {
-            warn!(
-                map = name,
-                ?found,
-                wanted = ?(key_size, value_size, capacity),
-                "pinned map has another shape (key size, value size, capacity): replacing it, its entries are lost"
-            );
-            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-        }
-    }
-    Ok(())
 }
 
 /// Seconds of the clock the data plane stamps flows with (`bpf_ktime_get_coarse_ns`).
@@ -509,16 +768,23 @@ fn monotonic_seconds() -> u32 {
     now.tv_sec as u32
 }
 
-/// Mounts the BPF filesystem at `/sys/fs/bpf` unless it is there already.
-fn mount_bpf_fs() -> Result<()> {
-    let path = std::ffi::CString::new(BPF_FS).context("bpffs path")?;
+/// Whether the BPF filesystem is mounted at `/sys/fs/bpf`.
+pub fn bpf_fs_mounted() -> bool {
+    let Ok(path) = std::ffi::CString::new(BPF_FS) else {
+        return false;
+    };
     // SAFETY: `statfs` is plain data filled in by the kernel.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `path` is NUL-terminated and `stat` is writable.
-    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } == 0 && stat.f_type as i64 == BPF_FS_MAGIC
-    {
+    unsafe { libc::statfs(path.as_ptr(), &mut stat) == 0 && stat.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// Mounts the BPF filesystem at `/sys/fs/bpf` unless it is there already.
+fn mount_bpf_fs() -> Result<()> {
+    if bpf_fs_mounted() {
         return Ok(());
     }
+    let path = std::ffi::CString::new(BPF_FS).context("bpffs path")?;
     fs::create_dir_all(BPF_FS).with_context(|| format!("creating {BPF_FS}"))?;
     let fstype = std::ffi::CString::new("bpf").context("fstype")?;
     // SAFETY: all pointers are valid NUL-terminated strings; no data argument.

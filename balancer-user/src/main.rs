@@ -4,12 +4,14 @@
 //! reports what the data plane does.
 
 mod agent;
+mod bpf;
 mod config;
 mod control;
 mod cookie;
 mod dataplane;
 mod health;
 mod maglev;
+mod mounts;
 mod rewrite;
 mod segment;
 
@@ -22,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tokio::{
     io::unix::AsyncFd,
@@ -32,7 +34,11 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    agent::Agent, config::Config, control::Request, dataplane::Dataplane, stats::Snapshot,
+    agent::Agent,
+    config::Config,
+    control::Request,
+    dataplane::{Dataplane, StartOptions},
+    stats::Snapshot,
 };
 
 /// XDP load balancer for virtual IPs: forwards client flows to backends in the kernel.
@@ -45,11 +51,34 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach to the interfaces in the config and balance until Ctrl-C or SIGTERM.
+    /// Attach to the interfaces in the config and run the agent until Ctrl-C or SIGTERM.
+    ///
+    /// The XDP program stays attached when the agent exits, for any reason: L4 VIPs and
+    /// spliced cookie connections keep flowing, and the next `balancer run` of the instance
+    /// takes over the program, its maps and the connections being bound, swapping in its own
+    /// program in one step. `balancer stop --detach` removes the data plane.
     Run {
         /// The configuration file (TOML); see balancer.example.toml.
         #[arg(short, long)]
         config: PathBuf,
+        /// Replace the pinned maps with empty ones: needed when they have another layout
+        /// (another version of the program) or shape (another capacity); their flows,
+        /// sessions and connections being bound are lost.
+        #[arg(long)]
+        cold: bool,
+        /// Load this XDP object instead of the one built into this binary (an upgrade of the
+        /// program alone).
+        #[arg(long, value_name = "FILE")]
+        program: Option<PathBuf>,
+    },
+    /// Stop the agent of an instance; the data plane keeps forwarding unless --detach.
+    Stop {
+        #[arg(short, long, default_value = config::DEFAULT_INSTANCE)]
+        instance: String,
+        /// Also detach the XDP program and remove the pinned maps: all traffic to the VIPs
+        /// stops being balanced, and every flow and session is forgotten.
+        #[arg(long)]
+        detach: bool,
     },
     /// Check a configuration file and exit: prints what is wrong, naming the field.
     Check {
@@ -62,7 +91,8 @@ enum Command {
         #[arg(short, long, default_value = config::DEFAULT_INSTANCE)]
         instance: String,
     },
-    /// Show each backend of a running agent: state, health, clients with a session, flows.
+    /// Show each backend of a running agent: state, health, clients with a session, flows;
+    /// without an agent, whether the instance's data plane is still attached.
     Status {
         #[arg(short, long, default_value = config::DEFAULT_INSTANCE)]
         instance: String,
@@ -123,7 +153,22 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match execute(Cli::parse().command) {
+    let cli = Cli::parse();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        match mounts::join_parent_mounts() {
+            Ok(Some(joined)) => info!(
+                parent = joined.parent,
+                "started in a private mount namespace (as `ip netns exec` makes): joined the mount namespace of the process that started it, so the pinned maps and links are where other shells and later agents find them"
+            ),
+            Ok(None) => {}
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -134,7 +179,12 @@ fn main() -> ExitCode {
 
 fn execute(command: Command) -> Result<()> {
     match command {
-        Command::Run { config } => run(config),
+        Command::Run {
+            config,
+            cold,
+            program,
+        } => run(config, StartOptions { cold, program }),
+        Command::Stop { instance, detach } => stop(&instance, detach),
         Command::Check { config } => {
             let config = Config::load(&config)?;
             println!(
@@ -162,7 +212,13 @@ fn execute(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Status { instance } => {
-            println!("{}", control::send(&instance, &Request::Status)?);
+            match control::send(&instance, &Request::Status) {
+                Ok(status) => println!("{status}"),
+                Err(error) => match dataplane::describe_pinned(&instance) {
+                    Some(pinned) => print!("{pinned}"),
+                    None => return Err(error),
+                },
+            }
             Ok(())
         }
         Command::Backend { action, instance } => {
@@ -189,18 +245,40 @@ fn execute(command: Command) -> Result<()> {
     }
 }
 
-fn run(config_path: PathBuf) -> Result<()> {
+fn run(config_path: PathBuf, options: StartOptions) -> Result<()> {
     let config = Config::load(&config_path)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(config, config_path))
+    runtime.block_on(serve(config, config_path, options))
+}
+
+/// `balancer stop`: the running agent exits (detaching first with `detach`); with no agent,
+/// `detach` removes what the instance left pinned.
+fn stop(instance: &str, detach: bool) -> Result<()> {
+    match control::send(instance, &Request::Stop { detach }) {
+        Ok(answer) => {
+            println!("{answer}");
+            Ok(())
+        }
+        Err(_) if detach => {
+            let interfaces = dataplane::remove_instance(instance)?;
+            println!(
+                "no agent was running; detached instance {instance} from {} and removed its maps",
+                if interfaces.is_empty() { "no interface".to_owned() } else { interfaces.join(", ") }
+            );
+            Ok(())
+        }
+        Err(error) => Err(error.context(format!(
+            "no agent of instance {instance} answers; its data plane, if attached, stays (add --detach to remove it)"
+        ))),
+    }
 }
 
 /// Runs the agent until SIGINT or SIGTERM: health reports, operator commands and SIGHUP
 /// reloads change the data plane; a stats line goes out every `stats_interval` seconds.
-async fn serve(config: Config, config_path: PathBuf) -> Result<()> {
+async fn serve(config: Config, config_path: PathBuf, options: StartOptions) -> Result<()> {
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -208,12 +286,13 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<()> {
     let (report_tx, mut reports) = mpsc::channel(64);
     let (command_tx, mut commands) = mpsc::channel(16);
 
-    let dataplane = Dataplane::start(&config)?;
+    let dataplane = Dataplane::start(&config, &options)?;
     let attached: Vec<String> = dataplane
         .attachments
         .iter()
-        .map(|(i, mode)| format!("{i} ({mode})"))
+        .map(|(i, how)| format!("{i} ({how})"))
         .collect();
+    let program_id = dataplane.program_id;
     let instructions = dataplane
         .verified_instructions
         .map_or_else(|| "unknown".to_owned(), |n| n.to_string());
@@ -225,24 +304,35 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<()> {
     let mut punts = unsafe { AsyncFd::register(agent.take_punts()?) }
         .map_err(|error| anyhow::anyhow!("watching the punt ring: {}", error.into_parts().1))?;
     let mut binding_ticker = tokio::time::interval(Duration::from_millis(200));
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
     let socket = control::serve(&instance, command_tx)?;
     println!(
-        "ready: attached to {}; {services} services; verifier processed {instructions} instructions; maps pinned in {}; control socket {}",
+        "ready: attached to {}; program {program_id}; {services} services; verifier processed {instructions} instructions; maps pinned in {}; control socket {}",
         attached.join(", "),
         dataplane::pin_dir(&instance).display(),
         socket.display(),
     );
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
+    let mut detach = false;
 
     let mut ticker = tokio::time::interval(Duration::from_secs(stats_interval.max(1)));
     let mut last = (Instant::now(), Snapshot::read(&instance)?);
     loop {
         tokio::select! {
-            _ = interrupt.recv() => { info!("SIGINT received, detaching"); break; }
-            _ = terminate.recv() => { info!("SIGTERM received, detaching"); break; }
+            _ = interrupt.recv() => { info!("SIGINT received, stopping"); break; }
+            _ = terminate.recv() => { info!("SIGTERM received, stopping"); break; }
             _ = hangup.recv() => {
+                notify_systemd(&[sd_notify::NotifyState::Reloading]);
                 if let Err(error) = agent.reload(&config_path) {
                     error!("reload rejected, the running configuration stays in force: {error:#}");
                 }
+                notify_systemd(&[sd_notify::NotifyState::Ready]);
+            }
+            _ = heartbeat.tick() => {
+                if let Err(error) = agent.heartbeat() {
+                    warn!("{error:#}");
+                }
+                notify_systemd(&[sd_notify::NotifyState::Watchdog]);
             }
             Some(report) = reports.recv() => {
                 if let Err(error) = agent.health_changed(report) {
@@ -263,6 +353,16 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<()> {
             }
             _ = binding_ticker.tick() => agent.binding_tick(),
             Some(command) = commands.recv() => {
+                if let Request::Stop { detach: and_detach } = command.request {
+                    info!(detach = and_detach, "stop requested");
+                    detach = and_detach;
+                    let _ = command.reply.send(Ok(if detach {
+                        format!("agent of instance {instance} stopping; detaching its data plane")
+                    } else {
+                        format!("agent of instance {instance} stopping; its data plane keeps forwarding")
+                    }));
+                    break;
+                }
                 let answer = execute_request(&mut agent, &config_path, command.request);
                 let _ = command.reply.send(answer.map_err(|e| format!("{e:#}")));
             }
@@ -288,10 +388,27 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<()> {
             }
         }
     }
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     let _ = std::fs::remove_file(&socket);
-    agent.shutdown()?;
-    info!("stopped");
+    agent.shutdown();
+    if detach {
+        let interfaces = dataplane::remove_instance(&instance)?;
+        info!(interfaces = %interfaces.join(", "), "detached and removed the pinned maps");
+    } else {
+        info!("stopped; the data plane stays attached: L4 VIPs and spliced connections keep flowing, the next `balancer run` takes over, `balancer stop --detach` removes it");
+    }
     Ok(())
+}
+
+/// How often the agent tells the data plane (and systemd's watchdog) it is alive: well inside
+/// the program's agent timeout.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Tells systemd (under `Type=notify`) what the agent is doing; a no-op elsewhere.
+fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    if let Err(error) = sd_notify::notify(false, state) {
+        warn!("notifying systemd: {error}");
+    }
 }
 
 fn cookie_for(
@@ -341,5 +458,6 @@ fn execute_request(agent: &mut Agent, config_path: &Path, request: Request) -> R
         Request::Drain { service, backend } => agent.set_draining(&service, &backend, true),
         Request::Undrain { service, backend } => agent.set_draining(&service, &backend, false),
         Request::Status => agent.status(),
+        Request::Stop { .. } => bail!("stop is answered by the serve loop"),
     }
 }

@@ -14,8 +14,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    affinity, backend_state, flow_flags, flow_state, map_name, Backend, Counter, Flow, FlowKey,
-    Reason, ReverseNat, Service, ServiceKey, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
+    affinity, backend_state, flow_flags, flow_state, map_name, without_agent, AgentState,
+    Backend, Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey,
+    DEFAULT_AGENT_TIMEOUT_S, LAYOUT_VERSION, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
     TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 
@@ -328,6 +329,7 @@ impl Program {
         program.load().expect("the verifier accepts the program");
         let mut this = Self { ebpf, pin_dir };
         this.program_services();
+        this.agent_alive_seconds_ago(0);
         this
     }
 
@@ -367,6 +369,17 @@ impl Program {
             assert_ne!(index, 0, "{dev} exists");
             ports.insert(index, index, None, 0).unwrap();
         }
+    }
+
+    /// Writes the agent's heartbeat as it was `age` seconds ago.
+    fn agent_alive_seconds_ago(&mut self, age: u32) {
+        let mut map: Array<&mut MapData, AgentState> =
+            Array::try_from(self.map(map_name::AGENT)).unwrap();
+        let state = AgentState {
+            heartbeat_s: coarse_seconds() - age,
+            layout_version: LAYOUT_VERSION,
+        };
+        map.set(0, state, 0).unwrap();
     }
 
     fn set_backend(&mut self, id: u32, addr: Ipv4Addr, port: u16, state: u8) {
@@ -414,7 +427,7 @@ impl Program {
             backend_count: backends.len() as u32,
             affinity_timeout: 300,
             source_mask: u32::from_ne_bytes([255, 255, 255, 0]),
-            _pad: 0,
+            without_agent: without_agent::PLACE_BY_FLOW,
         };
         map.insert(key, value, 0).unwrap();
     }
@@ -903,15 +916,18 @@ fn tcp_with_options(
     s
 }
 
+/// Seconds of the clock the program reads (`bpf_ktime_get_coarse_ns`).
+fn coarse_seconds() -> u32 {
+    // SAFETY: `timespec` is plain data filled in by the kernel.
+    let mut t: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `t` is writable.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut t) };
+    t.tv_sec as u32
+}
+
 /// The SYN cookie periods now and a moment later, as the program computes them.
 fn cookie_periods() -> [u32; 2] {
-    let now = || {
-        // SAFETY: `timespec` is plain data filled in by the kernel.
-        let mut t: libc::timespec = unsafe { std::mem::zeroed() };
-        // SAFETY: `t` is writable.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut t) };
-        (t.tv_sec as u64 / u64::from(balancer_common::COOKIE_PERIOD_S)) as u32
-    };
+    let now = || coarse_seconds() / balancer_common::COOKIE_PERIOD_S;
     [now(), now() + 1]
 }
 
@@ -1015,6 +1031,87 @@ fn cookie_service_answers_syns_with_a_cookie_and_binds_on_the_matching_ack() {
         ),
         (1460, 10, 1)
     );
+}
+
+#[test]
+fn without_an_agent_a_cookie_service_places_syns_by_its_fallback_and_resets_unbound_connections() {
+    let mut program = Program::in_private_network("agentless");
+    let syn_ip = ip(CLIENT, VIP, PROTO_TCP);
+    // Linux's SYN options: MSS 1460, SACK permitted, timestamps, NOP, window scale 10.
+    let options = [
+        2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 10,
+    ];
+    let syn_from = |port: u16| {
+        let segment = tcp_with_options(&syn_ip, (port, COOKIE_PORT), (CLIENT_SEQ, 0), TCP_SYN, 64240, &options);
+        ipv4_frame(FROM_CLIENT.0, FROM_CLIENT.1, &syn_ip, &segment)
+    };
+    let request_from = |port: u16, cookie: u32| {
+        let segment = tcp_segment(&syn_ip, (port, COOKIE_PORT), (CLIENT_SEQ + 1, cookie + 1), TCP_ACK, 502, REQUEST);
+        ipv4_frame(FROM_CLIENT.0, FROM_CLIENT.1, &syn_ip, &segment)
+    };
+    // With the agent alive: a connection being bound, its request punted.
+    let (action, synack) = program.run(&syn_from(CLIENT_PORT));
+    assert_eq!(action, XDP_TX, "the SYN is answered with a cookie");
+    let cookie = u32::from_be_bytes(synack[38..42].try_into().unwrap());
+    assert_eq!(program.run(&request_from(CLIENT_PORT, cookie)).0, XDP_DROP, "the request goes to the agent");
+
+    // The agent's heartbeat stops.
+    program.agent_alive_seconds_ago(DEFAULT_AGENT_TIMEOUT_S + 1);
+    let (action, reset) = program.run(&request_from(CLIENT_PORT, cookie));
+    assert_eq!(action, XDP_TX, "the request sent again is answered");
+    assert_eq!(reset[47] & TCP_RST, TCP_RST, "with a reset");
+    assert_eq!(
+        u32::from_be_bytes(reset[38..42].try_into().unwrap()),
+        cookie + 1,
+        "at the sequence number the client expects"
+    );
+    assert!(program.flow(&client_flow(COOKIE_PORT)).is_none(), "the connection is forgotten");
+
+    // A new connection is placed by XDP as a plain flow, on the cookie fallback's backend.
+    let (action, forwarded) = program.run(&syn_from(CLIENT_PORT + 1));
+    assert_eq!(action, XDP_REDIRECT, "a new SYN is forwarded");
+    assert_eq!(forwarded[30..34], BACKEND.octets(), "to the service's backend");
+    let flow = program
+        .flow(&FlowKey {
+            sport: (CLIENT_PORT + 1).to_be(),
+            ..client_flow(COOKIE_PORT)
+        })
+        .expect("its flow is recorded");
+    assert_eq!(flow.state, flow_state::NAT, "as a plain NAT flow");
+
+    // A service that says so refuses new connections instead.
+    let key = ServiceKey {
+        vip: u32::from_ne_bytes(VIP.octets()),
+        port: COOKIE_PORT.to_be(),
+        proto: PROTO_TCP,
+        _pad: 0,
+    };
+    let mut services: HashMap<&mut MapData, ServiceKey, Service> =
+        HashMap::try_from(program.map(map_name::SERVICES)).unwrap();
+    let service = services.get(&key, 0).unwrap();
+    services
+        .insert(key, Service { without_agent: without_agent::RESET, ..service }, 0)
+        .unwrap();
+    let (action, reset) = program.run(&syn_from(CLIENT_PORT + 2));
+    assert_eq!((action, reset[47] & TCP_RST), (XDP_TX, TCP_RST), "a SYN is reset");
+
+    // The agent is back: SYNs get cookies again.
+    program.agent_alive_seconds_ago(0);
+    let (action, synack) = program.run(&syn_from(CLIENT_PORT + 3));
+    assert_eq!((action, synack[47]), (XDP_TX, TCP_SYN | TCP_ACK), "a SYN-ACK with a cookie");
+
+    let counters = program.counters();
+    for (reason, expected) in [
+        (Reason::SynCookieSent, 2),
+        (Reason::HandshakeDone, 1),
+        (Reason::Punted, 1),
+        (Reason::ResetWithoutAgent, 2),
+        (Reason::PlacedWithoutAgent, 1),
+        (Reason::NewFlow, 1),
+        (Reason::Forwarded, 1),
+    ] {
+        assert_eq!(counters[reason as usize], expected, "{}", reason.name());
+    }
 }
 
 /// The key of the client's TCP flow from [`CLIENT_PORT`] to the VIP's `port`.

@@ -98,7 +98,7 @@ impl Agent {
                 dataplane.remove_service(&key)?;
             }
         }
-        dataplane.set_cookie_secret(random_secret()?)?;
+        dataplane.ensure_cookie_secret(random_secret)?;
         let passed = dataplane.pass_response_heads()?;
         if passed > 0 {
             info!("{passed} response(s) whose head the previous run was reading pass unedited");
@@ -301,6 +301,7 @@ impl Agent {
             affinity_timeout: service.config.affinity_timeout,
             source_mask: u32::from_ne_bytes(service.config.source_mask().octets()),
             backend_count,
+            without_agent: service.config.without_agent_code(),
             ..Service::default()
         };
         let key = service.key;
@@ -480,11 +481,16 @@ impl Agent {
         Some((index, position))
     }
 
-    pub fn shutdown(self) -> Result<()> {
+    /// Stops the health checks; the data plane stays as it is.
+    pub fn shutdown(self) {
         for check in self.checks {
             check.abort();
         }
-        self.dataplane.detach()
+    }
+
+    /// Tells the data plane the agent is alive.
+    pub fn heartbeat(&mut self) -> Result<()> {
+        self.dataplane.heartbeat()
     }
 }
 
