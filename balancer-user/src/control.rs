@@ -81,6 +81,9 @@ impl Request {
 pub struct Command {
     pub request: Request,
     pub reply: oneshot::Sender<Result<String, String>>,
+    /// Fires once the answer is written to the operator: an agent that exits on this request
+    /// waits for it, or the answer would die with the process.
+    pub written: oneshot::Receiver<()>,
 }
 
 /// Listens on the instance's socket and hands each request to `commands`.
@@ -111,6 +114,7 @@ pub fn serve(instance: &str, commands: mpsc::Sender<Command>) -> Result<PathBuf>
 
 async fn answer(stream: tokio::net::UnixStream, commands: mpsc::Sender<Command>) {
     let (read, mut write) = stream.into_split();
+    let mut written_tx = None;
     let mut line = String::new();
     let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST as u64));
     let answer = match reader.read_line(&mut line).await {
@@ -119,7 +123,17 @@ async fn answer(stream: tokio::net::UnixStream, commands: mpsc::Sender<Command>)
             Err(error) => Err(error),
             Ok(request) => {
                 let (reply, answer) = oneshot::channel();
-                if commands.send(Command { request, reply }).await.is_err() {
+                let (done, written) = oneshot::channel();
+                written_tx = Some(done);
+                if commands
+                    .send(Command {
+                        request,
+                        reply,
+                        written,
+                    })
+                    .await
+                    .is_err()
+                {
                     Err("the agent is shutting down".to_owned())
                 } else {
                     answer
@@ -135,6 +149,10 @@ async fn answer(stream: tokio::net::UnixStream, commands: mpsc::Sender<Command>)
         Err(error) => format!("error: {error}\n"),
     };
     let _ = write.write_all(text.as_bytes()).await;
+    let _ = write.shutdown().await;
+    if let Some(written) = written_tx {
+        let _ = written.send(());
+    }
 }
 
 /// Sends a request to the running agent of `instance` and returns its answer, failing when

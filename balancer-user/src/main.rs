@@ -361,6 +361,7 @@ async fn serve(config: Config, config_path: PathBuf, options: StartOptions) -> R
                     } else {
                         format!("agent of instance {instance} stopping; its data plane keeps forwarding")
                     }));
+                    let _ = tokio::time::timeout(Duration::from_secs(1), command.written).await;
                     break;
                 }
                 let answer = execute_request(&mut agent, &config_path, command.request);

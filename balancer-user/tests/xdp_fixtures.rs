@@ -14,10 +14,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    affinity, backend_state, flow_flags, flow_state, map_name, without_agent, AgentState,
-    Backend, Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey,
-    DEFAULT_AGENT_TIMEOUT_S, LAYOUT_VERSION, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
-    TABLES_PER_SERVICE, XDP_PROGRAM,
+    affinity, backend_state, flow_flags, flow_state, map_name, without_agent, AgentState, Backend,
+    Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey, DEFAULT_AGENT_TIMEOUT_S,
+    LAYOUT_VERSION, MAX_SERVICES, PROTO_TCP, PROTO_UDP, TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 
 const XDP_DROP: u32 = 1;
@@ -1042,18 +1041,36 @@ fn without_an_agent_a_cookie_service_places_syns_by_its_fallback_and_resets_unbo
         2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 10,
     ];
     let syn_from = |port: u16| {
-        let segment = tcp_with_options(&syn_ip, (port, COOKIE_PORT), (CLIENT_SEQ, 0), TCP_SYN, 64240, &options);
+        let segment = tcp_with_options(
+            &syn_ip,
+            (port, COOKIE_PORT),
+            (CLIENT_SEQ, 0),
+            TCP_SYN,
+            64240,
+            &options,
+        );
         ipv4_frame(FROM_CLIENT.0, FROM_CLIENT.1, &syn_ip, &segment)
     };
     let request_from = |port: u16, cookie: u32| {
-        let segment = tcp_segment(&syn_ip, (port, COOKIE_PORT), (CLIENT_SEQ + 1, cookie + 1), TCP_ACK, 502, REQUEST);
+        let segment = tcp_segment(
+            &syn_ip,
+            (port, COOKIE_PORT),
+            (CLIENT_SEQ + 1, cookie + 1),
+            TCP_ACK,
+            502,
+            REQUEST,
+        );
         ipv4_frame(FROM_CLIENT.0, FROM_CLIENT.1, &syn_ip, &segment)
     };
     // With the agent alive: a connection being bound, its request punted.
     let (action, synack) = program.run(&syn_from(CLIENT_PORT));
     assert_eq!(action, XDP_TX, "the SYN is answered with a cookie");
     let cookie = u32::from_be_bytes(synack[38..42].try_into().unwrap());
-    assert_eq!(program.run(&request_from(CLIENT_PORT, cookie)).0, XDP_DROP, "the request goes to the agent");
+    assert_eq!(
+        program.run(&request_from(CLIENT_PORT, cookie)).0,
+        XDP_DROP,
+        "the request goes to the agent"
+    );
 
     // The agent's heartbeat stops.
     program.agent_alive_seconds_ago(DEFAULT_AGENT_TIMEOUT_S + 1);
@@ -1065,12 +1082,19 @@ fn without_an_agent_a_cookie_service_places_syns_by_its_fallback_and_resets_unbo
         cookie + 1,
         "at the sequence number the client expects"
     );
-    assert!(program.flow(&client_flow(COOKIE_PORT)).is_none(), "the connection is forgotten");
+    assert!(
+        program.flow(&client_flow(COOKIE_PORT)).is_none(),
+        "the connection is forgotten"
+    );
 
     // A new connection is placed by XDP as a plain flow, on the cookie fallback's backend.
     let (action, forwarded) = program.run(&syn_from(CLIENT_PORT + 1));
     assert_eq!(action, XDP_REDIRECT, "a new SYN is forwarded");
-    assert_eq!(forwarded[30..34], BACKEND.octets(), "to the service's backend");
+    assert_eq!(
+        forwarded[30..34],
+        BACKEND.octets(),
+        "to the service's backend"
+    );
     let flow = program
         .flow(&FlowKey {
             sport: (CLIENT_PORT + 1).to_be(),
@@ -1090,15 +1114,30 @@ fn without_an_agent_a_cookie_service_places_syns_by_its_fallback_and_resets_unbo
         HashMap::try_from(program.map(map_name::SERVICES)).unwrap();
     let service = services.get(&key, 0).unwrap();
     services
-        .insert(key, Service { without_agent: without_agent::RESET, ..service }, 0)
+        .insert(
+            key,
+            Service {
+                without_agent: without_agent::RESET,
+                ..service
+            },
+            0,
+        )
         .unwrap();
     let (action, reset) = program.run(&syn_from(CLIENT_PORT + 2));
-    assert_eq!((action, reset[47] & TCP_RST), (XDP_TX, TCP_RST), "a SYN is reset");
+    assert_eq!(
+        (action, reset[47] & TCP_RST),
+        (XDP_TX, TCP_RST),
+        "a SYN is reset"
+    );
 
     // The agent is back: SYNs get cookies again.
     program.agent_alive_seconds_ago(0);
     let (action, synack) = program.run(&syn_from(CLIENT_PORT + 3));
-    assert_eq!((action, synack[47]), (XDP_TX, TCP_SYN | TCP_ACK), "a SYN-ACK with a cookie");
+    assert_eq!(
+        (action, synack[47]),
+        (XDP_TX, TCP_SYN | TCP_ACK),
+        "a SYN-ACK with a cookie"
+    );
 
     let counters = program.counters();
     for (reason, expected) in [

@@ -40,6 +40,15 @@ const WIRE_BALANCER_PORT: &str = "to-lb";
 /// Labs made by this process so far: the `<n>` in `blab-<pid>-<n>`.
 static LABS: AtomicU32 = AtomicU32::new(0);
 
+/// How the agent is started in the balancer namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launch {
+    /// `nsenter --net=/run/netns/<ns>`: the host's mounts, and so its bpffs.
+    Nsenter,
+    /// `ip netns exec <ns>`: a private mount namespace with a fresh /sys.
+    IpNetnsExec,
+}
+
 /// A client, a balancer host, a switch and three backends, each in its own network namespace.
 /// Dropping it (also during a panic) stops every process it started and removes its
 /// namespaces, directory, pinned maps and control socket.
@@ -573,7 +582,19 @@ impl Lab {
     /// Starts the agent in the balancer namespace (keeping the host's mount namespace, so that
     /// its maps are pinned in the host's bpffs) and waits until it logs a line starting with
     /// `ready`.
-    pub fn start_balancer(&mut self, balancer_bin: &Path, config: &Path) -> Result<()> {
+    pub fn start_balancer(&mut self, balancer_bin: &Path, config: &Path) -> Result<String> {
+        let config = config.to_string_lossy();
+        self.start_balancer_with(balancer_bin, &["run", "--config", &config], Launch::Nsenter)
+    }
+
+    /// Starts `balancer <args>` in the balancer namespace as `launch` says and waits for its
+    /// `ready` line, which it returns.
+    pub fn start_balancer_with(
+        &mut self,
+        balancer_bin: &Path,
+        args: &[&str],
+        launch: Launch,
+    ) -> Result<String> {
         ensure!(self.agent.is_none(), "the balancer is already running");
         ensure!(
             balancer_bin.exists(),
@@ -584,12 +605,21 @@ impl Lab {
         // Only what this run writes counts: the log may hold an earlier run.
         let start = fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0) as usize;
         let (out, err) = append_twice(&log_path)?;
-        let mut command = Command::new("nsenter");
+        let mut command = match launch {
+            Launch::Nsenter => {
+                let mut command = Command::new("nsenter");
+                command.arg(format!("--net=/run/netns/{}", self.balancer_ns()));
+                command
+            }
+            Launch::IpNetnsExec => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", self.balancer_ns()]);
+                command
+            }
+        };
         command
-            .arg(format!("--net=/run/netns/{}", self.balancer_ns()))
             .arg(balancer_bin)
-            .args(["run", "--config"])
-            .arg(config)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
@@ -604,8 +634,8 @@ impl Lab {
         loop {
             let log = fs::read(&log_path).unwrap_or_default();
             let text = String::from_utf8_lossy(log.get(start..).unwrap_or_default());
-            if text.lines().any(|line| line.starts_with("ready")) {
-                return Ok(());
+            if let Some(ready) = text.lines().find(|line| line.starts_with("ready")) {
+                return Ok(ready.to_owned());
             }
             if agent.exited() {
                 let status = agent.child.wait().context("waiting for the balancer")?;
@@ -623,6 +653,33 @@ impl Lab {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would end it, and reaps it.
+    pub fn kill_balancer(&mut self) -> Result<()> {
+        let mut agent = self.agent.take().context("the balancer is not running")?;
+        agent.signal_group(libc::SIGKILL);
+        agent.reap();
+        Ok(())
+    }
+
+    /// Waits up to `limit` for a process started with [`Lab::spawn`] to exit, and reaps it.
+    pub fn wait_for(&mut self, pid: u32, limit: Duration) -> Result<std::process::ExitStatus> {
+        let at = self
+            .processes
+            .iter()
+            .position(|p| p.pid() == pid)
+            .with_context(|| format!("process {pid} was not started by this lab"))?;
+        let deadline = Instant::now() + limit;
+        while !self.processes[at].exited() {
+            ensure!(
+                Instant::now() < deadline,
+                "process {pid} still runs after {limit:?}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        let mut process = self.processes.swap_remove(at);
+        process.child.wait().context("reaping a process")
     }
 
     /// Stops the agent: SIGTERM to its PID, then SIGKILL if it has not exited within 10 s (an

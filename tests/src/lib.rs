@@ -34,7 +34,7 @@ pub use crate::{
     config::{ServiceOptions, COOKIE_PORT, LB_COOKIE_PORT},
     data::{test_data_sha256, write_test_data},
     impair::Impairment,
-    lab::{Lab, EXEC_TIMEOUT},
+    lab::{Lab, Launch, EXEC_TIMEOUT},
     netns::reap_stale_labs,
 };
 

@@ -27,7 +27,7 @@ pub fn workspace_root() -> PathBuf {
 /// Toolchain, XDP object, then the release binaries.
 pub fn all() -> Result<Artifacts> {
     let toolchain = toolchain::ensure_ebpf()?;
-    let ebpf_object = ebpf(toolchain)?;
+    let ebpf_object = ebpf(&toolchain, "target/ebpf", None)?;
     println!("==> building the agent and the lab (release)");
     cargo(&["build", "--release"], &ebpf_object)?;
     let bin = workspace_root().join("target/release");
@@ -39,14 +39,31 @@ pub fn all() -> Result<Artifacts> {
     })
 }
 
-/// Compiles the eBPF crate; its own target directory keeps the two compilers' artifacts apart.
-fn ebpf(toolchain: Ebpf) -> Result<PathBuf> {
+/// The agent timeout of the upgrade tests' program (the agent's own has the default).
+const UPGRADE_AGENT_TIMEOUT_S: &str = "3";
+
+/// The program built with another agent timeout: an XDP object that differs from the one
+/// built into the agent, for the tests of an upgrade (`balancer run --program`).
+pub fn upgrade_object() -> Result<PathBuf> {
+    let toolchain = toolchain::ensure_ebpf()?;
+    ebpf(
+        &toolchain,
+        "target/ebpf-upgrade",
+        Some(("BALANCER_AGENT_TIMEOUT_S", UPGRADE_AGENT_TIMEOUT_S)),
+    )
+}
+
+/// Compiles the eBPF crate into `target_dir` (under the workspace), with `setting`, a
+/// build-time constant, in its environment. A target directory of its own keeps the two
+/// compilers' artifacts, and the two settings', apart.
+fn ebpf(toolchain: &Ebpf, target_dir: &str, setting: Option<(&str, &str)>) -> Result<PathBuf> {
     let root = workspace_root();
-    let target_dir = root.join("target/ebpf");
+    let target_dir = root.join(target_dir);
     println!(
-        "==> building the XDP program ({:?} toolchain, {})",
+        "==> building the XDP program ({:?} toolchain, {}{})",
         toolchain.toolchain,
-        toolchain.linker.display()
+        toolchain.linker.display(),
+        setting.map_or_else(String::new, |(name, value)| format!(", {name}={value}"))
     );
     let mut command = match toolchain.toolchain {
         EbpfToolchain::Debian => {
@@ -70,6 +87,9 @@ fn ebpf(toolchain: Ebpf) -> Result<PathBuf> {
             "PATH",
             std::env::join_paths(paths).context("joining PATH with bpf-linker's directory")?,
         );
+    }
+    if let Some((name, value)) = setting {
+        command.env(name, value);
     }
     command
         .current_dir(&root)

@@ -11,6 +11,7 @@ pub fn run(extra: &[String]) -> Result<()> {
         bail!("the tests load XDP programs and build network namespaces: run them as root");
     }
     let artifacts = build::all()?;
+    let upgrade_object = build::upgrade_object()?;
     toolchain::ensure_lab()?;
 
     println!("==> unit tests");
@@ -30,6 +31,7 @@ pub fn run(extra: &[String]) -> Result<()> {
     println!("==> XDP fixtures and namespace integration tests");
     let balancer = artifacts.balancer.to_string_lossy().into_owned();
     std::env::set_var("BALANCER_BIN", &balancer);
+    std::env::set_var("BALANCER_UPGRADE_OBJECT", &upgrade_object);
     let mut args = vec![
         "test",
         "--release",

@@ -1,0 +1,388 @@
+//! The data plane outlives the agent: a crash (SIGKILL), a restart (SIGTERM and a new
+//! `balancer run`) and an upgrade (a new run loading a different program) lose no connection
+//! of real clients, and the instance is found and controlled from other shells however the
+//! agent was started.
+
+mod common;
+
+use std::{path::PathBuf, time::Duration};
+
+use balancer_lab::{Lab, Launch, ServiceOptions, COOKIE_PORT, LB_COOKIE_PORT, VIP};
+use common::*;
+
+/// How long each wrk run lasts: long enough for a kill, a restart and an upgrade in turn.
+const WRK_RUN: &str = "30s";
+/// Packets the data plane must forward between two events of a test, so each happens with
+/// traffic in flight.
+const TRAFFIC_BETWEEN_EVENTS: u64 = 20_000;
+
+/// `web` (L4, source-ip), `web-cookie` (app-cookie) and `web-lb-cookie` (lb-cookie).
+fn three_kinds() -> ServiceOptions {
+    ServiceOptions {
+        web_settings: "affinity = \"source-ip\"".into(),
+        cookie_service: true,
+        lb_cookie_backend: Some(2),
+        ..ServiceOptions::default()
+    }
+}
+
+fn upgrade_object() -> PathBuf {
+    std::env::var_os("BALANCER_UPGRADE_OBJECT")
+        .map(PathBuf::from)
+        .expect("BALANCER_UPGRADE_OBJECT names the second build of the program (cargo xtask test sets it)")
+}
+
+/// Packets the data plane forwarded either way, plain and spliced.
+fn forwarded(lab: &Lab) -> u64 {
+    let c = counters(lab);
+    [
+        "forwarded",
+        "replied",
+        "spliced_to_backend",
+        "spliced_to_client",
+    ]
+    .iter()
+    .map(|name| c.get(*name).copied().unwrap_or(0))
+    .sum()
+}
+
+/// Waits until the data plane has forwarded [`TRAFFIC_BETWEEN_EVENTS`] more packets.
+fn wait_for_traffic(lab: &Lab, what: &str) {
+    let from = forwarded(lab);
+    wait_until(Duration::from_secs(20), what, || {
+        forwarded(lab) >= from + TRAFFIC_BETWEEN_EVENTS
+    });
+}
+
+/// `curl -si` of `/` on a VIP port, on a new connection: the response head and body.
+fn fetch(lab: &Lab, port: u16) -> Option<String> {
+    lab.curl(
+        lab.client_ns(),
+        &["-i", "--max-time", "2", &format!("http://{VIP}:{port}/")],
+    )
+    .ok()
+}
+
+/// Whether a new connection to the lb-cookie VIP was bound by the agent: its first response
+/// carries the balancer's cookie.
+fn bound_by_the_agent(lab: &Lab) -> bool {
+    fetch(lab, LB_COOKIE_PORT)
+        .is_some_and(|r| r.to_ascii_lowercase().contains("set-cookie: lbsession="))
+}
+
+/// The number after `program ` in a `ready` line: the id of the program the agent loaded.
+fn program_id(ready: &str) -> u32 {
+    ready
+        .split("; ")
+        .find_map(|part| part.strip_prefix("program "))
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no program id in {ready:?}"))
+}
+
+/// What wrk reported: requests done, and its error lines (socket errors, non-2xx answers).
+fn wrk_result(log: &std::path::Path) -> (u64, Vec<String>) {
+    let text = std::fs::read_to_string(log).expect("reading wrk's output");
+    let requests = text
+        .lines()
+        .find_map(|line| line.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no request count in wrk's output:\n{text}"));
+    let errors = text
+        .lines()
+        .filter(|line| line.contains("Socket errors") || line.contains("Non-2xx"))
+        .map(str::to_owned)
+        .collect();
+    (requests, errors)
+}
+
+#[test]
+fn a_crash_a_restart_and_an_upgrade_of_the_agent_lose_no_connection_of_wrk_runs() {
+    let mut lab = lab_with(&three_kinds());
+    let first = lab.balancer_log();
+    let config = config_path(&lab);
+    let config = config.to_str().unwrap();
+    let ready = std::fs::read_to_string(&first).expect("the agent's log");
+    let mut program = program_id(ready.lines().find(|l| l.starts_with("ready")).unwrap());
+
+    let runs: Vec<(u16, PathBuf)> = [80, COOKIE_PORT, LB_COOKIE_PORT]
+        .into_iter()
+        .map(|port| (port, lab.dir().join(format!("wrk-{port}.log"))))
+        .collect();
+    let mut pids = Vec::new();
+    for (port, log) in &runs {
+        let url = format!("http://{VIP}:{port}/");
+        let client = lab.client_ns().to_owned();
+        let pid = lab
+            .spawn_logged(&client, &["wrk", "-t1", "-c16", "-d", WRK_RUN, &url], log)
+            .expect("starting wrk");
+        pids.push(pid);
+    }
+    wait_for_traffic(&lab, "wrk's requests flow");
+
+    // A crash: the program stays attached and forwards on its own.
+    lab.kill_balancer().expect("killing the agent");
+    wait_for_traffic(&lab, "traffic flows with no agent");
+    let status = balancer(&lab, &["status"]);
+    assert!(
+        status.contains("no agent running; the data plane is attached to")
+            && status.contains("lb-client (link")
+            && status.contains("lb-backend (link"),
+        "status without an agent:\n{status}"
+    );
+    // Once the agent's heartbeat is old, new cookie connections are placed by XDP alone.
+    wait_until(
+        Duration::from_secs(10),
+        "a new lb-cookie connection is served by the fallback",
+        || {
+            fetch(&lab, LB_COOKIE_PORT).is_some()
+                && counters(&lab)
+                    .get("placed_without_agent")
+                    .copied()
+                    .unwrap_or(0)
+                    > 0
+        },
+    );
+    let ready = lab
+        .start_balancer(&balancer_bin(), &config_path(&lab))
+        .expect("starting a new agent");
+    assert!(
+        ready.contains("took over from program"),
+        "the new agent adopts the attached program: {ready}"
+    );
+    wait_until(
+        Duration::from_secs(2),
+        "new cookie connections are bound by the new agent",
+        || bound_by_the_agent(&lab),
+    );
+    let next = program_id(&ready);
+    assert_ne!(
+        next, program,
+        "the new agent's program replaced the old one"
+    );
+    program = next;
+    wait_for_traffic(&lab, "traffic flows after the crash");
+
+    // A restart.
+    lab.stop_balancer().expect("stopping the agent");
+    let ready = lab
+        .start_balancer(&balancer_bin(), &config_path(&lab))
+        .expect("restarting the agent");
+    assert!(
+        ready.contains(&format!("took over from program {program}")),
+        "{ready}"
+    );
+    program = program_id(&ready);
+    wait_for_traffic(&lab, "traffic flows after the restart");
+
+    // An upgrade: a program built with another constant, loaded by a new run.
+    lab.stop_balancer().expect("stopping the agent");
+    let upgrade = upgrade_object();
+    let ready = lab
+        .start_balancer_with(
+            &balancer_bin(),
+            &[
+                "run",
+                "--config",
+                config,
+                "--program",
+                upgrade.to_str().unwrap(),
+            ],
+            Launch::Nsenter,
+        )
+        .expect("starting the upgraded agent");
+    assert!(
+        ready.contains(&format!("took over from program {program}")),
+        "{ready}"
+    );
+    wait_for_traffic(&lab, "traffic flows after the upgrade");
+    assert!(
+        bound_by_the_agent(&lab),
+        "the upgraded agent binds cookie connections"
+    );
+    for pid in &pids {
+        assert!(
+            balancer_lab::process::running(*pid),
+            "wrk was still running through the upgrade"
+        );
+    }
+
+    for ((port, log), pid) in runs.iter().zip(pids) {
+        lab.wait_for(pid, Duration::from_secs(60))
+            .expect("wrk finishes");
+        let (requests, errors) = wrk_result(log);
+        assert!(
+            requests > 1000,
+            "wrk on port {port} made {requests} requests"
+        );
+        assert!(errors.is_empty(), "wrk on port {port}: {errors:?}");
+        eprintln!("wrk on port {port}: {requests} requests, no socket error, no failed answer");
+    }
+}
+
+#[test]
+fn downloads_of_100_mb_arrive_intact_while_the_agent_is_killed_twice() {
+    let mut lab = lab_with(&three_kinds());
+    let size = 100_000_000u64;
+    let expected = lab.dir().join("expected.bin");
+    balancer_lab::write_test_data(&expected, size).expect("generating the expected bytes");
+    // Rate-limited so the downloads last long enough for two crashes.
+    let downloads: Vec<(u16, PathBuf)> = [80, LB_COOKIE_PORT]
+        .into_iter()
+        .map(|port| (port, lab.dir().join(format!("download-{port}.bin"))))
+        .collect();
+    let mut pids = Vec::new();
+    for (port, file) in &downloads {
+        let url = format!("http://{VIP}:{port}/bytes/{size}");
+        let client = lab.client_ns().to_owned();
+        let pid = lab
+            .spawn(
+                &client,
+                &[
+                    "curl",
+                    "-sS",
+                    "--fail",
+                    "--max-time",
+                    "120",
+                    "--limit-rate",
+                    "12M",
+                    "-o",
+                    file.to_str().unwrap(),
+                    &url,
+                ],
+            )
+            .expect("starting curl");
+        pids.push(pid);
+    }
+    let received = |file: &PathBuf| std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    for share in [3, 6] {
+        wait_until(Duration::from_secs(60), "the downloads progress", || {
+            downloads
+                .iter()
+                .all(|(_, file)| received(file) >= size * share / 10)
+        });
+        lab.kill_balancer().expect("killing the agent");
+        wait_until(
+            Duration::from_secs(60),
+            "the downloads progress with no agent",
+            || {
+                downloads
+                    .iter()
+                    .all(|(_, file)| received(file) >= size * (share + 1) / 10)
+            },
+        );
+        lab.start_balancer(&balancer_bin(), &config_path(&lab))
+            .expect("starting a new agent");
+    }
+    for ((port, file), pid) in downloads.iter().zip(pids) {
+        let status = lab
+            .wait_for(pid, Duration::from_secs(120))
+            .expect("curl finishes");
+        assert!(status.success(), "curl of port {port}: {status}");
+        assert_eq!(received(file), size, "bytes downloaded through port {port}");
+        assert_eq!(
+            sha256_of_file(file),
+            sha256_of_file(&expected),
+            "bytes through port {port}"
+        );
+    }
+}
+
+#[test]
+fn an_agent_started_by_ip_netns_exec_is_found_from_other_shells_and_stop_detach_removes_it() {
+    let mut lab = Lab::new().expect("building the lab");
+    lab.start_backends(backend_bin())
+        .expect("starting the backends");
+    let config = config_path(&lab);
+    std::fs::write(&config, lab.balancer_config()).expect("writing the config");
+    let ready = lab
+        .start_balancer_with(
+            &balancer_bin(),
+            &["run", "--config", config.to_str().unwrap()],
+            Launch::IpNetnsExec,
+        )
+        .expect("starting the agent with ip netns exec");
+    assert!(
+        ready.contains(&format!("/sys/fs/bpf/{}", lab.instance())),
+        "{ready}"
+    );
+    let log = std::fs::read_to_string(lab.balancer_log()).unwrap();
+    assert!(
+        log.contains("joined the mount namespace"),
+        "the agent says where it pins:\n{log}"
+    );
+
+    get(&lab, &[], "/");
+    // From another shell, itself in a private mount namespace.
+    let instance = lab.instance().to_owned();
+    let balancer_ns = lab.balancer_ns().to_owned();
+    let bin = balancer_bin();
+    let bin = bin.to_str().unwrap();
+    let stats = run(&lab, &balancer_ns, &[bin, "stats", "--instance", &instance]);
+    let forwarded: u64 = stats
+        .lines()
+        .find_map(|line| line.strip_prefix("forwarded "))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no forwarded counter in:\n{stats}"));
+    assert!(forwarded > 0, "{stats}");
+    let status = run(
+        &lab,
+        &balancer_ns,
+        &[bin, "status", "--instance", &instance],
+    );
+    assert!(status.contains("service web "), "{status}");
+
+    // An explicit stop with --detach removes the data plane.
+    let answer = run(
+        &lab,
+        &balancer_ns,
+        &[bin, "stop", "--detach", "--instance", &instance],
+    );
+    assert!(answer.contains("detaching"), "{answer}");
+    let pid = lab.balancer_pid().expect("the agent's pid");
+    wait_until(Duration::from_secs(10), "the agent exits", || {
+        !balancer_lab::process::running(pid)
+    });
+    wait_until(Duration::from_secs(5), "the pins are removed", || {
+        !std::path::Path::new("/sys/fs/bpf").join(&instance).exists()
+    });
+    let attached = run(&lab, &balancer_ns, &["ip", "link", "show", "lb-client"]);
+    assert!(
+        !attached.contains("xdp"),
+        "no program on lb-client:\n{attached}"
+    );
+    assert!(
+        lab.curl(lab.client_ns(), &["--max-time", "2", &vip_url("/")])
+            .is_err(),
+        "the VIP is no longer served"
+    );
+}
+
+#[test]
+fn maps_of_another_shape_are_refused_naming_the_loss_and_the_running_program_keeps_forwarding() {
+    let mut lab = lab_with_balancer();
+    get(&lab, &[], "/");
+    lab.stop_balancer().expect("stopping the agent");
+    let config = config_path(&lab);
+    let changed = format!("flow_capacity = 4096\n{}", lab.balancer_config());
+    std::fs::write(&config, changed).expect("writing the changed config");
+    let refused = lab
+        .start_balancer(&balancer_bin(), &config)
+        .expect_err("the agent refuses maps of another capacity");
+    let refusal = format!("{refused:#}");
+    assert!(
+        refusal.contains("FLOWS has key, value and capacity")
+            && refusal.contains("--cold")
+            && refusal.contains("flows"),
+        "the refusal says what does not fit, what would be lost and how to go on:\n{refusal}"
+    );
+    get(&lab, &[], "/");
+    let ready = lab
+        .start_balancer_with(
+            &balancer_bin(),
+            &["run", "--cold", "--config", config.to_str().unwrap()],
+            Launch::Nsenter,
+        )
+        .expect("starting cold");
+    assert!(ready.contains("took over from program"), "{ready}");
+    get(&lab, &[], "/");
+}
