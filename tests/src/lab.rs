@@ -655,6 +655,33 @@ impl Lab {
         }
     }
 
+    /// Stops the agent with `balancer stop --detach`: its program leaves the interfaces and its
+    /// maps are removed, so what runs next on the balancer host runs without it.
+    pub fn detach_balancer(&mut self, balancer_bin: &Path) -> Result<()> {
+        let Some(mut agent) = self.agent.take() else {
+            return Ok(());
+        };
+        let output = Command::new(balancer_bin)
+            .args(["stop", "--detach", "--instance", &self.instance])
+            .output()
+            .context("running balancer stop --detach")?;
+        ensure!(
+            output.status.success(),
+            "balancer stop --detach: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let deadline = Instant::now() + BALANCER_STOP_GRACE;
+        while !agent.exited() {
+            ensure!(
+                Instant::now() < deadline,
+                "the balancer did not exit within {BALANCER_STOP_GRACE:?} of stop --detach"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        agent.reap();
+        Ok(())
+    }
+
     /// Kills the agent with SIGKILL, as a crash would end it, and reaps it.
     pub fn kill_balancer(&mut self) -> Result<()> {
         let mut agent = self.agent.take().context("the balancer is not running")?;

@@ -386,3 +386,86 @@ fn maps_of_another_shape_are_refused_naming_the_loss_and_the_running_program_kee
     assert!(ready.contains("took over from program"), "{ready}");
     get(&lab, &[], "/");
 }
+
+#[test]
+fn the_systemd_unit_verifies_and_the_agent_tells_systemd_it_is_ready_alive_and_stopping() {
+    let mut lab = lab_with_balancer();
+    let bin = balancer_bin();
+    let config = config_path(&lab);
+    // The unit as installed, pointing at this build and this lab's configuration.
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../systemd/balancer@.service"
+    ))
+    .expect("reading systemd/balancer@.service")
+    .replace("/usr/local/bin/balancer", bin.to_str().unwrap())
+    .replace("/etc/balancer/%i.toml", config.to_str().unwrap());
+    let installed = lab.dir().join("balancer@lab.service");
+    std::fs::write(&installed, unit).unwrap();
+    let verify = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&installed)
+        .output()
+        .expect("running systemd-analyze (package systemd)");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(
+        verify.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify:\n{said}"
+    );
+
+    // What systemd would hear under Type=notify, on a socket of ours, from an agent that
+    // takes over from the lab's.
+    lab.stop_balancer().expect("stopping the lab's agent");
+    let socket_path = lab.dir().join("notify.sock");
+    let socket =
+        std::os::unix::net::UnixDatagram::bind(&socket_path).expect("binding a notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let agent = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.balancer_ns()))
+        .arg(&bin)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting the agent");
+    let mut agent = KilledOnDrop(agent);
+    let mut heard = Vec::new();
+    let mut listen_for = |state: &str| {
+        let mut buf = [0u8; 512];
+        while !heard.iter().any(|m: &String| m.lines().any(|l| l == state)) {
+            let n = socket.recv(&mut buf).unwrap_or_else(|error| {
+                panic!("no {state} from the agent ({error}); heard {heard:?}")
+            });
+            heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
+    listen_for("READY=1");
+    listen_for("WATCHDOG=1");
+    // SAFETY: kill has no memory effects; the agent is our child, not yet reaped.
+    unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
+    listen_for("STOPPING=1");
+    let status = agent.0.wait().expect("waiting for the agent");
+    assert!(
+        status.success(),
+        "the agent exits cleanly on SIGTERM: {status}"
+    );
+}
+
+/// A child process killed if the test fails before it ends.
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}

@@ -310,7 +310,8 @@ pub fn run(quick: bool) -> Result<()> {
                 if system.with_agent() {
                     lab.start_balancer(&artifacts.balancer, &config)?;
                 } else {
-                    lab.stop_balancer()?;
+                    // The peers run without the balancer's program on the interfaces.
+                    lab.detach_balancer(&artifacts.balancer)?;
                 }
                 agent_running = system.with_agent();
             }
