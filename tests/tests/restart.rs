@@ -142,18 +142,24 @@ fn a_crash_a_restart_and_an_upgrade_of_the_agent_lose_no_connection_of_wrk_runs(
                     > 0
         },
     );
+    let starting = std::time::Instant::now();
     let ready = lab
         .start_balancer(&balancer_bin(), &config_path(&lab))
         .expect("starting a new agent");
+    eprintln!(
+        "the new agent was ready {:?} after it started",
+        starting.elapsed()
+    );
     assert!(
         ready.contains("took over from program"),
         "the new agent adopts the attached program: {ready}"
     );
-    wait_until(
+    let rebound = wait_until(
         Duration::from_secs(2),
         "new cookie connections are bound by the new agent",
         || bound_by_the_agent(&lab),
     );
+    eprintln!("new cookie connections were bound again {rebound:?} after the new agent's ready");
     let next = program_id(&ready);
     assert_ne!(
         next, program,
