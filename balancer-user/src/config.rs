@@ -1221,11 +1221,45 @@ mod tests {
                 VALID.replace("instance = \"lab\"", "xdp_mode = \"turbo\""),
                 "xdp_mode",
             ),
+            (
+                VALID.replace(
+                    "protocol = \"tcp\"",
+                    "protocol = \"tcp\"\nwithout_agent = \"reset\"",
+                ),
+                "service[0] (web).without_agent",
+            ),
+            (
+                VALID.replace(
+                    "protocol = \"tcp\"",
+                    "protocol = \"tcp\"\naffinity = \"app-cookie\"\ncookie = \"SID\"\nwithout_agent = \"wait\"",
+                ),
+                "without_agent",
+            ),
         ];
         for (text, field) in cases {
             let message = error_of(&text);
             assert!(message.contains(field), "{field:?} not named in: {message}");
         }
+    }
+
+    #[test]
+    fn cookie_services_place_new_connections_by_their_fallback_while_no_agent_runs() {
+        let with = |settings: &str| {
+            let text = VALID.replace(
+                "protocol = \"tcp\"",
+                &format!(
+                    "protocol = \"tcp\"\naffinity = \"app-cookie\"\ncookie = \"SID\"\n{settings}"
+                ),
+            );
+            let config = Config::parse(&text).expect("a valid config");
+            config.services[0].without_agent_code()
+        };
+        assert_eq!(with(""), without_agent::PLACE_BY_SOURCE);
+        assert_eq!(
+            with("cookie_fallback = \"flow\""),
+            without_agent::PLACE_BY_FLOW
+        );
+        assert_eq!(with("without_agent = \"reset\""), without_agent::RESET);
     }
 
     #[test]
