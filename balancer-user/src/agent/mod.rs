@@ -414,6 +414,18 @@ impl Agent {
             .dataplane
             .active_flows_by_backend(ACTIVE_FLOW_WINDOW_S)?;
         let mut text = String::new();
+        let attached: Vec<String> = self
+            .dataplane
+            .attachments
+            .iter()
+            .map(|(interface, how)| format!("{interface} ({how})"))
+            .collect();
+        let _ = writeln!(
+            text,
+            "data plane: program {} attached to {}; it stays attached when the agent exits",
+            self.dataplane.program_id,
+            attached.join(", ")
+        );
         for service in &self.services {
             let c = &service.config;
             let _ = writeln!(
