@@ -31,7 +31,7 @@ pub mod map_name {
 /// Version of the maps' layout (their key and value types and the meaning of their fields).
 /// Pinned maps outlive the agent and its program; a program of another layout version must
 /// not adopt them. Bump it with every change to a type or map below.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Seconds after the agent's last heartbeat that the data plane takes it for gone: cookie
 /// services then stop handing connections to it (see [`without_agent`]). Compiled into the
@@ -431,10 +431,13 @@ pub enum Reason {
     /// Cookie service, no agent running: a new connection, or one the agent was binding when
     /// it went, refused with a reset (XDP_TX).
     ResetWithoutAgent,
+    /// A SYN-ACK or reset that could not be built: the frame could grow neither at its tail
+    /// nor at its head.
+    DropNoRoomForReply,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 28;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::Replied,
@@ -463,6 +466,7 @@ impl Reason {
         Reason::SplicedToClient,
         Reason::PlacedWithoutAgent,
         Reason::ResetWithoutAgent,
+        Reason::DropNoRoomForReply,
     ];
 
     /// Stable name used in logs, the stats line and metrics.
@@ -495,6 +499,7 @@ impl Reason {
             Reason::SplicedToClient => "spliced_to_client",
             Reason::PlacedWithoutAgent => "placed_without_agent",
             Reason::ResetWithoutAgent => "reset_without_agent",
+            Reason::DropNoRoomForReply => "drop_no_room_for_reply",
         }
     }
 }

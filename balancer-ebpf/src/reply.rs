@@ -1,7 +1,11 @@
 //! Frames the program builds in place of the one it received and sends back with XDP_TX: a
 //! reset, a SYN-ACK. Both end with the frame resized and its checksums computed in full.
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_tail, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
 use balancer_common::{csum, PROTO_TCP};
 
 use crate::{
@@ -25,14 +29,21 @@ pub fn send_back(ctx: &XdpContext) -> u32 {
 }
 
 /// Grows or shrinks the frame to `len` bytes; pointers into it must be fetched again after.
+/// A frame whose tail cannot grow (a driver may leave a small frame no tailroom) grows at its
+/// head instead, into the headroom XDP always has: it then starts earlier, so the caller
+/// writes every byte of every header, the Ethernet type included.
 #[inline(always)]
 pub fn resize(ctx: &XdpContext, len: usize) -> Option<()> {
     let delta = len as i32 - (ctx.data_end() - ctx.data()) as i32;
-    // SAFETY: the kernel checks the new length against the frame's buffer.
-    if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
-        return None;
+    if delta == 0 {
+        return Some(());
     }
-    Some(())
+    // SAFETY: the kernel checks the new length against the frame's buffer.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } == 0 {
+        return Some(());
+    }
+    // SAFETY: as above, against the headroom.
+    (delta > 0 && unsafe { bpf_xdp_adjust_head(ctx.ctx, -delta) } == 0).then_some(())
 }
 
 /// Computes the IPv4 header checksum and the checksum of a TCP segment of `TCP_WORDS` 16-bit

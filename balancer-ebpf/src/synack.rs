@@ -6,7 +6,11 @@ use aya_ebpf::programs::XdpContext;
 use balancer_common::{
     syn_cookie, Reason, SynOptions, COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE, PROTO_TCP,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+    tcp::TcpHdr,
+};
 
 use crate::{
     maps::SYN_OPTIONS,
@@ -31,6 +35,7 @@ const MAX_WINDOW_SHIFT: u8 = 14;
 #[inline(always)]
 pub fn answer(ctx: &XdpContext, packet: &Packet) -> Verdict {
     let dropped = Verdict::drop(Reason::DropTruncated);
+    let no_room = Verdict::drop(Reason::DropNoRoomForReply);
     let options = syn_options(ctx, packet.tcp_header_len);
     // A failed insert only costs the client its options on the backend leg.
     let _ = SYN_OPTIONS.insert(&packet.key, &options, 0);
@@ -49,7 +54,7 @@ pub fn answer(ctx: &XdpContext, packet: &Packet) -> Verdict {
     };
     let cookie = syn_cookie(&cookie_secret(), &packet.key, client_seq, cookie_period());
     if reply::resize(ctx, SYNACK_LEN).is_none() {
-        return dropped;
+        return no_room;
     }
     let (Some(eth), Some(ip), Some(tcp), Some(tcp_options)) = (
         ptr_at::<EthHdr>(ctx, 0),
@@ -77,6 +82,7 @@ pub fn answer(ctx: &XdpContext, packet: &Packet) -> Verdict {
     unsafe {
         (*eth).dst_addr = client_mac;
         (*eth).src_addr = balancer_mac;
+        (*eth).ether_type = EtherType::Ipv4 as u16;
         let ip = &mut *ip;
         ip.vihl = 0x45;
         ip.tos = 0;
