@@ -140,7 +140,7 @@ fn missing_toolchain_help() -> String {
 }
 
 /// The programs the lab, the tests and the benchmark run, by the Debian package that has them.
-const LAB_TOOLS: [(&str, &str); 12] = [
+const LAB_TOOLS: [(&str, &str); 13] = [
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("ethtool", "ethtool"),
@@ -152,6 +152,7 @@ const LAB_TOOLS: [(&str, &str); 12] = [
     ("sha256sum", "coreutils"),
     ("iperf3", "iperf3"),
     ("python3", "python3"),
+    ("hping3", "hping3"),
     // Checks the systemd unit (the machines' PID 1 is no systemd to start it with).
     ("systemd-analyze", "systemd"),
 ];
