@@ -242,10 +242,12 @@ pub enum AppCookieMode {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CookieFallback {
-    /// By the client address (masked by `source_prefix`), as `source-ip` does.
-    #[default]
+    /// By the client address (masked by `source_prefix`), as `source-ip` does: every new
+    /// session behind one NAT address lands on one backend.
     SourceIp,
-    /// By the connection's 5-tuple, as `flow` does.
+    /// By the connection's 5-tuple, as `flow` does: new sessions spread, and the cookie
+    /// keeps each on its backend from then on.
+    #[default]
     Flow,
 }
 
@@ -1254,10 +1256,10 @@ mod tests {
             let config = Config::parse(&text).expect("a valid config");
             config.services[0].without_agent_code()
         };
-        assert_eq!(with(""), without_agent::PLACE_BY_SOURCE);
+        assert_eq!(with(""), without_agent::PLACE_BY_FLOW);
         assert_eq!(
-            with("cookie_fallback = \"flow\""),
-            without_agent::PLACE_BY_FLOW
+            with("cookie_fallback = \"source-ip\""),
+            without_agent::PLACE_BY_SOURCE
         );
         assert_eq!(with("without_agent = \"reset\""), without_agent::RESET);
     }

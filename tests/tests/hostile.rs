@@ -127,3 +127,21 @@ print(" ".join(f"{{k}}={{v}}" for k, v in answered.items()))
     );
     assert_eq!(counter(&lab, "drop_truncated"), 0, "no SYN was given up");
 }
+
+#[test]
+fn new_sessions_from_one_address_spread_over_the_backends_by_default() {
+    let lab = lab_with(&ServiceOptions {
+        web_settings: "affinity = \"lb-cookie\"".to_owned(),
+        ..ServiceOptions::default()
+    });
+    // New browsers behind one NAT address: no cookie yet, each its own connection.
+    let mut per_backend = std::collections::BTreeMap::new();
+    for _ in 0..30 {
+        *per_backend.entry(get(&lab, &[], "/")).or_insert(0) += 1;
+    }
+    assert_eq!(
+        per_backend.len(),
+        balancer_lab::BACKEND_COUNT,
+        "30 new sessions from one address: {per_backend:?}"
+    );
+}
