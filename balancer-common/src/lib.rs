@@ -31,7 +31,7 @@ pub mod map_name {
 /// Version of the maps' layout (their key and value types and the meaning of their fields).
 /// Pinned maps outlive the agent and its program; a program of another layout version must
 /// not adopt them. Bump it with every change to a type or map below.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Seconds after the agent's last heartbeat that the data plane takes it for gone: cookie
 /// services then stop handing connections to it (see [`without_agent`]). Compiled into the
@@ -297,8 +297,20 @@ pub struct Binding {
     /// The initial sequence number the balancer answered with (its SYN cookie).
     pub cookie_isn: u32,
     pub options: SynOptions,
+    /// One of [`binding_state`].
+    pub state: u32,
 }
-const _: () = assert!(size_of::<Binding>() == 12);
+const _: () = assert!(size_of::<Binding>() == 16);
+
+/// States of a [`Binding`].
+pub mod binding_state {
+    /// The handshake is done; the agent binds the connection.
+    pub const ACCEPTED: u32 = 0;
+    /// The balancer reset the connection (to make room, or for a client that did not take
+    /// its answer): segments the client sends again are reset too, instead of completing
+    /// the handshake anew from its still valid SYN cookie.
+    pub const REFUSED: u32 = 1;
+}
 
 /// The MSS the balancer offers clients of cookie services; conservative, so segments fit any
 /// backend path.
@@ -434,10 +446,12 @@ pub enum Reason {
     /// A SYN-ACK or reset that could not be built: the frame could grow neither at its tail
     /// nor at its head.
     DropNoRoomForReply,
+    /// Cookie service: a segment of a connection the balancer had reset, reset again.
+    ResetRefused,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 29;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::Replied,
@@ -467,6 +481,7 @@ impl Reason {
         Reason::PlacedWithoutAgent,
         Reason::ResetWithoutAgent,
         Reason::DropNoRoomForReply,
+        Reason::ResetRefused,
     ];
 
     /// Stable name used in logs, the stats line and metrics.
@@ -500,6 +515,7 @@ impl Reason {
             Reason::PlacedWithoutAgent => "placed_without_agent",
             Reason::ResetWithoutAgent => "reset_without_agent",
             Reason::DropNoRoomForReply => "drop_no_room_for_reply",
+            Reason::ResetRefused => "reset_refused",
         }
     }
 }

@@ -8,15 +8,16 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use balancer_common::{
-    csum, flow_flags, flow_state, punt_kind, syn_cookie, Binding, CookieSecret, Flow, FlowKey,
-    Punt, Reason, ReverseNat, SynOptions, COOKIE_PERIOD_S, NO_WINDOW_SCALE, PROTO_TCP,
-    PUNT_FRAME_SIZE,
+    binding_state, csum, flow_flags, flow_state, punt_kind, syn_cookie, Binding, CookieSecret,
+    Flow, FlowKey, Punt, Reason, ReverseNat, SynOptions, COOKIE_PERIOD_S, NO_WINDOW_SCALE,
+    PROTO_TCP, PUNT_FRAME_SIZE,
 };
 use network_types::tcp::TcpHdr;
 
 use crate::{
     maps::{BINDINGS, COOKIE_SECRET, FLOWS, PUNTS, SYN_OPTIONS},
     packet::{ptr_at, Packet, L4_OFFSET, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    reset,
     stats::{self, Verdict},
     synack,
     tcp_options::{Options, OPTION_NOP, OPTION_SACK},
@@ -76,6 +77,15 @@ pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
     {
         return bad_cookie;
     }
+    // SAFETY: map values stay valid for the duration of the program.
+    let refused = BINDINGS.get_ptr(key).is_some_and(|b| unsafe {
+        (*b).state == binding_state::REFUSED && (*b).client_isn == client_isn
+    });
+    if refused {
+        return match reset::refuse(ctx, Reason::ResetRefused, Reason::DropBadCookie) {
+            Ok(verdict) | Err(verdict) => verdict,
+        };
+    }
     let options = SYN_OPTIONS.get_ptr(key).map_or(DEFAULT_OPTIONS, |o| {
         // SAFETY: map values stay valid for the duration of the program.
         unsafe { *o }
@@ -85,6 +95,7 @@ pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
         client_isn,
         cookie_isn,
         options,
+        state: binding_state::ACCEPTED,
     };
     let flow = Flow {
         state: flow_state::BINDING,

@@ -54,6 +54,21 @@ pub struct Config {
     /// Seconds between stats lines; 0 turns them off.
     #[serde(default = "default_stats_interval")]
     pub stats_interval: u64,
+    /// Cookie services: connections the agent holds at once (heads being read, backends
+    /// being opened, edited response heads the client has yet to acknowledge).
+    #[serde(default = "default_binding_capacity")]
+    pub binding_capacity: u32,
+    /// Of those, at most this many per client address: a client past it gives up its own
+    /// oldest connection for a new one.
+    #[serde(default = "default_bindings_per_client")]
+    pub bindings_per_client: u32,
+    /// And at most this many per /24 of client addresses.
+    #[serde(default = "default_bindings_per_prefix")]
+    pub bindings_per_prefix: u32,
+    /// Seconds a client may take to acknowledge a response head the balancer edited before
+    /// its connection is reset and its place freed.
+    #[serde(default = "default_head_ack_timeout")]
+    pub head_ack_timeout: u32,
     /// Keys that sign and verify `lb-cookie` cookies: the first signs, all verify.
     #[serde(default)]
     pub cookie_keys: Vec<CookieKeyConfig>,
@@ -414,6 +429,22 @@ fn default_flow_capacity() -> u32 {
     balancer_common::DEFAULT_FLOW_CAPACITY
 }
 
+fn default_binding_capacity() -> u32 {
+    10_000
+}
+
+fn default_bindings_per_client() -> u32 {
+    256
+}
+
+fn default_bindings_per_prefix() -> u32 {
+    2_048
+}
+
+fn default_head_ack_timeout() -> u32 {
+    5
+}
+
 fn default_stats_interval() -> u64 {
     1
 }
@@ -693,6 +724,41 @@ impl Config {
             .unwrap_or(&self.client_interface)
     }
 
+    fn validate_binding_limits(&self) -> Result<(), ConfigError> {
+        let capacity = self.binding_capacity;
+        if !(100..=1_000_000).contains(&capacity) {
+            return Err(invalid(
+                "binding_capacity",
+                format!("{capacity} is outside 100..=1000000"),
+            ));
+        }
+        if !(1..=capacity).contains(&self.bindings_per_client) {
+            return Err(invalid(
+                "bindings_per_client",
+                format!(
+                    "{} is outside 1..={capacity} (binding_capacity)",
+                    self.bindings_per_client
+                ),
+            ));
+        }
+        if !(self.bindings_per_client..=capacity).contains(&self.bindings_per_prefix) {
+            return Err(invalid(
+                "bindings_per_prefix",
+                format!(
+                    "{} is outside {}..={capacity} (bindings_per_client to binding_capacity)",
+                    self.bindings_per_prefix, self.bindings_per_client
+                ),
+            ));
+        }
+        if !(1..=300).contains(&self.head_ack_timeout) {
+            return Err(invalid(
+                "head_ack_timeout",
+                format!("{} seconds is outside 1..=300", self.head_ack_timeout),
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let name_ok = |s: &str| {
             !s.is_empty()
@@ -746,6 +812,7 @@ impl Config {
                 ),
             ));
         }
+        self.validate_binding_limits()?;
         if self.services.len() > MAX_SERVICES as usize {
             return Err(invalid(
                 "service",
@@ -1222,6 +1289,22 @@ mod tests {
             (
                 VALID.replace("instance = \"lab\"", "xdp_mode = \"turbo\""),
                 "xdp_mode",
+            ),
+            (
+                VALID.replace("instance = \"lab\"", "binding_capacity = 10"),
+                "binding_capacity",
+            ),
+            (
+                VALID.replace("instance = \"lab\"", "bindings_per_client = 20000"),
+                "bindings_per_client",
+            ),
+            (
+                VALID.replace("instance = \"lab\"", "bindings_per_prefix = 100"),
+                "bindings_per_prefix",
+            ),
+            (
+                VALID.replace("instance = \"lab\"", "head_ack_timeout = 0"),
+                "head_ack_timeout",
             ),
             (
                 VALID.replace(

@@ -15,10 +15,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    flow_flags, flow_state, map_name, Affinity, AffinityKey, AgentState, Backend, Binding,
-    CookieSecret, Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey, SynOptions,
-    BINDING_CAPACITY, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, TABLES_PER_SERVICE,
-    XDP_PROGRAM,
+    binding_state, flow_flags, flow_state, map_name, Affinity, AffinityKey, AgentState, Backend,
+    Binding, CookieSecret, Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey,
+    SynOptions, BINDING_CAPACITY, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS,
+    TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 use tracing::{info, warn};
 
@@ -317,6 +317,27 @@ impl Dataplane {
         reverse
             .insert(reply_key, nat, 0)
             .context("writing a reverse entry")
+    }
+
+    /// Forgets a client connection the balancer reset: its flow and (if any) its reverse
+    /// entry go, and its binding stays as refused, so segments the client sends again are
+    /// reset by XDP rather than starting a new binding from their still valid SYN cookie.
+    pub fn refuse_connection(
+        &mut self,
+        key: &FlowKey,
+        reply_key: Option<&FlowKey>,
+        binding: Binding,
+    ) {
+        self.remove_connection(key, reply_key);
+        if let Ok(map) = self.map(map_name::BINDINGS) {
+            if let Ok(mut bindings) = HashMap::<&mut MapData, FlowKey, Binding>::try_from(map) {
+                let refused = Binding {
+                    state: binding_state::REFUSED,
+                    ..binding
+                };
+                let _ = bindings.insert(key, refused, 0);
+            }
+        }
     }
 
     /// Forgets a client connection: its flow, its binding and (if any) its reverse entry.

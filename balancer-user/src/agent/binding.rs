@@ -18,12 +18,13 @@ use std::{
 
 use anyhow::{bail, Result};
 use balancer_common::{
-    backend_state, client_hash, flow_flags, flow_hash, flow_state, punt_kind, Binding, Flow,
-    FlowKey, Punt, ReverseNat, COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE,
+    backend_state, binding_state, client_hash, flow_flags, flow_hash, flow_state, punt_kind,
+    Binding, Flow, FlowKey, Punt, ReverseNat, COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE,
 };
 use tracing::{debug, warn};
 
 use super::{
+    budget::{Budgets, Shed},
     response::{Issue, Out, Response},
     Agent, BackendRuntime, ServiceRuntime,
 };
@@ -46,8 +47,6 @@ const BACKEND_UNUSABLE: usize = 4;
 
 /// Request heads are collected up to this size; a larger head is placed by the fallback.
 const MAX_HEAD: usize = 16 * 1024;
-/// Connections being bound at once; more are refused until some finish.
-const MAX_PENDING: usize = 10_000;
 /// A client that has not completed its request head by then is reset.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The backend's SYN-ACK is awaited this long before the SYN is sent again.
@@ -87,11 +86,21 @@ pub struct BindingCounters {
     pub replays_resent: u64,
     pub retried: u64,
     pub failed: u64,
+    /// Connections reset to make room for a new one, by [`Shed`].
+    pub shed_client_budget: u64,
+    pub shed_prefix_budget: u64,
+    pub shed_table_full: u64,
+    /// Connections reset because their client did not acknowledge the edited response head
+    /// in time.
+    pub head_unacknowledged: u64,
 }
 
 pub struct Binder {
     raw: OwnedFd,
     pending: HashMap<FlowKey, Pending>,
+    /// Each client's and prefix's share of `pending`.
+    budgets: Budgets,
+    limits: BindingLimits,
     /// Backend-side key of each connection being opened → its client-side key.
     by_backend: HashMap<FlowKey, FlowKey>,
     pub counters: BindingCounters,
@@ -123,6 +132,8 @@ struct Pending {
     /// Rewrite mode: the application's cookie whose prefix comes off the request before the
     /// backend gets it, and the bytes that removes.
     strip: Option<(String, u32)>,
+    /// When the edited response head was first sent to the client.
+    head_sent: Option<Instant>,
 }
 
 impl Pending {
@@ -192,8 +203,29 @@ enum Stage {
     },
 }
 
+/// How much of the binding table connections may hold, from the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindingLimits {
+    pub capacity: usize,
+    pub per_client: usize,
+    pub per_prefix: usize,
+    /// How long a client may take to acknowledge an edited response head.
+    pub head_ack_timeout: Duration,
+}
+
 impl Binder {
-    pub fn new() -> Result<Self> {
+    /// Connections held now.
+    pub fn held(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn set_limits(&mut self, limits: BindingLimits) {
+        self.budgets
+            .set_limits(limits.per_client, limits.per_prefix);
+        self.limits = limits;
+    }
+
+    pub fn new(limits: BindingLimits) -> Result<Self> {
         // SAFETY: plain socket creation; the descriptor is owned right after.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
         if fd < 0 {
@@ -207,6 +239,8 @@ impl Binder {
         Ok(Self {
             raw,
             pending: HashMap::new(),
+            budgets: Budgets::new(limits.per_client, limits.per_prefix),
+            limits,
             by_backend: HashMap::new(),
             counters: BindingCounters::default(),
         })
@@ -243,16 +277,52 @@ impl Agent {
     /// agent still reads, or whose edit the client has not acknowledged, are kept.
     fn forget_spliced(&mut self) {
         let dataplane = &self.dataplane;
-        self.binder.pending.retain(|key, pending| {
-            !matches!(pending.stage, Stage::Spliced { .. })
-                || pending.response.as_ref().is_some_and(|response| {
-                    response.edit().is_none() || head_unacknowledged(dataplane, key)
-                })
-        });
-        let pending = &self.binder.pending;
-        self.binder
-            .by_backend
-            .retain(|_, key| pending.contains_key(key));
+        let finished: Vec<FlowKey> = self
+            .binder
+            .pending
+            .iter()
+            .filter(|(key, pending)| {
+                matches!(pending.stage, Stage::Spliced { .. })
+                    && pending.response.as_ref().is_none_or(|response| {
+                        response.edit().is_some() && !head_unacknowledged(dataplane, key)
+                    })
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        for key in finished {
+            self.forget(&key);
+        }
+    }
+
+    /// Makes room for a new connection of `client`: a source (address or /24) at its budget
+    /// gives up its own oldest connection; a full table, the oldest of the prefix holding the
+    /// most. Room is always made, so a new client of a quiet source is never refused.
+    fn make_room(&mut self, client: Ipv4Addr) {
+        let client = u32::from_ne_bytes(client.octets());
+        if let Some((oldest, why)) = self.binder.budgets.over_budget(client) {
+            self.shed(&oldest, why);
+        }
+        if self.binder.pending.len() >= self.binder.limits.capacity {
+            self.forget_spliced();
+        }
+        while self.binder.pending.len() >= self.binder.limits.capacity {
+            let Some(oldest) = self.binder.budgets.greediest_oldest() else {
+                break;
+            };
+            self.shed(&oldest, Shed::TableFull);
+        }
+    }
+
+    /// Resets a connection to make room for another.
+    fn shed(&mut self, key: &FlowKey, why: Shed) {
+        let counters = &mut self.binder.counters;
+        match why {
+            Shed::ClientBudget => counters.shed_client_budget += 1,
+            Shed::PrefixBudget => counters.shed_prefix_budget += 1,
+            Shed::TableFull => counters.shed_table_full += 1,
+        }
+        debug!(client = %Ipv4Addr::from(key.src.to_ne_bytes()), port = u16::from_be(key.sport), ?why, "resetting a connection to make room");
+        self.abort(key, false);
     }
 
     /// Handles one record of the punt ring.
@@ -276,7 +346,11 @@ impl Agent {
 
     fn on_client_segment(&mut self, segment: Segment) {
         let key = segment.key();
-        let binding = self.dataplane.binding(&key);
+        // A refused connection's segment punted before XDP knew it was refused.
+        let binding = self
+            .dataplane
+            .binding(&key)
+            .filter(|b| b.state == binding_state::ACCEPTED);
         let reused = self.binder.pending.get(&key).is_some_and(|pending| {
             binding.is_some_and(|b| b.client_isn != pending.binding.client_isn)
         });
@@ -286,33 +360,11 @@ impl Agent {
             self.forget(&key);
         }
         if !self.binder.pending.contains_key(&key) {
-            if self.binder.pending.len() >= MAX_PENDING {
-                self.forget_spliced();
-            }
-            if self.binder.pending.len() >= MAX_PENDING {
-                warn!(
-                    "{MAX_PENDING} connections are being bound already: refusing {}:{}",
-                    segment.src, segment.sport
-                );
-                if let Some(binding) = binding {
-                    // A reset, so the client does not retry into a handshake that lost its
-                    // SYN's options.
-                    self.binder.send(&Segment {
-                        src: segment.dst,
-                        dst: segment.src,
-                        sport: segment.dport,
-                        dport: segment.sport,
-                        seq: binding.cookie_isn.wrapping_add(1),
-                        flags: RST,
-                        ..Segment::empty()
-                    });
-                }
-                self.abort_quietly(&key);
-                return;
-            }
             let Some(binding) = binding else {
                 return;
             };
+            self.make_room(segment.src);
+            self.binder.budgets.add(key);
             self.binder.pending.insert(
                 key,
                 Pending {
@@ -331,6 +383,7 @@ impl Agent {
                     reverse: ReverseNat::default(),
                     replay_check: (Instant::now(), REPLAY_WAIT),
                     strip: None,
+                    head_sent: None,
                 },
             );
         }
@@ -712,6 +765,12 @@ impl Agent {
                 pending.reverse = written;
             }
         }
+        let Some(pending) = self.binder.pending.get_mut(key) else {
+            return;
+        };
+        if !outs.is_empty() && pending.head_sent.is_none() {
+            pending.head_sent = Some(Instant::now());
+        }
         let pending = &self.binder.pending[key];
         for out in outs {
             self.send_to_client(pending, segment, out);
@@ -763,6 +822,7 @@ impl Agent {
         let now = Instant::now();
         let mut retry = Vec::new();
         let mut next = Vec::new();
+        let mut unacknowledged = Vec::new();
         let mut forget = Vec::new();
         let mut expire = Vec::new();
         let mut give_up = Vec::new();
@@ -795,11 +855,17 @@ impl Agent {
                         }
                         // Once the client has the edited head, none of it comes again (and
                         // the backend, sending data, had the handshake's last ACK).
-                        Some(Some(_))
-                            if age > RESPONSE_MEMORY
-                                || !head_unacknowledged(&self.dataplane, key) =>
-                        {
+                        Some(Some(_)) if !head_unacknowledged(&self.dataplane, key) => {
                             forget.push(*key)
+                        }
+                        Some(Some(_)) if age > RESPONSE_MEMORY => forget.push(*key),
+                        // A client that does not take the head holds its place for nothing.
+                        Some(Some(_))
+                            if pending.head_sent.is_some_and(|sent| {
+                                now.duration_since(sent) > self.binder.limits.head_ack_timeout
+                            }) =>
+                        {
+                            unacknowledged.push(*key)
                         }
                         Some(None) if age > RESPONSE_MEMORY => give_up.push(*key),
                         _ => {}
@@ -852,6 +918,11 @@ impl Agent {
                     warn!("letting a response pass unedited: {error:#}");
                 }
             }
+        }
+        for key in unacknowledged {
+            self.binder.counters.head_unacknowledged += 1;
+            debug!(client = %Ipv4Addr::from(key.src.to_ne_bytes()), "the client did not acknowledge the edited response head in time: resetting the connection");
+            self.abort(&key, false);
         }
         for key in expire {
             if let Some(pending) = self.binder.pending.get(&key) {
@@ -917,13 +988,20 @@ impl Agent {
     }
 
     fn abort_quietly(&mut self, key: &FlowKey) {
+        let binding = self.binder.pending.get(key).map(|p| p.binding);
         let reply_key = self.forget(key);
-        self.dataplane.remove_connection(key, reply_key.as_ref());
+        match binding {
+            Some(binding) => self
+                .dataplane
+                .refuse_connection(key, reply_key.as_ref(), binding),
+            None => self.dataplane.remove_connection(key, reply_key.as_ref()),
+        }
     }
 
     /// Drops what the agent holds of a connection (not its map entries); returns its
     /// backend-side key, if it had one.
     fn forget(&mut self, key: &FlowKey) -> Option<FlowKey> {
+        self.binder.budgets.remove(key);
         let reply_key = self
             .binder
             .pending

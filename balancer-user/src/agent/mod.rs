@@ -25,9 +25,11 @@ use crate::{
 const ACTIVE_FLOW_WINDOW_S: u32 = 60;
 
 mod binding;
+mod budget;
 mod response;
 
 pub use binding::BindingCounters;
+use binding::BindingLimits;
 
 pub struct Agent {
     config: Config,
@@ -106,7 +108,7 @@ impl Agent {
         let mut agent = Self {
             config: config.clone(),
             dataplane,
-            binder: binding::Binder::new()?,
+            binder: binding::Binder::new(binding_limits(&config))?,
             services: Vec::new(),
             checks: Vec::new(),
             reports,
@@ -246,6 +248,7 @@ impl Agent {
         }
 
         self.services = services;
+        self.binder.set_limits(binding_limits(&config));
         self.config = config;
         for index in 0..self.services.len() {
             self.publish(index)?;
@@ -462,7 +465,7 @@ impl Agent {
         let b = &self.binder.counters;
         let _ = writeln!(
             text,
-            "bindings bound={} cookie={} fallback={} issued={} heads_resent={} replays_resent={} retried={} failed={} head_too_large={}",
+            "bindings bound={} cookie={} fallback={} issued={} heads_resent={} replays_resent={} retried={} failed={} head_too_large={} held={}",
             b.bound,
             b.with_cookie,
             b.without_cookie,
@@ -471,7 +474,13 @@ impl Agent {
             b.replays_resent,
             b.retried,
             b.failed,
-            b.head_too_large
+            b.head_too_large,
+            self.binder.held()
+        );
+        let _ = writeln!(
+            text,
+            "bindings_reset shed_client_budget={} shed_prefix_budget={} shed_table_full={} head_unacknowledged={}",
+            b.shed_client_budget, b.shed_prefix_budget, b.shed_table_full, b.head_unacknowledged
         );
         let _ = write!(text, "cookies_rejected");
         for (reason, count) in binding::REJECTION_REASONS.iter().zip(b.cookies_rejected) {
@@ -524,6 +533,15 @@ impl Agent {
     /// Takes the ring of frames XDP punts to the agent.
     pub fn take_punts(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
         self.dataplane.take_punts()
+    }
+}
+
+fn binding_limits(config: &Config) -> BindingLimits {
+    BindingLimits {
+        capacity: config.binding_capacity as usize,
+        per_client: config.bindings_per_client as usize,
+        per_prefix: config.bindings_per_prefix as usize,
+        head_ack_timeout: Duration::from_secs(u64::from(config.head_ack_timeout)),
     }
 }
 

@@ -71,9 +71,8 @@ fn main() -> Result<()> {
 
 async fn serve(name: Arc<str>, http_port: u16, echo_port: u16) -> Result<()> {
     let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
-    let http = TcpListener::bind(any(http_port))
-        .await
-        .with_context(|| format!("binding the HTTP port {http_port}"))?;
+    let http =
+        listen(any(http_port)).with_context(|| format!("binding the HTTP port {http_port}"))?;
     let echo = TcpListener::bind(any(echo_port))
         .await
         .with_context(|| format!("binding the TCP echo port {echo_port}"))?;
@@ -89,6 +88,18 @@ async fn serve(name: Arc<str>, http_port: u16, echo_port: u16) -> Result<()> {
         tokio::spawn(serve_http(stream, name.clone()));
     }
 }
+
+/// A listener with the accept queue the kernel allows (`somaxconn`, 4096 here) rather than
+/// tokio's 1024, as a production server would have: bursts of new connections through the
+/// balancer must not overflow it.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// Replies each datagram to its sender.
 async fn udp_echo(udp: UdpSocket) {
