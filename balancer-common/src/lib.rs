@@ -131,8 +131,12 @@ pub struct AgentState {
     pub heartbeat_s: u32,
     /// [`LAYOUT_VERSION`] of the agent that created the maps.
     pub layout_version: u32,
+    /// The interfaces facing the clients and the backends: when they differ, a backend's
+    /// reply arriving from the client side is forged.
+    pub client_ifindex: u32,
+    pub backend_ifindex: u32,
 }
-const _: () = assert!(size_of::<AgentState>() == 8);
+const _: () = assert!(size_of::<AgentState>() == 16);
 
 /// States of a client flow in [`Flow::state`] and of its reverse entry in
 /// [`ReverseNat::state`].
@@ -299,8 +303,15 @@ pub struct Binding {
     pub options: SynOptions,
     /// One of [`binding_state`].
     pub state: u32,
+    /// Client segments handed to the agent so far, at most [`MAX_PUNTS_PER_BINDING`].
+    pub punts: u32,
 }
-const _: () = assert!(size_of::<Binding>() == 16);
+const _: () = assert!(size_of::<Binding>() == 20);
+
+/// Client segments XDP hands the agent per connection being bound; later ones are dropped.
+/// A request head of 16 KB (the most the agent reads) takes 12 full segments; the rest is
+/// room for retransmissions and small segments, not for a trickle of single bytes.
+pub const MAX_PUNTS_PER_BINDING: u32 = 64;
 
 /// States of a [`Binding`].
 pub mod binding_state {
@@ -448,10 +459,15 @@ pub enum Reason {
     DropNoRoomForReply,
     /// Cookie service: a segment of a connection the balancer had reset, reset again.
     ResetRefused,
+    /// Cookie service: a client segment of a connection being bound past its
+    /// [`MAX_PUNTS_PER_BINDING`], dropped.
+    DropPuntBudget,
+    /// A packet matching a reply's 5-tuple that arrived on the client interface: forged.
+    DropReplyFromClientSide,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 29;
+    pub const COUNT: u32 = 31;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::Replied,
@@ -482,6 +498,8 @@ impl Reason {
         Reason::ResetWithoutAgent,
         Reason::DropNoRoomForReply,
         Reason::ResetRefused,
+        Reason::DropPuntBudget,
+        Reason::DropReplyFromClientSide,
     ];
 
     /// Stable name used in logs, the stats line and metrics.
@@ -516,6 +534,8 @@ impl Reason {
             Reason::ResetWithoutAgent => "reset_without_agent",
             Reason::DropNoRoomForReply => "drop_no_room_for_reply",
             Reason::ResetRefused => "reset_refused",
+            Reason::DropPuntBudget => "drop_punt_budget",
+            Reason::DropReplyFromClientSide => "drop_reply_from_client_side",
         }
     }
 }

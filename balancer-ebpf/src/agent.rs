@@ -1,7 +1,9 @@
-//! Whether the agent is there to bind cookie connections: it writes a heartbeat into `AGENT`
-//! every fraction of a second; one older than the timeout means it is gone (crashed,
-//! stopped or restarting), and cookie services answer new connections without it.
+//! What the agent tells the data plane in `AGENT`: that it is there to bind cookie
+//! connections (a heartbeat every fraction of a second; one older than the timeout means it is
+//! gone, crashed, stopped or restarting, and cookie services answer new connections without
+//! it), and which interface faces which side.
 
+use aya_ebpf::programs::XdpContext;
 use balancer_common::DEFAULT_AGENT_TIMEOUT_S;
 
 use crate::maps::AGENT;
@@ -18,6 +20,17 @@ pub fn present(now_s: u32) -> bool {
     AGENT
         .get(0)
         .is_some_and(|agent| now_s.wrapping_sub(agent.heartbeat_s) <= AGENT_TIMEOUT_S)
+}
+
+/// Whether the packet came in on the client interface of a balancer whose clients and
+/// backends are on different interfaces: no backend's reply can come from there.
+#[inline(always)]
+pub fn from_client_side(ctx: &XdpContext) -> bool {
+    // SAFETY: reading the context's ingress interface index.
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    AGENT.get(0).is_some_and(|agent| {
+        agent.client_ifindex != agent.backend_ifindex && ingress == agent.client_ifindex
+    })
 }
 
 /// A decimal number of seconds, at compile time.

@@ -104,6 +104,9 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, Ve
     let Some(entry) = REVERSE.get_ptr_mut(&packet.key) else {
         return Ok(None);
     };
+    if agent::from_client_side(ctx) {
+        return Err(Verdict::drop(Reason::DropReplyFromClientSide));
+    }
     // SAFETY: map values stay valid for the duration of the program.
     let nat = unsafe { *entry };
     if nat.replay_end != 0 {

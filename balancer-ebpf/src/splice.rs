@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use balancer_common::{
     binding_state, csum, flow_flags, flow_state, punt_kind, syn_cookie, Binding, CookieSecret,
-    Flow, FlowKey, Punt, Reason, ReverseNat, SynOptions, COOKIE_PERIOD_S, NO_WINDOW_SCALE,
-    PROTO_TCP, PUNT_FRAME_SIZE,
+    Flow, FlowKey, Punt, Reason, ReverseNat, SynOptions, COOKIE_PERIOD_S, MAX_PUNTS_PER_BINDING,
+    NO_WINDOW_SCALE, PROTO_TCP, PUNT_FRAME_SIZE,
 };
 use network_types::tcp::TcpHdr;
 
@@ -96,6 +96,7 @@ pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
         cookie_isn,
         options,
         state: binding_state::ACCEPTED,
+        punts: 0,
     };
     let flow = Flow {
         state: flow_state::BINDING,
@@ -113,11 +114,29 @@ pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
 /// pure ACKs are not needed.
 #[inline(always)]
 pub fn while_binding(ctx: &XdpContext, packet: &Packet) -> Verdict {
-    if packet.payload_len > 0 || packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        punt(ctx, punt_kind::CLIENT)
-    } else {
-        Verdict::drop(Reason::DropWhileBinding)
+    if packet.payload_len == 0 && packet.tcp_flags & (TCP_FIN | TCP_RST) == 0 {
+        return Verdict::drop(Reason::DropWhileBinding);
     }
+    if !within_punt_budget(&packet.key) {
+        return Verdict::drop(Reason::DropPuntBudget);
+    }
+    punt(ctx, punt_kind::CLIENT)
+}
+
+/// Counts a punt against the connection's budget; false once it is spent.
+#[inline(always)]
+fn within_punt_budget(key: &FlowKey) -> bool {
+    let Some(binding) = BINDINGS.get_ptr_mut(key) else {
+        return true;
+    };
+    // SAFETY: map values stay valid for the duration of the program; concurrent segments of
+    // one connection only race on the count, which then errs by a segment.
+    let binding = unsafe { &mut *binding };
+    if binding.punts >= MAX_PUNTS_PER_BINDING {
+        return false;
+    }
+    binding.punts += 1;
+    true
 }
 
 /// Hands the frame to the agent through the `PUNTS` ring and drops it here.

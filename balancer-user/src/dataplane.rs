@@ -68,6 +68,8 @@ pub struct Dataplane {
     pub verified_instructions: Option<u32>,
     /// The kernel's id of the program this agent loaded.
     pub program_id: u32,
+    /// The client and backend interfaces, as the data plane is told with each heartbeat.
+    ifindexes: (u32, u32),
 }
 
 impl Dataplane {
@@ -120,6 +122,10 @@ impl Dataplane {
             table_size: config.table_size,
             verified_instructions,
             program_id,
+            ifindexes: (
+                ifindex(&config.client_interface)?,
+                ifindex(config.backend_interface())?,
+            ),
         };
         // Before the program runs: an adopted connection being bound must not look orphaned.
         dataplane.heartbeat()?;
@@ -140,11 +146,13 @@ impl Dataplane {
     /// Tells the data plane the agent is alive; without it for the program's agent timeout,
     /// cookie services stop handing connections to the agent.
     pub fn heartbeat(&mut self) -> Result<()> {
-        let mut map: Array<&mut MapData, AgentState> = Array::try_from(self.map(map_name::AGENT)?)?;
         let state = AgentState {
             heartbeat_s: monotonic_seconds(),
             layout_version: LAYOUT_VERSION,
+            client_ifindex: self.ifindexes.0,
+            backend_ifindex: self.ifindexes.1,
         };
+        let mut map: Array<&mut MapData, AgentState> = Array::try_from(self.map(map_name::AGENT)?)?;
         map.set(0, state, 0)
             .context("writing the agent's heartbeat")
     }

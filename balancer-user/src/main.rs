@@ -343,13 +343,20 @@ async fn serve(config: Config, config_path: PathBuf, options: StartOptions) -> R
                 let mut guard = ready.context("waiting on the punt ring")?;
                 let ring = guard.get_inner_mut();
                 let mut record = Vec::with_capacity(std::mem::size_of::<balancer_common::Punt>());
-                while let Some(item) = ring.next() {
+                let mut handled = 0;
+                while handled < PUNT_BATCH {
+                    let Some(item) = ring.next() else { break };
                     record.clear();
                     record.extend_from_slice(&item);
                     drop(item);
                     agent.on_punt(&record);
+                    handled += 1;
                 }
-                guard.clear_ready();
+                // A full batch leaves the ring ready: the loop comes back to it after the
+                // timers, signals and commands that are due.
+                if handled < PUNT_BATCH {
+                    guard.clear_ready();
+                }
             }
             _ = binding_ticker.tick() => agent.binding_tick(),
             Some(command) = commands.recv() => {
@@ -400,6 +407,9 @@ async fn serve(config: Config, config_path: PathBuf, options: StartOptions) -> R
     }
     Ok(())
 }
+
+/// Punted frames handled before the agent looks at its timers, signals and commands again.
+const PUNT_BATCH: usize = 256;
 
 /// How often the agent tells the data plane (and systemd's watchdog) it is alive: well inside
 /// the program's agent timeout.

@@ -300,3 +300,174 @@ fn thousands_of_connections_holding_unacknowledged_heads_do_not_lock_other_clien
     let status = balancer(&lab, &["status"]);
     assert!(status.contains("shed_client_budget="), "{status}");
 }
+
+/// Drops the client kernel's own resets, so that scapy's hand-made connections (sent at layer
+/// 2, past netfilter) are not reset by a kernel that knows nothing of them.
+fn quiet_client_kernel(lab: &balancer_lab::Lab) {
+    run(
+        lab,
+        lab.client_ns(),
+        &["nft", "add table ip quiet; add chain ip quiet out { type filter hook output priority 0; tcp flags & rst == rst drop; }"],
+    );
+}
+
+#[test]
+fn only_a_reset_at_the_next_sequence_number_ends_a_binding_and_other_resets_and_fins_do_not() {
+    let lab = lab_with(&lb_cookie_vip());
+    quiet_client_kernel(&lab);
+    let script = format!(
+        r#"
+import time
+from scapy.all import AsyncSniffer, Ether, IP, TCP, Raw, srp1, sendp, getmacbyip, conf
+conf.verb = 0
+eth = Ether(dst=getmacbyip("198.18.0.1"))
+def segment(flags, seq, ack=0, payload=b""):
+    return eth / IP(dst="{VIP}") / TCP(sport=41000, dport={LB_COOKIE_PORT}, flags=flags, seq=seq, ack=ack) / Raw(payload)
+synack = srp1(eth / IP(dst="{VIP}") / TCP(sport=41000, dport={LB_COOKIE_PORT}, flags="S", seq=1000, options=[("MSS", 1460)]), timeout=3)
+ack = synack[TCP].seq + 1
+head = b"GET / HTTP/1.1\r\nHost: vip\r\n"
+partial = srp1(segment("PA", 1001, ack, head), timeout=3)
+after = 1001 + len(head)
+print("acknowledged", partial[TCP].ack == after)
+sendp(segment("R", after + 200000))
+sendp(segment("FA", after + 5, ack))
+sniffer = AsyncSniffer(iface="eth0", filter="tcp and src port {LB_COOKIE_PORT}")
+sniffer.start()
+time.sleep(0.5)
+sendp(segment("R", after + 10))
+time.sleep(1)
+answers = sniffer.stop()
+print("challenge", any(p[TCP].flags == "A" and p[TCP].ack == after for p in answers))
+sendp(segment("R", after))
+"#
+    );
+    let said = run(&lab, lab.client_ns(), &["/usr/bin/python3", "-c", &script]);
+    assert!(said.contains("acknowledged True"), "{said}");
+    assert!(
+        said.contains("challenge True"),
+        "a reset inside the window gets a challenge ACK: {said}"
+    );
+    assert_eq!(
+        binding_count(&lab, "out_of_window"),
+        2,
+        "the reset past the window and the FIN out of order"
+    );
+    assert_eq!(binding_count(&lab, "challenge_acks"), 1);
+    wait_until(
+        std::time::Duration::from_secs(5),
+        "the reset at the next sequence number ends the binding",
+        || binding_count(&lab, "held") == 0,
+    );
+    assert_eq!(binding_count(&lab, "bound"), 0);
+
+    // A request followed at once by the client's FIN (`nc -N`) is served.
+    let answer = run(
+        &lab,
+        lab.client_ns(),
+        &[
+            "sh",
+            "-c",
+            &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -N -w 5 {VIP} {LB_COOKIE_PORT}"),
+        ],
+    );
+    assert!(answer.starts_with("HTTP/1.0 200"), "nc -N: {answer}");
+}
+
+#[test]
+fn a_backends_reply_forged_on_the_client_side_is_dropped() {
+    let lab = lab_with(&lb_cookie_vip());
+    // A spliced keep-alive connection from a known port, held open while the forgery comes.
+    let script = format!(
+        r#"
+import socket, time
+from scapy.all import Ether, IP, TCP, sendp, getmacbyip, conf
+conf.verb = 0
+s = socket.create_connection(("{VIP}", {LB_COOKIE_PORT}), source_address=("198.18.0.2", 45000))
+s.sendall(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")
+print(s.recv(65536).split(b"\r\n")[0].decode())
+forged = Ether(dst=getmacbyip("198.18.0.1")) / IP(src="198.19.0.11", dst="198.18.0.2") / TCP(sport=80, dport=45000, flags="SA", seq=1, ack=1)
+sendp(forged)
+time.sleep(0.5)
+s.sendall(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")
+print(s.recv(65536).split(b"\r\n")[0].decode())
+"#
+    );
+    let replays_before = binding_count(&lab, "replays_resent");
+    let said = run(&lab, lab.client_ns(), &["/usr/bin/python3", "-c", &script]);
+    assert_eq!(
+        said.matches("HTTP/1.1 200").count(),
+        2,
+        "the connection keeps working: {said}"
+    );
+    assert_eq!(counter(&lab, "drop_reply_from_client_side"), 1);
+    assert_eq!(
+        binding_count(&lab, "replays_resent"),
+        replays_before,
+        "no replay for a forgery"
+    );
+}
+
+#[test]
+fn connections_trickling_single_bytes_cost_their_own_punts_and_others_are_served() {
+    let mut lab = lab_with(&lb_cookie_vip());
+    let log = lab.dir().join("trickle.log");
+    let client = lab.client_ns().to_owned();
+    // 200 connections, each sending one byte of a head that never ends every 50 ms for 20 s.
+    let script = format!(
+        r#"
+import socket, time
+socks = []
+for _ in range(200):
+    s = socket.create_connection(("{VIP}", {LB_COOKIE_PORT}))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.setblocking(False)
+    socks.append(s)
+print("connected", flush=True)
+end = time.time() + 20
+while time.time() < end:
+    for s in socks:
+        try:
+            s.send(b"x")
+        except OSError:
+            pass
+    time.sleep(0.05)
+print("done", flush=True)
+"#
+    );
+    let stats_lines = |lab: &balancer_lab::Lab| {
+        std::fs::read_to_string(lab.balancer_log())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("stats:"))
+            .count()
+    };
+    let trickler = lab
+        .spawn_logged(&client, &["/usr/bin/python3", "-c", &script], &log)
+        .expect("starting the trickle");
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "the trickle connects",
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("connected")
+        },
+    );
+    let ticks_before = stats_lines(&lab);
+    assert_eq!(
+        answered_of_20(&lab),
+        20,
+        "requests from the same address during the trickle"
+    );
+    lab.wait_for(trickler, std::time::Duration::from_secs(60))
+        .expect("the trickle ends");
+    assert!(
+        counter(&lab, "drop_punt_budget") > 0,
+        "segments past each connection's punt budget are dropped and counted"
+    );
+    assert!(
+        stats_lines(&lab) >= ticks_before + 10,
+        "the agent's stats line kept ticking through the 20 s trickle"
+    );
+    assert_eq!(answered_of_20(&lab), 20, "requests right after the trickle");
+}

@@ -140,7 +140,7 @@ fn missing_toolchain_help() -> String {
 }
 
 /// The programs the lab, the tests and the benchmark run, by the Debian package that has them.
-const LAB_TOOLS: [(&str, &str); 13] = [
+const LAB_TOOLS: [(&str, &str); 14] = [
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("ethtool", "ethtool"),
@@ -153,6 +153,7 @@ const LAB_TOOLS: [(&str, &str); 13] = [
     ("iperf3", "iperf3"),
     ("python3", "python3"),
     ("hping3", "hping3"),
+    ("nc", "netcat-openbsd"),
     // Checks the systemd unit (the machines' PID 1 is no systemd to start it with).
     ("systemd-analyze", "systemd"),
 ];

@@ -93,6 +93,11 @@ pub struct BindingCounters {
     /// Connections reset because their client did not acknowledge the edited response head
     /// in time.
     pub head_unacknowledged: u64,
+    /// Client resets inside the window but not at the next sequence number, answered with a
+    /// challenge ACK (RFC 5961).
+    pub challenge_acks: u64,
+    /// Client resets and FINs outside the window or out of order, ignored.
+    pub out_of_window: u64,
 }
 
 pub struct Binder {
@@ -137,6 +142,14 @@ struct Pending {
 }
 
 impl Pending {
+    /// The client's sequence number just past the bytes the agent has.
+    fn next_client_seq(&self) -> u32 {
+        self.binding
+            .client_isn
+            .wrapping_add(1)
+            .wrapping_add(self.request.len() as u32)
+    }
+
     /// The backend and its ISN, once both legs are spliced.
     fn spliced(&self) -> Option<(Target, u32)> {
         match self.stage {
@@ -387,9 +400,8 @@ impl Agent {
                 },
             );
         }
-        if segment.flags & (RST | FIN) != 0 {
-            debug!(client = %segment.src, port = segment.sport, "client closed during binding");
-            self.abort(&key, segment.flags & RST != 0);
+        if segment.flags & RST != 0 {
+            self.on_client_reset(&key, &segment);
             return;
         }
         let Some(pending) = self.binder.pending.get_mut(&key) else {
@@ -431,6 +443,47 @@ impl Agent {
                 self.replay(pending, target, backend_isn);
             }
             Stage::Connecting { .. } => {}
+        }
+        if segment.flags & FIN != 0 {
+            self.on_client_fin(&key, &segment);
+        }
+    }
+
+    /// RFC 5961 §3.2: a client reset acts only at exactly the next sequence number the
+    /// balancer expects; one elsewhere in the window is answered with a challenge ACK (a
+    /// genuine client then resets at the right number), one outside it is ignored. A blind
+    /// attacker cannot end other clients' connections.
+    fn on_client_reset(&mut self, key: &FlowKey, segment: &Segment) {
+        let Some(next) = self.binder.pending.get(key).map(Pending::next_client_seq) else {
+            return;
+        };
+        if segment.seq == next {
+            debug!(client = %segment.src, port = segment.sport, "client reset during binding");
+            self.abort(key, true);
+        } else if in_window(segment.seq, next) {
+            self.binder.counters.challenge_acks += 1;
+            self.acknowledge(key);
+        } else {
+            self.binder.counters.out_of_window += 1;
+        }
+    }
+
+    /// A FIN after the client's bytes (RFC 5961 §5: in order, or it is ignored). After a
+    /// complete head it only ends the client's sending: the connection is bound, the FIN left
+    /// unacknowledged, and the client's retransmission of it reaches the backend through the
+    /// splice. Before the head is complete the request can never be read: the client is reset.
+    fn on_client_fin(&mut self, key: &FlowKey, segment: &Segment) {
+        let Some(pending) = self.binder.pending.get(key) else {
+            return;
+        };
+        let fin_seq = segment.seq.wrapping_add(segment.payload.len() as u32);
+        if fin_seq != pending.next_client_seq() {
+            self.binder.counters.out_of_window += 1;
+            return;
+        }
+        if matches!(pending.stage, Stage::Reading) {
+            debug!(client = %segment.src, port = segment.sport, "client closed before its request head was complete");
+            self.abort(key, false);
         }
     }
 
@@ -1017,6 +1070,12 @@ impl Agent {
         }
         reply_key
     }
+}
+
+/// Whether `seq` lies in the receive window the agent advertises from `next` on (a window of
+/// 65,535 bytes: the largest field, scaled or not).
+fn in_window(seq: u32, next: u32) -> bool {
+    seq.wrapping_sub(next) < u32::from(u16::MAX)
 }
 
 /// Whether the client has yet to acknowledge all of a response head the agent edited.

@@ -479,8 +479,13 @@ impl Agent {
         );
         let _ = writeln!(
             text,
-            "bindings_reset shed_client_budget={} shed_prefix_budget={} shed_table_full={} head_unacknowledged={}",
-            b.shed_client_budget, b.shed_prefix_budget, b.shed_table_full, b.head_unacknowledged
+            "bindings_reset shed_client_budget={} shed_prefix_budget={} shed_table_full={} head_unacknowledged={} challenge_acks={} out_of_window={}",
+            b.shed_client_budget,
+            b.shed_prefix_budget,
+            b.shed_table_full,
+            b.head_unacknowledged,
+            b.challenge_acks,
+            b.out_of_window
         );
         let _ = write!(text, "cookies_rejected");
         for (reason, count) in binding::REJECTION_REASONS.iter().zip(b.cookies_rejected) {
