@@ -135,16 +135,17 @@ pub struct AgentState {
     /// reply arriving from the client side is forged.
     pub client_ifindex: u32,
     pub backend_ifindex: u32,
+    /// Seconds a client of a cookie service may take between its handshake and its request
+    /// (the config's `request_timeout`); a connection that sent nothing by then is reset.
+    pub request_timeout_s: u32,
 }
-const _: () = assert!(size_of::<AgentState>() == 16);
+const _: () = assert!(size_of::<AgentState>() == 20);
 
 /// States of a client flow in [`Flow::state`] and of its reverse entry in
 /// [`ReverseNat::state`].
 pub mod flow_state {
     /// Plain NAT: every packet is rewritten and forwarded.
     pub const NAT: u32 = 0;
-    /// The client's handshake is done; its data goes to the agent until a backend is chosen.
-    pub const BINDING: u32 = 1;
     /// The agent sent the backend a SYN; the backend's answer goes to the agent.
     pub const CONNECTING: u32 = 2;
     /// Both legs are up: packets are rewritten with the sequence offset and forwarded.
@@ -305,8 +306,10 @@ pub struct Binding {
     pub state: u32,
     /// Client segments handed to the agent so far, at most [`MAX_PUNTS_PER_BINDING`].
     pub punts: u32,
+    /// Second (of `bpf_ktime_get_coarse_ns`) the handshake completed.
+    pub accepted_s: u32,
 }
-const _: () = assert!(size_of::<Binding>() == 20);
+const _: () = assert!(size_of::<Binding>() == 24);
 
 /// Client segments XDP hands the agent per connection being bound; later ones are dropped.
 /// A request head of 16 KB (the most the agent reads) takes 12 full segments; the rest is
@@ -464,10 +467,13 @@ pub enum Reason {
     DropPuntBudget,
     /// A packet matching a reply's 5-tuple that arrived on the client interface: forged.
     DropReplyFromClientSide,
+    /// Cookie service: a connection that sent no request within the request timeout after
+    /// its handshake, reset at its next segment.
+    ResetNoRequest,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 31;
+    pub const COUNT: u32 = 32;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::Replied,
@@ -500,6 +506,7 @@ impl Reason {
         Reason::ResetRefused,
         Reason::DropPuntBudget,
         Reason::DropReplyFromClientSide,
+        Reason::ResetNoRequest,
     ];
 
     /// Stable name used in logs, the stats line and metrics.
@@ -536,6 +543,7 @@ impl Reason {
             Reason::ResetRefused => "reset_refused",
             Reason::DropPuntBudget => "drop_punt_budget",
             Reason::DropReplyFromClientSide => "drop_reply_from_client_side",
+            Reason::ResetNoRequest => "reset_no_request",
         }
     }
 }

@@ -22,6 +22,14 @@ pub fn present(now_s: u32) -> bool {
         .is_some_and(|agent| now_s.wrapping_sub(agent.heartbeat_s) <= AGENT_TIMEOUT_S)
 }
 
+/// Seconds a client may take between its handshake and its request.
+#[inline(always)]
+pub fn request_timeout_s() -> u32 {
+    AGENT
+        .get(0)
+        .map_or(u32::MAX, |agent| agent.request_timeout_s)
+}
+
 /// Whether the packet came in on the client interface of a balancer whose clients and
 /// backends are on different interfaces: no backend's reply can come from there.
 #[inline(always)]

@@ -15,6 +15,7 @@ use balancer_common::{
 use network_types::tcp::TcpHdr;
 
 use crate::{
+    agent,
     maps::{BINDINGS, COOKIE_SECRET, FLOWS, PUNTS, SYN_OPTIONS},
     packet::{ptr_at, Packet, L4_OFFSET, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     reset,
@@ -45,8 +46,10 @@ pub fn cookie_period() -> u32 {
     (now_s / u64::from(COOKIE_PERIOD_S)) as u32
 }
 
-/// A client segment of a cookie service that belongs to no connection yet: a SYN is answered
-/// with a SYN cookie; an ACK carrying a valid cookie starts the binding.
+/// A client segment of a cookie service that belongs to no flow: a SYN is answered with a SYN
+/// cookie; the first segment after it, carrying a valid cookie, starts the binding, which
+/// lives in `BINDINGS` alone until the agent opens the backend side, so that handshakes that
+/// never send a request cannot push established flows out of `FLOWS`.
 #[inline(always)]
 pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
     let flags = packet.tcp_flags;
@@ -54,9 +57,6 @@ pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
         return synack::answer(ctx, packet);
     }
     let bad_cookie = Verdict::drop(Reason::DropBadCookie);
-    if flags & TCP_ACK == 0 || flags & (TCP_SYN | TCP_RST) != 0 {
-        return bad_cookie;
-    }
     let Some(tcp) = ptr_at::<TcpHdr>(ctx, L4_OFFSET) else {
         return bad_cookie;
     };
@@ -67,24 +67,22 @@ pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
             u32::from_be_bytes((*tcp).ack_seq),
         )
     };
+    let key = &packet.key;
     let cookie_isn = ack.wrapping_sub(1);
     let client_isn = seq.wrapping_sub(1);
-    let secret = cookie_secret();
-    let period = cookie_period();
-    let key = &packet.key;
-    if cookie_isn != syn_cookie(&secret, key, client_isn, period)
-        && cookie_isn != syn_cookie(&secret, key, client_isn, period.wrapping_sub(1))
-    {
-        return bad_cookie;
+    let first_segment = flags & TCP_ACK != 0
+        && flags & (TCP_SYN | TCP_RST) == 0
+        && valid_cookie(key, client_isn, cookie_isn);
+    if let Some(binding) = BINDINGS.get_ptr_mut(key) {
+        // SAFETY: map values stay valid for the duration of the program.
+        let binding = unsafe { &mut *binding };
+        // Its own segment (its first again, or a later one), not a new handshake on the port.
+        if binding.client_isn == client_isn || !first_segment {
+            return while_bound(ctx, packet, binding, now_s);
+        }
     }
-    // SAFETY: map values stay valid for the duration of the program.
-    let refused = BINDINGS.get_ptr(key).is_some_and(|b| unsafe {
-        (*b).state == binding_state::REFUSED && (*b).client_isn == client_isn
-    });
-    if refused {
-        return match reset::refuse(ctx, Reason::ResetRefused, Reason::DropBadCookie) {
-            Ok(verdict) | Err(verdict) => verdict,
-        };
+    if !first_segment {
+        return bad_cookie;
     }
     let options = SYN_OPTIONS.get_ptr(key).map_or(DEFAULT_OPTIONS, |o| {
         // SAFETY: map values stay valid for the duration of the program.
@@ -97,17 +95,43 @@ pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
         options,
         state: binding_state::ACCEPTED,
         punts: 0,
+        accepted_s: now_s,
     };
-    let flow = Flow {
-        state: flow_state::BINDING,
-        last_seen_s: now_s,
-        ..Flow::default()
-    };
-    if BINDINGS.insert(key, &binding, 0).is_err() || FLOWS.insert(key, &flow, 0).is_err() {
+    if BINDINGS.insert(key, &binding, 0).is_err() {
         return Verdict::drop(Reason::DropWhileBinding);
     }
     stats::count(Reason::HandshakeDone, 0);
     while_binding(ctx, packet)
+}
+
+/// Whether `cookie_isn` is the SYN cookie of the client's connection, of this period or the
+/// one before.
+#[inline(always)]
+fn valid_cookie(key: &FlowKey, client_isn: u32, cookie_isn: u32) -> bool {
+    let secret = cookie_secret();
+    let period = cookie_period();
+    cookie_isn == syn_cookie(&secret, key, client_isn, period)
+        || cookie_isn == syn_cookie(&secret, key, client_isn, period.wrapping_sub(1))
+}
+
+/// A segment of a connection whose handshake the balancer completed: refused ones are reset
+/// again, one whose client sent no request within the agent's request timeout is refused,
+/// the rest go on to the agent.
+#[inline(always)]
+fn while_bound(ctx: &XdpContext, packet: &Packet, binding: &mut Binding, now_s: u32) -> Verdict {
+    let reason = if binding.state == binding_state::REFUSED {
+        Reason::ResetRefused
+    } else if binding.punts == 0
+        && now_s.wrapping_sub(binding.accepted_s) > agent::request_timeout_s()
+    {
+        binding.state = binding_state::REFUSED;
+        Reason::ResetNoRequest
+    } else {
+        return while_binding(ctx, packet);
+    };
+    match reset::refuse(ctx, reason, Reason::DropWhileBinding) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
 }
 
 /// A client segment while its connection is being bound: data, FIN and RST go to the agent,

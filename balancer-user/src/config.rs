@@ -69,6 +69,11 @@ pub struct Config {
     /// its connection is reset and its place freed.
     #[serde(default = "default_head_ack_timeout")]
     pub head_ack_timeout: u32,
+    /// Cookie services: seconds a client may take from its handshake to a complete request
+    /// head; a connection that sent nothing by then is reset by XDP, one whose head is still
+    /// incomplete by the agent.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: u32,
     /// Keys that sign and verify `lb-cookie` cookies: the first signs, all verify.
     #[serde(default)]
     pub cookie_keys: Vec<CookieKeyConfig>,
@@ -445,6 +450,10 @@ fn default_head_ack_timeout() -> u32 {
     5
 }
 
+fn default_request_timeout() -> u32 {
+    10
+}
+
 fn default_stats_interval() -> u64 {
     1
 }
@@ -748,6 +757,12 @@ impl Config {
                     "{} is outside {}..={capacity} (bindings_per_client to binding_capacity)",
                     self.bindings_per_prefix, self.bindings_per_client
                 ),
+            ));
+        }
+        if !(1..=300).contains(&self.request_timeout) {
+            return Err(invalid(
+                "request_timeout",
+                format!("{} seconds is outside 1..=300", self.request_timeout),
             ));
         }
         if !(1..=300).contains(&self.head_ack_timeout) {
@@ -1305,6 +1320,10 @@ mod tests {
             (
                 VALID.replace("instance = \"lab\"", "head_ack_timeout = 0"),
                 "head_ack_timeout",
+            ),
+            (
+                VALID.replace("instance = \"lab\"", "request_timeout = 301"),
+                "request_timeout",
             ),
             (
                 VALID.replace(

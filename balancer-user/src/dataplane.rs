@@ -70,6 +70,8 @@ pub struct Dataplane {
     pub program_id: u32,
     /// The client and backend interfaces, as the data plane is told with each heartbeat.
     ifindexes: (u32, u32),
+    /// The config's `request_timeout`, told with each heartbeat.
+    request_timeout_s: u32,
 }
 
 impl Dataplane {
@@ -126,6 +128,7 @@ impl Dataplane {
                 ifindex(&config.client_interface)?,
                 ifindex(config.backend_interface())?,
             ),
+            request_timeout_s: config.request_timeout,
         };
         // Before the program runs: an adopted connection being bound must not look orphaned.
         dataplane.heartbeat()?;
@@ -143,6 +146,10 @@ impl Dataplane {
         Ok(dataplane)
     }
 
+    pub fn set_request_timeout(&mut self, seconds: u32) {
+        self.request_timeout_s = seconds;
+    }
+
     /// Tells the data plane the agent is alive; without it for the program's agent timeout,
     /// cookie services stop handing connections to the agent.
     pub fn heartbeat(&mut self) -> Result<()> {
@@ -151,6 +158,7 @@ impl Dataplane {
             layout_version: LAYOUT_VERSION,
             client_ifindex: self.ifindexes.0,
             backend_ifindex: self.ifindexes.1,
+            request_timeout_s: self.request_timeout_s,
         };
         let mut map: Array<&mut MapData, AgentState> = Array::try_from(self.map(map_name::AGENT)?)?;
         map.set(0, state, 0)

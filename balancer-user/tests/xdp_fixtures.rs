@@ -377,6 +377,7 @@ impl Program {
         let state = AgentState {
             heartbeat_s: coarse_seconds() - age,
             layout_version: LAYOUT_VERSION,
+            request_timeout_s: 10,
             ..AgentState::default()
         };
         map.set(0, state, 0).unwrap();

@@ -471,3 +471,73 @@ print("done", flush=True)
     );
     assert_eq!(answered_of_20(&lab), 20, "requests right after the trickle");
 }
+
+/// Handshakes the flood completes: more than the flow table holds in this test.
+const FLOOD_HANDSHAKES: usize = 10_000;
+/// The flow table's size in this test (the smallest a config may ask for is 1024).
+const SMALL_FLOW_TABLE: u32 = 4096;
+
+#[test]
+fn a_flood_of_handshakes_without_requests_leaves_established_connections_alone() {
+    let mut lab = balancer_lab::Lab::new().expect("building the lab");
+    lab.start_backends(backend_bin())
+        .expect("starting the backends");
+    let config = config_path(&lab);
+    let text = format!(
+        "flow_capacity = {SMALL_FLOW_TABLE}\n{}",
+        lab.balancer_config_with(&lb_cookie_vip())
+    );
+    std::fs::write(&config, text).unwrap();
+    lab.start_balancer(&balancer_bin(), &config)
+        .expect("starting the balancer");
+    let client = lab.client_ns().to_owned();
+    let mut runs = Vec::new();
+    for port in [80, LB_COOKIE_PORT] {
+        let log = lab.dir().join(format!("wrk-{port}.log"));
+        let url = format!("http://{VIP}:{port}/");
+        let pid = lab
+            .spawn_logged(&client, &["wrk", "-t1", "-c16", "-d", "15s", &url], &log)
+            .expect("starting wrk");
+        runs.push((port, pid, log));
+    }
+    let flood = format!(
+        r#"
+import resource, socket, time
+resource.setrlimit(resource.RLIMIT_NOFILE, ({FLOOD_HANDSHAKES} + 1000, {FLOOD_HANDSHAKES} + 1000))
+socks = []
+for _ in range({FLOOD_HANDSHAKES}):
+    s = socket.socket()
+    s.setblocking(False)
+    try:
+        s.connect(("{VIP}", {LB_COOKIE_PORT}))
+    except BlockingIOError:
+        pass
+    socks.append(s)
+time.sleep(3)
+print("connected", sum(1 for s in socks if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0), flush=True)
+"#
+    );
+    let handshakes_before = counter(&lab, "handshake_done");
+    let said = run(&lab, &client, &["/usr/bin/python3", "-c", &flood]);
+    assert!(
+        said.contains(&format!("connected {FLOOD_HANDSHAKES}")),
+        "{said}"
+    );
+    assert!(
+        counter(&lab, "handshake_done") - handshakes_before >= FLOOD_HANDSHAKES as u64,
+        "the flood completed its handshakes"
+    );
+    for (port, pid, log) in runs {
+        lab.wait_for(pid, std::time::Duration::from_secs(60))
+            .expect("wrk finishes");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            text.contains(" requests in "),
+            "wrk on port {port}:\n{text}"
+        );
+        assert!(
+            !text.contains("Socket errors") && !text.contains("Non-2xx"),
+            "wrk's connections on port {port} survived the flood:\n{text}"
+        );
+    }
+}

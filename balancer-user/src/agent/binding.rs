@@ -47,8 +47,6 @@ const BACKEND_UNUSABLE: usize = 4;
 
 /// Request heads are collected up to this size; a larger head is placed by the fallback.
 const MAX_HEAD: usize = 16 * 1024;
-/// A client that has not completed its request head by then is reset.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The backend's SYN-ACK is awaited this long before the SYN is sent again.
 const SYN_RETRY: Duration = Duration::from_millis(500);
 /// SYNs sent to one backend before the next one is tried.
@@ -224,6 +222,8 @@ pub struct BindingLimits {
     pub per_prefix: usize,
     /// How long a client may take to acknowledge an edited response head.
     pub head_ack_timeout: Duration,
+    /// How long a client may take to complete its request head.
+    pub request_timeout: Duration,
 }
 
 impl Binder {
@@ -882,7 +882,9 @@ impl Agent {
         let mut recheck = Vec::new();
         for (key, pending) in &self.binder.pending {
             match pending.stage {
-                Stage::Reading if now.duration_since(pending.created) > READ_TIMEOUT => {
+                Stage::Reading
+                    if now.duration_since(pending.created) > self.binder.limits.request_timeout =>
+                {
                     expire.push(*key)
                 }
                 Stage::Connecting { syn_sent, syns, .. }

@@ -249,6 +249,7 @@ impl Agent {
 
         self.services = services;
         self.binder.set_limits(binding_limits(&config));
+        self.dataplane.set_request_timeout(config.request_timeout);
         self.config = config;
         for index in 0..self.services.len() {
             self.publish(index)?;
@@ -547,6 +548,7 @@ fn binding_limits(config: &Config) -> BindingLimits {
         per_client: config.bindings_per_client as usize,
         per_prefix: config.bindings_per_prefix as usize,
         head_ack_timeout: Duration::from_secs(u64::from(config.head_ack_timeout)),
+        request_timeout: Duration::from_secs(u64::from(config.request_timeout)),
     }
 }
 
