@@ -6,6 +6,9 @@
 #![no_std]
 
 pub mod csum;
+pub mod syncookie;
+
+pub use syncookie::{CookieSecret, COOKIE_SECRETS};
 
 use core::mem::size_of;
 
@@ -31,7 +34,7 @@ pub mod map_name {
 /// Version of the maps' layout (their key and value types and the meaning of their fields).
 /// Pinned maps outlive the agent and its program; a program of another layout version must
 /// not adopt them. Bump it with every change to a type or map below.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Seconds after the agent's last heartbeat that the data plane takes it for gone: cookie
 /// services then stop handing connections to it (see [`without_agent`]). Compiled into the
@@ -359,32 +362,9 @@ pub mod punt_kind {
     pub const BACKEND: u32 = 2;
 }
 
-/// `COOKIE_SECRET` value: the key of the SYN cookies, set by the agent at start.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct CookieSecret {
-    pub key: [u32; 4],
-}
-const _: () = assert!(size_of::<CookieSecret>() == 16);
-
 /// Seconds a SYN cookie is issued for; an ACK is accepted for the current period and the one
 /// before, so a cookie lives 64 to 128 seconds.
 pub const COOKIE_PERIOD_S: u32 = 64;
-
-/// The SYN cookie (the balancer's ISN) of a client connection in cookie period `period`: a
-/// keyed hash of the 4-tuple and the client's ISN, so answering a SYN costs no state. As with
-/// the kernel's SYN cookies, only a segment at the client's first sequence number (the
-/// handshake's ACK or the first data) completes the handshake: a later segment that overtook
-/// them would place the request's bytes wrongly, and is dropped until they arrive.
-#[inline(always)]
-pub fn syn_cookie(secret: &CookieSecret, key: &FlowKey, client_isn: u32, period: u32) -> u32 {
-    let ports = (u32::from(key.sport) << 16) | u32::from(key.dport);
-    let mut h = mix(secret.key[0] ^ key.src);
-    h = mix(h ^ secret.key[1] ^ key.dst);
-    h = mix(h ^ secret.key[2] ^ ports);
-    h = mix(h ^ client_isn);
-    mix(h ^ secret.key[3] ^ period)
-}
 
 /// `STATS` value (per CPU), indexed by [`Reason`].
 #[repr(C)]

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use balancer_common::{
     Affinity, AffinityKey, AgentState, Backend, Binding, CookieSecret, Counter, Flow, FlowKey,
-    Reason, ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY,
+    Reason, ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS,
     DEFAULT_AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY, DEFAULT_TABLE_SIZE, MAX_BACKENDS,
     MAX_SERVICES, MAX_TX_PORTS, PUNT_RING_SIZE, TABLES_PER_SERVICE,
 };
@@ -59,9 +59,10 @@ pub static BINDINGS: LruHashMap<FlowKey, Binding> = LruHashMap::pinned(BINDING_C
 #[map]
 pub static PUNTS: RingBuf = RingBuf::pinned(PUNT_RING_SIZE, 0);
 
-/// The key of the SYN cookies (one entry), written by the agent.
+/// The SYN cookies' secrets: the current one, then the previous one (still accepted), rotated
+/// by the agent.
 #[map]
-pub static COOKIE_SECRET: Array<CookieSecret> = Array::pinned(1, 0);
+pub static COOKIE_SECRET: Array<CookieSecret> = Array::pinned(COOKIE_SECRETS, 0);
 
 /// The agent's heartbeat and the maps' layout version (one entry), written by the agent.
 #[map]

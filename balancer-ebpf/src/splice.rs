@@ -8,9 +8,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use balancer_common::{
-    binding_state, csum, flow_flags, flow_state, punt_kind, syn_cookie, Binding, CookieSecret,
-    Flow, FlowKey, Punt, Reason, ReverseNat, SynOptions, COOKIE_PERIOD_S, MAX_PUNTS_PER_BINDING,
-    NO_WINDOW_SCALE, PROTO_TCP, PUNT_FRAME_SIZE,
+    binding_state, csum, flow_flags, flow_state, punt_kind,
+    syncookie::{check_syn_cookie, MSS_TABLE},
+    Binding, CookieSecret, Flow, FlowKey, Punt, Reason, ReverseNat, SynOptions, COOKIE_PERIOD_S,
+    MAX_PUNTS_PER_BINDING, NO_WINDOW_SCALE, PROTO_TCP, PUNT_FRAME_SIZE,
 };
 use network_types::tcp::TcpHdr;
 
@@ -36,8 +37,9 @@ const DEFAULT_OPTIONS: SynOptions = SynOptions {
     sack_permitted: 0,
 };
 
-pub fn cookie_secret() -> CookieSecret {
-    COOKIE_SECRET.get(0).copied().unwrap_or_default()
+/// The current SYN cookie secret (0) or the previous one (1).
+pub fn cookie_secret(index: u32) -> CookieSecret {
+    COOKIE_SECRET.get(index).copied().unwrap_or_default()
 }
 
 pub fn cookie_period() -> u32 {
@@ -70,9 +72,12 @@ pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
     let key = &packet.key;
     let cookie_isn = ack.wrapping_sub(1);
     let client_isn = seq.wrapping_sub(1);
-    let first_segment = flags & TCP_ACK != 0
-        && flags & (TCP_SYN | TCP_RST) == 0
-        && valid_cookie(key, client_isn, cookie_isn);
+    let carried_mss = if flags & TCP_ACK != 0 && flags & (TCP_SYN | TCP_RST) == 0 {
+        check_cookie(key, client_isn, cookie_isn)
+    } else {
+        None
+    };
+    let first_segment = carried_mss.is_some();
     if let Some(binding) = BINDINGS.get_ptr_mut(key) {
         // SAFETY: map values stay valid for the duration of the program.
         let binding = unsafe { &mut *binding };
@@ -84,7 +89,12 @@ pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
     if !first_segment {
         return bad_cookie;
     }
-    let options = SYN_OPTIONS.get_ptr(key).map_or(DEFAULT_OPTIONS, |o| {
+    // Under a flood the SYN's options may be gone: its MSS still travels in the cookie.
+    let forgotten = SynOptions {
+        mss: MSS_TABLE[carried_mss.unwrap_or(0) as usize & 3],
+        ..DEFAULT_OPTIONS
+    };
+    let options = SYN_OPTIONS.get_ptr(key).map_or(forgotten, |o| {
         // SAFETY: map values stay valid for the duration of the program.
         unsafe { *o }
     });
@@ -104,14 +114,13 @@ pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
     while_binding(ctx, packet)
 }
 
-/// Whether `cookie_isn` is the SYN cookie of the client's connection, of this period or the
-/// one before.
+/// The MSS index `cookie_isn` carries if it is the SYN cookie of the client's connection,
+/// made in this period or the one before, under the current secret or the previous one.
 #[inline(always)]
-fn valid_cookie(key: &FlowKey, client_isn: u32, cookie_isn: u32) -> bool {
-    let secret = cookie_secret();
+fn check_cookie(key: &FlowKey, client_isn: u32, cookie_isn: u32) -> Option<u32> {
     let period = cookie_period();
-    cookie_isn == syn_cookie(&secret, key, client_isn, period)
-        || cookie_isn == syn_cookie(&secret, key, client_isn, period.wrapping_sub(1))
+    check_syn_cookie(&cookie_secret(0), key, client_isn, cookie_isn, period)
+        .or_else(|| check_syn_cookie(&cookie_secret(1), key, client_isn, cookie_isn, period))
 }
 
 /// A segment of a connection whose handshake the balancer completed: refused ones are reset

@@ -4,7 +4,8 @@
 
 use aya_ebpf::programs::XdpContext;
 use balancer_common::{
-    syn_cookie, Reason, SynOptions, COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE, PROTO_TCP,
+    syncookie::{mss_index, syn_cookie},
+    Reason, SynOptions, COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE, PROTO_TCP,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -52,7 +53,13 @@ pub fn answer(ctx: &XdpContext, packet: &Packet) -> Verdict {
             u32::from_be_bytes((*tcp).seq),
         )
     };
-    let cookie = syn_cookie(&cookie_secret(), &packet.key, client_seq, cookie_period());
+    let cookie = syn_cookie(
+        &cookie_secret(0),
+        &packet.key,
+        client_seq,
+        cookie_period(),
+        mss_index(options.mss),
+    );
     if reply::resize(ctx, SYNACK_LEN).is_none() {
         return no_room;
     }

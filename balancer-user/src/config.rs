@@ -74,6 +74,10 @@ pub struct Config {
     /// incomplete by the agent.
     #[serde(default = "default_request_timeout")]
     pub request_timeout: u32,
+    /// Seconds between two secrets of the SYN cookies cookie services answer with (the
+    /// previous secret stays valid one period more).
+    #[serde(default = "default_syn_cookie_rotation")]
+    pub syn_cookie_rotation: u32,
     /// Keys that sign and verify `lb-cookie` cookies: the first signs, all verify.
     #[serde(default)]
     pub cookie_keys: Vec<CookieKeyConfig>,
@@ -454,6 +458,10 @@ fn default_request_timeout() -> u32 {
     10
 }
 
+fn default_syn_cookie_rotation() -> u32 {
+    60
+}
+
 fn default_stats_interval() -> u64 {
     1
 }
@@ -757,6 +765,12 @@ impl Config {
                     "{} is outside {}..={capacity} (bindings_per_client to binding_capacity)",
                     self.bindings_per_prefix, self.bindings_per_client
                 ),
+            ));
+        }
+        if !(10..=3600).contains(&self.syn_cookie_rotation) {
+            return Err(invalid(
+                "syn_cookie_rotation",
+                format!("{} seconds is outside 10..=3600", self.syn_cookie_rotation),
             ));
         }
         if !(1..=300).contains(&self.request_timeout) {
@@ -1324,6 +1338,10 @@ mod tests {
             (
                 VALID.replace("instance = \"lab\"", "request_timeout = 301"),
                 "request_timeout",
+            ),
+            (
+                VALID.replace("instance = \"lab\"", "syn_cookie_rotation = 1"),
+                "syn_cookie_rotation",
             ),
             (
                 VALID.replace(

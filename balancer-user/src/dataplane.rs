@@ -17,8 +17,8 @@ use aya::{
 use balancer_common::{
     binding_state, flow_flags, flow_state, map_name, Affinity, AffinityKey, AgentState, Backend,
     Binding, CookieSecret, Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey,
-    SynOptions, BINDING_CAPACITY, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS,
-    TABLES_PER_SERVICE, XDP_PROGRAM,
+    SynOptions, BINDING_CAPACITY, COOKIE_SECRETS, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES,
+    MAX_TX_PORTS, TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 use tracing::{info, warn};
 
@@ -236,13 +236,13 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Sets the key of the SYN cookies unless the maps have one: handshakes answered before
-    /// a restart must still complete after it.
+    /// Sets the SYN cookies' secrets unless the maps have them: handshakes answered before a
+    /// restart must still complete after it.
     pub fn ensure_cookie_secret(
         &mut self,
         fresh: impl FnOnce() -> Result<CookieSecret>,
     ) -> Result<()> {
-        let mut map: Array<&mut MapData, CookieSecret> =
+        let map: Array<&mut MapData, CookieSecret> =
             Array::try_from(self.map(map_name::COOKIE_SECRET)?)?;
         if map
             .get(&0, 0)
@@ -250,7 +250,18 @@ impl Dataplane {
         {
             return Ok(());
         }
-        map.set(0, fresh()?, 0)
+        self.rotate_cookie_secret(fresh()?)
+    }
+
+    /// Makes `fresh` the SYN cookies' secret; the current one becomes the previous one, still
+    /// accepted, and the one before it is forgotten.
+    pub fn rotate_cookie_secret(&mut self, fresh: CookieSecret) -> Result<()> {
+        let mut map: Array<&mut MapData, CookieSecret> =
+            Array::try_from(self.map(map_name::COOKIE_SECRET)?)?;
+        let current = map.get(&0, 0).unwrap_or_default();
+        map.set(1, current, 0)
+            .context("keeping the previous SYN cookie secret")?;
+        map.set(0, fresh, 0)
             .context("writing the SYN cookie secret")?;
         Ok(())
     }
@@ -750,7 +761,7 @@ fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 12] {
             map_name::COOKIE_SECRET,
             size_of::<u32>(),
             size_of::<CookieSecret>(),
-            1,
+            COOKIE_SECRETS,
         ),
         (
             map_name::AFFINITY,

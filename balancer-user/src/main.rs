@@ -305,6 +305,9 @@ async fn serve(config: Config, config_path: PathBuf, options: StartOptions) -> R
         .map_err(|error| anyhow::anyhow!("watching the punt ring: {}", error.into_parts().1))?;
     let mut binding_ticker = tokio::time::interval(Duration::from_millis(200));
     let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+    let rotation = agent.cookie_rotation();
+    let mut cookie_rotation =
+        tokio::time::interval_at(tokio::time::Instant::now() + rotation, rotation);
     let socket = control::serve(&instance, command_tx)?;
     println!(
         "ready: attached to {}; program {program_id}; {services} services; verifier processed {instructions} instructions; maps pinned in {}; control socket {}",
@@ -327,6 +330,11 @@ async fn serve(config: Config, config_path: PathBuf, options: StartOptions) -> R
                     error!("reload rejected, the running configuration stays in force: {error:#}");
                 }
                 notify_systemd(&[sd_notify::NotifyState::Ready]);
+            }
+            _ = cookie_rotation.tick() => {
+                if let Err(error) = agent.rotate_cookie_secret() {
+                    warn!("rotating the SYN cookie secret: {error:#}");
+                }
             }
             _ = heartbeat.tick() => {
                 if let Err(error) = agent.heartbeat() {

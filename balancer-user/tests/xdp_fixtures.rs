@@ -14,9 +14,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    affinity, backend_state, flow_flags, flow_state, map_name, without_agent, AgentState, Backend,
-    Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey, DEFAULT_AGENT_TIMEOUT_S,
-    LAYOUT_VERSION, MAX_SERVICES, PROTO_TCP, PROTO_UDP, TABLES_PER_SERVICE, XDP_PROGRAM,
+    affinity, backend_state, flow_flags, flow_state, map_name, syncookie, without_agent,
+    AgentState, Backend, Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey,
+    DEFAULT_AGENT_TIMEOUT_S, LAYOUT_VERSION, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
+    TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 
 const XDP_DROP: u32 = 1;
@@ -972,7 +973,8 @@ fn cookie_service_answers_syns_with_a_cookie_and_binds_on_the_matching_ack() {
     };
     let cookie = cookie_periods()
         .into_iter()
-        .map(|period| balancer_common::syn_cookie(&secret, &key, CLIENT_SEQ, period))
+        // The client's MSS, 1460, is the table's last entry.
+        .map(|period| syncookie::syn_cookie(&secret, &key, CLIENT_SEQ, period, 3))
         .find(|cookie| output == synack_for(*cookie))
         .expect("the SYN-ACK, byte for byte, with the cookie of this period");
 
@@ -1153,6 +1155,68 @@ fn without_an_agent_a_cookie_service_places_syns_by_its_fallback_and_resets_unbo
     ] {
         assert_eq!(counters[reason as usize], expected, "{}", reason.name());
     }
+}
+
+#[test]
+fn syn_cookies_are_accepted_for_two_periods_and_one_rotation_of_the_secret() {
+    let mut program = Program::in_private_network("rotation");
+    let key = client_flow(COOKIE_PORT);
+    let syn_ip = ip(CLIENT, VIP, PROTO_TCP);
+    let first_segment = |cookie: u32| {
+        let segment = tcp_segment(
+            &syn_ip,
+            (CLIENT_PORT, COOKIE_PORT),
+            (CLIENT_SEQ + 1, cookie.wrapping_add(1)),
+            TCP_ACK,
+            502,
+            b"",
+        );
+        ipv4_frame(FROM_CLIENT.0, FROM_CLIENT.1, &syn_ip, &segment)
+    };
+    let set_secrets = |program: &mut Program, secrets: [syncookie::CookieSecret; 2]| {
+        let mut map: Array<&mut MapData, syncookie::CookieSecret> =
+            Array::try_from(program.map(map_name::COOKIE_SECRET)).unwrap();
+        for (index, secret) in secrets.into_iter().enumerate() {
+            map.set(index as u32, secret, 0).unwrap();
+        }
+    };
+    let secret = |seed: u64| syncookie::CookieSecret {
+        keys: [[seed, !seed], [seed << 1, seed ^ 9]],
+    };
+    let handshakes = |program: &Program| program.counters()[Reason::HandshakeDone as usize];
+    let [period, _] = cookie_periods();
+    // A cookie made two periods ago is refused.
+    set_secrets(&mut program, [secret(1), secret(0)]);
+    let stale = syncookie::syn_cookie(&secret(1), &key, CLIENT_SEQ, period.wrapping_sub(2), 3);
+    assert_eq!(program.run(&first_segment(stale)).0, XDP_DROP);
+    assert_eq!(handshakes(&program), 0, "a cookie two periods old");
+    // After one rotation a cookie of the previous secret still completes its handshake.
+    let cookie = syncookie::syn_cookie(&secret(1), &key, CLIENT_SEQ, period, 3);
+    set_secrets(&mut program, [secret(2), secret(1)]);
+    program.run(&first_segment(cookie));
+    assert_eq!(handshakes(&program), 1, "a cookie of the previous secret");
+    // After two it does not.
+    let other = FlowKey {
+        sport: (CLIENT_PORT + 1).to_be(),
+        ..key
+    };
+    let cookie = syncookie::syn_cookie(&secret(1), &other, CLIENT_SEQ, period, 3);
+    set_secrets(&mut program, [secret(3), secret(2)]);
+    let segment = tcp_segment(
+        &syn_ip,
+        (CLIENT_PORT + 1, COOKIE_PORT),
+        (CLIENT_SEQ + 1, cookie.wrapping_add(1)),
+        TCP_ACK,
+        502,
+        b"",
+    );
+    program.run(&ipv4_frame(FROM_CLIENT.0, FROM_CLIENT.1, &syn_ip, &segment));
+    assert_eq!(
+        handshakes(&program),
+        1,
+        "a cookie of a secret two rotations old"
+    );
+    assert_eq!(program.counters()[Reason::DropBadCookie as usize], 2);
 }
 
 /// The key of the client's TCP flow from [`CLIENT_PORT`] to the VIP's `port`.

@@ -541,3 +541,66 @@ print("connected", sum(1 for s in socks if s.getsockopt(socket.SOL_SOCKET, socke
         );
     }
 }
+
+#[test]
+fn fifty_cookie_sessions_stay_sticky_and_unharmed_through_a_syn_flood() {
+    let mut lab = lab_with(&ServiceOptions {
+        web_settings: "affinity = \"lb-cookie\"".to_owned(),
+        ..ServiceOptions::default()
+    });
+    let client = lab.client_ns().to_owned();
+    let flood_log = lab.dir().join("hping3.log");
+    let cookies_before = counter(&lab, "syn_cookie_sent");
+    // Bounded in time: timeout ends the flood after 10 s.
+    let flood = lab
+        .spawn_logged(
+            &client,
+            &[
+                "timeout",
+                "10",
+                "hping3",
+                "--flood",
+                "-S",
+                "-p",
+                "80",
+                &VIP.to_string(),
+            ],
+            &flood_log,
+        )
+        .expect("starting hping3");
+    wait_until(
+        std::time::Duration::from_secs(5),
+        "the flood reaches the VIP",
+        || counter(&lab, "syn_cookie_sent") > cookies_before + 10_000,
+    );
+    let script = format!(
+        r#"
+import requests
+sessions = [requests.Session() for _ in range(50)]
+for i, s in enumerate(sessions):
+    seen = {{s.get("{url}", timeout=10).text.strip() for _ in range(10)}}
+    print(i, " ".join(sorted(seen)), flush=True)
+"#,
+        url = vip_url("/")
+    );
+    let output = python(&lab, &client, &script);
+    let flooded = balancer_lab::process::running(flood);
+    lab.wait_for(flood, std::time::Duration::from_secs(30))
+        .expect("the flood ends");
+    let lines: Vec<&str> = output.lines().collect();
+    assert_eq!(
+        lines.len(),
+        50,
+        "every session made its 10 requests:\n{output}"
+    );
+    for line in lines {
+        assert_eq!(
+            line.split_whitespace().count(),
+            2,
+            "one backend per session: {line}"
+        );
+    }
+    assert!(flooded, "the sessions ran while the flood did");
+    let flood_syns = counter(&lab, "syn_cookie_sent") - cookies_before;
+    eprintln!("{flood_syns} SYNs answered with a cookie during the flood and the sessions");
+}

@@ -519,11 +519,22 @@ impl Agent {
     pub fn heartbeat(&mut self) -> Result<()> {
         self.dataplane.heartbeat()
     }
+
+    /// Gives the SYN cookies a new secret (the last one stays valid for a period more), so a
+    /// key guessed from the cookies it made is soon worth nothing.
+    pub fn rotate_cookie_secret(&mut self) -> Result<()> {
+        self.dataplane.rotate_cookie_secret(random_secret()?)
+    }
+
+    /// Seconds between two SYN cookie secrets.
+    pub fn cookie_rotation(&self) -> Duration {
+        Duration::from_secs(u64::from(self.config.syn_cookie_rotation))
+    }
 }
 
-/// A fresh key for the SYN cookies of this run.
+/// A fresh secret for the SYN cookies.
 fn random_secret() -> Result<CookieSecret> {
-    let mut bytes = [0u8; 16];
+    let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
         .context("reading /dev/urandom for the SYN cookie key")?;

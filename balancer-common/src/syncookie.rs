@@ -1,0 +1,256 @@
+//! SYN cookies as the Linux kernel makes them (`net/ipv4/syncookies.c`): the balancer's ISN
+//! is a keyed SipHash of the 4-tuple plus the client's ISN, with a time counter in its top
+//! 8 bits and the client's MSS, as an index into a small table, in the low bits. Answering a
+//! SYN costs no state, a cookie is valid for its period and the next, and the MSS survives
+//! even when the SYN's options were forgotten under a flood.
+
+use crate::FlowKey;
+
+/// Low bits of a cookie that carry the hash and the MSS index; the counter takes the rest.
+const COOKIE_BITS: u32 = 24;
+const COOKIE_MASK: u32 = (1 << COOKIE_BITS) - 1;
+/// Counter values a cookie is accepted for: the one it was made in and the next.
+const MAX_COOKIE_AGE: u32 = 2;
+
+/// MSS values a cookie can carry (the kernel's IPv4 table): a client gets the largest that
+/// does not exceed what it offered.
+pub const MSS_TABLE: [u16; 4] = [536, 1300, 1440, 1460];
+
+/// `COOKIE_SECRET` value: the two SipHash keys of one secret (one for the hash added to the
+/// ISN, one for the hash under the counter), as the kernel keeps them. The map holds the
+/// current secret and the previous one; the agent rotates them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct CookieSecret {
+    pub keys: [[u64; 2]; 2],
+}
+const _: () = assert!(core::mem::size_of::<CookieSecret>() == 32);
+
+/// Entries of `COOKIE_SECRET`: the current secret, then the previous one.
+pub const COOKIE_SECRETS: u32 = 2;
+
+/// The index into [`MSS_TABLE`] of the largest MSS not above `mss`.
+#[inline(always)]
+pub fn mss_index(mss: u16) -> u32 {
+    if mss >= MSS_TABLE[3] {
+        3
+    } else if mss >= MSS_TABLE[2] {
+        2
+    } else if mss >= MSS_TABLE[1] {
+        1
+    } else {
+        0
+    }
+}
+
+/// The cookie for a client's SYN with ISN `client_isn`, made in counter period `count`,
+/// carrying `mss_index`.
+#[inline(always)]
+pub fn syn_cookie(
+    secret: &CookieSecret,
+    key: &FlowKey,
+    client_isn: u32,
+    count: u32,
+    mss_index: u32,
+) -> u32 {
+    cookie_hash(secret, key, 0, 0)
+        .wrapping_add(client_isn)
+        .wrapping_add(count << COOKIE_BITS)
+        .wrapping_add(cookie_hash(secret, key, count, 1).wrapping_add(mss_index) & COOKIE_MASK)
+}
+
+/// The MSS index a cookie carries, if it is the cookie of this connection made in period
+/// `count` or the one before.
+#[inline(always)]
+pub fn check_syn_cookie(
+    secret: &CookieSecret,
+    key: &FlowKey,
+    client_isn: u32,
+    cookie: u32,
+    count: u32,
+) -> Option<u32> {
+    let cookie = cookie.wrapping_sub(cookie_hash(secret, key, 0, 0).wrapping_add(client_isn));
+    let age = count.wrapping_sub(cookie >> COOKIE_BITS) & (u32::MAX >> COOKIE_BITS);
+    if age >= MAX_COOKIE_AGE {
+        return None;
+    }
+    let made_in = count.wrapping_sub(age);
+    let index = cookie.wrapping_sub(cookie_hash(secret, key, made_in, 1)) & COOKIE_MASK;
+    ((index as usize) < MSS_TABLE.len()).then_some(index)
+}
+
+/// The kernel's `cookie_hash`: SipHash of the addresses, the ports and `count` under key `c`.
+#[inline(always)]
+fn cookie_hash(secret: &CookieSecret, key: &FlowKey, count: u32, c: usize) -> u32 {
+    let ports = (u32::from(key.sport) << 16) | u32::from(key.dport);
+    let key_index = if c == 0 { 0 } else { 1 };
+    siphash_4u32(key.src, key.dst, ports, count, &secret.keys[key_index]) as u32
+}
+
+/// The kernel's `siphash_4u32`: SipHash-2-4 of four 32-bit words, little-endian in pairs.
+#[inline(always)]
+pub fn siphash_4u32(a: u32, b: u32, c: u32, d: u32, key: &[u64; 2]) -> u64 {
+    siphash_2u64(
+        (u64::from(b) << 32) | u64::from(a),
+        (u64::from(d) << 32) | u64::from(c),
+        key,
+    )
+}
+
+/// SipHash-2-4 of a 16-byte message given as two little-endian 64-bit words.
+#[inline(always)]
+pub fn siphash_2u64(first: u64, second: u64, key: &[u64; 2]) -> u64 {
+    let mut v = [
+        key[0] ^ 0x736f_6d65_7073_6575,
+        key[1] ^ 0x646f_7261_6e64_6f6d,
+        key[0] ^ 0x6c79_6765_6e65_7261,
+        key[1] ^ 0x7465_6462_7974_6573,
+    ];
+    compress(&mut v, first);
+    compress(&mut v, second);
+    // The last block holds only the message length (16) in its top byte.
+    compress(&mut v, 16 << 56);
+    v[2] ^= 0xff;
+    round(&mut v);
+    round(&mut v);
+    round(&mut v);
+    round(&mut v);
+    v[0] ^ v[1] ^ v[2] ^ v[3]
+}
+
+#[inline(always)]
+fn compress(v: &mut [u64; 4], m: u64) {
+    v[3] ^= m;
+    round(v);
+    round(v);
+    v[0] ^= m;
+}
+
+#[inline(always)]
+fn round(v: &mut [u64; 4]) {
+    v[0] = v[0].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(13);
+    v[1] ^= v[0];
+    v[0] = v[0].rotate_left(32);
+    v[2] = v[2].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(16);
+    v[3] ^= v[2];
+    v[0] = v[0].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(21);
+    v[3] ^= v[0];
+    v[2] = v[2].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(17);
+    v[1] ^= v[2];
+    v[2] = v[2].rotate_left(32);
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use core::hash::Hasher;
+
+    use super::*;
+
+    /// Key 00 01 .. 0f, as the SipHash paper's test vectors use.
+    const VECTOR_KEY: [u64; 2] = [0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908];
+
+    #[test]
+    fn siphash_matches_the_reference_vector_and_the_siphasher_crate() {
+        // The reference implementation's 64-bit vector for the 16-byte message 00 01 .. 0f
+        // (vectors.h, entry 16).
+        let message = (0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908);
+        assert_eq!(
+            siphash_2u64(message.0, message.1, &VECTOR_KEY).to_le_bytes(),
+            [0xdb, 0x9b, 0xc2, 0x57, 0x7f, 0xcc, 0x2a, 0x3f]
+        );
+        for (first, second) in [(0u64, 0u64), (u64::MAX, 1), (0x1234_5678_9abc_def0, 42)] {
+            let key = [first ^ 0x5555, second.rotate_left(7)];
+            let mut reference = siphasher::sip::SipHasher24::new_with_keys(key[0], key[1]);
+            reference.write(&first.to_le_bytes());
+            reference.write(&second.to_le_bytes());
+            assert_eq!(siphash_2u64(first, second, &key), reference.finish());
+        }
+    }
+
+    fn key() -> FlowKey {
+        FlowKey {
+            src: u32::from_ne_bytes([198, 18, 0, 2]),
+            dst: u32::from_ne_bytes([203, 0, 113, 10]),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: 6,
+            _pad: [0; 3],
+        }
+    }
+
+    fn secret(seed: u64) -> CookieSecret {
+        CookieSecret {
+            keys: [[seed, seed ^ 1], [seed ^ 2, seed ^ 3]],
+        }
+    }
+
+    #[test]
+    fn a_cookie_carries_its_mss_for_two_periods_and_no_longer() {
+        let (secret, key, isn) = (secret(7), key(), 0xdead_beef);
+        for index in 0..4 {
+            let cookie = syn_cookie(&secret, &key, isn, 1000, index);
+            assert_eq!(
+                check_syn_cookie(&secret, &key, isn, cookie, 1000),
+                Some(index)
+            );
+            assert_eq!(
+                check_syn_cookie(&secret, &key, isn, cookie, 1001),
+                Some(index)
+            );
+            assert_eq!(
+                check_syn_cookie(&secret, &key, isn, cookie, 1002),
+                None,
+                "two periods ago"
+            );
+        }
+        // The counter wraps in its 8 bits.
+        let cookie = syn_cookie(&secret, &key, isn, 255, 2);
+        assert_eq!(check_syn_cookie(&secret, &key, isn, cookie, 256), Some(2));
+    }
+
+    #[test]
+    fn a_cookie_fits_only_its_connection_and_its_secret() {
+        let (secret, key, isn) = (secret(7), key(), 0xdead_beef);
+        let cookie = syn_cookie(&secret, &key, isn, 1000, 3);
+        let other_port = FlowKey {
+            sport: 40001u16.to_be(),
+            ..key
+        };
+        assert_eq!(
+            check_syn_cookie(&secret, &other_port, isn, cookie, 1000),
+            None
+        );
+        // The client's ISN is added in: one a few away would only move the MSS index, as in
+        // the kernel, but one further off is refused.
+        assert_eq!(check_syn_cookie(&secret, &key, isn + 0x1000, cookie, 1000), None);
+        assert_eq!(
+            check_syn_cookie(&self::secret(8), &key, isn, cookie, 1000),
+            None
+        );
+        // Any flipped bit but the two that carry the MSS index is caught; those two decode to
+        // another MSS, as with the kernel's cookies (the MSS is not authenticated).
+        for bit in 2..32 {
+            assert_eq!(
+                check_syn_cookie(&secret, &key, isn, cookie ^ (1 << bit), 1000),
+                None,
+                "bit {bit}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_mss_index_is_the_largest_entry_not_above_the_offer() {
+        assert_eq!(mss_index(100), 0);
+        assert_eq!(mss_index(536), 0);
+        assert_eq!(mss_index(1299), 0);
+        assert_eq!(mss_index(1300), 1);
+        assert_eq!(mss_index(1459), 2);
+        assert_eq!(mss_index(9000), 3);
+    }
+}
