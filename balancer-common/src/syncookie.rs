@@ -228,7 +228,10 @@ mod tests {
         );
         // The client's ISN is added in: one a few away would only move the MSS index, as in
         // the kernel, but one further off is refused.
-        assert_eq!(check_syn_cookie(&secret, &key, isn + 0x1000, cookie, 1000), None);
+        assert_eq!(
+            check_syn_cookie(&secret, &key, isn + 0x1000, cookie, 1000),
+            None
+        );
         assert_eq!(
             check_syn_cookie(&self::secret(8), &key, isn, cookie, 1000),
             None

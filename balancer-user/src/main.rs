@@ -10,6 +10,7 @@ mod control;
 mod cookie;
 mod dataplane;
 mod health;
+mod http;
 mod maglev;
 mod mounts;
 mod rewrite;

@@ -29,11 +29,7 @@ fn is_prefix(bytes: &[u8]) -> bool {
 /// The request with the prefix taken off every value of cookie `name` in its head's `Cookie`
 /// headers, and the bytes removed. A request whose head is not complete stays as it is.
 pub fn strip(request: &[u8], name: &str) -> (Vec<u8>, usize) {
-    let Some(head_end) = request
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|at| at + 4)
-    else {
+    let Some(head_end) = crate::http::head_end(request) else {
         return (request.to_vec(), 0);
     };
     let pair = format!("{name}=");

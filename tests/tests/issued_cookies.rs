@@ -519,3 +519,76 @@ fn a_response_whose_head_the_agent_was_reading_when_it_restarted_passes_unedited
         "the response arrived whole"
     );
 }
+
+/// A session's cookies as a browser would send them, then a WebSocket opened with them: the
+/// 101 must pass unedited, the socket must echo, and it must reach the session's backend.
+const WEBSOCKET_CLIENT: &str = r#"
+import base64, os, socket, sys
+import requests
+url_host, port = sys.argv[1], int(sys.argv[2])
+session = requests.Session()
+first = session.get(f"http://{url_host}:{port}/", timeout=10)
+backend = first.text.strip()
+cookie = "; ".join(f"{k}={v}" for k, v in session.cookies.items())
+s = socket.create_connection((url_host, port), timeout=10)
+key = base64.b64encode(os.urandom(16)).decode()
+s.sendall((f"GET /ws HTTP/1.1\r\nHost: vip\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nCookie: {cookie}\r\n\r\n").encode())
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(1)
+head = head.decode()
+status = head.split("\r\n")[0]
+upgraded_on = [l.split(":", 1)[1].strip() for l in head.split("\r\n") if l.lower().startswith("x-backend:")]
+echoed = []
+for n in range(10):
+    message = f"message {n}".encode()
+    mask = os.urandom(4)
+    s.sendall(bytes([0x81, 0x80 | len(message)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(message)))
+    frame = b""
+    while len(frame) < 2 + len(message):
+        frame += s.recv(2 + len(message) - len(frame))
+    echoed.append(frame[2:].decode())
+print(status)
+print("set-cookie" in head.lower(), "connection: close" in head.lower())
+print(backend, upgraded_on[0] if upgraded_on else "-")
+print(echoed == [f"message {n}" for n in range(10)])
+"#;
+
+#[test]
+fn a_websocket_works_through_every_cookie_mode_and_reaches_the_sessions_backend() {
+    for (mode, options) in [
+        ("lb-cookie", lb_cookie("")),
+        (
+            "companion",
+            ServiceOptions {
+                web_settings: COMPANION.to_owned(),
+                ..ServiceOptions::default()
+            },
+        ),
+        ("rewrite", rewrite_options("")),
+    ] {
+        let lab = lab_with(&options);
+        let said = run(
+            &lab,
+            lab.client_ns(),
+            &[
+                "python3",
+                "-c",
+                WEBSOCKET_CLIENT,
+                &balancer_lab::VIP.to_string(),
+                "80",
+            ],
+        );
+        let lines: Vec<&str> = said.lines().collect();
+        assert_eq!(lines.len(), 4, "{mode}: {said}");
+        assert_eq!(lines[0], "HTTP/1.1 101 Switching Protocols", "{mode}");
+        assert_eq!(lines[1], "False False", "{mode}: the 101 passes unedited");
+        let (session, upgraded) = lines[2].split_once(' ').unwrap();
+        assert_eq!(
+            session, upgraded,
+            "{mode}: the WebSocket reaches the session's backend"
+        );
+        assert_eq!(lines[3], "True", "{mode}: every message echoed");
+    }
+}

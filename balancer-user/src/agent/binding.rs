@@ -31,7 +31,7 @@ use super::{
 use crate::{
     config::{CookieFallback, ServiceConfig},
     cookie::{backend_token, CookieKeys, Rejection},
-    rewrite,
+    http, rewrite,
     segment::{Segment, ACK, FIN, PSH, RST, SYN},
 };
 
@@ -507,7 +507,7 @@ impl Agent {
         let Some(pending) = self.binder.pending.get(key) else {
             return;
         };
-        let head_complete = pending.request.windows(4).any(|w| w == b"\r\n\r\n");
+        let head_complete = http::head_end(&pending.request).is_some();
         let too_large = pending.request.len() >= MAX_HEAD;
         if !head_complete && !too_large {
             return;

@@ -7,10 +7,15 @@
 //! acknowledgements back. Head bytes the backend sends again (the client lost them) come back
 //! to the agent, which answers with the edited head.
 
+use crate::http;
+
 /// Response bytes read while looking for the head's end; a longer head passes unedited. It
 /// stays below a backend's initial congestion window (10 segments), so the whole head
 /// arrives without the agent acknowledging any of it.
 pub const MAX_RESPONSE_HEAD: usize = 8 * 1024;
+/// Interim (1xx) heads passed on before the final one; a backend sending more gets the rest of
+/// its response passed unedited, so endless interim heads cannot grow the agent's buffer.
+pub const MAX_INTERIM_HEADS: usize = 4;
 
 /// What the balancer changes in a connection's first response head.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -41,6 +46,8 @@ pub struct Response {
     /// Bytes from the start passed to the client unedited: interim (1xx) heads, which the
     /// client may be waiting for (`Expect: 100-continue`).
     passed: usize,
+    /// Interim heads among them.
+    interims: usize,
     edit: Option<Edit>,
 }
 
@@ -74,6 +81,7 @@ impl Response {
             bytes: Vec::new(),
             fin: None,
             passed: 0,
+            interims: 0,
             edit: None,
         }
     }
@@ -107,13 +115,19 @@ impl Response {
             return (None, vec![out]);
         }
         match self.find_final_head() {
-            Ok((start, end)) => {
+            Head::Final(start, end) => {
                 let edit = edit_head(&self.bytes, start, end, &self.issue);
                 self.decided(edit)
             }
-            Err(interim_end) => {
+            Head::Pending {
+                interim_end,
+                interims,
+            } => {
                 let at_end = self.fin == Some(self.bytes.len());
-                if at_end || self.bytes.len() - self.passed >= MAX_RESPONSE_HEAD {
+                if at_end
+                    || self.bytes.len() - self.passed >= MAX_RESPONSE_HEAD
+                    || self.interims + interims > MAX_INTERIM_HEADS
+                {
                     // No head to edit: the backend closed, or it is not HTTP as we know it.
                     let edit = Edit {
                         head_end: self.bytes.len(),
@@ -128,6 +142,7 @@ impl Response {
                         fin: false,
                     };
                     self.passed = interim_end;
+                    self.interims += interims;
                     return (None, vec![out]);
                 }
                 (None, Vec::new())
@@ -167,31 +182,38 @@ impl Response {
         }
     }
 
-    /// The final (not 1xx) head's start and end, or the end of the interim heads before it.
-    fn find_final_head(&self) -> Result<(usize, usize), usize> {
+    /// The final (not 1xx) head, or how far the interim heads before it go.
+    fn find_final_head(&self) -> Head {
         let mut start = self.passed;
+        let mut interims = 0;
         loop {
-            let Some(end) = find_blank_line(&self.bytes[start..]).map(|at| start + at) else {
-                return Err(start);
+            let Some(end) = http::head_end(&self.bytes[start..]).map(|at| start + at) else {
+                return Head::Pending {
+                    interim_end: start,
+                    interims,
+                };
             };
             let mut headers = [httparse::EMPTY_HEADER; 0];
             let mut response = httparse::Response::new(&mut headers);
             // Only the status line matters here; too many headers is not an error for it.
             let _ = response.parse(&self.bytes[start..end]);
             match response.code {
-                Some(code) if (100..200).contains(&code) && code != 101 => start = end,
-                _ => return Ok((start, end)),
+                Some(code) if (100..200).contains(&code) && code != 101 => {
+                    start = end;
+                    interims += 1;
+                }
+                _ => return Head::Final(start, end),
             }
         }
     }
 }
 
-/// The end of the first head in `bytes` (just past its blank line).
-fn find_blank_line(bytes: &[u8]) -> Option<usize> {
-    bytes
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|at| at + 4)
+/// What the backend's bytes so far hold.
+enum Head {
+    /// The final head, from `.0` to `.1`.
+    Final(usize, usize),
+    /// No final head yet; complete interim heads, this many, end at `interim_end`.
+    Pending { interim_end: usize, interims: usize },
 }
 
 /// The response head `bytes[start..end]` as the issue wants it, the bytes before it
@@ -208,6 +230,21 @@ fn edit_head(bytes: &[u8], start: usize, end: usize, issue: &Issue) -> Edit {
             edited: bytes[..end].to_vec(),
         };
     }
+    // A protocol switch (a WebSocket, HTTP/2 over cleartext) passes as it is: after its head
+    // the connection no longer carries HTTP, and a `Connection: close` would undo the switch.
+    let upgrades = response.code == Some(101)
+        || response.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("connection")
+                && h.value
+                    .split(|&b| b == b',')
+                    .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+        });
+    if upgrades {
+        return Edit {
+            head_end: end,
+            edited: bytes[..end].to_vec(),
+        };
+    }
     let sets = |name: &str| {
         response
             .headers
@@ -219,7 +256,11 @@ fn edit_head(bytes: &[u8], start: usize, end: usize, issue: &Issue) -> Edit {
     };
     let add_lines =
         !issue.lines.is_empty() && issue.when_set.as_deref().is_none_or(sets) && !sets(&issue.own);
-    let blank_line = end - 2;
+    let blank_line = if bytes[..end].ends_with(b"\r\n") {
+        end - 2
+    } else {
+        end - 1
+    };
     let mut edited = Vec::with_capacity(end + issue.lines.len() + 64);
     edited.extend_from_slice(&bytes[..start]);
     let mut closes = false;
@@ -262,7 +303,7 @@ fn edit_head(bytes: &[u8], start: usize, end: usize, issue: &Issue) -> Edit {
     if add_lines {
         edited.extend_from_slice(issue.lines.as_bytes());
     }
-    edited.extend_from_slice(b"\r\n");
+    edited.extend_from_slice(&bytes[blank_line..end]);
     Edit {
         head_end: end,
         edited,
@@ -309,6 +350,56 @@ mod tests {
         let edit = decided.expect("the head was decided");
         assert_eq!(edit.inserted(), LINE.len());
         assert_eq!(edit.head_end, wire.len() - 5);
+    }
+
+    #[test]
+    fn a_head_with_bare_line_feeds_gets_the_lines_before_its_empty_line() {
+        let wire = b"HTTP/1.1 200 OK\nContent-Length: 2\n\nhi";
+        let mut response = Response::new(issue());
+        let (edit, outs) = response.on_segment(0, wire, false);
+        let mut client = Vec::new();
+        apply(&mut client, &outs);
+        assert_eq!(
+            String::from_utf8(client).unwrap(),
+            format!("HTTP/1.1 200 OK\nContent-Length: 2\n{LINE}\nhi")
+        );
+        assert_eq!(edit.unwrap().inserted(), LINE.len());
+    }
+
+    #[test]
+    fn a_protocol_switch_passes_unedited_even_where_connections_are_closed() {
+        let closing = Issue {
+            close: true,
+            ..issue()
+        };
+        for wire in [
+            &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x02hi"[..],
+            &b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Upgrade\r\nUpgrade: h2c\r\n\r\n"[..],
+        ] {
+            let mut response = Response::new(closing.clone());
+            let (edit, outs) = response.on_segment(0, wire, false);
+            assert_eq!(edit.unwrap().inserted(), 0);
+            assert_eq!(outs[0].bytes, wire);
+        }
+    }
+
+    #[test]
+    fn endless_interim_heads_make_the_rest_of_the_response_pass_unedited() {
+        let mut response = Response::new(issue());
+        let interim = b"HTTP/1.1 102 Processing\r\n\r\n";
+        let mut client = Vec::new();
+        let mut decided = None;
+        for n in 0..MAX_INTERIM_HEADS + 2 {
+            let (edit, outs) = response.on_segment(n * interim.len(), interim, false);
+            decided = decided.or(edit);
+            apply(&mut client, &outs);
+        }
+        let edit = decided.expect("decided once the interim heads ran past the bound");
+        assert_eq!(edit.inserted(), 0);
+        assert_eq!(client, interim.repeat(MAX_INTERIM_HEADS + 2));
+        // Later bytes pass as they come, held nowhere.
+        let (_, outs) = response.on_segment(client.len(), b"HTTP/1.1 200 OK\r\n\r\n", false);
+        assert_eq!(outs[0].offset, client.len());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! adds an `X-Padding` header of n bytes to any answer, `?delay=<ms>` holds it back. Every
 //! response carries `X-Backend: <name>`, and a response to a request without the application's
 //! session cookie sets one (`Set-Cookie: SID=<name>-<n>`), as a web application would.
+//! `GET /ws` with `Upgrade: websocket` opens a WebSocket that echoes each message.
 //! `lab-backend --generate <n>` prints the bytes that `/bytes/<n>` serves.
 
 use std::{
@@ -128,6 +129,7 @@ async fn serve_http(stream: TcpStream, name: Arc<str>) {
     let _ = http1::Builder::new()
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
         .await;
 }
 
@@ -136,6 +138,9 @@ async fn handle(
     name: Arc<str>,
 ) -> Result<Response<ResponseBody>, hyper::Error> {
     let path = request.uri().path().to_owned();
+    if path == "/ws" {
+        return Ok(with_backend(websocket(request), &name));
+    }
     let request_query = request.uri().query().map(str::to_owned);
     let cookies: Vec<String> = request
         .headers()
@@ -181,6 +186,90 @@ async fn handle(
         }
     }
     Ok(response)
+}
+
+/// RFC 6455's key suffix for `Sec-WebSocket-Accept`.
+const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// Accepts a WebSocket handshake (101) and echoes the connection's messages once upgraded.
+fn websocket(mut request: Request<Incoming>) -> Response<ResponseBody> {
+    let Some(key) = request.headers().get("sec-websocket-key").cloned() else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "not a WebSocket handshake\n".to_owned(),
+        );
+    };
+    let mut sha1 = sha1::Sha1::new();
+    sha1::Digest::update(&mut sha1, key.as_bytes());
+    sha1::Digest::update(&mut sha1, WEBSOCKET_GUID.as_bytes());
+    let accept = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        sha1::Digest::finalize(sha1),
+    );
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgrade.await {
+            let _ = echo_messages(TokioIo::new(upgraded)).await;
+        }
+    });
+    let mut response = Response::new(Full::new(Bytes::new()).boxed());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::UPGRADE,
+        HeaderValue::from_static("websocket"),
+    );
+    headers.insert(
+        hyper::header::CONNECTION,
+        HeaderValue::from_static("Upgrade"),
+    );
+    if let Ok(value) = HeaderValue::from_str(&accept) {
+        headers.insert("sec-websocket-accept", value);
+    }
+    response
+}
+
+/// Echoes WebSocket frames (client frames are masked, the server's are not) until a close
+/// frame, which is echoed too.
+async fn echo_messages(
+    mut io: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let mut head = [0u8; 2];
+        io.read_exact(&mut head).await?;
+        let opcode = head[0] & 0x0f;
+        let len = match head[1] & 0x7f {
+            126 => {
+                let mut ext = [0u8; 2];
+                io.read_exact(&mut ext).await?;
+                usize::from(u16::from_be_bytes(ext))
+            }
+            127 => return Ok(()),
+            n => usize::from(n),
+        };
+        let mut mask = [0u8; 4];
+        if head[1] & 0x80 != 0 {
+            io.read_exact(&mut mask).await?;
+        }
+        let mut payload = vec![0u8; len];
+        io.read_exact(&mut payload).await?;
+        for (i, byte) in payload.iter_mut().enumerate() {
+            *byte ^= mask[i % 4];
+        }
+        let mut frame = vec![head[0]];
+        if len < 126 {
+            frame.push(len as u8);
+        } else {
+            frame.push(126);
+            frame.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        frame.extend_from_slice(&payload);
+        io.write_all(&frame).await?;
+        if opcode == 8 {
+            return io.shutdown().await;
+        }
+    }
 }
 
 /// The number `<name>=<n>` in a query.
