@@ -1377,3 +1377,59 @@ fn a_splice_moves_sequence_numbers_past_an_edited_head_and_a_shortened_request()
         "not punted once the head is acknowledged"
     );
 }
+
+/// Reasons that count events in addition to a packet's exit, not exits of their own.
+const EVENTS: [Reason; 4] = [
+    Reason::NewFlow,
+    Reason::NewSession,
+    Reason::SessionMoved,
+    Reason::PlacedWithoutAgent,
+];
+
+#[test]
+#[ignore = "run by cargo xtask fuzz"]
+fn fuzz_random_and_mutated_frames_each_leave_under_exactly_one_reason() {
+    use rand::{rngs::SmallRng, Rng, SeedableRng};
+
+    let program = Program::in_private_network("fuzz");
+    let cases: u64 = std::env::var("FUZZ_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000);
+    let seeds: Vec<Vec<u8>> = fixtures().into_iter().map(|f| f.input).collect();
+    let mut rng = SmallRng::seed_from_u64(0x5eed_0005);
+    let exits = |program: &Program| -> u64 {
+        let counters = program.counters();
+        Reason::ALL
+            .iter()
+            .filter(|reason| !EVENTS.contains(reason))
+            .map(|reason| counters[*reason as usize])
+            .sum()
+    };
+    let before = exits(&program);
+    for _ in 0..cases {
+        let mut frame = if rng.gen_range(0..8) == 0 {
+            let len = rng.gen_range(0..200);
+            (0..len).map(|_| rng.gen()).collect()
+        } else {
+            seeds[rng.gen_range(0..seeds.len())].clone()
+        };
+        for _ in 0..rng.gen_range(1..4) {
+            let at = rng.gen_range(0..=frame.len());
+            match rng.gen_range(0..4) {
+                0 if at < frame.len() => frame[at] = rng.gen(),
+                1 => frame.truncate(at),
+                2 => frame.insert(at, rng.gen()),
+                _ => frame.extend((0..rng.gen_range(0..64)).map(|_| rng.gen::<u8>())),
+            }
+        }
+        // The kernel refuses test frames shorter than an Ethernet header.
+        frame.resize(frame.len().max(14), 0);
+        program.run(&frame);
+    }
+    assert_eq!(
+        exits(&program) - before,
+        cases,
+        "every frame left under one reason"
+    );
+}

@@ -2,6 +2,7 @@
 
 mod bench;
 mod build;
+mod fuzz;
 mod run;
 mod test;
 mod toolchain;
@@ -59,6 +60,13 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Fuzzing (needs root): the agent's parsers with random and mutated inputs, and random
+    /// and mutated frames through the XDP program, each counted under exactly one reason.
+    Fuzz {
+        /// Cases per target.
+        #[arg(long, default_value_t = 1_000_000)]
+        cases: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -81,6 +89,7 @@ fn main() -> ExitCode {
         }
         Task::Test { args } => test::run(&args),
         Task::Bench { quick } => bench::run(quick),
+        Task::Fuzz { cases } => fuzz::run(cases),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

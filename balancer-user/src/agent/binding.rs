@@ -1263,7 +1263,7 @@ fn unix_now() -> u32 {
 }
 
 /// The value of cookie `name` in the request head's `Cookie` headers.
-fn cookie_value(request: &[u8], name: &str) -> Option<String> {
+pub(super) fn cookie_value(request: &[u8], name: &str) -> Option<String> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut parsed = httparse::Request::new(&mut headers);
     // A partial head (too large) still has its complete header lines parsed.

@@ -26,6 +26,8 @@ const ACTIVE_FLOW_WINDOW_S: u32 = 60;
 
 mod binding;
 mod budget;
+#[cfg(test)]
+mod fuzz;
 mod response;
 
 pub use binding::BindingCounters;
