@@ -74,6 +74,10 @@ pub struct Config {
     /// incomplete by the agent.
     #[serde(default = "default_request_timeout")]
     pub request_timeout: u32,
+    /// Cookie services: bytes of the ring XDP hands segments to the agent through (a power of
+    /// two, 64 KiB to 256 MiB; each segment takes about 1.5 KB).
+    #[serde(default = "default_punt_ring_size")]
+    pub punt_ring_size: u32,
     /// Seconds between two secrets of the SYN cookies cookie services answer with (the
     /// previous secret stays valid one period more).
     #[serde(default = "default_syn_cookie_rotation")]
@@ -458,6 +462,10 @@ fn default_request_timeout() -> u32 {
     10
 }
 
+fn default_punt_ring_size() -> u32 {
+    balancer_common::PUNT_RING_SIZE
+}
+
 fn default_syn_cookie_rotation() -> u32 {
     60
 }
@@ -765,6 +773,13 @@ impl Config {
                     "{} is outside {}..={capacity} (bindings_per_client to binding_capacity)",
                     self.bindings_per_prefix, self.bindings_per_client
                 ),
+            ));
+        }
+        let ring = self.punt_ring_size;
+        if !ring.is_power_of_two() || !(1 << 16..=1 << 28).contains(&ring) {
+            return Err(invalid(
+                "punt_ring_size",
+                format!("{ring} bytes is not a power of two from 65536 to 268435456"),
             ));
         }
         if !(10..=3600).contains(&self.syn_cookie_rotation) {
@@ -1342,6 +1357,10 @@ mod tests {
             (
                 VALID.replace("instance = \"lab\"", "syn_cookie_rotation = 1"),
                 "syn_cookie_rotation",
+            ),
+            (
+                VALID.replace("instance = \"lab\"", "punt_ring_size = 100000"),
+                "punt_ring_size",
             ),
             (
                 VALID.replace(

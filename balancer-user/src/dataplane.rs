@@ -98,8 +98,14 @@ impl Dataplane {
             .map_max_entries(map_name::REVERSE, config.flow_capacity)
             .map_max_entries(map_name::AFFINITY, config.affinity_capacity)
             .map_max_entries(map_name::BACKEND_TABLE, table_capacity(config))
+            .map_max_entries(map_name::PUNTS, config.punt_ring_size)
             .load(&object)
-            .context("loading the XDP object")?;
+            .with_context(|| {
+                format!(
+                    "loading the XDP object on the maps pinned in {} (a program whose maps differ from them needs --cold)",
+                    dir.display()
+                )
+            })?;
 
         let program: &mut Xdp = ebpf
             .program_mut(XDP_PROGRAM)
@@ -724,7 +730,7 @@ fn ifindex(interface: &str) -> Result<u32> {
 }
 
 /// The shape every map must have: (name, key size, value size, capacity).
-fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 12] {
+fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 13] {
     use std::mem::size_of;
     [
         (
@@ -799,6 +805,7 @@ fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 12] {
             size_of::<AgentState>(),
             1,
         ),
+        (map_name::PUNTS, 0, 0, config.punt_ring_size),
     ]
 }
 

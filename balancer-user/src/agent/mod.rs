@@ -154,6 +154,11 @@ impl Agent {
                 self.config.table_size.to_string(),
                 config.table_size.to_string(),
             ),
+            (
+                "punt_ring_size",
+                self.config.punt_ring_size.to_string(),
+                config.punt_ring_size.to_string(),
+            ),
         ] {
             if old != new {
                 bail!("{field}: a reload cannot change it ({old} → {new}); restart the agent");
