@@ -73,39 +73,39 @@ print(" ".join(f"{{k}}={{v}}" for k, v in answered.items()))
 
     run(&lab, lab.client_ns(), &["nft", "delete table ip hostile"]);
 
-    // hping3: bare SYNs, as small as a SYN can be (54-byte frames).
-    let before = counter(&lab, "syn_cookie_sent");
-    let hping = lab
-        .exec(
-            lab.client_ns(),
-            &[
-                "hping3",
-                "-S",
-                "-p",
-                &LB_COOKIE_PORT.to_string(),
-                "-c",
-                &SYNS_PER_SHAPE.to_string(),
-                "-i",
-                "u2000",
-                &VIP.to_string(),
-            ],
-        )
-        .expect("running hping3");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&hping.stdout),
-        String::from_utf8_lossy(&hping.stderr)
-    );
-    assert!(
-        said.contains(&format!(
-            "{SYNS_PER_SHAPE} packets transmitted, {SYNS_PER_SHAPE} packets received"
-        )),
-        "hping3:\n{said}"
-    );
-    assert_eq!(
-        counter(&lab, "syn_cookie_sent") - before,
-        u64::from(SYNS_PER_SHAPE)
-    );
+    // hping3: bare SYNs, as small as a SYN can be (54-byte frames), then with an MSS, a
+    // timestamp, and both.
+    let port = LB_COOKIE_PORT.to_string();
+    let count = SYNS_PER_SHAPE.to_string();
+    let vip = VIP.to_string();
+    for options in [
+        &[][..],
+        &["--tcp-mss", "1460"][..],
+        &["--tcp-timestamp"][..],
+        &["--tcp-mss", "1460", "--tcp-timestamp"][..],
+    ] {
+        let before = counter(&lab, "syn_cookie_sent");
+        let mut args = vec!["hping3", "-S", "-p", &port, "-c", &count, "-i", "u2000"];
+        args.extend_from_slice(options);
+        args.push(&vip);
+        let hping = lab.exec(lab.client_ns(), &args).expect("running hping3");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&hping.stdout),
+            String::from_utf8_lossy(&hping.stderr)
+        );
+        assert!(
+            said.contains(&format!(
+                "{SYNS_PER_SHAPE} packets transmitted, {SYNS_PER_SHAPE} packets received"
+            )),
+            "hping3 {options:?}:\n{said}"
+        );
+        assert_eq!(
+            counter(&lab, "syn_cookie_sent") - before,
+            u64::from(SYNS_PER_SHAPE),
+            "hping3 {options:?}"
+        );
+    }
 
     // The kernel's own stack.
     let before = counter(&lab, "handshake_done");
@@ -603,4 +603,77 @@ for i, s in enumerate(sessions):
     assert!(flooded, "the sessions ran while the flood did");
     let flood_syns = counter(&lab, "syn_cookie_sent") - cookies_before;
     eprintln!("{flood_syns} SYNs answered with a cookie during the flood and the sessions");
+}
+
+/// The SYN-ACK's cookie for a SYN from `port` with a fixed ISN (scapy, at layer 2).
+fn cookie_for_syn(lab: &balancer_lab::Lab, port: u16) -> u32 {
+    let script = format!(
+        r#"
+from scapy.all import Ether, IP, TCP, srp1, getmacbyip, conf
+conf.verb = 0
+syn = Ether(dst=getmacbyip("198.18.0.1")) / IP(dst="{VIP}") / TCP(sport={port}, dport={LB_COOKIE_PORT}, flags="S", seq=1000, options=[("MSS", 1460)])
+print(srp1(syn, timeout=3)[TCP].seq)
+"#
+    );
+    run(lab, lab.client_ns(), &["/usr/bin/python3", "-c", &script])
+        .trim()
+        .parse()
+        .expect("a SYN-ACK")
+}
+
+/// The handshake's ACK for `cookie` from `port` (scapy, at layer 2).
+fn ack_cookie(lab: &balancer_lab::Lab, port: u16, cookie: u32) {
+    let script = format!(
+        r#"
+from scapy.all import Ether, IP, TCP, sendp, getmacbyip, conf
+conf.verb = 0
+sendp(Ether(dst=getmacbyip("198.18.0.1")) / IP(dst="{VIP}") / TCP(sport={port}, dport={LB_COOKIE_PORT}, flags="A", seq=1001, ack={cookie} + 1))
+"#
+    );
+    run(lab, lab.client_ns(), &["/usr/bin/python3", "-c", &script]);
+}
+
+#[test]
+fn the_agent_rotates_the_syn_cookie_secret_and_the_previous_one_stays_valid_once() {
+    let mut lab = balancer_lab::Lab::new().expect("building the lab");
+    lab.start_backends(backend_bin())
+        .expect("starting the backends");
+    let config = config_path(&lab);
+    let text = format!(
+        "syn_cookie_rotation = 10\n{}",
+        lab.balancer_config_with(&lb_cookie_vip())
+    );
+    std::fs::write(&config, text).unwrap();
+    lab.start_balancer(&balancer_bin(), &config)
+        .expect("starting the balancer");
+    quiet_client_kernel(&lab);
+    let rotations = |lab: &balancer_lab::Lab| binding_count(lab, "rotations");
+    let first = cookie_for_syn(&lab, 41100);
+    let second = cookie_for_syn(&lab, 41200);
+    let limit = std::time::Duration::from_secs(15);
+    let start = rotations(&lab);
+    wait_until(limit, "a rotation", || rotations(&lab) > start);
+    assert_ne!(
+        cookie_for_syn(&lab, 41100),
+        first,
+        "a new secret, a new cookie"
+    );
+    let handshakes = counter(&lab, "handshake_done");
+    ack_cookie(&lab, 41100, first);
+    wait_until(
+        limit,
+        "a cookie of the previous secret completes its handshake",
+        || counter(&lab, "handshake_done") == handshakes + 1,
+    );
+    wait_until(limit * 2, "two more rotations", || {
+        rotations(&lab) >= start + 3
+    });
+    let refused = counter(&lab, "drop_bad_cookie");
+    ack_cookie(&lab, 41200, second);
+    wait_until(
+        limit,
+        "a cookie of a secret three rotations old is refused",
+        || counter(&lab, "drop_bad_cookie") == refused + 1,
+    );
+    assert_eq!(counter(&lab, "handshake_done"), handshakes + 1);
 }

@@ -94,7 +94,8 @@ pub struct BindingCounters {
     /// Client resets inside the window but not at the next sequence number, answered with a
     /// challenge ACK (RFC 5961).
     pub challenge_acks: u64,
-    /// Client resets and FINs outside the window or out of order, ignored.
+    /// Resets and FINs outside the window or out of order (a client's, or a backend reset
+    /// that does not answer the agent's SYN), ignored.
     pub out_of_window: u64,
 }
 
@@ -624,6 +625,14 @@ impl Agent {
             Stage::Reading => return,
         };
         if segment.flags & RST != 0 {
+            // RFC 9293 §3.10.7.3: a reset answering our SYN acknowledges it; any other is
+            // not the backend's (RFC 5961).
+            let answers_syn = segment.flags & ACK != 0
+                && segment.ack == pending.binding.client_isn.wrapping_add(1);
+            if already.is_none() && !answers_syn {
+                self.binder.counters.out_of_window += 1;
+                return;
+            }
             if already.is_none() {
                 debug!(backend = %target.addr, "backend refused the connection: trying the next one");
                 self.binder.by_backend.remove(&segment.key());

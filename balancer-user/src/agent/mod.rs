@@ -40,6 +40,8 @@ pub struct Agent {
     services: Vec<ServiceRuntime>,
     checks: Vec<JoinHandle<()>>,
     reports: mpsc::Sender<health::Report>,
+    /// SYN cookie secrets this run has rotated in.
+    cookie_rotations: u64,
 }
 
 struct ServiceRuntime {
@@ -114,6 +116,7 @@ impl Agent {
             services: Vec::new(),
             checks: Vec::new(),
             reports,
+            cookie_rotations: 0,
         };
         agent.apply(config)?;
         Ok(agent)
@@ -495,6 +498,11 @@ impl Agent {
             b.challenge_acks,
             b.out_of_window
         );
+        let _ = writeln!(
+            text,
+            "syn_cookies rotations={} every={}s",
+            self.cookie_rotations, self.config.syn_cookie_rotation
+        );
         let _ = write!(text, "cookies_rejected");
         for (reason, count) in binding::REJECTION_REASONS.iter().zip(b.cookies_rejected) {
             let _ = write!(text, " {reason}={count}");
@@ -530,7 +538,9 @@ impl Agent {
     /// Gives the SYN cookies a new secret (the last one stays valid for a period more), so a
     /// key guessed from the cookies it made is soon worth nothing.
     pub fn rotate_cookie_secret(&mut self) -> Result<()> {
-        self.dataplane.rotate_cookie_secret(random_secret()?)
+        self.dataplane.rotate_cookie_secret(random_secret()?)?;
+        self.cookie_rotations += 1;
+        Ok(())
     }
 
     /// Seconds between two SYN cookie secrets.
