@@ -43,6 +43,8 @@ pub enum Request {
     Stop {
         detach: bool,
     },
+    /// The agent's own counters (binding, refusals by reason), one `name value` a line.
+    Counters,
 }
 
 impl Request {
@@ -54,6 +56,7 @@ impl Request {
             Request::Status => "status".to_owned(),
             Request::Stop { detach: false } => "stop".to_owned(),
             Request::Stop { detach: true } => "stop detach".to_owned(),
+            Request::Counters => "counters".to_owned(),
         }
     }
 
@@ -63,6 +66,7 @@ impl Request {
             ["reload"] => Ok(Request::Reload),
             ["status"] => Ok(Request::Status),
             ["stop"] => Ok(Request::Stop { detach: false }),
+            ["counters"] => Ok(Request::Counters),
             ["stop", "detach"] => Ok(Request::Stop { detach: true }),
             ["drain", service, backend] => Ok(Request::Drain {
                 service: (*service).into(),
@@ -197,6 +201,7 @@ mod tests {
             },
             Request::Stop { detach: false },
             Request::Stop { detach: true },
+            Request::Counters,
         ] {
             assert_eq!(Request::parse(&request.to_line()), Ok(request));
         }

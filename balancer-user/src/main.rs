@@ -128,7 +128,8 @@ enum Command {
         #[arg(long)]
         expires_in: Option<u32>,
     },
-    /// Print the packet counters of a running instance, one `reason packets bytes` per line.
+    /// Print the packet counters of an instance, one `reason packets bytes` per line, then
+    /// (when its agent runs) the agent's counters, one `name count` per line.
     Stats {
         /// The instance name from the config.
         #[arg(short, long, default_value = config::DEFAULT_INSTANCE)]
@@ -241,6 +242,10 @@ fn execute(command: Command) -> Result<()> {
         }
         Command::Stats { instance } => {
             print!("{}", Snapshot::read(&instance)?.table());
+            // The agent's own refusals and bindings, when one runs.
+            if let Ok(counters) = control::send(&instance, &Request::Counters) {
+                println!("{counters}");
+            }
             Ok(())
         }
     }
@@ -478,6 +483,7 @@ fn execute_request(agent: &mut Agent, config_path: &Path, request: Request) -> R
         Request::Drain { service, backend } => agent.set_draining(&service, &backend, true),
         Request::Undrain { service, backend } => agent.set_draining(&service, &backend, false),
         Request::Status => agent.status(),
+        Request::Counters => Ok(agent.counters()),
         Request::Stop { .. } => bail!("stop is answered by the serve loop"),
     }
 }

@@ -530,6 +530,36 @@ impl Agent {
         }
     }
 
+    /// The binding stage's counters, one `name count` a line.
+    pub fn counters(&self) -> String {
+        let b = &self.binder.counters;
+        let mut text = String::new();
+        for (name, count) in [
+            ("bound", b.bound),
+            ("bound_with_cookie", b.with_cookie),
+            ("bound_by_fallback", b.without_cookie),
+            ("cookies_issued", b.cookies_issued),
+            ("heads_resent", b.heads_resent),
+            ("replays_resent", b.replays_resent),
+            ("binding_retried", b.retried),
+            ("binding_failed", b.failed),
+            ("head_too_large", b.head_too_large),
+            ("shed_client_budget", b.shed_client_budget),
+            ("shed_prefix_budget", b.shed_prefix_budget),
+            ("shed_table_full", b.shed_table_full),
+            ("head_unacknowledged", b.head_unacknowledged),
+            ("challenge_acks", b.challenge_acks),
+            ("out_of_window", b.out_of_window),
+            ("syn_cookie_rotations", self.cookie_rotations),
+        ] {
+            let _ = writeln!(text, "{name} {count}");
+        }
+        for (reason, count) in binding::REJECTION_REASONS.iter().zip(b.cookies_rejected) {
+            let _ = writeln!(text, "cookie_rejected_{reason} {count}");
+        }
+        text
+    }
+
     /// Tells the data plane the agent is alive.
     pub fn heartbeat(&mut self) -> Result<()> {
         self.dataplane.heartbeat()

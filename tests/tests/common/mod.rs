@@ -60,6 +60,20 @@ fn require_root() {
     );
 }
 
+/// [`lab_with`], with `settings` (top-level TOML lines) before the lab's configuration.
+pub fn lab_with_settings(settings: &str, options: &ServiceOptions) -> Lab {
+    require_root();
+    let mut lab = Lab::new().expect("building the lab");
+    lab.start_backends(backend_bin())
+        .expect("starting the backends");
+    let config = config_path(&lab);
+    let text = format!("{settings}\n{}", lab.balancer_config_with(options));
+    std::fs::write(&config, text).expect("writing the balancer config");
+    lab.start_balancer(&balancer_bin(), &config)
+        .expect("starting the balancer");
+    lab
+}
+
 /// Starts the backends and the balancer with `options` for the `web` service.
 fn serving(mut lab: Lab, options: &ServiceOptions) -> Lab {
     lab.start_backends(backend_bin())
