@@ -25,7 +25,7 @@ use tracing::{debug, warn};
 
 use super::{
     budget::{Budgets, Shed},
-    response::{Issue, Out, Response},
+    response::{Edit, Issue, Out, Response},
     Agent, BackendRuntime, ServiceRuntime,
 };
 use crate::{
@@ -298,7 +298,9 @@ impl Agent {
             .filter(|(key, pending)| {
                 matches!(pending.stage, Stage::Spliced { .. })
                     && pending.response.as_ref().is_none_or(|response| {
-                        response.edit().is_some() && !head_unacknowledged(dataplane, key)
+                        response
+                            .edit()
+                            .is_some_and(|edit| head_delivered(dataplane, key, edit))
                     })
             })
             .map(|(key, _)| *key)
@@ -919,7 +921,7 @@ impl Agent {
                         }
                         // Once the client has the edited head, none of it comes again (and
                         // the backend, sending data, had the handshake's last ACK).
-                        Some(Some(_)) if !head_unacknowledged(&self.dataplane, key) => {
+                        Some(Some(edit)) if head_delivered(&self.dataplane, key, edit) => {
                             forget.push(*key)
                         }
                         Some(Some(_)) if age > RESPONSE_MEMORY => forget.push(*key),
@@ -1087,6 +1089,13 @@ impl Agent {
 /// 65,535 bytes: the largest field, scaled or not).
 fn in_window(seq: u32, next: u32) -> bool {
     seq.wrapping_sub(next) < u32::from(u16::MAX)
+}
+
+/// Whether nothing of an edited response head can come back to the agent: the client has
+/// acknowledged it, or the edit added nothing (XDP then passes the backend's bytes as they
+/// are, sent again or not).
+fn head_delivered(dataplane: &crate::dataplane::Dataplane, key: &FlowKey, edit: &Edit) -> bool {
+    edit.inserted() == 0 || !head_unacknowledged(dataplane, key)
 }
 
 /// Whether the client has yet to acknowledge all of a response head the agent edited.

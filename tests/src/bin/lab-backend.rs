@@ -128,6 +128,9 @@ async fn serve_http(stream: TcpStream, name: Arc<str>) {
     let service = service_fn(move |request| handle(request, name.clone()));
     let _ = http1::Builder::new()
         .keep_alive(true)
+        // A client may shut its sending side once its request is out (`nc -N`, HTTP/1.0
+        // tools) and still wait for the answer, as nginx and most servers allow.
+        .half_close(true)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
         .await;
