@@ -197,6 +197,13 @@ impl Dataplane {
         Ok(())
     }
 
+    /// A backend as the maps hold it (maybe from a previous run).
+    pub fn backend(&self, id: u32) -> Option<Backend> {
+        let map = self.map_ref(map_name::BACKENDS).ok()?;
+        let backends: Array<&MapData, Backend> = Array::try_from(map).ok()?;
+        backends.get(&id, 0).ok()
+    }
+
     pub fn write_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
         let mut backends: Array<&mut MapData, Backend> =
             Array::try_from(self.map(map_name::BACKENDS)?)?;

@@ -475,3 +475,39 @@ impl Drop for KilledOnDrop {
         }
     }
 }
+
+#[test]
+fn a_restarted_agent_keeps_a_failed_backend_down_and_a_drain_going() {
+    let mut lab = lab_with(&ServiceOptions {
+        web_settings: "[service.health_check]\nkind = \"http\"\ninterval = 0.5\ntimeout = 0.5\nfall = 2\nrise = 2\n"
+            .to_owned(),
+        ..ServiceOptions::default()
+    });
+    let (failed, drained) = (Lab::backend_name(2), Lab::backend_name(1));
+    lab.stop_backend(2).expect("stopping backend-3's server");
+    wait_until(Duration::from_secs(5), "backend-3 marked down", || {
+        status_of(&lab, &failed).contains("state=down")
+    });
+    balancer(&lab, &["backend", "drain", "web", &drained]);
+    lab.stop_balancer().expect("stopping the agent");
+    lab.start_balancer(&balancer_bin(), &config_path(&lab))
+        .expect("restarting the agent");
+    // At once, before any health check of the new run has answered.
+    assert!(
+        status_of(&lab, &failed).contains("state=down"),
+        "{}",
+        status_of(&lab, &failed)
+    );
+    assert!(
+        status_of(&lab, &drained).contains("state=draining"),
+        "{}",
+        status_of(&lab, &drained)
+    );
+    for _ in 0..30 {
+        assert_eq!(
+            get(&lab, &[], "/"),
+            Lab::backend_name(0),
+            "new flows avoid both"
+        );
+    }
+}

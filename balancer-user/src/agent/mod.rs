@@ -183,6 +183,8 @@ impl Agent {
     /// Makes the model match `config`, keeping the ids, health and drain state of services and
     /// backends that remain, then republishes everything and restarts the health checks.
     fn apply(&mut self, config: Config) -> Result<()> {
+        // The first configuration of a run meets the state a previous run left in the maps.
+        let adopting = self.services.is_empty();
         let mut old: HashMap<String, ServiceRuntime> = self
             .services
             .drain(..)
@@ -225,13 +227,21 @@ impl Agent {
                         }
                         runtime
                     }
-                    None => BackendRuntime {
-                        id: take_free_id(&mut backend_ids, MAX_BACKENDS)?,
-                        config: backend.clone(),
-                        healthy: true,
-                        draining_since: (backend.state == AdminState::Draining).then(Instant::now),
-                        published_state: backend_state::DOWN,
-                    },
+                    None => {
+                        let id = take_free_id(&mut backend_ids, MAX_BACKENDS)?;
+                        let mut runtime = BackendRuntime {
+                            id,
+                            config: backend.clone(),
+                            healthy: true,
+                            draining_since: (backend.state == AdminState::Draining)
+                                .then(Instant::now),
+                            published_state: backend_state::DOWN,
+                        };
+                        if adopting {
+                            self.adopt_backend_state(&mut runtime, service);
+                        }
+                        runtime
+                    }
                 };
                 backends.push(runtime);
             }
@@ -266,6 +276,24 @@ impl Agent {
         }
         self.restart_health_checks();
         Ok(())
+    }
+
+    /// Takes over what a previous run decided for a backend it left in the maps at the same id
+    /// and address: failing its checks (it stays down until they pass again, instead of
+    /// taking new sessions for one check interval) or draining (the drain restarts now).
+    fn adopt_backend_state(&self, runtime: &mut BackendRuntime, service: &ServiceConfig) {
+        let Some(pinned) = self.dataplane.backend(runtime.id) else {
+            return;
+        };
+        let value = backend_value(&runtime.config, service.port, pinned.state);
+        if (pinned.addr, pinned.port) != (value.addr, value.port) {
+            return;
+        }
+        match pinned.state {
+            backend_state::DOWN if service.health_check.is_some() => runtime.healthy = false,
+            backend_state::DRAINING => runtime.draining_since = Some(Instant::now()),
+            _ => {}
+        }
     }
 
     /// A backend that left the configuration: its sessions move, its flows continue.
