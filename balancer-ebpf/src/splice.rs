@@ -30,6 +30,9 @@ const ACK_OFFSET: usize = L4_OFFSET + 8;
 const WINDOW_OFFSET: usize = L4_OFFSET + 14;
 /// Block edges a SACK option holds at most: 4 blocks of two (2 + 32 of the 40 option bytes).
 const MAX_SACK_EDGES: usize = 8;
+/// Sequence numbers past a binding's first byte that still count as its own segments: twice
+/// the 64 KB window the agent offers while it reads the head.
+const OWN_SEGMENT_SPAN: u32 = 1 << 17;
 /// Options a client is assumed to have when its SYN's were evicted from `SYN_OPTIONS`.
 const DEFAULT_OPTIONS: SynOptions = SynOptions {
     mss: 536,
@@ -72,26 +75,25 @@ pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
     let key = &packet.key;
     let cookie_isn = ack.wrapping_sub(1);
     let client_isn = seq.wrapping_sub(1);
-    let carried_mss = if flags & TCP_ACK != 0 && flags & (TCP_SYN | TCP_RST) == 0 {
-        check_cookie(key, client_isn, cookie_isn)
-    } else {
-        None
-    };
-    let first_segment = carried_mss.is_some();
     if let Some(binding) = BINDINGS.get_ptr_mut(key) {
         // SAFETY: map values stay valid for the duration of the program.
         let binding = unsafe { &mut *binding };
-        // Its own segment (its first again, or a later one), not a new handshake on the port.
-        if binding.client_isn == client_isn || !first_segment {
+        // A segment of this connection lies within reach of its first byte; a new handshake
+        // on the port starts from a fresh ISN, almost surely elsewhere. Only that one pays
+        // for checking a cookie.
+        if seq.wrapping_sub(binding.client_isn.wrapping_add(1)) < OWN_SEGMENT_SPAN {
             return while_bound(ctx, packet, binding, now_s);
         }
     }
-    if !first_segment {
+    if flags & TCP_ACK == 0 || flags & (TCP_SYN | TCP_RST) != 0 {
         return bad_cookie;
     }
+    let Some(carried_mss) = check_cookie(key, client_isn, cookie_isn) else {
+        return bad_cookie;
+    };
     // Under a flood the SYN's options may be gone: its MSS still travels in the cookie.
     let forgotten = SynOptions {
-        mss: MSS_TABLE[carried_mss.unwrap_or(0) as usize & 3],
+        mss: MSS_TABLE[carried_mss as usize & 3],
         ..DEFAULT_OPTIONS
     };
     let options = SYN_OPTIONS.get_ptr(key).map_or(forgotten, |o| {
