@@ -194,16 +194,12 @@ fn refuse(ctx: &XdpContext, proto: u8) -> Verdict {
     if proto != PROTO_TCP {
         return Verdict::drop(Reason::DropNoBackend);
     }
-    match reset::refuse(ctx, Reason::RefusedNoBackend, Reason::DropNoBackend) {
-        Ok(verdict) | Err(verdict) => verdict,
-    }
+    reset::refuse(ctx, Reason::RefusedNoBackend, Reason::DropNoBackend)
 }
 
 #[inline(always)]
 fn reset_without_agent(ctx: &XdpContext) -> Verdict {
-    match reset::refuse(ctx, Reason::ResetWithoutAgent, Reason::DropWhileBinding) {
-        Ok(verdict) | Err(verdict) => verdict,
-    }
+    reset::refuse(ctx, Reason::ResetWithoutAgent, Reason::DropWhileBinding)
 }
 
 /// A cookie service's new connection while no agent runs: a SYN becomes a plain L4 flow to

@@ -20,7 +20,14 @@ const TCP_ACK: u8 = 0x10;
 /// Answers a TCP segment with a reset (XDP_TX), counted under `sent`. A segment that is itself
 /// a reset (or too short to answer) is dropped, counted under `dropped`.
 #[inline(always)]
-pub fn refuse(ctx: &XdpContext, sent: Reason, dropped: Reason) -> Result<Verdict, Verdict> {
+pub fn refuse(ctx: &XdpContext, sent: Reason, dropped: Reason) -> Verdict {
+    match build(ctx, sent, dropped) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+#[inline(always)]
+fn build(ctx: &XdpContext, sent: Reason, dropped: Reason) -> Result<Verdict, Verdict> {
     let dropped = Verdict::drop(dropped);
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(dropped)?;
     let ip: *mut Ipv4Hdr = ptr_at(ctx, IP_OFFSET).ok_or(dropped)?;

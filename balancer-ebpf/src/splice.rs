@@ -140,9 +140,7 @@ fn while_bound(ctx: &XdpContext, packet: &Packet, binding: &mut Binding, now_s: 
     } else {
         return while_binding(ctx, packet);
     };
-    match reset::refuse(ctx, reason, Reason::DropWhileBinding) {
-        Ok(verdict) | Err(verdict) => verdict,
-    }
+    reset::refuse(ctx, reason, Reason::DropWhileBinding)
 }
 
 /// A client segment while its connection is being bound: data, FIN and RST go to the agent,

@@ -368,7 +368,7 @@ impl Dataplane {
         reply_key: Option<&FlowKey>,
         binding: Binding,
     ) {
-        self.remove_connection(key, reply_key);
+        self.remove_flow(key, reply_key);
         if let Ok(map) = self.map(map_name::BINDINGS) {
             if let Ok(mut bindings) = HashMap::<&mut MapData, FlowKey, Binding>::try_from(map) {
                 let refused = Binding {
@@ -382,14 +382,19 @@ impl Dataplane {
 
     /// Forgets a client connection: its flow, its binding and (if any) its reverse entry.
     pub fn remove_connection(&mut self, key: &FlowKey, reply_key: Option<&FlowKey>) {
-        if let Ok(map) = self.map(map_name::FLOWS) {
-            if let Ok(mut flows) = HashMap::<&mut MapData, FlowKey, Flow>::try_from(map) {
-                let _ = flows.remove(key);
-            }
-        }
+        self.remove_flow(key, reply_key);
         if let Ok(map) = self.map(map_name::BINDINGS) {
             if let Ok(mut bindings) = HashMap::<&mut MapData, FlowKey, Binding>::try_from(map) {
                 let _ = bindings.remove(key);
+            }
+        }
+    }
+
+    /// Removes a client connection's flow and (if any) its reverse entry.
+    fn remove_flow(&mut self, key: &FlowKey, reply_key: Option<&FlowKey>) {
+        if let Ok(map) = self.map(map_name::FLOWS) {
+            if let Ok(mut flows) = HashMap::<&mut MapData, FlowKey, Flow>::try_from(map) {
+                let _ = flows.remove(key);
             }
         }
         if let (Some(reply_key), Ok(map)) = (reply_key, self.map(map_name::REVERSE)) {
