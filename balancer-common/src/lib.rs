@@ -5,8 +5,13 @@
 //! byte order, exactly as they appear in packets, so the hot path never swaps bytes.
 #![no_std]
 
+pub mod addr;
 pub mod csum;
+pub mod proto;
 pub mod syncookie;
+
+pub use addr::Addr;
+pub use proto::{PROTO_TCP, PROTO_UDP};
 
 pub use syncookie::{CookieSecret, COOKIE_SECRETS};
 
@@ -34,7 +39,7 @@ pub mod map_name {
 /// Version of the maps' layout (their key and value types and the meaning of their fields).
 /// Pinned maps outlive the agent and its program; a program of another layout version must
 /// not adopt them. Bump it with every change to a type or map below.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Seconds after the agent's last heartbeat that the data plane takes it for gone: cookie
 /// services then stop handing connections to it (see [`without_agent`]). Compiled into the
@@ -59,20 +64,16 @@ pub const BINDING_CAPACITY: u32 = 1 << 16;
 /// Default capacity of the client affinity table (`AFFINITY`); configurable at load time.
 pub const DEFAULT_AFFINITY_CAPACITY: u32 = 1 << 20;
 
-/// IP protocol numbers used in [`ServiceKey::proto`] and [`FlowKey::proto`].
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
-
 /// `SERVICES` key: a virtual IP, port and protocol.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct ServiceKey {
-    pub vip: u32,
+    pub vip: Addr,
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
 }
-const _: () = assert!(size_of::<ServiceKey>() == 8);
+const _: () = assert!(size_of::<ServiceKey>() == 20);
 
 /// `SERVICES` value.
 #[repr(C)]
@@ -92,14 +93,14 @@ pub struct Service {
     pub backend_count: u32,
     /// `source-ip` affinity: seconds an idle client keeps its backend.
     pub affinity_timeout: u32,
-    /// `source-ip` affinity, and the cookie fallback by source: mask applied to the client
-    /// address (network byte order).
-    pub source_mask: u32,
     /// Cookie services: what a new connection gets while no agent runs, one of
     /// [`without_agent`].
     pub without_agent: u32,
+    /// `source-ip` affinity, and the cookie fallback by source: mask applied to the client
+    /// address (an IPv4 service's has its first 96 bits set, as its addresses are mapped).
+    pub source_mask: Addr,
 }
-const _: () = assert!(size_of::<Service>() == 32);
+const _: () = assert!(size_of::<Service>() == 44);
 
 /// Affinity modes in [`Service::affinity`].
 pub mod affinity {
@@ -163,9 +164,9 @@ pub mod flow_state {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct AffinityKey {
     pub service_id: u32,
-    pub client: u32,
+    pub client: Addr,
 }
-const _: () = assert!(size_of::<AffinityKey>() == 8);
+const _: () = assert!(size_of::<AffinityKey>() == 20);
 
 /// `AFFINITY` value: the backend of a client and when it last opened a flow.
 #[repr(C)]
@@ -192,32 +193,32 @@ pub mod backend_state {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Backend {
-    pub addr: u32,
+    pub addr: Addr,
     pub port: u16,
     pub state: u8,
     pub _pad: u8,
 }
-const _: () = assert!(size_of::<Backend>() == 8);
+const _: () = assert!(size_of::<Backend>() == 20);
 
 /// A TCP/UDP 5-tuple as seen on the wire: `FLOWS` key (client side) and `REVERSE` key (backend side).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FlowKey {
-    pub src: u32,
-    pub dst: u32,
+    pub src: Addr,
+    pub dst: Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<FlowKey>() == 16);
+const _: () = assert!(size_of::<FlowKey>() == 40);
 
 /// `FLOWS` value: where a client flow to a VIP goes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Flow {
+    pub backend_addr: Addr,
     pub backend_id: u32,
-    pub backend_addr: u32,
     pub backend_port: u16,
     /// [`flow_flags`] seen on the flow.
     pub flags: u16,
@@ -239,7 +240,7 @@ pub struct Flow {
     /// numbers.
     pub removed: u32,
 }
-const _: () = assert!(size_of::<Flow>() == 36);
+const _: () = assert!(size_of::<Flow>() == 48);
 
 /// Bits of [`Flow::flags`].
 pub mod flow_flags {
@@ -254,7 +255,7 @@ pub mod flow_flags {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct ReverseNat {
-    pub vip: u32,
+    pub vip: Addr,
     pub port: u16,
     /// Spliced TCP: the window scale the backend announced, and the one the client was
     /// promised; windows are rescaled from the first to the second.
@@ -278,7 +279,7 @@ pub struct ReverseNat {
     /// them again, the client had them acknowledged by the agent.
     pub replay_end: u32,
 }
-const _: () = assert!(size_of::<ReverseNat>() == 32);
+const _: () = assert!(size_of::<ReverseNat>() == 44);
 
 /// `SYN_OPTIONS` value: what a client's SYN offered, kept until its handshake completes.
 #[repr(C)]
@@ -396,13 +397,13 @@ pub enum Reason {
     PassNoRoute,
     /// NAT-ed packet whose TTL ran out, handed to the kernel stack to answer with ICMP.
     PassTtlExpired,
-    /// Not IPv4 (ARP, IPv6, ...): the host's business.
-    PassNotIpv4,
+    /// Neither IPv4 nor IPv6 (ARP, LLDP, ...): the host's business.
+    PassNotIp,
     /// 802.1Q/802.1ad tagged frame: not handled here, left to the host.
     PassVlan,
     /// IPv4 header with options: left to the host.
     PassIpOptions,
-    /// IPv4 fragment: left to the host.
+    /// IPv4 fragment, or IPv6 packet with a fragment header: left to the host.
     PassFragment,
     /// Neither TCP nor UDP.
     PassNotTcpUdp,
@@ -410,7 +411,8 @@ pub enum Reason {
     PassNotService,
     /// Frame too short for the headers it claims.
     DropTruncated,
-    /// IPv4 header with a bad version, header length or total length.
+    /// IPv4 header with a bad version, header length or total length; IPv6 header with a
+    /// bad version or a payload length beyond the frame.
     DropBadIpHeader,
     /// Non-TCP packet (or a TCP reset) for a service with no usable backend.
     DropNoBackend,
@@ -450,10 +452,13 @@ pub enum Reason {
     /// Cookie service: a connection that sent no request within the request timeout after
     /// its handshake, reset at its next segment.
     ResetNoRequest,
+    /// IPv6 extension header other than hop-by-hop, routing and destination options (which
+    /// are skipped), or more of those than the program walks: left to the host.
+    PassIpv6Extension,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 32;
+    pub const COUNT: u32 = 33;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::Replied,
@@ -463,7 +468,7 @@ impl Reason {
         Reason::RefusedNoBackend,
         Reason::PassNoRoute,
         Reason::PassTtlExpired,
-        Reason::PassNotIpv4,
+        Reason::PassNotIp,
         Reason::PassVlan,
         Reason::PassIpOptions,
         Reason::PassFragment,
@@ -487,6 +492,7 @@ impl Reason {
         Reason::DropPuntBudget,
         Reason::DropReplyFromClientSide,
         Reason::ResetNoRequest,
+        Reason::PassIpv6Extension,
     ];
 
     /// Stable name used in logs, the stats line and metrics.
@@ -500,7 +506,7 @@ impl Reason {
             Reason::RefusedNoBackend => "refused_no_backend",
             Reason::PassNoRoute => "pass_no_route",
             Reason::PassTtlExpired => "pass_ttl_expired",
-            Reason::PassNotIpv4 => "pass_not_ipv4",
+            Reason::PassNotIp => "pass_not_ip",
             Reason::PassVlan => "pass_vlan",
             Reason::PassIpOptions => "pass_ip_options",
             Reason::PassFragment => "pass_fragment",
@@ -524,6 +530,7 @@ impl Reason {
             Reason::DropPuntBudget => "drop_punt_budget",
             Reason::DropReplyFromClientSide => "drop_reply_from_client_side",
             Reason::ResetNoRequest => "reset_no_request",
+            Reason::PassIpv6Extension => "pass_ipv6_extension",
         }
     }
 }
@@ -552,19 +559,27 @@ mod user {
 #[inline(always)]
 pub fn flow_hash(key: &FlowKey) -> u32 {
     let ports = (u32::from(key.sport) << 16) | u32::from(key.dport);
-    mix(key.src ^ mix(key.dst ^ mix(ports ^ u32::from(key.proto))))
+    mix(addr_hash(&key.src) ^ mix(addr_hash(&key.dst) ^ mix(ports ^ u32::from(key.proto))))
 }
 
 /// Hash of a masked client address that picks a `source-ip` session's slot; hosts that share
 /// a backend list agree on it without sharing state.
 #[inline(always)]
-pub fn client_hash(client: u32) -> u32 {
-    mix(client ^ 0x5bd1_e995)
+pub fn client_hash(client: &Addr) -> u32 {
+    mix(addr_hash(client) ^ 0x5bd1_e995)
+}
+
+/// Every bit of an address, folded into 32: the words of an IPv4-mapped address but the last
+/// are constant, so an IPv4 address is hashed much as its word alone.
+#[inline(always)]
+fn addr_hash(addr: &Addr) -> u32 {
+    let [a, b, c, d] = addr.words;
+    d ^ mix(c ^ mix(b ^ mix(a)))
 }
 
 /// The murmur3 finaliser: every input bit affects every output bit.
 #[inline(always)]
-const fn mix(mut h: u32) -> u32 {
+pub const fn mix(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;

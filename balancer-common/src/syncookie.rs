@@ -79,37 +79,56 @@ pub fn check_syn_cookie(
     ((index as usize) < MSS_TABLE.len()).then_some(index)
 }
 
-/// The kernel's `cookie_hash`: SipHash of the addresses, the ports and `count` under key `c`.
+/// The kernel's `cookie_hash`: SipHash of the addresses, the ports and `count` under key `c`
+/// (for IPv6, as `cookie_v6_hash` lays them out: addresses, count, ports).
 #[inline(always)]
 fn cookie_hash(secret: &CookieSecret, key: &FlowKey, count: u32, c: usize) -> u32 {
     let ports = (u32::from(key.sport) << 16) | u32::from(key.dport);
-    let key_index = if c == 0 { 0 } else { 1 };
-    siphash_4u32(key.src, key.dst, ports, count, &secret.keys[key_index]) as u32
+    let sip_key = &secret.keys[if c == 0 { 0 } else { 1 }];
+    if key.src.is_v4() {
+        return siphash_4u32(key.src.v4_word(), key.dst.v4_word(), ports, count, sip_key) as u32;
+    }
+    let [s0, s1, s2, s3] = key.src.words;
+    let [d0, d1, d2, d3] = key.dst.words;
+    let pair = |low: u32, high: u32| (u64::from(high) << 32) | u64::from(low);
+    siphash(
+        &[
+            pair(s0, s1),
+            pair(s2, s3),
+            pair(d0, d1),
+            pair(d2, d3),
+            pair(count, ports),
+        ],
+        sip_key,
+    ) as u32
 }
 
 /// The kernel's `siphash_4u32`: SipHash-2-4 of four 32-bit words, little-endian in pairs.
 #[inline(always)]
 pub fn siphash_4u32(a: u32, b: u32, c: u32, d: u32, key: &[u64; 2]) -> u64 {
-    siphash_2u64(
-        (u64::from(b) << 32) | u64::from(a),
-        (u64::from(d) << 32) | u64::from(c),
+    siphash(
+        &[
+            (u64::from(b) << 32) | u64::from(a),
+            (u64::from(d) << 32) | u64::from(c),
+        ],
         key,
     )
 }
 
-/// SipHash-2-4 of a 16-byte message given as two little-endian 64-bit words.
+/// SipHash-2-4 of a message of `N` little-endian 64-bit words.
 #[inline(always)]
-pub fn siphash_2u64(first: u64, second: u64, key: &[u64; 2]) -> u64 {
+pub fn siphash<const N: usize>(message: &[u64; N], key: &[u64; 2]) -> u64 {
     let mut v = [
         key[0] ^ 0x736f_6d65_7073_6575,
         key[1] ^ 0x646f_7261_6e64_6f6d,
         key[0] ^ 0x6c79_6765_6e65_7261,
         key[1] ^ 0x7465_6462_7974_6573,
     ];
-    compress(&mut v, first);
-    compress(&mut v, second);
-    // The last block holds only the message length (16) in its top byte.
-    compress(&mut v, 16 << 56);
+    for word in message {
+        compress(&mut v, *word);
+    }
+    // The last block holds only the message length in its top byte.
+    compress(&mut v, ((8 * N) as u64) << 56);
     v[2] ^= 0xff;
     round(&mut v);
     round(&mut v);
@@ -159,9 +178,9 @@ mod tests {
     fn siphash_matches_the_reference_vector_and_the_siphasher_crate() {
         // The reference implementation's 64-bit vector for the 16-byte message 00 01 .. 0f
         // (vectors.h, entry 16).
-        let message = (0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908);
+        let message = [0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908];
         assert_eq!(
-            siphash_2u64(message.0, message.1, &VECTOR_KEY).to_le_bytes(),
+            siphash(&message, &VECTOR_KEY).to_le_bytes(),
             [0xdb, 0x9b, 0xc2, 0x57, 0x7f, 0xcc, 0x2a, 0x3f]
         );
         for (first, second) in [(0u64, 0u64), (u64::MAX, 1), (0x1234_5678_9abc_def0, 42)] {
@@ -169,14 +188,21 @@ mod tests {
             let mut reference = siphasher::sip::SipHasher24::new_with_keys(key[0], key[1]);
             reference.write(&first.to_le_bytes());
             reference.write(&second.to_le_bytes());
-            assert_eq!(siphash_2u64(first, second, &key), reference.finish());
+            assert_eq!(siphash(&[first, second], &key), reference.finish());
+            // The 40-byte message of an IPv6 cookie.
+            let long = [first, second, first ^ second, 7, second.rotate_left(3)];
+            let mut reference = siphasher::sip::SipHasher24::new_with_keys(key[0], key[1]);
+            for word in long {
+                reference.write(&word.to_le_bytes());
+            }
+            assert_eq!(siphash(&long, &key), reference.finish());
         }
     }
 
     fn key() -> FlowKey {
         FlowKey {
-            src: u32::from_ne_bytes([198, 18, 0, 2]),
-            dst: u32::from_ne_bytes([203, 0, 113, 10]),
+            src: crate::Addr::v4(u32::from_ne_bytes([198, 18, 0, 2])),
+            dst: crate::Addr::v4(u32::from_ne_bytes([203, 0, 113, 10])),
             sport: 40000u16.to_be(),
             dport: 80u16.to_be(),
             proto: 6,
@@ -214,9 +240,31 @@ mod tests {
         assert_eq!(check_syn_cookie(&secret, &key, isn, cookie, 256), Some(2));
     }
 
+    fn key_v6() -> FlowKey {
+        FlowKey {
+            src: crate::Addr::v6([0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]),
+            dst: crate::Addr::v6([0x20, 1, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10]),
+            ..key()
+        }
+    }
+
     #[test]
     fn a_cookie_fits_only_its_connection_and_its_secret() {
-        let (secret, key, isn) = (secret(7), key(), 0xdead_beef);
+        for key in [key(), key_v6()] {
+            only_its_connection_and_its_secret(key);
+        }
+        // An IPv6 client differing in any address word gets another cookie.
+        let (secret, key, isn) = (secret(7), key_v6(), 0xdead_beef);
+        let cookie = syn_cookie(&secret, &key, isn, 1000, 3);
+        for word in 0..4 {
+            let mut other = key;
+            other.src.words[word] ^= 0x100;
+            assert_eq!(check_syn_cookie(&secret, &other, isn, cookie, 1000), None);
+        }
+    }
+
+    fn only_its_connection_and_its_secret(key: FlowKey) {
+        let (secret, isn) = (secret(7), 0xdead_beef);
         let cookie = syn_cookie(&secret, &key, isn, 1000, 3);
         let other_port = FlowKey {
             sport: 40001u16.to_be(),

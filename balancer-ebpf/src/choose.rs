@@ -3,8 +3,8 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use balancer_common::{
-    affinity, backend_state, client_hash, flow_hash, without_agent, Affinity, AffinityKey, FlowKey,
-    Reason, Service,
+    affinity, backend_state, client_hash, flow_hash, without_agent, Addr, Affinity, AffinityKey,
+    FlowKey, Reason, Service,
 };
 
 use crate::{
@@ -18,7 +18,7 @@ const NANOS_PER_SECOND: u64 = 1_000_000_000;
 #[inline(always)]
 pub fn backend(service: &Service, key: &FlowKey) -> Result<u32, Verdict> {
     if service.affinity == affinity::SOURCE_IP {
-        session_backend(service, key.src & service.source_mask)
+        session_backend(service, key.src.masked(&service.source_mask))
     } else {
         table_lookup(service, flow_hash(key))
     }
@@ -29,7 +29,7 @@ pub fn backend(service: &Service, key: &FlowKey) -> Result<u32, Verdict> {
 #[inline(always)]
 pub fn fallback_backend(service: &Service, key: &FlowKey) -> Result<u32, Verdict> {
     let hash = if service.without_agent == without_agent::PLACE_BY_SOURCE {
-        client_hash(key.src & service.source_mask)
+        client_hash(&key.src.masked(&service.source_mask))
     } else {
         flow_hash(key)
     };
@@ -51,7 +51,7 @@ fn table_lookup(service: &Service, hash: u32) -> Result<u32, Verdict> {
 /// the timeout and its backend still honours sessions; otherwise chosen by the Maglev table
 /// from the client address alone, so every balancer host makes the same choice.
 #[inline(always)]
-fn session_backend(service: &Service, client: u32) -> Result<u32, Verdict> {
+fn session_backend(service: &Service, client: Addr) -> Result<u32, Verdict> {
     let key = AffinityKey {
         service_id: service.id,
         client,
@@ -68,13 +68,13 @@ fn session_backend(service: &Service, client: u32) -> Result<u32, Verdict> {
             if honours_sessions(session.backend_id) {
                 return Ok(session.backend_id);
             }
-            let backend_id = table_lookup(service, client_hash(client))?;
+            let backend_id = table_lookup(service, client_hash(&client))?;
             session.backend_id = backend_id;
             stats::count(Reason::SessionMoved, 0);
             return Ok(backend_id);
         }
     }
-    let backend_id = table_lookup(service, client_hash(client))?;
+    let backend_id = table_lookup(service, client_hash(&client))?;
     let session = Affinity {
         backend_id,
         _pad: 0,

@@ -4,24 +4,34 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use balancer_common::Reason;
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
 
 use crate::{
     fib::{self, Hop},
     maps::TX_PORTS,
-    packet::{ptr_at, IP_OFFSET},
+    packet::{ptr_at, Packet, IP_OFFSET},
     stats::Verdict,
 };
 
 /// Sends a rewritten packet towards its new destination; `reason` is what success counts as.
 #[inline(always)]
-pub fn redirect(ctx: &XdpContext, reason: Reason) -> Result<Verdict, Verdict> {
+pub fn redirect(ctx: &XdpContext, packet: &Packet, reason: Reason) -> Result<Verdict, Verdict> {
     let truncated = Verdict::drop(Reason::DropTruncated);
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(truncated)?;
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, IP_OFFSET).ok_or(truncated)?;
-    // SAFETY: `ptr_at` checked that both headers lie inside the frame.
-    let (eth, ip) = unsafe { (&mut *eth, &mut *ip) };
-    let ifindex = match fib::next_hop(ctx, eth, ip) {
+    // SAFETY: `ptr_at` checked that each header lies inside the frame.
+    let hop = unsafe {
+        if packet.v6 {
+            let ip: *mut Ipv6Hdr = ptr_at(ctx, IP_OFFSET).ok_or(truncated)?;
+            fib::next_hop_v6(ctx, &mut *eth, &mut *ip)
+        } else {
+            let ip: *mut Ipv4Hdr = ptr_at(ctx, IP_OFFSET).ok_or(truncated)?;
+            fib::next_hop_v4(ctx, &mut *eth, &mut *ip)
+        }
+    };
+    let ifindex = match hop {
         Hop::Via(ifindex) => ifindex,
         Hop::Expired => return Ok(Verdict::pass(Reason::PassTtlExpired)),
         Hop::Unknown => return Ok(Verdict::pass(Reason::PassNoRoute)),

@@ -38,10 +38,10 @@ pub fn balancer(ctx: XdpContext) -> u32 {
 fn try_balancer(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let packet = packet::parse(ctx)?;
     if let Some(reason) = nat::to_backend(ctx, &packet)? {
-        return forward::redirect(ctx, reason);
+        return forward::redirect(ctx, &packet, reason);
     }
     if let Some(reason) = nat::to_client(ctx, &packet)? {
-        return forward::redirect(ctx, reason);
+        return forward::redirect(ctx, &packet, reason);
     }
     nat::forget_reused_tuple(&packet);
     Err(Verdict::pass(Reason::PassNotService))

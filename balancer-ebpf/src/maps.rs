@@ -64,6 +64,13 @@ pub static PUNTS: RingBuf = RingBuf::pinned(PUNT_RING_SIZE, 0);
 #[map]
 pub static COOKIE_SECRET: Array<CookieSecret> = Array::pinned(COOKIE_SECRETS, 0);
 
+/// One word per CPU that [`crate::packet::parse`] passes the transport header's offset
+/// through: the verifier cannot follow a value through a map, so every packet's offset looks
+/// alike to it from there on, and it verifies the paths after parsing once instead of once
+/// per family and header layout. Not pinned: it holds nothing between packets.
+#[map]
+pub static OFFSET_SCRATCH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 /// The agent's heartbeat and the maps' layout version (one entry), written by the agent.
 #[map]
 pub static AGENT: Array<AgentState> = Array::pinned(1, 0);

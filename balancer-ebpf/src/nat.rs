@@ -3,18 +3,26 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use balancer_common::{
-    affinity, csum, flow_flags, flow_state, punt_kind, without_agent, Flow, FlowKey, Reason,
-    ReverseNat, Service, ServiceKey, PROTO_TCP, PROTO_UDP,
+    affinity, csum, flow_flags, flow_state,
+    proto::tcp_flag::{ACK, SYN},
+    punt_kind, without_agent, Addr, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey,
+    PROTO_TCP, PROTO_UDP,
 };
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
     agent, choose,
     maps::{BACKENDS, BINDINGS, FLOWS, REVERSE, SERVICES},
-    packet::{ptr_at, Packet, IP_OFFSET, L4_OFFSET, TCP_ACK, TCP_SYN},
+    packet::{ptr_at, Packet, IP_OFFSET},
     reset, splice,
     stats::{self, Verdict},
 };
+
+/// Offsets of the addresses in the IPv4 and the IPv6 header.
+const V4_SRC: usize = IP_OFFSET + 12;
+const V4_DST: usize = IP_OFFSET + 16;
+const V6_SRC: usize = IP_OFFSET + 8;
+const V6_DST: usize = IP_OFFSET + 24;
 
 /// Which end of the packet a rewrite changes.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -61,7 +69,7 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, V
             // SAFETY: as above.
             let service = unsafe { &*service };
             if service.backend_count == 0 {
-                return Err(refuse(ctx, key.proto));
+                return Err(refuse(ctx, packet));
             }
             if service.affinity == affinity::COOKIE && key.proto == PROTO_TCP {
                 if agent::present(now_s) {
@@ -84,7 +92,7 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, V
         _ if !agent::present(now_s) => {
             forget(key, &flow);
             let _ = BINDINGS.remove(key);
-            return Err(reset_without_agent(ctx));
+            return Err(reset_without_agent(ctx, packet));
         }
         _ => return Err(splice::while_binding(ctx, packet)),
     };
@@ -117,7 +125,7 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, Ve
         // A SYN-ACK (first or repeated) answers the agent's SYN: the agent acknowledges it.
         // Response head bytes the agent edits (or edited, when sent again) go to it too.
         flow_state::SPLICED | flow_state::RESPONSE_HEAD
-            if packet.tcp_flags & TCP_SYN == 0 && !splice::for_agent(ctx, packet, &nat) =>
+            if packet.tcp_flags & SYN == 0 && !splice::for_agent(ctx, packet, &nat) =>
         {
             splice::backend_to_client(ctx, packet, &nat)?;
             Reason::SplicedToClient
@@ -134,7 +142,7 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, Ve
 /// connection's replies to come from the VIP.
 #[inline(always)]
 pub fn forget_reused_tuple(packet: &Packet) {
-    if packet.key.proto != PROTO_TCP || packet.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+    if packet.key.proto != PROTO_TCP || packet.tcp_flags & (SYN | ACK) != SYN {
         return;
     }
     let key = &packet.key;
@@ -146,7 +154,7 @@ pub fn forget_reused_tuple(packet: &Packet) {
 #[inline(always)]
 fn reopens(packet: &Packet, flow: &Flow) -> bool {
     packet.key.proto == PROTO_TCP
-        && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && packet.tcp_flags & (SYN | ACK) == SYN
         && flow.flags & flow_flags::CLOSING != 0
 }
 
@@ -160,7 +168,7 @@ fn forget(key: &FlowKey, flow: &Flow) {
 /// The 5-tuple of the replies to a client flow sent on to `addr:port` (network byte order):
 /// the key of its `REVERSE` entry.
 #[inline(always)]
-fn reply_key(key: &FlowKey, addr: u32, port: u16) -> FlowKey {
+fn reply_key(key: &FlowKey, addr: Addr, port: u16) -> FlowKey {
     FlowKey {
         src: addr,
         dst: key.src,
@@ -190,16 +198,21 @@ fn seconds_now() -> u32 {
 
 /// A service without backends refuses TCP connections with a reset and drops the rest.
 #[inline(always)]
-fn refuse(ctx: &XdpContext, proto: u8) -> Verdict {
-    if proto != PROTO_TCP {
+fn refuse(ctx: &XdpContext, packet: &Packet) -> Verdict {
+    if packet.key.proto != PROTO_TCP {
         return Verdict::drop(Reason::DropNoBackend);
     }
-    reset::refuse(ctx, Reason::RefusedNoBackend, Reason::DropNoBackend)
+    reset::refuse(ctx, packet, Reason::RefusedNoBackend, Reason::DropNoBackend)
 }
 
 #[inline(always)]
-fn reset_without_agent(ctx: &XdpContext) -> Verdict {
-    reset::refuse(ctx, Reason::ResetWithoutAgent, Reason::DropWhileBinding)
+fn reset_without_agent(ctx: &XdpContext, packet: &Packet) -> Verdict {
+    reset::refuse(
+        ctx,
+        packet,
+        Reason::ResetWithoutAgent,
+        Reason::DropWhileBinding,
+    )
 }
 
 /// A cookie service's new connection while no agent runs: a SYN becomes a plain L4 flow to
@@ -213,9 +226,9 @@ fn place_without_agent(
     service: &Service,
     now_s: u32,
 ) -> Result<Flow, Verdict> {
-    let syn = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let syn = packet.tcp_flags & (SYN | ACK) == SYN;
     if !syn || service.without_agent == without_agent::RESET {
-        return Err(reset_without_agent(ctx));
+        return Err(reset_without_agent(ctx, packet));
     }
     let backend_id = choose::fallback_backend(service, &packet.key)?;
     let flow = new_flow(backend_id, &packet.key, now_s, packet.closing)?;
@@ -251,49 +264,62 @@ fn new_flow(backend_id: u32, key: &FlowKey, now_s: u32, closing: bool) -> Result
     Ok(flow)
 }
 
-/// Replaces the address and port of one end, fixing the IPv4 and L4 checksums.
+/// Replaces the address and port of one end, fixing the L4 checksum (whose pseudo header
+/// holds the addresses) and, for IPv4, the header checksum.
 #[inline(always)]
 fn rewrite(
     ctx: &XdpContext,
     packet: &Packet,
     end: End,
-    addr: u32,
+    addr: Addr,
     port: u16,
 ) -> Result<(), Verdict> {
     let truncated = Verdict::drop(Reason::DropTruncated);
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, IP_OFFSET).ok_or(truncated)?;
     let port_offset = if end == End::Source {
-        L4_OFFSET
+        packet.l4_offset
     } else {
-        L4_OFFSET + 2
+        packet.l4_offset + 2
     };
     let port_field: *mut [u8; 2] = ptr_at(ctx, port_offset).ok_or(truncated)?;
     let check_field: *mut [u8; 2] = ptr_at(ctx, packet.l4_check_offset).ok_or(truncated)?;
     // SAFETY: `ptr_at` checked that each field lies inside the frame.
-    unsafe {
-        let addr_field = if end == End::Source {
-            &mut (*ip).src_addr
-        } else {
-            &mut (*ip).dst_addr
-        };
-        let old_addr = u32::from_ne_bytes(*addr_field);
-        let old_port = u16::from_ne_bytes(*port_field);
-        *addr_field = addr.to_ne_bytes();
-        *port_field = port.to_ne_bytes();
-
-        let ip_check = u16::from_ne_bytes((*ip).check);
-        (*ip).check = csum::replace32(ip_check, old_addr, addr).to_ne_bytes();
-
-        let l4_check = u16::from_ne_bytes(*check_field);
-        let udp_without_checksum = packet.key.proto == PROTO_UDP && l4_check == 0;
-        if !udp_without_checksum {
-            let mut check = csum::replace32(l4_check, old_addr, addr);
-            check = csum::replace16(check, old_port, port);
-            if packet.key.proto == PROTO_UDP && check == 0 {
-                check = 0xffff;
-            }
-            *check_field = check.to_ne_bytes();
+    let (port_field, check_field) = unsafe { (&mut *port_field, &mut *check_field) };
+    let old_port = u16::from_ne_bytes(*port_field);
+    *port_field = port.to_ne_bytes();
+    let l4_check = u16::from_ne_bytes(*check_field);
+    let mut check = csum::replace16(l4_check, old_port, port);
+    if packet.v6 {
+        let offset = if end == End::Source { V6_SRC } else { V6_DST };
+        let field: *mut [u8; 16] = ptr_at(ctx, offset).ok_or(truncated)?;
+        // SAFETY: `ptr_at` checked that the address lies inside the frame.
+        let field = unsafe { &mut *field };
+        let old = Addr::v6(*field);
+        *field = addr.octets();
+        for word in 0..4 {
+            check = csum::replace32(check, old.words[word], addr.words[word]);
+        }
+    } else {
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, IP_OFFSET).ok_or(truncated)?;
+        let offset = if end == End::Source { V4_SRC } else { V4_DST };
+        let field: *mut [u8; 4] = ptr_at(ctx, offset).ok_or(truncated)?;
+        // SAFETY: `ptr_at` checked that the header and the address lie inside the frame.
+        let (ip, field) = unsafe { (&mut *ip, &mut *field) };
+        let old = u32::from_ne_bytes(*field);
+        let new = addr.v4_word();
+        *field = new.to_ne_bytes();
+        ip.check = csum::replace32(u16::from_ne_bytes(ip.check), old, new).to_ne_bytes();
+        check = csum::replace32(check, old, new);
+    }
+    // UDP over IPv4 may go without a checksum (0), and then stays without; a computed 0
+    // is sent as its complement, which IPv6 requires of every UDP checksum.
+    if packet.key.proto == PROTO_UDP {
+        if l4_check == 0 && !packet.v6 {
+            return Ok(());
+        }
+        if check == 0 {
+            check = 0xffff;
         }
     }
+    *check_field = check.to_ne_bytes();
     Ok(())
 }

@@ -8,7 +8,13 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use balancer_common::{
-    binding_state, csum, flow_flags, flow_state, punt_kind,
+    binding_state, csum, flow_flags, flow_state,
+    proto::{
+        tcp_field,
+        tcp_flag::{ACK, FIN, RST, SYN},
+        tcp_option, TCP_HEADER_LEN,
+    },
+    punt_kind,
     syncookie::{check_syn_cookie, MSS_TABLE},
     Binding, CookieSecret, Flow, FlowKey, Punt, Reason, ReverseNat, SynOptions, COOKIE_PERIOD_S,
     MAX_PUNTS_PER_BINDING, NO_WINDOW_SCALE, PROTO_TCP, PUNT_FRAME_SIZE,
@@ -18,16 +24,13 @@ use network_types::tcp::TcpHdr;
 use crate::{
     agent,
     maps::{BINDINGS, COOKIE_SECRET, FLOWS, PUNTS, SYN_OPTIONS},
-    packet::{ptr_at, Packet, L4_OFFSET, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{ptr_at, Packet, L4_OFFSET_V4},
     reset,
     stats::{self, Verdict},
     synack,
-    tcp_options::{Options, OPTION_NOP, OPTION_SACK},
+    tcp_options::Options,
 };
 
-const SEQ_OFFSET: usize = L4_OFFSET + 4;
-const ACK_OFFSET: usize = L4_OFFSET + 8;
-const WINDOW_OFFSET: usize = L4_OFFSET + 14;
 /// Block edges a SACK option holds at most: 4 blocks of two (2 + 32 of the 40 option bytes).
 const MAX_SACK_EDGES: usize = 8;
 /// Sequence numbers past a binding's first byte that still count as its own segments: twice
@@ -58,11 +61,11 @@ pub fn cookie_period() -> u32 {
 #[inline(always)]
 pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
     let flags = packet.tcp_flags;
-    if flags & TCP_SYN != 0 && flags & (TCP_ACK | TCP_RST) == 0 {
+    if flags & SYN != 0 && flags & (ACK | RST) == 0 {
         return synack::answer(ctx, packet);
     }
     let bad_cookie = Verdict::drop(Reason::DropBadCookie);
-    let Some(tcp) = ptr_at::<TcpHdr>(ctx, L4_OFFSET) else {
+    let Some(tcp) = ptr_at::<TcpHdr>(ctx, packet.l4_offset) else {
         return bad_cookie;
     };
     // SAFETY: `ptr_at` checked that the header lies inside the frame.
@@ -85,7 +88,7 @@ pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
             return while_bound(ctx, packet, binding, now_s);
         }
     }
-    if flags & TCP_ACK == 0 || flags & (TCP_SYN | TCP_RST) != 0 {
+    if flags & ACK == 0 || flags & (SYN | RST) != 0 {
         return bad_cookie;
     }
     let Some(carried_mss) = check_cookie(key, client_isn, cookie_isn) else {
@@ -140,14 +143,14 @@ fn while_bound(ctx: &XdpContext, packet: &Packet, binding: &mut Binding, now_s: 
     } else {
         return while_binding(ctx, packet);
     };
-    reset::refuse(ctx, reason, Reason::DropWhileBinding)
+    reset::refuse(ctx, packet, reason, Reason::DropWhileBinding)
 }
 
 /// A client segment while its connection is being bound: data, FIN and RST go to the agent,
 /// pure ACKs are not needed.
 #[inline(always)]
 pub fn while_binding(ctx: &XdpContext, packet: &Packet) -> Verdict {
-    if packet.payload_len == 0 && packet.tcp_flags & (TCP_FIN | TCP_RST) == 0 {
+    if packet.payload_len == 0 && packet.tcp_flags & (FIN | RST) == 0 {
         return Verdict::drop(Reason::DropWhileBinding);
     }
     if !within_punt_budget(&packet.key) {
@@ -180,7 +183,7 @@ pub fn punt(ctx: &XdpContext, kind: u32) -> Verdict {
     };
     // Punted frames were parsed as TCP, so they hold at least the headers; the lower bound
     // also tells the verifier the copy is not empty.
-    let len = (ctx.data_end() - ctx.data()).clamp(L4_OFFSET + TcpHdr::LEN, PUNT_FRAME_SIZE);
+    let len = (ctx.data_end() - ctx.data()).clamp(L4_OFFSET_V4 + TCP_HEADER_LEN, PUNT_FRAME_SIZE);
     let record = entry.as_mut_ptr();
     // SAFETY: `record` points at a reserved `Punt`; `len` is at most its frame's size.
     let copied = unsafe {
@@ -203,13 +206,23 @@ pub fn client_to_backend(ctx: &XdpContext, packet: &Packet, flow: &Flow) -> Resu
     if flow.removed != 0 {
         // Bytes the client sends again from before the shortened request's end land, moved
         // back, on bytes the backend already has from the agent, which it ignores.
-        shift(ctx, packet, SEQ_OFFSET, flow.removed.wrapping_neg())?;
+        shift(
+            ctx,
+            packet,
+            packet.tcp_field(tcp_field::SEQ),
+            flow.removed.wrapping_neg(),
+        )?;
     }
-    if packet.tcp_flags & TCP_ACK == 0 {
+    if packet.tcp_flags & ACK == 0 {
         return Ok(());
     }
     if flow.inserted == 0 {
-        shift(ctx, packet, ACK_OFFSET, flow.seq_delta)?;
+        shift(
+            ctx,
+            packet,
+            packet.tcp_field(tcp_field::ACK),
+            flow.seq_delta,
+        )?;
         return shift_sack_blocks(ctx, packet, flow.seq_delta);
     }
     let past_head = flow.seq_delta.wrapping_sub(flow.inserted);
@@ -217,7 +230,7 @@ pub fn client_to_backend(ctx: &XdpContext, packet: &Packet, flow: &Flow) -> Resu
         // Part of the edited head: its bytes do not map one to one onto the backend's, so
         // acknowledge at most up to the head's last byte. The backend sends from there
         // again, and the agent answers with the whole edited head.
-        let ack = read_u32(ctx, ACK_OFFSET)?;
+        let ack = read_u32(ctx, packet.tcp_field(tcp_field::ACK))?;
         let last_head_byte = flow.head_end.wrapping_add(past_head).wrapping_sub(1);
         let shifted = ack.wrapping_add(flow.seq_delta);
         let delta = if (shifted.wrapping_sub(last_head_byte) as i32) > 0 {
@@ -225,9 +238,9 @@ pub fn client_to_backend(ctx: &XdpContext, packet: &Packet, flow: &Flow) -> Resu
         } else {
             flow.seq_delta
         };
-        shift(ctx, packet, ACK_OFFSET, delta)?;
+        shift(ctx, packet, packet.tcp_field(tcp_field::ACK), delta)?;
     } else {
-        shift(ctx, packet, ACK_OFFSET, past_head)?;
+        shift(ctx, packet, packet.tcp_field(tcp_field::ACK), past_head)?;
     }
     // Blocks inside the edited head come out approximate: the backend learns at most that
     // some head bytes arrived, and any head bytes it sends again reach the agent.
@@ -237,10 +250,10 @@ pub fn client_to_backend(ctx: &XdpContext, packet: &Packet, flow: &Flow) -> Resu
 /// Marks the flow once the client acknowledged its whole edited response head.
 #[inline(always)]
 pub fn note_head_acked(ctx: &XdpContext, packet: &Packet, flow: &mut Flow) {
-    if flow.flags & flow_flags::HEAD_ACKED != 0 || packet.tcp_flags & TCP_ACK == 0 {
+    if flow.flags & flow_flags::HEAD_ACKED != 0 || packet.tcp_flags & ACK == 0 {
         return;
     }
-    if let Ok(ack) = read_u32(ctx, ACK_OFFSET) {
+    if let Ok(ack) = read_u32(ctx, packet.tcp_field(tcp_field::ACK)) {
         if ack.wrapping_sub(flow.head_end) as i32 >= 0 {
             flow.flags |= flow_flags::HEAD_ACKED;
         }
@@ -251,10 +264,10 @@ pub fn note_head_acked(ctx: &XdpContext, packet: &Packet, flow: &mut Flow) {
 /// the agent replayed to it.
 #[inline(always)]
 pub fn note_replay_acked(ctx: &XdpContext, packet: &Packet, entry: *mut ReverseNat) {
-    if packet.tcp_flags & TCP_ACK == 0 {
+    if packet.tcp_flags & ACK == 0 {
         return;
     }
-    if let Ok(ack) = read_u32(ctx, ACK_OFFSET) {
+    if let Ok(ack) = read_u32(ctx, packet.tcp_field(tcp_field::ACK)) {
         // SAFETY: map values stay valid for the duration of the program; a racing writer
         // only delays the agent's check.
         unsafe {
@@ -271,7 +284,7 @@ pub fn note_replay_acked(ctx: &XdpContext, packet: &Packet, entry: *mut ReverseN
 /// on, are new data).
 #[inline(always)]
 pub fn for_agent(ctx: &XdpContext, packet: &Packet, nat: &ReverseNat) -> bool {
-    let carries_data = packet.payload_len > 0 || packet.tcp_flags & TCP_FIN != 0;
+    let carries_data = packet.payload_len > 0 || packet.tcp_flags & FIN != 0;
     if !carries_data {
         return false;
     }
@@ -281,7 +294,7 @@ pub fn for_agent(ctx: &XdpContext, packet: &Packet, nat: &ReverseNat) -> bool {
     if nat.inserted == 0 {
         return false;
     }
-    let Ok(seq) = read_u32(ctx, SEQ_OFFSET) else {
+    let Ok(seq) = read_u32(ctx, packet.tcp_field(tcp_field::SEQ)) else {
         return false;
     };
     if seq.wrapping_sub(nat.head_end) as i32 >= 0 {
@@ -312,20 +325,20 @@ fn read_u32(ctx: &XdpContext, offset: usize) -> Result<u32, Verdict> {
 /// name the other side's bytes in the sequence space that side knows.
 #[inline(always)]
 fn shift_sack_blocks(ctx: &XdpContext, packet: &Packet, delta: u32) -> Result<(), Verdict> {
-    if packet.tcp_header_len <= TcpHdr::LEN {
+    if packet.tcp_header_len <= TCP_HEADER_LEN {
         return Ok(());
     }
     let truncated = Verdict::drop(Reason::DropTruncated);
-    let mut options = Options::load(ctx, packet.tcp_header_len).ok_or(truncated)?;
+    let mut options = Options::load(ctx, packet).ok_or(truncated)?;
     // Stacks align the SACK option on a word: first, or behind two NOPs (timestamps are off
     // on these connections). A block left untranslated elsewhere lies outside the receiver's
     // window and is ignored by it: it costs speed, never data. Not walking the options keeps
     // this per-packet path cheap for the verifier.
-    let at = if options.byte(0) == OPTION_SACK {
+    let at = if options.byte(0) == tcp_option::SACK {
         0
-    } else if options.byte(0) == OPTION_NOP
-        && options.byte(1) == OPTION_NOP
-        && options.byte(2) == OPTION_SACK
+    } else if options.byte(0) == tcp_option::NOP
+        && options.byte(1) == tcp_option::NOP
+        && options.byte(2) == tcp_option::SACK
     {
         2
     } else {
@@ -360,9 +373,14 @@ pub fn backend_to_client(
     packet: &Packet,
     nat: &ReverseNat,
 ) -> Result<(), Verdict> {
-    shift(ctx, packet, SEQ_OFFSET, nat.seq_delta.wrapping_neg())?;
-    if nat.removed != 0 && packet.tcp_flags & TCP_ACK != 0 {
-        shift(ctx, packet, ACK_OFFSET, nat.removed)?;
+    shift(
+        ctx,
+        packet,
+        packet.tcp_field(tcp_field::SEQ),
+        nat.seq_delta.wrapping_neg(),
+    )?;
+    if nat.removed != 0 && packet.tcp_flags & ACK != 0 {
+        shift(ctx, packet, packet.tcp_field(tcp_field::ACK), nat.removed)?;
         shift_sack_blocks(ctx, packet, nat.removed)?;
     }
     if nat.backend_window_shift != nat.client_window_shift {
@@ -400,7 +418,7 @@ fn shift(ctx: &XdpContext, packet: &Packet, offset: usize, delta: u32) -> Result
 #[inline(always)]
 fn rescale_window(ctx: &XdpContext, packet: &Packet, from: u8, to: u8) -> Result<(), Verdict> {
     let truncated = Verdict::drop(Reason::DropTruncated);
-    let field: *mut [u8; 2] = ptr_at(ctx, WINDOW_OFFSET).ok_or(truncated)?;
+    let field: *mut [u8; 2] = ptr_at(ctx, packet.tcp_field(tcp_field::WINDOW)).ok_or(truncated)?;
     let check: *mut [u8; 2] = ptr_at(ctx, packet.l4_check_offset).ok_or(truncated)?;
     // SAFETY: `ptr_at` checked that both fields lie inside the frame.
     unsafe {

@@ -6,16 +6,10 @@ use aya_ebpf::{
     helpers::{bpf_xdp_load_bytes, bpf_xdp_store_bytes},
     programs::XdpContext,
 };
-use network_types::tcp::TcpHdr;
+use balancer_common::proto::{tcp_option, TCP_HEADER_LEN};
 
-use crate::packet::L4_OFFSET;
+use crate::packet::Packet;
 
-pub const OPTION_END: u8 = 0;
-pub const OPTION_NOP: u8 = 1;
-pub const OPTION_MSS: u8 = 2;
-pub const OPTION_WINDOW_SCALE: u8 = 3;
-pub const OPTION_SACK_PERMITTED: u8 = 4;
-pub const OPTION_SACK: u8 = 5;
 /// TCP options occupy at most 40 bytes.
 const MAX_OPTION_BYTES: usize = 40;
 /// Options walked. Real stacks send at most 8 (macOS's SYN: MSS, NOP, WS, NOP, NOP, TS,
@@ -24,31 +18,35 @@ const MAX_OPTION_BYTES: usize = 40;
 const MAX_OPTIONS_READ: usize = 12;
 /// A power of two above 40 + 3, so masked indexes stay inside it.
 const BUFFER: usize = 64;
-const OPTIONS_OFFSET: usize = L4_OFFSET + TcpHdr::LEN;
 
 pub struct Options {
     bytes: [u8; BUFFER],
     len: usize,
+    /// Where the options lie in the frame.
+    offset: usize,
 }
 
 impl Options {
-    /// The options of the frame's TCP header (`header_len` bytes), if it has any and they
-    /// could be copied.
+    /// The options of the packet's TCP header, if it has any and they could be copied.
     #[inline(always)]
-    pub fn load(ctx: &XdpContext, header_len: usize) -> Option<Options> {
-        let len = header_len.saturating_sub(TcpHdr::LEN).min(MAX_OPTION_BYTES);
+    pub fn load(ctx: &XdpContext, packet: &Packet) -> Option<Options> {
+        let len = packet
+            .tcp_header_len
+            .saturating_sub(TCP_HEADER_LEN)
+            .min(MAX_OPTION_BYTES);
         if len == 0 {
             return None;
         }
         let mut options = Options {
             bytes: [0; BUFFER],
             len,
+            offset: packet.l4_offset + TCP_HEADER_LEN,
         };
         // SAFETY: `bytes` has room for `len` (1..=40) bytes.
         let copied = unsafe {
             bpf_xdp_load_bytes(
                 ctx.ctx,
-                OPTIONS_OFFSET as u32,
+                options.offset as u32,
                 options.bytes.as_mut_ptr().cast(),
                 len.clamp(1, MAX_OPTION_BYTES) as u32,
             )
@@ -63,7 +61,7 @@ impl Options {
         let stored = unsafe {
             bpf_xdp_store_bytes(
                 ctx.ctx,
-                OPTIONS_OFFSET as u32,
+                self.offset as u32,
                 self.bytes.as_ptr() as *mut _,
                 self.len.clamp(1, MAX_OPTION_BYTES) as u32,
             )
@@ -104,10 +102,10 @@ impl Options {
                 break;
             }
             let kind = self.byte(at);
-            if kind == OPTION_END {
+            if kind == tcp_option::END {
                 break;
             }
-            if kind == OPTION_NOP {
+            if kind == tcp_option::NOP {
                 at += 1;
                 continue;
             }

@@ -5,12 +5,12 @@
 use std::{
     collections::HashSet,
     fmt,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
 use balancer_common::{
-    affinity, without_agent, ServiceKey, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
+    affinity, without_agent, Addr, ServiceKey, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
 };
 use serde::Deserialize;
 
@@ -117,7 +117,8 @@ pub enum XdpModeSetting {
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
-    pub vip: Ipv4Addr,
+    /// IPv4 or IPv6; the backends are of the same family.
+    pub vip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     /// What keeps a client on its backend.
@@ -126,10 +127,10 @@ pub struct ServiceConfig {
     /// `source-ip`: seconds without a new flow after which a client may move.
     #[serde(default = "default_affinity_timeout")]
     pub affinity_timeout: u32,
-    /// `source-ip`: prefix length of client addresses that share a backend (32: one address;
-    /// 24: a whole NAT pool in a /24).
-    #[serde(default = "default_source_prefix")]
-    pub source_prefix: u8,
+    /// `source-ip`: prefix length of client addresses that share a backend (IPv4: 32, the
+    /// default, is one address, 24 a whole NAT pool in a /24; IPv6: 64, the default, is one
+    /// host's addresses, as privacy extensions change the rest).
+    pub source_prefix: Option<u8>,
     /// Seconds a draining backend keeps its existing sessions before they move.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: u32,
@@ -315,7 +316,7 @@ impl ServiceConfig {
     /// The service's key in the `SERVICES` map.
     pub fn key(&self) -> ServiceKey {
         ServiceKey {
-            vip: u32::from_ne_bytes(self.vip.octets()),
+            vip: Addr::from(self.vip),
             port: self.port.to_be(),
             proto: self.protocol.number(),
             _pad: 0,
@@ -384,10 +385,18 @@ impl ServiceConfig {
         }
     }
 
+    /// The prefix length of client addresses that share a `source-ip` session.
+    pub fn source_prefix(&self) -> u8 {
+        self.source_prefix.unwrap_or(if self.vip.is_ipv4() {
+            DEFAULT_SOURCE_PREFIX_V4
+        } else {
+            DEFAULT_SOURCE_PREFIX_V6
+        })
+    }
+
     /// The mask applied to client addresses for `source-ip` affinity.
-    pub fn source_mask(&self) -> Ipv4Addr {
-        let bits = u32::from(self.source_prefix.min(32));
-        Ipv4Addr::from(u32::MAX.checked_shl(32 - bits).unwrap_or(0))
+    pub fn source_mask(&self) -> Addr {
+        Addr::prefix_mask(self.vip.is_ipv4(), u32::from(self.source_prefix()))
     }
 }
 
@@ -420,7 +429,8 @@ impl fmt::Display for Protocol {
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub name: String,
-    pub address: Ipv4Addr,
+    /// Of the service's family.
+    pub address: IpAddr,
     /// The service's port when absent.
     pub port: Option<u16>,
     /// Share of new flows relative to the other backends; 0 takes no new flows.
@@ -490,9 +500,8 @@ fn default_cookie_duration() -> u32 {
     24 * 3600
 }
 
-fn default_source_prefix() -> u8 {
-    32
-}
+const DEFAULT_SOURCE_PREFIX_V4: u8 = 32;
+const DEFAULT_SOURCE_PREFIX_V6: u8 = 64;
 
 fn default_drain_timeout() -> u32 {
     300
@@ -638,6 +647,14 @@ pub enum ConfigError {
     },
     #[error("{field}: {problem}")]
     Invalid { field: String, problem: String },
+}
+
+/// Whether an address can be a virtual IP or a backend: one host's, not a group's.
+fn unicast(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast()),
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
+    }
 }
 
 fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -897,12 +914,17 @@ impl Config {
             if service.port == 0 {
                 return Err(invalid(format!("{field}.port"), "must be 1-65535"));
             }
-            if service.source_prefix > 32 {
+            let (family, longest) = if service.vip.is_ipv4() {
+                ("IPv4", 32)
+            } else {
+                ("IPv6", 128)
+            };
+            if service.source_prefix() > longest {
                 return Err(invalid(
                     format!("{field}.source_prefix"),
                     format!(
-                        "{} is not an IPv4 prefix length (0-32)",
-                        service.source_prefix
+                        "{} is not an {family} prefix length (0-{longest})",
+                        service.source_prefix()
                     ),
                 ));
             }
@@ -942,6 +964,12 @@ impl Config {
                         "cookie affinity is for HTTP over TCP",
                     ));
                 }
+                (AffinityMode::AppCookie | AffinityMode::LbCookie, _) if service.vip.is_ipv6() => {
+                    return Err(invalid(
+                        format!("{field}.vip"),
+                        "cookie affinity does not serve IPv6 virtual IPs yet; use \"flow\" or \"source-ip\"",
+                    ));
+                }
                 (mode @ (AffinityMode::Flow | AffinityMode::SourceIp), _)
                     if service.without_agent.is_some() =>
                 {
@@ -972,10 +1000,7 @@ impl Config {
                 ));
             }
 
-            if service.vip.is_unspecified()
-                || service.vip.is_multicast()
-                || service.vip.is_broadcast()
-            {
+            if !unicast(service.vip) {
                 return Err(invalid(
                     format!("{field}.vip"),
                     format!("{} cannot be a virtual IP", service.vip),
@@ -1026,13 +1051,21 @@ impl Config {
                 if backend.port == Some(0) {
                     return Err(invalid(format!("{field}.port"), "must be 1-65535"));
                 }
-                if backend.address.is_unspecified()
-                    || backend.address.is_multicast()
-                    || backend.address.is_broadcast()
-                {
+                if !unicast(backend.address) {
                     return Err(invalid(
                         format!("{field}.address"),
                         format!("{} cannot be a backend address", backend.address),
+                    ));
+                }
+                // The balancer rewrites addresses, not headers: a backend of the other family
+                // would need the packet rebuilt (NAT64), which no path of it does.
+                if backend.address.is_ipv4() != service.vip.is_ipv4() {
+                    return Err(invalid(
+                        format!("{field}.address"),
+                        format!(
+                            "{} is not of the virtual IP's family ({family}); a service's backends share its family",
+                            backend.address
+                        ),
                     ));
                 }
             }

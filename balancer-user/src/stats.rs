@@ -9,8 +9,14 @@ use balancer_common::{map_name, Counter, Reason};
 use crate::dataplane::pin_dir;
 
 /// Counters summed over all CPUs, indexed by [`Reason`].
-#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Snapshot(pub [Counter; Reason::COUNT as usize]);
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Snapshot([Counter::default(); Reason::COUNT as usize])
+    }
+}
 
 impl Snapshot {
     /// Reads the counters of a running (or pinned) instance.

@@ -6,7 +6,10 @@
 //! The FIB lookup runs in a private network namespace with veth interfaces, static neighbours
 //! and fixed MAC addresses, so the results do not depend on the host.
 
-use std::{net::Ipv4Addr, process::Command};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    process::Command,
+};
 
 use aya::{
     maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
@@ -14,7 +17,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    affinity, backend_state, flow_flags, flow_state, map_name, syncookie, without_agent,
+    affinity, backend_state, flow_flags, flow_state, map_name, syncookie, without_agent, Addr,
     AgentState, Backend, Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey,
     DEFAULT_AGENT_TIMEOUT_S, LAYOUT_VERSION, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
     TABLES_PER_SERVICE, XDP_PROGRAM,
@@ -65,6 +68,11 @@ const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
 // ---- Frame builders (full checksums, computed independently of the program) ----
+
+/// An address as the maps hold it.
+fn addr(ip: impl Into<IpAddr>) -> Addr {
+    Addr::from(ip.into())
+}
 
 fn checksum(chunks: &[&[u8]]) -> u16 {
     let mut sum = 0u32;
@@ -384,11 +392,11 @@ impl Program {
         map.set(0, state, 0).unwrap();
     }
 
-    fn set_backend(&mut self, id: u32, addr: Ipv4Addr, port: u16, state: u8) {
+    fn set_backend(&mut self, id: u32, address: Ipv4Addr, port: u16, state: u8) {
         let mut map: Array<&mut MapData, Backend> =
             Array::try_from(self.map(map_name::BACKENDS)).unwrap();
         let value = Backend {
-            addr: u32::from_ne_bytes(addr.octets()),
+            addr: addr(address),
             port: port.to_be(),
             state,
             _pad: 0,
@@ -416,7 +424,7 @@ impl Program {
         let mut map: HashMap<&mut MapData, ServiceKey, Service> =
             HashMap::try_from(self.map(map_name::SERVICES)).unwrap();
         let key = ServiceKey {
-            vip: u32::from_ne_bytes(VIP.octets()),
+            vip: addr(VIP),
             port: port.to_be(),
             proto,
             _pad: 0,
@@ -428,7 +436,7 @@ impl Program {
             table_size: FIXTURE_TABLE_SIZE,
             backend_count: backends.len() as u32,
             affinity_timeout: 300,
-            source_mask: u32::from_ne_bytes([255, 255, 255, 0]),
+            source_mask: Addr::prefix_mask(true, 24),
             without_agent: without_agent::PLACE_BY_FLOW,
         };
         map.insert(key, value, 0).unwrap();
@@ -730,7 +738,7 @@ fn fixtures() -> Vec<Fixture> {
             XDP_PASS,
             Reason::PassNotService,
         ),
-        unchanged("ARP is the host's", arp, XDP_PASS, Reason::PassNotIpv4),
+        unchanged("ARP is the host's", arp, XDP_PASS, Reason::PassNotIp),
         unchanged("ICMP is the host's", icmp, XDP_PASS, Reason::PassNotTcpUdp),
         unchanged(
             "VLAN-tagged frame is the host's",
@@ -804,7 +812,7 @@ fn xdp_program_handles_every_fixture_as_specified() {
 
     let key = client_flow(WEB_PORT);
     let flow = program.flow(&key).expect("the SYN recorded its flow");
-    assert_eq!(flow.backend_addr, u32::from_ne_bytes(BACKEND.octets()));
+    assert_eq!(flow.backend_addr, addr(BACKEND));
     assert_eq!(u16::from_be(flow.backend_port), WEB_BACKEND_PORT);
 }
 
@@ -1109,7 +1117,7 @@ fn without_an_agent_a_cookie_service_places_syns_by_its_fallback_and_resets_unbo
 
     // A service that says so refuses new connections instead.
     let key = ServiceKey {
-        vip: u32::from_ne_bytes(VIP.octets()),
+        vip: addr(VIP),
         port: COOKIE_PORT.to_be(),
         proto: PROTO_TCP,
         _pad: 0,
@@ -1222,8 +1230,8 @@ fn syn_cookies_are_accepted_for_two_periods_and_one_rotation_of_the_secret() {
 /// The key of the client's TCP flow from [`CLIENT_PORT`] to the VIP's `port`.
 fn client_flow(port: u16) -> FlowKey {
     FlowKey {
-        src: u32::from_ne_bytes(CLIENT.octets()),
-        dst: u32::from_ne_bytes(VIP.octets()),
+        src: addr(CLIENT),
+        dst: addr(VIP),
         sport: CLIENT_PORT.to_be(),
         dport: port.to_be(),
         proto: PROTO_TCP,
@@ -1234,7 +1242,7 @@ fn client_flow(port: u16) -> FlowKey {
 /// Writes both entries of a spliced cookie connection from the client's port to backend 0.
 fn splice(program: &mut Program, client_key: &FlowKey, flow: Flow, nat: ReverseNat) {
     let reply_key = FlowKey {
-        src: u32::from_ne_bytes(BACKEND.octets()),
+        src: addr(BACKEND),
         dst: client_key.src,
         sport: WEB_BACKEND_PORT.to_be(),
         dport: client_key.sport,
@@ -1267,7 +1275,7 @@ fn a_splice_moves_sequence_numbers_past_an_edited_head_and_a_shortened_request()
         &key,
         Flow {
             backend_id: 0,
-            backend_addr: u32::from_ne_bytes(BACKEND.octets()),
+            backend_addr: addr(BACKEND),
             backend_port: WEB_BACKEND_PORT.to_be(),
             state: flow_state::SPLICED,
             seq_delta: DELTA,
@@ -1277,7 +1285,7 @@ fn a_splice_moves_sequence_numbers_past_an_edited_head_and_a_shortened_request()
             ..Flow::default()
         },
         ReverseNat {
-            vip: u32::from_ne_bytes(VIP.octets()),
+            vip: addr(VIP),
             port: COOKIE_PORT.to_be(),
             state: flow_state::SPLICED,
             seq_delta: DELTA - INSERTED,

@@ -11,15 +11,16 @@
 
 use std::{
     collections::HashMap,
-    net::Ipv4Addr,
+    net::IpAddr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Result};
 use balancer_common::{
-    backend_state, binding_state, client_hash, flow_flags, flow_hash, flow_state, punt_kind,
-    Binding, Flow, FlowKey, Punt, ReverseNat, COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE,
+    backend_state, binding_state, client_hash, flow_flags, flow_hash, flow_state, mix, punt_kind,
+    Addr, Binding, Flow, FlowKey, Punt, ReverseNat, COOKIE_MSS, COOKIE_WINDOW_SHIFT,
+    NO_WINDOW_SCALE,
 };
 use tracing::{debug, warn};
 
@@ -100,7 +101,8 @@ pub struct BindingCounters {
 }
 
 pub struct Binder {
-    raw: OwnedFd,
+    raw_v4: OwnedFd,
+    raw_v6: OwnedFd,
     pending: HashMap<FlowKey, Pending>,
     /// Each client's and prefix's share of `pending`.
     budgets: Budgets,
@@ -111,9 +113,9 @@ pub struct Binder {
 }
 
 struct Pending {
-    client: Ipv4Addr,
+    client: IpAddr,
     client_port: u16,
-    vip: Ipv4Addr,
+    vip: IpAddr,
     vip_port: u16,
     binding: Binding,
     /// The client's bytes from its first sequence number on, without gaps.
@@ -184,7 +186,7 @@ impl Pending {
 #[derive(Clone, Copy)]
 struct Target {
     id: u32,
-    addr: Ipv4Addr,
+    addr: IpAddr,
     port: u16,
     /// The backend's name as cookies carry it.
     token: u32,
@@ -240,18 +242,9 @@ impl Binder {
     }
 
     pub fn new(limits: BindingLimits) -> Result<Self> {
-        // SAFETY: plain socket creation; the descriptor is owned right after.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-        if fd < 0 {
-            bail!(
-                "opening a raw socket for backend connections: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        // SAFETY: `fd` is a fresh descriptor nobody else owns.
-        let raw = unsafe { OwnedFd::from_raw_fd(fd) };
         Ok(Self {
-            raw,
+            raw_v4: raw_socket(libc::AF_INET)?,
+            raw_v6: raw_socket(libc::AF_INET6)?,
             pending: HashMap::new(),
             budgets: Budgets::new(limits.per_client, limits.per_prefix),
             limits,
@@ -260,28 +253,63 @@ impl Binder {
         })
     }
 
-    /// Sends an IPv4 packet (headers included) through the raw socket.
+    /// Sends an IP packet (headers included) through the raw socket of its family.
     fn send(&self, segment: &Segment) {
         let packet = segment.to_packet();
-        // SAFETY: `sockaddr_in` is plain data.
-        let mut to: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-        to.sin_family = libc::AF_INET as libc::sa_family_t;
-        to.sin_addr.s_addr = u32::from_ne_bytes(segment.dst.octets());
+        // The kernel takes the destination from the header; the address only picks the route.
+        // SAFETY: both socket addresses are plain data.
+        let (mut v4, mut v6): (libc::sockaddr_in, libc::sockaddr_in6) =
+            unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+        let (fd, to, to_len) = match segment.dst {
+            IpAddr::V4(dst) => {
+                v4.sin_family = libc::AF_INET as libc::sa_family_t;
+                v4.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
+                (
+                    &self.raw_v4,
+                    std::ptr::from_ref(&v4).cast::<libc::sockaddr>(),
+                    std::mem::size_of::<libc::sockaddr_in>(),
+                )
+            }
+            IpAddr::V6(dst) => {
+                v6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                v6.sin6_addr.s6_addr = dst.octets();
+                (
+                    &self.raw_v6,
+                    std::ptr::from_ref(&v6).cast::<libc::sockaddr>(),
+                    std::mem::size_of::<libc::sockaddr_in6>(),
+                )
+            }
+        };
         // SAFETY: `packet` and `to` are valid for the lengths given.
         let sent = unsafe {
             libc::sendto(
-                self.raw.as_raw_fd(),
+                fd.as_raw_fd(),
                 packet.as_ptr().cast(),
                 packet.len(),
                 0,
-                std::ptr::from_ref(&to).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                to,
+                to_len as libc::socklen_t,
             )
         };
         if sent < 0 {
             warn!(dst = %segment.dst, "sending through the raw socket: {}", std::io::Error::last_os_error());
         }
     }
+}
+
+/// A raw socket of `family` for packets the agent writes whole, headers included (for IPv6,
+/// `IPPROTO_RAW` implies `IPV6_HDRINCL`).
+fn raw_socket(family: libc::c_int) -> Result<OwnedFd> {
+    // SAFETY: plain socket creation; the descriptor is owned right after.
+    let fd = unsafe { libc::socket(family, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        bail!(
+            "opening a raw socket for backend connections: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 impl Agent {
@@ -313,9 +341,8 @@ impl Agent {
     /// Makes room for a new connection of `client`: a source (address or /24) at its budget
     /// gives up its own oldest connection; a full table, the oldest of the prefix holding the
     /// most. Room is always made, so a new client of a quiet source is never refused.
-    fn make_room(&mut self, client: Ipv4Addr) {
-        let client = u32::from_ne_bytes(client.octets());
-        if let Some((oldest, why)) = self.binder.budgets.over_budget(client) {
+    fn make_room(&mut self, client: IpAddr) {
+        if let Some((oldest, why)) = self.binder.budgets.over_budget(&Addr::from(client)) {
             self.shed(&oldest, why);
         }
         if self.binder.pending.len() >= self.binder.limits.capacity {
@@ -337,7 +364,7 @@ impl Agent {
             Shed::PrefixBudget => counters.shed_prefix_budget += 1,
             Shed::TableFull => counters.shed_table_full += 1,
         }
-        debug!(client = %Ipv4Addr::from(key.src.to_ne_bytes()), port = u16::from_be(key.sport), ?why, "resetting a connection to make room");
+        debug!(client = %key.src, port = u16::from_be(key.sport), ?why, "resetting a connection to make room");
         self.abort(key, false);
     }
 
@@ -567,13 +594,13 @@ impl Agent {
         let reply_key = backend_key(pending, target);
         let flow = Flow {
             backend_id: target.id,
-            backend_addr: u32::from_ne_bytes(target.addr.octets()),
+            backend_addr: Addr::from(target.addr),
             backend_port: target.port.to_be(),
             state: flow_state::CONNECTING,
             ..Flow::default()
         };
         let nat = ReverseNat {
-            vip: u32::from_ne_bytes(pending.vip.octets()),
+            vip: Addr::from(pending.vip),
             port: pending.vip_port.to_be(),
             state: flow_state::CONNECTING,
             ..ReverseNat::default()
@@ -685,7 +712,7 @@ impl Agent {
             };
             let flow = Flow {
                 backend_id: target.id,
-                backend_addr: u32::from_ne_bytes(target.addr.octets()),
+                backend_addr: Addr::from(target.addr),
                 backend_port: target.port.to_be(),
                 state: flow_state::SPLICED,
                 seq_delta: delta,
@@ -698,7 +725,7 @@ impl Agent {
                 (0, 0)
             };
             let nat = ReverseNat {
-                vip: u32::from_ne_bytes(pending.vip.octets()),
+                vip: Addr::from(pending.vip),
                 port: pending.vip_port.to_be(),
                 backend_window_shift: window_shifts.0,
                 client_window_shift: window_shifts.1,
@@ -987,7 +1014,7 @@ impl Agent {
         }
         for key in unacknowledged {
             self.binder.counters.head_unacknowledged += 1;
-            debug!(client = %Ipv4Addr::from(key.src.to_ne_bytes()), "the client did not acknowledge the edited response head in time: resetting the connection");
+            debug!(client = %key.src, "the client did not acknowledge the edited response head in time: resetting the connection");
             self.abort(&key, false);
         }
         for key in expire {
@@ -1202,8 +1229,7 @@ fn choose(
     let hash = match (&cookie, service.config.cookie_fallback) {
         (Cookie::Hashed(value), _) => value_hash(value.as_bytes()),
         (_, CookieFallback::SourceIp) => {
-            let mask = u32::from_ne_bytes(service.config.source_mask().octets());
-            client_hash(u32::from_ne_bytes(pending.client.octets()) & mask)
+            client_hash(&Addr::from(pending.client).masked(&service.config.source_mask()))
         }
         (_, CookieFallback::Flow) => flow_hash(key),
     };
@@ -1304,7 +1330,7 @@ fn value_hash(value: &[u8]) -> u32 {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    client_hash((h ^ (h >> 32)) as u32)
+    mix((h ^ (h >> 32)) as u32 ^ 0x5bd1_e995)
 }
 
 fn backend_key(pending: &Pending, target: Target) -> FlowKey {

@@ -1,16 +1,19 @@
 //! Fair shares of the binding table. Every connection the agent holds (a head being read, a
 //! backend being opened, an edited head waiting for the client's acknowledgement) counts
-//! against its client address and the address's /24. A source at its budget pays for a new
+//! against its client (an IPv4 address, an IPv6 /64: one host's addresses) and the client's
+//! prefix (an IPv4 /24, an IPv6 /48: a site). A source at its budget pays for a new
 //! connection with its own oldest one, and a full table sheds the oldest connection of the
 //! prefix holding the most, so a greedy source only ever crowds out itself and a new client of
 //! a quiet source always gets a place.
 
 use std::collections::{HashMap, VecDeque};
 
-use balancer_common::FlowKey;
+use balancer_common::{Addr, FlowKey};
 
-/// Prefix length whose addresses share a budget (a NAT pool, a hosting subnet).
-const PREFIX_BITS: u32 = 24;
+/// Prefix lengths of one client and of the prefix whose clients share a budget (a NAT pool, a
+/// hosting subnet, a site), for IPv4 and IPv6.
+const CLIENT_BITS: (u32, u32) = (32, 64);
+const PREFIX_BITS: (u32, u32) = (24, 48);
 
 /// Why a connection was shed to make room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,14 +29,23 @@ pub enum Shed {
 pub struct Budgets {
     per_client: usize,
     per_prefix: usize,
-    /// Connections by client address (network byte order), oldest first.
-    by_client: HashMap<u32, VecDeque<FlowKey>>,
+    /// Connections by client, oldest first.
+    by_client: HashMap<Addr, VecDeque<FlowKey>>,
     /// Connections by client prefix, oldest first.
-    by_prefix: HashMap<u32, VecDeque<FlowKey>>,
+    by_prefix: HashMap<Addr, VecDeque<FlowKey>>,
 }
 
-fn prefix_of(client: u32) -> u32 {
-    client & u32::from_be(u32::MAX << (32 - PREFIX_BITS))
+fn masked(addr: &Addr, (v4_bits, v6_bits): (u32, u32)) -> Addr {
+    let v4 = addr.is_v4();
+    addr.masked(&Addr::prefix_mask(v4, if v4 { v4_bits } else { v6_bits }))
+}
+
+fn client_of(addr: &Addr) -> Addr {
+    masked(addr, CLIENT_BITS)
+}
+
+fn prefix_of(addr: &Addr) -> Addr {
+    masked(addr, PREFIX_BITS)
 }
 
 impl Budgets {
@@ -53,9 +65,12 @@ impl Budgets {
 
     /// Records a connection of the client in `key.src`.
     pub fn add(&mut self, key: FlowKey) {
-        self.by_client.entry(key.src).or_default().push_back(key);
+        self.by_client
+            .entry(client_of(&key.src))
+            .or_default()
+            .push_back(key);
         self.by_prefix
-            .entry(prefix_of(key.src))
+            .entry(prefix_of(&key.src))
             .or_default()
             .push_back(key);
     }
@@ -63,8 +78,8 @@ impl Budgets {
     /// Forgets a connection.
     pub fn remove(&mut self, key: &FlowKey) {
         for (map, group) in [
-            (&mut self.by_client, key.src),
-            (&mut self.by_prefix, prefix_of(key.src)),
+            (&mut self.by_client, client_of(&key.src)),
+            (&mut self.by_prefix, prefix_of(&key.src)),
         ] {
             if let Some(keys) = map.get_mut(&group) {
                 if let Some(at) = keys.iter().position(|k| k == key) {
@@ -79,8 +94,8 @@ impl Budgets {
 
     /// The connection to shed before `client` may add one: its own oldest when it is at its
     /// budget, else its prefix's oldest when the prefix is at its budget.
-    pub fn over_budget(&self, client: u32) -> Option<(FlowKey, Shed)> {
-        if let Some(keys) = self.by_client.get(&client) {
+    pub fn over_budget(&self, client: &Addr) -> Option<(FlowKey, Shed)> {
+        if let Some(keys) = self.by_client.get(&client_of(client)) {
             if keys.len() >= self.per_client {
                 return keys.front().map(|k| (*k, Shed::ClientBudget));
             }
@@ -104,12 +119,43 @@ impl Budgets {
 mod tests {
     use super::*;
 
+    fn addr(client: [u8; 4]) -> Addr {
+        Addr::v4(u32::from_ne_bytes(client))
+    }
+
     fn key(client: [u8; 4], port: u16) -> FlowKey {
         FlowKey {
-            src: u32::from_ne_bytes(client),
+            src: addr(client),
             sport: port,
             ..FlowKey::default()
         }
+    }
+
+    fn key_v6(client: &str, port: u16) -> FlowKey {
+        FlowKey {
+            src: Addr::from(client.parse::<std::net::IpAddr>().unwrap()),
+            sport: port,
+            ..FlowKey::default()
+        }
+    }
+
+    #[test]
+    fn an_ipv6_host_is_one_client_whatever_its_addresses_and_a_site_one_prefix() {
+        let mut budgets = Budgets::new(2, 3);
+        budgets.add(key_v6("2001:db8:0:1::a", 1));
+        budgets.add(key_v6("2001:db8:0:1::b", 1));
+        assert_eq!(
+            budgets.over_budget(&key_v6("2001:db8:0:1::c", 1).src),
+            Some((key_v6("2001:db8:0:1::a", 1), Shed::ClientBudget)),
+            "a /64 is one client"
+        );
+        budgets.add(key_v6("2001:db8:0:2::a", 1));
+        assert_eq!(
+            budgets.over_budget(&key_v6("2001:db8:0:3::a", 1).src),
+            Some((key_v6("2001:db8:0:1::a", 1), Shed::PrefixBudget)),
+            "a /48 is one prefix"
+        );
+        assert_eq!(budgets.over_budget(&key_v6("2001:db8:1::a", 1).src), None);
     }
 
     #[test]
@@ -119,16 +165,16 @@ mod tests {
         budgets.add(key([198, 18, 0, 2], 2));
         budgets.add(key([198, 18, 0, 3], 1));
         assert_eq!(
-            budgets.over_budget(u32::from_ne_bytes([198, 18, 0, 2])),
+            budgets.over_budget(&addr([198, 18, 0, 2])),
             Some((key([198, 18, 0, 2], 1), Shed::ClientBudget))
         );
         assert_eq!(
-            budgets.over_budget(u32::from_ne_bytes([198, 18, 0, 3])),
+            budgets.over_budget(&addr([198, 18, 0, 3])),
             None
         );
         budgets.remove(&key([198, 18, 0, 2], 1));
         assert_eq!(
-            budgets.over_budget(u32::from_ne_bytes([198, 18, 0, 2])),
+            budgets.over_budget(&addr([198, 18, 0, 2])),
             None
         );
     }
@@ -141,11 +187,11 @@ mod tests {
         }
         budgets.add(key([198, 18, 2, 1], 1));
         assert_eq!(
-            budgets.over_budget(u32::from_ne_bytes([198, 18, 1, 200])),
+            budgets.over_budget(&addr([198, 18, 1, 200])),
             Some((key([198, 18, 1, 1], 1), Shed::PrefixBudget))
         );
         assert_eq!(
-            budgets.over_budget(u32::from_ne_bytes([198, 18, 2, 9])),
+            budgets.over_budget(&addr([198, 18, 2, 9])),
             None
         );
         assert_eq!(budgets.greediest_oldest(), Some(key([198, 18, 1, 1], 1)));

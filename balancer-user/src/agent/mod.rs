@@ -11,7 +11,9 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use balancer_common::{backend_state, Backend, CookieSecret, Service, ServiceKey, MAX_BACKENDS};
+use balancer_common::{
+    backend_state, Addr, Backend, CookieSecret, Service, ServiceKey, MAX_BACKENDS,
+};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{error, info, warn};
 
@@ -341,7 +343,7 @@ impl Agent {
             id: service.id,
             affinity: service.config.affinity.code(),
             affinity_timeout: service.config.affinity_timeout,
-            source_mask: u32::from_ne_bytes(service.config.source_mask().octets()),
+            source_mask: service.config.source_mask(),
             backend_count,
             without_agent: service.config.without_agent_code(),
             ..Service::default()
@@ -640,7 +642,7 @@ fn binding_limits(config: &Config) -> BindingLimits {
 
 fn backend_value(config: &BackendConfig, service_port: u16, state: u8) -> Backend {
     Backend {
-        addr: u32::from_ne_bytes(config.address.octets()),
+        addr: Addr::from(config.address),
         port: config.port.unwrap_or(service_port).to_be(),
         state,
         _pad: 0,
