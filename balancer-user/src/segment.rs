@@ -66,7 +66,11 @@ impl Segment {
                 let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
                 let src: [u8; 4] = ip[12..16].try_into().ok()?;
                 let dst: [u8; 4] = ip[16..20].try_into().ok()?;
-                (IpAddr::from(src), IpAddr::from(dst), ip.get(IPV4_HEADER_LEN..total)?)
+                (
+                    IpAddr::from(src),
+                    IpAddr::from(dst),
+                    ip.get(IPV4_HEADER_LEN..total)?,
+                )
             }
             6 => {
                 if ip.len() < IPV6_HEADER_LEN {
@@ -284,11 +288,18 @@ mod tests {
         let packet = original.to_packet();
         assert_eq!(packet[0] >> 4, 6);
         let tcp_len = packet.len() - IPV6_HEADER_LEN;
-        assert_eq!(usize::from(u16::from_be_bytes([packet[4], packet[5]])), tcp_len);
+        assert_eq!(
+            usize::from(u16::from_be_bytes([packet[4], packet[5]])),
+            tcp_len
+        );
         let mut pseudo = packet[8..40].to_vec();
         pseudo.extend_from_slice(&[0, PROTO_TCP]);
         pseudo.extend_from_slice(&(tcp_len as u16).to_be_bytes());
-        assert_eq!(checksum(&[&pseudo, &packet[IPV6_HEADER_LEN..]]), 0, "TCP checksum");
+        assert_eq!(
+            checksum(&[&pseudo, &packet[IPV6_HEADER_LEN..]]),
+            0,
+            "TCP checksum"
+        );
         let mut frame = vec![0u8; ETH_LEN];
         frame.extend_from_slice(&packet);
         assert_eq!(Segment::from_frame(&frame), Some(original.clone()));

@@ -1,9 +1,10 @@
 //! The balancer configuration for a lab: services `web` (tcp/80), `echo-tcp` and `echo-udp`
-//! (port 7) on the VIP, each over the lab's backends.
+//! (port 7) on the VIP, each over the lab's backends, and the same three on the IPv6 VIP over
+//! the backends' IPv6 addresses (`web-v6`, `echo-tcp-v6`, `echo-udp-v6`).
 
-use std::ops::Range;
+use std::{net::IpAddr, ops::Range};
 
-use crate::{Lab, BACKEND_COUNT, ECHO_PORT, HTTP_PORT, VIP};
+use crate::{Lab, BACKEND_COUNT, ECHO_PORT, HTTP_PORT, VIP, VIP6};
 
 /// Variations of the lab's `web` service.
 #[derive(Default)]
@@ -21,6 +22,8 @@ pub struct ServiceOptions {
     /// A third HTTP service, `web-lb-cookie` on port [`LB_COOKIE_PORT`], with `lb-cookie`
     /// affinity, on this backend alone (for the same TIME_WAIT reason).
     pub lb_cookie_backend: Option<usize>,
+    /// Extra TOML lines for the `web-v6` service.
+    pub web6_settings: String,
 }
 
 /// The key that signs the lab's `lb-cookie` cookies.
@@ -50,6 +53,7 @@ impl Lab {
             self.instance()
         );
         toml += &service("web", HTTP_PORT, "tcp", &options.web_settings, 0..web_count);
+        toml += &service_v6("web-v6", HTTP_PORT, "tcp", &options.web6_settings);
         if options.cookie_service {
             let settings = "affinity = \"app-cookie\"\ncookie = \"SID\"";
             toml += &service_on(
@@ -73,8 +77,23 @@ impl Lab {
         }
         toml += &service("echo-tcp", ECHO_PORT, "tcp", "", 0..BACKEND_COUNT);
         toml += &service("echo-udp", ECHO_PORT, "udp", "", 0..BACKEND_COUNT);
+        toml += &service_v6("echo-tcp-v6", ECHO_PORT, "tcp", "");
+        toml += &service_v6("echo-udp-v6", ECHO_PORT, "udp", "");
         toml
     }
+}
+
+/// A service on the IPv6 VIP over every backend's IPv6 address.
+fn service_v6(name: &str, port: u16, protocol: &str, settings: &str) -> String {
+    let backends = (0..BACKEND_COUNT).map(|i| (i, IpAddr::from(Lab::backend_addr6(i))));
+    service_at(
+        IpAddr::from(VIP6),
+        name,
+        (port, port),
+        protocol,
+        settings,
+        backends,
+    )
 }
 
 fn service(
@@ -97,18 +116,36 @@ fn service_on(
     settings: &str,
     backends: Range<usize>,
 ) -> String {
+    let addrs = backends.map(|i| (i, IpAddr::from(Lab::backend_addr(i))));
+    service_at(
+        IpAddr::from(VIP),
+        name,
+        (port, backend_port),
+        protocol,
+        settings,
+        addrs,
+    )
+}
+
+fn service_at(
+    vip: IpAddr,
+    name: &str,
+    (port, backend_port): (u16, u16),
+    protocol: &str,
+    settings: &str,
+    backends: impl Iterator<Item = (usize, IpAddr)>,
+) -> String {
     let mut toml = format!(
-        "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}\"\nport = {port}\nprotocol = \"{protocol}\"\n"
+        "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {port}\nprotocol = \"{protocol}\"\n"
     );
     if !settings.is_empty() {
         toml += settings.trim_end();
         toml += "\n";
     }
-    for index in backends {
+    for (index, addr) in backends {
         toml += &format!(
-            "  [[service.backend]]\n  name = \"{}\"\n  address = \"{}\"\n  port = {backend_port}\n",
-            Lab::backend_name(index),
-            Lab::backend_addr(index)
+            "  [[service.backend]]\n  name = \"{}\"\n  address = \"{addr}\"\n  port = {backend_port}\n",
+            Lab::backend_name(index)
         );
     }
     toml

@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     fs,
     io::Read,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -19,7 +19,8 @@ use crate::{
     impair::{self, Impairment},
     netns::{self, ip, BPF_FS, CONTROL_DIR, INSTANCE_PREFIX, PREFIX},
     process::{self, log_tail, own_group, Process, STOP_GRACE},
-    BACKEND_COUNT, BALANCER_BACKEND_ADDR, BALANCER_CLIENT_ADDR, CLIENT_ADDR,
+    BACKEND_COUNT, BALANCER_BACKEND_ADDR, BALANCER_BACKEND_ADDR6, BALANCER_CLIENT_ADDR,
+    BALANCER_CLIENT_ADDR6, CLIENT_ADDR, CLIENT_ADDR6,
 };
 
 /// How long [`Lab::exec`] lets a command run before killing it.
@@ -143,6 +144,11 @@ impl Lab {
         Ipv4Addr::new(198, 19, 0, 11 + index as u8)
     }
 
+    pub fn backend_addr6(index: usize) -> Ipv6Addr {
+        assert!(index < BACKEND_COUNT, "backend index {index} out of range");
+        Ipv6Addr::new(0x2001, 0xdb8, 0xb, 0, 0, 0, 0, 0x11 + index as u16)
+    }
+
     pub fn backend_name(index: usize) -> String {
         format!("backend-{}", index + 1)
     }
@@ -204,7 +210,22 @@ impl Lab {
             ],
         )?;
 
+        ip6_addr(client, &format!("{CLIENT_ADDR6}/64"), "eth0")?;
+        ip(
+            client,
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &BALANCER_CLIENT_ADDR6.to_string(),
+            ],
+        )?;
+
         self.veth(lb, "lb-backend", sw, "sw-lb")?;
+        ip6_addr(lb, &format!("{BALANCER_CLIENT_ADDR6}/64"), "lb-client")?;
+        ip6_addr(lb, &format!("{BALANCER_BACKEND_ADDR6}/64"), "lb-backend")?;
         ip(
             lb,
             &[
@@ -227,6 +248,7 @@ impl Lab {
         )?;
         for setting in [
             "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
             "net.ipv4.conf.all.rp_filter=0",
             "net.ipv4.conf.default.rp_filter=0",
             "net.ipv4.conf.lb-client.rp_filter=0",
@@ -244,6 +266,22 @@ impl Lab {
             ip(sw, &["link", "set", &port, "master", "br0"])?;
             let addr = format!("{}/24", Lab::backend_addr(index));
             ip(backend, &["addr", "add", &addr, "dev", "eth0"])?;
+            ip6_addr(
+                backend,
+                &format!("{}/64", Lab::backend_addr6(index)),
+                "eth0",
+            )?;
+            ip(
+                backend,
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &BALANCER_BACKEND_ADDR6.to_string(),
+                ],
+            )?;
             ip(
                 backend,
                 &[
@@ -756,6 +794,12 @@ impl Drop for Lab {
 }
 
 /// Two append handles on one log file, for a child's stdout and stderr.
+/// An IPv6 address usable at once: without duplicate address detection it would stay
+/// tentative (unusable) for a second or two after the link comes up.
+fn ip6_addr(ns: &str, addr: &str, dev: &str) -> Result<()> {
+    ip(ns, &["-6", "addr", "add", addr, "dev", dev, "nodad"])
+}
+
 fn append_twice(path: &Path) -> Result<(fs::File, fs::File)> {
     let file = fs::OpenOptions::new()
         .create(true)

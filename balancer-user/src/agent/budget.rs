@@ -168,15 +168,9 @@ mod tests {
             budgets.over_budget(&addr([198, 18, 0, 2])),
             Some((key([198, 18, 0, 2], 1), Shed::ClientBudget))
         );
-        assert_eq!(
-            budgets.over_budget(&addr([198, 18, 0, 3])),
-            None
-        );
+        assert_eq!(budgets.over_budget(&addr([198, 18, 0, 3])), None);
         budgets.remove(&key([198, 18, 0, 2], 1));
-        assert_eq!(
-            budgets.over_budget(&addr([198, 18, 0, 2])),
-            None
-        );
+        assert_eq!(budgets.over_budget(&addr([198, 18, 0, 2])), None);
     }
 
     #[test]
@@ -190,10 +184,7 @@ mod tests {
             budgets.over_budget(&addr([198, 18, 1, 200])),
             Some((key([198, 18, 1, 1], 1), Shed::PrefixBudget))
         );
-        assert_eq!(
-            budgets.over_budget(&addr([198, 18, 2, 9])),
-            None
-        );
+        assert_eq!(budgets.over_budget(&addr([198, 18, 2, 9])), None);
         assert_eq!(budgets.greediest_oldest(), Some(key([198, 18, 1, 1], 1)));
     }
 }

@@ -71,7 +71,8 @@ fn main() -> Result<()> {
 }
 
 async fn serve(name: Arc<str>, http_port: u16, echo_port: u16) -> Result<()> {
-    let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
+    // `[::]` takes IPv4 as well (as mapped addresses): one socket per port serves both.
+    let any = |port| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
     let http =
         listen(any(http_port)).with_context(|| format!("binding the HTTP port {http_port}"))?;
     let echo = TcpListener::bind(any(echo_port))
@@ -94,7 +95,7 @@ async fn serve(name: Arc<str>, http_port: u16, echo_port: u16) -> Result<()> {
 /// tokio's 1024, as a production server would have: bursts of new connections through the
 /// balancer must not overflow it.
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
+    let socket = tokio::net::TcpSocket::new_v6()?;
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use balancer_lab::{Impairment, Lab, ServiceOptions, VIP};
+use balancer_lab::{Impairment, Lab, ServiceOptions, VIP, VIP6};
 
 pub fn balancer_bin() -> PathBuf {
     std::env::var_os("BALANCER_BIN")
@@ -178,6 +178,11 @@ pub fn sha256_of_file(path: &Path) -> String {
 
 pub fn vip_url(path: &str) -> String {
     format!("http://{VIP}{path}")
+}
+
+/// `path` on the IPv6 VIP.
+pub fn vip6_url(path: &str) -> String {
+    format!("http://[{VIP6}]{path}")
 }
 
 /// The body of `GET <path>` through the VIP from the client, on a new connection, with curl's
