@@ -964,12 +964,6 @@ impl Config {
                         "cookie affinity is for HTTP over TCP",
                     ));
                 }
-                (AffinityMode::AppCookie | AffinityMode::LbCookie, _) if service.vip.is_ipv6() => {
-                    return Err(invalid(
-                        format!("{field}.vip"),
-                        "cookie affinity does not serve IPv6 virtual IPs yet; use \"flow\" or \"source-ip\"",
-                    ));
-                }
                 (mode @ (AffinityMode::Flow | AffinityMode::SourceIp), _)
                     if service.without_agent.is_some() =>
                 {

@@ -210,7 +210,7 @@ impl Lab {
             ],
         )?;
 
-        ip6_addr(client, &format!("{CLIENT_ADDR6}/64"), "eth0")?;
+        ip6_addr(client, &format!("{CLIENT_ADDR6}/48"), "eth0")?;
         ip(
             client,
             &[
@@ -224,7 +224,7 @@ impl Lab {
         )?;
 
         self.veth(lb, "lb-backend", sw, "sw-lb")?;
-        ip6_addr(lb, &format!("{BALANCER_CLIENT_ADDR6}/64"), "lb-client")?;
+        ip6_addr(lb, &format!("{BALANCER_CLIENT_ADDR6}/48"), "lb-client")?;
         ip6_addr(lb, &format!("{BALANCER_BACKEND_ADDR6}/64"), "lb-backend")?;
         ip(
             lb,
@@ -454,6 +454,18 @@ impl Lab {
                 self.client_ns(),
                 &["addr", "add", &format!("{addr}/16"), "dev", "eth0"],
             )?;
+        }
+        Ok(())
+    }
+
+    /// Extra IPv6 source addresses for the client (each must lie within 2001:db8:c::/48).
+    pub fn add_client_addresses6(&self, addrs: &[Ipv6Addr]) -> Result<()> {
+        for addr in addrs {
+            ensure!(
+                addr.segments()[..3] == [0x2001, 0xdb8, 0xc],
+                "{addr} is outside 2001:db8:c::/48"
+            );
+            ip6_addr(self.client_ns(), &format!("{addr}/48"), "eth0")?;
         }
         Ok(())
     }

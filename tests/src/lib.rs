@@ -2,7 +2,7 @@
 //! network namespace, joined by veth pairs. Used by the integration tests, `cargo xtask run`
 //! and `cargo xtask bench`. Only the benchmarking and documentation ranges are used: clients
 //! in 198.18.0.0/16, backends in 198.19.0.0/24, the VIP in 203.0.113.0/24; for IPv6, beside
-//! them, clients in 2001:db8:c::/64, backends in 2001:db8:b::/64, the VIP in 2001:db8:f::/64.
+//! them, clients in 2001:db8:c::/48, backends in 2001:db8:b::/64, the VIP in 2001:db8:f::/64.
 //!
 //! ```text
 //!  client ns            balancer ns (lb)            switch ns (sw)         backend ns (b1..b3)

@@ -1,31 +1,31 @@
 //! IPv6 through the XDP balancer: the foundation tests of forwarding.rs on the lab's IPv6 VIP
 //! (`web-v6`, `echo-tcp-v6`, `echo-udp-v6` over the backends' IPv6 addresses), malformed
-//! IPv6 frames, and the host's own IPv6 (neighbour discovery, ping) beside it. Needs root.
+//! IPv6 frames, the host's own IPv6 (neighbour discovery, ping) beside it, source-ip
+//! sessions by /64, and cookie affinity with its delayed binding over IPv6. Needs root.
 
 mod common;
 
-use std::collections::HashMap;
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv6Addr},
+};
 
-use balancer_lab::{Lab, BACKEND_COUNT, BALANCER_CLIENT_ADDR6, CLIENT_ADDR6, VIP6};
-use common::{counters, lab_with_balancer, python, run, sha256_of_file, vip6_url};
+use balancer_lab::{
+    impair::DIRECTIONS, Lab, ServiceOptions, BACKEND_COUNT, BALANCER_CLIENT_ADDR6, CLIENT_ADDR6,
+    VIP6,
+};
+use common::*;
 
-/// The body of `GET <path>` on the IPv6 VIP, on a new connection.
-fn get6(lab: &Lab, path: &str) -> String {
-    let url = vip6_url(path);
-    run(
-        lab,
-        lab.client_ns(),
-        &["curl", "-sS", "--fail", "--max-time", "10", &url],
-    )
-    .trim()
-    .to_owned()
+/// The body of `GET <path>` on the IPv6 VIP, on a new connection, with curl's extra `args`.
+fn get6(lab: &Lab, args: &[&str], path: &str) -> String {
+    get_at(lab, &vip6_url(path), args)
 }
 
 #[test]
 fn curl_to_the_ipv6_vip_is_answered_by_a_backend() {
     let lab = lab_with_balancer();
     let before = counters(&lab);
-    let body = get6(&lab, "/");
+    let body = get6(&lab, &[], "/");
     let names: Vec<String> = (0..BACKEND_COUNT).map(Lab::backend_name).collect();
     assert!(
         names.iter().any(|n| body == *n),
@@ -223,8 +223,214 @@ print(answered)
         );
     }
     assert_eq!(
-        get6(&lab, "/").len(),
+        get6(&lab, &[], "/").len(),
         "backend-1".len(),
         "forwarding after malformed input"
     );
+}
+
+#[test]
+fn ipv6_source_ip_sessions_hold_a_whole_64_together_and_64s_spread() {
+    let lab = lab_with(&ServiceOptions {
+        web6_settings: "affinity = \"source-ip\"\n".to_owned(),
+        ..ServiceOptions::default()
+    });
+    // Two addresses in each of twelve /64s, as hosts with privacy addresses have.
+    let pairs: Vec<[Ipv6Addr; 2]> = (0..12u16)
+        .map(|net| {
+            [0x10, 0x20].map(|host| Ipv6Addr::new(0x2001, 0xdb8, 0xc, net + 1, 0, 0, 0, host))
+        })
+        .collect();
+    let addrs: Vec<Ipv6Addr> = pairs.iter().flatten().copied().collect();
+    lab.add_client_addresses6(&addrs)
+        .expect("adding client addresses");
+    let clients: Vec<IpAddr> = addrs.iter().map(|&a| a.into()).collect();
+    let seen = backends_seen_via(&lab, IpAddr::from(VIP6), &clients, 4);
+    let mut used = HashSet::new();
+    for [a, b] in &pairs {
+        let first = sticky_backend(&seen[&IpAddr::from(*a)], a);
+        let second = sticky_backend(&seen[&IpAddr::from(*b)], b);
+        assert_eq!(first, second, "{a} and {b} share a /64 but not a backend");
+        used.insert(first);
+    }
+    assert_eq!(
+        used.len(),
+        BACKEND_COUNT,
+        "twelve /64s should use every backend: {seen:?}"
+    );
+}
+
+fn lb_cookie_v6(extra: &str) -> ServiceOptions {
+    ServiceOptions {
+        web6_settings: format!("affinity = \"lb-cookie\"\ncookie_fallback = \"flow\"\n{extra}"),
+        ..ServiceOptions::default()
+    }
+}
+
+const HEALTH_CHECK: &str =
+    "[service.health_check]\nkind = \"http\"\ninterval = 0.5\ntimeout = 0.5\nfall = 2\nrise = 2\n";
+
+#[test]
+fn ipv6_cookie_sessions_stick_in_curl_jars_and_python_and_move_with_a_new_cookie_when_their_backend_dies(
+) {
+    let mut lab = lab_with(&lb_cookie_v6(HEALTH_CHECK));
+    // curl jars: the first answer sets the balancer's cookie, every later request follows it.
+    let mut jar_backends = HashSet::new();
+    for jar in 0..12 {
+        let path = lab.dir().join(format!("jar6-{jar}"));
+        let path = path.to_str().expect("utf-8 path");
+        let answers: Vec<String> = (0..6)
+            .map(|_| get6(&lab, &["-c", path, "-b", path], "/"))
+            .collect();
+        assert!(
+            answers.iter().all(|a| *a == answers[0]),
+            "jar {jar} moved: {answers:?}"
+        );
+        jar_backends.insert(answers[0].clone());
+    }
+    assert_eq!(
+        jar_backends.len(),
+        BACKEND_COUNT,
+        "12 new sessions spread over every backend"
+    );
+
+    let script = format!(
+        r#"
+import requests, sys
+sessions = [requests.Session() for _ in range(30)]
+for i, s in enumerate(sessions):
+    seen = {{s.get("{url}", timeout=10).text.strip() for _ in range(5)}}
+    print(i, s.cookies.get("LBSESSION"), " ".join(sorted(seen)))
+sys.stdout.write("placed\n"); sys.stdout.flush()
+sys.stdin.readline()
+for i, s in enumerate(sessions):
+    before = s.cookies.get("LBSESSION")
+    seen = {{s.get("{url}", timeout=10).text.strip() for _ in range(5)}}
+    print(i, int(s.cookies.get("LBSESSION") != before), " ".join(sorted(seen)))
+"#,
+        url = vip6_url("/")
+    );
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.client_ns(), "python3", "-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the python sessions");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut placed = Vec::new();
+    loop {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line).expect("reading the sessions");
+        if line.trim() == "placed" || line.is_empty() {
+            break;
+        }
+        let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        assert_eq!(words.len(), 3, "a session saw several backends: {line}");
+        placed.push(words[2].clone());
+    }
+    assert_eq!(placed.len(), 30, "sessions placed: {placed:?}");
+    let victim = Lab::backend_name(2);
+    assert!(
+        placed.contains(&victim),
+        "some of 30 sessions use {victim}: {placed:?}"
+    );
+    lab.stop_backend(2).expect("stopping backend-3's server");
+    wait_until(
+        std::time::Duration::from_secs(5),
+        "backend-3 marked down",
+        || service_status_of(&lab, "web-v6", &victim).contains("state=down"),
+    );
+    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), b"go\n").expect("writing");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).expect("reading");
+    assert!(
+        child.wait().expect("waiting").success(),
+        "the sessions failed: {rest}"
+    );
+    let after: Vec<Vec<&str>> = rest
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(after.len(), 30, "{rest}");
+    for (session, words) in after.iter().enumerate() {
+        assert_eq!(
+            words.len(),
+            3,
+            "session {session} saw several backends after the failure: {words:?}"
+        );
+        if placed[session] == victim {
+            assert_ne!(
+                words[2], victim,
+                "session {session} still reaches the dead backend"
+            );
+            assert_eq!(
+                words[1], "1",
+                "session {session} moved without a new cookie"
+            );
+        } else {
+            assert_eq!(
+                words[2], placed[session],
+                "session {session} on a healthy backend moved"
+            );
+            assert_eq!(
+                words[1], "0",
+                "session {session} got a new cookie without moving"
+            );
+        }
+    }
+}
+
+#[test]
+fn ipv6_application_cookies_keep_their_backend_in_hash_and_companion_mode() {
+    for mode in ["hash", "companion"] {
+        let lab = lab_with(&ServiceOptions {
+            web6_settings: format!(
+                "affinity = \"app-cookie\"\ncookie = \"SID\"\napp_cookie = \"{mode}\"\n"
+            ),
+            ..ServiceOptions::default()
+        });
+        let mut used = HashSet::new();
+        for jar in 0..15 {
+            let path = lab.dir().join(format!("jar6-{jar}"));
+            let path = path.to_str().expect("utf-8 path");
+            let answers: Vec<String> = (0..6)
+                .map(|_| get6(&lab, &["-c", path, "-b", path], "/"))
+                .collect();
+            // The first request carries no cookie yet; the backend's SID (and in companion
+            // mode the balancer's cookie beside it) keeps the rest together.
+            assert!(
+                answers[1..].iter().all(|a| *a == answers[1]),
+                "{mode}: jar {jar} moved: {answers:?}"
+            );
+            used.insert(answers[1].clone());
+        }
+        assert_eq!(
+            used.len(),
+            BACKEND_COUNT,
+            "{mode}: 15 sessions spread over every backend"
+        );
+    }
+}
+
+#[test]
+fn a_thousand_ipv6_cookie_transfers_arrive_intact_through_loss_and_reordering() {
+    let lab = lab_with_impairment(&lb_cookie_v6(""), &lossy());
+    let cookie = "LBSESSION=absent";
+    integrity_run_at(&lab, &vip6_url(""), &SIZES, 1000, true, cookie);
+    let relay = lab
+        .impairment_counters()
+        .expect("reading the relay's counters");
+    for direction in DIRECTIONS {
+        let frames = relay[&format!("{direction}_frames")] as f64;
+        let dropped = relay[&format!("{direction}_dropped")] as f64;
+        assert!(
+            frames > 10_000.0,
+            "{direction}: too few frames to judge: {relay:?}"
+        );
+        assert!(
+            (0.04..0.06).contains(&(dropped / frames)),
+            "{direction}: not about 5% dropped: {relay:?}"
+        );
+    }
+    assert!(counters(&lab)["spliced_to_client"] > 10_000);
 }

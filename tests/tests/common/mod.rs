@@ -8,7 +8,7 @@
 
 use std::{
     collections::HashMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -138,11 +138,16 @@ pub fn binding_count(lab: &Lab, name: &str) -> u64 {
 
 /// The `balancer status` line of a backend of the `web` service.
 pub fn status_of(lab: &Lab, backend: &str) -> String {
+    service_status_of(lab, "web", backend)
+}
+
+/// The `balancer status` line of `backend` in `service`.
+pub fn service_status_of(lab: &Lab, service: &str, backend: &str) -> String {
     let status = balancer(lab, &["status"]);
     let mut in_web = false;
     for line in status.lines() {
         if line.starts_with("service ") {
-            in_web = line.starts_with("service web ");
+            in_web = line.starts_with(&format!("service {service} "));
         } else if in_web
             && line
                 .trim_start()
@@ -151,7 +156,7 @@ pub fn status_of(lab: &Lab, backend: &str) -> String {
             return line.trim().to_owned();
         }
     }
-    panic!("no status line for web/{backend} in:\n{status}");
+    panic!("no status line for {service}/{backend} in:\n{status}");
 }
 
 /// Polls until `condition` holds, for at most `limit`; returns how long it took.
@@ -188,10 +193,14 @@ pub fn vip6_url(path: &str) -> String {
 /// The body of `GET <path>` through the VIP from the client, on a new connection, with curl's
 /// extra `args` (headers, a cookie jar); panics unless the request succeeds.
 pub fn get(lab: &Lab, args: &[&str], path: &str) -> String {
-    let url = vip_url(path);
+    get_at(lab, &vip_url(path), args)
+}
+
+/// [`get`] of a whole URL.
+pub fn get_at(lab: &Lab, url: &str, args: &[&str]) -> String {
     let mut full = vec!["curl", "-sS", "--fail", "--max-time", "10"];
     full.extend_from_slice(args);
-    full.push(&url);
+    full.push(url);
     run(lab, lab.client_ns(), &full).trim().to_owned()
 }
 
@@ -231,6 +240,23 @@ pub fn backends_seen(
     clients: &[Ipv4Addr],
     requests: usize,
 ) -> HashMap<Ipv4Addr, Vec<String>> {
+    let clients: Vec<IpAddr> = clients.iter().map(|&a| a.into()).collect();
+    backends_seen_via(lab, IpAddr::from(VIP), &clients, requests)
+        .into_iter()
+        .filter_map(|(addr, seen)| match addr {
+            IpAddr::V4(v4) => Some((v4, seen)),
+            IpAddr::V6(_) => None,
+        })
+        .collect()
+}
+
+/// [`backends_seen`] for clients of either family, through `vip` (of their family).
+pub fn backends_seen_via(
+    lab: &Lab,
+    vip: IpAddr,
+    clients: &[IpAddr],
+    requests: usize,
+) -> HashMap<IpAddr, Vec<String>> {
     let list: Vec<String> = clients.iter().map(|a| format!("\"{a}\"")).collect();
     let script = format!(
         r#"
@@ -238,7 +264,7 @@ import http.client
 for addr in [{list}]:
     seen = []
     for _ in range({requests}):
-        c = http.client.HTTPConnection("{VIP}", 80, timeout=10, source_address=(addr, 0))
+        c = http.client.HTTPConnection("{vip}", 80, timeout=10, source_address=(addr, 0))
         c.request("GET", "/", headers={{"Connection": "close"}})
         seen.append(c.getresponse().read().decode().strip())
         c.close()
@@ -257,7 +283,7 @@ for addr in [{list}]:
 }
 
 /// The one backend a client was always sent to; panics if it was sent to several.
-pub fn sticky_backend(seen: &[String], client: Ipv4Addr) -> String {
+pub fn sticky_backend(seen: &[String], client: impl std::fmt::Display) -> String {
     let first = seen
         .first()
         .unwrap_or_else(|| panic!("{client} got no answer"));
@@ -287,6 +313,18 @@ pub fn integrity_run(
     keep_alive: bool,
     cookie: &str,
 ) -> usize {
+    integrity_run_at(lab, &vip_url(""), sizes, count, keep_alive, cookie)
+}
+
+/// [`integrity_run`] against the service at `base` (`http://<vip>`).
+pub fn integrity_run_at(
+    lab: &Lab,
+    base: &str,
+    sizes: &[u64],
+    count: usize,
+    keep_alive: bool,
+    cookie: &str,
+) -> usize {
     let digests = expected_digests(sizes);
     let sizes_list: Vec<String> = sizes.iter().map(u64::to_string).collect();
     let script = format!(
@@ -309,7 +347,6 @@ for i in range({count}):
 "#,
         sizes = sizes_list.join(", "),
         keep = if keep_alive { "True" } else { "False" },
-        base = vip_url(""),
     );
     let output = python(lab, lab.client_ns(), &script);
     let mut checked = 0;
