@@ -39,7 +39,7 @@ pub mod map_name {
 /// Version of the maps' layout (their key and value types and the meaning of their fields).
 /// Pinned maps outlive the agent and its program; a program of another layout version must
 /// not adopt them. Bump it with every change to a type or map below.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Seconds after the agent's last heartbeat that the data plane takes it for gone: cookie
 /// services then stop handing connections to it (see [`without_agent`]). Compiled into the
@@ -99,8 +99,20 @@ pub struct Service {
     /// `source-ip` affinity, and the cookie fallback by source: mask applied to the client
     /// address (an IPv4 service's has its first 96 bits set, as its addresses are mapped).
     pub source_mask: Addr,
+    /// One of [`nat_mode`].
+    pub nat: u32,
 }
-const _: () = assert!(size_of::<Service>() == 44);
+const _: () = assert!(size_of::<Service>() == 48);
+
+/// How a service's connections reach their backends, in [`Service::nat`].
+pub mod nat_mode {
+    /// Only the destination is rewritten: backends see the client's address and route their
+    /// replies through the balancer.
+    pub const GATEWAY: u32 = 0;
+    /// The source is rewritten too, to one of the balancer's addresses and a port it
+    /// allocates: backends reply to the balancer whatever their routing.
+    pub const FULL: u32 = 1;
+}
 
 /// Affinity modes in [`Service::affinity`].
 pub mod affinity {
@@ -239,8 +251,13 @@ pub struct Flow {
     /// its prefix from the application's cookie): subtracted from the client's sequence
     /// numbers.
     pub removed: u32,
+    /// Full NAT: the balancer's address and port the backend sees the flow come from
+    /// (`source_port` 0: gateway NAT, the client's own).
+    pub source: Addr,
+    pub source_port: u16,
+    pub _pad: u16,
 }
-const _: () = assert!(size_of::<Flow>() == 48);
+const _: () = assert!(size_of::<Flow>() == 68);
 
 /// Bits of [`Flow::flags`].
 pub mod flow_flags {
@@ -278,8 +295,24 @@ pub struct ReverseNat {
     /// replayed to it, until the backend acknowledges them (then 0): only the agent can send
     /// them again, the client had them acknowledged by the agent.
     pub replay_end: u32,
+    /// Full NAT: the client the replies go back to (`client_port` 0: gateway NAT, where the
+    /// reply is already addressed to it).
+    pub client: Addr,
+    pub client_port: u16,
+    /// [`reverse_flags`] seen on the flow.
+    pub flags: u16,
+    /// Full NAT: second (of `bpf_ktime_get_coarse_ns`) of the backend's latest packet, or of
+    /// the source's claim; tells when the agent may give the source to another connection.
+    pub last_seen_s: u32,
 }
-const _: () = assert!(size_of::<ReverseNat>() == 44);
+const _: () = assert!(size_of::<ReverseNat>() == 68);
+
+/// Bits of [`ReverseNat::flags`].
+pub mod reverse_flags {
+    /// A FIN or a reset went either way: the flow is ending, and a full-NAT source port it
+    /// holds is free again once the flow has been quiet for a moment.
+    pub const CLOSING: u16 = 1;
+}
 
 /// `SYN_OPTIONS` value: what a client's SYN offered, kept until its handshake completes.
 #[repr(C)]
@@ -455,10 +488,15 @@ pub enum Reason {
     /// IPv6 extension header other than hop-by-hop, routing and destination options (which
     /// are skipped), or more of those than the program walks: left to the host.
     PassIpv6Extension,
+    /// Full NAT: a new TCP flow refused with a reset, every source port of its backend's
+    /// network being taken.
+    RefusedNoNatPort,
+    /// Full NAT: a new non-TCP flow dropped, every source port being taken.
+    DropNoNatPort,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 33;
+    pub const COUNT: u32 = 35;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::Replied,
@@ -493,6 +531,8 @@ impl Reason {
         Reason::DropReplyFromClientSide,
         Reason::ResetNoRequest,
         Reason::PassIpv6Extension,
+        Reason::RefusedNoNatPort,
+        Reason::DropNoNatPort,
     ];
 
     /// Stable name used in logs, the stats line and metrics.
@@ -531,6 +571,8 @@ impl Reason {
             Reason::DropReplyFromClientSide => "drop_reply_from_client_side",
             Reason::ResetNoRequest => "reset_no_request",
             Reason::PassIpv6Extension => "pass_ipv6_extension",
+            Reason::RefusedNoNatPort => "refused_no_nat_port",
+            Reason::DropNoNatPort => "drop_no_nat_port",
         }
     }
 }

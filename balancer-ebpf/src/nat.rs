@@ -5,8 +5,8 @@ use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use balancer_common::{
     affinity, csum, flow_flags, flow_state,
     proto::tcp_flag::{ACK, SYN},
-    punt_kind, without_agent, Addr, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey,
-    PROTO_TCP, PROTO_UDP,
+    punt_kind, reverse_flags, without_agent, Addr, Flow, FlowKey, Reason, ReverseNat, Service,
+    ServiceKey, PROTO_TCP, PROTO_UDP,
 };
 use network_types::ip::Ipv4Hdr;
 
@@ -103,6 +103,9 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, V
         flow.backend_addr,
         flow.backend_port,
     )?;
+    if flow.source_port != 0 {
+        rewrite(ctx, packet, End::Source, flow.source, flow.source_port)?;
+    }
     Ok(Some(reason))
 }
 
@@ -120,6 +123,10 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, Ve
     if nat.replay_end != 0 {
         splice::note_replay_acked(ctx, packet, entry);
     }
+    if nat.client_port != 0 {
+        // SAFETY: as above; racing writers only race on bookkeeping.
+        note_source_in_use(unsafe { &mut *entry }, seconds_now(), packet.closing);
+    }
     let reason = match nat.state {
         flow_state::NAT => Reason::Replied,
         // A SYN-ACK (first or repeated) answers the agent's SYN: the agent acknowledges it.
@@ -133,7 +140,23 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, Ve
         _ => return Err(splice::punt(ctx, punt_kind::BACKEND)),
     };
     rewrite(ctx, packet, End::Source, nat.vip, nat.port)?;
+    if nat.client_port != 0 {
+        rewrite(ctx, packet, End::Destination, nat.client, nat.client_port)?;
+    }
     Ok(Some(reason))
+}
+
+/// Full NAT: a flow's reverse entry, which holds its source, records that the flow is alive
+/// (at most once a second) and when it starts to close, so the source is not given to
+/// another flow while this one lives.
+#[inline(always)]
+fn note_source_in_use(entry: &mut ReverseNat, now_s: u32, closing: bool) {
+    if entry.last_seen_s != now_s {
+        entry.last_seen_s = now_s;
+    }
+    if closing && entry.flags & reverse_flags::CLOSING == 0 {
+        entry.flags |= reverse_flags::CLOSING;
+    }
 }
 
 /// A client opening a connection straight to an address that an old VIP flow was NAT-ed to,
@@ -161,8 +184,20 @@ fn reopens(packet: &Packet, flow: &Flow) -> bool {
 /// Removes a flow and its reverse entry.
 #[inline(always)]
 fn forget(key: &FlowKey, flow: &Flow) {
-    let _ = REVERSE.remove(&reply_key(key, flow.backend_addr, flow.backend_port));
+    let _ = REVERSE.remove(&reverse_key(key, flow));
     let _ = FLOWS.remove(key);
+}
+
+/// The key of a flow's `REVERSE` entry: the 5-tuple of the backend's replies, to the
+/// client's address, or in full NAT to the balancer's source.
+#[inline(always)]
+fn reverse_key(key: &FlowKey, flow: &Flow) -> FlowKey {
+    let mut reply = reply_key(key, flow.backend_addr, flow.backend_port);
+    if flow.source_port != 0 {
+        reply.dst = flow.source;
+        reply.dport = flow.source_port;
+    }
+    reply
 }
 
 /// The 5-tuple of the replies to a client flow sent on to `addr:port` (network byte order):

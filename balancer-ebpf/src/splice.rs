@@ -300,10 +300,15 @@ pub fn for_agent(ctx: &XdpContext, packet: &Packet, nat: &ReverseNat) -> bool {
     if seq.wrapping_sub(nat.head_end) as i32 >= 0 {
         return false;
     }
+    let (client, client_port) = if nat.client_port != 0 {
+        (nat.client, nat.client_port)
+    } else {
+        (packet.key.dst, packet.key.dport)
+    };
     let client_key = FlowKey {
-        src: packet.key.dst,
+        src: client,
         dst: nat.vip,
-        sport: packet.key.dport,
+        sport: client_port,
         dport: nat.port,
         proto: PROTO_TCP,
         _pad: [0; 3],

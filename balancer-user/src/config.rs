@@ -10,7 +10,8 @@ use std::{
 };
 
 use balancer_common::{
-    affinity, without_agent, Addr, ServiceKey, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
+    affinity, nat_mode, without_agent, Addr, ServiceKey, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP,
+    PROTO_UDP,
 };
 use serde::Deserialize;
 
@@ -87,12 +88,58 @@ pub struct Config {
     pub cookie_keys: Vec<CookieKeyConfig>,
     /// A file of more keys, one `<id> <secret>` a line, read after `cookie_keys`.
     pub cookie_key_file: Option<PathBuf>,
+    /// Full NAT: the ports the balancer gives connections it opens from its own addresses,
+    /// `"first-last"`; the agent reserves them from the host's own sockets
+    /// (`net.ipv4.ip_local_reserved_ports`, which IPv6 shares).
+    #[serde(default = "default_nat_ports")]
+    pub nat_ports: String,
+    /// Full NAT: the balancer's own addresses that backends see connections come from, for
+    /// each network of backends.
+    #[serde(default, rename = "source_network")]
+    pub source_networks: Vec<SourceNetworkConfig>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
     /// `cookie_keys` and the key file's keys, once loaded and checked.
     #[serde(skip)]
     pub signing_keys: CookieKeys,
 }
+
+/// Full NAT: where connections to a network's backends come from.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceNetworkConfig {
+    /// The backends' network, as `address/prefix` (`198.19.0.0/24`, `2001:db8:b::/64`).
+    pub network: String,
+    /// The balancer's addresses there (assigned to its backend interface): each gives
+    /// `nat_ports` connections to each backend port at once.
+    pub addresses: Vec<IpAddr>,
+}
+
+impl SourceNetworkConfig {
+    /// The network as address and prefix length, if it parses.
+    pub fn prefix(&self) -> Option<(IpAddr, u8)> {
+        let (addr, bits) = self.network.split_once('/')?;
+        let addr: IpAddr = addr.parse().ok()?;
+        let bits: u8 = bits.parse().ok()?;
+        let longest = if addr.is_ipv4() { 32 } else { 128 };
+        (bits <= longest).then_some((addr, bits))
+    }
+
+    /// Whether `ip` lies in the network.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let Some((net, bits)) = self.prefix() else {
+            return false;
+        };
+        if net.is_ipv4() != ip.is_ipv4() {
+            return false;
+        }
+        let mask = Addr::prefix_mask(net.is_ipv4(), u32::from(bits));
+        Addr::from(net).masked(&mask) == Addr::from(ip).masked(&mask)
+    }
+}
+
+/// Full NAT's most source addresses per network.
+pub const MAX_SOURCES_PER_NETWORK: usize = 255;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -162,8 +209,25 @@ pub struct ServiceConfig {
     pub cors: bool,
     /// With `cors`: the variant's name (default: the balancer cookie's name + `CORS`).
     pub cors_cookie: Option<String>,
+    /// How connections reach the backends: `gateway` (the backends see the client's address
+    /// and route their replies through the balancer) or `full` (they see one of the
+    /// balancer's `source_network` addresses, and need no route back through it).
+    #[serde(default)]
+    pub nat: NatMode,
+    /// Cookie services: send the backend the client's address and port in a PROXY protocol
+    /// v2 header before the request (for full NAT, where the backend sees the balancer's).
+    #[serde(default)]
+    pub proxy_protocol: bool,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NatMode {
+    #[default]
+    Gateway,
+    Full,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -385,6 +449,14 @@ impl ServiceConfig {
         }
     }
 
+    /// How the data plane reaches the backends, as a [`nat_mode`] code.
+    pub fn nat_code(&self) -> u32 {
+        match self.nat {
+            NatMode::Gateway => nat_mode::GATEWAY,
+            NatMode::Full => nat_mode::FULL,
+        }
+    }
+
     /// The prefix length of client addresses that share a `source-ip` session.
     pub fn source_prefix(&self) -> u8 {
         self.source_prefix.unwrap_or(if self.vip.is_ipv4() {
@@ -478,6 +550,11 @@ fn default_punt_ring_size() -> u32 {
 
 fn default_syn_cookie_rotation() -> u32 {
     60
+}
+
+/// Below Linux's ephemeral range (32768-60999), so reserving it takes nothing from the host.
+fn default_nat_ports() -> String {
+    "1024-32767".to_owned()
 }
 
 fn default_stats_interval() -> u64 {
@@ -665,6 +742,28 @@ fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError 
 }
 
 impl Config {
+    /// `nat_ports` as its first port and how many, if it parses.
+    pub fn nat_port_range(&self) -> Option<(u16, u16)> {
+        let (first, last) = self.nat_ports.split_once('-')?;
+        let (first, last): (u16, u16) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
+        (first >= 1 && first <= last).then(|| {
+            (
+                first,
+                (u32::from(last - first) + 1).min(u32::from(u16::MAX)) as u16,
+            )
+        })
+    }
+
+    /// The source network that holds `backend` (the most specific, if several do), with its
+    /// index.
+    pub fn source_network_of(&self, backend: IpAddr) -> Option<(usize, &SourceNetworkConfig)> {
+        self.source_networks
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.contains(backend))
+            .max_by_key(|(_, n)| n.prefix().map_or(0, |(_, bits)| bits))
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.display().to_string(),
@@ -820,6 +919,45 @@ impl Config {
         Ok(())
     }
 
+    fn validate_source_networks(&self) -> Result<(), ConfigError> {
+        if self.nat_port_range().is_none() {
+            return Err(invalid(
+                "nat_ports",
+                format!(
+                    "{:?} is not a port range like \"1024-32767\"",
+                    self.nat_ports
+                ),
+            ));
+        }
+        for (index, network) in self.source_networks.iter().enumerate() {
+            let field = format!("source_network[{index}]");
+            let Some((net, _)) = network.prefix() else {
+                return Err(invalid(
+                    format!("{field}.network"),
+                    format!(
+                        "{:?} is not a network like \"198.19.0.0/24\"",
+                        network.network
+                    ),
+                ));
+            };
+            if network.addresses.is_empty() || network.addresses.len() > MAX_SOURCES_PER_NETWORK {
+                return Err(invalid(
+                    format!("{field}.addresses"),
+                    format!("needs 1 to {MAX_SOURCES_PER_NETWORK} addresses"),
+                ));
+            }
+            for (a, addr) in network.addresses.iter().enumerate() {
+                if !unicast(*addr) || addr.is_ipv4() != net.is_ipv4() {
+                    return Err(invalid(
+                        format!("{field}.addresses[{a}]"),
+                        format!("{addr} is not a unicast address of the network's family"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let name_ok = |s: &str| {
             !s.is_empty()
@@ -874,6 +1012,7 @@ impl Config {
             ));
         }
         self.validate_binding_limits()?;
+        self.validate_source_networks()?;
         if self.services.len() > MAX_SERVICES as usize {
             return Err(invalid(
                 "service",
@@ -1008,6 +1147,34 @@ impl Config {
                         service.vip, service.port, service.protocol
                     ),
                 ));
+            }
+            if service.proxy_protocol && service.affinity.code() != affinity::COOKIE {
+                return Err(invalid(
+                    format!("{field}.proxy_protocol"),
+                    "is written by the agent on cookie services; XDP does not insert it into L4 flows yet",
+                ));
+            }
+            if service.nat == NatMode::Full && service.affinity.code() != affinity::COOKIE {
+                return Err(invalid(
+                    format!("{field}.nat"),
+                    "full NAT serves cookie services (whose backend side the agent opens); XDP's own flows run in gateway NAT so far",
+                ));
+            }
+            if service.nat == NatMode::Full {
+                if let Some((b, backend)) = service
+                    .backends
+                    .iter()
+                    .enumerate()
+                    .find(|(_, b)| self.source_network_of(b.address).is_none())
+                {
+                    return Err(invalid(
+                        format!("{field}.backend[{b}].address"),
+                        format!(
+                            "no [[source_network]] holds {}: full NAT sends from the balancer's own address in the backend's network",
+                            backend.address
+                        ),
+                    ));
+                }
             }
             let mut backend_names = HashSet::new();
             let mut cookie_tokens = HashSet::new();
@@ -1221,6 +1388,77 @@ mod tests {
         let broken = broken.expect_err("a key line without a secret").to_string();
         assert!(broken.starts_with("cookie_key_file ("), "{broken}");
         assert!(broken.contains("line 1"), "{broken}");
+    }
+
+    #[test]
+    fn ipv6_services_take_a_64_and_refuse_backends_of_the_other_family() {
+        let v6 = VALID
+            .replace("203.0.113.10", "2001:db8:f::10")
+            .replace("198.19.0.11", "2001:db8:b::11")
+            .replace("198.19.0.12", "2001:db8:b::12");
+        let config = Config::parse(&v6).expect("an IPv6 service");
+        let service = &config.services[0];
+        assert_eq!(service.source_prefix(), 64);
+        assert_eq!(
+            service.source_mask(),
+            Addr::prefix_mask(false, 64),
+            "IPv6 sessions default to a /64"
+        );
+        let mixed = v6.replace("2001:db8:b::12", "198.19.0.12");
+        assert!(error_of(&mixed).contains("service[0] (web).backend[1].address"));
+        let too_long = v6.replace(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\nsource_prefix = 129",
+        );
+        assert!(error_of(&too_long).contains("service[0] (web).source_prefix"));
+    }
+
+    #[test]
+    fn full_nat_errors_name_the_field() {
+        let cookie_full = VALID.replace(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\naffinity = \"lb-cookie\"\nnat = \"full\"\nproxy_protocol = true",
+        );
+        let sources =
+            "\n[[source_network]]\nnetwork = \"198.19.0.0/24\"\naddresses = [\"198.19.0.1\"]\n";
+        let keyed = cookie_full.replace(
+            "instance = \"lab\"",
+            "instance = \"lab\"\ncookie_keys = [{ id = 1, secret = \"a long enough secret\" }]",
+        );
+        let valid = format!("{keyed}{sources}");
+        Config::parse(&valid).expect("a full NAT cookie service with its source network");
+        assert!(error_of(&keyed).contains("service[0] (web).backend[0].address"));
+        let cases = [
+            (
+                valid.replace(
+                    "instance = \"lab\"",
+                    "instance = \"lab\"\nnat_ports = \"9-1\"",
+                ),
+                "nat_ports",
+            ),
+            (
+                valid.replace("198.19.0.0/24", "198.19.0.0/40"),
+                "source_network[0].network",
+            ),
+            (
+                valid.replace("[\"198.19.0.1\"]", "[\"2001:db8::1\"]"),
+                "source_network[0].addresses[0]",
+            ),
+            (
+                valid
+                    .replace("affinity = \"lb-cookie\"\n", "")
+                    .replace("proxy_protocol = true", ""),
+                "service[0] (web).nat",
+            ),
+            (
+                valid.replace("affinity = \"lb-cookie\"\nnat = \"full\"\n", ""),
+                "service[0] (web).proxy_protocol",
+            ),
+        ];
+        for (text, field) in cases {
+            let error = error_of(&text);
+            assert!(error.starts_with(field), "{field}: {error}");
+        }
     }
 
     #[test]

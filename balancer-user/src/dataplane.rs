@@ -15,10 +15,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    binding_state, flow_flags, flow_state, map_name, Affinity, AffinityKey, AgentState, Backend,
-    Binding, CookieSecret, Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey,
-    SynOptions, BINDING_CAPACITY, COOKIE_SECRETS, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES,
-    MAX_TX_PORTS, TABLES_PER_SERVICE, XDP_PROGRAM,
+    binding_state, flow_flags, flow_state, map_name, reverse_flags, Affinity, AffinityKey,
+    AgentState, Backend, Binding, CookieSecret, Counter, Flow, FlowKey, Reason, ReverseNat,
+    Service, ServiceKey, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS, LAYOUT_VERSION,
+    MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 use tracing::{info, warn};
 
@@ -111,9 +111,7 @@ impl Dataplane {
             .program_mut(XDP_PROGRAM)
             .context("the XDP object has no balancer program")?
             .try_into()?;
-        program
-            .load()
-            .context("the kernel verifier rejected the XDP program")?;
+        load_retrying(program)?;
         let info = program
             .info()
             .context("reading the loaded program's info")?;
@@ -348,6 +346,33 @@ impl Dataplane {
         flows.insert(key, flow, 0).context("writing a flow")?;
         self.write_reverse(reply_key, nat)?;
         Ok(nat)
+    }
+
+    /// Full NAT: takes the source in `reply_key` for a connection whose reverse entry is
+    /// `nat`, if no flow holds it (or the one that did has let it go); false if one does.
+    pub fn claim_reverse(&mut self, reply_key: &FlowKey, mut nat: ReverseNat) -> Result<bool> {
+        const NO_EXIST: u64 = 1;
+        let now_s = monotonic_seconds();
+        nat.last_seen_s = now_s;
+        let mut reverse: HashMap<&mut MapData, FlowKey, ReverseNat> =
+            HashMap::try_from(self.map(map_name::REVERSE)?)?;
+        if let Ok(held) = reverse.get(reply_key, 0) {
+            if !source_is_free(&held, now_s) {
+                return Ok(false);
+            }
+            let _ = reverse.remove(reply_key);
+        }
+        // The data plane may claim it between the look and the insert: only one succeeds.
+        Ok(reverse.insert(reply_key, nat, NO_EXIST).is_ok())
+    }
+
+    /// Removes a reverse entry.
+    pub fn remove_reverse(&mut self, reply_key: &FlowKey) {
+        if let Ok(map) = self.map(map_name::REVERSE) {
+            if let Ok(mut reverse) = HashMap::<&mut MapData, FlowKey, ReverseNat>::try_from(map) {
+                let _ = reverse.remove(reply_key);
+            }
+        }
     }
 
     /// Writes a reverse entry.
@@ -819,6 +844,68 @@ fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 13] {
         ),
         (map_name::PUNTS, 0, 0, config.punt_ring_size),
     ]
+}
+
+/// Loads a program, trying again when the kernel answers EAGAIN, as libbpf does: the kernel
+/// gives that answer, before verifying anything, when a load meets a concurrent one (seen
+/// with several balancers or test fixtures loading at once).
+pub fn load_retrying(program: &mut Xdp) -> Result<()> {
+    const ATTEMPTS: usize = 5;
+    for attempt in 1..=ATTEMPTS {
+        match program.load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.kind() == std::io::ErrorKind::WouldBlock && attempt < ATTEMPTS => {}
+            result => return result.context("the kernel verifier rejected the XDP program"),
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+/// Full NAT: seconds a closed connection keeps its source, for the last segments of its close.
+const SOURCE_QUIET_AFTER_CLOSE_S: u32 = 2;
+/// Full NAT: seconds without a packet from the backend after which a connection's source is
+/// free (its ends went away without closing).
+const SOURCE_IDLE_S: u32 = 3600;
+
+/// Full NAT: whether the connection whose reverse entry is `held` has let its source go.
+fn source_is_free(held: &ReverseNat, now_s: u32) -> bool {
+    let quiet = now_s.wrapping_sub(held.last_seen_s);
+    (held.flags & reverse_flags::CLOSING != 0 && quiet > SOURCE_QUIET_AFTER_CLOSE_S)
+        || quiet > SOURCE_IDLE_S
+}
+
+/// Full NAT: reserves the configured ports from the host's own sockets (see
+/// [`reserve_ports`]).
+pub fn reserve_nat_ports(config: &Config) -> Result<()> {
+    if config.source_networks.is_empty() {
+        return Ok(());
+    }
+    reserve_ports(&config.nat_ports)
+}
+
+/// The sysctl that keeps ports out of the host's automatic choice, for IPv4 and IPv6 alike.
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// Adds `range` ("first-last") to the namespace's reserved ports, keeping what is there.
+fn reserve_ports(range: &str) -> Result<()> {
+    let current =
+        fs::read_to_string(RESERVED_PORTS).with_context(|| format!("reading {RESERVED_PORTS}"))?;
+    let current = current.trim();
+    if current.split(',').any(|r| r.trim() == range) {
+        return Ok(());
+    }
+    let wanted = if current.is_empty() {
+        range.to_owned()
+    } else {
+        format!("{current},{range}")
+    };
+    fs::write(RESERVED_PORTS, &wanted)
+        .with_context(|| format!("reserving the full NAT ports {range} in {RESERVED_PORTS}"))?;
+    info!(
+        ports = range,
+        "reserved for full NAT: the host's own connections will not take them"
+    );
+    Ok(())
 }
 
 /// Slots of `BACKEND_TABLE`: two tables of `table_size` for every possible service.

@@ -13,6 +13,7 @@ mod health;
 mod http;
 mod maglev;
 mod mounts;
+mod proxy_protocol;
 mod rewrite;
 mod segment;
 

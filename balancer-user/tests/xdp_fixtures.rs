@@ -17,8 +17,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    affinity, backend_state, flow_flags, flow_state, map_name, syncookie, without_agent, Addr,
-    AgentState, Backend, Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey,
+    affinity, backend_state, flow_flags, flow_state, map_name, nat_mode, syncookie, without_agent,
+    Addr, AgentState, Backend, Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey,
     DEFAULT_AGENT_TIMEOUT_S, LAYOUT_VERSION, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
     TABLES_PER_SERVICE, XDP_PROGRAM,
 };
@@ -334,7 +334,18 @@ impl Program {
             .expect("program")
             .try_into()
             .expect("an XDP program");
-        program.load().expect("the verifier accepts the program");
+        // The kernel answers EAGAIN when loads meet (the fixtures run in parallel).
+        let loaded = (0..5).find_map(|_| match program.load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.kind() == std::io::ErrorKind::WouldBlock =>
+            {
+                None
+            }
+            result => Some(result),
+        });
+        loaded
+            .expect("the kernel kept answering EAGAIN")
+            .expect("the verifier accepts the program");
         let mut this = Self { ebpf, pin_dir };
         this.program_services();
         this.agent_alive_seconds_ago(0);
@@ -438,6 +449,7 @@ impl Program {
             affinity_timeout: 300,
             source_mask: Addr::prefix_mask(true, 24),
             without_agent: without_agent::PLACE_BY_FLOW,
+            nat: nat_mode::GATEWAY,
         };
         map.insert(key, value, 0).unwrap();
     }

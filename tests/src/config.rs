@@ -24,6 +24,8 @@ pub struct ServiceOptions {
     pub lb_cookie_backend: Option<usize>,
     /// Extra TOML lines for the `web-v6` service.
     pub web6_settings: String,
+    /// TOML tables after the services (`[[source_network]]`, more `[[service]]`s).
+    pub extra_tables: String,
 }
 
 /// The key that signs the lab's `lb-cookie` cookies.
@@ -79,6 +81,8 @@ impl Lab {
         toml += &service("echo-udp", ECHO_PORT, "udp", "", 0..BACKEND_COUNT);
         toml += &service_v6("echo-tcp-v6", ECHO_PORT, "tcp", "");
         toml += &service_v6("echo-udp-v6", ECHO_PORT, "udp", "");
+        toml += "\n";
+        toml += &options.extra_tables;
         toml
     }
 }

@@ -458,6 +458,17 @@ impl Lab {
         Ok(())
     }
 
+    /// Takes the backends' default routes away, both families: they reach their own network
+    /// alone, as backends in a network whose gateway is not the balancer (full NAT's case).
+    pub fn route_backends_away(&self) -> Result<()> {
+        for index in 0..BACKEND_COUNT {
+            let ns = self.backend_ns(index);
+            ip(ns, &["route", "del", "default"])?;
+            ip(ns, &["-6", "route", "del", "default"])?;
+        }
+        Ok(())
+    }
+
     /// Extra IPv6 source addresses for the client (each must lie within 2001:db8:c::/48).
     pub fn add_client_addresses6(&self, addrs: &[Ipv6Addr]) -> Result<()> {
         for addr in addrs {

@@ -27,10 +27,7 @@ fn curl_to_the_ipv6_vip_is_answered_by_a_backend() {
     let before = counters(&lab);
     let body = get6(&lab, &[], "/");
     let names: Vec<String> = (0..BACKEND_COUNT).map(Lab::backend_name).collect();
-    assert!(
-        names.iter().any(|n| body == *n),
-        "unexpected answer {body:?}"
-    );
+    assert!(names.contains(&body), "unexpected answer {body:?}");
     let after = counters(&lab);
     assert!(
         after["forwarded"] > before["forwarded"] && after["replied"] > before["replied"],
@@ -274,110 +271,13 @@ const HEALTH_CHECK: &str =
 fn ipv6_cookie_sessions_stick_in_curl_jars_and_python_and_move_with_a_new_cookie_when_their_backend_dies(
 ) {
     let mut lab = lab_with(&lb_cookie_v6(HEALTH_CHECK));
-    // curl jars: the first answer sets the balancer's cookie, every later request follows it.
-    let mut jar_backends = HashSet::new();
-    for jar in 0..12 {
-        let path = lab.dir().join(format!("jar6-{jar}"));
-        let path = path.to_str().expect("utf-8 path");
-        let answers: Vec<String> = (0..6)
-            .map(|_| get6(&lab, &["-c", path, "-b", path], "/"))
-            .collect();
-        assert!(
-            answers.iter().all(|a| *a == answers[0]),
-            "jar {jar} moved: {answers:?}"
-        );
-        jar_backends.insert(answers[0].clone());
-    }
+    let jar_backends = lb_cookie_jars_stick(&lab, &vip6_url("/"), 12);
     assert_eq!(
         jar_backends.len(),
         BACKEND_COUNT,
         "12 new sessions spread over every backend"
     );
-
-    let script = format!(
-        r#"
-import requests, sys
-sessions = [requests.Session() for _ in range(30)]
-for i, s in enumerate(sessions):
-    seen = {{s.get("{url}", timeout=10).text.strip() for _ in range(5)}}
-    print(i, s.cookies.get("LBSESSION"), " ".join(sorted(seen)))
-sys.stdout.write("placed\n"); sys.stdout.flush()
-sys.stdin.readline()
-for i, s in enumerate(sessions):
-    before = s.cookies.get("LBSESSION")
-    seen = {{s.get("{url}", timeout=10).text.strip() for _ in range(5)}}
-    print(i, int(s.cookies.get("LBSESSION") != before), " ".join(sorted(seen)))
-"#,
-        url = vip6_url("/")
-    );
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", lab.client_ns(), "python3", "-c", &script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("starting the python sessions");
-    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-    let mut placed = Vec::new();
-    loop {
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut stdout, &mut line).expect("reading the sessions");
-        if line.trim() == "placed" || line.is_empty() {
-            break;
-        }
-        let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
-        assert_eq!(words.len(), 3, "a session saw several backends: {line}");
-        placed.push(words[2].clone());
-    }
-    assert_eq!(placed.len(), 30, "sessions placed: {placed:?}");
-    let victim = Lab::backend_name(2);
-    assert!(
-        placed.contains(&victim),
-        "some of 30 sessions use {victim}: {placed:?}"
-    );
-    lab.stop_backend(2).expect("stopping backend-3's server");
-    wait_until(
-        std::time::Duration::from_secs(5),
-        "backend-3 marked down",
-        || service_status_of(&lab, "web-v6", &victim).contains("state=down"),
-    );
-    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), b"go\n").expect("writing");
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut rest).expect("reading");
-    assert!(
-        child.wait().expect("waiting").success(),
-        "the sessions failed: {rest}"
-    );
-    let after: Vec<Vec<&str>> = rest
-        .lines()
-        .map(|l| l.split_whitespace().collect())
-        .collect();
-    assert_eq!(after.len(), 30, "{rest}");
-    for (session, words) in after.iter().enumerate() {
-        assert_eq!(
-            words.len(),
-            3,
-            "session {session} saw several backends after the failure: {words:?}"
-        );
-        if placed[session] == victim {
-            assert_ne!(
-                words[2], victim,
-                "session {session} still reaches the dead backend"
-            );
-            assert_eq!(
-                words[1], "1",
-                "session {session} moved without a new cookie"
-            );
-        } else {
-            assert_eq!(
-                words[2], placed[session],
-                "session {session} on a healthy backend moved"
-            );
-            assert_eq!(
-                words[1], "0",
-                "session {session} got a new cookie without moving"
-            );
-        }
-    }
+    sessions_stick_and_move_with_a_new_cookie(&mut lab, &vip6_url("/"), "web-v6");
 }
 
 #[test]

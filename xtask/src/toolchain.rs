@@ -140,7 +140,7 @@ fn missing_toolchain_help() -> String {
 }
 
 /// The programs the lab, the tests and the benchmark run, by the Debian package that has them.
-const LAB_TOOLS: [(&str, &str); 14] = [
+const LAB_TOOLS: [(&str, &str); 15] = [
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("ethtool", "ethtool"),
@@ -154,6 +154,8 @@ const LAB_TOOLS: [(&str, &str); 14] = [
     ("python3", "python3"),
     ("hping3", "hping3"),
     ("nc", "netcat-openbsd"),
+    // A real backend that reads the PROXY protocol the balancer writes in full NAT.
+    ("nginx", "nginx"),
     // Checks the systemd unit (the machines' PID 1 is no systemd to start it with).
     ("systemd-analyze", "systemd"),
 ];
@@ -280,12 +282,29 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
             });
     });
     update?;
+    // Servers installed for the lab (nginx) are started by the tests, in their namespaces:
+    // a policy-rc.d that refuses keeps their packages from starting them on the host.
+    let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+    let own_policy = !policy.exists()
+        && std::fs::write(
+            policy,
+            "#!/bin/sh\n# cargo xtask: no services started by apt\nexit 101\n",
+        )
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))
+        })
+        .is_ok();
     let status = Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status()
-        .context("running apt-get install")?;
+        .context("running apt-get install");
+    if own_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    let status = status?;
     if !status.success() {
         bail!("apt-get install {} failed ({status})", packages.join(" "));
     }

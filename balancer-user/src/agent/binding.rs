@@ -11,7 +11,7 @@
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -30,9 +30,10 @@ use super::{
     Agent, BackendRuntime, ServiceRuntime,
 };
 use crate::{
-    config::{CookieFallback, ServiceConfig},
+    config::{Config, CookieFallback, NatMode, ServiceConfig},
     cookie::{backend_token, CookieKeys, Rejection},
-    http, rewrite,
+    dataplane::Dataplane,
+    http, proxy_protocol, rewrite,
     segment::{Segment, ACK, FIN, PSH, RST, SYN},
 };
 
@@ -48,6 +49,8 @@ const BACKEND_UNUSABLE: usize = 4;
 
 /// Request heads are collected up to this size; a larger head is placed by the fallback.
 const MAX_HEAD: usize = 16 * 1024;
+/// Full NAT: sources the agent tries for one connection before it gives up on it.
+const SOURCE_CLAIM_TRIES: u32 = 64;
 /// The backend's SYN-ACK is awaited this long before the SYN is sent again.
 const SYN_RETRY: Duration = Duration::from_millis(500);
 /// SYNs sent to one backend before the next one is tried.
@@ -109,6 +112,8 @@ pub struct Binder {
     limits: BindingLimits,
     /// Backend-side key of each connection being opened → its client-side key.
     by_backend: HashMap<FlowKey, FlowKey>,
+    /// Full NAT: sources handed out so far, which picks the next one to try.
+    source_cursor: u32,
     pub counters: BindingCounters,
 }
 
@@ -138,11 +143,29 @@ struct Pending {
     /// Rewrite mode: the application's cookie whose prefix comes off the request before the
     /// backend gets it, and the bytes that removes.
     strip: Option<(String, u32)>,
+    /// Full NAT: the balancer's address and port the backend sees the connection come from
+    /// (gateway NAT: none, it sees the client's).
+    source: Option<(IpAddr, u16)>,
+    /// The PROXY protocol header sent to the backend before the request (empty: none).
+    proxy_header: Vec<u8>,
     /// When the edited response head was first sent to the client.
     head_sent: Option<Instant>,
 }
 
 impl Pending {
+    /// The address and port the backend sees the connection come from.
+    fn backend_side(&self) -> (IpAddr, u16) {
+        self.source.unwrap_or((self.client, self.client_port))
+    }
+
+    /// Bytes by which the backend's stream of the client's data is shorter than the client's:
+    /// what rewrite mode strips from the request, less the PROXY header put before it (so
+    /// the backend's stream may be longer, and this wraps below zero).
+    fn shortened(&self) -> u32 {
+        let stripped = self.strip.as_ref().map_or(0, |(_, removed)| *removed);
+        stripped.wrapping_sub(self.proxy_header.len() as u32)
+    }
+
     /// The client's sequence number just past the bytes the agent has.
     fn next_client_seq(&self) -> u32 {
         self.binding
@@ -249,6 +272,8 @@ impl Binder {
             budgets: Budgets::new(limits.per_client, limits.per_prefix),
             limits,
             by_backend: HashMap::new(),
+            // Anywhere in the range: the data plane's CPUs start at its beginning.
+            source_cursor: std::process::id().wrapping_mul(0x9e37_79b9),
             counters: BindingCounters::default(),
         })
     }
@@ -426,6 +451,8 @@ impl Agent {
                     reverse: ReverseNat::default(),
                     replay_check: (Instant::now(), REPLAY_WAIT),
                     strip: None,
+                    source: None,
+                    proxy_header: Vec::new(),
                     head_sent: None,
                 },
             );
@@ -591,20 +618,52 @@ impl Agent {
             cookie = %cookie, backend = %target.addr, attempt = pending.tried.len() + 1,
             "binding decision"
         );
+        let full_nat = service.config.nat == NatMode::Full;
+        let proxy_header = if service.config.proxy_protocol {
+            proxy_protocol::header(
+                SocketAddr::new(pending.client, pending.client_port),
+                SocketAddr::new(pending.vip, pending.vip_port),
+            )
+        } else {
+            Vec::new()
+        };
+        // A source claimed for an earlier attempt goes back: the next one may be elsewhere.
+        if let (
+            Some(_),
+            Stage::Connecting {
+                target: earlier, ..
+            },
+        ) = (pending.source, &pending.stage)
+        {
+            self.dataplane
+                .remove_reverse(&backend_key(pending, *earlier));
+        }
+        let client = (pending.client, pending.client_port);
+        let source = if full_nat {
+            let claimed = claim_source(
+                &self.config,
+                &mut self.binder.source_cursor,
+                &mut self.dataplane,
+                (target, key, client),
+            );
+            let Some(source) = claimed else {
+                warn!(client = %client.0, backend = %target.addr, "every full NAT source port to the backend is taken: resetting the client");
+                self.binder.counters.failed += 1;
+                self.abort(key, false);
+                return;
+            };
+            Some(source)
+        } else {
+            None
+        };
+        let Some(pending) = self.binder.pending.get_mut(key) else {
+            return;
+        };
+        pending.source = source;
+        pending.proxy_header = proxy_header;
+        let pending = &self.binder.pending[key];
         let reply_key = backend_key(pending, target);
-        let flow = Flow {
-            backend_id: target.id,
-            backend_addr: Addr::from(target.addr),
-            backend_port: target.port.to_be(),
-            state: flow_state::CONNECTING,
-            ..Flow::default()
-        };
-        let nat = ReverseNat {
-            vip: Addr::from(pending.vip),
-            port: pending.vip_port.to_be(),
-            state: flow_state::CONNECTING,
-            ..ReverseNat::default()
-        };
+        let (flow, nat) = connection_entries(pending, target, flow_state::CONNECTING);
         if let Err(error) = self.dataplane.set_connection(key, flow, &reply_key, nat) {
             warn!("recording a connection being opened: {error:#}");
             self.abort_quietly(key);
@@ -699,8 +758,8 @@ impl Agent {
         if already.is_none() {
             let client_scales = pending.binding.options.window_shift != NO_WINDOW_SCALE;
             let delta = backend_isn.wrapping_sub(pending.binding.cookie_isn);
-            let removed = pending.strip.as_ref().map_or(0, |(_, removed)| *removed);
-            let replayed = pending.request.len() as u32 - removed;
+            let removed = pending.shortened();
+            let replayed = (pending.request.len() as u32).wrapping_sub(removed);
             let replay_end = if replayed > 0 {
                 pending
                     .binding
@@ -710,14 +769,11 @@ impl Agent {
             } else {
                 0
             };
+            let (flow, nat) = connection_entries(pending, target, flow_state::SPLICED);
             let flow = Flow {
-                backend_id: target.id,
-                backend_addr: Addr::from(target.addr),
-                backend_port: target.port.to_be(),
-                state: flow_state::SPLICED,
                 seq_delta: delta,
                 removed,
-                ..Flow::default()
+                ..flow
             };
             let window_shifts = if client_scales {
                 (segment.window_shift.unwrap_or(0), COOKIE_WINDOW_SHIFT)
@@ -725,8 +781,6 @@ impl Agent {
                 (0, 0)
             };
             let nat = ReverseNat {
-                vip: Addr::from(pending.vip),
-                port: pending.vip_port.to_be(),
                 backend_window_shift: window_shifts.0,
                 client_window_shift: window_shifts.1,
                 // The first response head comes to the agent when it gets the cookie.
@@ -738,7 +792,7 @@ impl Agent {
                 seq_delta: delta,
                 removed,
                 replay_end,
-                ..ReverseNat::default()
+                ..nat
             };
             if let Err(error) = self
                 .dataplane
@@ -770,10 +824,11 @@ impl Agent {
     fn replay(&self, pending: &Pending, target: Target, backend_isn: u32) {
         let mss = usize::from(pending.binding.options.mss.clamp(536, COOKIE_MSS));
         let first_seq = pending.binding.client_isn.wrapping_add(1);
+        let (src, sport) = pending.backend_side();
         let template = Segment {
-            src: pending.client,
+            src,
             dst: target.addr,
-            sport: pending.client_port,
+            sport,
             dport: target.port,
             seq: first_seq,
             ack: backend_isn.wrapping_add(1),
@@ -784,6 +839,11 @@ impl Agent {
         let request = match &pending.strip {
             Some((name, _)) => std::borrow::Cow::Owned(rewrite::strip(&pending.request, name).0),
             None => std::borrow::Cow::Borrowed(&pending.request),
+        };
+        let request = if pending.proxy_header.is_empty() {
+            request
+        } else {
+            std::borrow::Cow::Owned([pending.proxy_header.as_slice(), &request].concat())
         };
         if request.is_empty() {
             self.binder.send(&template);
@@ -877,9 +937,8 @@ impl Agent {
         );
         let bytes = u64::from(from.window) << (backend_shift & 15) >> (client_shift & 15);
         let first_seq = pending.binding.cookie_isn.wrapping_add(1);
-        let removed = pending.strip.as_ref().map_or(0, |(_, removed)| *removed);
         let template = Segment {
-            ack: from.ack.wrapping_add(removed),
+            ack: from.ack.wrapping_add(pending.shortened()),
             window: bytes.min(u64::from(u16::MAX)) as u16,
             ..pending.to_client(ACK, 0)
         };
@@ -1066,10 +1125,11 @@ impl Agent {
             }
             if let Stage::Connecting { target, .. } | Stage::Spliced { target, .. } = pending.stage
             {
+                let (src, sport) = pending.backend_side();
                 self.binder.send(&Segment {
-                    src: pending.client,
+                    src,
                     dst: target.addr,
-                    sport: pending.client_port,
+                    sport,
                     dport: target.port,
                     seq: pending.binding.client_isn.wrapping_add(1),
                     flags: RST,
@@ -1333,12 +1393,91 @@ fn value_hash(value: &[u8]) -> u32 {
     mix((h ^ (h >> 32)) as u32 ^ 0x5bd1_e995)
 }
 
+/// Full NAT: claims the balancer's address and port a connection to `target` comes from:
+/// the next of its network's addresses and `nat_ports` in turn that no connection holds (a
+/// `REVERSE` entry inserted only where none is settles it). Taking them in turn puts as
+/// much time as the range allows between two uses of one source, which the backend may
+/// still remember in TIME_WAIT.
+fn claim_source(
+    config: &Config,
+    cursor: &mut u32,
+    dataplane: &mut Dataplane,
+    (target, key, (client, client_port)): (Target, &FlowKey, (IpAddr, u16)),
+) -> Option<(IpAddr, u16)> {
+    let (_, network) = config.source_network_of(target.addr)?;
+    let addresses = &network.addresses;
+    let count = addresses.len() as u32;
+    let (port_first, ports) = config.nat_port_range()?;
+    let space = count * u32::from(ports);
+    if space == 0 {
+        return None;
+    }
+    let reverse = ReverseNat {
+        vip: key.dst,
+        port: key.dport,
+        state: flow_state::CONNECTING,
+        client: Addr::from(client),
+        client_port: client_port.to_be(),
+        ..ReverseNat::default()
+    };
+    for _ in 0..SOURCE_CLAIM_TRIES {
+        let turn = *cursor;
+        *cursor = turn.wrapping_add(1);
+        let index = turn % space;
+        let source = addresses[(index % count) as usize];
+        let port = port_first + (index / count) as u16;
+        let reply_key = Segment {
+            src: target.addr,
+            dst: source,
+            sport: target.port,
+            dport: port,
+            ..Segment::empty()
+        }
+        .key();
+        match dataplane.claim_reverse(&reply_key, reverse) {
+            Ok(true) => return Some((source, port)),
+            Ok(false) => {}
+            Err(error) => {
+                warn!("claiming a full NAT source: {error:#}");
+                return None;
+            }
+        }
+    }
+    None
+}
+
+/// A connection's flow and reverse entries in `state`, with its addresses: the backend, and
+/// in full NAT the source the backend sees and the client the replies go back to.
+fn connection_entries(pending: &Pending, target: Target, state: u32) -> (Flow, ReverseNat) {
+    let mut flow = Flow {
+        backend_id: target.id,
+        backend_addr: Addr::from(target.addr),
+        backend_port: target.port.to_be(),
+        state,
+        ..Flow::default()
+    };
+    let mut nat = ReverseNat {
+        vip: Addr::from(pending.vip),
+        port: pending.vip_port.to_be(),
+        state,
+        ..ReverseNat::default()
+    };
+    if let Some((source, port)) = pending.source {
+        flow.source = Addr::from(source);
+        flow.source_port = port.to_be();
+        nat.client = Addr::from(pending.client);
+        nat.client_port = pending.client_port.to_be();
+    }
+    (flow, nat)
+}
+
 fn backend_key(pending: &Pending, target: Target) -> FlowKey {
+    let (dst, dport) = pending.backend_side();
     Segment {
         src: target.addr,
-        dst: pending.client,
+        dst,
         sport: target.port,
-        dport: pending.client_port,
+        dport,
         ..Segment::empty()
     }
     .key()
@@ -1347,10 +1486,11 @@ fn backend_key(pending: &Pending, target: Target) -> FlowKey {
 /// The SYN that opens the backend side with the client's address, port, ISN and options.
 fn backend_syn(pending: &Pending, target: Target) -> Segment {
     let options = pending.binding.options;
+    let (src, sport) = pending.backend_side();
     Segment {
-        src: pending.client,
+        src,
         dst: target.addr,
-        sport: pending.client_port,
+        sport,
         dport: target.port,
         seq: pending.binding.client_isn,
         ack: 0,

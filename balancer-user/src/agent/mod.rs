@@ -272,6 +272,7 @@ impl Agent {
         self.services = services;
         self.binder.set_limits(binding_limits(&config));
         self.dataplane.set_request_timeout(config.request_timeout);
+        crate::dataplane::reserve_nat_ports(&config)?;
         self.config = config;
         for index in 0..self.services.len() {
             self.publish(index)?;
@@ -346,6 +347,7 @@ impl Agent {
             source_mask: service.config.source_mask(),
             backend_count,
             without_agent: service.config.without_agent_code(),
+            nat: service.config.nat_code(),
             ..Service::default()
         };
         let key = service.key;

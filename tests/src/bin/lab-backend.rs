@@ -2,6 +2,7 @@
 //! answer naming the backend so tests can tell where a request landed.
 //!
 //! HTTP: `GET /` → `<name>\n`; `GET /cookies` → the request's `Cookie` headers;
+//! `GET /peer` → the address and port the connection came from (`<ip> <port>\n`);
 //! `GET /bytes/<n>` → n bytes of the lab's test data, streamed;
 //! `POST /upload` → `<sha256 hex> <byte count>\n` of the body, read as it streams; `?pad=<n>`
 //! adds an `X-Padding` header of n bytes to any answer, `?delay=<ms>` holds it back. Every
@@ -126,7 +127,8 @@ async fn tcp_echo(listener: TcpListener) {
 /// Serves HTTP/1.1 requests on one connection, keep-alive included.
 async fn serve_http(stream: TcpStream, name: Arc<str>) {
     let _ = stream.set_nodelay(true);
-    let service = service_fn(move |request| handle(request, name.clone()));
+    let peer = stream.peer_addr().ok();
+    let service = service_fn(move |request| handle(request, name.clone(), peer));
     let _ = http1::Builder::new()
         .keep_alive(true)
         // A client may shut its sending side once its request is out (`nc -N`, HTTP/1.0
@@ -140,6 +142,7 @@ async fn serve_http(stream: TcpStream, name: Arc<str>) {
 async fn handle(
     request: Request<Incoming>,
     name: Arc<str>,
+    peer: Option<SocketAddr>,
 ) -> Result<Response<ResponseBody>, hyper::Error> {
     let path = request.uri().path().to_owned();
     if path == "/ws" {
@@ -165,6 +168,14 @@ async fn handle(
     let response = match (request.method(), path.as_str()) {
         (&Method::GET, "/") => text(StatusCode::OK, format!("{name}\n")),
         (&Method::GET, "/cookies") => text(StatusCode::OK, format!("{}\n", cookies.join("; "))),
+        (&Method::GET, "/peer") => match peer {
+            // The listener takes IPv4 as mapped addresses: shown as the client sent them.
+            Some(peer) => text(
+                StatusCode::OK,
+                format!("{} {}\n", peer.ip().to_canonical(), peer.port()),
+            ),
+            None => text(StatusCode::INTERNAL_SERVER_ERROR, "no peer\n".to_owned()),
+        },
         (&Method::GET, path) if path.starts_with("/bytes/") => {
             match path["/bytes/".len()..].parse::<u64>() {
                 Ok(size) => bytes(size),

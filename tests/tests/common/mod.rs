@@ -384,3 +384,117 @@ pub const SIZES: [u64; 12] = [
     1_000, 3_000, 9_000, 27_000, 81_000, 243_000, 729_000, 1_500_000, 2_187_000, 4_000_000,
     6_561_000, 10_000_000,
 ];
+
+/// 30 python `requests` sessions through `url` (an `lb-cookie` service with health checks,
+/// named `service`) each stay on one backend; once backend-3 is stopped and marked down, its
+/// sessions move with a new cookie and the others keep their backend and cookie.
+pub fn sessions_stick_and_move_with_a_new_cookie(lab: &mut Lab, url: &str, service: &str) {
+    let script = format!(
+        r#"
+import requests, sys
+sessions = [requests.Session() for _ in range(30)]
+for i, s in enumerate(sessions):
+    seen = {{s.get("{url}", timeout=10).text.strip() for _ in range(5)}}
+    print(i, s.cookies.get("LBSESSION"), " ".join(sorted(seen)))
+sys.stdout.write("placed\n"); sys.stdout.flush()
+sys.stdin.readline()
+for i, s in enumerate(sessions):
+    before = s.cookies.get("LBSESSION")
+    seen = {{s.get("{url}", timeout=10).text.strip() for _ in range(5)}}
+    print(i, int(s.cookies.get("LBSESSION") != before), " ".join(sorted(seen)))
+"#,
+        url = url
+    );
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.client_ns(), "python3", "-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the python sessions");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut placed = Vec::new();
+    loop {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line).expect("reading the sessions");
+        if line.trim() == "placed" || line.is_empty() {
+            break;
+        }
+        let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        assert_eq!(words.len(), 3, "a session saw several backends: {line}");
+        placed.push(words[2].clone());
+    }
+    assert_eq!(placed.len(), 30, "sessions placed: {placed:?}");
+    let victim = Lab::backend_name(2);
+    assert!(
+        placed.contains(&victim),
+        "some of 30 sessions use {victim}: {placed:?}"
+    );
+    lab.stop_backend(2).expect("stopping backend-3's server");
+    wait_until(
+        std::time::Duration::from_secs(5),
+        "backend-3 marked down",
+        || service_status_of(lab, service, &victim).contains("state=down"),
+    );
+    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), b"go\n").expect("writing");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).expect("reading");
+    assert!(
+        child.wait().expect("waiting").success(),
+        "the sessions failed: {rest}"
+    );
+    let after: Vec<Vec<&str>> = rest
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(after.len(), 30, "{rest}");
+    for (session, words) in after.iter().enumerate() {
+        assert_eq!(
+            words.len(),
+            3,
+            "session {session} saw several backends after the failure: {words:?}"
+        );
+        if placed[session] == victim {
+            assert_ne!(
+                words[2], victim,
+                "session {session} still reaches the dead backend"
+            );
+            assert_eq!(
+                words[1], "1",
+                "session {session} moved without a new cookie"
+            );
+        } else {
+            assert_eq!(
+                words[2], placed[session],
+                "session {session} on a healthy backend moved"
+            );
+            assert_eq!(
+                words[1], "0",
+                "session {session} got a new cookie without moving"
+            );
+        }
+    }
+}
+
+/// `jars` curl cookie jars each GET `url` six times on new connections: the first answer sets
+/// the balancer's cookie and every later request follows it (asserted). Returns the backends
+/// the jars stuck to.
+pub fn lb_cookie_jars_stick(
+    lab: &Lab,
+    url: &str,
+    jars: usize,
+) -> std::collections::HashSet<String> {
+    let mut backends = std::collections::HashSet::new();
+    for jar in 0..jars {
+        let path = lab.dir().join(format!("lb-jar-{jar}"));
+        let path = path.to_str().expect("utf-8 path");
+        let answers: Vec<String> = (0..6)
+            .map(|_| get_at(lab, url, &["-c", path, "-b", path]))
+            .collect();
+        assert!(
+            answers.iter().all(|a| *a == answers[0]),
+            "jar {jar} moved: {answers:?}"
+        );
+        backends.insert(answers[0].clone());
+    }
+    backends
+}

@@ -1,0 +1,169 @@
+//! Full NAT on cookie services: the backends see one of the balancer's own addresses and
+//! need no route back through it (here they have none but their own network), and the
+//! client's address reaches them in a PROXY protocol v2 header, read by a real nginx. Both
+//! families. Needs root.
+
+mod common;
+
+use std::time::Duration;
+
+use balancer_lab::{
+    Lab, ServiceOptions, BACKEND_COUNT, BALANCER_BACKEND_ADDR, BALANCER_BACKEND_ADDR6, CLIENT_ADDR,
+    CLIENT_ADDR6, VIP, VIP6,
+};
+use common::*;
+
+const NAT_PORTS: &str = "nat_ports = \"20000-29999\"\n";
+const SOURCE_NETWORKS: &str =
+    "[[source_network]]\nnetwork = \"198.19.0.0/24\"\naddresses = [\"198.19.0.1\"]\n\
+    [[source_network]]\nnetwork = \"2001:db8:b::/64\"\naddresses = [\"2001:db8:b::1\"]\n";
+
+const FULL_NAT_LB_COOKIE: &str = "affinity = \"lb-cookie\"\nnat = \"full\"\n\
+    [service.health_check]\nkind = \"http\"\ninterval = 0.5\ntimeout = 0.5\nfall = 2\nrise = 2\n";
+
+/// A lab whose `web` and `web-v6` are full-NAT lb-cookie services and whose backends reach
+/// nothing beyond their own network.
+fn full_nat_lab(extra_tables: &str) -> Lab {
+    let lab = lab_with_settings(
+        NAT_PORTS,
+        &ServiceOptions {
+            web_settings: FULL_NAT_LB_COOKIE.to_owned(),
+            web6_settings: FULL_NAT_LB_COOKIE.to_owned(),
+            extra_tables: format!("{SOURCE_NETWORKS}{extra_tables}"),
+            ..ServiceOptions::default()
+        },
+    );
+    lab.route_backends_away()
+        .expect("taking the backends' routes away");
+    for target in [CLIENT_ADDR.to_string(), CLIENT_ADDR6.to_string()] {
+        let route = lab
+            .exec(lab.backend_ns(0), &["ip", "route", "get", &target])
+            .expect("ip");
+        assert!(
+            !route.status.success(),
+            "a backend still has a route to the client {target}"
+        );
+    }
+    lab
+}
+
+#[test]
+fn full_nat_cookie_sessions_reach_backends_without_a_route_back_over_ipv4_and_ipv6() {
+    let mut lab = full_nat_lab("");
+    for (url, source, service) in [
+        (vip_url(""), BALANCER_BACKEND_ADDR.to_string(), "web"),
+        (vip6_url(""), BALANCER_BACKEND_ADDR6.to_string(), "web-v6"),
+    ] {
+        // What the backend sees on the wire: the balancer's address, a port of nat_ports.
+        let peer = get_at(&lab, &format!("{url}/peer"), &[]);
+        let (addr, port) = peer.split_once(' ').expect("<ip> <port>");
+        assert_eq!(addr, source, "{service}: the backend saw {peer}");
+        let port: u16 = port.parse().expect("a port");
+        assert!(
+            (20000..=29999).contains(&port),
+            "{service}: source port {port} outside nat_ports"
+        );
+
+        let backends = lb_cookie_jars_stick(&lab, &format!("{url}/"), 12);
+        assert_eq!(
+            backends.len(),
+            BACKEND_COUNT,
+            "{service}: 12 sessions over every backend"
+        );
+        integrity_run_at(&lab, &url, &SIZES, 200, true, "LBSESSION=absent");
+        integrity_run_at(&lab, &url, &SIZES, 100, false, "LBSESSION=absent");
+    }
+    // The failover runs last: it stops backend-3.
+    sessions_stick_and_move_with_a_new_cookie(&mut lab, &vip6_url("/"), "web-v6");
+}
+
+#[test]
+fn an_nginx_backend_reads_the_clients_address_from_the_proxy_protocol_header() {
+    let proxied = |name: &str, vip: String, backend: String| {
+        format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 8090\nprotocol = \"tcp\"\n\
+             affinity = \"lb-cookie\"\nnat = \"full\"\nproxy_protocol = true\n\
+             [[service.backend]]\nname = \"nginx\"\naddress = \"{backend}\"\nport = 8090\n"
+        )
+    };
+    let services = proxied("proxied", VIP.to_string(), Lab::backend_addr(0).to_string())
+        + &proxied(
+            "proxied-v6",
+            VIP6.to_string(),
+            Lab::backend_addr6(0).to_string(),
+        );
+    let mut lab = full_nat_lab(&services);
+    let dir = lab.dir().to_owned();
+    let log = dir.join("nginx-access.log");
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "user root;\nworker_processes 1;\ndaemon off;\npid {dir}/nginx.pid;\n\
+             error_log {dir}/nginx-error.log;\nevents {{}}\nhttp {{\n\
+             log_format proxied '$proxy_protocol_addr $proxy_protocol_port $remote_addr';\n\
+             access_log {log} proxied;\n\
+             server {{\n listen 8090 proxy_protocol;\n listen [::]:8090 proxy_protocol;\n\
+             location / {{ return 200 \"nginx\\n\"; }}\n}}\n}}\n",
+            dir = dir.display(),
+            log = log.display()
+        ),
+    )
+    .expect("writing nginx.conf");
+    let backend = lab.backend_ns(0).to_owned();
+    let conf = conf.to_str().expect("utf-8").to_owned();
+    let prefix = format!("{}/", dir.display());
+    lab.spawn(&backend, &["nginx", "-c", &conf, "-p", &prefix])
+        .expect("starting nginx");
+    wait_until(Duration::from_secs(10), "nginx listening on 8090", || {
+        lab.exec(&backend, &["nc", "-z", "127.0.0.1", "8090"])
+            .is_ok_and(|o| o.status.success())
+    });
+
+    for (url, client, source) in [
+        (
+            format!("http://{VIP}:8090/"),
+            CLIENT_ADDR.to_string(),
+            BALANCER_BACKEND_ADDR.to_string(),
+        ),
+        (
+            format!("http://[{VIP6}]:8090/"),
+            CLIENT_ADDR6.to_string(),
+            BALANCER_BACKEND_ADDR6.to_string(),
+        ),
+    ] {
+        let lines_before = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count();
+        let script = format!(
+            r#"
+import urllib.request
+r = urllib.request.urlopen("{url}", timeout=10)
+print(r.read().decode().strip())
+"#
+        );
+        assert_eq!(python(&lab, lab.client_ns(), &script).trim(), "nginx");
+        wait_until(Duration::from_secs(5), "nginx's access log line", || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .count()
+                > lines_before
+        });
+        let text = std::fs::read_to_string(&log).expect("reading nginx's log");
+        let line = text.lines().last().expect("a line");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words.len(), 3, "{line}");
+        assert_eq!(words[0], client, "nginx's $proxy_protocol_addr: {line}");
+        let client_port: u16 = words[1].parse().expect("$proxy_protocol_port");
+        assert!(
+            client_port >= 10000,
+            "the client's ephemeral port, got {line}"
+        );
+        assert_eq!(
+            words[2], source,
+            "nginx's $remote_addr, the balancer: {line}"
+        );
+    }
+}
