@@ -3,10 +3,13 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::net::IpAddr;
 
 use balancer_lab::{Lab, BACKEND_COUNT, VIP};
-use common::{counters, get, lab_with_balancer, python, run, sha256_of_file, vip_url};
+use common::{
+    counters, download_of_100_mb_is_intact, get, lab_with_balancer, new_connections_spread, python,
+    run, udp_echo_through, upload_of_100_mb_is_intact, vip_url,
+};
 
 #[test]
 fn curl_to_the_vip_is_answered_by_a_backend() {
@@ -25,126 +28,23 @@ fn curl_to_the_vip_is_answered_by_a_backend() {
 
 #[test]
 fn new_connections_spread_over_all_backends() {
-    let lab = lab_with_balancer();
-    // 900 connections, each a fresh TCP connection with its own source port.
-    let script = format!(
-        r#"
-import http.client, collections
-seen = collections.Counter()
-for _ in range(900):
-    c = http.client.HTTPConnection("{VIP}", 80, timeout=10)
-    c.request("GET", "/", headers={{"Connection": "close"}})
-    seen[c.getresponse().read().decode().strip()] += 1
-    c.close()
-for name, n in sorted(seen.items()):
-    print(name, n)
-"#
-    );
-    let output = python(&lab, lab.client_ns(), &script);
-    let counts: HashMap<&str, u32> = output
-        .lines()
-        .filter_map(|l| l.split_once(' ').map(|(n, c)| (n, c.parse().unwrap_or(0))))
-        .collect();
-    assert_eq!(counts.values().sum::<u32>(), 900, "answers: {output}");
-    for index in 0..BACKEND_COUNT {
-        let name = Lab::backend_name(index);
-        let share = counts.get(name.as_str()).copied().unwrap_or(0);
-        assert!(
-            share >= 180,
-            "{name} got {share} of 900 connections (< 20%): {output}"
-        );
-    }
+    new_connections_spread(&lab_with_balancer(), IpAddr::from(VIP));
 }
 
 #[test]
 fn download_of_100_mb_arrives_intact() {
-    let lab = lab_with_balancer();
-    let size = 100_000_000u64;
-    let local = lab.dir().join("expected.bin");
-    let remote = lab.dir().join("downloaded.bin");
-    balancer_lab::write_test_data(&local, size).expect("generating the expected bytes");
-    run(
-        &lab,
-        lab.client_ns(),
-        &[
-            "curl",
-            "-sS",
-            "--fail",
-            "--max-time",
-            "120",
-            "-o",
-            remote.to_str().unwrap(),
-            &vip_url(&format!("/bytes/{size}")),
-        ],
-    );
-    assert_eq!(
-        std::fs::metadata(&remote).map(|m| m.len()).unwrap_or(0),
-        size
-    );
-    assert_eq!(
-        sha256_of_file(&remote),
-        sha256_of_file(&local),
-        "downloaded bytes differ"
-    );
+    download_of_100_mb_is_intact(&lab_with_balancer(), &vip_url(""));
 }
 
 #[test]
 fn upload_of_100_mb_arrives_intact() {
-    let lab = lab_with_balancer();
-    let size = 100_000_000u64;
-    let local = lab.dir().join("upload.bin");
-    balancer_lab::write_test_data(&local, size).expect("generating the upload");
-    let answer = run(
-        &lab,
-        lab.client_ns(),
-        &[
-            "curl",
-            "-sS",
-            "--fail",
-            "--max-time",
-            "120",
-            "-H",
-            "Expect:",
-            "--data-binary",
-            &format!("@{}", local.display()),
-            &vip_url("/upload"),
-        ],
-    );
-    let expected = format!("{} {size}", sha256_of_file(&local));
-    assert_eq!(
-        answer.trim(),
-        expected,
-        "the backend received different bytes"
-    );
+    upload_of_100_mb_is_intact(&lab_with_balancer(), &vip_url(""));
 }
 
 #[test]
 fn udp_echo_through_the_vip() {
     let lab = lab_with_balancer();
-    let script = format!(
-        r#"
-import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(2)
-ok = 0
-for i in range(20):
-    msg = ("datagram %d " % i).encode() * 40
-    s.sendto(msg, ("{VIP}", 7))
-    try:
-        data, peer = s.recvfrom(4096)
-    except socket.timeout:
-        continue
-    assert peer == ("{VIP}", 7), peer
-    assert data == msg, data
-    ok += 1
-print(ok)
-"#
-    );
-    let answered: u32 = python(&lab, lab.client_ns(), &script)
-        .trim()
-        .parse()
-        .unwrap_or(0);
-    assert_eq!(answered, 20, "datagrams echoed through the VIP");
+    udp_echo_through(&lab, IpAddr::from(VIP));
     assert!(counters(&lab)["replied"] >= 20);
 }
 

@@ -6,7 +6,7 @@
 mod common;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     net::{IpAddr, Ipv6Addr},
 };
 
@@ -37,97 +37,19 @@ fn curl_to_the_ipv6_vip_is_answered_by_a_backend() {
 
 #[test]
 fn new_ipv6_connections_spread_over_all_backends() {
-    let lab = lab_with_balancer();
-    let script = format!(
-        r#"
-import http.client, collections
-seen = collections.Counter()
-for _ in range(900):
-    c = http.client.HTTPConnection("{VIP6}", 80, timeout=10)
-    c.request("GET", "/", headers={{"Connection": "close"}})
-    seen[c.getresponse().read().decode().strip()] += 1
-    c.close()
-for name, n in sorted(seen.items()):
-    print(name, n)
-"#
-    );
-    let output = python(&lab, lab.client_ns(), &script);
-    let counts: HashMap<&str, u32> = output
-        .lines()
-        .filter_map(|l| l.split_once(' ').map(|(n, c)| (n, c.parse().unwrap_or(0))))
-        .collect();
-    assert_eq!(counts.values().sum::<u32>(), 900, "answers: {output}");
-    for index in 0..BACKEND_COUNT {
-        let name = Lab::backend_name(index);
-        let share = counts.get(name.as_str()).copied().unwrap_or(0);
-        assert!(
-            share >= 180,
-            "{name} got {share} of 900 connections (< 20%): {output}"
-        );
-    }
+    new_connections_spread(&lab_with_balancer(), IpAddr::from(VIP6));
 }
 
 #[test]
 fn ipv6_download_and_upload_of_100_mb_arrive_intact() {
     let lab = lab_with_balancer();
-    let size = 100_000_000u64;
-    let local = lab.dir().join("expected.bin");
-    let remote = lab.dir().join("downloaded.bin");
-    balancer_lab::write_test_data(&local, size).expect("generating the test bytes");
-    let curl = ["curl", "-sS", "--fail", "--max-time", "120"];
-    let mut download = curl.to_vec();
-    let url = vip6_url(&format!("/bytes/{size}"));
-    download.extend(["-o", remote.to_str().unwrap(), &url]);
-    run(&lab, lab.client_ns(), &download);
-    assert_eq!(
-        std::fs::metadata(&remote).map(|m| m.len()).unwrap_or(0),
-        size
-    );
-    assert_eq!(
-        sha256_of_file(&remote),
-        sha256_of_file(&local),
-        "downloaded bytes differ"
-    );
-
-    let mut upload = curl.to_vec();
-    let (body, url) = (format!("@{}", local.display()), vip6_url("/upload"));
-    upload.extend(["-H", "Expect:", "--data-binary", &body, &url]);
-    let answer = run(&lab, lab.client_ns(), &upload);
-    let expected = format!("{} {size}", sha256_of_file(&local));
-    assert_eq!(
-        answer.trim(),
-        expected,
-        "the backend received different bytes"
-    );
+    download_of_100_mb_is_intact(&lab, &vip6_url(""));
+    upload_of_100_mb_is_intact(&lab, &vip6_url(""));
 }
 
 #[test]
 fn udp_echo_through_the_ipv6_vip() {
-    let lab = lab_with_balancer();
-    let script = format!(
-        r#"
-import socket
-s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-s.settimeout(2)
-ok = 0
-for i in range(20):
-    msg = ("datagram %d " % i).encode() * 40
-    s.sendto(msg, ("{VIP6}", 7))
-    try:
-        data, peer = s.recvfrom(4096)
-    except socket.timeout:
-        continue
-    assert peer[:2] == ("{VIP6}", 7), peer
-    assert data == msg, data
-    ok += 1
-print(ok)
-"#
-    );
-    let answered: u32 = python(&lab, lab.client_ns(), &script)
-        .trim()
-        .parse()
-        .unwrap_or(0);
-    assert_eq!(answered, 20, "datagrams echoed through the IPv6 VIP");
+    udp_echo_through(&lab_with_balancer(), IpAddr::from(VIP6));
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use balancer_lab::{
-    impair::DIRECTIONS, Impairment, Lab, ServiceOptions, ECHO_PORT, HTTP_PORT, VIP,
+    impair::DIRECTIONS, Impairment, Lab, ServiceOptions, ECHO_PORT, HTTP_PORT, VIP, VIP6,
 };
 
 use crate::{build, toolchain};
@@ -83,7 +83,8 @@ pub fn run(args: &[String], impairment: &Impairment) -> Result<()> {
     println!(
         "\nThe balancer is running: {VIP} port {HTTP_PORT} (web, lb-cookie affinity: the first \
          response of a new session carries the balancer's signed LBSESSION cookie) and port \
-         {ECHO_PORT} (echo, TCP and UDP), over three backends.\n\
+         {ECHO_PORT} (echo, TCP and UDP), over three backends; the same on {VIP6} over their \
+         IPv6 addresses.\n\
          In another terminal, as root, try:\n\n\
          \x20 ip netns exec {client} curl -i http://{VIP}/\n\
          \x20 # new visitors spread over the backends:\n\
@@ -91,6 +92,9 @@ pub fn run(args: &[String], impairment: &Impairment) -> Result<()> {
          \x20 # a visitor with a cookie jar stays on one backend:\n\
          \x20 for i in $(seq 12); do ip netns exec {client} curl -s -b {jar} -c {jar} http://{VIP}/; done | sort | uniq -c\n\
          \x20 ip netns exec {client} python3 -c \"import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.sendto(b'hello', ('{VIP}', {ECHO_PORT})); print(s.recv(100))\"\n\
+         \x20 # the same over IPv6:\n\
+         \x20 ip netns exec {client} curl -i http://[{VIP6}]/\n\
+         \x20 for i in $(seq 12); do ip netns exec {client} curl -s -b {jar}6 -c {jar}6 http://[{VIP6}]/; done | sort | uniq -c\n\
          \x20 {balancer} status --instance {instance}\n\
          \x20 {balancer} backend drain web backend-1 --instance {instance}\n\n\
          Live stats follow (Ctrl-C stops the demo and removes the lab):\n"
@@ -107,6 +111,7 @@ fn demo_services() -> ServiceOptions {
     ServiceOptions {
         web_settings: "affinity = \"lb-cookie\"\ncors = true\ncookie_fallback = \"flow\"\n"
             .to_owned(),
+        web6_settings: "affinity = \"lb-cookie\"\ncookie_fallback = \"flow\"\n".to_owned(),
         ..ServiceOptions::default()
     }
 }

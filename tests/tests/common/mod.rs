@@ -498,3 +498,122 @@ pub fn lb_cookie_jars_stick(
     }
     backends
 }
+
+/// 900 new connections from the client to `vip` port 80 (either family): every one answered,
+/// every backend with at least a fifth of them.
+pub fn new_connections_spread(lab: &Lab, vip: IpAddr) {
+    let script = format!(
+        r#"
+import http.client, collections
+seen = collections.Counter()
+for _ in range(900):
+    c = http.client.HTTPConnection("{vip}", 80, timeout=10)
+    c.request("GET", "/", headers={{"Connection": "close"}})
+    seen[c.getresponse().read().decode().strip()] += 1
+    c.close()
+for name, n in sorted(seen.items()):
+    print(name, n)
+"#
+    );
+    let output = python(lab, lab.client_ns(), &script);
+    let counts: HashMap<&str, u32> = output
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(n, c)| (n, c.parse().unwrap_or(0))))
+        .collect();
+    assert_eq!(counts.values().sum::<u32>(), 900, "answers: {output}");
+    for index in 0..balancer_lab::BACKEND_COUNT {
+        let name = Lab::backend_name(index);
+        let share = counts.get(name.as_str()).copied().unwrap_or(0);
+        assert!(
+            share >= 180,
+            "{name} got {share} of 900 connections (< 20%): {output}"
+        );
+    }
+}
+
+/// 100 MB down from `base` (`http://<vip>`) with curl, sha256-identical to what the backend
+/// serves.
+pub fn download_of_100_mb_is_intact(lab: &Lab, base: &str) {
+    let size = 100_000_000u64;
+    let local = lab.dir().join("expected.bin");
+    let remote = lab.dir().join("downloaded.bin");
+    balancer_lab::write_test_data(&local, size).expect("generating the expected bytes");
+    let url = format!("{base}/bytes/{size}");
+    let output = remote.to_str().expect("utf-8 path");
+    let args = [
+        "curl",
+        "-sS",
+        "--fail",
+        "--max-time",
+        "120",
+        "-o",
+        output,
+        &url,
+    ];
+    run(lab, lab.client_ns(), &args);
+    assert_eq!(
+        std::fs::metadata(&remote).map(|m| m.len()).unwrap_or(0),
+        size
+    );
+    assert_eq!(
+        sha256_of_file(&remote),
+        sha256_of_file(&local),
+        "downloaded bytes differ"
+    );
+}
+
+/// 100 MB up to `base` with curl: the backend reports the sha256 of what it received.
+pub fn upload_of_100_mb_is_intact(lab: &Lab, base: &str) {
+    let size = 100_000_000u64;
+    let local = lab.dir().join("upload.bin");
+    balancer_lab::write_test_data(&local, size).expect("generating the upload");
+    let (body, url) = (format!("@{}", local.display()), format!("{base}/upload"));
+    let args = [
+        "curl",
+        "-sS",
+        "--fail",
+        "--max-time",
+        "120",
+        "-H",
+        "Expect:",
+        "--data-binary",
+        &body,
+        &url,
+    ];
+    let answer = run(lab, lab.client_ns(), &args);
+    let expected = format!("{} {size}", sha256_of_file(&local));
+    assert_eq!(
+        answer.trim(),
+        expected,
+        "the backend received different bytes"
+    );
+}
+
+/// 20 datagrams to `vip` port 7 (either family), each echoed intact from the VIP.
+pub fn udp_echo_through(lab: &Lab, vip: IpAddr) {
+    let family = if vip.is_ipv4() { "AF_INET" } else { "AF_INET6" };
+    let script = format!(
+        r#"
+import socket
+s = socket.socket(socket.{family}, socket.SOCK_DGRAM)
+s.settimeout(2)
+ok = 0
+for i in range(20):
+    msg = ("datagram %d " % i).encode() * 40
+    s.sendto(msg, ("{vip}", 7))
+    try:
+        data, peer = s.recvfrom(4096)
+    except socket.timeout:
+        continue
+    assert peer[:2] == ("{vip}", 7), peer
+    assert data == msg, data
+    ok += 1
+print(ok)
+"#
+    );
+    let answered: u32 = python(lab, lab.client_ns(), &script)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert_eq!(answered, 20, "datagrams echoed through {vip}");
+}
