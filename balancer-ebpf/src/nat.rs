@@ -11,10 +11,10 @@ use balancer_common::{
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
-    agent, choose,
+    agent, choose, handshake,
     maps::{BACKENDS, BINDINGS, FLOWS, REVERSE, SERVICES},
     packet::{ptr_at, Packet, IP_OFFSET},
-    reset, splice,
+    punt, reset, splice,
     stats::{self, Verdict},
 };
 
@@ -57,7 +57,7 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, V
             // belongs to the old connection. (A NAT flow simply carries the new one.)
             if service.affinity == affinity::COOKIE && reopens(packet, flow) {
                 forget(key, flow);
-                return Err(splice::accept(ctx, packet, now_s));
+                return Err(handshake::accept(ctx, packet, now_s));
             }
             touch(flow, now_s, packet.closing);
             if flow.inserted != 0 {
@@ -73,7 +73,7 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, V
             }
             if service.affinity == affinity::COOKIE && key.proto == PROTO_TCP {
                 if agent::present(now_s) {
-                    return Err(splice::accept(ctx, packet, now_s));
+                    return Err(handshake::accept(ctx, packet, now_s));
                 }
                 place_without_agent(ctx, packet, service, now_s)?
             } else {
@@ -94,7 +94,7 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, V
             let _ = BINDINGS.remove(key);
             return Err(reset_without_agent(ctx, packet));
         }
-        _ => return Err(splice::while_binding(ctx, packet)),
+        _ => return Err(handshake::while_binding(ctx, packet)),
     };
     rewrite(
         ctx,
@@ -137,7 +137,7 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, Ve
             splice::backend_to_client(ctx, packet, &nat)?;
             Reason::SplicedToClient
         }
-        _ => return Err(splice::punt(ctx, punt_kind::BACKEND)),
+        _ => return Err(punt::punt(ctx, punt_kind::BACKEND)),
     };
     rewrite(ctx, packet, End::Source, nat.vip, nat.port)?;
     if nat.client_port != 0 {

@@ -11,10 +11,10 @@ use balancer_common::{
 use network_types::{eth::EthHdr, tcp::TcpHdr};
 
 use crate::{
+    handshake::{cookie_period, cookie_secret},
     maps::SYN_OPTIONS,
     packet::{ptr_at, Packet},
     reply,
-    splice::{cookie_period, cookie_secret},
     stats::Verdict,
     tcp_options::Options,
 };
