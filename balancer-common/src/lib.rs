@@ -34,6 +34,7 @@ pub mod map_name {
     pub const STATS: &str = "STATS";
     pub const TX_PORTS: &str = "TX_PORTS";
     pub const AGENT: &str = "AGENT";
+    pub const NAT_SOURCES: &str = "NAT_SOURCES";
 }
 
 /// Version of the maps' layout (their key and value types and the meaning of their fields).
@@ -57,6 +58,8 @@ pub const DEFAULT_TABLE_SIZE: u32 = 65537;
 /// Lookup tables per service in `BACKEND_TABLE`: the active one and the one being rebuilt.
 pub const TABLES_PER_SERVICE: u32 = 2;
 pub const MAX_TX_PORTS: u32 = 64;
+/// Full NAT: the balancer's own addresses that backends see XDP's flows come from.
+pub const MAX_NAT_SOURCES: u32 = 256;
 /// Default capacity of the flow tables (`FLOWS` and `REVERSE`); configurable at load time.
 pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 20;
 /// Cookie services: client connections between their SYN and the agent's binding.
@@ -154,8 +157,14 @@ pub struct AgentState {
     /// Seconds a client of a cookie service may take between its handshake and its request
     /// (the config's `request_timeout`); a connection that sent nothing by then is reset.
     pub request_timeout_s: u32,
+    /// Full NAT: the ports XDP gives its flows (host order), `nat_port_count` of them from
+    /// `nat_port_first`; the agent reserves them from the host's own sockets.
+    pub nat_port_first: u16,
+    pub nat_port_count: u16,
+    /// CPUs the program may run on: full NAT's port cursors interleave by CPU.
+    pub cpus: u32,
 }
-const _: () = assert!(size_of::<AgentState>() == 20);
+const _: () = assert!(size_of::<AgentState>() == 28);
 
 /// States of a client flow in [`Flow::state`] and of its reverse entry in
 /// [`ReverseNat::state`].
@@ -208,9 +217,12 @@ pub struct Backend {
     pub addr: Addr,
     pub port: u16,
     pub state: u8,
-    pub _pad: u8,
+    /// Full NAT: how many of the balancer's addresses in `NAT_SOURCES`, from `first_source`
+    /// on, XDP's flows to this backend may come from (those of its network).
+    pub source_count: u8,
+    pub first_source: u32,
 }
-const _: () = assert!(size_of::<Backend>() == 20);
+const _: () = assert!(size_of::<Backend>() == 24);
 
 /// A TCP/UDP 5-tuple as seen on the wire: `FLOWS` key (client side) and `REVERSE` key (backend side).
 #[repr(C)]
@@ -312,6 +324,26 @@ pub mod reverse_flags {
     /// A FIN or a reset went either way: the flow is ending, and a full-NAT source port it
     /// holds is free again once the flow has been quiet for a moment.
     pub const CLOSING: u16 = 1;
+}
+
+/// Full NAT: seconds a closed flow keeps its source, for the last segments of its close.
+pub const SOURCE_QUIET_AFTER_CLOSE_S: u32 = 2;
+/// Full NAT: seconds without a packet after which a flow's source is free: a TCP flow that
+/// never closed (its ends went away), a UDP flow (which never closes).
+pub const SOURCE_IDLE_TCP_S: u32 = 3600;
+pub const SOURCE_IDLE_UDP_S: u32 = 120;
+
+/// Full NAT: whether the flow whose reverse entry is `held` has let its source go, at second
+/// `now_s`. XDP and the agent claim sources by the same rule.
+#[inline(always)]
+pub fn source_is_free(held: &ReverseNat, proto: u8, now_s: u32) -> bool {
+    let quiet = now_s.wrapping_sub(held.last_seen_s);
+    if proto == PROTO_TCP {
+        (held.flags & reverse_flags::CLOSING != 0 && quiet > SOURCE_QUIET_AFTER_CLOSE_S)
+            || quiet > SOURCE_IDLE_TCP_S
+    } else {
+        quiet > SOURCE_IDLE_UDP_S
+    }
 }
 
 /// `SYN_OPTIONS` value: what a client's SYN offered, kept until its handshake completes.
@@ -594,6 +626,7 @@ mod user {
     unsafe impl aya::Pod for Binding {}
     unsafe impl aya::Pod for CookieSecret {}
     unsafe impl aya::Pod for AgentState {}
+    unsafe impl aya::Pod for Addr {}
 }
 
 /// Hash of a 5-tuple that picks a new flow's slot in its service's backend table.

@@ -10,6 +10,7 @@ mod agent;
 mod choose;
 mod fib;
 mod forward;
+mod full_nat;
 mod handshake;
 mod maps;
 mod nat;
@@ -17,6 +18,7 @@ mod packet;
 mod punt;
 mod reply;
 mod reset;
+mod source;
 mod splice;
 mod stats;
 mod synack;
@@ -28,8 +30,12 @@ use balancer_common::Reason;
 
 use crate::stats::Verdict;
 
-#[xdp]
-pub fn balancer(ctx: XdpContext) -> u32 {
+/// The entry point, written out rather than by `#[xdp]`, whose inner function would be a
+/// BPF subprogram: the kernel allows full NAT's tail call only from the program itself.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "xdp")]
+pub extern "C" fn balancer(raw: *mut aya_ebpf::bindings::xdp_md) -> u32 {
+    let ctx = XdpContext::new(raw);
     let verdict = match try_balancer(&ctx) {
         Ok(verdict) | Err(verdict) => verdict,
     };
@@ -37,6 +43,7 @@ pub fn balancer(ctx: XdpContext) -> u32 {
     verdict.action
 }
 
+#[inline(always)]
 fn try_balancer(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let packet = packet::parse(ctx)?;
     if let Some(reason) = nat::to_backend(ctx, &packet)? {
@@ -47,6 +54,17 @@ fn try_balancer(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     }
     nat::forget_reused_tuple(&packet);
     Err(Verdict::pass(Reason::PassNotService))
+}
+
+/// Full NAT's placement of a new flow, reached by a tail call from `balancer` (see
+/// `full_nat`).
+#[xdp]
+pub fn balancer_full_nat(ctx: XdpContext) -> u32 {
+    let verdict = match full_nat::place(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    };
+    stats::count(verdict.reason, ctx.data_end() - ctx.data());
+    verdict.action
 }
 
 #[cfg(not(test))]

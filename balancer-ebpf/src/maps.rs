@@ -2,13 +2,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use balancer_common::{
-    Affinity, AffinityKey, AgentState, Backend, Binding, CookieSecret, Counter, Flow, FlowKey,
-    Reason, ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS,
+    Addr, Affinity, AffinityKey, AgentState, Backend, Binding, CookieSecret, Counter, Flow,
+    FlowKey, Reason, ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS,
     DEFAULT_AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY, DEFAULT_TABLE_SIZE, MAX_BACKENDS,
-    MAX_SERVICES, MAX_TX_PORTS, PUNT_RING_SIZE, TABLES_PER_SERVICE,
+    MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS, PUNT_RING_SIZE, TABLES_PER_SERVICE,
 };
 
 /// Virtual services: (VIP, port, protocol) → affinity mode, lookup table and backend count.
@@ -63,6 +63,27 @@ pub static PUNTS: RingBuf = RingBuf::pinned(PUNT_RING_SIZE, 0);
 /// by the agent.
 #[map]
 pub static COOKIE_SECRET: Array<CookieSecret> = Array::pinned(COOKIE_SECRETS, 0);
+
+/// Full NAT: the balancer's source addresses, grouped by backend network; a backend names
+/// its group's first entry and size.
+#[map]
+pub static NAT_SOURCES: Array<Addr> = Array::pinned(MAX_NAT_SOURCES, 0);
+
+/// Full NAT: per CPU, how many sources it has tried, which picks the next one. Not pinned:
+/// a new program may start anywhere, claims are settled in `REVERSE`.
+#[map]
+pub static NAT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Full NAT: a new flow's packet and backend, handed from the main program to
+/// `balancer_full_nat` (see `full_nat`).
+#[map]
+pub static FULL_NAT_HANDOFF: PerCpuArray<crate::full_nat::Handoff> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// Full NAT: the program a new flow's packet is passed to (entry 0), filled by the agent.
+/// Not pinned: every load of the program fills its own.
+#[map]
+pub static FULL_NAT_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// One word per CPU that [`crate::packet::parse`] passes the transport header's offset
 /// through: the verifier cannot follow a value through a map, so every packet's offset looks

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use balancer_common::{
-    affinity, csum, flow_flags, flow_state,
+    affinity, csum, flow_flags, flow_state, nat_mode,
     proto::tcp_flag::{ACK, SYN},
     punt_kind, reverse_flags, without_agent, Addr, Flow, FlowKey, Reason, ReverseNat, Service,
     ServiceKey, PROTO_TCP, PROTO_UDP,
@@ -11,7 +11,7 @@ use balancer_common::{
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
-    agent, choose, handshake,
+    agent, choose, full_nat, handshake,
     maps::{BACKENDS, BINDINGS, FLOWS, REVERSE, SERVICES},
     packet::{ptr_at, Packet, IP_OFFSET},
     punt, reset, splice,
@@ -26,7 +26,7 @@ const V6_DST: usize = IP_OFFSET + 24;
 
 /// Which end of the packet a rewrite changes.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum End {
+pub enum End {
     Source,
     Destination,
 }
@@ -59,6 +59,12 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, V
                 forget(key, flow);
                 return Err(handshake::accept(ctx, packet, now_s));
             }
+            // Nor can a full-NAT flow's source: the backend may hold it in TIME_WAIT.
+            if flow.source_port != 0 && reopens(packet, flow) {
+                let backend_id = flow.backend_id;
+                forget(key, flow);
+                return Err(full_nat::hand_off(ctx, packet, backend_id));
+            }
             touch(flow, now_s, packet.closing);
             if flow.inserted != 0 {
                 splice::note_head_acked(ctx, packet, flow);
@@ -78,6 +84,9 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, V
                 place_without_agent(ctx, packet, service, now_s)?
             } else {
                 let backend_id = choose::backend(service, key)?;
+                if service.nat == nat_mode::FULL {
+                    return Err(full_nat::hand_off(ctx, packet, backend_id));
+                }
                 new_flow(backend_id, key, now_s, packet.closing)?
             }
         }
@@ -226,7 +235,7 @@ fn touch(flow: &mut Flow, now_s: u32, closing: bool) {
 }
 
 #[inline(always)]
-fn seconds_now() -> u32 {
+pub fn seconds_now() -> u32 {
     // SAFETY: a helper without arguments.
     (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }
@@ -302,7 +311,7 @@ fn new_flow(backend_id: u32, key: &FlowKey, now_s: u32, closing: bool) -> Result
 /// Replaces the address and port of one end, fixing the L4 checksum (whose pseudo header
 /// holds the addresses) and, for IPv4, the header checksum.
 #[inline(always)]
-fn rewrite(
+pub fn rewrite(
     ctx: &XdpContext,
     packet: &Packet,
     end: End,

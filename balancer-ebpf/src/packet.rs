@@ -34,9 +34,10 @@ const IP_MORE_FRAGMENTS: u8 = 0b001;
 const MAX_EXTENSION_HEADERS: usize = 4;
 /// The transport header starts before this offset; one behind longer extension headers is
 /// left to the host. A power of two: offsets are masked with it after [`opaque`].
-const L4_OFFSET_LIMIT: usize = 512;
+pub const L4_OFFSET_LIMIT: usize = 512;
 
 /// A parsed TCP or UDP packet over IPv4 or IPv6.
+#[derive(Clone, Copy)]
 pub struct Packet {
     /// The 5-tuple exactly as on the wire (network byte order).
     pub key: FlowKey,

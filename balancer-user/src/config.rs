@@ -10,8 +10,8 @@ use std::{
 };
 
 use balancer_common::{
-    affinity, nat_mode, without_agent, Addr, ServiceKey, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP,
-    PROTO_UDP,
+    affinity, nat_mode, without_agent, Addr, ServiceKey, MAX_BACKENDS, MAX_NAT_SOURCES,
+    MAX_SERVICES, PROTO_TCP, PROTO_UDP,
 };
 use serde::Deserialize;
 
@@ -88,7 +88,7 @@ pub struct Config {
     pub cookie_keys: Vec<CookieKeyConfig>,
     /// A file of more keys, one `<id> <secret>` a line, read after `cookie_keys`.
     pub cookie_key_file: Option<PathBuf>,
-    /// Full NAT: the ports the balancer gives connections it opens from its own addresses,
+    /// Full NAT: the ports the balancer gives connections from its own addresses,
     /// `"first-last"`; the agent reserves them from the host's own sockets
     /// (`net.ipv4.ip_local_reserved_ports`, which IPv6 shares).
     #[serde(default = "default_nat_ports")]
@@ -764,6 +764,19 @@ impl Config {
             .max_by_key(|(_, n)| n.prefix().map_or(0, |(_, bits)| bits))
     }
 
+    /// Where in `NAT_SOURCES` (every network's addresses in turn) the addresses XDP's flows
+    /// to `backend` come from start, and how many there are (none outside every network).
+    pub fn nat_sources_of(&self, backend: IpAddr) -> (u32, u8) {
+        let Some((index, network)) = self.source_network_of(backend) else {
+            return (0, 0);
+        };
+        let first: usize = self.source_networks[..index]
+            .iter()
+            .map(|n| n.addresses.len())
+            .sum();
+        (first as u32, network.addresses.len() as u8)
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.display().to_string(),
@@ -954,6 +967,13 @@ impl Config {
                     ));
                 }
             }
+        }
+        let total: usize = self.source_networks.iter().map(|n| n.addresses.len()).sum();
+        if total > MAX_NAT_SOURCES as usize {
+            return Err(invalid(
+                "source_network",
+                format!("{total} addresses in all, at most {MAX_NAT_SOURCES} are supported"),
+            ));
         }
         Ok(())
     }
@@ -1152,12 +1172,6 @@ impl Config {
                 return Err(invalid(
                     format!("{field}.proxy_protocol"),
                     "is written by the agent on cookie services; XDP does not insert it into L4 flows yet",
-                ));
-            }
-            if service.nat == NatMode::Full && service.affinity.code() != affinity::COOKIE {
-                return Err(invalid(
-                    format!("{field}.nat"),
-                    "full NAT serves cookie services (whose backend side the agent opens); XDP's own flows run in gateway NAT so far",
                 ));
             }
             if service.nat == NatMode::Full {
@@ -1443,12 +1457,6 @@ mod tests {
             (
                 valid.replace("[\"198.19.0.1\"]", "[\"2001:db8::1\"]"),
                 "source_network[0].addresses[0]",
-            ),
-            (
-                valid
-                    .replace("affinity = \"lb-cookie\"\n", "")
-                    .replace("proxy_protocol = true", ""),
-                "service[0] (web).nat",
             ),
             (
                 valid.replace("affinity = \"lb-cookie\"\nnat = \"full\"\n", ""),

@@ -15,10 +15,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    binding_state, flow_flags, flow_state, map_name, reverse_flags, Affinity, AffinityKey,
+    binding_state, flow_flags, flow_state, map_name, source_is_free, Addr, Affinity, AffinityKey,
     AgentState, Backend, Binding, CookieSecret, Counter, Flow, FlowKey, Reason, ReverseNat,
     Service, ServiceKey, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS, LAYOUT_VERSION,
-    MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, TABLES_PER_SERVICE, XDP_PROGRAM,
+    MAX_BACKENDS, MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS, TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 use tracing::{info, warn};
 
@@ -72,6 +72,10 @@ pub struct Dataplane {
     ifindexes: (u32, u32),
     /// The config's `request_timeout`, told with each heartbeat.
     request_timeout_s: u32,
+    /// The config's `nat_ports` (first, count), told with each heartbeat.
+    nat_ports: (u16, u16),
+    /// Possible CPUs, told with each heartbeat.
+    cpus: u32,
 }
 
 impl Dataplane {
@@ -117,6 +121,7 @@ impl Dataplane {
             .context("reading the loaded program's info")?;
         let verified_instructions = info.verified_instruction_count();
         let program_id = info.id();
+        load_full_nat(&mut ebpf)?;
 
         let mut interfaces = vec![config.client_interface.clone()];
         if config.backend_interface() != config.client_interface {
@@ -133,6 +138,8 @@ impl Dataplane {
                 ifindex(config.backend_interface())?,
             ),
             request_timeout_s: config.request_timeout,
+            nat_ports: config.nat_port_range().unwrap_or_default(),
+            cpus: aya::util::nr_cpus().map_or(1, |n| n as u32),
         };
         // Before the program runs: an adopted connection being bound must not look orphaned.
         dataplane.heartbeat()?;
@@ -154,6 +161,20 @@ impl Dataplane {
         self.request_timeout_s = seconds;
     }
 
+    /// Writes full NAT's source addresses (every network's in turn) and port range.
+    pub fn set_nat_sources(&mut self, config: &Config) -> Result<()> {
+        let mut map: Array<&mut MapData, Addr> = Array::try_from(self.map(map_name::NAT_SOURCES)?)?;
+        let addresses = config
+            .source_networks
+            .iter()
+            .flat_map(|n| n.addresses.iter().map(|&a| Addr::from(a)));
+        for (index, addr) in addresses.enumerate() {
+            map.set(index as u32, addr, 0)?;
+        }
+        self.nat_ports = config.nat_port_range().unwrap_or_default();
+        self.heartbeat()
+    }
+
     /// Tells the data plane the agent is alive; without it for the program's agent timeout,
     /// cookie services stop handing connections to the agent.
     pub fn heartbeat(&mut self) -> Result<()> {
@@ -163,6 +184,9 @@ impl Dataplane {
             client_ifindex: self.ifindexes.0,
             backend_ifindex: self.ifindexes.1,
             request_timeout_s: self.request_timeout_s,
+            nat_port_first: self.nat_ports.0,
+            nat_port_count: self.nat_ports.1,
+            cpus: self.cpus,
         };
         let mut map: Array<&mut MapData, AgentState> = Array::try_from(self.map(map_name::AGENT)?)?;
         map.set(0, state, 0)
@@ -357,7 +381,7 @@ impl Dataplane {
         let mut reverse: HashMap<&mut MapData, FlowKey, ReverseNat> =
             HashMap::try_from(self.map(map_name::REVERSE)?)?;
         if let Ok(held) = reverse.get(reply_key, 0) {
-            if !source_is_free(&held, now_s) {
+            if !source_is_free(&held, reply_key.proto, now_s) {
                 return Ok(false);
             }
             let _ = reverse.remove(reply_key);
@@ -767,7 +791,7 @@ fn ifindex(interface: &str) -> Result<u32> {
 }
 
 /// The shape every map must have: (name, key size, value size, capacity).
-fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 13] {
+fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 14] {
     use std::mem::size_of;
     [
         (
@@ -842,9 +866,37 @@ fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 13] {
             size_of::<AgentState>(),
             1,
         ),
+        (
+            map_name::NAT_SOURCES,
+            size_of::<u32>(),
+            size_of::<Addr>(),
+            MAX_NAT_SOURCES,
+        ),
         (map_name::PUNTS, 0, 0, config.punt_ring_size),
     ]
 }
+
+/// Loads full NAT's placement program and puts it where the main program's tail call finds
+/// it.
+fn load_full_nat(ebpf: &mut Ebpf) -> Result<()> {
+    let program: &mut Xdp = ebpf
+        .program_mut(FULL_NAT_PROGRAM)
+        .context("the XDP object has no full NAT program")?
+        .try_into()?;
+    load_retrying(program)?;
+    let fd = program.fd()?.try_clone()?;
+    let map = ebpf
+        .map_mut(FULL_NAT_PROGRAM_MAP)
+        .context("the XDP object has no full NAT program array")?;
+    let mut programs = aya::maps::ProgramArray::try_from(map)?;
+    programs
+        .set(0, &fd, 0)
+        .context("installing the full NAT program")
+}
+
+/// Full NAT's placement program in the object, and the array the main program calls it from.
+const FULL_NAT_PROGRAM: &str = "balancer_full_nat";
+const FULL_NAT_PROGRAM_MAP: &str = "FULL_NAT_PROGRAM";
 
 /// Loads a program, trying again when the kernel answers EAGAIN, as libbpf does: the kernel
 /// gives that answer, before verifying anything, when a load meets a concurrent one (seen
@@ -859,19 +911,6 @@ pub fn load_retrying(program: &mut Xdp) -> Result<()> {
         }
     }
     unreachable!("the last attempt returns")
-}
-
-/// Full NAT: seconds a closed connection keeps its source, for the last segments of its close.
-const SOURCE_QUIET_AFTER_CLOSE_S: u32 = 2;
-/// Full NAT: seconds without a packet from the backend after which a connection's source is
-/// free (its ends went away without closing).
-const SOURCE_IDLE_S: u32 = 3600;
-
-/// Full NAT: whether the connection whose reverse entry is `held` has let its source go.
-fn source_is_free(held: &ReverseNat, now_s: u32) -> bool {
-    let quiet = now_s.wrapping_sub(held.last_seen_s);
-    (held.flags & reverse_flags::CLOSING != 0 && quiet > SOURCE_QUIET_AFTER_CLOSE_S)
-        || quiet > SOURCE_IDLE_S
 }
 
 /// Full NAT: reserves the configured ports from the host's own sockets (see

@@ -410,7 +410,7 @@ impl Program {
             addr: addr(address),
             port: port.to_be(),
             state,
-            _pad: 0,
+            ..Backend::default()
         };
         map.set(id, value, 0).unwrap();
     }

@@ -1,11 +1,11 @@
-//! Full NAT on cookie services: the backends see one of the balancer's own addresses and
-//! need no route back through it (here they have none but their own network), and the
-//! client's address reaches them in a PROXY protocol v2 header, read by a real nginx. Both
-//! families. Needs root.
+//! Full NAT: the backends see one of the balancer's own addresses and need no route back
+//! through it (here they have none but their own network), on L4 services (XDP claims the
+//! source) and cookie services (the agent does); the client's address reaches them in a
+//! PROXY protocol v2 header, read by a real nginx. Both families. Needs root.
 
 mod common;
 
-use std::time::Duration;
+use std::{net::IpAddr, time::Duration};
 
 use balancer_lab::{
     Lab, ServiceOptions, BACKEND_COUNT, BALANCER_BACKEND_ADDR, BALANCER_BACKEND_ADDR6, CLIENT_ADDR,
@@ -24,11 +24,16 @@ const FULL_NAT_LB_COOKIE: &str = "affinity = \"lb-cookie\"\nnat = \"full\"\n\
 /// A lab whose `web` and `web-v6` are full-NAT lb-cookie services and whose backends reach
 /// nothing beyond their own network.
 fn full_nat_lab(extra_tables: &str) -> Lab {
+    full_nat_lab_with(FULL_NAT_LB_COOKIE, extra_tables)
+}
+
+/// [`full_nat_lab`] with other settings for `web` and `web-v6`.
+fn full_nat_lab_with(web_settings: &str, extra_tables: &str) -> Lab {
     let lab = lab_with_settings(
         NAT_PORTS,
         &ServiceOptions {
-            web_settings: FULL_NAT_LB_COOKIE.to_owned(),
-            web6_settings: FULL_NAT_LB_COOKIE.to_owned(),
+            web_settings: web_settings.to_owned(),
+            web6_settings: web_settings.to_owned(),
             extra_tables: format!("{SOURCE_NETWORKS}{extra_tables}"),
             ..ServiceOptions::default()
         },
@@ -45,6 +50,63 @@ fn full_nat_lab(extra_tables: &str) -> Lab {
         );
     }
     lab
+}
+
+#[test]
+fn full_nat_l4_flows_reach_backends_without_a_route_back_over_ipv4_and_ipv6() {
+    let udp = |name: &str, vip: String, backends: [String; 3]| {
+        let mut toml = format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 9007\nprotocol = \"udp\"\nnat = \"full\"\n"
+        );
+        for (index, addr) in backends.iter().enumerate() {
+            toml += &format!(
+                "  [[service.backend]]\n  name = \"{}\"\n  address = \"{addr}\"\n  port = 7\n",
+                Lab::backend_name(index)
+            );
+        }
+        toml
+    };
+    let services = udp(
+        "udp-full",
+        VIP.to_string(),
+        [0, 1, 2].map(|i| Lab::backend_addr(i).to_string()),
+    ) + &udp(
+        "udp-full-v6",
+        VIP6.to_string(),
+        [0, 1, 2].map(|i| Lab::backend_addr6(i).to_string()),
+    );
+    let lab = full_nat_lab_with("nat = \"full\"\n", &services);
+    for (vip, url, source) in [
+        (
+            IpAddr::from(VIP),
+            vip_url(""),
+            BALANCER_BACKEND_ADDR.to_string(),
+        ),
+        (
+            IpAddr::from(VIP6),
+            vip6_url(""),
+            BALANCER_BACKEND_ADDR6.to_string(),
+        ),
+    ] {
+        let before = counters(&lab);
+        let peer = get_at(&lab, &format!("{url}/peer"), &[]);
+        let (addr, port) = peer.split_once(' ').expect("<ip> <port>");
+        assert_eq!(addr, source, "{vip}: the backend saw {peer}");
+        let port: u16 = port.parse().expect("a port");
+        assert!(
+            (20000..=29999).contains(&port),
+            "{vip}: source port {port} outside nat_ports"
+        );
+        assert!(
+            counters(&lab)["forwarded"] > before["forwarded"],
+            "{vip}: not forwarded by XDP"
+        );
+        new_connections_spread(&lab, vip);
+        download_of_100_mb_is_intact(&lab, &url);
+        upload_of_100_mb_is_intact(&lab, &url);
+        udp_echo_through_port(&lab, vip, 9007);
+    }
+    assert_eq!(counters(&lab)["refused_no_nat_port"], 0);
 }
 
 #[test]
@@ -170,11 +232,19 @@ print(r.read().decode().strip())
 
 #[test]
 fn sixty_thousand_connections_to_one_backend_each_come_from_a_source_of_their_own() {
-    // Two addresses × 31,000 ports: every connection can get a source no other has had.
+    // XDP's own flows (claimed in XDP), then a cookie service's (claimed by the agent).
+    for affinity in ["flow", "lb-cookie"] {
+        sixty_thousand_connections(affinity);
+    }
+}
+
+fn sixty_thousand_connections(affinity: &str) {
+    // Two addresses × 50,000 ports: every connection can get a source no other has had,
+    // also where one CPU takes more than half of them (each CPU walks its own half).
     let lab = lab_with_settings(
-        "nat_ports = \"10000-40999\"\n",
+        "nat_ports = \"10000-59999\"\n",
         &ServiceOptions {
-            web_settings: "affinity = \"lb-cookie\"\nnat = \"full\"\n".to_owned(),
+            web_settings: format!("affinity = \"{affinity}\"\nnat = \"full\"\n"),
             web_backend_count: Some(1),
             extra_tables: "[[source_network]]\nnetwork = \"198.19.0.0/24\"\n\
                            addresses = [\"198.19.0.1\", \"198.19.0.2\"]\n"
@@ -221,7 +291,10 @@ fn sixty_thousand_connections_to_one_backend_each_come_from_a_source_of_their_ow
         ],
     );
     let answered = codes.lines().filter(|code| *code == "200").count() as u64;
-    assert_eq!(answered, connections, "connections answered 200");
+    assert_eq!(
+        answered, connections,
+        "{affinity}: connections answered 200"
+    );
     let after = backend_peers(&lab, 50002);
     // Each query is a connection too, from a source of its own; `before`'s came earlier.
     assert_eq!(
@@ -232,7 +305,7 @@ fn sixty_thousand_connections_to_one_backend_each_come_from_a_source_of_their_ow
     assert_eq!(
         after.0 - before.0,
         connections + 1,
-        "a source came twice: {before:?} before, {after:?} after"
+        "{affinity}: a source came twice: {before:?} before, {after:?} after"
     );
 }
 

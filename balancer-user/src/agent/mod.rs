@@ -273,6 +273,9 @@ impl Agent {
         self.binder.set_limits(binding_limits(&config));
         self.dataplane.set_request_timeout(config.request_timeout);
         crate::dataplane::reserve_nat_ports(&config)?;
+        self.dataplane
+            .set_nat_sources(&config)
+            .context("writing full NAT's source addresses")?;
         self.config = config;
         for index in 0..self.services.len() {
             self.publish(index)?;
@@ -288,7 +291,7 @@ impl Agent {
         let Some(pinned) = self.dataplane.backend(runtime.id) else {
             return;
         };
-        let value = backend_value(&runtime.config, service.port, pinned.state);
+        let value = backend_value(&self.config, &runtime.config, service.port, pinned.state);
         if (pinned.addr, pinned.port) != (value.addr, value.port) {
             return;
         }
@@ -301,7 +304,7 @@ impl Agent {
 
     /// A backend that left the configuration: its sessions move, its flows continue.
     fn retire_backend(&mut self, service: &str, backend: &BackendRuntime) {
-        let value = backend_value(&backend.config, 0, backend_state::DOWN);
+        let value = backend_value(&self.config, &backend.config, 0, backend_state::DOWN);
         if let Err(error) = self.dataplane.write_backend(backend.id, value) {
             warn!(%service, backend = %backend.config.name, "retiring a backend: {error:#}");
         }
@@ -316,7 +319,7 @@ impl Agent {
         let mut members = Vec::new();
         for backend in &service.backends {
             let state = backend.state(drain_timeout);
-            let value = backend_value(&backend.config, service.config.port, state);
+            let value = backend_value(&self.config, &backend.config, service.config.port, state);
             self.dataplane
                 .write_backend(backend.id, value)
                 .with_context(|| {
@@ -642,12 +645,14 @@ fn binding_limits(config: &Config) -> BindingLimits {
     }
 }
 
-fn backend_value(config: &BackendConfig, service_port: u16, state: u8) -> Backend {
+fn backend_value(nat: &Config, config: &BackendConfig, service_port: u16, state: u8) -> Backend {
+    let (first_source, source_count) = nat.nat_sources_of(config.address);
     Backend {
         addr: Addr::from(config.address),
         port: config.port.unwrap_or(service_port).to_be(),
         state,
-        _pad: 0,
+        source_count,
+        first_source,
     }
 }
 

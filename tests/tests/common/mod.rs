@@ -591,6 +591,11 @@ pub fn upload_of_100_mb_is_intact(lab: &Lab, base: &str) {
 
 /// 20 datagrams to `vip` port 7 (either family), each echoed intact from the VIP.
 pub fn udp_echo_through(lab: &Lab, vip: IpAddr) {
+    udp_echo_through_port(lab, vip, 7);
+}
+
+/// [`udp_echo_through`] on another port of the VIP.
+pub fn udp_echo_through_port(lab: &Lab, vip: IpAddr, port: u16) {
     let family = if vip.is_ipv4() { "AF_INET" } else { "AF_INET6" };
     let script = format!(
         r#"
@@ -600,12 +605,12 @@ s.settimeout(2)
 ok = 0
 for i in range(20):
     msg = ("datagram %d " % i).encode() * 40
-    s.sendto(msg, ("{vip}", 7))
+    s.sendto(msg, ("{vip}", {port}))
     try:
         data, peer = s.recvfrom(4096)
     except socket.timeout:
         continue
-    assert peer[:2] == ("{vip}", 7), peer
+    assert peer[:2] == ("{vip}", {port}), peer
     assert data == msg, data
     ok += 1
 print(ok)
