@@ -24,6 +24,8 @@ pub struct ServiceOptions {
     pub lb_cookie_backend: Option<usize>,
     /// Extra TOML lines for the `web-v6` service.
     pub web6_settings: String,
+    /// Only the first backends for `web-v6` (all three when `None`).
+    pub web6_backend_count: Option<usize>,
     /// TOML tables after the services (`[[source_network]]`, more `[[service]]`s).
     pub extra_tables: String,
 }
@@ -55,7 +57,14 @@ impl Lab {
             self.instance()
         );
         toml += &service("web", HTTP_PORT, "tcp", &options.web_settings, 0..web_count);
-        toml += &service_v6("web-v6", HTTP_PORT, "tcp", &options.web6_settings);
+        let web6_count = options.web6_backend_count.unwrap_or(BACKEND_COUNT);
+        toml += &service_v6(
+            "web-v6",
+            HTTP_PORT,
+            "tcp",
+            &options.web6_settings,
+            0..web6_count,
+        );
         if options.cookie_service {
             let settings = "affinity = \"app-cookie\"\ncookie = \"SID\"";
             toml += &service_on(
@@ -79,17 +88,23 @@ impl Lab {
         }
         toml += &service("echo-tcp", ECHO_PORT, "tcp", "", 0..BACKEND_COUNT);
         toml += &service("echo-udp", ECHO_PORT, "udp", "", 0..BACKEND_COUNT);
-        toml += &service_v6("echo-tcp-v6", ECHO_PORT, "tcp", "");
-        toml += &service_v6("echo-udp-v6", ECHO_PORT, "udp", "");
+        toml += &service_v6("echo-tcp-v6", ECHO_PORT, "tcp", "", 0..BACKEND_COUNT);
+        toml += &service_v6("echo-udp-v6", ECHO_PORT, "udp", "", 0..BACKEND_COUNT);
         toml += "\n";
         toml += &options.extra_tables;
         toml
     }
 }
 
-/// A service on the IPv6 VIP over every backend's IPv6 address.
-fn service_v6(name: &str, port: u16, protocol: &str, settings: &str) -> String {
-    let backends = (0..BACKEND_COUNT).map(|i| (i, IpAddr::from(Lab::backend_addr6(i))));
+/// A service on the IPv6 VIP over the IPv6 addresses of the lab's backends `backends`.
+fn service_v6(
+    name: &str,
+    port: u16,
+    protocol: &str,
+    settings: &str,
+    backends: Range<usize>,
+) -> String {
+    let backends = backends.map(|i| (i, IpAddr::from(Lab::backend_addr6(i))));
     service_at(
         IpAddr::from(VIP6),
         name,

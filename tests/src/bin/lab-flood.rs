@@ -1,10 +1,10 @@
 //! The lab's packet generator (the kernel here has no pktgen): small UDP datagrams to one
-//! address, as fast as its threads can send them in `sendmmsg` batches, for a bounded time
-//! and count. Each thread sends from a socket of its own, so each is one flow. Prints how
-//! many datagrams the kernel took.
+//! address, IPv4 or IPv6, as fast as its threads can send them in `sendmmsg` batches, for a
+//! bounded time and count. Each thread sends from a socket of its own, so each is one flow.
+//! Prints how many datagrams the kernel took.
 
 use std::{
-    net::{SocketAddrV4, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::AsRawFd,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -22,13 +22,14 @@ const BATCH: usize = 64;
 #[derive(Parser)]
 #[command(about = "Sends small UDP datagrams as fast as it can, for the benchmark's packet rate")]
 struct Args {
-    /// Where to send (address:port).
+    /// Where to send (`address:port`, `[address]:port` for IPv6).
     #[arg(long)]
-    to: SocketAddrV4,
+    to: SocketAddr,
     /// Sending threads, each one flow.
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// UDP payload bytes; 18 make 64-byte Ethernet frames (with the frame check sequence).
+    /// UDP payload bytes; 18 make 64-byte Ethernet frames (with the frame check sequence)
+    /// over IPv4, 84-byte ones over IPv6.
     #[arg(long, default_value_t = 18)]
     payload: usize,
     /// How long to send.
@@ -61,13 +62,17 @@ fn main() -> Result<()> {
 }
 
 fn flood(
-    to: SocketAddrV4,
+    to: SocketAddr,
     payload: usize,
     deadline: Instant,
     max: u64,
     sent: &AtomicU64,
 ) -> Result<()> {
-    let socket = UdpSocket::bind("0.0.0.0:0").context("binding a UDP socket")?;
+    let any = match to {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    let socket = UdpSocket::bind(any).context("binding a UDP socket")?;
     socket
         .connect(to)
         .with_context(|| format!("connecting to {to}"))?;
