@@ -19,19 +19,34 @@
 //! - through the lb-cookie VIP: to 203.0.113.10:8081, the `web-lb-cookie` service on
 //!   backend-2, with no cookie: every connection is a new session, so the agent also reads the
 //!   first response head and adds the balancer's Set-Cookie, and XDP splices the rest with the
-//!   added bytes as a second offset (the costliest cookie path).
+//!   added bytes as a second offset (the costliest cookie path);
+//! - through the full-NAT lb-cookie VIP: to 203.0.113.10:8082, the `web-lb-cookie-full-nat`
+//!   service on backend-1, as the lb-cookie VIP but with the backend side opened from the
+//!   balancer's own 198.19.0.1 and a port of `nat_ports`: the backend sees no client address,
+//!   so its TIME_WAIT sockets cannot meet the L4 paths' connections;
+//! - routed IPv6, no XDP: to 2001:db8:b::11, backend-1's IPv6 address, while the agent is
+//!   stopped;
+//! - through the IPv6 VIP: to 2001:db8:f::10 with the agent running, the `web-v6` service
+//!   over backend-1 alone (its ratios are to routed IPv6).
 //!
 //! - trivial XDP router: to 198.19.0.11 with the agent stopped and a program that only does a
 //!   FIB lookup and redirects attached on both of the balancer host's interfaces;
 //! - the peers ([`peers`]): on 203.0.113.20, to backend-1, while the agent is stopped.
 //!
-//! The routed paths and the peers use client addresses of their own (see [`ROUTED_SOURCE`]
-//! and [`peers::PEER_SOURCE`]).
+//! The routed paths and the peers use client addresses of their own (see [`ROUTED_SOURCE`],
+//! [`ROUTED_SOURCE6`] and [`peers::PEER_SOURCE`]).
 
-use std::{net::Ipv4Addr, process::Command, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{bail, Context, Result};
-use balancer_lab::{Lab, ServiceOptions, BALANCER_CLIENT_ADDR, COOKIE_PORT, LB_COOKIE_PORT, VIP};
+use balancer_lab::{
+    Lab, ServiceOptions, BALANCER_BACKEND_ADDR, BALANCER_CLIENT_ADDR, BALANCER_CLIENT_ADDR6,
+    COOKIE_PORT, HTTP_PORT, LB_COOKIE_PORT, VIP, VIP6,
+};
 
 use crate::{build, run, toolchain};
 
@@ -49,6 +64,8 @@ const OVERRUN_SECONDS: u64 = 10;
 /// flow used meets that flow's reverse entry, and the program rewrites the backend's reply
 /// to come from the VIP (the client then resets it).
 const ROUTED_SOURCE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+/// [`ROUTED_SOURCE`] for routed IPv6, apart from the client's address for the IPv6 VIP.
+const ROUTED_SOURCE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 3);
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum System {
@@ -57,6 +74,10 @@ enum System {
     RoutedWithXdp,
     CookieVip,
     LbCookieVip,
+    FullNatCookieVip,
+    /// Kernel forwarding to backend-1's IPv6 address, the IPv6 VIP's baseline.
+    Routed6,
+    Vip6,
     /// The trivial XDP router on the routed path, the ceiling of XDP forwarding here.
     XdpRouter,
     Peer(Peer),
@@ -64,25 +85,40 @@ enum System {
 
 /// In the order of a round: the agent is stopped for the routed path and the peers, then
 /// started for the balancer's paths.
-const SYSTEMS: [System; 10] = [
+const SYSTEMS: [System; 13] = [
     System::Routed,
+    System::Routed6,
     System::XdpRouter,
     System::Peer(Peer::NftNumgen),
     System::Peer(Peer::NftJhash),
     System::Peer(Peer::Haproxy),
     System::Peer(Peer::Nginx),
     System::Vip,
+    System::Vip6,
     System::RoutedWithXdp,
     System::CookieVip,
     System::LbCookieVip,
+    System::FullNatCookieVip,
 ];
 /// The UDP port of the packet-rate workload: the `discard-udp` service on the VIP, and
 /// nothing listening at the backend (which answers with rate-limited ICMP).
 const DISCARD_PORT: u16 = 9;
-/// The service the packet-rate workload sends through on the VIP, over backend-1 alone.
-fn discard_service() -> String {
+/// The service the packet-rate workload sends through on a VIP, over backend-1 alone.
+fn discard_service(name: &str, vip: IpAddr, backend: IpAddr) -> String {
     format!(
-        "\n[[service]]\nname = \"discard-udp\"\nvip = \"{VIP}\"\nport = {DISCARD_PORT}\nprotocol = \"udp\"\n  [[service.backend]]\n  name = \"{}\"\n  address = \"{}\"\n",
+        "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {DISCARD_PORT}\nprotocol = \"udp\"\n  [[service.backend]]\n  name = \"{}\"\n  address = \"{backend}\"\n",
+        Lab::backend_name(0),
+    )
+}
+/// The VIP port of the full-NAT lb-cookie service.
+const FULL_NAT_PORT: u16 = 8082;
+/// An lb-cookie service with full NAT over backend-1, with the balancer's backend-side
+/// address as the source its connections come from (the default `nat_ports`, below the
+/// ephemeral ports of the peers' own backend connections from that address).
+fn full_nat_service() -> String {
+    format!(
+        "\n[[source_network]]\nnetwork = \"{BALANCER_BACKEND_ADDR}/24\"\naddresses = [\"{BALANCER_BACKEND_ADDR}\"]\n\
+         \n[[service]]\nname = \"web-lb-cookie-full-nat\"\nvip = \"{VIP}\"\nport = {FULL_NAT_PORT}\nprotocol = \"tcp\"\naffinity = \"lb-cookie\"\nnat = \"full\"\n  [[service.backend]]\n  name = \"{}\"\n  address = \"{}\"\n  port = {HTTP_PORT}\n",
         Lab::backend_name(0),
         Lab::backend_addr(0)
     )
@@ -98,6 +134,9 @@ impl System {
             System::RoutedWithXdp => "routed, XDP attached",
             System::CookieVip => "cookie VIP, returning sessions",
             System::LbCookieVip => "lb-cookie VIP, new sessions",
+            System::FullNatCookieVip => "full-NAT lb-cookie VIP, new sessions",
+            System::Routed6 => "routed IPv6, no XDP",
+            System::Vip6 => "through the IPv6 VIP",
             System::XdpRouter => "trivial XDP router (FIB + redirect)",
             System::Peer(peer) => peer.title(),
         }
@@ -108,9 +147,12 @@ impl System {
             System::Vip => VIP.to_string(),
             System::CookieVip => format!("{VIP}:{COOKIE_PORT}"),
             System::LbCookieVip => format!("{VIP}:{LB_COOKIE_PORT}"),
+            System::FullNatCookieVip => format!("{VIP}:{FULL_NAT_PORT}"),
             System::Routed | System::RoutedWithXdp | System::XdpRouter => {
                 Lab::backend_addr(0).to_string()
             }
+            System::Routed6 => format!("[{}]", Lab::backend_addr6(0)),
+            System::Vip6 => format!("[{VIP6}]"),
             System::Peer(_) => PEER_ADDR.to_string(),
         }
     }
@@ -125,22 +167,39 @@ impl System {
 
     /// Where the packet-rate workload sends: a port nothing listens on at backend-1, through
     /// this system. The HTTP proxies have no UDP path.
-    fn udp_address(self) -> Option<String> {
+    fn udp_address(self) -> Option<SocketAddr> {
         let host = match self {
-            System::Routed | System::RoutedWithXdp | System::XdpRouter => Lab::backend_addr(0),
-            System::Vip => VIP,
-            System::Peer(Peer::NftNumgen | Peer::NftJhash) => PEER_ADDR,
+            System::Routed | System::RoutedWithXdp | System::XdpRouter => {
+                IpAddr::from(Lab::backend_addr(0))
+            }
+            System::Vip => IpAddr::from(VIP),
+            System::Routed6 => IpAddr::from(Lab::backend_addr6(0)),
+            System::Vip6 => IpAddr::from(VIP6),
+            System::Peer(Peer::NftNumgen | Peer::NftJhash) => IpAddr::from(PEER_ADDR),
             _ => return None,
         };
-        Some(format!("{host}:{DISCARD_PORT}"))
+        Some(SocketAddr::new(host, DISCARD_PORT))
     }
 
     /// Whether the balancer's agent (and so its XDP program) runs during the measurement.
     fn with_agent(self) -> bool {
         matches!(
             self,
-            System::Vip | System::RoutedWithXdp | System::CookieVip | System::LbCookieVip
+            System::Vip
+                | System::Vip6
+                | System::RoutedWithXdp
+                | System::CookieVip
+                | System::LbCookieVip
+                | System::FullNatCookieVip
         )
+    }
+
+    /// The routed path its ratios are to: kernel forwarding in its own address family.
+    fn routed_baseline(self) -> System {
+        match self {
+            System::Routed6 | System::Vip6 => System::Routed6,
+            _ => System::Routed,
+        }
     }
 }
 
@@ -253,20 +312,26 @@ pub fn run(quick: bool) -> Result<()> {
     run::catch_stop_signals();
     let mut lab = Lab::new()?;
     lab.add_client_addresses(&[ROUTED_SOURCE, peers::PEER_SOURCE])?;
-    let routes = [
-        (Lab::backend_addr(0), ROUTED_SOURCE),
-        (PEER_ADDR, peers::PEER_SOURCE),
+    lab.add_client_addresses6(&[ROUTED_SOURCE6])?;
+    let routes: [(IpAddr, IpAddr); 3] = [
+        (Lab::backend_addr(0).into(), ROUTED_SOURCE.into()),
+        (PEER_ADDR.into(), peers::PEER_SOURCE.into()),
+        (Lab::backend_addr6(0).into(), ROUTED_SOURCE6.into()),
     ];
     for (destination, source) in routes {
+        let (prefix, gateway) = match destination {
+            IpAddr::V4(_) => (32, IpAddr::from(BALANCER_CLIENT_ADDR)),
+            IpAddr::V6(_) => (128, IpAddr::from(BALANCER_CLIENT_ADDR6)),
+        };
         lab.exec_checked(
             lab.client_ns(),
             &[
                 "ip",
                 "route",
                 "add",
-                &format!("{destination}/32"),
+                &format!("{destination}/{prefix}"),
                 "via",
-                &BALANCER_CLIENT_ADDR.to_string(),
+                &gateway.to_string(),
                 "src",
                 &source.to_string(),
             ],
@@ -274,17 +339,18 @@ pub fn run(quick: bool) -> Result<()> {
     }
     lab.start_backends(&artifacts.lab_backend)?;
     let config = lab.dir().join("balancer.toml");
+    let discard_services = discard_service("discard-udp", VIP.into(), Lab::backend_addr(0).into())
+        + &discard_service("discard-udp-v6", VIP6.into(), Lab::backend_addr6(0).into());
     let options = ServiceOptions {
         web_backend_count: Some(1),
+        web6_backend_count: Some(1),
         cookie_service: true,
         lb_cookie_backend: Some(1),
+        extra_tables: discard_services + &full_nat_service(),
         ..ServiceOptions::default()
     };
-    std::fs::write(
-        &config,
-        lab.balancer_config_with(&options) + &discard_service(),
-    )
-    .context("writing the benchmark's balancer config")?;
+    std::fs::write(&config, lab.balancer_config_with(&options))
+        .context("writing the benchmark's balancer config")?;
 
     lab.exec_checked(
         lab.balancer_ns(),
@@ -363,7 +429,7 @@ fn measure_system(
     seconds: u32,
     samples: &mut [Vec<Vec<Sample>>],
 ) -> Result<()> {
-    let index = SYSTEMS.iter().position(|s| *s == system).unwrap_or(0);
+    let index = report::index_of(system);
     for (workload, per_system) in WORKLOADS.iter().zip(samples.iter_mut()) {
         if !(workload.applies)(system) {
             continue;
@@ -541,7 +607,7 @@ fn bulk_mbits(lab: &Lab, system: System, seconds: u32) -> Result<Measured> {
 /// Datagrams per second that reach backend-1 (its interface's receive counter) while
 /// `lab-flood` sends from the client for `seconds`.
 fn udp_pps(lab: &Lab, system: System, seconds: u32) -> Result<Measured> {
-    let to = system.udp_address().context("no UDP path")?;
+    let to = system.udp_address().context("no UDP path")?.to_string();
     let flood = build::workspace_root().join("target/release/lab-flood");
     let received = || -> Result<u64> {
         let count = lab.exec_checked(

@@ -17,7 +17,7 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
     let _ = writeln!(out, "{}\n", machine());
     let _ = writeln!(
         out,
-        "Rates: median of {rounds} interleaved round(s) of {seconds} s, [min-max], and the ratio to the routed path without XDP. Every system ends at one backend server (the L4 paths and the peers at backend-1, the cookie VIP at backend-3, the lb-cookie VIP at backend-2: the same server program)."
+        "Rates: median of {rounds} interleaved round(s) of {seconds} s, [min-max], and the ratio to the routed path without XDP of the same address family (the IPv6 systems to routed IPv6). Every system ends at one backend server (the L4 paths, the full-NAT lb-cookie VIP and the peers at backend-1, the cookie VIP at backend-3, the lb-cookie VIP at backend-2: the same server program)."
     );
     let mut header = "| system |".to_owned();
     for workload in &WORKLOADS {
@@ -30,9 +30,10 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
     );
     for (index, system) in SYSTEMS.iter().enumerate() {
         let mut row = format!("| {} |", system.title());
+        let routed_index = index_of(system.routed_baseline());
         for per_system in samples {
             let rates = field(&per_system[index], |s| s.rate);
-            let routed = median(&field(&per_system[0], |s| s.rate));
+            let routed = median(&field(&per_system[routed_index], |s| s.rate));
             let _ = write!(
                 row,
                 " {} | {} |",
@@ -80,10 +81,11 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
         let _ = write!(header, " vs {} |", peer.title());
     }
     let _ = writeln!(out, "\n{header}\n|---|{}", "---|".repeat(peers.len()));
+    // The peers serve IPv4 alone, so the IPv6 VIP is left out.
     for (index, system) in SYSTEMS.iter().enumerate() {
         if !matches!(
             system,
-            System::Vip | System::CookieVip | System::LbCookieVip
+            System::Vip | System::CookieVip | System::LbCookieVip | System::FullNatCookieVip
         ) {
             continue;
         }
@@ -370,6 +372,11 @@ fn ratio(a: f64, b: f64) -> String {
     } else {
         "-".to_owned()
     }
+}
+
+/// Where `system` is in [`SYSTEMS`], and so in each workload's samples.
+pub fn index_of(system: System) -> usize {
+    SYSTEMS.iter().position(|s| *s == system).unwrap_or(0)
 }
 
 fn field(samples: &[Sample], of: impl Fn(&Sample) -> f64) -> Vec<f64> {
