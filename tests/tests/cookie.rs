@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 
-use balancer_lab::{impair::DIRECTIONS, Lab, ServiceOptions, BACKEND_COUNT};
+use balancer_lab::{Lab, ServiceOptions, BACKEND_COUNT};
 use common::*;
 
 fn cookie_options() -> ServiceOptions {
@@ -254,28 +254,7 @@ fn downloads_and_uploads_arrive_intact_through_loss_and_reordering_on_the_client
     let lab = lab_with_impairment(&cookie_options(), &lossy());
     // New connections through loss are run with a cookie inserted (issued_cookies.rs).
     integrity_run(&lab, &SIZES, 500, true, "SID=integrity");
-    let relay = lab
-        .impairment_counters()
-        .expect("reading the relay's counters");
-    for direction in DIRECTIONS {
-        let frames = relay[&format!("{direction}_frames")] as f64;
-        let dropped = relay[&format!("{direction}_dropped")] as f64;
-        assert!(
-            frames > 10_000.0,
-            "{direction}: too few frames to judge: {relay:?}"
-        );
-        assert!(
-            (0.04..0.06).contains(&(dropped / frames)),
-            "{direction}: not about 5% dropped: {relay:?}"
-        );
-        assert!(
-            relay[&format!("{direction}_reordered")] as f64 > 0.03 * frames,
-            "{direction}: too few frames reordered: {relay:?}"
-        );
-        for unplanned in ["oversized", "send_errors"] {
-            assert_eq!(relay[&format!("{direction}_{unplanned}")], 0, "{relay:?}");
-        }
-    }
+    assert_relay_was_lossy(&lab);
     let stats = counters(&lab);
     assert!(stats["spliced_to_client"] > 10_000, "{stats:?}");
 }

@@ -417,17 +417,7 @@ fn responses_with_an_inserted_cookie_arrive_intact_through_loss_and_reordering()
     );
     let issued = integrity_run(&lab, &SIZES, 200, true, "other=1");
     assert!(issued >= 1, "the keep-alive connection got its cookie");
-    let relay = lab
-        .impairment_counters()
-        .expect("reading the relay's counters");
-    for direction in balancer_lab::impair::DIRECTIONS {
-        let frames = relay[&format!("{direction}_frames")] as f64;
-        let dropped = relay[&format!("{direction}_dropped")] as f64;
-        assert!(
-            (0.04..0.06).contains(&(dropped / frames)),
-            "{direction}: not about 5% dropped: {relay:?}"
-        );
-    }
+    assert_relay_was_lossy(&lab);
     // Edited heads lost on the way to the client came back from the backend and were
     // answered by the agent (about one connection in twenty).
     assert!(

@@ -622,3 +622,30 @@ print(ok)
         .unwrap_or(0);
     assert_eq!(answered, 20, "datagrams echoed through {vip}");
 }
+
+/// The lab's relay impaired the client link as [`lossy`] says, each way, over enough frames
+/// to judge: about 5% dropped, more than 3% reordered, nothing it did not plan.
+pub fn assert_relay_was_lossy(lab: &Lab) {
+    let relay = lab
+        .impairment_counters()
+        .expect("reading the relay's counters");
+    for direction in balancer_lab::impair::DIRECTIONS {
+        let frames = relay[&format!("{direction}_frames")] as f64;
+        let dropped = relay[&format!("{direction}_dropped")] as f64;
+        assert!(
+            frames > 10_000.0,
+            "{direction}: too few frames to judge: {relay:?}"
+        );
+        assert!(
+            (0.04..0.06).contains(&(dropped / frames)),
+            "{direction}: not about 5% dropped: {relay:?}"
+        );
+        assert!(
+            relay[&format!("{direction}_reordered")] as f64 > 0.03 * frames,
+            "{direction}: too few frames reordered: {relay:?}"
+        );
+        for unplanned in ["oversized", "send_errors"] {
+            assert_eq!(relay[&format!("{direction}_{unplanned}")], 0, "{relay:?}");
+        }
+    }
+}
