@@ -3,8 +3,6 @@
 //!
 //! HTTP: `GET /` → `<name>\n`; `GET /cookies` → the request's `Cookie` headers;
 //! `GET /peer` → the address and port the connection came from (`<ip> <port>\n`);
-//! `GET /peers` → `<distinct> <connections>\n`: how many distinct (address, port) sources
-//! the HTTP connections so far came from, and how many connections there were;
 //! `GET /bytes/<n>` → n bytes of the lab's test data, streamed;
 //! `POST /upload` → `<sha256 hex> <byte count>\n` of the body, read as it streams; `?pad=<n>`
 //! adds an `X-Padding` header of n bytes to any answer, `?delay=<ms>` holds it back. Every
@@ -130,13 +128,6 @@ async fn tcp_echo(listener: TcpListener) {
 async fn serve_http(stream: TcpStream, name: Arc<str>) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
-    if let Some(peer) = peer {
-        let mut peers = PEERS
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        peers.0.insert(peer);
-        peers.1 += 1;
-    }
     let service = service_fn(move |request| handle(request, name.clone(), peer));
     let _ = http1::Builder::new()
         .keep_alive(true)
@@ -177,12 +168,6 @@ async fn handle(
     let response = match (request.method(), path.as_str()) {
         (&Method::GET, "/") => text(StatusCode::OK, format!("{name}\n")),
         (&Method::GET, "/cookies") => text(StatusCode::OK, format!("{}\n", cookies.join("; "))),
-        (&Method::GET, "/peers") => {
-            let peers = PEERS
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            text(StatusCode::OK, format!("{} {}\n", peers.0.len(), peers.1))
-        }
         (&Method::GET, "/peer") => match peer {
             // The listener takes IPv4 as mapped addresses: shown as the client sent them.
             Some(peer) => text(
@@ -323,10 +308,6 @@ fn padding(n: usize) -> Option<HeaderValue> {
 const SESSION_COOKIE: &str = "SID";
 /// Sessions this backend has started.
 static SESSIONS: AtomicU64 = AtomicU64::new(0);
-
-/// The sources HTTP connections came from, and how many connections there were.
-static PEERS: std::sync::LazyLock<std::sync::Mutex<(std::collections::HashSet<SocketAddr>, u64)>> =
-    std::sync::LazyLock::new(Default::default);
 
 fn with_backend(mut response: Response<ResponseBody>, name: &str) -> Response<ResponseBody> {
     if let Ok(value) = HeaderValue::from_str(name) {
