@@ -126,11 +126,11 @@ fn full_nat_cookie_sessions_reach_backends_without_a_route_back_over_ipv4_and_ip
             "{service}: source port {port} outside nat_ports"
         );
 
-        let backends = lb_cookie_jars_stick(&lab, &format!("{url}/"), 12);
+        let backends = lb_cookie_jars_stick(&lab, &format!("{url}/"), 30);
         assert_eq!(
             backends.len(),
             BACKEND_COUNT,
-            "{service}: 12 sessions over every backend"
+            "{service}: 30 sessions over every backend"
         );
         integrity_run_at(&lab, &url, &SIZES, 200, true, "LBSESSION=absent");
         integrity_run_at(&lab, &url, &SIZES, 100, false, "LBSESSION=absent");

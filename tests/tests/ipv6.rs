@@ -190,11 +190,11 @@ const HEALTH_CHECK: &str =
 fn ipv6_cookie_sessions_stick_in_curl_jars_and_python_and_move_with_a_new_cookie_when_their_backend_dies(
 ) {
     let mut lab = lab_with(&lb_cookie_v6(HEALTH_CHECK));
-    let jar_backends = lb_cookie_jars_stick(&lab, &vip6_url("/"), 12);
+    let jar_backends = lb_cookie_jars_stick(&lab, &vip6_url("/"), 30);
     assert_eq!(
         jar_backends.len(),
         BACKEND_COUNT,
-        "12 new sessions spread over every backend"
+        "30 new sessions spread over every backend"
     );
     sessions_stick_and_move_with_a_new_cookie(&mut lab, &vip6_url("/"), "web-v6");
 }
