@@ -40,7 +40,7 @@ pub mod map_name {
 /// Version of the maps' layout (their key and value types and the meaning of their fields).
 /// Pinned maps outlive the agent and its program; a program of another layout version must
 /// not adopt them. Bump it with every change to a type or map below.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Seconds after the agent's last heartbeat that the data plane takes it for gone: cookie
 /// services then stop handing connections to it (see [`without_agent`]). Compiled into the
@@ -161,10 +161,8 @@ pub struct AgentState {
     /// `nat_port_first`; the agent reserves them from the host's own sockets.
     pub nat_port_first: u16,
     pub nat_port_count: u16,
-    /// CPUs the program may run on: full NAT's port cursors interleave by CPU.
-    pub cpus: u32,
 }
-const _: () = assert!(size_of::<AgentState>() == 28);
+const _: () = assert!(size_of::<AgentState>() == 24);
 
 /// States of a client flow in [`Flow::state`] and of its reverse entry in
 /// [`ReverseNat::state`].

@@ -4,6 +4,8 @@
 //! rewritten back to the VIP. Everything else is left to the host. Every exit is counted under
 //! one [`Reason`](balancer_common::Reason) in `STATS`.
 #![no_std]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 #![no_main]
 
 mod agent;

@@ -69,10 +69,11 @@ pub static COOKIE_SECRET: Array<CookieSecret> = Array::pinned(COOKIE_SECRETS, 0)
 #[map]
 pub static NAT_SOURCES: Array<Addr> = Array::pinned(MAX_NAT_SOURCES, 0);
 
-/// Full NAT: per CPU, how many sources it has tried, which picks the next one. Not pinned:
-/// a new program may start anywhere, claims are settled in `REVERSE`.
+/// Full NAT: how many sources all CPUs have tried, which picks the next one; moved by
+/// atomic adds. Not pinned: a new program may start anywhere, claims are settled in
+/// `REVERSE`.
 #[map]
-pub static NAT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+pub static NAT_CURSOR: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Full NAT: a new flow's packet and backend, handed from the main program to
 /// `balancer_full_nat` (see `full_nat`).

@@ -4,7 +4,8 @@
 //! share a source whichever CPU (or the agent) claimed it. A claim whose flow has closed and
 //! gone quiet, or has been idle very long, is free again.
 
-use aya_ebpf::helpers::bpf_get_smp_processor_id;
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
 use balancer_common::{source_is_free, Backend, FlowKey, ReverseNat};
 
 use crate::maps::{AGENT, NAT_CURSOR, NAT_SOURCES, REVERSE};
@@ -27,18 +28,13 @@ pub fn claim(backend: &Backend, proto: u8, reverse: &ReverseNat, now_s: u32) -> 
     }
     let space = ports * sources;
     let cursor = NAT_CURSOR.get_ptr_mut(0)?;
-    // SAFETY: a helper without arguments.
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    let cpus = agent.cpus.max(1);
     for _ in 0..CLAIM_TRIES {
-        // SAFETY: the cursor is this CPU's, and only this program run touches it meanwhile.
-        let turn = unsafe {
-            let turn = *cursor;
-            *cursor = turn.wrapping_add(1);
-            turn
-        };
-        // CPUs take turns through the space, so they rarely try the same source at once.
-        let index = turn.wrapping_mul(cpus).wrapping_add(cpu) % space;
+        // One cursor for all CPUs: each source is tried once per round of the whole space,
+        // however the flows fall on the CPUs.
+        // SAFETY: the entry is a u64 in the map's memory, which outlives the program run and
+        // is only ever changed by atomic adds.
+        let turn = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(cursor, 1) };
+        let index = (turn % u64::from(space)) as u32;
         let Some(source) = NAT_SOURCES.get(backend.first_source + index % sources) else {
             return None;
         };

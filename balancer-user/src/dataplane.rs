@@ -4,6 +4,7 @@ use std::{
     borrow::Cow,
     fmt::Write as _,
     fs,
+    net::IpAddr,
     os::fd::AsFd,
     path::{Path, PathBuf},
 };
@@ -74,8 +75,6 @@ pub struct Dataplane {
     request_timeout_s: u32,
     /// The config's `nat_ports` (first, count), told with each heartbeat.
     nat_ports: (u16, u16),
-    /// Possible CPUs, told with each heartbeat.
-    cpus: u32,
 }
 
 impl Dataplane {
@@ -139,7 +138,6 @@ impl Dataplane {
             ),
             request_timeout_s: config.request_timeout,
             nat_ports: config.nat_port_range().unwrap_or_default(),
-            cpus: aya::util::nr_cpus().map_or(1, |n| n as u32),
         };
         // Before the program runs: an adopted connection being bound must not look orphaned.
         dataplane.heartbeat()?;
@@ -186,7 +184,6 @@ impl Dataplane {
             request_timeout_s: self.request_timeout_s,
             nat_port_first: self.nat_ports.0,
             nat_port_count: self.nat_ports.1,
-            cpus: self.cpus,
         };
         let mut map: Array<&mut MapData, AgentState> = Array::try_from(self.map(map_name::AGENT)?)?;
         map.set(0, state, 0)
@@ -919,7 +916,67 @@ pub fn reserve_nat_ports(config: &Config) -> Result<()> {
     if config.source_networks.is_empty() {
         return Ok(());
     }
-    reserve_ports(&config.nat_ports)
+    reserve_ports(&config.nat_ports)?;
+    let held = host_sockets_on_sources(config);
+    if held > 0 {
+        warn!(
+            sockets = held,
+            "host sockets already use full NAT sources (an address of a source_network with a \
+             port of nat_ports): a connection claimed on one of them collides with it until it \
+             closes; give full NAT addresses of its own rather than the one the host's own \
+             connections leave from"
+        );
+    }
+    Ok(())
+}
+
+/// How many of the namespace's TCP sockets (any state) are bound to a full NAT source: they
+/// were opened before the ports were reserved, or chose their port themselves.
+fn host_sockets_on_sources(config: &Config) -> usize {
+    let Some((first, count)) = config.nat_port_range() else {
+        return 0;
+    };
+    let ports = u32::from(first)..u32::from(first) + u32::from(count);
+    let sources: Vec<Addr> = config
+        .source_networks
+        .iter()
+        .flat_map(|network| network.addresses.iter().map(|&a| Addr::from(a)))
+        .collect();
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| fs::read_to_string(table).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(|line| line.split_whitespace().nth(1).and_then(proc_net_local))
+                .collect::<Vec<_>>()
+        })
+        .filter(|(addr, port)| ports.contains(&u32::from(*port)) && sources.contains(addr))
+        .count()
+}
+
+/// A `/proc/net/tcp{,6}` local address, `ADDR:PORT` in hex, the address as the kernel's
+/// 32-bit words in host order.
+fn proc_net_local(field: &str) -> Option<(Addr, u16)> {
+    let (addr, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |i: usize| {
+        addr.get(i * 8..i * 8 + 8)
+            .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+            .map(|w| w.to_ne_bytes())
+    };
+    let addr = match addr.len() {
+        8 => Addr::from(IpAddr::from(word(0)?)),
+        32 => {
+            let mut octets = [0u8; 16];
+            for i in 0..4 {
+                octets[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            Addr::from(IpAddr::from(octets))
+        }
+        _ => return None,
+    };
+    Some((addr, port))
 }
 
 /// The sysctl that keeps ports out of the host's automatic choice, for IPv4 and IPv6 alike.
@@ -998,4 +1055,19 @@ fn mount_bpf_fs() -> Result<()> {
     }
     info!("mounted the BPF filesystem at {BPF_FS}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_local_addresses_read_in_host_order() {
+        let v4 = proc_net_local("0100007F:1F90").expect("an IPv4 address");
+        assert_eq!(v4, (Addr::from("127.0.0.1".parse::<IpAddr>().unwrap()), 8080));
+        let v6 = proc_net_local("B80D0120000000000000000001000000:0050").expect("an IPv6 address");
+        assert_eq!(v6, (Addr::from("2001:db8::1".parse::<IpAddr>().unwrap()), 80));
+        assert_eq!(proc_net_local("0100007F"), None);
+        assert_eq!(proc_net_local("01007F:0050"), None);
+    }
 }

@@ -229,3 +229,114 @@ print(r.read().decode().strip())
         );
     }
 }
+
+#[test]
+fn sixty_thousand_connections_to_one_backend_each_come_from_a_source_of_their_own() {
+    // XDP's own flows (claimed in XDP), then a cookie service's (claimed by the agent).
+    for affinity in ["flow", "lb-cookie"] {
+        sixty_thousand_connections(affinity);
+    }
+}
+
+fn sixty_thousand_connections(affinity: &str) {
+    // Two addresses × 50,000 ports: every connection can get a source no other has had,
+    // however the new flows fall on the CPUs (they share one cursor). The
+    // addresses are the balancer's alone: the host's own connections leave from its first
+    // address on the link, and the lab's readiness check left a connection from there in
+    // TIME_WAIT at the backend, from a port of the range, before the range was reserved.
+    let lab = lab_with_settings(
+        "nat_ports = \"10000-59999\"\n",
+        &ServiceOptions {
+            web_settings: format!("affinity = \"{affinity}\"\nnat = \"full\"\n"),
+            web_backend_count: Some(1),
+            extra_tables: "[[source_network]]\nnetwork = \"198.19.0.0/24\"\n\
+                           addresses = [\"198.19.0.2\", \"198.19.0.3\"]\n"
+                .to_owned(),
+            ..ServiceOptions::default()
+        },
+    );
+    for address in ["198.19.0.2/24", "198.19.0.3/24"] {
+        run(
+            &lab,
+            lab.balancer_ns(),
+            &["ip", "addr", "add", address, "dev", "lb-backend"],
+        );
+    }
+    lab.route_backends_away()
+        .expect("taking the backends' routes away");
+    let connections = 60_000;
+    let before = backend_peers(&lab, 50001);
+    let urls = lab.dir().join("urls.txt");
+    let list: String = (0..connections)
+        .map(|_| format!("url = \"{}\"\n", vip_url("/")))
+        .collect();
+    std::fs::write(&urls, list).expect("writing the URL list");
+    // curl in parallel, a new connection each (the backend closes after its answer).
+    let codes = run(
+        &lab,
+        lab.client_ns(),
+        &[
+            "curl",
+            "-sS",
+            "--no-progress-meter",
+            "--parallel",
+            "--parallel-max",
+            "32",
+            // Per connection: a total limit would count the queue's wait too.
+            "--connect-timeout",
+            "10",
+            "-H",
+            "Connection: close",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n",
+            "--config",
+            urls.to_str().expect("utf-8 path"),
+        ],
+    );
+    let answered = codes.lines().filter(|code| *code == "200").count() as u64;
+    assert_eq!(
+        answered, connections,
+        "{affinity}: connections answered 200"
+    );
+    let after = backend_peers(&lab, 50002);
+    // Each query is a connection too, from a source of its own; `before`'s came earlier.
+    assert_eq!(
+        after.1 - before.1,
+        connections + 1,
+        "connections the backend accepted"
+    );
+    assert_eq!(
+        after.0 - before.0,
+        connections + 1,
+        "{affinity}: sources that came more than once (ms since the backend started):\n{}",
+        after.2
+    );
+}
+
+/// Backend-1's count of distinct sources and of HTTP connections so far, and its lines
+/// naming the sources that came more than once, asked straight from
+/// the balancer host over IPv6 from `port` (the query is a connection too, from a source
+/// the full-NAT connections, all IPv4, never have).
+fn backend_peers(lab: &Lab, port: u16) -> (u64, u64, String) {
+    let url = format!("http://[{}]/peers", Lab::backend_addr6(0));
+    let port = port.to_string();
+    let args = [
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "--local-port",
+        &port,
+        &url,
+    ];
+    let peers = run(lab, lab.balancer_ns(), &args);
+    let (counts, repeated) = peers.split_once('\n').expect("a line of counts");
+    let (distinct, seen) = counts.split_once(' ').expect("<distinct> <connections>");
+    (
+        distinct.parse().expect("a count"),
+        seen.parse().expect("a count"),
+        repeated.to_owned(),
+    )
+}

@@ -3,6 +3,10 @@
 //!
 //! HTTP: `GET /` → `<name>\n`; `GET /cookies` → the request's `Cookie` headers;
 //! `GET /peer` → the address and port the connection came from (`<ip> <port>\n`);
+//! `GET /peers` → `<distinct> <connections>\n`: how many distinct (address, port) sources
+//! the HTTP connections so far came from, and how many connections there were; then a line
+//! `<source> <ms> <ms>...` for each source that came more than once, with the times (since
+//! the backend started) its connections were accepted;
 //! `GET /bytes/<n>` → n bytes of the lab's test data, streamed;
 //! `POST /upload` → `<sha256 hex> <byte count>\n` of the body, read as it streams; `?pad=<n>`
 //! adds an `X-Padding` header of n bytes to any answer, `?delay=<ms>` holds it back. Every
@@ -64,6 +68,7 @@ fn main() -> Result<()> {
         return data::copy_test_data(&mut stdout.lock(), size).context("writing the test data");
     }
     let name: Arc<str> = args.name.context("--name is required")?.into();
+    std::sync::LazyLock::force(&STARTED);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -128,6 +133,17 @@ async fn tcp_echo(listener: TcpListener) {
 async fn serve_http(stream: TcpStream, name: Arc<str>) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
+    if let Some(peer) = peer {
+        let mut peers = PEERS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        peers
+            .0
+            .entry(peer)
+            .or_default()
+            .push(STARTED.elapsed().as_millis());
+        peers.1 += 1;
+    }
     let service = service_fn(move |request| handle(request, name.clone(), peer));
     let _ = http1::Builder::new()
         .keep_alive(true)
@@ -168,6 +184,17 @@ async fn handle(
     let response = match (request.method(), path.as_str()) {
         (&Method::GET, "/") => text(StatusCode::OK, format!("{name}\n")),
         (&Method::GET, "/cookies") => text(StatusCode::OK, format!("{}\n", cookies.join("; "))),
+        (&Method::GET, "/peers") => {
+            let peers = PEERS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut answer = format!("{} {}\n", peers.0.len(), peers.1);
+            for (peer, times) in peers.0.iter().filter(|(_, times)| times.len() > 1) {
+                let times: Vec<String> = times.iter().map(u128::to_string).collect();
+                answer.push_str(&format!("{peer} {}\n", times.join(" ")));
+            }
+            text(StatusCode::OK, answer)
+        }
         (&Method::GET, "/peer") => match peer {
             // The listener takes IPv4 as mapped addresses: shown as the client sent them.
             Some(peer) => text(
@@ -308,6 +335,15 @@ fn padding(n: usize) -> Option<HeaderValue> {
 const SESSION_COOKIE: &str = "SID";
 /// Sessions this backend has started.
 static SESSIONS: AtomicU64 = AtomicU64::new(0);
+
+/// The sources HTTP connections came from with the times each was accepted, and how many
+/// connections there were.
+type Peers = (std::collections::HashMap<SocketAddr, Vec<u128>>, u64);
+static PEERS: std::sync::LazyLock<std::sync::Mutex<Peers>> =
+    std::sync::LazyLock::new(Default::default);
+/// When the backend started: the origin of the times `/peers` shows.
+static STARTED: std::sync::LazyLock<std::time::Instant> =
+    std::sync::LazyLock::new(std::time::Instant::now);
 
 fn with_backend(mut response: Response<ResponseBody>, name: &str) -> Response<ResponseBody> {
     if let Ok(value) = HeaderValue::from_str(name) {
