@@ -29,11 +29,16 @@ pub fn claim(backend: &Backend, proto: u8, reverse: &ReverseNat, now_s: u32) -> 
     let space = ports * sources;
     let cursor = NAT_CURSOR.get_ptr_mut(0)?;
     for _ in 0..CLAIM_TRIES {
-        // One cursor for all CPUs: each source is tried once per round of the whole space,
-        // however the flows fall on the CPUs.
-        // SAFETY: the entry is a u64 in the map's memory, which outlives the program run and
-        // is only ever changed by atomic adds.
-        let turn = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(cursor, 1) };
+        // One cursor for all CPUs, so each source is tried once per round of the whole space
+        // however the flows fall on the CPUs. The read and the add are apart (this target
+        // has no fetching add): two CPUs reading one value try one source, and the insert
+        // below settles it.
+        // SAFETY: the entry is a u64 in the map's memory, which outlives the program run.
+        let turn = unsafe {
+            let turn = core::ptr::read_volatile(cursor);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(cursor, 1);
+            turn
+        };
         let index = (turn % u64::from(space)) as u32;
         let Some(source) = NAT_SOURCES.get(backend.first_source + index % sources) else {
             return None;
