@@ -8,6 +8,7 @@
 pub mod addr;
 pub mod csum;
 pub mod proto;
+pub mod proxy_v2;
 pub mod syncookie;
 
 pub use addr::Addr;
@@ -104,8 +105,11 @@ pub struct Service {
     pub source_mask: Addr,
     /// One of [`nat_mode`].
     pub nat: u32,
+    /// 1: XDP puts a PROXY protocol v2 header in front of each L4 TCP flow's first data
+    /// (full NAT only).
+    pub proxy_protocol: u32,
 }
-const _: () = assert!(size_of::<Service>() == 48);
+const _: () = assert!(size_of::<Service>() == 52);
 
 /// How a service's connections reach their backends, in [`Service::nat`].
 pub mod nat_mode {
@@ -266,8 +270,11 @@ pub struct Flow {
     pub source: Addr,
     pub source_port: u16,
     pub _pad: u16,
+    /// With [`flow_flags::PROXY_HEADER`]: the client's sequence number of its first data
+    /// byte, where the header goes; the client's later bytes move past it.
+    pub proxy_seq: u32,
 }
-const _: () = assert!(size_of::<Flow>() == 68);
+const _: () = assert!(size_of::<Flow>() == 72);
 
 /// Bits of [`Flow::flags`].
 pub mod flow_flags {
@@ -276,6 +283,9 @@ pub mod flow_flags {
     /// The client acknowledged all of an edited response head: the backend will not send
     /// any of it again.
     pub const HEAD_ACKED: u16 = 2;
+    /// L4 TCP with `proxy_protocol`: XDP puts the PROXY header in front of the client's
+    /// first data (see [`Flow::proxy_seq`]).
+    pub const PROXY_HEADER: u16 = 4;
 }
 
 /// `REVERSE` value: the VIP and port a backend's reply must appear to come from.
@@ -299,7 +309,8 @@ pub struct ReverseNat {
     /// sent again from before it goes to the agent, which holds the edited head.
     pub head_end: u32,
     /// Spliced TCP whose first request the agent shortened by this many bytes: added to the
-    /// backend's acknowledgement numbers and SACK blocks.
+    /// backend's acknowledgement numbers and SACK blocks. An L4 flow whose client bytes XDP
+    /// put a PROXY header in front of holds the header's length negated.
     pub removed: u32,
     /// Spliced TCP: the backend's sequence number just past the request bytes the agent
     /// replayed to it, until the backend acknowledges them (then 0): only the agent can send
@@ -322,6 +333,9 @@ pub mod reverse_flags {
     /// A FIN or a reset went either way: the flow is ending, and a full-NAT source port it
     /// holds is free again once the flow has been quiet for a moment.
     pub const CLOSING: u16 = 1;
+    /// L4 TCP with `proxy_protocol`: the backend's SYN-ACK offers a smaller MSS by the PROXY
+    /// header's length, so the client's first segment still fits once the header is in it.
+    pub const PROXY_HEADER: u16 = 2;
 }
 
 /// Full NAT: seconds a closed flow keeps its source, for the last segments of its close.
@@ -440,7 +454,8 @@ pub struct Counter {
 const _: () = assert!(size_of::<Counter>() == 16);
 
 /// Why a packet left the program the way it did: every exit counts under exactly one reason.
-/// `NewFlow`, `NewSession` and `SessionMoved` are events, counted in addition.
+/// `NewFlow`, `NewSession`, `SessionMoved`, `PlacedWithoutAgent` and `ProxyHeaderInserted` are
+/// events, counted in addition.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
@@ -523,10 +538,16 @@ pub enum Reason {
     RefusedNoNatPort,
     /// Full NAT: a new non-TCP flow dropped, every source port being taken.
     DropNoNatPort,
+    /// `proxy_protocol` L4 flow: a PROXY header put in front of the client's first data
+    /// (an event, like `NewFlow`; again for each time the client sends that segment again).
+    ProxyHeaderInserted,
+    /// `proxy_protocol` L4 flow: a first data segment whose headers are too long to move
+    /// (IPv6 extension headers) or whose frame could not grow, dropped.
+    DropProxyHeader,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 35;
+    pub const COUNT: u32 = 37;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::Replied,
@@ -563,6 +584,8 @@ impl Reason {
         Reason::PassIpv6Extension,
         Reason::RefusedNoNatPort,
         Reason::DropNoNatPort,
+        Reason::ProxyHeaderInserted,
+        Reason::DropProxyHeader,
     ];
 
     /// Stable name used in logs, the stats line and metrics.
@@ -603,6 +626,8 @@ impl Reason {
             Reason::PassIpv6Extension => "pass_ipv6_extension",
             Reason::RefusedNoNatPort => "refused_no_nat_port",
             Reason::DropNoNatPort => "drop_no_nat_port",
+            Reason::ProxyHeaderInserted => "proxy_header_inserted",
+            Reason::DropProxyHeader => "drop_proxy_header",
         }
     }
 }

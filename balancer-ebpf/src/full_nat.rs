@@ -5,27 +5,32 @@
 //! the main program took the verifier past its limit, and its stack past 512 bytes.
 
 use aya_ebpf::programs::XdpContext;
-use balancer_common::{flow_flags, flow_state, Flow, Reason, ReverseNat, PROTO_TCP};
+use balancer_common::{
+    flow_flags, flow_state, proto::tcp_field, proxy_v2, reverse_flags, Flow, Reason, ReverseNat,
+    PROTO_TCP,
+};
 
 use crate::{
     forward,
     maps::{BACKENDS, FLOWS, FULL_NAT_HANDOFF, FULL_NAT_PROGRAM},
     nat::{self, End},
     packet::{Packet, L4_OFFSET_LIMIT},
-    reset, source,
+    reset, source, splice,
     stats::{self, Verdict},
 };
 
-/// What the main program hands over: the parsed packet and the backend chosen for it.
+/// What the main program hands over: the parsed packet, the backend chosen for it, and
+/// whether its service sends the PROXY header.
 pub struct Handoff {
     pub packet: Packet,
     pub backend_id: u32,
+    pub proxy: bool,
 }
 
 /// Passes a new full-NAT flow's packet on to `balancer_full_nat`; a verdict only if that
 /// program is missing (the tail call returned).
 #[inline(always)]
-pub fn hand_off(ctx: &XdpContext, packet: &Packet, backend_id: u32) -> Verdict {
+pub fn hand_off(ctx: &XdpContext, packet: &Packet, backend_id: u32, proxy: bool) -> Verdict {
     let Some(handoff) = FULL_NAT_HANDOFF.get_ptr_mut(0) else {
         return Verdict::drop(Reason::DropNoNatPort);
     };
@@ -34,6 +39,7 @@ pub fn hand_off(ctx: &XdpContext, packet: &Packet, backend_id: u32) -> Verdict {
     unsafe {
         (*handoff).packet = *packet;
         (*handoff).backend_id = backend_id;
+        (*handoff).proxy = proxy;
         FULL_NAT_PROGRAM.tail_call(ctx, 0);
     }
     Verdict::drop(Reason::DropNoNatPort)
@@ -46,7 +52,8 @@ pub fn place(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let no_port = Verdict::drop(Reason::DropNoNatPort);
     let handoff = FULL_NAT_HANDOFF.get_ptr(0).ok_or(no_port)?;
     // SAFETY: as in `hand_off`.
-    let (mut packet, backend_id) = unsafe { ((*handoff).packet, (*handoff).backend_id) };
+    let (mut packet, backend_id, proxy) =
+        unsafe { ((*handoff).packet, (*handoff).backend_id, (*handoff).proxy) };
     // Read from a map, the offsets are unknown to the verifier: bound them as parsing did.
     packet.l4_offset &= L4_OFFSET_LIMIT - 1;
     packet.l4_check_offset &= L4_OFFSET_LIMIT - 1;
@@ -55,7 +62,7 @@ pub fn place(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         .get(backend_id)
         .ok_or(Verdict::drop(Reason::DropNoBackend))?;
     let now_s = nat::seconds_now();
-    let reverse = ReverseNat {
+    let mut reverse = ReverseNat {
         vip: key.dst,
         port: key.dport,
         client: key.src,
@@ -63,6 +70,18 @@ pub fn place(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         last_seen_s: now_s,
         ..ReverseNat::default()
     };
+    let mut flags = if packet.closing {
+        flow_flags::CLOSING
+    } else {
+        0
+    };
+    let mut proxy_seq = 0;
+    if proxy {
+        flags |= flow_flags::PROXY_HEADER;
+        proxy_seq = splice::read_u32(ctx, packet.tcp_field(tcp_field::SEQ))?.wrapping_add(1);
+        reverse.flags = reverse_flags::PROXY_HEADER;
+        reverse.removed = (proxy_v2::len(packet.v6) as u32).wrapping_neg();
+    }
     let Some(claimed) = source::claim(backend, key.proto, &reverse, now_s) else {
         return Err(if key.proto == PROTO_TCP {
             reset::refuse(
@@ -79,15 +98,12 @@ pub fn place(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         backend_id,
         backend_addr: backend.addr,
         backend_port: backend.port,
-        flags: if packet.closing {
-            flow_flags::CLOSING
-        } else {
-            0
-        },
+        flags,
         last_seen_s: now_s,
         state: flow_state::NAT,
         source: claimed.dst,
         source_port: claimed.dport,
+        proxy_seq,
         ..Flow::default()
     };
     let _ = FLOWS.insert(key, &flow, 0);

@@ -17,6 +17,7 @@ mod handshake;
 mod maps;
 mod nat;
 mod packet;
+mod proxy;
 mod punt;
 mod reply;
 mod reset;

@@ -86,6 +86,11 @@ pub static FULL_NAT_HANDOFF: PerCpuArray<crate::full_nat::Handoff> =
 #[map]
 pub static FULL_NAT_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
+/// `proxy_protocol`: per CPU, the headers of a segment a PROXY header goes into, and that
+/// header, while it is put in (see `proxy`). Not pinned: it holds nothing between packets.
+#[map]
+pub static PROXY_SCRATCH: PerCpuArray<crate::proxy::Scratch> = PerCpuArray::with_max_entries(1, 0);
+
 /// One word per CPU that [`crate::packet::parse`] passes the transport header's offset
 /// through: the verifier cannot follow a value through a map, so every packet's offset looks
 /// alike to it from there on, and it verifies the paths after parsing once instead of once

@@ -14,7 +14,7 @@ use crate::{
     agent, choose, full_nat, handshake,
     maps::{BACKENDS, BINDINGS, FLOWS, REVERSE, SERVICES},
     packet::{ptr_at, Packet, IP_OFFSET},
-    punt, reset, splice,
+    proxy, punt, reset, splice,
     stats::{self, Verdict},
 };
 
@@ -62,8 +62,9 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, V
             // Nor can a full-NAT flow's source: the backend may hold it in TIME_WAIT.
             if flow.source_port != 0 && reopens(packet, flow) {
                 let backend_id = flow.backend_id;
+                let proxy = flow.flags & flow_flags::PROXY_HEADER != 0;
                 forget(key, flow);
-                return Err(full_nat::hand_off(ctx, packet, backend_id));
+                return Err(full_nat::hand_off(ctx, packet, backend_id, proxy));
             }
             touch(flow, now_s, packet.closing);
             if flow.inserted != 0 {
@@ -85,14 +86,20 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, V
             } else {
                 let backend_id = choose::backend(service, key)?;
                 if service.nat == nat_mode::FULL {
-                    return Err(full_nat::hand_off(ctx, packet, backend_id));
+                    let proxy = service.proxy_protocol != 0 && key.proto == PROTO_TCP;
+                    return Err(full_nat::hand_off(ctx, packet, backend_id, proxy));
                 }
                 new_flow(backend_id, key, now_s, packet.closing)?
             }
         }
     };
     let reason = match flow.state {
-        flow_state::NAT => Reason::Forwarded,
+        flow_state::NAT => {
+            if flow.flags & flow_flags::PROXY_HEADER != 0 {
+                proxy::client_to_backend(ctx, packet, &flow)?;
+            }
+            Reason::Forwarded
+        }
         flow_state::SPLICED => {
             splice::client_to_backend(ctx, packet, &flow)?;
             Reason::SplicedToBackend
@@ -137,7 +144,12 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, Ve
         note_source_in_use(unsafe { &mut *entry }, seconds_now(), packet.closing);
     }
     let reason = match nat.state {
-        flow_state::NAT => Reason::Replied,
+        flow_state::NAT => {
+            if nat.flags & reverse_flags::PROXY_HEADER != 0 {
+                proxy::backend_to_client(ctx, packet, &nat)?;
+            }
+            Reason::Replied
+        }
         // A SYN-ACK (first or repeated) answers the agent's SYN: the agent acknowledges it.
         // Response head bytes the agent edits (or edited, when sent again) go to it too.
         flow_state::SPLICED | flow_state::RESPONSE_HEAD

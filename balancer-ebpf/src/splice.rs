@@ -144,7 +144,7 @@ pub fn for_agent(ctx: &XdpContext, packet: &Packet, nat: &ReverseNat) -> bool {
 }
 
 #[inline(always)]
-fn read_u32(ctx: &XdpContext, offset: usize) -> Result<u32, Verdict> {
+pub fn read_u32(ctx: &XdpContext, offset: usize) -> Result<u32, Verdict> {
     let field: *const [u8; 4] = ptr_at(ctx, offset).ok_or(Verdict::drop(Reason::DropTruncated))?;
     // SAFETY: `ptr_at` checked that the field lies inside the frame.
     Ok(u32::from_be_bytes(unsafe { *field }))
@@ -153,23 +153,29 @@ fn read_u32(ctx: &XdpContext, offset: usize) -> Result<u32, Verdict> {
 /// Moves the edges of a segment's SACK blocks by `delta`, as its acknowledgement number: they
 /// name the other side's bytes in the sequence space that side knows.
 #[inline(always)]
-fn shift_sack_blocks(ctx: &XdpContext, packet: &Packet, delta: u32) -> Result<(), Verdict> {
+pub fn shift_sack_blocks(ctx: &XdpContext, packet: &Packet, delta: u32) -> Result<(), Verdict> {
     if packet.tcp_header_len <= TCP_HEADER_LEN {
         return Ok(());
     }
     let truncated = Verdict::drop(Reason::DropTruncated);
     let mut options = Options::load(ctx, packet).ok_or(truncated)?;
-    // Stacks align the SACK option on a word: first, or behind two NOPs (timestamps are off
-    // on these connections). A block left untranslated elsewhere lies outside the receiver's
-    // window and is ignored by it: it costs speed, never data. Not walking the options keeps
-    // this per-packet path cheap for the verifier.
+    // Stacks align the SACK option on a word: first, behind two NOPs, or behind two NOPs
+    // and a timestamp and two NOPs again (spliced connections go without timestamps, L4
+    // flows keep the client's). A block left untranslated elsewhere costs speed, never data:
+    // the sender retransmits what is not acknowledged in the end. Not walking the options
+    // keeps this per-packet path cheap for the verifier.
+    let nops =
+        |at: usize| options.byte(at) == tcp_option::NOP && options.byte(at + 1) == tcp_option::NOP;
     let at = if options.byte(0) == tcp_option::SACK {
         0
-    } else if options.byte(0) == tcp_option::NOP
-        && options.byte(1) == tcp_option::NOP
-        && options.byte(2) == tcp_option::SACK
-    {
+    } else if nops(0) && options.byte(2) == tcp_option::SACK {
         2
+    } else if nops(0)
+        && options.byte(2) == tcp_option::TIMESTAMP
+        && nops(12)
+        && options.byte(14) == tcp_option::SACK
+    {
+        14
     } else {
         return Ok(());
     };
@@ -225,7 +231,7 @@ pub fn backend_to_client(
 
 /// Adds `delta` to the 32-bit sequence field at `offset`, fixing the TCP checksum.
 #[inline(always)]
-fn shift(ctx: &XdpContext, packet: &Packet, offset: usize, delta: u32) -> Result<(), Verdict> {
+pub fn shift(ctx: &XdpContext, packet: &Packet, offset: usize, delta: u32) -> Result<(), Verdict> {
     let truncated = Verdict::drop(Reason::DropTruncated);
     let field: *mut [u8; 4] = ptr_at(ctx, offset).ok_or(truncated)?;
     let check: *mut [u8; 2] = ptr_at(ctx, packet.l4_check_offset).ok_or(truncated)?;

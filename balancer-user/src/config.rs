@@ -214,8 +214,10 @@ pub struct ServiceConfig {
     /// balancer's `source_network` addresses, and need no route back through it).
     #[serde(default)]
     pub nat: NatMode,
-    /// Cookie services: send the backend the client's address and port in a PROXY protocol
-    /// v2 header before the request (for full NAT, where the backend sees the balancer's).
+    /// Send the backend the client's address and port in a PROXY protocol v2 header before
+    /// the connection's first bytes (for full NAT, where the backend sees the balancer's):
+    /// the agent writes it before a cookie service's request, XDP puts it into an L4 TCP
+    /// flow's first data segment (L4 services need `nat = "full"`).
     #[serde(default)]
     pub proxy_protocol: bool,
     #[serde(default, rename = "backend")]
@@ -1168,10 +1170,17 @@ impl Config {
                     ),
                 ));
             }
-            if service.proxy_protocol && service.affinity.code() != affinity::COOKIE {
+            let l4 = service.affinity.code() != affinity::COOKIE;
+            if service.proxy_protocol && l4 && service.protocol == Protocol::Udp {
                 return Err(invalid(
                     format!("{field}.proxy_protocol"),
-                    "is written by the agent on cookie services; XDP does not insert it into L4 flows yet",
+                    "is for TCP services: the balancer does not put the header in UDP datagrams",
+                ));
+            }
+            if service.proxy_protocol && l4 && service.nat != NatMode::Full {
+                return Err(invalid(
+                    format!("{field}.proxy_protocol"),
+                    "on an L4 service needs nat = \"full\" (in gateway NAT the backend sees the client's address itself)",
                 ));
             }
             if service.nat == NatMode::Full {
@@ -1441,6 +1450,8 @@ mod tests {
         );
         let valid = format!("{keyed}{sources}");
         Config::parse(&valid).expect("a full NAT cookie service with its source network");
+        let l4 = valid.replace("affinity = \"lb-cookie\"\n", "");
+        Config::parse(&l4).expect("a full NAT L4 service with the PROXY header");
         assert!(error_of(&keyed).contains("service[0] (web).backend[0].address"));
         let cases = [
             (
@@ -1460,6 +1471,10 @@ mod tests {
             ),
             (
                 valid.replace("affinity = \"lb-cookie\"\nnat = \"full\"\n", ""),
+                "service[0] (web).proxy_protocol",
+            ),
+            (
+                l4.replace("protocol = \"tcp\"", "protocol = \"udp\""),
                 "service[0] (web).proxy_protocol",
             ),
         ];

@@ -1064,9 +1064,15 @@ mod tests {
     #[test]
     fn proc_net_local_addresses_read_in_host_order() {
         let v4 = proc_net_local("0100007F:1F90").expect("an IPv4 address");
-        assert_eq!(v4, (Addr::from("127.0.0.1".parse::<IpAddr>().unwrap()), 8080));
+        assert_eq!(
+            v4,
+            (Addr::from("127.0.0.1".parse::<IpAddr>().unwrap()), 8080)
+        );
         let v6 = proc_net_local("B80D0120000000000000000001000000:0050").expect("an IPv6 address");
-        assert_eq!(v6, (Addr::from("2001:db8::1".parse::<IpAddr>().unwrap()), 80));
+        assert_eq!(
+            v6,
+            (Addr::from("2001:db8::1".parse::<IpAddr>().unwrap()), 80)
+        );
         assert_eq!(proc_net_local("0100007F"), None);
         assert_eq!(proc_net_local("01007F:0050"), None);
     }

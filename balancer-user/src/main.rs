@@ -13,7 +13,6 @@ mod health;
 mod http;
 mod maglev;
 mod mounts;
-mod proxy_protocol;
 mod rewrite;
 mod segment;
 

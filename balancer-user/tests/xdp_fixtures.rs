@@ -450,6 +450,7 @@ impl Program {
             source_mask: Addr::prefix_mask(true, 24),
             without_agent: without_agent::PLACE_BY_FLOW,
             nat: nat_mode::GATEWAY,
+            proxy_protocol: 0,
         };
         map.insert(key, value, 0).unwrap();
     }
@@ -1399,11 +1400,12 @@ fn a_splice_moves_sequence_numbers_past_an_edited_head_and_a_shortened_request()
 }
 
 /// Reasons that count events in addition to a packet's exit, not exits of their own.
-const EVENTS: [Reason; 4] = [
+const EVENTS: [Reason; 5] = [
     Reason::NewFlow,
     Reason::NewSession,
     Reason::SessionMoved,
     Reason::PlacedWithoutAgent,
+    Reason::ProxyHeaderInserted,
 ];
 
 #[test]

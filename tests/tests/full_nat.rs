@@ -141,19 +141,21 @@ fn full_nat_cookie_sessions_reach_backends_without_a_route_back_over_ipv4_and_ip
 
 #[test]
 fn an_nginx_backend_reads_the_clients_address_from_the_proxy_protocol_header() {
-    let proxied = |name: &str, vip: String, backend: String| {
+    // On 8090 a cookie service (the agent writes the header), on 8092 an L4 one (XDP does).
+    let proxied = |name: &str, port: u16, affinity: &str, vip: String, backend: String| {
         format!(
-            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 8090\nprotocol = \"tcp\"\n\
-             affinity = \"lb-cookie\"\nnat = \"full\"\nproxy_protocol = true\n\
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {port}\nprotocol = \"tcp\"\n\
+             affinity = \"{affinity}\"\nnat = \"full\"\nproxy_protocol = true\n\
              [[service.backend]]\nname = \"nginx\"\naddress = \"{backend}\"\nport = 8090\n"
         )
     };
-    let services = proxied("proxied", VIP.to_string(), Lab::backend_addr(0).to_string())
-        + &proxied(
-            "proxied-v6",
-            VIP6.to_string(),
-            Lab::backend_addr6(0).to_string(),
-        );
+    let mut services = String::new();
+    for (port, affinity) in [(8090, "lb-cookie"), (8092, "flow")] {
+        let v4 = (VIP.to_string(), Lab::backend_addr(0).to_string());
+        let v6 = (VIP6.to_string(), Lab::backend_addr6(0).to_string());
+        services += &proxied(&format!("proxied-{port}"), port, affinity, v4.0, v4.1);
+        services += &proxied(&format!("proxied-{port}-v6"), port, affinity, v6.0, v6.1);
+    }
     let mut lab = full_nat_lab(&services);
     let dir = lab.dir().to_owned();
     let log = dir.join("nginx-access.log");
@@ -182,18 +184,21 @@ fn an_nginx_backend_reads_the_clients_address_from_the_proxy_protocol_header() {
             .is_ok_and(|o| o.status.success())
     });
 
-    for (url, client, source) in [
-        (
-            format!("http://{VIP}:8090/"),
-            CLIENT_ADDR.to_string(),
-            BALANCER_BACKEND_ADDR.to_string(),
-        ),
-        (
-            format!("http://[{VIP6}]:8090/"),
-            CLIENT_ADDR6.to_string(),
-            BALANCER_BACKEND_ADDR6.to_string(),
-        ),
-    ] {
+    let cases = [8090, 8092].into_iter().flat_map(|port| {
+        [
+            (
+                format!("http://{VIP}:{port}/"),
+                CLIENT_ADDR.to_string(),
+                BALANCER_BACKEND_ADDR.to_string(),
+            ),
+            (
+                format!("http://[{VIP6}]:{port}/"),
+                CLIENT_ADDR6.to_string(),
+                BALANCER_BACKEND_ADDR6.to_string(),
+            ),
+        ]
+    });
+    for (url, client, source) in cases {
         let lines_before = std::fs::read_to_string(&log)
             .unwrap_or_default()
             .lines()
@@ -205,7 +210,11 @@ r = urllib.request.urlopen("{url}", timeout=10)
 print(r.read().decode().strip())
 "#
         );
-        assert_eq!(python(&lab, lab.client_ns(), &script).trim(), "nginx");
+        assert_eq!(
+            python(&lab, lab.client_ns(), &script).trim(),
+            "nginx",
+            "{url}"
+        );
         wait_until(Duration::from_secs(5), "nginx's access log line", || {
             std::fs::read_to_string(&log)
                 .unwrap_or_default()
@@ -228,6 +237,102 @@ print(r.read().decode().strip())
             "nginx's $remote_addr, the balancer: {line}"
         );
     }
+}
+
+#[test]
+fn l4_flows_carry_the_clients_address_to_the_backends_in_a_proxy_header() {
+    let proxied = |name: &str, vip: String, backends: [String; 3]| {
+        let mut toml = format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 8091\nprotocol = \"tcp\"\n\
+             nat = \"full\"\nproxy_protocol = true\n"
+        );
+        for (i, address) in backends.iter().enumerate() {
+            toml += &format!(
+                "[[service.backend]]\nname = \"backend-{}\"\naddress = \"{address}\"\nport = 8091\n",
+                i + 1
+            );
+        }
+        toml
+    };
+    let services = proxied(
+        "proxied",
+        VIP.to_string(),
+        std::array::from_fn(|i| Lab::backend_addr(i).to_string()),
+    ) + &proxied(
+        "proxied-v6",
+        VIP6.to_string(),
+        std::array::from_fn(|i| Lab::backend_addr6(i).to_string()),
+    );
+    let lab = full_nat_lab(&services);
+    let connections = 30;
+    for (vip, client, source) in [
+        (
+            IpAddr::from(VIP),
+            CLIENT_ADDR.to_string(),
+            BALANCER_BACKEND_ADDR.to_string(),
+        ),
+        (
+            IpAddr::from(VIP6),
+            CLIENT_ADDR6.to_string(),
+            BALANCER_BACKEND_ADDR6.to_string(),
+        ),
+    ] {
+        let before = counters(&lab);
+        // Each connection prints its own port beside what the backend read from the header;
+        // the last asks with a head of 6,000 bytes, so its first segment is a full one (the
+        // backend's SYN-ACK offered an MSS with room for the header).
+        let script = format!(
+            r#"
+import http.client
+for i in range({connections}):
+    c = http.client.HTTPConnection("{vip}", 8091, timeout=10)
+    c.connect()
+    port = c.sock.getsockname()[1]
+    headers = {{"Connection": "close"}}
+    if i == {connections} - 1:
+        headers["X-Fill"] = "f" * 6000
+    c.request("GET", "/peer", headers=headers)
+    print(c.getresponse().read().decode().strip(), port)
+    c.close()
+"#
+        );
+        let answers = python(&lab, lab.client_ns(), &script);
+        let lines: Vec<&str> = answers.lines().collect();
+        assert_eq!(lines.len(), connections, "{answers}");
+        for line in lines {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(
+                words.len(),
+                6,
+                "<client> <port> via <wire> <port> <own port>: {line}"
+            );
+            assert_eq!(words[0], client, "the header's client address: {line}");
+            assert_eq!(words[1], words[5], "the header's client port: {line}");
+            assert_eq!(
+                words[3], source,
+                "the balancer's address on the wire: {line}"
+            );
+            let wire_port: u16 = words[4].parse().expect("a port");
+            assert!(
+                (20000..=29999).contains(&wire_port),
+                "a port of nat_ports on the wire: {line}"
+            );
+        }
+        let after = counters(&lab);
+        assert_eq!(
+            after["proxy_header_inserted"] - before["proxy_header_inserted"],
+            connections as u64,
+            "one header per connection ({vip})"
+        );
+        let base = if vip.is_ipv4() {
+            format!("http://{vip}:8091")
+        } else {
+            format!("http://[{vip}]:8091")
+        };
+        download_of_100_mb_is_intact(&lab, &base);
+        upload_of_100_mb_is_intact(&lab, &base);
+    }
+    assert_eq!(counters(&lab)["drop_proxy_header"], 0);
 }
 
 #[test]

@@ -11,15 +11,15 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Result};
 use balancer_common::{
-    backend_state, binding_state, client_hash, flow_flags, flow_hash, flow_state, mix, punt_kind,
-    Addr, Binding, Flow, FlowKey, Punt, ReverseNat, COOKIE_MSS, COOKIE_WINDOW_SHIFT,
+    backend_state, binding_state, client_hash, flow_flags, flow_hash, flow_state, mix, proxy_v2,
+    punt_kind, Addr, Binding, Flow, FlowKey, Punt, ReverseNat, COOKIE_MSS, COOKIE_WINDOW_SHIFT,
     NO_WINDOW_SCALE,
 };
 use tracing::{debug, warn};
@@ -33,7 +33,7 @@ use crate::{
     config::{Config, CookieFallback, NatMode, ServiceConfig},
     cookie::{backend_token, CookieKeys, Rejection},
     dataplane::Dataplane,
-    http, proxy_protocol, rewrite,
+    http, rewrite,
     segment::{Segment, ACK, FIN, PSH, RST, SYN},
 };
 
@@ -620,10 +620,13 @@ impl Agent {
         );
         let full_nat = service.config.nat == NatMode::Full;
         let proxy_header = if service.config.proxy_protocol {
-            proxy_protocol::header(
-                SocketAddr::new(pending.client, pending.client_port),
-                SocketAddr::new(pending.vip, pending.vip_port),
-            )
+            let mut header = [0u8; proxy_v2::IPV6_LEN];
+            let len = proxy_v2::write(
+                &mut header,
+                (Addr::from(pending.client), pending.client_port.to_be()),
+                (Addr::from(pending.vip), pending.vip_port.to_be()),
+            );
+            header[..len].to_vec()
         } else {
             Vec::new()
         };

@@ -351,6 +351,7 @@ impl Agent {
             backend_count,
             without_agent: service.config.without_agent_code(),
             nat: service.config.nat_code(),
+            proxy_protocol: u32::from(service.config.proxy_protocol),
             ..Service::default()
         };
         let key = service.key;

@@ -13,6 +13,9 @@
 //! response carries `X-Backend: <name>`, and a response to a request without the application's
 //! session cookie sets one (`Set-Cookie: SID=<name>-<n>`), as a web application would.
 //! `GET /ws` with `Upgrade: websocket` opens a WebSocket that echoes each message.
+//! The same HTTP on `--proxy-port` (8091) takes connections that start with a PROXY protocol
+//! v2 header (and closes those that do not): there the client is the header's, and `/peer`
+//! answers `<client ip> <client port> via <ip> <port>`, the last two the connection's own.
 //! `lab-backend --generate <n>` prints the bytes that `/bytes/<n>` serves.
 
 use std::{
@@ -40,7 +43,7 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream, UdpSocket},
 };
 
@@ -54,6 +57,9 @@ struct Args {
     http_port: u16,
     #[arg(long, default_value_t = 7)]
     echo_port: u16,
+    /// HTTP behind a PROXY protocol v2 header.
+    #[arg(long, default_value_t = 8091)]
+    proxy_port: u16,
     /// Print the first N bytes of the test data to stdout and exit.
     #[arg(long, value_name = "N")]
     generate: Option<u64>,
@@ -73,10 +79,10 @@ fn main() -> Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?
-        .block_on(serve(name, args.http_port, args.echo_port))
+        .block_on(serve(name, args.http_port, args.echo_port, args.proxy_port))
 }
 
-async fn serve(name: Arc<str>, http_port: u16, echo_port: u16) -> Result<()> {
+async fn serve(name: Arc<str>, http_port: u16, echo_port: u16, proxy_port: u16) -> Result<()> {
     // `[::]` takes IPv4 as well (as mapped addresses): one socket per port serves both.
     let any = |port| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
     let http =
@@ -87,13 +93,79 @@ async fn serve(name: Arc<str>, http_port: u16, echo_port: u16) -> Result<()> {
     let udp = UdpSocket::bind(any(echo_port))
         .await
         .with_context(|| format!("binding the UDP echo port {echo_port}"))?;
-    eprintln!("{name}: serving HTTP on {http_port}, TCP and UDP echo on {echo_port}");
+    let proxied =
+        listen(any(proxy_port)).with_context(|| format!("binding the PROXY port {proxy_port}"))?;
+    eprintln!(
+        "{name}: serving HTTP on {http_port} (behind a PROXY header on {proxy_port}), TCP and UDP echo on {echo_port}"
+    );
 
     tokio::spawn(udp_echo(udp));
     tokio::spawn(tcp_echo(echo));
+    let proxied_name = name.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = proxied.accept().await {
+            tokio::spawn(serve_proxied(stream, proxied_name.clone()));
+        }
+    });
     loop {
         let (stream, _) = http.accept().await.context("accepting HTTP connections")?;
-        tokio::spawn(serve_http(stream, name.clone()));
+        let peer = stream.peer_addr().ok();
+        tokio::spawn(serve_http(
+            stream,
+            name.clone(),
+            Peer {
+                client: peer,
+                wire: None,
+            },
+        ));
+    }
+}
+
+/// Who a connection is from: its client, and for a connection behind a PROXY header, the
+/// address it came from on the wire.
+#[derive(Clone, Copy)]
+struct Peer {
+    client: Option<SocketAddr>,
+    wire: Option<SocketAddr>,
+}
+
+/// Reads a connection's PROXY v2 header, then serves it as HTTP from the client it names.
+async fn serve_proxied(mut stream: TcpStream, name: Arc<str>) {
+    let wire = stream.peer_addr().ok();
+    if let Ok(client) = read_proxy_header(&mut stream).await {
+        serve_http(
+            stream,
+            name,
+            Peer {
+                client: Some(client),
+                wire,
+            },
+        )
+        .await;
+    }
+}
+
+/// The client address of a PROXY protocol v2 header (TCP over IPv4 or IPv6).
+async fn read_proxy_header(stream: &mut TcpStream) -> Result<SocketAddr> {
+    let mut fixed = [0u8; 16];
+    stream.read_exact(&mut fixed).await?;
+    anyhow::ensure!(
+        &fixed[..12] == b"\r\n\r\n\0\r\nQUIT\n" && fixed[12] == 0x21,
+        "not a PROXY v2 header"
+    );
+    let mut addresses = vec![0u8; usize::from(u16::from_be_bytes([fixed[14], fixed[15]]))];
+    stream.read_exact(&mut addresses).await?;
+    let port = |at: usize| u16::from_be_bytes([addresses[at], addresses[at + 1]]);
+    match (fixed[13], addresses.len()) {
+        (0x11, 12) => {
+            let ip: [u8; 4] = addresses[..4].try_into()?;
+            Ok(SocketAddr::from((ip, port(8))))
+        }
+        (0x21, 36) => {
+            let ip: [u8; 16] = addresses[..16].try_into()?;
+            Ok(SocketAddr::from((ip, port(32))))
+        }
+        (family, len) => anyhow::bail!("family {family:#x} with {len} address bytes"),
     }
 }
 
@@ -130,10 +202,9 @@ async fn tcp_echo(listener: TcpListener) {
 }
 
 /// Serves HTTP/1.1 requests on one connection, keep-alive included.
-async fn serve_http(stream: TcpStream, name: Arc<str>) {
+async fn serve_http(stream: TcpStream, name: Arc<str>, peer: Peer) {
     let _ = stream.set_nodelay(true);
-    let peer = stream.peer_addr().ok();
-    if let Some(peer) = peer {
+    if let Some(peer) = peer.wire.or(peer.client) {
         let mut peers = PEERS
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -158,7 +229,7 @@ async fn serve_http(stream: TcpStream, name: Arc<str>) {
 async fn handle(
     request: Request<Incoming>,
     name: Arc<str>,
-    peer: Option<SocketAddr>,
+    peer: Peer,
 ) -> Result<Response<ResponseBody>, hyper::Error> {
     let path = request.uri().path().to_owned();
     if path == "/ws" {
@@ -195,14 +266,18 @@ async fn handle(
             }
             text(StatusCode::OK, answer)
         }
-        (&Method::GET, "/peer") => match peer {
+        (&Method::GET, "/peer") => {
             // The listener takes IPv4 as mapped addresses: shown as the client sent them.
-            Some(peer) => text(
-                StatusCode::OK,
-                format!("{} {}\n", peer.ip().to_canonical(), peer.port()),
-            ),
-            None => text(StatusCode::INTERNAL_SERVER_ERROR, "no peer\n".to_owned()),
-        },
+            let show = |a: SocketAddr| format!("{} {}", a.ip().to_canonical(), a.port());
+            match (peer.client, peer.wire) {
+                (Some(client), None) => text(StatusCode::OK, format!("{}\n", show(client))),
+                (Some(client), Some(wire)) => text(
+                    StatusCode::OK,
+                    format!("{} via {}\n", show(client), show(wire)),
+                ),
+                _ => text(StatusCode::INTERNAL_SERVER_ERROR, "no peer\n".to_owned()),
+            }
+        }
         (&Method::GET, path) if path.starts_with("/bytes/") => {
             match path["/bytes/".len()..].parse::<u64>() {
                 Ok(size) => bytes(size),
@@ -276,7 +351,6 @@ fn websocket(mut request: Request<Incoming>) -> Response<ResponseBody> {
 async fn echo_messages(
     mut io: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 ) -> std::io::Result<()> {
-    use tokio::io::AsyncReadExt;
     loop {
         let mut head = [0u8; 2];
         io.read_exact(&mut head).await?;
