@@ -241,6 +241,48 @@ print(r.read().decode().strip())
 
 #[test]
 fn l4_flows_carry_the_clients_address_to_the_backends_in_a_proxy_header() {
+    let lab = full_nat_lab(&proxied_l4_services());
+    let connections = 30;
+    for (vip, base) in proxied_l4_vips() {
+        let before = counters(&lab);
+        proxy_headers_name_their_clients(&lab, vip, connections);
+        let after = counters(&lab);
+        assert_eq!(
+            after["proxy_header_inserted"] - before["proxy_header_inserted"],
+            connections as u64,
+            "one header per connection ({vip})"
+        );
+        download_of_100_mb_is_intact(&lab, &base);
+        upload_of_100_mb_is_intact(&lab, &base);
+    }
+    assert_eq!(counters(&lab)["drop_proxy_header"], 0);
+}
+
+#[test]
+fn l4_proxy_headers_and_bytes_survive_loss_and_reordering_on_the_client_link() {
+    let lab = impaired_lab_with_settings(
+        NAT_PORTS,
+        &ServiceOptions {
+            extra_tables: format!("{SOURCE_NETWORKS}{}", proxied_l4_services()),
+            ..ServiceOptions::default()
+        },
+        &lossy(),
+    );
+    lab.route_backends_away()
+        .expect("taking the backends' routes away");
+    for (vip, base) in proxied_l4_vips() {
+        // A lost first segment comes again and gets the header again; a lost header-bearing
+        // one is never half there.
+        proxy_headers_name_their_clients(&lab, vip, 200);
+        integrity_run_at(&lab, &base, &SIZES, 60, false, "");
+    }
+    assert_relay_was_lossy(&lab);
+    assert_eq!(counters(&lab)["drop_proxy_header"], 0);
+}
+
+/// L4 TCP services on port 8091 of both VIPs, full NAT with the PROXY header, to the lab
+/// backends' PROXY port.
+fn proxied_l4_services() -> String {
     let proxied = |name: &str, vip: String, backends: [String; 3]| {
         let mut toml = format!(
             "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 8091\nprotocol = \"tcp\"\n\
@@ -254,7 +296,7 @@ fn l4_flows_carry_the_clients_address_to_the_backends_in_a_proxy_header() {
         }
         toml
     };
-    let services = proxied(
+    proxied(
         "proxied",
         VIP.to_string(),
         std::array::from_fn(|i| Lab::backend_addr(i).to_string()),
@@ -262,27 +304,30 @@ fn l4_flows_carry_the_clients_address_to_the_backends_in_a_proxy_header() {
         "proxied-v6",
         VIP6.to_string(),
         std::array::from_fn(|i| Lab::backend_addr6(i).to_string()),
-    );
-    let lab = full_nat_lab(&services);
-    let connections = 30;
-    for (vip, client, source) in [
-        (
-            IpAddr::from(VIP),
-            CLIENT_ADDR.to_string(),
-            BALANCER_BACKEND_ADDR.to_string(),
-        ),
-        (
-            IpAddr::from(VIP6),
-            CLIENT_ADDR6.to_string(),
-            BALANCER_BACKEND_ADDR6.to_string(),
-        ),
-    ] {
-        let before = counters(&lab);
-        // Each connection prints its own port beside what the backend read from the header;
-        // the last asks with a head of 6,000 bytes, so its first segment is a full one (the
-        // backend's SYN-ACK offered an MSS with room for the header).
-        let script = format!(
-            r#"
+    )
+}
+
+/// The VIPs of [`proxied_l4_services`], each with its base URL.
+fn proxied_l4_vips() -> [(IpAddr, String); 2] {
+    [
+        (IpAddr::from(VIP), format!("http://{VIP}:8091")),
+        (IpAddr::from(VIP6), format!("http://[{VIP6}]:8091")),
+    ]
+}
+
+/// `connections` connections to port 8091 of `vip`, each answered by a backend that read
+/// the client's own address and port from the PROXY header, and saw the connection come from
+/// the balancer's address and a port of `nat_ports`. The last asks with a head of 6,000
+/// bytes, so its first segment is a full one (the backend's SYN-ACK offered an MSS with room
+/// for the header).
+fn proxy_headers_name_their_clients(lab: &Lab, vip: IpAddr, connections: usize) {
+    let (client, source) = if vip.is_ipv4() {
+        (CLIENT_ADDR.to_string(), BALANCER_BACKEND_ADDR.to_string())
+    } else {
+        (CLIENT_ADDR6.to_string(), BALANCER_BACKEND_ADDR6.to_string())
+    };
+    let script = format!(
+        r#"
 import http.client
 for i in range({connections}):
     c = http.client.HTTPConnection("{vip}", 8091, timeout=10)
@@ -295,44 +340,29 @@ for i in range({connections}):
     print(c.getresponse().read().decode().strip(), port)
     c.close()
 "#
-        );
-        let answers = python(&lab, lab.client_ns(), &script);
-        let lines: Vec<&str> = answers.lines().collect();
-        assert_eq!(lines.len(), connections, "{answers}");
-        for line in lines {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            assert_eq!(
-                words.len(),
-                6,
-                "<client> <port> via <wire> <port> <own port>: {line}"
-            );
-            assert_eq!(words[0], client, "the header's client address: {line}");
-            assert_eq!(words[1], words[5], "the header's client port: {line}");
-            assert_eq!(
-                words[3], source,
-                "the balancer's address on the wire: {line}"
-            );
-            let wire_port: u16 = words[4].parse().expect("a port");
-            assert!(
-                (20000..=29999).contains(&wire_port),
-                "a port of nat_ports on the wire: {line}"
-            );
-        }
-        let after = counters(&lab);
+    );
+    let answers = python(lab, lab.client_ns(), &script);
+    let lines: Vec<&str> = answers.lines().collect();
+    assert_eq!(lines.len(), connections, "{answers}");
+    for line in lines {
+        let words: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(
-            after["proxy_header_inserted"] - before["proxy_header_inserted"],
-            connections as u64,
-            "one header per connection ({vip})"
+            words.len(),
+            6,
+            "<client> <port> via <wire> <port> <own port>: {line}"
         );
-        let base = if vip.is_ipv4() {
-            format!("http://{vip}:8091")
-        } else {
-            format!("http://[{vip}]:8091")
-        };
-        download_of_100_mb_is_intact(&lab, &base);
-        upload_of_100_mb_is_intact(&lab, &base);
+        assert_eq!(words[0], client, "the header's client address: {line}");
+        assert_eq!(words[1], words[5], "the header's client port: {line}");
+        assert_eq!(
+            words[3], source,
+            "the balancer's address on the wire: {line}"
+        );
+        let wire_port: u16 = words[4].parse().expect("a port");
+        assert!(
+            (20000..=29999).contains(&wire_port),
+            "a port of nat_ports on the wire: {line}"
+        );
     }
-    assert_eq!(counters(&lab)["drop_proxy_header"], 0);
 }
 
 #[test]

@@ -41,16 +41,26 @@ pub fn relay_bin() -> &'static Path {
 /// A lab whose `web` service has extra settings.
 pub fn lab_with(options: &ServiceOptions) -> Lab {
     require_root();
-    serving(Lab::new().expect("building the lab"), options)
+    serving(Lab::new().expect("building the lab"), "", options)
 }
 
 /// [`lab_with`], the client link impaired by the lab's relay.
 pub fn lab_with_impairment(options: &ServiceOptions, impairment: &Impairment) -> Lab {
+    impaired_lab_with_settings("", options, impairment)
+}
+
+/// [`lab_with_impairment`], with `settings` (top-level TOML lines) before the lab's
+/// configuration.
+pub fn impaired_lab_with_settings(
+    settings: &str,
+    options: &ServiceOptions,
+    impairment: &Impairment,
+) -> Lab {
     require_root();
     let mut lab = Lab::with_impaired_client_link().expect("building the lab");
     lab.start_impairment(relay_bin(), impairment)
         .expect("starting the impairment relay");
-    serving(lab, options)
+    serving(lab, settings, options)
 }
 
 fn require_root() {
@@ -63,24 +73,17 @@ fn require_root() {
 /// [`lab_with`], with `settings` (top-level TOML lines) before the lab's configuration.
 pub fn lab_with_settings(settings: &str, options: &ServiceOptions) -> Lab {
     require_root();
-    let mut lab = Lab::new().expect("building the lab");
+    serving(Lab::new().expect("building the lab"), settings, options)
+}
+
+/// Starts the backends and the balancer with `settings` (top-level TOML lines) and `options`
+/// for the `web` service.
+fn serving(mut lab: Lab, settings: &str, options: &ServiceOptions) -> Lab {
     lab.start_backends(backend_bin())
         .expect("starting the backends");
     let config = config_path(&lab);
     let text = format!("{settings}\n{}", lab.balancer_config_with(options));
     std::fs::write(&config, text).expect("writing the balancer config");
-    lab.start_balancer(&balancer_bin(), &config)
-        .expect("starting the balancer");
-    lab
-}
-
-/// Starts the backends and the balancer with `options` for the `web` service.
-fn serving(mut lab: Lab, options: &ServiceOptions) -> Lab {
-    lab.start_backends(backend_bin())
-        .expect("starting the backends");
-    let config = config_path(&lab);
-    std::fs::write(&config, lab.balancer_config_with(options))
-        .expect("writing the balancer config");
     lab.start_balancer(&balancer_bin(), &config)
         .expect("starting the balancer");
     lab
