@@ -10,6 +10,7 @@
 
 mod agent;
 mod choose;
+mod dispatch;
 mod fib;
 mod forward;
 mod full_nat;
@@ -49,10 +50,10 @@ pub extern "C" fn balancer(raw: *mut aya_ebpf::bindings::xdp_md) -> u32 {
 #[inline(always)]
 fn try_balancer(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let packet = packet::parse(ctx)?;
-    if let Some(reason) = nat::to_backend(ctx, &packet)? {
+    if let Some(reason) = dispatch::to_backend(ctx, &packet)? {
         return forward::redirect(ctx, &packet, reason);
     }
-    if let Some(reason) = nat::to_client(ctx, &packet)? {
+    if let Some(reason) = dispatch::to_client(ctx, &packet)? {
         return forward::redirect(ctx, &packet, reason);
     }
     nat::forget_reused_tuple(&packet);
