@@ -322,8 +322,8 @@ pub struct ReverseNat {
     pub client_port: u16,
     /// [`reverse_flags`] seen on the flow.
     pub flags: u16,
-    /// Full NAT: second (of `bpf_ktime_get_coarse_ns`) of the backend's latest packet, or of
-    /// the source's claim; tells when the agent may give the source to another connection.
+    /// Full NAT: second (of `bpf_ktime_get_coarse_ns`) of either end's latest packet, or of
+    /// the source's claim; tells when XDP or the agent may give the source to another flow.
     pub last_seen_s: u32,
 }
 const _: () = assert!(size_of::<ReverseNat>() == 68);

@@ -54,7 +54,7 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, V
                 forget(key, flow);
                 return Err(full_nat::hand_off(ctx, packet, backend_id, proxy));
             }
-            touch(flow, now_s, packet.closing);
+            touch(key, flow, now_s, packet.closing);
             if flow.inserted != 0 {
                 splice::note_head_acked(ctx, packet, flow);
             }

@@ -89,11 +89,20 @@ fn reply_key(key: &FlowKey, addr: Addr, port: u16) -> FlowKey {
     }
 }
 
-/// Records that the client's flow is alive, writing only what changed.
+/// Records that the client's flow `key` is alive, writing only what changed. A full-NAT
+/// flow's reverse entry hears of it too (once a second): its source stays held while either
+/// end sends, as a UDP flow's backend may never answer.
 #[inline(always)]
-pub fn touch(flow: &mut Flow, now_s: u32, closing: bool) {
+pub fn touch(key: &FlowKey, flow: &mut Flow, now_s: u32, closing: bool) {
     if flow.last_seen_s != now_s {
         flow.last_seen_s = now_s;
+        if flow.source_port != 0 {
+            if let Some(entry) = REVERSE.get_ptr_mut(&reverse_key(key, flow)) {
+                // SAFETY: map values stay valid for the duration of the program; racing
+                // writers only race on bookkeeping.
+                unsafe { (*entry).last_seen_s = now_s };
+            }
+        }
     }
     if closing && flow.flags & flow_flags::CLOSING == 0 {
         flow.flags |= flow_flags::CLOSING;

@@ -900,14 +900,17 @@ const FULL_NAT_PROGRAM_MAP: &str = "FULL_NAT_PROGRAM";
 /// with several balancers or test fixtures loading at once).
 pub fn load_retrying(program: &mut Xdp) -> Result<()> {
     const ATTEMPTS: usize = 5;
-    for attempt in 1..=ATTEMPTS {
+    let mut attempt = 1;
+    loop {
         match program.load() {
             Err(aya::programs::ProgramError::LoadError { io_error, .. })
-                if io_error.kind() == std::io::ErrorKind::WouldBlock && attempt < ATTEMPTS => {}
+                if io_error.kind() == std::io::ErrorKind::WouldBlock && attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+            }
             result => return result.context("the kernel verifier rejected the XDP program"),
         }
     }
-    unreachable!("the last attempt returns")
 }
 
 /// Full NAT: reserves the configured ports from the host's own sockets (see
@@ -917,6 +920,19 @@ pub fn reserve_nat_ports(config: &Config) -> Result<()> {
         return Ok(());
     }
     reserve_ports(&config.nat_ports)?;
+    for (index, network) in config.source_networks.iter().enumerate() {
+        for (slot, &address) in network.addresses.iter().enumerate() {
+            // Binding succeeds only to an address of this host (port 0 takes none).
+            if std::net::UdpSocket::bind((address, 0)).is_err() {
+                warn!(
+                    %address,
+                    field = format!("source_network[{index}].addresses[{slot}]"),
+                    "full NAT source address not assigned to an interface here (or still \
+                     tentative): backends' replies to it will not arrive until it is"
+                );
+            }
+        }
+    }
     let held = host_sockets_on_sources(config);
     if held > 0 {
         warn!(

@@ -1455,3 +1455,68 @@ fn fuzz_random_and_mutated_frames_each_leave_under_exactly_one_reason() {
         "every frame left under one reason"
     );
 }
+
+#[test]
+fn a_full_nat_flows_client_packets_keep_its_source_held() {
+    let mut program = Program::in_private_network("fullnat-alive");
+    // A UDP flow whose backend has said nothing for a while: only the client sends.
+    let long_ago = coarse_seconds() - 100;
+    let source = (Ipv4Addr::new(198, 19, 0, 1), 20000u16);
+    let key = FlowKey {
+        proto: PROTO_UDP,
+        ..client_flow(ECHO_PORT)
+    };
+    let reply_key = FlowKey {
+        src: addr(BACKEND),
+        dst: addr(source.0),
+        sport: ECHO_PORT.to_be(),
+        dport: source.1.to_be(),
+        proto: PROTO_UDP,
+        _pad: [0; 3],
+    };
+    let mut flows: HashMap<&mut MapData, FlowKey, Flow> =
+        HashMap::try_from(program.map(map_name::FLOWS)).unwrap();
+    let flow = Flow {
+        backend_id: 1,
+        backend_addr: addr(BACKEND),
+        backend_port: ECHO_PORT.to_be(),
+        state: flow_state::NAT,
+        last_seen_s: long_ago,
+        source: addr(source.0),
+        source_port: source.1.to_be(),
+        ..Flow::default()
+    };
+    flows.insert(key, flow, 0).unwrap();
+    let mut reverse: HashMap<&mut MapData, FlowKey, ReverseNat> =
+        HashMap::try_from(program.map(map_name::REVERSE)).unwrap();
+    let held = ReverseNat {
+        vip: addr(VIP),
+        port: ECHO_PORT.to_be(),
+        client: addr(CLIENT),
+        client_port: CLIENT_PORT.to_be(),
+        last_seen_s: long_ago,
+        ..ReverseNat::default()
+    };
+    reverse.insert(reply_key, held, 0).unwrap();
+
+    let udp_in = ip(CLIENT, VIP, PROTO_UDP);
+    let frame = ipv4_frame(
+        FROM_CLIENT.0,
+        FROM_CLIENT.1,
+        &udp_in,
+        &udp(&udp_in, CLIENT_PORT, ECHO_PORT, b"ping", true),
+    );
+    let before = coarse_seconds();
+    let (action, _) = program.run(&frame);
+    assert_eq!(action, XDP_REDIRECT);
+    let reverse: HashMap<&MapData, FlowKey, ReverseNat> =
+        HashMap::try_from(program.ebpf.map(map_name::REVERSE).expect("REVERSE")).unwrap();
+    let seen = reverse
+        .get(&reply_key, 0)
+        .expect("the reverse entry")
+        .last_seen_s;
+    assert!(
+        seen >= before,
+        "the client's packet renewed the source's claim: {seen} < {before}"
+    );
+}
