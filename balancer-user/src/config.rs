@@ -55,6 +55,9 @@ pub struct Config {
     /// Seconds between stats lines; 0 turns them off.
     #[serde(default = "default_stats_interval")]
     pub stats_interval: u64,
+    /// Where Prometheus scrapes `/metrics` (e.g. "127.0.0.1:9469"); off when absent. Read at
+    /// start: a reload keeps the address the agent started with.
+    pub metrics: Option<std::net::SocketAddr>,
     /// Cookie services: connections the agent holds at once (heads being read, backends
     /// being opened, edited response heads the client has yet to acknowledge).
     #[serde(default = "default_binding_capacity")]

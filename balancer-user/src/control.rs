@@ -45,6 +45,8 @@ pub enum Request {
     },
     /// The agent's own counters (binding, refusals by reason), one `name value` a line.
     Counters,
+    /// Everything the Prometheus endpoint shows, as OpenMetrics text.
+    Metrics,
 }
 
 impl Request {
@@ -57,6 +59,7 @@ impl Request {
             Request::Stop { detach: false } => "stop".to_owned(),
             Request::Stop { detach: true } => "stop detach".to_owned(),
             Request::Counters => "counters".to_owned(),
+            Request::Metrics => "metrics".to_owned(),
         }
     }
 
@@ -67,6 +70,7 @@ impl Request {
             ["status"] => Ok(Request::Status),
             ["stop"] => Ok(Request::Stop { detach: false }),
             ["counters"] => Ok(Request::Counters),
+            ["metrics"] => Ok(Request::Metrics),
             ["stop", "detach"] => Ok(Request::Stop { detach: true }),
             ["drain", service, backend] => Ok(Request::Drain {
                 service: (*service).into(),
@@ -202,6 +206,7 @@ mod tests {
             Request::Stop { detach: false },
             Request::Stop { detach: true },
             Request::Counters,
+            Request::Metrics,
         ] {
             assert_eq!(Request::parse(&request.to_line()), Ok(request));
         }

@@ -12,6 +12,7 @@ mod dataplane;
 mod health;
 mod http;
 mod maglev;
+mod metrics;
 mod mounts;
 mod rewrite;
 mod segment;
@@ -291,6 +292,10 @@ async fn serve(config: Config, config_path: PathBuf, options: StartOptions) -> R
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let (report_tx, mut reports) = mpsc::channel(64);
     let (command_tx, mut commands) = mpsc::channel(16);
+    // Before the data plane: a taken address fails the start with nothing changed.
+    if let Some(address) = config.metrics {
+        metrics::serve(address, command_tx.clone())?;
+    }
 
     let dataplane = Dataplane::start(&config, &options)?;
     let attached: Vec<String> = dataplane
@@ -484,6 +489,7 @@ fn execute_request(agent: &mut Agent, config_path: &Path, request: Request) -> R
         Request::Undrain { service, backend } => agent.set_draining(&service, &backend, false),
         Request::Status => agent.status(),
         Request::Counters => Ok(agent.counters()),
+        Request::Metrics => agent.metrics().map(|s| metrics::encode_snapshot(&s)),
         Request::Stop { .. } => bail!("stop is answered by the serve loop"),
     }
 }

@@ -140,7 +140,7 @@ fn missing_toolchain_help() -> String {
 }
 
 /// The programs the lab, the tests and the benchmark run, by the Debian package that has them.
-const LAB_TOOLS: [(&str, &str); 15] = [
+const LAB_TOOLS: [(&str, &str); 16] = [
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("ethtool", "ethtool"),
@@ -156,6 +156,8 @@ const LAB_TOOLS: [(&str, &str); 15] = [
     ("nc", "netcat-openbsd"),
     // A real backend that reads the PROXY protocol the balancer writes in full NAT.
     ("nginx", "nginx"),
+    // A real Prometheus that scrapes the agent's metrics endpoint.
+    ("prometheus", "prometheus"),
     // Checks the systemd unit (the machines' PID 1 is no systemd to start it with).
     ("systemd-analyze", "systemd"),
 ];

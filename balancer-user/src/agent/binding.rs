@@ -115,6 +115,8 @@ pub struct Binder {
     /// Full NAT: sources handed out so far, which picks the next one to try.
     source_cursor: u32,
     pub counters: BindingCounters,
+    /// Connections bound to each backend (by id), for the metrics.
+    pub bound_by_backend: HashMap<u32, u64>,
 }
 
 struct Pending {
@@ -275,6 +277,7 @@ impl Binder {
             // Anywhere in the range: the data plane's CPUs start at its beginning.
             source_cursor: std::process::id().wrapping_mul(0x9e37_79b9),
             counters: BindingCounters::default(),
+            bound_by_backend: HashMap::new(),
         })
     }
 
@@ -805,6 +808,7 @@ impl Agent {
                 return;
             }
             self.binder.counters.bound += 1;
+            *self.binder.bound_by_backend.entry(target.id).or_default() += 1;
             let pending = self.binder.pending.get_mut(&key).expect("looked up above");
             pending.reverse = nat;
             pending.replay_check = (Instant::now() + REPLAY_WAIT, REPLAY_WAIT);

@@ -547,6 +547,65 @@ impl Agent {
         Ok(text)
     }
 
+    /// What the Prometheus endpoint shows.
+    pub fn metrics(&self) -> Result<crate::metrics::Snapshot> {
+        let sessions = self.dataplane.sessions_by_backend()?;
+        let flows = self
+            .dataplane
+            .active_flows_by_backend(ACTIVE_FLOW_WINDOW_S)?;
+        let b = &self.binder.counters;
+        let mut backends = Vec::new();
+        for service in &self.services {
+            for backend in &service.backends {
+                backends.push(crate::metrics::BackendSnapshot {
+                    service: service.config.name.clone(),
+                    backend: backend.config.name.clone(),
+                    healthy: backend.healthy,
+                    state: state_name(backend.state(service.drain_timeout())),
+                    weight: backend.config.weight,
+                    sessions: sessions.get(&backend.id).copied().unwrap_or(0),
+                    active_flows: flows.get(&backend.id).copied().unwrap_or(0),
+                    bound: self
+                        .binder
+                        .bound_by_backend
+                        .get(&backend.id)
+                        .copied()
+                        .unwrap_or(0),
+                });
+            }
+        }
+        Ok(crate::metrics::Snapshot {
+            xdp: crate::stats::Snapshot::read(&self.config.instance)?,
+            bindings: vec![
+                ("with_cookie", b.with_cookie),
+                ("by_fallback", b.without_cookie),
+                ("retried", b.retried),
+                ("failed", b.failed),
+                ("head_too_large", b.head_too_large),
+            ],
+            resets: vec![
+                ("client_budget", b.shed_client_budget),
+                ("prefix_budget", b.shed_prefix_budget),
+                ("table_full", b.shed_table_full),
+                ("head_unacknowledged", b.head_unacknowledged),
+            ],
+            cookies_issued: b.cookies_issued,
+            cookies_rejected: binding::REJECTION_REASONS
+                .iter()
+                .copied()
+                .zip(b.cookies_rejected)
+                .collect(),
+            resent: vec![
+                ("response_head", b.heads_resent),
+                ("request", b.replays_resent),
+            ],
+            syn_cookie_rotations: self.cookie_rotations,
+            bindings_held: self.binder.held() as u64,
+            binding_capacity: u64::from(self.config.binding_capacity),
+            backends,
+        })
+    }
+
     fn find(&self, service: &str, backend: &str) -> Option<(usize, usize)> {
         let index = self
             .services

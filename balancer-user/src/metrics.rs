@@ -1,0 +1,371 @@
+//! The Prometheus endpoint (`metrics = "ADDR:PORT"` in the config): `GET /metrics` answers
+//! with the OpenMetrics text of what the agent and its data plane count. Each scrape asks the
+//! agent's loop for a [`Snapshot`] through the control channel, so the numbers are the ones
+//! `balancer status` and `balancer stats` show.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context, Result};
+use balancer_common::Reason;
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::{Registry, Unit},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, oneshot},
+};
+use tracing::{info, warn};
+
+use crate::{
+    control::{Command, Request},
+    stats,
+};
+
+/// The most a scrape's request head may take, and how long it may take to arrive.
+const MAX_REQUEST_HEAD: usize = 8192;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What one scrape reports, gathered by the agent.
+#[derive(Default)]
+pub struct Snapshot {
+    /// The XDP program's counters by exit reason.
+    pub xdp: stats::Snapshot,
+    /// Cookie connections bound to a backend, by how it was chosen, and binding failures.
+    pub bindings: Vec<(&'static str, u64)>,
+    /// Cookie connections the agent reset, by why.
+    pub resets: Vec<(&'static str, u64)>,
+    pub cookies_issued: u64,
+    /// Balancer cookies that counted as absent, by why.
+    pub cookies_rejected: Vec<(&'static str, u64)>,
+    /// What the agent sent again: edited response heads, replayed requests.
+    pub resent: Vec<(&'static str, u64)>,
+    pub syn_cookie_rotations: u64,
+    /// Connections being bound, and how many may be.
+    pub bindings_held: u64,
+    pub binding_capacity: u64,
+    pub backends: Vec<BackendSnapshot>,
+}
+
+/// One backend of one service.
+pub struct BackendSnapshot {
+    pub service: String,
+    pub backend: String,
+    /// The health checks' verdict (always true without checks).
+    pub healthy: bool,
+    /// `up`, `draining` or `down`, as the data plane sees it.
+    pub state: &'static str,
+    pub weight: u32,
+    /// `source-ip` clients whose affinity names the backend.
+    pub sessions: u64,
+    /// Flows with a packet in the last minute.
+    pub active_flows: u64,
+    /// Cookie connections the agent bound to it.
+    pub bound: u64,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// The snapshot as OpenMetrics text (HELP, TYPE and, where it has one, UNIT for each family).
+pub fn encode_snapshot(snapshot: &Snapshot) -> String {
+    let mut registry = Registry::with_prefix("balancer");
+    let by = |label: &'static str, values: &[(&'static str, u64)]| {
+        let family = Family::<Labels, Counter>::default();
+        for (name, value) in values {
+            family
+                .get_or_create(&vec![(label, (*name).to_owned())])
+                .inc_by(*value);
+        }
+        family
+    };
+    let xdp = |field: fn(&balancer_common::Counter) -> u64| {
+        let family = Family::<Labels, Counter>::default();
+        for reason in Reason::ALL {
+            let value = field(&snapshot.xdp.get(reason));
+            family
+                .get_or_create(&vec![("reason", reason.name().to_owned())])
+                .inc_by(value);
+        }
+        family
+    };
+    registry.register(
+        "xdp_packets",
+        "Packets the XDP program handled, by the reason it gave (events such as new_flow count in addition to the packet's exit)",
+        xdp(|c| c.packets),
+    );
+    registry.register_with_unit(
+        "xdp",
+        "Bytes of the packets the XDP program handled, by reason",
+        Unit::Bytes,
+        xdp(|c| c.bytes),
+    );
+    registry.register(
+        "bindings",
+        "Cookie service connections the agent bound to a backend (by a cookie or by the fallback), retried elsewhere, or failed to bind",
+        by("outcome", &snapshot.bindings),
+    );
+    registry.register(
+        "connections_reset",
+        "Cookie service connections the agent reset, by why",
+        by("reason", &snapshot.resets),
+    );
+    let issued = Counter::<u64>::default();
+    issued.inc_by(snapshot.cookies_issued);
+    registry.register(
+        "cookies_issued",
+        "Responses the agent gave the balancer's cookie",
+        issued,
+    );
+    registry.register(
+        "cookies_rejected",
+        "Balancer cookies that counted as absent, by why",
+        by("reason", &snapshot.cookies_rejected),
+    );
+    registry.register(
+        "resent",
+        "What the agent sent again for lack of an acknowledgement: edited response heads, replayed requests",
+        by("what", &snapshot.resent),
+    );
+    let rotations = Counter::<u64>::default();
+    rotations.inc_by(snapshot.syn_cookie_rotations);
+    registry.register(
+        "syn_cookie_rotations",
+        "Rotations of the SYN cookies' secret",
+        rotations,
+    );
+    let gauge = |value: u64| {
+        let gauge = Gauge::<i64>::default();
+        gauge.set(value as i64);
+        gauge
+    };
+    registry.register(
+        "bindings_held",
+        "Cookie service connections being bound now",
+        gauge(snapshot.bindings_held),
+    );
+    registry.register(
+        "binding_capacity",
+        "Cookie service connections that may be bound at once (binding_capacity)",
+        gauge(snapshot.binding_capacity),
+    );
+
+    let per_backend = || Family::<Labels, Gauge>::default();
+    let (up, serving, weight, sessions, flows) = (
+        per_backend(),
+        per_backend(),
+        per_backend(),
+        per_backend(),
+        per_backend(),
+    );
+    let bound = Family::<Labels, Counter>::default();
+    for b in &snapshot.backends {
+        let labels = vec![
+            ("service", b.service.clone()),
+            ("backend", b.backend.clone()),
+        ];
+        up.get_or_create(&labels).set(i64::from(b.healthy));
+        weight.get_or_create(&labels).set(i64::from(b.weight));
+        sessions.get_or_create(&labels).set(b.sessions as i64);
+        flows.get_or_create(&labels).set(b.active_flows as i64);
+        bound.get_or_create(&labels).inc_by(b.bound);
+        for state in ["up", "draining", "down"] {
+            let mut labels = labels.clone();
+            labels.push(("state", state.to_owned()));
+            serving
+                .get_or_create(&labels)
+                .set(i64::from(b.state == state));
+        }
+    }
+    registry.register(
+        "backend_healthy",
+        "1 while the backend passes its health checks (always, without checks)",
+        up,
+    );
+    registry.register(
+        "backend_state",
+        "1 for the state the data plane gives the backend: up, draining (its sessions stay, new ones go elsewhere) or down",
+        serving,
+    );
+    registry.register("backend_weight", "The backend's configured weight", weight);
+    registry.register(
+        "backend_sessions",
+        "source-ip clients whose affinity names the backend",
+        sessions,
+    );
+    registry.register(
+        "backend_active_flows",
+        "Flows to the backend with a packet in the last minute",
+        flows,
+    );
+    registry.register(
+        "backend_connections_bound",
+        "Cookie service connections the agent bound to the backend",
+        bound,
+    );
+    let mut text = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut text, &registry);
+    text
+}
+
+/// Listens on `address` and answers each scrape with a snapshot asked of the agent through
+/// `commands`. Binding happens here, so a taken or foreign address fails the start.
+pub fn serve(address: SocketAddr, commands: mpsc::Sender<Command>) -> Result<()> {
+    let listener = std::net::TcpListener::bind(address)
+        .with_context(|| format!("listening for Prometheus on {address} (metrics)"))?;
+    listener.set_nonblocking(true)?;
+    let listener = TcpListener::from_std(listener)?;
+    info!(%address, "Prometheus metrics at http://{address}/metrics");
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(answer(stream, commands.clone()));
+                }
+                Err(error) => warn!("metrics endpoint: {error}"),
+            }
+        }
+    });
+    Ok(())
+}
+
+async fn answer(mut stream: TcpStream, commands: mpsc::Sender<Command>) {
+    let response = match tokio::time::timeout(REQUEST_TIMEOUT, request_path(&mut stream)).await {
+        Ok(Some(path)) if path == "/metrics" => match snapshot_text(&commands).await {
+            Ok(text) => http(
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                &text,
+            ),
+            Err(error) => http(
+                "503 Service Unavailable",
+                "text/plain",
+                &format!("{error}\n"),
+            ),
+        },
+        Ok(Some(_)) => http("404 Not Found", "text/plain", "metrics are at /metrics\n"),
+        _ => http("400 Bad Request", "text/plain", "expected GET /metrics\n"),
+    };
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// The path of a `GET` request head, read up to its end (bounded in size).
+async fn request_path(stream: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await.ok()?;
+        if n == 0 || head.len() + n > MAX_REQUEST_HEAD {
+            return None;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = std::str::from_utf8(&head).ok()?.lines().next()?;
+    let mut words = line.split_whitespace();
+    (words.next()? == "GET").then_some(())?;
+    let target = words.next()?;
+    Some(target.split('?').next().unwrap_or(target).to_owned())
+}
+
+async fn snapshot_text(commands: &mpsc::Sender<Command>) -> Result<String, String> {
+    let (reply, answer) = oneshot::channel();
+    let (_written_tx, written) = oneshot::channel();
+    commands
+        .send(Command {
+            request: Request::Metrics,
+            reply,
+            written,
+        })
+        .await
+        .map_err(|_| "the agent is shutting down".to_owned())?;
+    answer
+        .await
+        .unwrap_or_else(|_| Err("the agent dropped the request".to_owned()))
+}
+
+fn http(status: &str, content_type: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_parses_and_every_family_has_help_and_a_type() {
+        let mut snapshot = Snapshot {
+            bindings: vec![("with_cookie", 7), ("failed", 1)],
+            cookies_issued: 5,
+            cookies_rejected: vec![("bad_signature", 2)],
+            backends: vec![BackendSnapshot {
+                service: "web".into(),
+                backend: "web-1".into(),
+                healthy: true,
+                state: "draining",
+                weight: 3,
+                sessions: 4,
+                active_flows: 9,
+                bound: 7,
+            }],
+            ..Snapshot::default()
+        };
+        snapshot.xdp.0[Reason::Forwarded as usize].packets = 11;
+        snapshot.xdp.0[Reason::Forwarded as usize].bytes = 1100;
+        let text = encode_snapshot(&snapshot);
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
+        let value = |name: &str, label: (&str, &str)| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == name && s.labels.get(label.0) == Some(label.1))
+                .map(|s| match s.value {
+                    prometheus_parse::Value::Counter(v)
+                    | prometheus_parse::Value::Gauge(v)
+                    | prometheus_parse::Value::Untyped(v) => v,
+                    _ => f64::NAN,
+                })
+        };
+        assert_eq!(
+            value("balancer_xdp_packets_total", ("reason", "forwarded")),
+            Some(11.0)
+        );
+        assert_eq!(
+            value("balancer_xdp_bytes_total", ("reason", "forwarded")),
+            Some(1100.0)
+        );
+        assert_eq!(
+            value("balancer_bindings_total", ("outcome", "with_cookie")),
+            Some(7.0)
+        );
+        assert_eq!(
+            value("balancer_backend_state", ("state", "draining")),
+            Some(1.0)
+        );
+        assert_eq!(value("balancer_backend_state", ("state", "up")), Some(0.0));
+        assert_eq!(
+            value(
+                "balancer_backend_connections_bound_total",
+                ("backend", "web-1")
+            ),
+            Some(7.0)
+        );
+        // Every sample's family is described by both a HELP and a TYPE line.
+        let described = |kind: &str, family: &str| {
+            text.lines()
+                .any(|l| l.starts_with(&format!("# {kind} {family} ")))
+        };
+        for sample in &scrape.samples {
+            let family = sample.metric.trim_end_matches("_total");
+            assert!(described("HELP", family), "HELP for {}", sample.metric);
+            assert!(described("TYPE", family), "TYPE for {}", sample.metric);
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}

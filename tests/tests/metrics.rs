@@ -1,0 +1,155 @@
+//! The agent's Prometheus endpoint, scraped by a real Prometheus (Debian's) that the test
+//! starts in the balancer's namespace with a 1 s scrape interval, and queried through its
+//! HTTP API as a dashboard would. Needs root.
+
+mod common;
+
+use std::{collections::HashMap, time::Duration};
+
+use balancer_lab::{Lab, ServiceOptions, BACKEND_COUNT};
+use common::*;
+
+const METRICS: &str = "metrics = \"127.0.0.1:9469\"\n";
+const PROMETHEUS: &str = "127.0.0.1:9090";
+
+#[test]
+fn a_real_prometheus_sees_each_backends_connections_the_cookies_issued_and_health() {
+    let mut lab = lab_with_settings(
+        METRICS,
+        &ServiceOptions {
+            web_settings: "affinity = \"lb-cookie\"\n\
+                [service.health_check]\nkind = \"http\"\ninterval = 0.5\ntimeout = 0.5\n\
+                fall = 2\nrise = 2\n"
+                .to_owned(),
+            ..ServiceOptions::default()
+        },
+    );
+    start_prometheus(&mut lab);
+    wait_until(
+        Duration::from_secs(30),
+        "Prometheus scraping the agent",
+        || query(&lab, "up{job=\"balancer\"}", "job").get("balancer") == Some(&1.0),
+    );
+    let bound = "balancer_backend_connections_bound_total{service=\"web\"}";
+    let issued = "balancer_cookies_issued_total";
+    let bound_before = query(&lab, bound, "backend");
+    let issued_now = |lab: &Lab| query(lab, issued, "job").get("balancer").copied();
+    let issued_before = issued_now(&lab).expect("the cookies issued, scraped");
+
+    // New sessions, one connection each: every answer sets the balancer's cookie, and the
+    // test counts which backend gave it.
+    let connections = 30;
+    let script = format!(
+        r#"
+import http.client
+for _ in range({connections}):
+    c = http.client.HTTPConnection("{vip}", 80, timeout=10)
+    c.request("GET", "/", headers={{"Connection": "close"}})
+    r = c.getresponse()
+    assert "LBSESSION=" in (r.getheader("Set-Cookie") or ""), r.getheaders()
+    print(r.read().decode().strip())
+    c.close()
+"#,
+        vip = balancer_lab::VIP
+    );
+    let mut sent: HashMap<String, f64> = HashMap::new();
+    for backend in python(&lab, lab.client_ns(), &script).lines() {
+        *sent.entry(backend.to_owned()).or_default() += 1.0;
+    }
+    assert_eq!(sent.values().sum::<f64>(), connections as f64);
+    wait_until(
+        Duration::from_secs(10),
+        "Prometheus scraping the cookies issued",
+        || issued_now(&lab) == Some(issued_before + connections as f64),
+    );
+    // The scrape that saw the cookies saw the bindings too: the agent counts both before it
+    // answers the client.
+    let bound_after = query(&lab, bound, "backend");
+    for index in 0..BACKEND_COUNT {
+        let name = Lab::backend_name(index);
+        let before = bound_before.get(&name).copied().unwrap_or(0.0);
+        assert_eq!(
+            bound_after.get(&name).copied().unwrap_or(0.0) - before,
+            sent.get(&name).copied().unwrap_or(0.0),
+            "{name}: connections bound, as Prometheus saw them ({bound_after:?}), against what the test was answered ({sent:?})"
+        );
+    }
+    let syn_cookies = query(
+        &lab,
+        "balancer_xdp_packets_total{reason=\"syn_cookie_sent\"}",
+        "reason",
+    );
+    assert!(syn_cookies["syn_cookie_sent"] >= connections as f64);
+
+    // A backend that stops answering its checks turns unhealthy in Prometheus, and healthy
+    // again once it is back.
+    let healthy = "balancer_backend_healthy{service=\"web\"}";
+    assert_eq!(query(&lab, healthy, "backend")["backend-1"], 1.0);
+    lab.stop_backend(0).expect("stopping backend-1");
+    wait_until(
+        Duration::from_secs(10),
+        "backend-1 unhealthy in Prometheus",
+        || query(&lab, healthy, "backend").get("backend-1") == Some(&0.0),
+    );
+    let states = query(&lab, healthy, "backend");
+    assert_eq!(states.get("backend-2"), Some(&1.0), "{states:?}");
+    lab.start_backend(backend_bin(), 0)
+        .expect("starting backend-1 again");
+    wait_until(
+        Duration::from_secs(10),
+        "backend-1 healthy in Prometheus",
+        || query(&lab, healthy, "backend").get("backend-1") == Some(&1.0),
+    );
+}
+
+/// Starts Prometheus in the balancer's namespace, scraping the agent every second.
+fn start_prometheus(lab: &mut Lab) {
+    let dir = lab.dir().join("prometheus");
+    std::fs::create_dir_all(&dir).expect("creating Prometheus's directory");
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+         scrape_configs:\n  - job_name: balancer\n    static_configs:\n\
+         \x20     - targets: [\"127.0.0.1:9469\"]\n",
+    )
+    .expect("writing prometheus.yml");
+    let args = [
+        "prometheus".to_owned(),
+        format!("--config.file={}", config.display()),
+        format!("--storage.tsdb.path={}", dir.join("data").display()),
+        format!("--web.listen-address={PROMETHEUS}"),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let ns = lab.balancer_ns().to_owned();
+    lab.spawn_logged(&ns, &args, &dir.join("prometheus.log"))
+        .expect("starting Prometheus");
+}
+
+/// The current values of `expr` in Prometheus, by the value of each result's `label`.
+fn query(lab: &Lab, expr: &str, label: &str) -> HashMap<String, f64> {
+    let script = format!(
+        r#"
+import json, sys, urllib.parse, urllib.request
+url = "http://{PROMETHEUS}/api/v1/query?" + urllib.parse.urlencode({{"query": sys.argv[1]}})
+try:
+    answer = json.load(urllib.request.urlopen(url, timeout=5))
+except OSError:
+    sys.exit(0)
+for result in answer["data"]["result"]:
+    print(result["metric"].get(sys.argv[2], ""), result["value"][1])
+"#
+    );
+    let output = run(
+        lab,
+        lab.balancer_ns(),
+        &["python3", "-c", &script, expr, label],
+    );
+    output
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
