@@ -36,6 +36,7 @@ pub mod map_name {
     pub const TX_PORTS: &str = "TX_PORTS";
     pub const AGENT: &str = "AGENT";
     pub const NAT_SOURCES: &str = "NAT_SOURCES";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
 }
 
 /// Version of the maps' layout (their key and value types and the meaning of their fields).
@@ -325,8 +326,10 @@ pub struct ReverseNat {
     /// Full NAT: second (of `bpf_ktime_get_coarse_ns`) of either end's latest packet, or of
     /// the source's claim; tells when XDP or the agent may give the source to another flow.
     pub last_seen_s: u32,
+    /// The backend the replies come from, whose counters they go to.
+    pub backend_id: u32,
 }
-const _: () = assert!(size_of::<ReverseNat>() == 68);
+const _: () = assert!(size_of::<ReverseNat>() == 72);
 
 /// Bits of [`ReverseNat::flags`].
 pub mod reverse_flags {
@@ -452,6 +455,17 @@ pub struct Counter {
     pub bytes: u64,
 }
 const _: () = assert!(size_of::<Counter>() == 16);
+
+/// `BACKEND_STATS` value (per CPU), indexed by backend id: what XDP forwarded to the backend
+/// and back from it, and the new flows it placed there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct BackendCounters {
+    pub to_backend: Counter,
+    pub to_client: Counter,
+    pub new_flows: u64,
+}
+const _: () = assert!(size_of::<BackendCounters>() == 40);
 
 /// Why a packet left the program the way it did: every exit counts under exactly one reason.
 /// `NewFlow`, `NewSession`, `SessionMoved`, `PlacedWithoutAgent` and `ProxyHeaderInserted` are
@@ -643,6 +657,7 @@ mod user {
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for ReverseNat {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for BackendCounters {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for Affinity {}
     unsafe impl aya::Pod for SynOptions {}

@@ -19,10 +19,10 @@ use crate::{
     stats::{self, Verdict},
 };
 
-/// Rewrites a client → VIP packet to its backend and says what forwarding it counts as.
-/// `None` when it is not addressed to a service.
+/// Rewrites a client → VIP packet to its backend and says what forwarding it counts as, and
+/// which backend's. `None` when it is not addressed to a service.
 #[inline(always)]
-pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, Verdict> {
+pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<(Reason, u32)>, Verdict> {
     let key = &packet.key;
     let service_key = ServiceKey {
         vip: key.dst,
@@ -110,12 +110,13 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, V
     if flow.source_port != 0 {
         rewrite(ctx, packet, End::Source, flow.source, flow.source_port)?;
     }
-    Ok(Some(reason))
+    Ok(Some((reason, flow.backend_id)))
 }
 
-/// Rewrites a backend's reply to come from the VIP. `None` when it belongs to no known flow.
+/// Rewrites a backend's reply to come from the VIP, saying what it counts as and which
+/// backend it came from. `None` when it belongs to no known flow.
 #[inline(always)]
-pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, Verdict> {
+pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<(Reason, u32)>, Verdict> {
     let Some(entry) = REVERSE.get_ptr_mut(&packet.key) else {
         return Ok(None);
     };
@@ -152,7 +153,7 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<Reason>, Ve
     if nat.client_port != 0 {
         rewrite(ctx, packet, End::Destination, nat.client, nat.client_port)?;
     }
-    Ok(Some(reason))
+    Ok(Some((reason, nat.backend_id)))
 }
 
 /// A client SYN on a flow that the client closed: it reused its port for a new connection (it

@@ -16,7 +16,7 @@ use crate::{
     nat::{self, End},
     packet::{Packet, L4_OFFSET_LIMIT},
     reset, source, splice,
-    stats::{self, Verdict},
+    stats::{self, Direction, Verdict},
 };
 
 /// What the main program hands over: the parsed packet, the backend chosen for it, and
@@ -68,6 +68,7 @@ pub fn place(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         client: key.src,
         client_port: key.sport,
         last_seen_s: now_s,
+        backend_id,
         ..ReverseNat::default()
     };
     let mut flags = if packet.closing {
@@ -107,7 +108,12 @@ pub fn place(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         ..Flow::default()
     };
     let _ = FLOWS.insert(key, &flow, 0);
-    stats::count(Reason::NewFlow, 0);
+    stats::count_new_flow(backend_id);
+    stats::count_backend(
+        backend_id,
+        Direction::ToBackend,
+        ctx.data_end() - ctx.data(),
+    );
     nat::rewrite(ctx, &packet, End::Destination, backend.addr, backend.port)?;
     nat::rewrite(ctx, &packet, End::Source, claimed.dst, claimed.dport)?;
     forward::redirect(ctx, &packet, Reason::Forwarded)

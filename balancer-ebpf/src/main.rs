@@ -32,7 +32,7 @@ use aya_ebpf::{macros::xdp, programs::XdpContext};
 
 use balancer_common::Reason;
 
-use crate::stats::Verdict;
+use crate::stats::{Direction, Verdict};
 
 /// The entry point, written out rather than by `#[xdp]`, whose inner function would be a
 /// BPF subprogram: the kernel allows full NAT's tail call only from the program itself.
@@ -50,10 +50,16 @@ pub extern "C" fn balancer(raw: *mut aya_ebpf::bindings::xdp_md) -> u32 {
 #[inline(always)]
 fn try_balancer(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let packet = packet::parse(ctx)?;
-    if let Some(reason) = dispatch::to_backend(ctx, &packet)? {
+    if let Some((reason, backend_id)) = dispatch::to_backend(ctx, &packet)? {
+        stats::count_backend(
+            backend_id,
+            Direction::ToBackend,
+            ctx.data_end() - ctx.data(),
+        );
         return forward::redirect(ctx, &packet, reason);
     }
-    if let Some(reason) = dispatch::to_client(ctx, &packet)? {
+    if let Some((reason, backend_id)) = dispatch::to_client(ctx, &packet)? {
+        stats::count_backend(backend_id, Direction::ToClient, ctx.data_end() - ctx.data());
         return forward::redirect(ctx, &packet, reason);
     }
     nat::forget_reused_tuple(&packet);

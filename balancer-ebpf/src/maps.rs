@@ -5,10 +5,10 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use balancer_common::{
-    Addr, Affinity, AffinityKey, AgentState, Backend, Binding, CookieSecret, Counter, Flow,
-    FlowKey, Reason, ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS,
-    DEFAULT_AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY, DEFAULT_TABLE_SIZE, MAX_BACKENDS,
-    MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS, PUNT_RING_SIZE, TABLES_PER_SERVICE,
+    Addr, Affinity, AffinityKey, AgentState, Backend, BackendCounters, Binding, CookieSecret,
+    Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY,
+    COOKIE_SECRETS, DEFAULT_AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY, DEFAULT_TABLE_SIZE,
+    MAX_BACKENDS, MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS, PUNT_RING_SIZE, TABLES_PER_SERVICE,
 };
 
 /// Virtual services: (VIP, port, protocol) → affinity mode, lookup table and backend count.
@@ -41,6 +41,10 @@ pub static REVERSE: LruHashMap<FlowKey, ReverseNat> = LruHashMap::pinned(DEFAULT
 /// Packet and byte counters per exit reason.
 #[map]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::pinned(Reason::COUNT, 0);
+
+/// Per backend (by id): packets and bytes each way, and new flows.
+#[map]
+pub static BACKEND_STATS: PerCpuArray<BackendCounters> = PerCpuArray::pinned(MAX_BACKENDS, 0);
 
 /// Interfaces the program may redirect to, keyed by ifindex.
 #[map]

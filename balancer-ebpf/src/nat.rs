@@ -139,12 +139,13 @@ pub fn new_flow(
     let reverse = ReverseNat {
         vip: key.dst,
         port: key.dport,
+        backend_id,
         ..ReverseNat::default()
     };
     // A failed insert only means the next packet takes this path again.
     let _ = FLOWS.insert(key, &flow, 0);
     let _ = REVERSE.insert(&reply_key, &reverse, 0);
-    stats::count(Reason::NewFlow, 0);
+    stats::count_new_flow(backend_id);
     Ok(flow)
 }
 

@@ -11,14 +11,14 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, DevMapHash, HashMap, MapData, MapInfo, RingBuf},
+    maps::{Array, DevMapHash, HashMap, MapData, MapInfo, PerCpuArray, RingBuf},
     programs::Xdp,
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
     binding_state, flow_flags, flow_state, map_name, source_is_free, Addr, Affinity, AffinityKey,
-    AgentState, Backend, Binding, CookieSecret, Counter, Flow, FlowKey, Reason, ReverseNat,
-    Service, ServiceKey, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS, LAYOUT_VERSION,
+    AgentState, Backend, BackendCounters, Binding, CookieSecret, Counter, Flow, FlowKey, Reason,
+    ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS, LAYOUT_VERSION,
     MAX_BACKENDS, MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS, TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 use tracing::{info, warn};
@@ -451,6 +451,31 @@ impl Dataplane {
     }
 
     /// Clients with a `source-ip` session, per backend id. Walks the whole map.
+    /// XDP's counters of each backend (by id) among `ids`, summed over the CPUs.
+    pub fn backend_counters(
+        &self,
+        ids: &[u32],
+    ) -> Result<std::collections::HashMap<u32, BackendCounters>> {
+        let stats: PerCpuArray<&MapData, BackendCounters> = PerCpuArray::try_from(
+            self.ebpf
+                .map(map_name::BACKEND_STATS)
+                .context("BACKEND_STATS")?,
+        )?;
+        let mut totals = std::collections::HashMap::new();
+        for &id in ids {
+            let mut total = BackendCounters::default();
+            for cpu in stats.get(&id, 0)?.iter() {
+                total.to_backend.packets += cpu.to_backend.packets;
+                total.to_backend.bytes += cpu.to_backend.bytes;
+                total.to_client.packets += cpu.to_client.packets;
+                total.to_client.bytes += cpu.to_client.bytes;
+                total.new_flows += cpu.new_flows;
+            }
+            totals.insert(id, total);
+        }
+        Ok(totals)
+    }
+
     pub fn sessions_by_backend(&self) -> Result<std::collections::HashMap<u32, u64>> {
         let map = self.map_ref(map_name::AFFINITY)?;
         let sessions: HashMap<&MapData, AffinityKey, Affinity> = HashMap::try_from(map)?;
@@ -788,7 +813,7 @@ fn ifindex(interface: &str) -> Result<u32> {
 }
 
 /// The shape every map must have: (name, key size, value size, capacity).
-fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 14] {
+fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 15] {
     use std::mem::size_of;
     [
         (
@@ -850,6 +875,12 @@ fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 14] {
             size_of::<u32>(),
             size_of::<Counter>(),
             Reason::COUNT,
+        ),
+        (
+            map_name::BACKEND_STATS,
+            size_of::<u32>(),
+            size_of::<BackendCounters>(),
+            MAX_BACKENDS,
         ),
         (
             map_name::TX_PORTS,

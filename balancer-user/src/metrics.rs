@@ -64,6 +64,8 @@ pub struct BackendSnapshot {
     pub active_flows: u64,
     /// Cookie connections the agent bound to it.
     pub bound: u64,
+    /// What XDP forwarded to it and back, and the new flows it placed there.
+    pub xdp: balancer_common::BackendCounters,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -160,11 +162,26 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> String {
         per_backend(),
     );
     let bound = Family::<Labels, Counter>::default();
+    let (packets, bytes, new_flows) = (
+        Family::<Labels, Counter>::default(),
+        Family::<Labels, Counter>::default(),
+        Family::<Labels, Counter>::default(),
+    );
     for b in &snapshot.backends {
         let labels = vec![
             ("service", b.service.clone()),
             ("backend", b.backend.clone()),
         ];
+        new_flows.get_or_create(&labels).inc_by(b.xdp.new_flows);
+        for (direction, counter) in [
+            ("to_backend", b.xdp.to_backend),
+            ("to_client", b.xdp.to_client),
+        ] {
+            let mut labels = labels.clone();
+            labels.push(("direction", direction.to_owned()));
+            packets.get_or_create(&labels).inc_by(counter.packets);
+            bytes.get_or_create(&labels).inc_by(counter.bytes);
+        }
         up.get_or_create(&labels).set(i64::from(b.healthy));
         weight.get_or_create(&labels).set(i64::from(b.weight));
         sessions.get_or_create(&labels).set(b.sessions as i64);
@@ -198,6 +215,22 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> String {
         "backend_active_flows",
         "Flows to the backend with a packet in the last minute",
         flows,
+    );
+    registry.register(
+        "backend_packets",
+        "Packets XDP forwarded to the backend (to_backend) and from it back to clients (to_client)",
+        packets,
+    );
+    registry.register_with_unit(
+        "backend",
+        "Bytes of the packets XDP forwarded to the backend and back from it, by direction",
+        Unit::Bytes,
+        bytes,
+    );
+    registry.register(
+        "backend_new_flows",
+        "New flows XDP placed on the backend (a cookie service's connections are bound by the agent instead)",
+        new_flows,
     );
     registry.register(
         "backend_connections_bound",
@@ -312,6 +345,10 @@ mod tests {
                 sessions: 4,
                 active_flows: 9,
                 bound: 7,
+                xdp: balancer_common::BackendCounters {
+                    new_flows: 2,
+                    ..Default::default()
+                },
             }],
             ..Snapshot::default()
         };
@@ -355,6 +392,14 @@ mod tests {
                 ("backend", "web-1")
             ),
             Some(7.0)
+        );
+        assert_eq!(
+            value("balancer_backend_new_flows_total", ("backend", "web-1")),
+            Some(2.0)
+        );
+        assert_eq!(
+            value("balancer_backend_bytes_total", ("direction", "to_client")),
+            Some(0.0)
         );
         // Every sample's family is described by both a HELP and a TYPE line.
         let described = |kind: &str, family: &str| {

@@ -74,6 +74,51 @@ for _ in range({connections}):
             "{name}: connections bound, as Prometheus saw them ({bound_after:?}), against what the test was answered ({sent:?})"
         );
     }
+    // L4 flows (web-v6): each connection is a new flow, counted by XDP for the backend that
+    // answered it, and that backend's replies are counted on their way back.
+    let new_flows = "balancer_backend_new_flows_total{service=\"web-v6\"}";
+    let replies = "balancer_backend_packets_total{service=\"web-v6\",direction=\"to_client\"}";
+    let flows_before = query(&lab, new_flows, "backend");
+    let replies_before = query(&lab, replies, "backend");
+    let script = format!(
+        r#"
+import http.client
+for _ in range({connections}):
+    c = http.client.HTTPConnection("{vip}", 80, timeout=10)
+    c.request("GET", "/", headers={{"Connection": "close"}})
+    print(c.getresponse().read().decode().strip())
+    c.close()
+"#,
+        vip = balancer_lab::VIP6
+    );
+    let mut placed: HashMap<String, f64> = HashMap::new();
+    for backend in python(&lab, lab.client_ns(), &script).lines() {
+        *placed.entry(backend.to_owned()).or_default() += 1.0;
+    }
+    let total = |values: &HashMap<String, f64>| values.values().sum::<f64>();
+    wait_until(
+        Duration::from_secs(10),
+        "Prometheus scraping the new flows",
+        || total(&query(&lab, new_flows, "backend")) == total(&flows_before) + connections as f64,
+    );
+    let flows_after = query(&lab, new_flows, "backend");
+    let replies_after = query(&lab, replies, "backend");
+    for index in 0..BACKEND_COUNT {
+        let name = Lab::backend_name(index);
+        let count = |values: &HashMap<String, f64>| values.get(&name).copied().unwrap_or(0.0);
+        let answered = placed.get(&name).copied().unwrap_or(0.0);
+        assert_eq!(
+            count(&flows_after) - count(&flows_before),
+            answered,
+            "{name}: new flows, as Prometheus saw them ({flows_after:?}), against the answers ({placed:?})"
+        );
+        // At least a SYN-ACK and the answer per connection.
+        assert!(
+            count(&replies_after) - count(&replies_before) >= 2.0 * answered,
+            "{name}: replies counted {replies_after:?} (before {replies_before:?}) for {answered} connections"
+        );
+    }
+
     let syn_cookies = query(
         &lab,
         "balancer_xdp_packets_total{reason=\"syn_cookie_sent\"}",

@@ -1425,6 +1425,7 @@ fn claim_source(
         state: flow_state::CONNECTING,
         client: Addr::from(client),
         client_port: client_port.to_be(),
+        backend_id: target.id,
         ..ReverseNat::default()
     };
     for _ in 0..SOURCE_CLAIM_TRIES {
@@ -1467,6 +1468,7 @@ fn connection_entries(pending: &Pending, target: Target, state: u32) -> (Flow, R
         vip: Addr::from(pending.vip),
         port: pending.vip_port.to_be(),
         state,
+        backend_id: target.id,
         ..ReverseNat::default()
     };
     if let Some((source, port)) = pending.source {

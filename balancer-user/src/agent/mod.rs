@@ -554,6 +554,12 @@ impl Agent {
             .dataplane
             .active_flows_by_backend(ACTIVE_FLOW_WINDOW_S)?;
         let b = &self.binder.counters;
+        let ids: Vec<u32> = self
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect();
+        let counters = self.dataplane.backend_counters(&ids)?;
         let mut backends = Vec::new();
         for service in &self.services {
             for backend in &service.backends {
@@ -571,6 +577,7 @@ impl Agent {
                         .get(&backend.id)
                         .copied()
                         .unwrap_or(0),
+                    xdp: counters.get(&backend.id).copied().unwrap_or_default(),
                 });
             }
         }
