@@ -330,12 +330,14 @@ fn http(status: &str, content_type: &str, body: &str) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_text_parses_and_every_family_has_help_and_a_type() {
+    /// A snapshot with something in every family.
+    fn example() -> Snapshot {
         let mut snapshot = Snapshot {
             bindings: vec![("with_cookie", 7), ("failed", 1)],
             cookies_issued: 5,
             cookies_rejected: vec![("bad_signature", 2)],
+            resets: vec![("client_budget", 1)],
+            resent: vec![("request", 1)],
             backends: vec![BackendSnapshot {
                 service: "web".into(),
                 backend: "web-1".into(),
@@ -354,9 +356,18 @@ mod tests {
         };
         snapshot.xdp.0[Reason::Forwarded as usize].packets = 11;
         snapshot.xdp.0[Reason::Forwarded as usize].bytes = 1100;
-        let text = encode_snapshot(&snapshot);
+        snapshot
+    }
+
+    fn parse(text: &str) -> prometheus_parse::Scrape {
         let lines = text.lines().map(|l| Ok(l.to_owned()));
-        let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
+        prometheus_parse::Scrape::parse(lines).expect("Prometheus text")
+    }
+
+    #[test]
+    fn the_text_parses_and_every_family_has_help_and_a_type() {
+        let text = encode_snapshot(&example());
+        let scrape = parse(&text);
         let value = |name: &str, label: (&str, &str)| {
             scrape
                 .samples
@@ -412,5 +423,52 @@ mod tests {
             assert!(described("TYPE", family), "TYPE for {}", sample.metric);
         }
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn every_expression_of_the_grafana_dashboard_names_a_metric_the_agent_serves() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../grafana/balancer-dashboard.json"))
+                .expect("the dashboard is JSON");
+        let served: std::collections::HashSet<String> = parse(&encode_snapshot(&example()))
+            .samples
+            .into_iter()
+            .map(|s| s.metric)
+            .collect();
+        let mut expressions: Vec<&str> = dashboard["panels"]
+            .as_array()
+            .expect("panels")
+            .iter()
+            .flat_map(|panel| panel["targets"].as_array().expect("targets"))
+            .map(|target| target["expr"].as_str().expect("an expression"))
+            .collect();
+        expressions.extend(
+            dashboard["templating"]["list"]
+                .as_array()
+                .expect("variables")
+                .iter()
+                .filter(|variable| variable["type"] == "query")
+                .filter_map(|variable| variable["query"].as_str()),
+        );
+        let mut checked = 0;
+        for expression in &expressions {
+            let mut rest = *expression;
+            while let Some(at) = rest.find("balancer_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    served.contains(&name),
+                    "{name} in {expression:?} is not served"
+                );
+                checked += 1;
+                rest = &rest[at + name.len()..];
+            }
+        }
+        assert!(
+            checked >= expressions.len(),
+            "every expression names a metric"
+        );
     }
 }
