@@ -1,12 +1,13 @@
-//! The agent's Prometheus endpoint, scraped by a real Prometheus (Debian's) that the test
-//! starts in the balancer's namespace with a 1 s scrape interval, and queried through its
-//! HTTP API as a dashboard would. Needs root.
+//! What the agent tells its operators' tools: the Prometheus endpoint, scraped by a real
+//! Prometheus (Debian's) that the test starts in the balancer's namespace with a 1 s scrape
+//! interval and queries through its HTTP API as a dashboard would; JSON logs for log
+//! collectors. Needs root.
 
 mod common;
 
 use std::{collections::HashMap, time::Duration};
 
-use balancer_lab::{Lab, ServiceOptions, BACKEND_COUNT};
+use balancer_lab::{Lab, Launch, ServiceOptions, BACKEND_COUNT};
 use common::*;
 
 const METRICS: &str = "metrics = \"127.0.0.1:9469\"\n";
@@ -144,6 +145,57 @@ for _ in range({connections}):
         Duration::from_secs(10),
         "backend-1 healthy in Prometheus",
         || query(&lab, healthy, "backend").get("backend-1") == Some(&1.0),
+    );
+}
+
+#[test]
+fn json_logs_are_one_object_a_line_with_each_events_level_and_fields() {
+    require_root();
+    let mut lab = Lab::new().expect("building the lab");
+    lab.start_backends(backend_bin())
+        .expect("starting the backends");
+    let config = config_path(&lab);
+    std::fs::write(&config, lab.balancer_config()).expect("writing the balancer config");
+    let path = config.to_str().expect("utf-8 path").to_owned();
+    lab.start_balancer_with(
+        &balancer_bin(),
+        &["--log-format", "json", "run", "--config", &path],
+        Launch::Nsenter,
+    )
+    .expect("starting the balancer");
+    // A reload of a bad file: refused, logged as an error naming the field.
+    std::fs::write(
+        &config,
+        format!("{}\nbogus_setting = 1\n", lab.balancer_config()),
+    )
+    .expect("writing a bad config");
+    let refused = std::process::Command::new(balancer_bin())
+        .args(["reload", "--instance", lab.instance()])
+        .output()
+        .expect("running balancer reload");
+    assert!(!refused.status.success(), "the bad reload is refused");
+    let log = lab.balancer_log();
+    let script = r#"
+import json, sys
+for line in open(sys.argv[1]):
+    if line.startswith("{"):
+        event = json.loads(line)
+        print(event["level"], " ".join(event["fields"]["message"].split()))
+"#;
+    let mut events = String::new();
+    wait_until(Duration::from_secs(5), "the refusal in the log", || {
+        events = run(
+            &lab,
+            lab.balancer_ns(),
+            &["python3", "-c", script, log.to_str().expect("utf-8")],
+        );
+        events
+            .lines()
+            .any(|l| l.starts_with("ERROR reload rejected") && l.contains("bogus_setting"))
+    });
+    assert!(
+        events.lines().any(|l| l.starts_with("INFO ")),
+        "the start's info events: {events}"
     );
 }
 

@@ -63,7 +63,7 @@ pub fn impaired_lab_with_settings(
     serving(lab, settings, options)
 }
 
-fn require_root() {
+pub fn require_root() {
     assert!(
         balancer_lab::is_root(),
         "integration tests need root (run `cargo xtask test`)"
