@@ -47,6 +47,11 @@ pub enum Request {
     Counters,
     /// Everything the Prometheus endpoint shows, as OpenMetrics text.
     Metrics,
+    /// What still holds a backend (see `Agent::pinned`).
+    Pinned {
+        service: String,
+        backend: String,
+    },
 }
 
 impl Request {
@@ -60,6 +65,7 @@ impl Request {
             Request::Stop { detach: true } => "stop detach".to_owned(),
             Request::Counters => "counters".to_owned(),
             Request::Metrics => "metrics".to_owned(),
+            Request::Pinned { service, backend } => format!("pinned {service} {backend}"),
         }
     }
 
@@ -71,6 +77,10 @@ impl Request {
             ["stop"] => Ok(Request::Stop { detach: false }),
             ["counters"] => Ok(Request::Counters),
             ["metrics"] => Ok(Request::Metrics),
+            ["pinned", service, backend] => Ok(Request::Pinned {
+                service: (*service).into(),
+                backend: (*backend).into(),
+            }),
             ["stop", "detach"] => Ok(Request::Stop { detach: true }),
             ["drain", service, backend] => Ok(Request::Drain {
                 service: (*service).into(),
@@ -207,6 +217,10 @@ mod tests {
             Request::Stop { detach: true },
             Request::Counters,
             Request::Metrics,
+            Request::Pinned {
+                service: "web".into(),
+                backend: "b-1".into(),
+            },
         ] {
             assert_eq!(Request::parse(&request.to_line()), Ok(request));
         }

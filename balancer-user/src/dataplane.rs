@@ -486,6 +486,26 @@ impl Dataplane {
         Ok(counts)
     }
 
+    /// `source-ip` sessions of backend `backend_id` whose client opened a flow within the
+    /// last `timeout_s` seconds (older ones no longer hold it). Walks the whole map.
+    pub fn live_sessions_of(&self, backend_id: u32, timeout_s: u32) -> Result<u64> {
+        let map = self.map_ref(map_name::AFFINITY)?;
+        let sessions: HashMap<&MapData, AffinityKey, Affinity> = HashMap::try_from(map)?;
+        // SAFETY: `timespec` is plain data filled in by the kernel.
+        let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+        // SAFETY: `now` is writable; XDP stamps sessions with this clock (bpf_ktime_get_ns).
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+        let timeout_ns = u64::from(timeout_s) * 1_000_000_000;
+        Ok(sessions
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, s)| {
+                s.backend_id == backend_id && now_ns.saturating_sub(s.last_seen_ns) < timeout_ns
+            })
+            .count() as u64)
+    }
+
     /// Flows per backend id that are not closing and saw a client packet in the last
     /// `window_s` seconds. Walks the whole map.
     pub fn active_flows_by_backend(

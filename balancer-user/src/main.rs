@@ -152,7 +152,25 @@ enum Command {
 enum BackendAction {
     /// Stop sending new sessions to the backend; its flows continue and its sessions stay
     /// until the service's drain_timeout, then move.
-    Drain { service: String, backend: String },
+    ///
+    /// With --wait, follows what still holds the backend once a second (flows that are not
+    /// closing and saw a packet in the last minute, live source-ip sessions, connections that
+    /// came by its cookie) and exits 0 once nothing does, or 1 at --timeout saying what
+    /// remained.
+    Drain {
+        service: String,
+        backend: String,
+        /// Follow the drain until the backend holds nothing.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: seconds to follow it before giving up.
+        #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+        timeout: u64,
+        /// With --wait: cookie sessions count as gone after this many seconds without a
+        /// connection coming by its cookie.
+        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        cookie_quiet: u64,
+    },
     /// Let a draining backend take new sessions again.
     Undrain { service: String, backend: String },
 }
@@ -237,13 +255,30 @@ fn execute(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Backend { action, instance } => {
-            let request = match action {
-                BackendAction::Drain { service, backend } => Request::Drain { service, backend },
-                BackendAction::Undrain { service, backend } => {
-                    Request::Undrain { service, backend }
+            match action {
+                BackendAction::Drain {
+                    service,
+                    backend,
+                    wait,
+                    timeout,
+                    cookie_quiet,
+                } => {
+                    let request = Request::Drain {
+                        service: service.clone(),
+                        backend: backend.clone(),
+                    };
+                    println!("{}", control::send(&instance, &request)?);
+                    if wait {
+                        let request = Request::Pinned { service, backend };
+                        let limits = (Duration::from_secs(timeout), cookie_quiet);
+                        wait_for_drain(&instance, &request, limits)?;
+                    }
                 }
-            };
-            println!("{}", control::send(&instance, &request)?);
+                BackendAction::Undrain { service, backend } => {
+                    let request = Request::Undrain { service, backend };
+                    println!("{}", control::send(&instance, &request)?);
+                }
+            }
             Ok(())
         }
         Command::TablePlan {
@@ -491,6 +526,63 @@ fn cookie_for(
     ))
 }
 
+/// Follows a drain once a second until nothing holds the backend, or fails at the timeout
+/// saying what remained.
+fn wait_for_drain(
+    instance: &str,
+    request: &Request,
+    (timeout, cookie_quiet): (Duration, u64),
+) -> Result<()> {
+    let Request::Pinned { service, backend } = request else {
+        bail!("not a drain's request");
+    };
+    let started = Instant::now();
+    loop {
+        let answer = control::send(instance, request)?;
+        let remaining = still_holding(&answer, cookie_quiet)
+            .with_context(|| format!("reading the agent's answer {answer:?}"))?;
+        let waited = started.elapsed().as_secs();
+        if remaining.is_empty() {
+            println!("{service}/{backend} drained after {waited} s: no flows, sessions or cookie connections left");
+            return Ok(());
+        }
+        let remaining = remaining.join(", ");
+        if started.elapsed() >= timeout {
+            bail!("{service}/{backend} still holds {remaining} after {waited} s");
+        }
+        println!("{waited:>4} s: {remaining}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// What an agent's `pinned` answer says still holds the backend, each as "<n> <what>".
+fn still_holding(answer: &str, cookie_quiet: u64) -> Option<Vec<String>> {
+    let fields: std::collections::HashMap<&str, &str> = answer
+        .split_whitespace()
+        .filter_map(|word| word.split_once('='))
+        .collect();
+    let count = |name: &str| fields.get(name)?.parse::<u64>().ok();
+    let mut remaining = Vec::new();
+    let flows = count("flows")?;
+    if flows > 0 {
+        remaining.push(format!("{flows} flows"));
+    }
+    let sessions = count("sessions")?;
+    if sessions > 0 {
+        remaining.push(format!("{sessions} source-ip sessions"));
+    }
+    match *fields.get("cookie_quiet_s")? {
+        "never" => {}
+        quiet => {
+            let quiet: u64 = quiet.parse().ok()?;
+            if quiet < cookie_quiet {
+                remaining.push(format!("a cookie connection {quiet} s ago"));
+            }
+        }
+    }
+    Some(remaining)
+}
+
 fn execute_request(agent: &mut Agent, config_path: &Path, request: Request) -> Result<String> {
     match request {
         Request::Reload => agent.reload(config_path).map_err(|error| {
@@ -502,6 +594,30 @@ fn execute_request(agent: &mut Agent, config_path: &Path, request: Request) -> R
         Request::Status => agent.status(),
         Request::Counters => Ok(agent.counters()),
         Request::Metrics => agent.metrics().map(|s| metrics::encode_snapshot(&s)),
+        Request::Pinned { service, backend } => agent.pinned(&service, &backend),
         Request::Stop { .. } => bail!("stop is answered by the serve loop"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pinned_answer_reads_as_what_still_holds_the_backend() {
+        let held = still_holding("state=draining flows=2 sessions=1 cookie_quiet_s=5", 60);
+        assert_eq!(
+            held,
+            Some(vec![
+                "2 flows".to_owned(),
+                "1 source-ip sessions".to_owned(),
+                "a cookie connection 5 s ago".to_owned(),
+            ])
+        );
+        let quiet = "state=draining flows=0 sessions=0 cookie_quiet_s=61";
+        assert_eq!(still_holding(quiet, 60), Some(vec![]));
+        let never = "state=down flows=0 sessions=0 cookie_quiet_s=never";
+        assert_eq!(still_holding(never, 60), Some(vec![]));
+        assert_eq!(still_holding("state=up flows=x", 60), None);
     }
 }

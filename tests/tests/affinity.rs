@@ -368,3 +368,91 @@ fn with_every_backend_down_new_connections_are_refused_with_a_reset() {
         "the log does not say so"
     );
 }
+
+#[test]
+fn drain_wait_follows_source_ip_and_cookie_sessions_until_they_are_gone_or_the_timeout() {
+    let lab = lab_with(&ServiceOptions {
+        web_settings: "affinity = \"source-ip\"\naffinity_timeout = 3\ndrain_timeout = 60\n"
+            .to_owned(),
+        web6_settings: "affinity = \"lb-cookie\"\ndrain_timeout = 60\n".to_owned(),
+        ..ServiceOptions::default()
+    });
+    let drain = |service: &str, backend: &str, limits: &[&str]| {
+        let mut args = vec!["backend", "drain", service, backend, "--wait"];
+        args.extend(limits);
+        args.extend(["--instance", lab.instance()]);
+        std::process::Command::new(balancer_bin())
+            .args(&args)
+            .output()
+            .expect("running balancer backend drain")
+    };
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+
+    // source-ip: the client's session (3 s without a new flow) holds the backend, then goes.
+    let backend = get(&lab, &[], "/").trim().to_owned();
+    let waited = drain("web", &backend, &["--timeout", "20"]);
+    let out = text(&waited.stdout);
+    assert!(waited.status.success(), "{out}{}", text(&waited.stderr));
+    assert!(
+        out.lines().any(|l| l.contains("1 source-ip sessions")),
+        "it waited for the session: {out}"
+    );
+    assert!(
+        out.lines()
+            .last()
+            .is_some_and(|l| l.contains("drained after")),
+        "{out}"
+    );
+
+    // lb-cookie: a client that keeps coming by its cookie holds the backend past the
+    // timeout; once it stops, the drain completes.
+    let url = vip6_url("/");
+    let script = format!(
+        r#"
+import time, requests
+s = requests.Session()
+r = s.get("{url}", headers={{"Connection": "close"}}, timeout=10)
+print(r.text.strip(), flush=True)
+end = time.time() + 8
+while time.time() < end:
+    assert s.get("{url}", headers={{"Connection": "close"}}, timeout=10).text.strip() == r.text.strip()
+    time.sleep(0.3)
+"#
+    );
+    let mut client = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.client_ns(), "python3", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the cookie client");
+    let mut stdout = std::io::BufReader::new(client.stdout.take().expect("its output"));
+    let mut backend = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut backend).expect("the client's backend");
+    let backend = backend.trim().to_owned();
+    let held = drain(
+        "web-v6",
+        &backend,
+        &["--timeout", "4", "--cookie-quiet", "2"],
+    );
+    let err = text(&held.stderr);
+    assert!(
+        !held.status.success(),
+        "the drain timed out: {}",
+        text(&held.stdout)
+    );
+    assert!(err.contains("still holds a cookie connection"), "{err}");
+    // Its 8 s of requests all stuck to the draining backend.
+    assert!(client.wait().expect("the cookie client").success());
+    let done = drain(
+        "web-v6",
+        &backend,
+        &["--timeout", "20", "--cookie-quiet", "2"],
+    );
+    let out = text(&done.stdout);
+    assert!(done.status.success(), "{out}{}", text(&done.stderr));
+    assert!(
+        out.lines()
+            .last()
+            .is_some_and(|l| l.contains("drained after")),
+        "{out}"
+    );
+}

@@ -117,6 +117,9 @@ pub struct Binder {
     pub counters: BindingCounters,
     /// Connections bound to each backend (by id), for the metrics.
     pub bound_by_backend: HashMap<u32, u64>,
+    /// When a connection last came to each backend (by id) by its cookie: a drain is done
+    /// once its cookie sessions have gone quiet.
+    pub last_cookie_choice: HashMap<u32, Instant>,
 }
 
 struct Pending {
@@ -278,6 +281,7 @@ impl Binder {
             source_cursor: std::process::id().wrapping_mul(0x9e37_79b9),
             counters: BindingCounters::default(),
             bound_by_backend: HashMap::new(),
+            last_cookie_choice: HashMap::new(),
         })
     }
 
@@ -612,6 +616,11 @@ impl Agent {
                     counters.without_cookie += 1;
                     counters.cookies_rejected[reason] += 1;
                 }
+            }
+            if matches!(cookie, Cookie::Hashed(_) | Cookie::Session { .. }) {
+                self.binder
+                    .last_cookie_choice
+                    .insert(target.id, Instant::now());
             }
         } else {
             self.binder.counters.retried += 1;

@@ -438,6 +438,35 @@ impl Agent {
         Ok(message)
     }
 
+    /// What still holds a backend, for `balancer backend drain --wait`: its state, its flows
+    /// that are not closing and saw a packet in the last minute, its live `source-ip`
+    /// sessions, and the seconds since a connection last came to it by its cookie.
+    pub fn pinned(&self, service: &str, backend: &str) -> Result<String> {
+        let (index, position) = self
+            .find(service, backend)
+            .with_context(|| format!("no backend {backend} in service {service}"))?;
+        let service = &self.services[index];
+        let runtime = &service.backends[position];
+        let flows = self
+            .dataplane
+            .active_flows_by_backend(ACTIVE_FLOW_WINDOW_S)?
+            .get(&runtime.id)
+            .copied()
+            .unwrap_or(0);
+        let sessions = self
+            .dataplane
+            .live_sessions_of(runtime.id, service.config.affinity_timeout)?;
+        let cookie_quiet = self
+            .binder
+            .last_cookie_choice
+            .get(&runtime.id)
+            .map_or_else(|| "never".to_owned(), |t| t.elapsed().as_secs().to_string());
+        Ok(format!(
+            "state={} flows={flows} sessions={sessions} cookie_quiet_s={cookie_quiet}",
+            state_name(runtime.state(service.drain_timeout()))
+        ))
+    }
+
     /// Moves the sessions of backends whose drain timeout has passed.
     pub fn expire_drains(&mut self) -> Result<()> {
         for index in 0..self.services.len() {
