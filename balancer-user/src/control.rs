@@ -52,6 +52,12 @@ pub enum Request {
         service: String,
         backend: String,
     },
+    /// A service's sessions as JSON (see `Agent::sessions`).
+    Sessions {
+        service: String,
+        backend: Option<String>,
+        limit: usize,
+    },
 }
 
 impl Request {
@@ -66,6 +72,16 @@ impl Request {
             Request::Counters => "counters".to_owned(),
             Request::Metrics => "metrics".to_owned(),
             Request::Pinned { service, backend } => format!("pinned {service} {backend}"),
+            Request::Sessions {
+                service,
+                backend,
+                limit,
+            } => format!(
+                "sessions {service} {limit} {}",
+                backend.as_deref().unwrap_or_default()
+            )
+            .trim_end()
+            .to_owned(),
         }
     }
 
@@ -80,6 +96,13 @@ impl Request {
             ["pinned", service, backend] => Ok(Request::Pinned {
                 service: (*service).into(),
                 backend: (*backend).into(),
+            }),
+            ["sessions", service, limit, rest @ ..] if rest.len() <= 1 => Ok(Request::Sessions {
+                service: (*service).into(),
+                backend: rest.first().map(|b| (*b).to_owned()),
+                limit: limit
+                    .parse()
+                    .map_err(|_| format!("bad limit in {line:?}"))?,
             }),
             ["stop", "detach"] => Ok(Request::Stop { detach: true }),
             ["drain", service, backend] => Ok(Request::Drain {
@@ -220,6 +243,16 @@ mod tests {
             Request::Pinned {
                 service: "web".into(),
                 backend: "b-1".into(),
+            },
+            Request::Sessions {
+                service: "web".into(),
+                backend: None,
+                limit: 1000,
+            },
+            Request::Sessions {
+                service: "web".into(),
+                backend: Some("b-1".into()),
+                limit: 5,
             },
         ] {
             assert_eq!(Request::parse(&request.to_line()), Ok(request));

@@ -489,6 +489,18 @@ impl Dataplane {
     /// `source-ip` sessions of backend `backend_id` whose client opened a flow within the
     /// last `timeout_s` seconds (older ones no longer hold it). Walks the whole map.
     pub fn live_sessions_of(&self, backend_id: u32, timeout_s: u32) -> Result<u64> {
+        let sessions = self.live_sessions(timeout_s, |_, s| s.backend_id == backend_id)?;
+        Ok(sessions.len() as u64)
+    }
+
+    /// The `source-ip` sessions that `wanted` picks among those whose client opened a flow
+    /// within the last `timeout_s` seconds, each with its seconds since then. Walks the
+    /// whole map.
+    pub fn live_sessions(
+        &self,
+        timeout_s: u32,
+        wanted: impl Fn(&AffinityKey, &Affinity) -> bool,
+    ) -> Result<Vec<(AffinityKey, Affinity, u64)>> {
         let map = self.map_ref(map_name::AFFINITY)?;
         let sessions: HashMap<&MapData, AffinityKey, Affinity> = HashMap::try_from(map)?;
         // SAFETY: `timespec` is plain data filled in by the kernel.
@@ -500,10 +512,28 @@ impl Dataplane {
         Ok(sessions
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, s)| {
-                s.backend_id == backend_id && now_ns.saturating_sub(s.last_seen_ns) < timeout_ns
+            .filter_map(|(key, session)| {
+                let idle_ns = now_ns.saturating_sub(session.last_seen_ns);
+                (idle_ns < timeout_ns && wanted(&key, &session)).then_some((
+                    key,
+                    session,
+                    idle_ns / 1_000_000_000,
+                ))
             })
-            .count() as u64)
+            .collect())
+    }
+
+    /// Spliced cookie connections per backend id that are not closing. Walks the whole map.
+    pub fn spliced_by_backend(&self) -> Result<std::collections::HashMap<u32, u64>> {
+        let map = self.map_ref(map_name::FLOWS)?;
+        let flows: HashMap<&MapData, FlowKey, Flow> = HashMap::try_from(map)?;
+        let mut counts = std::collections::HashMap::new();
+        for (_, flow) in flows.iter().filter_map(Result::ok) {
+            if flow.state == flow_state::SPLICED && flow.flags & flow_flags::CLOSING == 0 {
+                *counts.entry(flow.backend_id).or_default() += 1;
+            }
+        }
+        Ok(counts)
     }
 
     /// Flows per backend id that are not closing and saw a client packet in the last
@@ -1077,7 +1107,7 @@ fn table_capacity(config: &Config) -> u32 {
 }
 
 /// Seconds of the clock the data plane stamps flows with (`bpf_ktime_get_coarse_ns`).
-fn monotonic_seconds() -> u32 {
+pub fn monotonic_seconds() -> u32 {
     // SAFETY: `timespec` is plain data filled in by the kernel.
     let mut now: libc::timespec = unsafe { std::mem::zeroed() };
     // SAFETY: `now` is writable.

@@ -109,6 +109,23 @@ enum Command {
         #[arg(short, long, default_value = config::DEFAULT_INSTANCE)]
         instance: String,
     },
+    /// Show a service's sessions per backend (live source-ip sessions, spliced cookie
+    /// connections, connections that came by a backend's cookie in the last minute), then
+    /// its live source-ip sessions one a line: client, backend, seconds idle.
+    Sessions {
+        service: String,
+        /// Only this backend's.
+        #[arg(long)]
+        backend: Option<String>,
+        /// Source-ip sessions to list at most (the counts cover them all).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Print the agent's JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[arg(short, long, default_value = config::DEFAULT_INSTANCE)]
+        instance: String,
+    },
     /// Drain or restore a backend of a running agent.
     Backend {
         #[command(subcommand)]
@@ -251,6 +268,26 @@ fn execute(command: Command) -> Result<()> {
                     Some(pinned) => print!("{pinned}"),
                     None => return Err(error),
                 },
+            }
+            Ok(())
+        }
+        Command::Sessions {
+            service,
+            backend,
+            limit,
+            json,
+            instance,
+        } => {
+            let request = Request::Sessions {
+                service,
+                backend,
+                limit,
+            };
+            let answer = control::send(&instance, &request)?;
+            if json {
+                println!("{answer}");
+            } else {
+                print!("{}", sessions_text(&answer)?);
             }
             Ok(())
         }
@@ -526,6 +563,45 @@ fn cookie_for(
     ))
 }
 
+/// `balancer sessions`' text from the agent's JSON.
+fn sessions_text(answer: &str) -> Result<String> {
+    use std::fmt::Write as _;
+    let value: serde_json::Value =
+        serde_json::from_str(answer).context("reading the agent's sessions")?;
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "service {} affinity={}",
+        value["service"].as_str().unwrap_or("?"),
+        value["affinity"].as_str().unwrap_or("?")
+    );
+    for backend in value["backends"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            text,
+            "  backend {} state={} source_ip_sessions={} spliced_connections={} cookie_connections_last_minute={}",
+            backend["backend"].as_str().unwrap_or("?"),
+            backend["state"].as_str().unwrap_or("?"),
+            backend["source_ip_sessions"],
+            backend["spliced_connections"],
+            backend["cookie_connections_last_minute"],
+        );
+    }
+    for session in value["source_ip_sessions"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            text,
+            "  session {} -> {} idle {} s",
+            session["client"].as_str().unwrap_or("?"),
+            session["backend"].as_str().unwrap_or("?"),
+            session["idle_s"],
+        );
+    }
+    let more = value["source_ip_sessions_not_listed"].as_u64().unwrap_or(0);
+    if more > 0 {
+        let _ = writeln!(text, "  ... and {more} more source-ip sessions (--limit)");
+    }
+    Ok(text)
+}
+
 /// Follows a drain once a second until nothing holds the backend, or fails at the timeout
 /// saying what remained.
 fn wait_for_drain(
@@ -595,6 +671,11 @@ fn execute_request(agent: &mut Agent, config_path: &Path, request: Request) -> R
         Request::Counters => Ok(agent.counters()),
         Request::Metrics => agent.metrics().map(|s| metrics::encode_snapshot(&s)),
         Request::Pinned { service, backend } => agent.pinned(&service, &backend),
+        Request::Sessions {
+            service,
+            backend,
+            limit,
+        } => agent.sessions(&service, backend.as_deref(), limit),
         Request::Stop { .. } => bail!("stop is answered by the serve loop"),
     }
 }

@@ -456,3 +456,99 @@ while time.time() < end:
         "{out}"
     );
 }
+
+#[test]
+fn sessions_show_each_clients_backend_spliced_connections_and_cookie_connections() {
+    let lab = lab_with(&ServiceOptions {
+        web_settings: "affinity = \"source-ip\"\naffinity_timeout = 60\n".to_owned(),
+        web6_settings: "affinity = \"lb-cookie\"\n".to_owned(),
+        ..ServiceOptions::default()
+    });
+    let sessions = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["sessions"];
+        all.extend(args);
+        all.push("--json");
+        serde_json::from_str(&balancer(&lab, &all)).expect("balancer sessions --json")
+    };
+
+    // source-ip: five clients, each listed with the backend that answers it.
+    let clients = add_clients(&lab, 7, 5);
+    let seen = backends_seen(&lab, &clients, 2);
+    let web = sessions(&["web"]);
+    let listed: HashMap<String, String> = web["source_ip_sessions"]
+        .as_array()
+        .expect("sessions")
+        .iter()
+        .map(|s| {
+            let text = |field: &str| s[field].as_str().expect("a string").to_owned();
+            (text("client"), text("backend"))
+        })
+        .collect();
+    for client in &clients {
+        assert_eq!(
+            listed.get(&client.to_string()),
+            Some(&sticky_backend(&seen[client], client)),
+            "{client}: {web}"
+        );
+    }
+    let per_backend: u64 = web["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| b["source_ip_sessions"].as_u64().expect("a count"))
+        .sum();
+    assert_eq!(per_backend, listed.len() as u64, "{web}");
+    let one = sessions(&[
+        "web",
+        "--backend",
+        &listed[&clients[0].to_string()],
+        "--limit",
+        "0",
+    ]);
+    assert_eq!(one["backends"].as_array().map(Vec::len), Some(1), "{one}");
+    assert_eq!(
+        one["source_ip_sessions"].as_array().map(Vec::len),
+        Some(0),
+        "{one}"
+    );
+
+    // lb-cookie: one client keeps a connection open and comes back three times by its cookie.
+    let url = vip6_url("/");
+    let script = format!(
+        r#"
+import sys, http.client, requests
+s = requests.Session()
+first = s.get("{url}", headers={{"Connection": "close"}}, timeout=10).text.strip()
+for _ in range(3):
+    assert s.get("{url}", headers={{"Connection": "close"}}, timeout=10).text.strip() == first
+held = http.client.HTTPConnection("{vip}", 80, timeout=10)
+held.request("GET", "/", headers={{"Cookie": "; ".join(f"{{k}}={{v}}" for k, v in s.cookies.items())}})
+assert held.getresponse().read().decode().strip() == first
+print(first, flush=True)
+sys.stdin.read()
+"#,
+        vip = balancer_lab::VIP6
+    );
+    let mut client = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.client_ns(), "python3", "-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the cookie client");
+    let mut stdout = std::io::BufReader::new(client.stdout.take().expect("its output"));
+    let mut backend = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut backend).expect("the client's backend");
+    let backend = backend.trim().to_owned();
+    let web6 = sessions(&["web-v6"]);
+    for entry in web6["backends"].as_array().expect("backends") {
+        let (spliced, by_cookie) = if entry["backend"] == backend.as_str() {
+            (1, 4)
+        } else {
+            (0, 0)
+        };
+        assert_eq!(entry["spliced_connections"], spliced, "{web6}");
+        assert_eq!(entry["cookie_connections_last_minute"], by_cookie, "{web6}");
+    }
+    drop(client.stdin.take());
+    assert!(client.wait().expect("the cookie client").success());
+}

@@ -120,6 +120,58 @@ pub struct Binder {
     /// When a connection last came to each backend (by id) by its cookie: a drain is done
     /// once its cookie sessions have gone quiet.
     pub last_cookie_choice: HashMap<u32, Instant>,
+    /// Connections that came to each backend (by id) by its cookie, over the last minute.
+    pub recent_cookie_choices: HashMap<u32, RecentCounts>,
+}
+
+/// Events per second over the last [`RecentCounts::SECONDS`] seconds, in constant memory.
+pub struct RecentCounts {
+    /// Per second (of `since`), modulo the window.
+    buckets: [u64; RecentCounts::SECONDS as usize],
+    /// The second the newest bucket holds.
+    newest: u64,
+}
+
+impl Default for RecentCounts {
+    fn default() -> Self {
+        RecentCounts {
+            buckets: [0; RecentCounts::SECONDS as usize],
+            newest: 0,
+        }
+    }
+}
+
+impl RecentCounts {
+    pub const SECONDS: u64 = 60;
+
+    /// Counts one event at second `now` (of any monotonic origin).
+    pub fn add(&mut self, now: u64) {
+        self.advance(now);
+        self.buckets[(now % Self::SECONDS) as usize] += 1;
+    }
+
+    /// The events of the last minute, at second `now`.
+    pub fn total(&self, now: u64) -> u64 {
+        // The buckets hold the minute up to `newest`; the window is the minute up to `now`.
+        let window = Self::SECONDS - 1;
+        let from = now
+            .saturating_sub(window)
+            .max(self.newest.saturating_sub(window));
+        (from..=now.min(self.newest))
+            .map(|second| self.buckets[(second % Self::SECONDS) as usize])
+            .sum()
+    }
+
+    /// Empties the buckets of the seconds between the newest and `now`.
+    fn advance(&mut self, now: u64) {
+        if now <= self.newest {
+            return;
+        }
+        for second in (self.newest + 1)..=now.min(self.newest + Self::SECONDS) {
+            self.buckets[(second % Self::SECONDS) as usize] = 0;
+        }
+        self.newest = now;
+    }
 }
 
 struct Pending {
@@ -282,6 +334,7 @@ impl Binder {
             counters: BindingCounters::default(),
             bound_by_backend: HashMap::new(),
             last_cookie_choice: HashMap::new(),
+            recent_cookie_choices: HashMap::new(),
         })
     }
 
@@ -621,6 +674,11 @@ impl Agent {
                 self.binder
                     .last_cookie_choice
                     .insert(target.id, Instant::now());
+                self.binder
+                    .recent_cookie_choices
+                    .entry(target.id)
+                    .or_default()
+                    .add(u64::from(crate::dataplane::monotonic_seconds()));
             }
         } else {
             self.binder.counters.retried += 1;
@@ -1524,6 +1582,21 @@ fn backend_syn(pending: &Pending, target: Target) -> Segment {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recent_counts_keep_the_last_minute() {
+        let mut counts = RecentCounts::default();
+        counts.add(100);
+        counts.add(100);
+        counts.add(130);
+        assert_eq!(counts.total(130), 3);
+        assert_eq!(counts.total(159), 3, "the oldest still inside the minute");
+        assert_eq!(counts.total(160), 1, "100 has left the window");
+        counts.add(175);
+        assert_eq!(counts.total(175), 2);
+        counts.add(400);
+        assert_eq!(counts.total(400), 1, "a long pause empties the window");
+    }
 
     #[test]
     fn cookie_values_are_found_among_several_cookies_and_headers() {

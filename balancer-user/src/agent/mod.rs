@@ -467,6 +467,77 @@ impl Agent {
         ))
     }
 
+    /// A service's sessions as JSON, for `balancer sessions`: per backend its live
+    /// `source-ip` sessions, spliced cookie connections and connections that came by its
+    /// cookie in the last minute; then up to `limit` live `source-ip` sessions (of `backend`
+    /// only, if given) with their client, backend and idle seconds.
+    pub fn sessions(&self, service: &str, backend: Option<&str>, limit: usize) -> Result<String> {
+        let service = self
+            .services
+            .iter()
+            .find(|s| s.config.name == service)
+            .with_context(|| format!("no service {service}"))?;
+        let picked: Vec<&BackendRuntime> = service
+            .backends
+            .iter()
+            .filter(|b| backend.is_none_or(|name| b.config.name == name))
+            .collect();
+        if let (Some(name), true) = (backend, picked.is_empty()) {
+            anyhow::bail!("no backend {name} in service {}", service.config.name);
+        }
+        let name_of = |id: u32| {
+            service
+                .backends
+                .iter()
+                .find(|b| b.id == id)
+                .map_or_else(|| format!("#{id}"), |b| b.config.name.clone())
+        };
+        let ids: Vec<u32> = picked.iter().map(|b| b.id).collect();
+        let live = self
+            .dataplane
+            .live_sessions(service.config.affinity_timeout, |key, session| {
+                key.service_id == service.id && ids.contains(&session.backend_id)
+            })?;
+        let spliced = self.dataplane.spliced_by_backend()?;
+        let now = u64::from(crate::dataplane::monotonic_seconds());
+        let drain_timeout = service.drain_timeout();
+        let backends: Vec<serde_json::Value> = picked
+            .iter()
+            .map(|b| {
+                serde_json::json!({
+                    "backend": b.config.name,
+                    "state": state_name(b.state(drain_timeout)),
+                    "source_ip_sessions": live.iter().filter(|(_, s, _)| s.backend_id == b.id).count(),
+                    "spliced_connections": spliced.get(&b.id).copied().unwrap_or(0),
+                    "cookie_connections_last_minute": self
+                        .binder
+                        .recent_cookie_choices
+                        .get(&b.id)
+                        .map_or(0, |recent| recent.total(now)),
+                })
+            })
+            .collect();
+        let sessions: Vec<serde_json::Value> = live
+            .iter()
+            .take(limit)
+            .map(|(key, session, idle_s)| {
+                serde_json::json!({
+                    "client": std::net::IpAddr::from(key.client).to_string(),
+                    "backend": name_of(session.backend_id),
+                    "idle_s": idle_s,
+                })
+            })
+            .collect();
+        let answer = serde_json::json!({
+            "service": service.config.name,
+            "affinity": service.config.affinity.to_string(),
+            "backends": backends,
+            "source_ip_sessions": sessions,
+            "source_ip_sessions_not_listed": live.len().saturating_sub(limit),
+        });
+        Ok(answer.to_string())
+    }
+
     /// Moves the sessions of backends whose drain timeout has passed.
     pub fn expire_drains(&mut self) -> Result<()> {
         for index in 0..self.services.len() {
