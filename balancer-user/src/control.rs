@@ -52,6 +52,8 @@ pub enum Request {
         service: String,
         backend: String,
     },
+    /// What `balancer top` shows, as JSON (see `metrics::snapshot_json`).
+    Top,
     /// A service's sessions as JSON (see `Agent::sessions`).
     Sessions {
         service: String,
@@ -71,6 +73,7 @@ impl Request {
             Request::Stop { detach: true } => "stop detach".to_owned(),
             Request::Counters => "counters".to_owned(),
             Request::Metrics => "metrics".to_owned(),
+            Request::Top => "top".to_owned(),
             Request::Pinned { service, backend } => format!("pinned {service} {backend}"),
             Request::Sessions {
                 service,
@@ -93,6 +96,7 @@ impl Request {
             ["stop"] => Ok(Request::Stop { detach: false }),
             ["counters"] => Ok(Request::Counters),
             ["metrics"] => Ok(Request::Metrics),
+            ["top"] => Ok(Request::Top),
             ["pinned", service, backend] => Ok(Request::Pinned {
                 service: (*service).into(),
                 backend: (*backend).into(),
@@ -240,6 +244,7 @@ mod tests {
             Request::Stop { detach: true },
             Request::Counters,
             Request::Metrics,
+            Request::Top,
             Request::Pinned {
                 service: "web".into(),
                 backend: "b-1".into(),

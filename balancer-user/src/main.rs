@@ -18,6 +18,7 @@ mod rewrite;
 mod segment;
 
 mod stats;
+mod top;
 
 use std::{
     io::IsTerminal,
@@ -123,6 +124,13 @@ enum Command {
         /// Print the agent's JSON instead of text.
         #[arg(long)]
         json: bool,
+        #[arg(short, long, default_value = config::DEFAULT_INSTANCE)]
+        instance: String,
+    },
+    /// A live view of a running agent, refreshed every second: per service and backend its
+    /// state, health, sessions, active flows, new flows and cookie connections per second
+    /// and traffic each way; q, Esc or Ctrl-C quits.
+    Top {
         #[arg(short, long, default_value = config::DEFAULT_INSTANCE)]
         instance: String,
     },
@@ -271,6 +279,7 @@ fn execute(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Top { instance } => top::run(&instance),
         Command::Sessions {
             service,
             backend,
@@ -670,6 +679,9 @@ fn execute_request(agent: &mut Agent, config_path: &Path, request: Request) -> R
         Request::Status => agent.status(),
         Request::Counters => Ok(agent.counters()),
         Request::Metrics => agent.metrics().map(|s| metrics::encode_snapshot(&s)),
+        Request::Top => agent
+            .metrics()
+            .map(|s| metrics::snapshot_json(&s).to_string()),
         Request::Pinned { service, backend } => agent.pinned(&service, &backend),
         Request::Sessions {
             service,

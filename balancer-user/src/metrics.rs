@@ -243,6 +243,49 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> String {
     text
 }
 
+/// The snapshot as JSON, for `balancer top`: totals of XDP's exits by kind, the agent's
+/// table, and each backend with its counters.
+pub fn snapshot_json(snapshot: &Snapshot) -> serde_json::Value {
+    let total = |prefixes: &[&str]| -> u64 {
+        Reason::ALL
+            .iter()
+            .filter(|r| prefixes.iter().any(|p| r.name().starts_with(p)))
+            .map(|r| snapshot.xdp.get(*r).packets)
+            .sum()
+    };
+    let backends: Vec<serde_json::Value> = snapshot
+        .backends
+        .iter()
+        .map(|b| {
+            serde_json::json!({
+                "service": b.service,
+                "backend": b.backend,
+                "healthy": b.healthy,
+                "state": b.state,
+                "weight": b.weight,
+                "sessions": b.sessions,
+                "active_flows": b.active_flows,
+                "bound": b.bound,
+                "new_flows": b.xdp.new_flows,
+                "to_backend_packets": b.xdp.to_backend.packets,
+                "to_backend_bytes": b.xdp.to_backend.bytes,
+                "to_client_packets": b.xdp.to_client.packets,
+                "to_client_bytes": b.xdp.to_client.bytes,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "forwarded": total(&["forwarded", "replied", "spliced_"]),
+        "dropped": total(&["drop_"]),
+        "refused": total(&["refused_", "reset_"]),
+        "passed": total(&["pass_"]),
+        "cookies_issued": snapshot.cookies_issued,
+        "bindings_held": snapshot.bindings_held,
+        "binding_capacity": snapshot.binding_capacity,
+        "backends": backends,
+    })
+}
+
 /// Listens on `address` and answers each scrape with a snapshot asked of the agent through
 /// `commands`. Binding happens here, so a taken or foreign address fails the start.
 pub fn serve(address: SocketAddr, commands: mpsc::Sender<Command>) -> Result<()> {

@@ -199,6 +199,106 @@ for line in open(sys.argv[1]):
     );
 }
 
+#[test]
+fn balancer_top_shows_each_backends_rates_in_a_terminal_and_quits_on_q() {
+    let lab = lab_with(&ServiceOptions::default());
+    // Traffic for the view: new connections to `web` for 10 s at most.
+    let traffic = format!(
+        r#"
+import time, http.client
+end = time.time() + 10
+while time.time() < end:
+    c = http.client.HTTPConnection("{vip}", 80, timeout=5)
+    c.request("GET", "/", headers={{"Connection": "close"}})
+    c.getresponse().read()
+    c.close()
+"#,
+        vip = balancer_lab::VIP
+    );
+    let _traffic = Stopped(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", lab.client_ns(), "python3", "-c", &traffic])
+            .spawn()
+            .expect("starting the traffic"),
+    );
+    // `script` gives `balancer top` a pseudo-terminal of 160 × 30 and records what it draws.
+    let typescript = lab.dir().join("top.typescript");
+    let command = format!(
+        "stty cols 160 rows 30; exec {} top --instance {}",
+        balancer_bin().display(),
+        lab.instance()
+    );
+    let mut top = Stopped(
+        std::process::Command::new("script")
+            .args(["-q", "-f", "-e", "-c", &command])
+            .arg(&typescript)
+            .env("TERM", "xterm-256color")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting balancer top under script"),
+    );
+    // The screen as a terminal shows it: pyte replays the recording.
+    let screen = || {
+        let script = r#"
+import sys, pyte
+screen = pyte.Screen(160, 30)
+stream = pyte.ByteStream(screen)
+stream.feed(open(sys.argv[1], "rb").read())
+print(chr(10).join(line.rstrip() for line in screen.display))
+"#;
+        run(
+            &lab,
+            lab.balancer_ns(),
+            &["python3", "-c", script, typescript.to_str().expect("utf-8")],
+        )
+    };
+    let mut shown = String::new();
+    wait_until(
+        Duration::from_secs(8),
+        "every backend with new flows per second",
+        || {
+            shown = screen();
+            (0..BACKEND_COUNT).all(|i| {
+                shown.lines().any(|line| {
+                    let cells: Vec<&str> = line
+                        .split(|c: char| c == '│' || c.is_whitespace())
+                        .filter(|c| !c.is_empty())
+                        .collect();
+                    // SERVICE BACKEND STATE HEALTH WEIGHT SESSIONS FLOWS NEW/s ...
+                    cells.len() >= 12
+                        && cells[0] == "web"
+                        && cells[1] == Lab::backend_name(i)
+                        && cells[3] == "ok"
+                        && cells[7].parse::<f64>().is_ok_and(|rate| rate > 0.0)
+                })
+            })
+        },
+    );
+    assert!(shown.contains("q quits"), "{shown}");
+    std::io::Write::write_all(top.0.stdin.as_mut().expect("top's terminal"), b"q")
+        .expect("typing q");
+    let mut status = None;
+    wait_until(Duration::from_secs(5), "top quitting on q", || {
+        status = top.0.try_wait().expect("waiting for top");
+        status.is_some()
+    });
+    let status = status.expect("top's exit");
+    assert!(status.success(), "top exited with {status}:\n{shown}");
+    std::fs::write(lab.dir().join("top.txt"), &shown).expect("saving the screen");
+}
+
+/// A process the test started, stopped (by its PID) when the test ends, passed or not.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts Prometheus in the balancer's namespace, scraping the agent every second.
 fn start_prometheus(lab: &mut Lab) {
     let dir = lab.dir().join("prometheus");

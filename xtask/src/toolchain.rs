@@ -182,26 +182,41 @@ pub fn ensure_lab() -> Result<()> {
         println!("==> installing the lab's tools: {}", missing.join(" "));
         apt_install(&missing)?;
     }
-    ensure_python_requests()?;
+    ensure_python_modules()?;
     mount_bpffs()
 }
 
-/// The cookie tests drive sessions with Python `requests` in the `python3` on PATH.
-fn ensure_python_requests() -> Result<()> {
-    let present = Command::new("python3")
-        .args(["-c", "import requests"])
-        .output();
-    if present.is_ok_and(|o| o.status.success()) {
+/// Python modules of the lab's clients, for the `python3` on PATH: `requests` drives the
+/// cookie tests' sessions, `pyte` (a terminal emulator) reads what `balancer top` draws.
+const PYTHON_MODULES: [&str; 2] = ["requests", "pyte"];
+
+fn ensure_python_modules() -> Result<()> {
+    let missing: Vec<&str> = PYTHON_MODULES
+        .iter()
+        .copied()
+        .filter(|module| {
+            !Command::new("python3")
+                .args(["-c", &format!("import {module}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    if missing.is_empty() {
         return Ok(());
     }
-    println!("==> installing Python requests for the lab's clients (pip)");
+    println!(
+        "==> installing Python modules for the lab's clients (pip): {}",
+        missing.join(" ")
+    );
     let status = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "requests"])
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(&missing)
         .status()
         .context("running pip")?;
     if !status.success() {
         bail!(
-            "pip install requests failed ({status}); install Python's requests module for python3"
+            "pip install {} failed ({status}); install them for python3",
+            missing.join(" ")
         );
     }
     Ok(())
