@@ -20,6 +20,8 @@ pub struct Target {
     pub backend: String,
     pub addr: SocketAddr,
     pub check: HealthCheckConfig,
+    /// Each check's time to its verdict (an answer, an error or the timeout), in seconds.
+    pub latency: prometheus_client::metrics::histogram::Histogram,
 }
 
 /// A backend changed state.
@@ -43,7 +45,9 @@ async fn watch(target: Target, mut healthy: bool, reports: mpsc::Sender<Report>)
     let mut streak = 0;
     loop {
         ticker.tick().await;
+        let started = std::time::Instant::now();
         let result = probe(&target).await;
+        target.latency.observe(started.elapsed().as_secs_f64());
         if result.is_ok() == healthy {
             streak = 0;
             continue;
@@ -155,6 +159,7 @@ mod tests {
             service: "web".into(),
             backend: "b1".into(),
             addr,
+            latency: crate::metrics::check_latency_histogram(),
             check: HealthCheckConfig {
                 kind,
                 interval: 0.05,

@@ -9,7 +9,12 @@ use anyhow::{Context, Result};
 use balancer_common::Reason;
 use prometheus_client::{
     encoding::text::encode,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
     registry::{Registry, Unit},
 };
 use tokio::{
@@ -47,6 +52,9 @@ pub struct Snapshot {
     pub bindings_held: u64,
     pub binding_capacity: u64,
     pub backends: Vec<BackendSnapshot>,
+    /// From a client's first segment the agent sees to its connection spliced, in seconds.
+    pub binding_latency: Option<Histogram>,
+    pub check_latency: Option<CheckLatencies>,
 }
 
 /// One backend of one service.
@@ -69,6 +77,32 @@ pub struct BackendSnapshot {
 }
 
 type Labels = Vec<(&'static str, String)>;
+
+/// Health check latencies by service and backend, kept by the agent across scrapes.
+pub type CheckLatencies = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// A histogram of binding latencies: 50 µs to about 0.8 s, doubling.
+pub fn binding_latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 15))
+}
+
+/// A histogram of health check latencies: 0.5 ms to about 4 s, doubling.
+pub fn check_latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_5, 2.0, 14))
+}
+
+/// The family the health checkers' histograms come from.
+pub fn check_latencies() -> CheckLatencies {
+    Family::new_with_constructor(check_latency_histogram)
+}
+
+/// The labels of one backend of one service.
+pub fn backend_labels(service: &str, backend: &str) -> Labels {
+    vec![
+        ("service", service.to_owned()),
+        ("backend", backend.to_owned()),
+    ]
+}
 
 /// The snapshot as OpenMetrics text (HELP, TYPE and, where it has one, UNIT for each family).
 pub fn encode_snapshot(snapshot: &Snapshot) -> String {
@@ -237,6 +271,22 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> String {
         "Cookie service connections the agent bound to the backend",
         bound,
     );
+    if let Some(histogram) = &snapshot.binding_latency {
+        registry.register_with_unit(
+            "binding_latency",
+            "Cookie service connections from the first segment the agent saw to the connection spliced to its backend",
+            Unit::Seconds,
+            histogram.clone(),
+        );
+    }
+    if let Some(family) = &snapshot.check_latency {
+        registry.register_with_unit(
+            "health_check_latency",
+            "Health checks from their start to their verdict (an answer, an error or the timeout), by service and backend",
+            Unit::Seconds,
+            family.clone(),
+        );
+    }
     let mut text = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut text, &registry);
@@ -381,6 +431,8 @@ mod tests {
             cookies_rejected: vec![("bad_signature", 2)],
             resets: vec![("client_budget", 1)],
             resent: vec![("request", 1)],
+            binding_latency: Some(binding_latency_histogram()),
+            check_latency: Some(check_latencies()),
             backends: vec![BackendSnapshot {
                 service: "web".into(),
                 backend: "web-1".into(),
@@ -399,6 +451,14 @@ mod tests {
         };
         snapshot.xdp.0[Reason::Forwarded as usize].packets = 11;
         snapshot.xdp.0[Reason::Forwarded as usize].bytes = 1100;
+        if let Some(histogram) = &snapshot.binding_latency {
+            histogram.observe(0.000_2);
+        }
+        if let Some(family) = &snapshot.check_latency {
+            family
+                .get_or_create(&backend_labels("web", "web-1"))
+                .observe(0.003);
+        }
         snapshot
     }
 
@@ -461,7 +521,11 @@ mod tests {
                 .any(|l| l.starts_with(&format!("# {kind} {family} ")))
         };
         for sample in &scrape.samples {
-            let family = sample.metric.trim_end_matches("_total");
+            let family = ["_total", "_sum", "_count", "_bucket"]
+                .iter()
+                .fold(sample.metric.as_str(), |name, suffix| {
+                    name.strip_suffix(suffix).unwrap_or(name)
+                });
             assert!(described("HELP", family), "HELP for {}", sample.metric);
             assert!(described("TYPE", family), "TYPE for {}", sample.metric);
         }

@@ -36,6 +36,8 @@ fn a_real_prometheus_sees_each_backends_connections_the_cookies_issued_and_healt
     let bound_before = query(&lab, bound, "backend");
     let issued_now = |lab: &Lab| query(lab, issued, "job").get("balancer").copied();
     let issued_before = issued_now(&lab).expect("the cookies issued, scraped");
+    let latencies = "balancer_binding_latency_seconds_count";
+    let latencies_before = query(&lab, latencies, "job")["balancer"];
 
     // New sessions, one connection each: every answer sets the balancer's cookie, and the
     // test counts which backend gave it.
@@ -66,6 +68,23 @@ for _ in range({connections}):
     // The scrape that saw the cookies saw the bindings too: the agent counts both before it
     // answers the client.
     let bound_after = query(&lab, bound, "backend");
+    assert_eq!(
+        query(&lab, latencies, "job")["balancer"] - latencies_before,
+        connections as f64,
+        "one binding latency per connection"
+    );
+    let checks = query(
+        &lab,
+        "balancer_health_check_latency_seconds_count{service=\"web\"}",
+        "backend",
+    );
+    for index in 0..BACKEND_COUNT {
+        let name = Lab::backend_name(index);
+        assert!(
+            checks.get(&name).is_some_and(|n| *n > 0.0),
+            "{name}'s checks timed: {checks:?}"
+        );
+    }
     for index in 0..BACKEND_COUNT {
         let name = Lab::backend_name(index);
         let before = bound_before.get(&name).copied().unwrap_or(0.0);

@@ -122,6 +122,8 @@ pub struct Binder {
     pub last_cookie_choice: HashMap<u32, Instant>,
     /// Connections that came to each backend (by id) by its cookie, over the last minute.
     pub recent_cookie_choices: HashMap<u32, RecentCounts>,
+    /// From a connection's first segment seen to its splice, for the metrics.
+    pub binding_latency: prometheus_client::metrics::histogram::Histogram,
 }
 
 /// Events per second over the last [`RecentCounts::SECONDS`] seconds, in constant memory.
@@ -335,6 +337,7 @@ impl Binder {
             bound_by_backend: HashMap::new(),
             last_cookie_choice: HashMap::new(),
             recent_cookie_choices: HashMap::new(),
+            binding_latency: crate::metrics::binding_latency_histogram(),
         })
     }
 
@@ -875,6 +878,9 @@ impl Agent {
                 return;
             }
             self.binder.counters.bound += 1;
+            self.binder
+                .binding_latency
+                .observe(pending.created.elapsed().as_secs_f64());
             *self.binder.bound_by_backend.entry(target.id).or_default() += 1;
             let pending = self.binder.pending.get_mut(&key).expect("looked up above");
             pending.reverse = nat;

@@ -44,6 +44,8 @@ pub struct Agent {
     reports: mpsc::Sender<health::Report>,
     /// SYN cookie secrets this run has rotated in.
     cookie_rotations: u64,
+    /// The health checkers' latencies, for the metrics.
+    check_latency: crate::metrics::CheckLatencies,
 }
 
 struct ServiceRuntime {
@@ -119,6 +121,7 @@ impl Agent {
             checks: Vec::new(),
             reports,
             cookie_rotations: 0,
+            check_latency: crate::metrics::check_latencies(),
         };
         agent.apply(config)?;
         Ok(agent)
@@ -389,6 +392,13 @@ impl Agent {
                     backend: backend.config.name.clone(),
                     addr: SocketAddr::from((backend.config.address, port)),
                     check: check.clone(),
+                    latency: self
+                        .check_latency
+                        .get_or_create(&crate::metrics::backend_labels(
+                            &service.config.name,
+                            &backend.config.name,
+                        ))
+                        .clone(),
                 };
                 self.checks
                     .push(health::spawn(target, backend.healthy, self.reports.clone()));
@@ -710,6 +720,8 @@ impl Agent {
             bindings_held: self.binder.held() as u64,
             binding_capacity: u64::from(self.config.binding_capacity),
             backends,
+            binding_latency: Some(self.binder.binding_latency.clone()),
+            check_latency: Some(self.check_latency.clone()),
         })
     }
 
