@@ -43,8 +43,8 @@ pub struct Snapshot {
     /// Cookie connections the agent reset, by why.
     pub resets: Vec<(&'static str, u64)>,
     pub cookies_issued: u64,
-    /// Balancer cookies that counted as absent, by why.
-    pub cookies_rejected: Vec<(&'static str, u64)>,
+    /// Balancer cookies that counted as absent, by service and why.
+    pub cookies_rejected: Vec<(String, &'static str, u64)>,
     /// What the agent sent again: edited response heads, replayed requests.
     pub resent: Vec<(&'static str, u64)>,
     pub syn_cookie_rotations: u64,
@@ -72,6 +72,8 @@ pub struct BackendSnapshot {
     pub active_flows: u64,
     /// Cookie connections the agent bound to it.
     pub bound: u64,
+    /// Its responses the agent gave the balancer's cookie.
+    pub cookies_issued: u64,
     /// What XDP forwarded to it and back, and the new flows it placed there.
     pub xdp: balancer_common::BackendCounters,
 }
@@ -154,10 +156,19 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> String {
         "Responses the agent gave the balancer's cookie",
         issued,
     );
+    let rejected = Family::<Labels, Counter>::default();
+    for (service, reason, count) in &snapshot.cookies_rejected {
+        rejected
+            .get_or_create(&vec![
+                ("service", service.clone()),
+                ("reason", (*reason).to_owned()),
+            ])
+            .inc_by(*count);
+    }
     registry.register(
         "cookies_rejected",
-        "Balancer cookies that counted as absent, by why",
-        by("reason", &snapshot.cookies_rejected),
+        "Balancer cookies that counted as absent (the connection was placed as without one), by service and why",
+        rejected,
     );
     registry.register(
         "resent",
@@ -196,6 +207,7 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> String {
         per_backend(),
     );
     let bound = Family::<Labels, Counter>::default();
+    let issued_here = Family::<Labels, Counter>::default();
     let (packets, bytes, new_flows) = (
         Family::<Labels, Counter>::default(),
         Family::<Labels, Counter>::default(),
@@ -207,6 +219,7 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> String {
             ("backend", b.backend.clone()),
         ];
         new_flows.get_or_create(&labels).inc_by(b.xdp.new_flows);
+        issued_here.get_or_create(&labels).inc_by(b.cookies_issued);
         for (direction, counter) in [
             ("to_backend", b.xdp.to_backend),
             ("to_client", b.xdp.to_client),
@@ -265,6 +278,11 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> String {
         "backend_new_flows",
         "New flows XDP placed on the backend (a cookie service's connections are bound by the agent instead)",
         new_flows,
+    );
+    registry.register(
+        "backend_cookies_issued",
+        "The backend's responses the agent gave the balancer's cookie (a session started or renewed there)",
+        issued_here,
     );
     registry.register(
         "backend_connections_bound",
@@ -428,7 +446,7 @@ mod tests {
         let mut snapshot = Snapshot {
             bindings: vec![("with_cookie", 7), ("failed", 1)],
             cookies_issued: 5,
-            cookies_rejected: vec![("bad_signature", 2)],
+            cookies_rejected: vec![("web".into(), "bad_signature", 2)],
             resets: vec![("client_budget", 1)],
             resent: vec![("request", 1)],
             binding_latency: Some(binding_latency_histogram()),
@@ -442,6 +460,7 @@ mod tests {
                 sessions: 4,
                 active_flows: 9,
                 bound: 7,
+                cookies_issued: 5,
                 xdp: balancer_common::BackendCounters {
                     new_flows: 2,
                     ..Default::default()

@@ -32,6 +32,8 @@ fn a_real_prometheus_sees_each_backends_connections_the_cookies_issued_and_healt
         || query(&lab, "up{job=\"balancer\"}", "job").get("balancer") == Some(&1.0),
     );
     let bound = "balancer_backend_connections_bound_total{service=\"web\"}";
+    let issued_per_backend = "balancer_backend_cookies_issued_total{service=\"web\"}";
+    let issued_per_backend_before = query(&lab, issued_per_backend, "backend");
     let issued = "balancer_cookies_issued_total";
     let bound_before = query(&lab, bound, "backend");
     let issued_now = |lab: &Lab| query(lab, issued, "job").get("balancer").copied();
@@ -68,6 +70,7 @@ for _ in range({connections}):
     // The scrape that saw the cookies saw the bindings too: the agent counts both before it
     // answers the client.
     let bound_after = query(&lab, bound, "backend");
+    let issued_per_backend_after = query(&lab, issued_per_backend, "backend");
     assert_eq!(
         query(&lab, latencies, "job")["balancer"] - latencies_before,
         connections as f64,
@@ -93,7 +96,37 @@ for _ in range({connections}):
             sent.get(&name).copied().unwrap_or(0.0),
             "{name}: connections bound, as Prometheus saw them ({bound_after:?}), against what the test was answered ({sent:?})"
         );
+        let count = |values: &HashMap<String, f64>| values.get(&name).copied().unwrap_or(0.0);
+        assert_eq!(
+            count(&issued_per_backend_after) - count(&issued_per_backend_before),
+            sent.get(&name).copied().unwrap_or(0.0),
+            "{name}: cookies issued, as Prometheus saw them ({issued_per_backend_after:?}), against the answers ({sent:?})"
+        );
     }
+    // A tampered cookie counts as absent, once, under its service and reason.
+    let tampered = "balancer_cookies_rejected_total{service=\"web\",reason=\"bad_signature\"}";
+    let rejected_now = |lab: &Lab| query(lab, tampered, "reason").get("bad_signature").copied();
+    let rejected_before = rejected_now(&lab).expect("the rejections, scraped");
+    let genuine = std::process::Command::new(balancer_bin())
+        .args(["cookie", "--config"])
+        .arg(config_path(&lab))
+        .args(["web", "backend-2"])
+        .output()
+        .expect("running balancer cookie");
+    let genuine = String::from_utf8_lossy(&genuine.stdout).trim().to_owned();
+    let (name, value) = genuine.split_once('=').expect("NAME=VALUE");
+    // One character of the MAC flipped, as in the cookie tests.
+    let mut forged: Vec<char> = value.chars().collect();
+    let at = forged.len() - 3;
+    forged[at] = if forged[at] == 'A' { 'B' } else { 'A' };
+    let forged = format!("{name}={}", forged.into_iter().collect::<String>());
+    get(&lab, &["-H", &format!("Cookie: {forged}")], "/");
+    wait_until(
+        Duration::from_secs(10),
+        "Prometheus scraping the rejection",
+        || rejected_now(&lab) == Some(rejected_before + 1.0),
+    );
+
     // L4 flows (web-v6): each connection is a new flow, counted by XDP for the backend that
     // answered it, and that backend's replies are counted on their way back.
     let new_flows = "balancer_backend_new_flows_total{service=\"web-v6\"}";

@@ -124,6 +124,10 @@ pub struct Binder {
     pub recent_cookie_choices: HashMap<u32, RecentCounts>,
     /// From a connection's first segment seen to its splice, for the metrics.
     pub binding_latency: prometheus_client::metrics::histogram::Histogram,
+    /// Balancer cookies that counted as absent, by service id and [`REJECTION_REASONS`]
+    /// index, and responses given the cookie, by backend id: the metrics' labels.
+    pub rejected_by_service: HashMap<(u32, usize), u64>,
+    pub issued_by_backend: HashMap<u32, u64>,
 }
 
 /// Events per second over the last [`RecentCounts::SECONDS`] seconds, in constant memory.
@@ -338,6 +342,8 @@ impl Binder {
             last_cookie_choice: HashMap::new(),
             recent_cookie_choices: HashMap::new(),
             binding_latency: crate::metrics::binding_latency_histogram(),
+            rejected_by_service: HashMap::new(),
+            issued_by_backend: HashMap::new(),
         })
     }
 
@@ -671,6 +677,11 @@ impl Agent {
                 Cookie::Rejected(reason) => {
                     counters.without_cookie += 1;
                     counters.cookies_rejected[reason] += 1;
+                    *self
+                        .binder
+                        .rejected_by_service
+                        .entry((service.id, reason))
+                        .or_default() += 1;
                 }
             }
             if matches!(cookie, Cookie::Hashed(_) | Cookie::Session { .. }) {
@@ -990,6 +1001,9 @@ impl Agent {
             };
             if inserted > 0 {
                 self.binder.counters.cookies_issued += 1;
+                if let Stage::Spliced { target, .. } = pending.stage {
+                    *self.binder.issued_by_backend.entry(target.id).or_default() += 1;
+                }
             }
             debug!(client = %pending.client, port = pending.client_port, inserted, "response head edited");
             if let Some(pending) = self.binder.pending.get_mut(key) {

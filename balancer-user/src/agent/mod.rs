@@ -688,6 +688,12 @@ impl Agent {
                         .copied()
                         .unwrap_or(0),
                     xdp: counters.get(&backend.id).copied().unwrap_or_default(),
+                    cookies_issued: self
+                        .binder
+                        .issued_by_backend
+                        .get(&backend.id)
+                        .copied()
+                        .unwrap_or(0),
                 });
             }
         }
@@ -707,10 +713,20 @@ impl Agent {
                 ("head_unacknowledged", b.head_unacknowledged),
             ],
             cookies_issued: b.cookies_issued,
-            cookies_rejected: binding::REJECTION_REASONS
+            cookies_rejected: self
+                .services
                 .iter()
-                .copied()
-                .zip(b.cookies_rejected)
+                .filter(|s| s.config.cookie_name().is_some())
+                .flat_map(|s| {
+                    binding::REJECTION_REASONS
+                        .iter()
+                        .enumerate()
+                        .map(|(index, reason)| {
+                            let count = self.binder.rejected_by_service.get(&(s.id, index));
+                            (s.config.name.clone(), *reason, count.copied().unwrap_or(0))
+                        })
+                        .collect::<Vec<_>>()
+                })
                 .collect(),
             resent: vec![
                 ("response_head", b.heads_resent),

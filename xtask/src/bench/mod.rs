@@ -71,9 +71,13 @@ const ROUTED_SOURCE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 3
 enum System {
     Routed,
     Vip,
+    /// [`System::Vip`] while a scraper fetches the agent's metrics every second.
+    VipScraped,
     RoutedWithXdp,
     CookieVip,
     LbCookieVip,
+    /// [`System::LbCookieVip`] while a scraper fetches the agent's metrics every second.
+    LbCookieVipScraped,
     FullNatCookieVip,
     /// Kernel forwarding to backend-1's IPv6 address, the IPv6 VIP's baseline.
     Routed6,
@@ -85,7 +89,7 @@ enum System {
 
 /// In the order of a round: the agent is stopped for the routed path and the peers, then
 /// started for the balancer's paths.
-const SYSTEMS: [System; 13] = [
+const SYSTEMS: [System; 15] = [
     System::Routed,
     System::Routed6,
     System::XdpRouter,
@@ -94,12 +98,16 @@ const SYSTEMS: [System; 13] = [
     System::Peer(Peer::Haproxy),
     System::Peer(Peer::Nginx),
     System::Vip,
+    System::VipScraped,
     System::Vip6,
     System::RoutedWithXdp,
     System::CookieVip,
     System::LbCookieVip,
+    System::LbCookieVipScraped,
     System::FullNatCookieVip,
 ];
+/// Where the benchmark's agent serves its metrics, in the balancer's namespace.
+const METRICS_ADDR: &str = "127.0.0.1:9469";
 /// The UDP port of the packet-rate workload: the `discard-udp` service on the VIP, and
 /// nothing listening at the backend (which answers with rate-limited ICMP).
 const DISCARD_PORT: u16 = 9;
@@ -131,9 +139,11 @@ impl System {
         match self {
             System::Routed => "routed, no XDP",
             System::Vip => "through the VIP",
+            System::VipScraped => "through the VIP, metrics scraped 1/s",
             System::RoutedWithXdp => "routed, XDP attached",
             System::CookieVip => "cookie VIP, returning sessions",
             System::LbCookieVip => "lb-cookie VIP, new sessions",
+            System::LbCookieVipScraped => "lb-cookie VIP, new, scraped 1/s",
             System::FullNatCookieVip => "full-NAT lb-cookie VIP, new sessions",
             System::Routed6 => "routed IPv6, no XDP",
             System::Vip6 => "through the IPv6 VIP",
@@ -144,9 +154,9 @@ impl System {
 
     fn address(self) -> String {
         match self {
-            System::Vip => VIP.to_string(),
+            System::Vip | System::VipScraped => VIP.to_string(),
             System::CookieVip => format!("{VIP}:{COOKIE_PORT}"),
-            System::LbCookieVip => format!("{VIP}:{LB_COOKIE_PORT}"),
+            System::LbCookieVip | System::LbCookieVipScraped => format!("{VIP}:{LB_COOKIE_PORT}"),
             System::FullNatCookieVip => format!("{VIP}:{FULL_NAT_PORT}"),
             System::Routed | System::RoutedWithXdp | System::XdpRouter => {
                 Lab::backend_addr(0).to_string()
@@ -172,7 +182,7 @@ impl System {
             System::Routed | System::RoutedWithXdp | System::XdpRouter => {
                 IpAddr::from(Lab::backend_addr(0))
             }
-            System::Vip => IpAddr::from(VIP),
+            System::Vip | System::VipScraped => IpAddr::from(VIP),
             System::Routed6 => IpAddr::from(Lab::backend_addr6(0)),
             System::Vip6 => IpAddr::from(VIP6),
             System::Peer(Peer::NftNumgen | Peer::NftJhash) => IpAddr::from(PEER_ADDR),
@@ -181,15 +191,22 @@ impl System {
         Some(SocketAddr::new(host, DISCARD_PORT))
     }
 
+    /// Whether a scraper fetches the agent's metrics every second during the measurement.
+    fn scraped(self) -> bool {
+        matches!(self, System::VipScraped | System::LbCookieVipScraped)
+    }
+
     /// Whether the balancer's agent (and so its XDP program) runs during the measurement.
     fn with_agent(self) -> bool {
         matches!(
             self,
             System::Vip
+                | System::VipScraped
                 | System::Vip6
                 | System::RoutedWithXdp
                 | System::CookieVip
                 | System::LbCookieVip
+                | System::LbCookieVipScraped
                 | System::FullNatCookieVip
         )
     }
@@ -349,8 +366,12 @@ pub fn run(quick: bool) -> Result<()> {
         extra_tables: discard_services + &full_nat_service(),
         ..ServiceOptions::default()
     };
-    std::fs::write(&config, lab.balancer_config_with(&options))
-        .context("writing the benchmark's balancer config")?;
+    // Metrics on for every balancer system; only the scraped ones are asked for them.
+    let text = format!(
+        "metrics = \"{METRICS_ADDR}\"\n{}",
+        lab.balancer_config_with(&options)
+    );
+    std::fs::write(&config, text).context("writing the benchmark's balancer config")?;
 
     lab.exec_checked(
         lab.balancer_ns(),
@@ -393,7 +414,15 @@ pub fn run(quick: bool) -> Result<()> {
                     continue;
                 }
             };
+            let scraper = if system.scraped() {
+                Some(start_scraper(&mut lab, seconds)?)
+            } else {
+                None
+            };
             measure_system(&lab, system, seconds, &mut samples)?;
+            if let Some(pid) = scraper {
+                lab.stop(pid)?;
+            }
             if let Some(running) = running {
                 running.stop(&mut lab);
             }
@@ -421,6 +450,17 @@ pub fn run(quick: bool) -> Result<()> {
         bail!("{failed} run(s) failed (marked FAILED above): a path or a peer does not work");
     }
     Ok(())
+}
+
+/// Fetches the agent's metrics once a second in the balancer's namespace, as Prometheus
+/// would, for at most as long as a system's workloads take; returns its PID.
+fn start_scraper(lab: &mut Lab, seconds: u32) -> Result<u32> {
+    let scrapes = (u64::from(seconds) + OVERRUN_SECONDS) * WORKLOADS.len() as u64;
+    let script = format!(
+        "i=0; while [ $i -lt {scrapes} ]; do curl -sS -o /dev/null --max-time 2 http://{METRICS_ADDR}/metrics; i=$((i+1)); sleep 1; done"
+    );
+    let ns = lab.balancer_ns().to_owned();
+    lab.spawn(&ns, &["sh", "-c", &script])
 }
 
 fn measure_system(

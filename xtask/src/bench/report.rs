@@ -106,6 +106,30 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
 
     let _ = writeln!(
         out,
+        "\nMetrics scraped every second against not scraped (enabled in both): ratio of medians ({}), 1 where scraping costs nothing:\n",
+        WORKLOADS
+            .iter()
+            .map(|w| w.unit)
+            .collect::<Vec<_>>()
+            .join(" / ")
+    );
+    for (plain, scraped) in [
+        (System::Vip, System::VipScraped),
+        (System::LbCookieVip, System::LbCookieVipScraped),
+    ] {
+        let ratios: Vec<String> = samples
+            .iter()
+            .map(|per_system| {
+                let with = median(&field(&per_system[index_of(scraped)], |s| s.rate));
+                let without = median(&field(&per_system[index_of(plain)], |s| s.rate));
+                ratio(with, without)
+            })
+            .collect();
+        let _ = writeln!(out, "- {}: {}", scraped.title(), ratios.join(" / "));
+    }
+
+    let _ = writeln!(
+        out,
         "\nCPU time per unit of work, median, lower is better: machine-wide busy time over the run / work done (the client, the balancer and the backend share the CPUs); in brackets the agent's own share."
     );
     let mut header = "| system |".to_owned();
