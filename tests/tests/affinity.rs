@@ -419,15 +419,7 @@ while time.time() < end:
     time.sleep(0.3)
 "#
     );
-    let mut client = std::process::Command::new("ip")
-        .args(["netns", "exec", lab.client_ns(), "python3", "-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("starting the cookie client");
-    let mut stdout = std::io::BufReader::new(client.stdout.take().expect("its output"));
-    let mut backend = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut backend).expect("the client's backend");
-    let backend = backend.trim().to_owned();
+    let (mut client, backend) = cookie_client(&lab, &script);
     let held = drain(
         "web-v6",
         &backend,
@@ -529,16 +521,7 @@ sys.stdin.read()
 "#,
         vip = balancer_lab::VIP6
     );
-    let mut client = std::process::Command::new("ip")
-        .args(["netns", "exec", lab.client_ns(), "python3", "-c", &script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("starting the cookie client");
-    let mut stdout = std::io::BufReader::new(client.stdout.take().expect("its output"));
-    let mut backend = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut backend).expect("the client's backend");
-    let backend = backend.trim().to_owned();
+    let (mut client, backend) = cookie_client(&lab, &script);
     let web6 = sessions(&["web-v6"]);
     for entry in web6["backends"].as_array().expect("backends") {
         let (spliced, by_cookie) = if entry["backend"] == backend.as_str() {
@@ -551,4 +534,19 @@ sys.stdin.read()
     }
     drop(client.stdin.take());
     assert!(client.wait().expect("the cookie client").success());
+}
+
+/// Starts a Python cookie client in the client namespace (its standard input piped, for a
+/// client that waits on it) and returns it with the backend it printed first.
+fn cookie_client(lab: &Lab, script: &str) -> (std::process::Child, String) {
+    let mut client = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.client_ns(), "python3", "-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the cookie client");
+    let mut stdout = std::io::BufReader::new(client.stdout.take().expect("its output"));
+    let mut backend = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut backend).expect("the client's backend");
+    (client, backend.trim().to_owned())
 }
