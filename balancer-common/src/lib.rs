@@ -37,12 +37,13 @@ pub mod map_name {
     pub const AGENT: &str = "AGENT";
     pub const NAT_SOURCES: &str = "NAT_SOURCES";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const NEW_FLOW_SOURCES: &str = "NEW_FLOW_SOURCES";
 }
 
 /// Version of the maps' layout (their key and value types and the meaning of their fields).
 /// Pinned maps outlive the agent and its program; a program of another layout version must
 /// not adopt them. Bump it with every change to a type or map below.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Seconds after the agent's last heartbeat that the data plane takes it for gone: cookie
 /// services then stop handing connections to it (see [`without_agent`]). Compiled into the
@@ -434,6 +435,20 @@ pub const PUNT_FRAME_SIZE: usize = 1520;
 /// Size of the `PUNTS` ring buffer.
 pub const PUNT_RING_SIZE: u32 = 4 << 20;
 
+/// `NEW_FLOW_SOURCES` record: the client of a new flow XDP placed, for the agent's tally of
+/// the sources that open the most flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct NewFlowSource {
+    pub client: Addr,
+    pub backend_id: u32,
+}
+const _: () = assert!(size_of::<NewFlowSource>() == 20);
+
+/// Size of the `NEW_FLOW_SOURCES` ring buffer: some 8,000 records, drained by the agent ten
+/// times a second.
+pub const NEW_FLOW_SOURCE_RING_SIZE: u32 = 256 << 10;
+
 /// What a [`Punt`] carries.
 pub mod punt_kind {
     /// A client segment of a connection that is not spliced yet.
@@ -468,8 +483,8 @@ pub struct BackendCounters {
 const _: () = assert!(size_of::<BackendCounters>() == 40);
 
 /// Why a packet left the program the way it did: every exit counts under exactly one reason.
-/// `NewFlow`, `NewSession`, `SessionMoved`, `PlacedWithoutAgent` and `ProxyHeaderInserted` are
-/// events, counted in addition.
+/// `NewFlow`, `NewSession`, `SessionMoved`, `PlacedWithoutAgent`, `ProxyHeaderInserted` and
+/// `NewFlowSourceLost` are events, counted in addition.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
@@ -558,10 +573,13 @@ pub enum Reason {
     /// `proxy_protocol` L4 flow: a first data segment whose headers are too long to move
     /// (IPv6 extension headers) or whose frame could not grow, dropped.
     DropProxyHeader,
+    /// A new flow the agent's tally of top sources misses: its ring was full, or no agent
+    /// drains it (an event, like `NewFlow`).
+    NewFlowSourceLost,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 37;
+    pub const COUNT: u32 = 38;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::Replied,
@@ -600,6 +618,7 @@ impl Reason {
         Reason::DropNoNatPort,
         Reason::ProxyHeaderInserted,
         Reason::DropProxyHeader,
+        Reason::NewFlowSourceLost,
     ];
 
     /// Stable name used in logs, the stats line and metrics.
@@ -642,6 +661,7 @@ impl Reason {
             Reason::DropNoNatPort => "drop_no_nat_port",
             Reason::ProxyHeaderInserted => "proxy_header_inserted",
             Reason::DropProxyHeader => "drop_proxy_header",
+            Reason::NewFlowSourceLost => "new_flow_source_lost",
         }
     }
 }

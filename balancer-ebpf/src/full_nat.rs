@@ -108,7 +108,7 @@ pub fn place(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         ..Flow::default()
     };
     let _ = FLOWS.insert(key, &flow, 0);
-    stats::count_new_flow(backend_id);
+    stats::count_new_flow(backend_id, key.src);
     stats::count_backend(
         backend_id,
         Direction::ToBackend,

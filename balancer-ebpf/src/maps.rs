@@ -8,7 +8,8 @@ use balancer_common::{
     Addr, Affinity, AffinityKey, AgentState, Backend, BackendCounters, Binding, CookieSecret,
     Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY,
     COOKIE_SECRETS, DEFAULT_AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY, DEFAULT_TABLE_SIZE,
-    MAX_BACKENDS, MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS, PUNT_RING_SIZE, TABLES_PER_SERVICE,
+    MAX_BACKENDS, MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS, NEW_FLOW_SOURCE_RING_SIZE,
+    PUNT_RING_SIZE, TABLES_PER_SERVICE,
 };
 
 /// Virtual services: (VIP, port, protocol) → affinity mode, lookup table and backend count.
@@ -62,6 +63,12 @@ pub static BINDINGS: LruHashMap<FlowKey, Binding> = LruHashMap::pinned(BINDING_C
 /// Frames for the agent: client data while a connection is being bound, backend answers.
 #[map]
 pub static PUNTS: RingBuf = RingBuf::pinned(PUNT_RING_SIZE, 0);
+
+/// The clients of new flows, for the agent's tally of the sources that open the most. Not
+/// pinned: it holds nothing the next agent needs; without an agent it fills and new flows
+/// count as `NewFlowSourceLost`.
+#[map]
+pub static NEW_FLOW_SOURCES: RingBuf = RingBuf::with_byte_size(NEW_FLOW_SOURCE_RING_SIZE, 0);
 
 /// The SYN cookies' secrets: the current one, then the previous one (still accepted), rotated
 /// by the agent.

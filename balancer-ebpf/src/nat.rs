@@ -145,7 +145,7 @@ pub fn new_flow(
     // A failed insert only means the next packet takes this path again.
     let _ = FLOWS.insert(key, &flow, 0);
     let _ = REVERSE.insert(&reply_key, &reverse, 0);
-    stats::count_new_flow(backend_id);
+    stats::count_new_flow(backend_id, key.src);
     Ok(flow)
 }
 

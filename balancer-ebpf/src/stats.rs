@@ -1,9 +1,9 @@
 //! Per-CPU counters: every packet leaves the program under exactly one reason.
 
-use aya_ebpf::bindings::xdp_action;
-use balancer_common::Reason;
+use aya_ebpf::bindings::{xdp_action, BPF_RB_NO_WAKEUP};
+use balancer_common::{Addr, NewFlowSource, Reason};
 
-use crate::maps::{BACKEND_STATS, STATS};
+use crate::maps::{BACKEND_STATS, NEW_FLOW_SOURCES, STATS};
 
 /// Which way a packet of a backend's flow went.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -65,12 +65,21 @@ pub fn count_backend(backend_id: u32, direction: Direction, bytes: usize) {
     }
 }
 
-/// Counts a new flow placed on backend `backend_id`.
+/// Counts a new flow of `client` placed on backend `backend_id`, and hands its client to the
+/// agent's tally of top sources.
 #[inline(always)]
-pub fn count_new_flow(backend_id: u32) {
+pub fn count_new_flow(backend_id: u32, client: Addr) {
     count(Reason::NewFlow, 0);
     if let Some(counters) = BACKEND_STATS.get_ptr_mut(backend_id) {
         // SAFETY: as above.
         unsafe { (*counters).new_flows += 1 };
     }
+    // Reserved in the ring itself: the main program's stack has no room for a copy.
+    let Some(mut entry) = NEW_FLOW_SOURCES.reserve::<NewFlowSource>(0) else {
+        count(Reason::NewFlowSourceLost, 0);
+        return;
+    };
+    entry.write(NewFlowSource { client, backend_id });
+    // The agent drains the ring on a timer, so a record needs no wakeup.
+    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
 }

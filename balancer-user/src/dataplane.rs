@@ -307,6 +307,15 @@ impl Dataplane {
         Ok(RingBuf::try_from(map)?)
     }
 
+    /// Takes the ring buffer of new flows' clients, to be drained by the agent.
+    pub fn take_new_flow_sources(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(map_name::NEW_FLOW_SOURCES)
+            .context("the XDP object has no ring of new flows' clients")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
     /// The handshake the data plane completed for a client connection.
     pub fn binding(&self, key: &FlowKey) -> Option<Binding> {
         let map = self.map_ref(map_name::BINDINGS).ok()?;

@@ -109,6 +109,11 @@ enum Command {
     Status {
         #[arg(short, long, default_value = config::DEFAULT_INSTANCE)]
         instance: String,
+        /// Print JSON: per backend its state, health, weight, sessions, flows and traffic,
+        /// the agent's table, the top sources by new flows over the last minute and every
+        /// XDP counter (`{"agent_running": false, "data_plane": ...}` without an agent).
+        #[arg(long)]
+        json: bool,
     },
     /// Show a service's sessions per backend (live source-ip sessions, spliced cookie
     /// connections, connections that came by a backend's cookie in the last minute), then
@@ -170,6 +175,10 @@ enum Command {
         /// The instance name from the config.
         #[arg(short, long, default_value = config::DEFAULT_INSTANCE)]
         instance: String,
+        /// Print JSON: `{"xdp": {reason: {"packets", "bytes"}}, "agent": {name: count}}`
+        /// (`"agent": null` when none runs).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -269,10 +278,15 @@ fn execute(command: Command) -> Result<()> {
             println!("{}", control::send(&instance, &Request::Reload)?);
             Ok(())
         }
-        Command::Status { instance } => {
-            match control::send(&instance, &Request::Status) {
+        Command::Status { instance, json } => {
+            let request = if json { Request::Top } else { Request::Status };
+            match control::send(&instance, &request) {
                 Ok(status) => println!("{status}"),
                 Err(error) => match dataplane::describe_pinned(&instance) {
+                    Some(pinned) if json => println!(
+                        "{}",
+                        serde_json::json!({"agent_running": false, "data_plane": pinned})
+                    ),
                     Some(pinned) => print!("{pinned}"),
                     None => return Err(error),
                 },
@@ -334,11 +348,24 @@ fn execute(command: Command) -> Result<()> {
             print!("{}", maglev::plan(backends, table_size)?);
             Ok(())
         }
-        Command::Stats { instance } => {
-            print!("{}", Snapshot::read(&instance)?.table());
+        Command::Stats { instance, json } => {
+            let xdp = Snapshot::read(&instance)?;
             // The agent's own refusals and bindings, when one runs.
-            if let Ok(counters) = control::send(&instance, &Request::Counters) {
-                println!("{counters}");
+            let agent = control::send(&instance, &Request::Counters).ok();
+            if json {
+                let agent = agent.map(|counters| {
+                    counters
+                        .lines()
+                        .filter_map(|line| line.split_once(' '))
+                        .filter_map(|(name, count)| Some((name.to_owned(), count.parse::<u64>().ok()?.into())))
+                        .collect::<serde_json::Map<_, _>>()
+                });
+                println!("{}", serde_json::json!({"xdp": xdp.json(), "agent": agent}));
+            } else {
+                print!("{}", xdp.table());
+                if let Some(counters) = agent {
+                    println!("{counters}");
+                }
             }
             Ok(())
         }
@@ -407,6 +434,8 @@ async fn serve(config: Config, config_path: PathBuf, options: StartOptions) -> R
     // SAFETY: the ring buffer owns its descriptor for as long as the `AsyncFd` owns it.
     let mut punts = unsafe { AsyncFd::register(agent.take_punts()?) }
         .map_err(|error| anyhow::anyhow!("watching the punt ring: {}", error.into_parts().1))?;
+    let mut new_flow_sources = agent.take_new_flow_sources()?;
+    let mut source_ticker = tokio::time::interval(NEW_FLOW_SOURCE_DRAIN);
     let mut binding_ticker = tokio::time::interval(Duration::from_millis(200));
     let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
     let rotation = agent.cookie_rotation();
@@ -471,6 +500,13 @@ async fn serve(config: Config, config_path: PathBuf, options: StartOptions) -> R
                 }
             }
             _ = binding_ticker.tick() => agent.binding_tick(),
+            _ = source_ticker.tick() => {
+                agent.refresh_top_sources();
+                for _ in 0..NEW_FLOW_SOURCE_BATCH {
+                    let Some(item) = new_flow_sources.next() else { break };
+                    agent.tally_new_flow(&item);
+                }
+            }
             Some(command) = commands.recv() => {
                 if let Request::Stop { detach: and_detach } = command.request {
                     info!(detach = and_detach, "stop requested");
@@ -522,6 +558,11 @@ async fn serve(config: Config, config_path: PathBuf, options: StartOptions) -> R
 
 /// Punted frames handled before the agent looks at its timers, signals and commands again.
 const PUNT_BATCH: usize = 256;
+
+/// How often the agent drains the ring of new flows' clients, and the most it takes at once:
+/// twice what the ring holds, so it keeps up with some 80,000 new flows a second.
+const NEW_FLOW_SOURCE_DRAIN: Duration = Duration::from_millis(100);
+const NEW_FLOW_SOURCE_BATCH: usize = 16_384;
 
 /// How often the agent tells the data plane (and systemd's watchdog) it is alive: well inside
 /// the program's agent timeout.

@@ -55,6 +55,22 @@ pub struct Snapshot {
     /// From a client's first segment the agent sees to its connection spliced, in seconds.
     pub binding_latency: Option<Histogram>,
     pub check_latency: Option<CheckLatencies>,
+    /// The sources that opened the most new flows over the last minute, most first (for
+    /// `balancer top` and the JSON; as labels they would be unbounded).
+    pub top_sources: Vec<SourceSnapshot>,
+}
+
+/// A client source of [`Snapshot::top_sources`].
+pub struct SourceSnapshot {
+    pub source: std::net::IpAddr,
+    /// The service of its latest new flow.
+    pub service: String,
+    /// New flows over the last minute, high by at most `overcount` (when the tally had more
+    /// sources than room).
+    pub new_flows: u64,
+    pub overcount: u64,
+    /// New flows per second over the last few seconds.
+    pub rate: f64,
 }
 
 /// One backend of one service.
@@ -311,8 +327,9 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> String {
     text
 }
 
-/// The snapshot as JSON, for `balancer top`: totals of XDP's exits by kind, the agent's
-/// table, and each backend with its counters.
+/// The snapshot as JSON, for `balancer top` and `balancer status --json`: totals of XDP's
+/// exits by kind, the agent's table, each backend with its counters, the top sources by new
+/// flows and every XDP counter.
 pub fn snapshot_json(snapshot: &Snapshot) -> serde_json::Value {
     let total = |prefixes: &[&str]| -> u64 {
         Reason::ALL
@@ -351,6 +368,14 @@ pub fn snapshot_json(snapshot: &Snapshot) -> serde_json::Value {
         "bindings_held": snapshot.bindings_held,
         "binding_capacity": snapshot.binding_capacity,
         "backends": backends,
+        "top_sources": snapshot.top_sources.iter().map(|s| serde_json::json!({
+            "source": s.source.to_string(),
+            "service": s.service,
+            "new_flows_last_minute": s.new_flows,
+            "overcount": s.overcount,
+            "new_flows_per_second": s.rate,
+        })).collect::<Vec<_>>(),
+        "xdp": snapshot.xdp.json(),
     })
 }
 

@@ -81,6 +81,19 @@ impl Snapshot {
         line
     }
 
+    /// Every counter as `{"reason": {"packets": n, "bytes": n}, ...}`.
+    pub fn json(&self) -> serde_json::Value {
+        Reason::ALL
+            .iter()
+            .map(|r| {
+                let counter = self.get(*r);
+                let value = serde_json::json!({"packets": counter.packets, "bytes": counter.bytes});
+                (r.name().to_owned(), value)
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
     /// Every counter, one `name packets bytes` line each.
     pub fn table(&self) -> String {
         Reason::ALL

@@ -77,9 +77,11 @@ fn draw(
     now: Instant,
 ) {
     let previous = previous.map(|(at, value)| (value, now.duration_since(*at).as_secs_f64()));
-    let [header, table, footer] = Layout::vertical([
+    let sources = current["top_sources"].as_array().cloned().unwrap_or_default();
+    let [header, table, sources_area, footer] = Layout::vertical([
         Constraint::Length(3),
         Constraint::Min(3),
+        Constraint::Length(sources.len().max(1) as u16 + 3),
         Constraint::Length(1),
     ])
     .areas(frame.area());
@@ -168,6 +170,39 @@ fn draw(
             .header(header_row)
             .block(Block::bordered().title(" backends ")),
         table,
+    );
+    let source_rows = sources.iter().map(|s| {
+        let flows = s["new_flows_last_minute"].as_u64().unwrap_or(0);
+        let overcount = s["overcount"].as_u64().unwrap_or(0);
+        Row::new([
+            Cell::from(s["source"].as_str().unwrap_or("?").to_owned()),
+            Cell::from(flows.to_string()),
+            Cell::from(format!(
+                "{:.1}",
+                s["new_flows_per_second"].as_f64().unwrap_or(0.0)
+            )),
+            Cell::from(if overcount > 0 {
+                format!("≤{overcount} over")
+            } else {
+                "exact".to_owned()
+            }),
+            Cell::from(s["service"].as_str().unwrap_or("?").to_owned()),
+        ])
+    });
+    let source_header = Row::new(["SOURCE", "NEW FLOWS/min", "NEW/s 10s", "COUNT", "LATEST SERVICE"])
+        .style(Style::new().add_modifier(Modifier::BOLD));
+    let source_widths = [
+        Constraint::Min(20),
+        Constraint::Length(14),
+        Constraint::Length(10),
+        Constraint::Length(14),
+        Constraint::Min(10),
+    ];
+    frame.render_widget(
+        Table::new(source_rows, source_widths)
+            .header(source_header)
+            .block(Block::bordered().title(" top sources by new flows, last minute ")),
+        sources_area,
     );
     frame.render_widget(
         Line::from(" q quits; rates are per second since the last refresh (every 1 s)"),

@@ -1400,12 +1400,13 @@ fn a_splice_moves_sequence_numbers_past_an_edited_head_and_a_shortened_request()
 }
 
 /// Reasons that count events in addition to a packet's exit, not exits of their own.
-const EVENTS: [Reason; 5] = [
+const EVENTS: [Reason; 6] = [
     Reason::NewFlow,
     Reason::NewSession,
     Reason::SessionMoved,
     Reason::PlacedWithoutAgent,
     Reason::ProxyHeaderInserted,
+    Reason::NewFlowSourceLost,
 ];
 
 #[test]

@@ -325,6 +325,18 @@ print(chr(10).join(line.rstrip() for line in screen.display))
                         && cells[3] == "ok"
                         && cells[7].parse::<f64>().is_ok_and(|rate| rate > 0.0)
                 })
+            }) && shown.lines().any(|line| {
+                // The sources panel: SOURCE NEW-FLOWS/min NEW/s COUNT LATEST-SERVICE.
+                let cells: Vec<&str> = line
+                    .split(|c: char| c == '│' || c.is_whitespace())
+                    .filter(|c| !c.is_empty())
+                    .collect();
+                cells.len() == 5
+                    && cells[0] == balancer_lab::CLIENT_ADDR.to_string()
+                    && cells[1].parse::<u64>().is_ok_and(|flows| flows > 0)
+                    && cells[2].parse::<f64>().is_ok_and(|rate| rate > 0.0)
+                    && cells[3] == "exact"
+                    && cells[4] == "web"
             })
         },
     );
@@ -338,7 +350,80 @@ print(chr(10).join(line.rstrip() for line in screen.display))
     });
     let status = status.expect("top's exit");
     assert!(status.success(), "top exited with {status}:\n{shown}");
-    std::fs::write(lab.dir().join("top.txt"), &shown).expect("saving the screen");
+    // With --nocapture: the screen the README's image is drawn from.
+    println!("{shown}");
+}
+
+#[test]
+fn the_sources_opening_the_most_new_flows_are_counted_exactly_by_l4_and_cookie_flows() {
+    let lab = lab_with(&ServiceOptions {
+        cookie_service: true,
+        ..ServiceOptions::default()
+    });
+    let clients = add_clients(&lab, 77, 3);
+    let lost = |lab: &Lab| counters(lab)["new_flow_source_lost"];
+    let lost_before = lost(&lab);
+    // Each client opens its own number of connections: to `web` (XDP places them) or to
+    // `web-cookie` (the agent binds them).
+    let plan = [
+        (clients[0], balancer_lab::HTTP_PORT, 30, "web"),
+        (clients[1], balancer_lab::COOKIE_PORT, 12, "web-cookie"),
+        (clients[2], balancer_lab::HTTP_PORT, 5, "web"),
+    ];
+    for (client, port, connections, _) in plan {
+        let script = format!(
+            r#"
+import http.client
+for _ in range({connections}):
+    c = http.client.HTTPConnection("{vip}", {port}, timeout=10, source_address=("{client}", 0))
+    c.request("GET", "/", headers={{"Connection": "close"}})
+    assert c.getresponse().status == 200
+    c.close()
+"#,
+            vip = balancer_lab::VIP
+        );
+        python(&lab, lab.client_ns(), &script);
+    }
+    let expected: Vec<(String, u64, String)> = plan
+        .iter()
+        .map(|(client, _, n, service)| (client.to_string(), *n, (*service).to_owned()))
+        .collect();
+    let mut shown = Vec::new();
+    wait_until(
+        Duration::from_secs(5),
+        "the agent's top sources to hold every connection",
+        || {
+            let status: serde_json::Value =
+                serde_json::from_str(&balancer(&lab, &["status", "--json"]))
+                    .expect("status --json is JSON");
+            let top = status["top_sources"].as_array().expect("top_sources").clone();
+            shown = top
+                .iter()
+                .filter(|s| expected.iter().any(|(c, _, _)| s["source"] == c.as_str()))
+                .map(|s| {
+                    assert_eq!(s["overcount"], 0, "{s}");
+                    (
+                        s["source"].as_str().expect("source").to_owned(),
+                        s["new_flows_last_minute"].as_u64().expect("count"),
+                        s["service"].as_str().expect("service").to_owned(),
+                    )
+                })
+                .collect();
+            shown == expected
+        },
+    );
+    assert_eq!(lost(&lab), lost_before, "no new flow missed the tally");
+    let stats: serde_json::Value = serde_json::from_str(&balancer(&lab, &["stats", "--json"]))
+        .expect("stats --json is JSON");
+    assert_eq!(
+        stats["xdp"]["new_flow_source_lost"]["packets"].as_u64(),
+        Some(lost_before),
+        "{stats}"
+    );
+    assert!(
+        stats["agent"]["bound"].as_u64() >= Some(12),
+        "the agent's counters: {stats}"
+    );
 }
 
 /// A process the test started, stopped (by its PID) when the test ends, passed or not.

@@ -158,8 +158,13 @@ impl RecentCounts {
 
     /// The events of the last minute, at second `now`.
     pub fn total(&self, now: u64) -> u64 {
-        // The buckets hold the minute up to `newest`; the window is the minute up to `now`.
-        let window = Self::SECONDS - 1;
+        self.total_over(Self::SECONDS, now)
+    }
+
+    /// The events of the last `seconds` (at most a minute), at second `now`.
+    pub fn total_over(&self, seconds: u64, now: u64) -> u64 {
+        // The buckets hold the minute up to `newest`; the window is the seconds up to `now`.
+        let window = seconds.clamp(1, Self::SECONDS) - 1;
         let from = now
             .saturating_sub(window)
             .max(self.newest.saturating_sub(window));
@@ -502,6 +507,14 @@ impl Agent {
             };
             self.make_room(segment.src);
             self.binder.budgets.add(key);
+            if let Some(service) = self
+                .services
+                .iter()
+                .find(|s| s.config.vip == segment.dst && s.config.port == segment.dport)
+            {
+                let now = u64::from(crate::dataplane::monotonic_seconds());
+                self.sources.add(segment.src, service.id, now);
+            }
             self.binder.pending.insert(
                 key,
                 Pending {

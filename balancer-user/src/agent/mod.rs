@@ -12,7 +12,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use balancer_common::{
-    backend_state, Addr, Backend, CookieSecret, Service, ServiceKey, MAX_BACKENDS,
+    backend_state, Addr, Backend, CookieSecret, NewFlowSource, Service, ServiceKey,
+    MAX_BACKENDS,
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{error, info, warn};
@@ -23,6 +24,9 @@ use crate::{
     health, maglev,
 };
 
+/// Sources by new flows that `balancer top` and `balancer status --json` show.
+const TOP_SOURCES: usize = 10;
+
 /// A flow counts as active while its client sent a packet this recently and did not close it.
 const ACTIVE_FLOW_WINDOW_S: u32 = 60;
 
@@ -31,6 +35,7 @@ mod budget;
 #[cfg(test)]
 mod fuzz;
 mod response;
+mod sources;
 
 pub use binding::BindingCounters;
 use binding::BindingLimits;
@@ -46,6 +51,8 @@ pub struct Agent {
     cookie_rotations: u64,
     /// The health checkers' latencies, for the metrics.
     check_latency: crate::metrics::CheckLatencies,
+    /// The clients that opened the most new flows (XDP's and cookie connections).
+    sources: sources::SourceTally,
 }
 
 struct ServiceRuntime {
@@ -122,6 +129,7 @@ impl Agent {
             reports,
             cookie_rotations: 0,
             check_latency: crate::metrics::check_latencies(),
+            sources: sources::SourceTally::default(),
         };
         agent.apply(config)?;
         Ok(agent)
@@ -738,6 +746,7 @@ impl Agent {
             backends,
             binding_latency: Some(self.binder.binding_latency.clone()),
             check_latency: Some(self.check_latency.clone()),
+            top_sources: self.top_sources(TOP_SOURCES),
         })
     }
 
@@ -827,6 +836,55 @@ impl Agent {
     /// Takes the ring of frames XDP punts to the agent.
     pub fn take_punts(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
         self.dataplane.take_punts()
+    }
+
+    /// Takes the ring of the clients of XDP's new flows, for [`Agent::tally_new_flow`].
+    pub fn take_new_flow_sources(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.dataplane.take_new_flow_sources()
+    }
+
+    /// Ages the tally of top sources to now (once a second is enough).
+    pub fn refresh_top_sources(&mut self) {
+        self.sources
+            .refresh(u64::from(crate::dataplane::monotonic_seconds()));
+    }
+
+    /// Counts a `NEW_FLOW_SOURCES` record in the tally of top sources.
+    pub fn tally_new_flow(&mut self, record: &[u8]) {
+        let Some(record) = record.get(..size_of::<NewFlowSource>()) else {
+            return;
+        };
+        let record: NewFlowSource = bytemuck::pod_read_unaligned(record);
+        let Some(service) = self
+            .services
+            .iter()
+            .find(|s| s.backends.iter().any(|b| b.id == record.backend_id))
+        else {
+            return;
+        };
+        let now = u64::from(crate::dataplane::monotonic_seconds());
+        self.sources.add(record.client.into(), service.id, now);
+    }
+
+    /// The sources that opened the most new flows over the last minute, most first, with
+    /// the service of each one's latest.
+    pub fn top_sources(&self, limit: usize) -> Vec<crate::metrics::SourceSnapshot> {
+        let now = u64::from(crate::dataplane::monotonic_seconds());
+        self.sources
+            .top(limit, now)
+            .into_iter()
+            .map(|top| crate::metrics::SourceSnapshot {
+                source: top.source,
+                service: self
+                    .services
+                    .iter()
+                    .find(|s| s.id == top.service)
+                    .map_or_else(String::new, |s| s.config.name.clone()),
+                new_flows: top.new_flows,
+                overcount: top.overcount,
+                rate: top.recent_flows as f64 / sources::SourceTally::RECENT_SECONDS as f64,
+            })
+            .collect()
     }
 }
 
