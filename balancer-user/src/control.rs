@@ -17,7 +17,7 @@ use tokio::{
     net::UnixListener,
     sync::{mpsc, oneshot},
 };
-use tracing::warn;
+use crate::throttle::throttled;
 
 const SOCKET_DIR: &str = "/run/balancer";
 const MAX_REQUEST: usize = 4096;
@@ -150,7 +150,7 @@ pub fn serve(instance: &str, commands: mpsc::Sender<Command>) -> Result<PathBuf>
                 Ok((stream, _)) => {
                     tokio::spawn(answer(stream, commands.clone()));
                 }
-                Err(error) => warn!("control socket: {error}"),
+                Err(error) => throttled!(warn, "control socket: {error}"),
             }
         }
     });

@@ -16,8 +16,8 @@ mod metrics;
 mod mounts;
 mod rewrite;
 mod segment;
-
 mod stats;
+mod throttle;
 mod top;
 
 use std::{

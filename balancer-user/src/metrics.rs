@@ -22,11 +22,12 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::{mpsc, oneshot},
 };
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::{
     control::{Command, Request},
     stats,
+    throttle::throttled,
 };
 
 /// The most a scrape's request head may take, and how long it may take to arrive.
@@ -393,7 +394,7 @@ pub fn serve(address: SocketAddr, commands: mpsc::Sender<Command>) -> Result<()>
                 Ok((stream, _)) => {
                     tokio::spawn(answer(stream, commands.clone()));
                 }
-                Err(error) => warn!("metrics endpoint: {error}"),
+                Err(error) => throttled!(warn, "metrics endpoint: {error}"),
             }
         }
     });

@@ -7,7 +7,7 @@ mod common;
 
 use std::{collections::HashMap, time::Duration};
 
-use balancer_lab::{Lab, Launch, ServiceOptions, BACKEND_COUNT};
+use balancer_lab::{Lab, Launch, ServiceOptions, BACKEND_COUNT, LB_COOKIE_PORT};
 use common::*;
 
 const METRICS: &str = "metrics = \"127.0.0.1:9469\"\n";
@@ -249,6 +249,81 @@ for line in open(sys.argv[1]):
         events.lines().any(|l| l.starts_with("INFO ")),
         "the start's info events: {events}"
     );
+}
+
+/// The JSON log events whose message starts with `message`, as `(suppressed, line)`.
+fn logged(lab: &Lab, message: &str) -> Vec<u64> {
+    let script = r#"
+import json, sys
+for line in open(sys.argv[1]):
+    if line.startswith("{"):
+        fields = json.loads(line)["fields"]
+        if fields["message"].startswith(sys.argv[2]):
+            print(fields.get("suppressed", 0))
+"#;
+    let log = lab.balancer_log();
+    run(
+        lab,
+        lab.balancer_ns(),
+        &["python3", "-c", script, log.to_str().expect("utf-8"), message],
+    )
+    .lines()
+    .map(|n| n.parse().expect("a count"))
+    .collect()
+}
+
+#[test]
+fn a_flood_of_refused_connections_logs_five_warnings_a_window_and_counts_the_rest() {
+    let mut lab = Lab::new().expect("building the lab");
+    lab.start_backends(backend_bin())
+        .expect("starting the backends");
+    // The lb-cookie service's one backend is gone (and unchecked): every connection to it is
+    // refused after its request head, with a warning.
+    lab.stop_backend(0).expect("stopping backend-1");
+    let config = config_path(&lab);
+    let options = ServiceOptions {
+        lb_cookie_backend: Some(0),
+        ..ServiceOptions::default()
+    };
+    std::fs::write(&config, lab.balancer_config_with(&options)).expect("writing the config");
+    let path = config.to_str().expect("utf-8 path").to_owned();
+    lab.start_balancer_with(
+        &balancer_bin(),
+        &["--log-format", "json", "run", "--config", &path],
+        Launch::Nsenter,
+    )
+    .expect("starting the balancer");
+    let refused = "no backend took the connection";
+    let url = format!("http://{}:{}/", balancer_lab::VIP, LB_COOKIE_PORT);
+    let connect = || {
+        let output = lab
+            .exec(lab.client_ns(), &["curl", "-s", "-m", "5", &url])
+            .expect("running curl");
+        assert!(!output.status.success(), "the connection is refused");
+    };
+    let flood = 40;
+    for _ in 0..flood {
+        connect();
+    }
+    let mut sent = flood;
+    wait_until(Duration::from_secs(5), "every refusal counted", || {
+        binding_count(&lab, "failed") == sent
+    });
+    assert_eq!(logged(&lab, refused), vec![0; 5], "five warnings in the window");
+    // After the window, the next refusal is logged with the count of those held back.
+    wait_until(Duration::from_secs(20), "a warning after the window", || {
+        connect();
+        sent += 1;
+        logged(&lab, refused).len() > 5
+    });
+    let warnings = logged(&lab, refused);
+    assert_eq!(warnings.len(), 6, "{warnings:?}");
+    assert_eq!(
+        warnings.len() as u64 + warnings.iter().sum::<u64>(),
+        sent,
+        "each refusal logged or counted as suppressed"
+    );
+    assert_eq!(binding_count(&lab, "failed"), sent);
 }
 
 #[test]

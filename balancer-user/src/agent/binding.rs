@@ -22,7 +22,7 @@ use balancer_common::{
     punt_kind, Addr, Binding, Flow, FlowKey, Punt, ReverseNat, COOKIE_MSS, COOKIE_WINDOW_SHIFT,
     NO_WINDOW_SCALE,
 };
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{
     budget::{Budgets, Shed},
@@ -35,6 +35,7 @@ use crate::{
     dataplane::Dataplane,
     http, rewrite,
     segment::{Segment, ACK, FIN, PSH, RST, SYN},
+    throttle::throttled,
 };
 
 /// Why a balancer cookie counted as absent: the codec's reasons, then the backend's.
@@ -391,7 +392,7 @@ impl Binder {
             )
         };
         if sent < 0 {
-            warn!(dst = %segment.dst, "sending through the raw socket: {}", std::io::Error::last_os_error());
+            throttled!(warn, dst = %segment.dst, "sending through the raw socket: {}", std::io::Error::last_os_error());
         }
     }
 }
@@ -463,7 +464,7 @@ impl Agent {
             Shed::PrefixBudget => counters.shed_prefix_budget += 1,
             Shed::TableFull => counters.shed_table_full += 1,
         }
-        debug!(client = %key.src, port = u16::from_be(key.sport), ?why, "resetting a connection to make room");
+        throttled!(warn, client = %key.src, port = u16::from_be(key.sport), ?why, "resetting a connection to make room");
         self.abort(key, false);
     }
 
@@ -677,7 +678,7 @@ impl Agent {
             choose(service, pending, key, &self.config.signing_keys, unix_now())
         };
         let Some((target, cookie)) = choice else {
-            warn!(client = %pending.client, port = pending.client_port, tried = pending.tried.len(), "no backend took the connection: resetting the client");
+            throttled!(warn, client = %pending.client, port = pending.client_port, tried = pending.tried.len(), "no backend took the connection: resetting the client");
             self.binder.counters.failed += 1;
             self.abort(key, false);
             return;
@@ -695,6 +696,7 @@ impl Agent {
                         .rejected_by_service
                         .entry((service.id, reason))
                         .or_default() += 1;
+                    throttled!(info, client = %pending.client, service = %service.config.name, %cookie, "balancer cookie refused: the request is placed as a new session");
                 }
             }
             if matches!(cookie, Cookie::Hashed(_) | Cookie::Session { .. }) {
@@ -747,7 +749,7 @@ impl Agent {
                 (target, key, client),
             );
             let Some(source) = claimed else {
-                warn!(client = %client.0, backend = %target.addr, "every full NAT source port to the backend is taken: resetting the client");
+                throttled!(warn, client = %client.0, backend = %target.addr, "every full NAT source port to the backend is taken: resetting the client");
                 self.binder.counters.failed += 1;
                 self.abort(key, false);
                 return;
@@ -765,7 +767,7 @@ impl Agent {
         let reply_key = backend_key(pending, target);
         let (flow, nat) = connection_entries(pending, target, flow_state::CONNECTING);
         if let Err(error) = self.dataplane.set_connection(key, flow, &reply_key, nat) {
-            warn!("recording a connection being opened: {error:#}");
+            throttled!(warn, "recording a connection being opened: {error:#}");
             self.abort_quietly(key);
             return;
         }
@@ -898,7 +900,7 @@ impl Agent {
                 .dataplane
                 .set_connection(&key, flow, &segment.key(), nat)
             {
-                warn!("recording a spliced connection: {error:#}");
+                throttled!(warn, "recording a spliced connection: {error:#}");
                 return;
             }
             self.binder.counters.bound += 1;
@@ -1007,7 +1009,7 @@ impl Agent {
             let written = match recorded {
                 Ok(written) => written,
                 Err(error) => {
-                    warn!("recording an edited response head: {error:#}");
+                    throttled!(warn, "recording an edited response head: {error:#}");
                     self.abort(key, false);
                     return;
                 }
@@ -1174,7 +1176,7 @@ impl Agent {
                     ..reverse
                 };
                 if let Err(error) = self.dataplane.write_reverse(&reply_key, passing) {
-                    warn!("letting a response pass unedited: {error:#}");
+                    throttled!(warn, "letting a response pass unedited: {error:#}");
                 }
             }
         }
@@ -1185,7 +1187,7 @@ impl Agent {
         }
         for key in expire {
             if let Some(pending) = self.binder.pending.get(&key) {
-                debug!(client = %pending.client, port = pending.client_port, "request head not complete in time: resetting the client");
+                throttled!(warn, client = %pending.client, port = pending.client_port, "request head not complete in time: resetting the client");
                 self.binder.counters.failed += 1;
                 self.abort(&key, false);
             }
@@ -1546,7 +1548,7 @@ fn claim_source(
             Ok(true) => return Some((source, port)),
             Ok(false) => {}
             Err(error) => {
-                warn!("claiming a full NAT source: {error:#}");
+                throttled!(warn, "claiming a full NAT source: {error:#}");
                 return None;
             }
         }
