@@ -485,14 +485,22 @@ impl Dataplane {
         Ok(totals)
     }
 
-    pub fn sessions_by_backend(&self) -> Result<std::collections::HashMap<u32, u64>> {
+    /// The affinity table's entries, and per backend id the `source-ip` sessions that still
+    /// hold it: their client opened a flow within their service's `timeout_of` seconds (an
+    /// unknown service's entries hold nothing). Walks the whole map.
+    pub fn sessions_by_backend(&self, timeout_of: impl Fn(u32) -> Option<u32>) -> Result<TableCount> {
         let map = self.map_ref(map_name::AFFINITY)?;
         let sessions: HashMap<&MapData, AffinityKey, Affinity> = HashMap::try_from(map)?;
-        let mut counts = std::collections::HashMap::new();
-        for (_, session) in sessions.iter().filter_map(Result::ok) {
-            *counts.entry(session.backend_id).or_default() += 1;
+        let now_ns = monotonic_ns();
+        let mut count = TableCount::default();
+        for (key, session) in sessions.iter().filter_map(Result::ok) {
+            count.entries += 1;
+            let idle_ns = now_ns.saturating_sub(session.last_seen_ns);
+            if timeout_of(key.service_id).is_some_and(|t| idle_ns < u64::from(t) * 1_000_000_000) {
+                *count.by_backend.entry(session.backend_id).or_default() += 1;
+            }
         }
-        Ok(counts)
+        Ok(count)
     }
 
     /// `source-ip` sessions of backend `backend_id` whose client opened a flow within the
@@ -512,11 +520,7 @@ impl Dataplane {
     ) -> Result<Vec<(AffinityKey, Affinity, u64)>> {
         let map = self.map_ref(map_name::AFFINITY)?;
         let sessions: HashMap<&MapData, AffinityKey, Affinity> = HashMap::try_from(map)?;
-        // SAFETY: `timespec` is plain data filled in by the kernel.
-        let mut now: libc::timespec = unsafe { std::mem::zeroed() };
-        // SAFETY: `now` is writable; XDP stamps sessions with this clock (bpf_ktime_get_ns).
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-        let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+        let now_ns = monotonic_ns();
         let timeout_ns = u64::from(timeout_s) * 1_000_000_000;
         Ok(sessions
             .iter()
@@ -545,23 +549,21 @@ impl Dataplane {
         Ok(counts)
     }
 
-    /// Flows per backend id that are not closing and saw a client packet in the last
-    /// `window_s` seconds. Walks the whole map.
-    pub fn active_flows_by_backend(
-        &self,
-        window_s: u32,
-    ) -> Result<std::collections::HashMap<u32, u64>> {
+    /// The flow table's entries, and per backend id the flows that are not closing and saw a
+    /// client packet in the last `window_s` seconds. Walks the whole map.
+    pub fn active_flows_by_backend(&self, window_s: u32) -> Result<TableCount> {
         let map = self.map_ref(map_name::FLOWS)?;
         let flows: HashMap<&MapData, FlowKey, Flow> = HashMap::try_from(map)?;
         let now_s = monotonic_seconds();
-        let mut counts = std::collections::HashMap::new();
+        let mut count = TableCount::default();
         for (_, flow) in flows.iter().filter_map(Result::ok) {
+            count.entries += 1;
             let idle = now_s.saturating_sub(flow.last_seen_s);
             if flow.flags & flow_flags::CLOSING == 0 && idle <= window_s {
-                *counts.entry(flow.backend_id).or_default() += 1;
+                *count.by_backend.entry(flow.backend_id).or_default() += 1;
             }
         }
-        Ok(counts)
+        Ok(count)
     }
 
     /// Lets responses whose head a previous run of the agent was reading pass unedited: their
@@ -695,6 +697,13 @@ fn pinned_links(dir: &Path) -> Vec<(String, PathBuf)> {
         .collect();
     links.sort();
     links
+}
+
+/// A walk of a table: its entries, and those of them that count per backend id.
+#[derive(Default)]
+pub struct TableCount {
+    pub entries: u64,
+    pub by_backend: std::collections::HashMap<u32, u64>,
 }
 
 /// Detaches an instance's program from every interface and removes its maps: the explicit end
@@ -1116,6 +1125,15 @@ fn table_capacity(config: &Config) -> u32 {
 }
 
 /// Seconds of the clock the data plane stamps flows with (`bpf_ktime_get_coarse_ns`).
+/// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    // SAFETY: `timespec` is plain data filled in by the kernel.
+    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `now` is writable.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
 pub fn monotonic_seconds() -> u32 {
     // SAFETY: `timespec` is plain data filled in by the kernel.
     let mut now: libc::timespec = unsafe { std::mem::zeroed() };

@@ -49,9 +49,10 @@ pub struct Snapshot {
     /// What the agent sent again: edited response heads, replayed requests.
     pub resent: Vec<(&'static str, u64)>,
     pub syn_cookie_rotations: u64,
-    /// Connections being bound, and how many may be.
-    pub bindings_held: u64,
-    pub binding_capacity: u64,
+    /// The flow, affinity and binding tables' fill.
+    pub tables: Vec<Table>,
+    /// Punt ring records the agent read.
+    pub punts_read: u64,
     pub backends: Vec<BackendSnapshot>,
     /// From a client's first segment the agent sees to its connection spliced, in seconds.
     pub binding_latency: Option<Histogram>,
@@ -59,6 +60,13 @@ pub struct Snapshot {
     /// The sources that opened the most new flows over the last minute, most first (for
     /// `balancer top` and the JSON; as labels they would be unbounded).
     pub top_sources: Vec<SourceSnapshot>,
+}
+
+/// A table of [`Snapshot::tables`]: how many entries it holds and may hold.
+pub struct Table {
+    pub name: &'static str,
+    pub entries: u64,
+    pub capacity: u64,
 }
 
 /// A client source of [`Snapshot::top_sources`].
@@ -199,20 +207,31 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> String {
         "Rotations of the SYN cookies' secret",
         rotations,
     );
-    let gauge = |value: u64| {
-        let gauge = Gauge::<i64>::default();
-        gauge.set(value as i64);
-        gauge
-    };
+    let punts_read = Counter::<u64>::default();
+    punts_read.inc_by(snapshot.punts_read);
     registry.register(
-        "bindings_held",
-        "Cookie service connections being bound now",
-        gauge(snapshot.bindings_held),
+        "punts_read",
+        "Records the agent read from the punt ring (XDP counts those it wrote in xdp_packets_total{reason=\"punted\"}, those the full ring refused as drop_punt_ring_full)",
+        punts_read,
+    );
+    let (entries, capacity) = (
+        Family::<Labels, Gauge>::default(),
+        Family::<Labels, Gauge>::default(),
+    );
+    for table in &snapshot.tables {
+        let label = vec![("table", table.name.to_owned())];
+        entries.get_or_create(&label).set(table.entries as i64);
+        capacity.get_or_create(&label).set(table.capacity as i64);
+    }
+    registry.register(
+        "table_entries",
+        "Entries in a table: flows (XDP's per-flow state, closing and idle ones included until the LRU reclaims them), affinity (source-ip sessions, expired ones included), bindings (cookie connections the agent is binding)",
+        entries,
     );
     registry.register(
-        "binding_capacity",
-        "Cookie service connections that may be bound at once (binding_capacity)",
-        gauge(snapshot.binding_capacity),
+        "table_capacity",
+        "The most entries a table holds (flow_capacity, affinity_capacity, binding_capacity); a full LRU table evicts its least recent entry",
+        capacity,
     );
 
     let per_backend = || Family::<Labels, Gauge>::default();
@@ -366,8 +385,10 @@ pub fn snapshot_json(snapshot: &Snapshot) -> serde_json::Value {
         "refused": total(&["refused_", "reset_"]),
         "passed": total(&["pass_"]),
         "cookies_issued": snapshot.cookies_issued,
-        "bindings_held": snapshot.bindings_held,
-        "binding_capacity": snapshot.binding_capacity,
+        "tables": snapshot.tables.iter().map(|t| (t.name.to_owned(), serde_json::json!({
+            "entries": t.entries,
+            "capacity": t.capacity,
+        }))).collect::<serde_json::Map<_, _>>(),
         "backends": backends,
         "top_sources": snapshot.top_sources.iter().map(|s| serde_json::json!({
             "source": s.source.to_string(),
@@ -475,6 +496,12 @@ mod tests {
             cookies_rejected: vec![("web".into(), "bad_signature", 2)],
             resets: vec![("client_budget", 1)],
             resent: vec![("request", 1)],
+            tables: vec![Table {
+                name: "flows",
+                entries: 3,
+                capacity: 1024,
+            }],
+            punts_read: 12,
             binding_latency: Some(binding_latency_histogram()),
             check_latency: Some(check_latencies()),
             backends: vec![BackendSnapshot {

@@ -92,8 +92,8 @@ fn draw(
         rate(current, previous, "refused"),
         rate(current, previous, "passed"),
         rate(current, previous, "cookies_issued"),
-        current["bindings_held"],
-        current["binding_capacity"],
+        current["tables"]["bindings"]["entries"],
+        current["tables"]["bindings"]["capacity"],
     );
     frame.render_widget(
         Paragraph::new(summary)

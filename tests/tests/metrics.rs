@@ -16,7 +16,7 @@ const PROMETHEUS: &str = "127.0.0.1:9090";
 #[test]
 fn a_real_prometheus_sees_each_backends_connections_the_cookies_issued_and_health() {
     let mut lab = lab_with_settings(
-        METRICS,
+        &format!("{METRICS}binding_capacity = 5000\n"),
         &ServiceOptions {
             web_settings: "affinity = \"lb-cookie\"\n\
                 [service.health_check]\nkind = \"http\"\ninterval = 0.5\ntimeout = 0.5\n\
@@ -103,6 +103,26 @@ for _ in range({connections}):
             "{name}: cookies issued, as Prometheus saw them ({issued_per_backend_after:?}), against the answers ({sent:?})"
         );
     }
+    // Every record XDP punted, the agent read; each table reports its capacity.
+    let punted = "balancer_xdp_packets_total{reason=\"punted\"}";
+    let read = "balancer_punts_read_total";
+    wait_until(Duration::from_secs(10), "every punt read", || {
+        let punted = query(&lab, punted, "reason").get("punted").copied();
+        punted.is_some() && punted == query(&lab, read, "job").get("balancer").copied()
+    });
+    let capacities = query(&lab, "balancer_table_capacity", "table");
+    let expected: HashMap<String, f64> = [
+        ("flows", f64::from(1u32 << 20)),
+        ("affinity", f64::from(1u32 << 20)),
+        ("bindings", 5000.0),
+    ]
+    .into_iter()
+    .map(|(table, capacity)| (table.to_owned(), capacity))
+    .collect();
+    assert_eq!(capacities, expected);
+    let flow_entries = query(&lab, "balancer_table_entries{table=\"flows\"}", "table")["flows"];
+    assert!(flow_entries >= 1.0, "the spliced connections' flows are in the table");
+
     // A tampered cookie counts as absent, once, under its service and reason.
     let tampered = "balancer_cookies_rejected_total{service=\"web\",reason=\"bad_signature\"}";
     let rejected_now = |lab: &Lab| query(lab, tampered, "reason").get("bad_signature").copied();

@@ -71,6 +71,8 @@ const RESPONSE_MEMORY: Duration = Duration::from_secs(300);
 /// What the binding stage did, for the stats line and `balancer status`.
 #[derive(Default, Clone, Copy, Debug)]
 pub struct BindingCounters {
+    /// Records read from the punt ring.
+    pub punts_read: u64,
     pub bound: u64,
     /// Connections placed by an application cookie's value or a genuine balancer cookie.
     pub with_cookie: u64,
@@ -470,6 +472,7 @@ impl Agent {
 
     /// Handles one record of the punt ring.
     pub fn on_punt(&mut self, record: &[u8]) {
+        self.binder.counters.punts_read += 1;
         let Some(punt) = record
             .get(..std::mem::size_of::<Punt>())
             .and_then(|b| bytemuck::try_pod_read_unaligned::<Punt>(b).ok())

@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{AdminState, BackendConfig, Config, ServiceConfig},
-    dataplane::Dataplane,
+    dataplane::{Dataplane, TableCount},
     health, maglev,
 };
 
@@ -468,6 +468,7 @@ impl Agent {
         let flows = self
             .dataplane
             .active_flows_by_backend(ACTIVE_FLOW_WINDOW_S)?
+            .by_backend
             .get(&runtime.id)
             .copied()
             .unwrap_or(0);
@@ -575,12 +576,24 @@ impl Agent {
         Ok(())
     }
 
-    /// One line per backend: state, health, clients with a session and active flows.
+    /// The affinity table, counting per backend the `source-ip` sessions that still hold it
+    /// under their service's `affinity_timeout`.
+    fn session_table(&self) -> Result<TableCount> {
+        self.dataplane.sessions_by_backend(|id| {
+            self.services
+                .iter()
+                .find(|s| s.id == id)
+                .map(|s| s.config.affinity_timeout)
+        })
+    }
+
+    /// One line per backend: state, health, clients with a live session and active flows.
     pub fn status(&self) -> Result<String> {
-        let sessions = self.dataplane.sessions_by_backend()?;
+        let sessions = self.session_table()?.by_backend;
         let flows = self
             .dataplane
-            .active_flows_by_backend(ACTIVE_FLOW_WINDOW_S)?;
+            .active_flows_by_backend(ACTIVE_FLOW_WINDOW_S)?
+            .by_backend;
         let mut text = String::new();
         let attached: Vec<String> = self
             .dataplane
@@ -667,10 +680,11 @@ impl Agent {
 
     /// What the Prometheus endpoint shows.
     pub fn metrics(&self) -> Result<crate::metrics::Snapshot> {
-        let sessions = self.dataplane.sessions_by_backend()?;
-        let flows = self
+        let session_table = self.session_table()?;
+        let flow_table = self
             .dataplane
             .active_flows_by_backend(ACTIVE_FLOW_WINDOW_S)?;
+        let (sessions, flows) = (&session_table.by_backend, &flow_table.by_backend);
         let b = &self.binder.counters;
         let ids: Vec<u32> = self
             .services
@@ -741,8 +755,24 @@ impl Agent {
                 ("request", b.replays_resent),
             ],
             syn_cookie_rotations: self.cookie_rotations,
-            bindings_held: self.binder.held() as u64,
-            binding_capacity: u64::from(self.config.binding_capacity),
+            tables: vec![
+                crate::metrics::Table {
+                    name: "flows",
+                    entries: flow_table.entries,
+                    capacity: u64::from(self.config.flow_capacity),
+                },
+                crate::metrics::Table {
+                    name: "affinity",
+                    entries: session_table.entries,
+                    capacity: u64::from(self.config.affinity_capacity),
+                },
+                crate::metrics::Table {
+                    name: "bindings",
+                    entries: self.binder.held() as u64,
+                    capacity: u64::from(self.config.binding_capacity),
+                },
+            ],
+            punts_read: b.punts_read,
             backends,
             binding_latency: Some(self.binder.binding_latency.clone()),
             check_latency: Some(self.check_latency.clone()),
