@@ -17,6 +17,7 @@ use tokio::{
     net::UnixListener,
     sync::{mpsc, oneshot},
 };
+
 use crate::throttle::throttled;
 
 const SOCKET_DIR: &str = "/run/balancer";

@@ -488,7 +488,10 @@ impl Dataplane {
     /// The affinity table's entries, and per backend id the `source-ip` sessions that still
     /// hold it: their client opened a flow within their service's `timeout_of` seconds (an
     /// unknown service's entries hold nothing). Walks the whole map.
-    pub fn sessions_by_backend(&self, timeout_of: impl Fn(u32) -> Option<u32>) -> Result<TableCount> {
+    pub fn sessions_by_backend(
+        &self,
+        timeout_of: impl Fn(u32) -> Option<u32>,
+    ) -> Result<TableCount> {
         let map = self.map_ref(map_name::AFFINITY)?;
         let sessions: HashMap<&MapData, AffinityKey, Affinity> = HashMap::try_from(map)?;
         let now_ns = monotonic_ns();

@@ -357,7 +357,9 @@ fn execute(command: Command) -> Result<()> {
                     counters
                         .lines()
                         .filter_map(|line| line.split_once(' '))
-                        .filter_map(|(name, count)| Some((name.to_owned(), count.parse::<u64>().ok()?.into())))
+                        .filter_map(|(name, count)| {
+                            Some((name.to_owned(), count.parse::<u64>().ok()?.into()))
+                        })
                         .collect::<serde_json::Map<_, _>>()
                 });
                 println!("{}", serde_json::json!({"xdp": xdp.json(), "agent": agent}));

@@ -39,8 +39,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Snapshot {
     /// The XDP program's counters by exit reason.
     pub xdp: stats::Snapshot,
-    /// Cookie connections bound to a backend, by how it was chosen, and binding failures.
-    pub bindings: Vec<(&'static str, u64)>,
+    /// Cookie connections bound to a backend, by service and how it was chosen, and binding
+    /// failures.
+    pub bindings: Vec<(String, &'static str, u64)>,
     /// Cookie connections the agent reset, by why.
     pub resets: Vec<(&'static str, u64)>,
     pub cookies_issued: u64,
@@ -143,6 +144,18 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> String {
         }
         family
     };
+    let by_service = |label: &'static str, values: &[(String, &'static str, u64)]| {
+        let family = Family::<Labels, Counter>::default();
+        for (service, name, value) in values {
+            family
+                .get_or_create(&vec![
+                    ("service", service.clone()),
+                    (label, (*name).to_owned()),
+                ])
+                .inc_by(*value);
+        }
+        family
+    };
     let xdp = |field: fn(&balancer_common::Counter) -> u64| {
         let family = Family::<Labels, Counter>::default();
         for reason in Reason::ALL {
@@ -166,8 +179,8 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> String {
     );
     registry.register(
         "bindings",
-        "Cookie service connections the agent bound to a backend (by a cookie or by the fallback), retried elsewhere, or failed to bind",
-        by("outcome", &snapshot.bindings),
+        "Cookie service connections the agent bound to a backend (by a cookie or by the fallback), retried elsewhere, or failed to bind, by service and outcome",
+        by_service("outcome", &snapshot.bindings),
     );
     registry.register(
         "connections_reset",
@@ -181,19 +194,10 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> String {
         "Responses the agent gave the balancer's cookie",
         issued,
     );
-    let rejected = Family::<Labels, Counter>::default();
-    for (service, reason, count) in &snapshot.cookies_rejected {
-        rejected
-            .get_or_create(&vec![
-                ("service", service.clone()),
-                ("reason", (*reason).to_owned()),
-            ])
-            .inc_by(*count);
-    }
     registry.register(
         "cookies_rejected",
         "Balancer cookies that counted as absent (the connection was placed as without one), by service and why",
-        rejected,
+        by_service("reason", &snapshot.cookies_rejected),
     );
     registry.register(
         "resent",
@@ -491,7 +495,10 @@ mod tests {
     /// A snapshot with something in every family.
     fn example() -> Snapshot {
         let mut snapshot = Snapshot {
-            bindings: vec![("with_cookie", 7), ("failed", 1)],
+            bindings: vec![
+                ("web".into(), "with_cookie", 7),
+                ("web".into(), "failed", 1),
+            ],
             cookies_issued: 5,
             cookies_rejected: vec![("web".into(), "bad_signature", 2)],
             resets: vec![("client_budget", 1)],

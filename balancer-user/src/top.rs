@@ -77,7 +77,10 @@ fn draw(
     now: Instant,
 ) {
     let previous = previous.map(|(at, value)| (value, now.duration_since(*at).as_secs_f64()));
-    let sources = current["top_sources"].as_array().cloned().unwrap_or_default();
+    let sources = current["top_sources"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let [header, table, sources_area, footer] = Layout::vertical([
         Constraint::Length(3),
         Constraint::Min(3),
@@ -189,8 +192,14 @@ fn draw(
             Cell::from(s["service"].as_str().unwrap_or("?").to_owned()),
         ])
     });
-    let source_header = Row::new(["SOURCE", "NEW FLOWS/min", "NEW/s 10s", "COUNT", "LATEST SERVICE"])
-        .style(Style::new().add_modifier(Modifier::BOLD));
+    let source_header = Row::new([
+        "SOURCE",
+        "NEW FLOWS/min",
+        "NEW/s 10s",
+        "COUNT",
+        "LATEST SERVICE",
+    ])
+    .style(Style::new().add_modifier(Modifier::BOLD));
     let source_widths = [
         Constraint::Min(20),
         Constraint::Length(14),

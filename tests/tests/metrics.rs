@@ -36,6 +36,8 @@ fn a_real_prometheus_sees_each_backends_connections_the_cookies_issued_and_healt
     let issued_per_backend_before = query(&lab, issued_per_backend, "backend");
     let issued = "balancer_cookies_issued_total";
     let bound_before = query(&lab, bound, "backend");
+    let outcomes = "balancer_bindings_total{service=\"web\"}";
+    let outcomes_before = query(&lab, outcomes, "outcome");
     let issued_now = |lab: &Lab| query(lab, issued, "job").get("balancer").copied();
     let issued_before = issued_now(&lab).expect("the cookies issued, scraped");
     let latencies = "balancer_binding_latency_seconds_count";
@@ -70,6 +72,19 @@ for _ in range({connections}):
     // The scrape that saw the cookies saw the bindings too: the agent counts both before it
     // answers the client.
     let bound_after = query(&lab, bound, "backend");
+    let outcomes_after = query(&lab, outcomes, "outcome");
+    for (outcome, expected) in [
+        ("by_fallback", connections as f64),
+        ("with_cookie", 0.0),
+        ("failed", 0.0),
+    ] {
+        let count = |values: &HashMap<String, f64>| values.get(outcome).copied().unwrap_or(0.0);
+        assert_eq!(
+            count(&outcomes_after) - count(&outcomes_before),
+            expected,
+            "web's bindings {outcome}: {outcomes_before:?} then {outcomes_after:?}"
+        );
+    }
     let issued_per_backend_after = query(&lab, issued_per_backend, "backend");
     assert_eq!(
         query(&lab, latencies, "job")["balancer"] - latencies_before,
@@ -121,7 +136,10 @@ for _ in range({connections}):
     .collect();
     assert_eq!(capacities, expected);
     let flow_entries = query(&lab, "balancer_table_entries{table=\"flows\"}", "table")["flows"];
-    assert!(flow_entries >= 1.0, "the spliced connections' flows are in the table");
+    assert!(
+        flow_entries >= 1.0,
+        "the spliced connections' flows are in the table"
+    );
 
     // A tampered cookie counts as absent, once, under its service and reason.
     let tampered = "balancer_cookies_rejected_total{service=\"web\",reason=\"bad_signature\"}";
@@ -285,7 +303,13 @@ for line in open(sys.argv[1]):
     run(
         lab,
         lab.balancer_ns(),
-        &["python3", "-c", script, log.to_str().expect("utf-8"), message],
+        &[
+            "python3",
+            "-c",
+            script,
+            log.to_str().expect("utf-8"),
+            message,
+        ],
     )
     .lines()
     .map(|n| n.parse().expect("a count"))
@@ -329,13 +353,21 @@ fn a_flood_of_refused_connections_logs_five_warnings_a_window_and_counts_the_res
     wait_until(Duration::from_secs(5), "every refusal counted", || {
         binding_count(&lab, "failed") == sent
     });
-    assert_eq!(logged(&lab, refused), vec![0; 5], "five warnings in the window");
+    assert_eq!(
+        logged(&lab, refused),
+        vec![0; 5],
+        "five warnings in the window"
+    );
     // After the window, the next refusal is logged with the count of those held back.
-    wait_until(Duration::from_secs(20), "a warning after the window", || {
-        connect();
-        sent += 1;
-        logged(&lab, refused).len() > 5
-    });
+    wait_until(
+        Duration::from_secs(20),
+        "a warning after the window",
+        || {
+            connect();
+            sent += 1;
+            logged(&lab, refused).len() > 5
+        },
+    );
     let warnings = logged(&lab, refused);
     assert_eq!(warnings.len(), 6, "{warnings:?}");
     assert_eq!(
@@ -491,7 +523,10 @@ for _ in range({connections}):
             let status: serde_json::Value =
                 serde_json::from_str(&balancer(&lab, &["status", "--json"]))
                     .expect("status --json is JSON");
-            let top = status["top_sources"].as_array().expect("top_sources").clone();
+            let top = status["top_sources"]
+                .as_array()
+                .expect("top_sources")
+                .clone();
             shown = top
                 .iter()
                 .filter(|s| expected.iter().any(|(c, _, _)| s["source"] == c.as_str()))
@@ -508,8 +543,8 @@ for _ in range({connections}):
         },
     );
     assert_eq!(lost(&lab), lost_before, "no new flow missed the tally");
-    let stats: serde_json::Value = serde_json::from_str(&balancer(&lab, &["stats", "--json"]))
-        .expect("stats --json is JSON");
+    let stats: serde_json::Value =
+        serde_json::from_str(&balancer(&lab, &["stats", "--json"])).expect("stats --json is JSON");
     assert_eq!(
         stats["xdp"]["new_flow_source_lost"]["packets"].as_u64(),
         Some(lost_before),

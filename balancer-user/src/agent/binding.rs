@@ -131,6 +131,66 @@ pub struct Binder {
     /// index, and responses given the cookie, by backend id: the metrics' labels.
     pub rejected_by_service: HashMap<(u32, usize), u64>,
     pub issued_by_backend: HashMap<u32, u64>,
+    /// Bindings by service id and outcome, for the metrics.
+    pub outcomes_by_service: HashMap<(u32, Outcome), u64>,
+}
+
+impl BindingCounters {
+    /// Counts a binding's outcome, in all and in `by_service` for its service (when it still
+    /// has one).
+    fn count(
+        &mut self,
+        outcome: Outcome,
+        service: Option<u32>,
+        by_service: &mut HashMap<(u32, Outcome), u64>,
+    ) {
+        *match outcome {
+            Outcome::WithCookie => &mut self.with_cookie,
+            Outcome::ByFallback => &mut self.without_cookie,
+            Outcome::Retried => &mut self.retried,
+            Outcome::Failed => &mut self.failed,
+            Outcome::HeadTooLarge => &mut self.head_too_large,
+        } += 1;
+        if let Some(service) = service {
+            *by_service.entry((service, outcome)).or_default() += 1;
+        }
+    }
+}
+
+/// What a cookie connection's binding came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Placed by an application cookie's value or a genuine balancer cookie.
+    WithCookie,
+    /// Placed by the fallback: no cookie, or one that counted as absent.
+    ByFallback,
+    /// Sent to another backend after one refused or did not answer.
+    Retried,
+    /// Reset: no backend took it, no source port was free, or its head came too slowly.
+    Failed,
+    /// Placed on a head that did not fit the agent's buffer (without its cookie, if it came
+    /// later).
+    HeadTooLarge,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 5] = [
+        Outcome::WithCookie,
+        Outcome::ByFallback,
+        Outcome::Retried,
+        Outcome::Failed,
+        Outcome::HeadTooLarge,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Outcome::WithCookie => "with_cookie",
+            Outcome::ByFallback => "by_fallback",
+            Outcome::Retried => "retried",
+            Outcome::Failed => "failed",
+            Outcome::HeadTooLarge => "head_too_large",
+        }
+    }
 }
 
 /// Events per second over the last [`RecentCounts::SECONDS`] seconds, in constant memory.
@@ -193,6 +253,8 @@ struct Pending {
     client_port: u16,
     vip: IpAddr,
     vip_port: u16,
+    /// The id of the service its VIP and port had when it came.
+    service: Option<u32>,
     binding: Binding,
     /// The client's bytes from its first sequence number on, without gaps.
     request: Vec<u8>,
@@ -352,6 +414,7 @@ impl Binder {
             binding_latency: crate::metrics::binding_latency_histogram(),
             rejected_by_service: HashMap::new(),
             issued_by_backend: HashMap::new(),
+            outcomes_by_service: HashMap::new(),
         })
     }
 
@@ -511,13 +574,14 @@ impl Agent {
             };
             self.make_room(segment.src);
             self.binder.budgets.add(key);
-            if let Some(service) = self
+            let service = self
                 .services
                 .iter()
                 .find(|s| s.config.vip == segment.dst && s.config.port == segment.dport)
-            {
+                .map(|s| s.id);
+            if let Some(service) = service {
                 let now = u64::from(crate::dataplane::monotonic_seconds());
-                self.sources.add(segment.src, service.id, now);
+                self.sources.add(segment.src, service, now);
             }
             self.binder.pending.insert(
                 key,
@@ -526,6 +590,7 @@ impl Agent {
                     client_port: segment.sport,
                     vip: segment.dst,
                     vip_port: segment.dport,
+                    service,
                     binding,
                     request: Vec::new(),
                     window: segment.window,
@@ -656,7 +721,12 @@ impl Agent {
             return;
         }
         if too_large && !head_complete {
-            self.binder.counters.head_too_large += 1;
+            let service = pending.service;
+            self.binder.counters.count(
+                Outcome::HeadTooLarge,
+                service,
+                &mut self.binder.outcomes_by_service,
+            );
         }
         self.connect_next(key);
     }
@@ -682,25 +752,32 @@ impl Agent {
         };
         let Some((target, cookie)) = choice else {
             throttled!(warn, client = %pending.client, port = pending.client_port, tried = pending.tried.len(), "no backend took the connection: resetting the client");
-            self.binder.counters.failed += 1;
+            self.binder.counters.count(
+                Outcome::Failed,
+                Some(service.id),
+                &mut self.binder.outcomes_by_service,
+            );
             self.abort(key, false);
             return;
         };
         if pending.tried.is_empty() {
-            let counters = &mut self.binder.counters;
-            match cookie {
-                Cookie::Hashed(_) | Cookie::Session { .. } => counters.with_cookie += 1,
-                Cookie::Absent => counters.without_cookie += 1,
-                Cookie::Rejected(reason) => {
-                    counters.without_cookie += 1;
-                    counters.cookies_rejected[reason] += 1;
-                    *self
-                        .binder
-                        .rejected_by_service
-                        .entry((service.id, reason))
-                        .or_default() += 1;
-                    throttled!(info, client = %pending.client, service = %service.config.name, %cookie, "balancer cookie refused: the request is placed as a new session");
-                }
+            let outcome = match cookie {
+                Cookie::Hashed(_) | Cookie::Session { .. } => Outcome::WithCookie,
+                Cookie::Absent | Cookie::Rejected(_) => Outcome::ByFallback,
+            };
+            self.binder.counters.count(
+                outcome,
+                Some(service.id),
+                &mut self.binder.outcomes_by_service,
+            );
+            if let Cookie::Rejected(reason) = cookie {
+                self.binder.counters.cookies_rejected[reason] += 1;
+                *self
+                    .binder
+                    .rejected_by_service
+                    .entry((service.id, reason))
+                    .or_default() += 1;
+                throttled!(info, client = %pending.client, service = %service.config.name, %cookie, "balancer cookie refused: the request is placed as a new session");
             }
             if matches!(cookie, Cookie::Hashed(_) | Cookie::Session { .. }) {
                 self.binder
@@ -713,7 +790,11 @@ impl Agent {
                     .add(u64::from(crate::dataplane::monotonic_seconds()));
             }
         } else {
-            self.binder.counters.retried += 1;
+            self.binder.counters.count(
+                Outcome::Retried,
+                Some(service.id),
+                &mut self.binder.outcomes_by_service,
+            );
         }
         debug!(
             client = %pending.client, port = pending.client_port, service = %service.config.name,
@@ -753,7 +834,11 @@ impl Agent {
             );
             let Some(source) = claimed else {
                 throttled!(warn, client = %client.0, backend = %target.addr, "every full NAT source port to the backend is taken: resetting the client");
-                self.binder.counters.failed += 1;
+                self.binder.counters.count(
+                    Outcome::Failed,
+                    Some(service.id),
+                    &mut self.binder.outcomes_by_service,
+                );
                 self.abort(key, false);
                 return;
             };
@@ -1191,7 +1276,12 @@ impl Agent {
         for key in expire {
             if let Some(pending) = self.binder.pending.get(&key) {
                 throttled!(warn, client = %pending.client, port = pending.client_port, "request head not complete in time: resetting the client");
-                self.binder.counters.failed += 1;
+                let service = pending.service;
+                self.binder.counters.count(
+                    Outcome::Failed,
+                    service,
+                    &mut self.binder.outcomes_by_service,
+                );
                 self.abort(&key, false);
             }
         }

@@ -12,8 +12,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use balancer_common::{
-    backend_state, Addr, Backend, CookieSecret, NewFlowSource, Service, ServiceKey,
-    MAX_BACKENDS,
+    backend_state, Addr, Backend, CookieSecret, NewFlowSource, Service, ServiceKey, MAX_BACKENDS,
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{error, info, warn};
@@ -38,7 +37,7 @@ mod response;
 mod sources;
 
 pub use binding::BindingCounters;
-use binding::BindingLimits;
+use binding::{BindingLimits, Outcome};
 
 pub struct Agent {
     config: Config,
@@ -721,13 +720,21 @@ impl Agent {
         }
         Ok(crate::metrics::Snapshot {
             xdp: crate::stats::Snapshot::read(&self.config.instance)?,
-            bindings: vec![
-                ("with_cookie", b.with_cookie),
-                ("by_fallback", b.without_cookie),
-                ("retried", b.retried),
-                ("failed", b.failed),
-                ("head_too_large", b.head_too_large),
-            ],
+            bindings: self
+                .services
+                .iter()
+                .filter(|s| s.config.cookie_name().is_some())
+                .flat_map(|s| {
+                    Outcome::ALL.map(|outcome| {
+                        let count = self.binder.outcomes_by_service.get(&(s.id, outcome));
+                        (
+                            s.config.name.clone(),
+                            outcome.name(),
+                            count.copied().unwrap_or(0),
+                        )
+                    })
+                })
+                .collect(),
             resets: vec![
                 ("client_budget", b.shed_client_budget),
                 ("prefix_budget", b.shed_prefix_budget),
