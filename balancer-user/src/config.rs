@@ -20,12 +20,14 @@ use crate::cookie::{backend_token, CookieKey, CookieKeys};
 pub const DEFAULT_INSTANCE: &str = "balancer";
 const MIN_FLOW_CAPACITY: u32 = 1024;
 const MAX_FLOW_CAPACITY: u32 = 1 << 26;
-const MAX_WEIGHT: u32 = 10_000;
+pub const MAX_WEIGHT: u32 = 10_000;
 const MIN_TABLE_SIZE: u32 = 1021;
 const MAX_TABLE_SIZE: u32 = 262_139;
 const MAX_AFFINITY_TIMEOUT: u32 = 7 * 24 * 3600;
 /// Longest life of a balancer cookie, as the cloud balancers allow.
 const MAX_COOKIE_DURATION: u32 = 7 * 24 * 3600;
+/// An hour, as a release's canary phase might last.
+const DEFAULT_GROUP_STICKINESS: u32 = 3600;
 const DEFAULT_LB_COOKIE: &str = "LBSESSION";
 const DEFAULT_COMPANION_COOKIE: &str = "LBAPP";
 /// Appended to the balancer cookie's name to name its cross-origin variant.
@@ -223,8 +225,30 @@ pub struct ServiceConfig {
     /// flow's first data segment (L4 services need `nat = "full"`).
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// The service's backends; with `[[service.group]]`s, theirs, each marked with its
+    /// group's index (the configuration lists them in their groups).
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+    /// Weighted groups of backends (blue/green, canary), instead of `[[service.backend]]`s:
+    /// a new session picks a group by weight, then a backend in it.
+    #[serde(default, rename = "group")]
+    pub groups: Vec<GroupConfig>,
+    /// `lb-cookie` with groups: seconds a session stays in its group, even when the weights
+    /// change or its backend fails (it then moves within the group), 1 to 604800 (7 days).
+    pub group_stickiness: Option<u32>,
+}
+
+/// A group of a service's backends: [`ServiceConfig::groups`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    pub name: String,
+    /// Share of new sessions relative to the other groups; 0 takes none (the group drains).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Moved into [`ServiceConfig::backends`] once read.
+    #[serde(default, rename = "backend")]
+    backends: Vec<BackendConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -392,6 +416,23 @@ impl ServiceConfig {
         }
     }
 
+    /// Where backend `b` of [`ServiceConfig::backends`] is in the configuration: in its
+    /// group when it has one.
+    pub fn backend_field(&self, field: &str, b: usize) -> String {
+        match self.backends[b].group {
+            None => format!("{field}.backend[{b}]"),
+            Some(g) => {
+                let first = self.backends.iter().position(|x| x.group == Some(g));
+                format!("{field}.group[{g}].backend[{}]", b - first.unwrap_or(b))
+            }
+        }
+    }
+
+    /// Seconds a session stays in its group.
+    pub fn group_stickiness(&self) -> u32 {
+        self.group_stickiness.unwrap_or(DEFAULT_GROUP_STICKINESS)
+    }
+
     /// The cookie whose value places a connection, for the cookie modes: the balancer's
     /// signed cookie when it issues one, else the application's.
     pub fn cookie_name(&self) -> Option<&str> {
@@ -515,6 +556,18 @@ pub struct BackendConfig {
     pub weight: u32,
     #[serde(default)]
     pub state: AdminState,
+    /// The index of its group in [`ServiceConfig::groups`], if the service has groups.
+    #[serde(skip)]
+    pub group: Option<usize>,
+}
+
+/// A name of an instance, service, group or backend: 1-64 letters, digits, '-' or '_'.
+fn name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 fn default_weight() -> u32 {
@@ -810,8 +863,31 @@ impl Config {
             error: Box::new(error),
         })?;
         config.signing_keys = config.load_keys(base)?;
+        config.gather_groups()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Moves each group's backends into its service's list, marked with the group.
+    fn gather_groups(&mut self) -> Result<(), ConfigError> {
+        for (index, service) in self.services.iter_mut().enumerate() {
+            if service.groups.is_empty() {
+                continue;
+            }
+            if !service.backends.is_empty() {
+                return Err(invalid(
+                    format!("service[{index}] ({}).backend", service.name),
+                    "cannot stand beside [[service.group]]: list each backend in its group",
+                ));
+            }
+            for (g, group) in service.groups.iter_mut().enumerate() {
+                for mut backend in group.backends.drain(..) {
+                    backend.group = Some(g);
+                    service.backends.push(backend);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `cookie_keys`, then the key file's keys; every id once, every secret long enough.
@@ -937,6 +1013,59 @@ impl Config {
         Ok(())
     }
 
+    fn validate_groups(&self, service: &ServiceConfig, field: &str) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        for (g, group) in service.groups.iter().enumerate() {
+            let field = format!("{field}.group[{g}]");
+            if !name_ok(&group.name) {
+                return Err(invalid(
+                    format!("{field}.name"),
+                    format!("{:?} must be 1-64 letters, digits, '-' or '_'", group.name),
+                ));
+            }
+            if !names.insert(group.name.as_str()) {
+                return Err(invalid(
+                    format!("{field}.name"),
+                    "is used by another group of this service",
+                ));
+            }
+            if group.weight > MAX_WEIGHT {
+                return Err(invalid(
+                    format!("{field}.weight"),
+                    format!("{} is above the maximum {MAX_WEIGHT}", group.weight),
+                ));
+            }
+            if !service.backends.iter().any(|b| b.group == Some(g)) {
+                return Err(invalid(
+                    format!("{field}.backend"),
+                    "a group needs at least one backend",
+                ));
+            }
+        }
+        if let Some(stickiness) = service.group_stickiness {
+            let field = format!("{field}.group_stickiness");
+            if service.groups.is_empty() {
+                return Err(invalid(
+                    field,
+                    "needs [[service.group]]s to keep sessions in",
+                ));
+            }
+            if service.affinity != AffinityMode::LbCookie {
+                return Err(invalid(
+                    field,
+                    "is for lb-cookie services so far (other services place each new session in a group by weight)",
+                ));
+            }
+            if !(1..=MAX_COOKIE_DURATION).contains(&stickiness) {
+                return Err(invalid(
+                    field,
+                    format!("{stickiness} is outside 1..={MAX_COOKIE_DURATION} seconds (7 days)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_source_networks(&self) -> Result<(), ConfigError> {
         if self.nat_port_range().is_none() {
             return Err(invalid(
@@ -984,12 +1113,6 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let name_ok = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 64
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        };
         if !name_ok(&self.instance) {
             return Err(invalid(
                 "instance",
@@ -1194,7 +1317,7 @@ impl Config {
                     .find(|(_, b)| self.source_network_of(b.address).is_none())
                 {
                     return Err(invalid(
-                        format!("{field}.backend[{b}].address"),
+                        format!("{}.address", service.backend_field(&field, b)),
                         format!(
                             "no [[source_network]] holds {}: full NAT sends from the balancer's own address in the backend's network",
                             backend.address
@@ -1204,8 +1327,9 @@ impl Config {
             }
             let mut backend_names = HashSet::new();
             let mut cookie_tokens = HashSet::new();
+            self.validate_groups(service, &field)?;
             for (b, backend) in service.backends.iter().enumerate() {
-                let field = format!("{field}.backend[{b}]");
+                let field = service.backend_field(&field, b);
                 if !name_ok(&backend.name) {
                     return Err(invalid(
                         format!("{field}.name"),
@@ -1555,6 +1679,105 @@ mod tests {
                     "protocol = \"tcp\"\naffinity = \"app-cookie\"\ncookie = \"SID\"\napp_cookie = \"rewrite\"\ncompanion_cookie = \"X\"",
                 ),
                 "service[0] (web).companion_cookie",
+            ),
+        ];
+        for (text, field) in cases {
+            let error = error_of(&text);
+            assert!(
+                error.starts_with(&format!("{field}:")),
+                "expected an error about {field}, got: {error}"
+            );
+        }
+    }
+
+    const GROUPED: &str = r#"
+        instance = "lab"
+        client_interface = "lb-client"
+        backend_interface = "lb-backend"
+        cookie_keys = [{ id = 1, secret = "a key of at least sixteen bytes" }]
+
+        [[service]]
+        name = "shop"
+        vip = "203.0.113.10"
+        port = 80
+        protocol = "tcp"
+        affinity = "lb-cookie"
+        group_stickiness = 60
+          [[service.group]]
+          name = "blue"
+          weight = 90
+            [[service.group.backend]]
+            name = "b1"
+            address = "198.19.0.11"
+            [[service.group.backend]]
+            name = "b2"
+            address = "198.19.0.12"
+          [[service.group]]
+          name = "green"
+          weight = 10
+            [[service.group.backend]]
+            name = "g1"
+            address = "198.19.0.13"
+            port = 8080
+    "#;
+
+    #[test]
+    fn a_groups_backends_join_the_service_marked_with_their_group() {
+        let config = Config::parse(GROUPED).expect("valid");
+        let service = &config.services[0];
+        let groups: Vec<(&str, Option<usize>)> = service
+            .backends
+            .iter()
+            .map(|b| (b.name.as_str(), b.group))
+            .collect();
+        assert_eq!(groups, [("b1", Some(0)), ("b2", Some(0)), ("g1", Some(1))]);
+        assert_eq!(service.group_stickiness(), 60);
+        assert_eq!(
+            service.backend_field("service[0]", 2),
+            "service[0].group[1].backend[0]"
+        );
+    }
+
+    #[test]
+    fn group_errors_name_the_field() {
+        let cases = [
+            (
+                GROUPED.replace("port = 8080", "port = 0"),
+                "service[0] (shop).group[1].backend[0].port",
+            ),
+            (
+                GROUPED.replace("weight = 10\n", "weight = 10001\n"),
+                "service[0] (shop).group[1].weight",
+            ),
+            (
+                GROUPED.replace("name = \"green\"", "name = \"blue\""),
+                "service[0] (shop).group[1].name",
+            ),
+            (
+                GROUPED.replace("name = \"g1\"", "name = \"b1\""),
+                "service[0] (shop).group[1].backend[0].name",
+            ),
+            (
+                GROUPED.replace("group_stickiness = 60", "group_stickiness = 604801"),
+                "service[0] (shop).group_stickiness",
+            ),
+            (
+                GROUPED.replace("affinity = \"lb-cookie\"", "affinity = \"source-ip\""),
+                "service[0] (shop).group_stickiness",
+            ),
+            (
+                GROUPED.replace(
+                    "group_stickiness = 60",
+                    "[[service.backend]]\nname = \"x\"\naddress = \"198.19.0.14\"",
+                ),
+                "service[0] (shop).backend",
+            ),
+            (
+                VALID.replace(
+                    "protocol = \"tcp\"",
+                    "protocol = \"tcp\"\ngroup_stickiness = 5",
+                ),
+                "service[0] (web).group_stickiness",
             ),
         ];
         for (text, field) in cases {

@@ -55,6 +55,12 @@ pub enum Request {
     },
     /// What `balancer top` shows, as JSON (see `metrics::snapshot_json`).
     Top,
+    /// Sets a group's weight (see `Agent::set_group_weight`).
+    GroupWeight {
+        service: String,
+        group: String,
+        weight: u32,
+    },
     /// A service's sessions as JSON (see `Agent::sessions`).
     Sessions {
         service: String,
@@ -76,6 +82,11 @@ impl Request {
             Request::Metrics => "metrics".to_owned(),
             Request::Top => "top".to_owned(),
             Request::Pinned { service, backend } => format!("pinned {service} {backend}"),
+            Request::GroupWeight {
+                service,
+                group,
+                weight,
+            } => format!("group-weight {service} {group} {weight}"),
             Request::Sessions {
                 service,
                 backend,
@@ -117,6 +128,13 @@ impl Request {
             ["undrain", service, backend] => Ok(Request::Undrain {
                 service: (*service).into(),
                 backend: (*backend).into(),
+            }),
+            ["group-weight", service, group, weight] => Ok(Request::GroupWeight {
+                service: (*service).into(),
+                group: (*group).into(),
+                weight: weight
+                    .parse()
+                    .map_err(|_| format!("weight {weight:?} is not a number"))?,
             }),
             _ => Err(format!("unknown request {line:?}")),
         }

@@ -4,27 +4,43 @@
 //!
 //! The value is base64url (no padding) of 22 bytes: version (1), key id (1), backend token (4,
 //! big-endian), expiry in Unix seconds (4, big-endian), then HMAC-SHA256 truncated to 12
-//! bytes. The MAC covers the first 10 bytes and the service's name, so a cookie of one service
-//! does not route another. A backend token is a hash of the backend's name, the same on every
-//! host with the same configuration, and says nothing about its address.
+//! bytes. The MAC covers the bytes before it and the service's name, so a cookie of one
+//! service does not route another. A backend token is a hash of the backend's name, the same
+//! on every host with the same configuration, and says nothing about its address. A session
+//! in a group of backends (version 2, 30 bytes) also carries the group's token and until when
+//! it stays in that group, before the MAC.
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 const VERSION: u8 = 1;
+const GROUP_VERSION: u8 = 2;
 const SIGNED_LEN: usize = 10;
+const GROUP_SIGNED_LEN: usize = SIGNED_LEN + 8;
 const MAC_LEN: usize = 12;
-const VALUE_LEN: usize = SIGNED_LEN + MAC_LEN;
-/// base64url of [`VALUE_LEN`] bytes without padding.
-const ENCODED_LEN: usize = (VALUE_LEN * 4).div_ceil(3);
+const MAX_VALUE_LEN: usize = GROUP_SIGNED_LEN + MAC_LEN;
 
-/// What a genuine cookie says: the backend's token and when the cookie expires (Unix
-/// seconds).
+/// base64url of `len` bytes without padding.
+const fn encoded_len(len: usize) -> usize {
+    (len * 4).div_ceil(3)
+}
+
+/// What a genuine cookie says: the backend's token, when the cookie expires (Unix seconds)
+/// and its session's group, if it has one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Session {
     pub token: u32,
     pub expires: u32,
+    pub group: Option<GroupPin>,
+}
+
+/// A session's group (a token of its name, as backends have) and the Unix second until
+/// which the session stays in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupPin {
+    pub token: u32,
+    pub until: u32,
 }
 
 /// A signing key; its id travels in the cookie so the right key verifies it.
@@ -84,30 +100,50 @@ impl CookieKeys {
         self.0.is_empty()
     }
 
-    /// A cookie value naming `backend` (a [`backend_token`]) until `expires` (Unix seconds),
-    /// or None without keys.
-    pub fn seal(&self, service: &str, backend: u32, expires: u32) -> Option<String> {
+    /// A cookie value naming `backend` (a [`backend_token`]) until `expires` (Unix seconds)
+    /// in `group`, or None without keys.
+    pub fn seal(
+        &self,
+        service: &str,
+        backend: u32,
+        expires: u32,
+        group: Option<GroupPin>,
+    ) -> Option<String> {
         let key = self.0.first()?;
-        let mut value = [0u8; VALUE_LEN];
+        let mut value = [0u8; MAX_VALUE_LEN];
         value[0] = VERSION;
         value[1] = key.id;
         value[2..6].copy_from_slice(&backend.to_be_bytes());
         value[6..10].copy_from_slice(&expires.to_be_bytes());
-        let mac = mac(key, service, &value[..SIGNED_LEN])
-            .finalize()
-            .into_bytes();
-        value[SIGNED_LEN..].copy_from_slice(&mac[..MAC_LEN]);
-        Some(URL_SAFE_NO_PAD.encode(value))
+        let mut signed = SIGNED_LEN;
+        if let Some(group) = group {
+            value[0] = GROUP_VERSION;
+            value[10..14].copy_from_slice(&group.token.to_be_bytes());
+            value[14..18].copy_from_slice(&group.until.to_be_bytes());
+            signed = GROUP_SIGNED_LEN;
+        }
+        let mac = mac(key, service, &value[..signed]).finalize().into_bytes();
+        value[signed..signed + MAC_LEN].copy_from_slice(&mac[..MAC_LEN]);
+        Some(URL_SAFE_NO_PAD.encode(&value[..signed + MAC_LEN]))
     }
 
     /// The session a cookie value holds, if it is genuine and not expired at `now`.
     pub fn open(&self, service: &str, cookie: &str, now: u32) -> Result<Session, Rejection> {
-        if cookie.len() != ENCODED_LEN {
+        let signed = if cookie.len() == encoded_len(SIGNED_LEN + MAC_LEN) {
+            SIGNED_LEN
+        } else if cookie.len() == encoded_len(GROUP_SIGNED_LEN + MAC_LEN) {
+            GROUP_SIGNED_LEN
+        } else {
             return Err(Rejection::Malformed);
-        }
-        let mut value = [0u8; VALUE_LEN];
+        };
+        let version = if signed == SIGNED_LEN {
+            VERSION
+        } else {
+            GROUP_VERSION
+        };
+        let mut value = [0u8; MAX_VALUE_LEN];
         match URL_SAFE_NO_PAD.decode_slice(cookie, &mut value) {
-            Ok(VALUE_LEN) if value[0] == VERSION => {}
+            Ok(len) if len == signed + MAC_LEN && value[0] == version => {}
             _ => return Err(Rejection::Malformed),
         }
         let key = self
@@ -115,8 +151,8 @@ impl CookieKeys {
             .iter()
             .find(|k| k.id == value[1])
             .ok_or(Rejection::UnknownKey)?;
-        mac(key, service, &value[..SIGNED_LEN])
-            .verify_truncated_left(&value[SIGNED_LEN..])
+        mac(key, service, &value[..signed])
+            .verify_truncated_left(&value[signed..signed + MAC_LEN])
             .map_err(|_| Rejection::BadSignature)?;
         let field = |at: usize| {
             u32::from_be_bytes([value[at], value[at + 1], value[at + 2], value[at + 3]])
@@ -127,6 +163,10 @@ impl CookieKeys {
         Ok(Session {
             token: field(2),
             expires: field(6),
+            group: (signed == GROUP_SIGNED_LEN).then(|| GroupPin {
+                token: field(10),
+                until: field(14),
+            }),
         })
     }
 }
@@ -167,8 +207,10 @@ mod tests {
     #[test]
     fn a_sealed_cookie_opens_to_its_backend_until_it_expires() {
         let keys = keys(&[1]);
-        let cookie = keys.seal("web", 0xdead_beef, NOW + 60).expect("a key");
-        assert_eq!(cookie.len(), ENCODED_LEN);
+        let cookie = keys
+            .seal("web", 0xdead_beef, NOW + 60, None)
+            .expect("a key");
+        assert_eq!(cookie.len(), encoded_len(SIGNED_LEN + MAC_LEN));
         assert_eq!(
             keys.open("web", &cookie, NOW).map(|s| s.token),
             Ok(0xdead_beef)
@@ -183,10 +225,10 @@ mod tests {
 
     #[test]
     fn rotated_keys_verify_old_cookies_and_sign_with_the_first() {
-        let old = keys(&[1]).seal("web", 7, NOW + 60).expect("a key");
+        let old = keys(&[1]).seal("web", 7, NOW + 60, None).expect("a key");
         let rotated = keys(&[2, 1]);
         assert_eq!(rotated.open("web", &old, NOW).map(|s| s.token), Ok(7));
-        let new = rotated.seal("web", 7, NOW + 60).expect("a key");
+        let new = rotated.seal("web", 7, NOW + 60, None).expect("a key");
         assert_eq!(keys(&[2]).open("web", &new, NOW).map(|s| s.token), Ok(7));
         assert_eq!(
             keys(&[1]).open("web", &new, NOW),
@@ -203,29 +245,53 @@ mod tests {
     }
 
     #[test]
+    fn a_sessions_group_travels_in_the_cookie() {
+        let keys = keys(&[1]);
+        let pin = GroupPin {
+            token: backend_token("green"),
+            until: NOW + 30,
+        };
+        let cookie = keys.seal("web", 9, NOW + 60, Some(pin)).expect("a key");
+        assert_eq!(cookie.len(), encoded_len(GROUP_SIGNED_LEN + MAC_LEN));
+        let session = keys.open("web", &cookie, NOW).expect("genuine");
+        assert_eq!((session.token, session.group), (9, Some(pin)));
+        // The group's time may pass before the cookie's: the cookie still opens.
+        assert_eq!(
+            keys.open("web", &cookie, NOW + 31).map(|s| s.group),
+            Ok(Some(pin))
+        );
+    }
+
+    #[test]
     fn every_flipped_bit_and_every_truncation_is_rejected() {
         let keys = keys(&[3]);
-        let cookie = keys.seal("web", 42, NOW + 3600).expect("a key");
-        let raw = URL_SAFE_NO_PAD.decode(&cookie).expect("base64");
-        for bit in 0..raw.len() * 8 {
-            let mut tampered = raw.clone();
-            tampered[bit / 8] ^= 1 << (bit % 8);
-            let opened = keys.open("web", &URL_SAFE_NO_PAD.encode(&tampered), NOW);
-            assert!(
-                opened.is_err(),
-                "bit {bit} flipped still opened: {opened:?}"
-            );
-        }
-        for len in 0..cookie.len() {
+        let pin = GroupPin {
+            token: 5,
+            until: NOW + 60,
+        };
+        for group in [None, Some(pin)] {
+            let cookie = keys.seal("web", 42, NOW + 3600, group).expect("a key");
+            let raw = URL_SAFE_NO_PAD.decode(&cookie).expect("base64");
+            for bit in 0..raw.len() * 8 {
+                let mut tampered = raw.clone();
+                tampered[bit / 8] ^= 1 << (bit % 8);
+                let opened = keys.open("web", &URL_SAFE_NO_PAD.encode(&tampered), NOW);
+                assert!(
+                    opened.is_err(),
+                    "bit {bit} flipped still opened: {opened:?}"
+                );
+            }
+            for len in 0..cookie.len() {
+                assert_eq!(
+                    keys.open("web", &cookie[..len], NOW),
+                    Err(Rejection::Malformed)
+                );
+            }
             assert_eq!(
-                keys.open("web", &cookie[..len], NOW),
+                keys.open("web", &format!("{cookie}A"), NOW),
                 Err(Rejection::Malformed)
             );
         }
-        assert_eq!(
-            keys.open("web", &format!("{cookie}A"), NOW),
-            Err(Rejection::Malformed)
-        );
     }
 
     /// Arbitrary text never panics and never opens (a cheap property test over many inputs).

@@ -146,6 +146,13 @@ enum Command {
         #[arg(short, long, default_value = config::DEFAULT_INSTANCE, global = true)]
         instance: String,
     },
+    /// Steer a running agent's groups of backends (blue/green, canary).
+    Group {
+        #[command(subcommand)]
+        action: GroupAction,
+        #[arg(short, long, default_value = config::DEFAULT_INSTANCE, global = true)]
+        instance: String,
+    },
     /// Build a lookup table for a number of equal backends and report how long it took, how
     /// evenly it spreads keys and how many move when one backend fails: helps choose
     /// `table_size`.
@@ -179,6 +186,18 @@ enum Command {
         /// (`"agent": null` when none runs).
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupAction {
+    /// Set the share of new sessions a group takes, relative to the service's other groups
+    /// (0: none, the group drains). Sessions already in a group stay there for the service's
+    /// group_stickiness. Until the next reload, which applies the configuration's weights.
+    Weight {
+        service: String,
+        group: String,
+        weight: u32,
     },
 }
 
@@ -339,6 +358,23 @@ fn execute(command: Command) -> Result<()> {
                     println!("{}", control::send(&instance, &request)?);
                 }
             }
+            Ok(())
+        }
+        Command::Group {
+            action:
+                GroupAction::Weight {
+                    service,
+                    group,
+                    weight,
+                },
+            instance,
+        } => {
+            let request = Request::GroupWeight {
+                service,
+                group,
+                weight,
+            };
+            println!("{}", control::send(&instance, &request)?);
             Ok(())
         }
         Command::TablePlan {
@@ -595,19 +631,29 @@ fn cookie_for(
         service.name,
         service.affinity
     );
-    anyhow::ensure!(
-        service.backends.iter().any(|b| b.name == backend),
-        "service {} has no backend {backend}",
-        service.name
-    );
+    let named = service
+        .backends
+        .iter()
+        .find(|b| b.name == backend)
+        .with_context(|| format!("service {} has no backend {backend}", service.name))?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .context("the clock is before 1970")?
         .as_secs() as u32;
     let expires = now.saturating_add(expires_in.unwrap_or(service.cookie_duration));
+    // A session of a grouped service starts its time in the backend's group.
+    let group = named.group.map(|g| cookie::GroupPin {
+        token: cookie::backend_token(&service.groups[g].name),
+        until: now.saturating_add(service.group_stickiness()),
+    });
     let value = config
         .signing_keys
-        .seal(&service.name, cookie::backend_token(backend), expires)
+        .seal(
+            &service.name,
+            cookie::backend_token(backend),
+            expires,
+            group,
+        )
         .context("the configuration has no cookie key")?;
     Ok(format!(
         "{}={value}",
@@ -726,6 +772,11 @@ fn execute_request(agent: &mut Agent, config_path: &Path, request: Request) -> R
             .metrics()
             .map(|s| metrics::snapshot_json(&s).to_string()),
         Request::Pinned { service, backend } => agent.pinned(&service, &backend),
+        Request::GroupWeight {
+            service,
+            group,
+            weight,
+        } => agent.set_group_weight(&service, &group, weight),
         Request::Sessions {
             service,
             backend,

@@ -26,12 +26,13 @@ use tracing::debug;
 
 use super::{
     budget::{Budgets, Shed},
+    placement,
     response::{Edit, Issue, Out, Response},
     Agent, BackendRuntime, ServiceRuntime,
 };
 use crate::{
     config::{Config, CookieFallback, NatMode, ServiceConfig},
-    cookie::{backend_token, CookieKeys, Rejection},
+    cookie::{backend_token, CookieKeys, GroupPin, Rejection},
     dataplane::Dataplane,
     http, rewrite,
     segment::{Segment, ACK, FIN, PSH, RST, SYN},
@@ -346,6 +347,8 @@ struct Target {
     port: u16,
     /// The backend's name as cookies carry it.
     token: u32,
+    /// The session's group and until when it stays there, for its cookie.
+    group: Option<GroupPin>,
 }
 
 impl ServiceRuntime {
@@ -355,6 +358,7 @@ impl ServiceRuntime {
             addr: backend.config.address,
             port: backend.config.port_for(&self.config),
             token: backend_token(&backend.config.name),
+            group: None,
         }
     }
 }
@@ -1450,6 +1454,11 @@ fn choose(
         });
     let signed = service.config.balancer_cookie().is_some();
     let rewritten = service.config.rewritten_cookie().is_some();
+    let usable = |b: &BackendRuntime| {
+        b.state(service.drain_timeout()) != backend_state::DOWN && !pending.tried.contains(&b.id)
+    };
+    // The group a session still stays in, with its pin.
+    let mut home = None;
     let cookie = match value {
         None => Cookie::Absent,
         Some(value) => {
@@ -1457,11 +1466,14 @@ fn choose(
             let token = if signed {
                 Some(
                     keys.open(&service.config.name, &value, now)
-                        .map(|session| (session.token, session.expires - now < half_life))
+                        .map(|session| {
+                            let renew = session.expires - now < half_life;
+                            (session.token, renew, session.group)
+                        })
                         .map_err(|r| r as usize),
                 )
             } else if rewritten {
-                rewrite::split(&value).map(|(token, _)| Ok((token, false)))
+                rewrite::split(&value).map(|(token, _)| Ok((token, false, None)))
             } else {
                 None
             };
@@ -1469,18 +1481,41 @@ fn choose(
                 // The application's own value, set before the balancer prefixed it.
                 None if rewritten => Cookie::Absent,
                 None => Cookie::Hashed(value),
-                Some(Ok((token, renew))) => {
-                    let named = service.backends.iter().find(|b| {
-                        backend_token(&b.config.name) == token
-                            && b.state(service.drain_timeout()) != backend_state::DOWN
-                            && !pending.tried.contains(&b.id)
+                Some(Ok((token, renew, pin))) => {
+                    home = pin.filter(|p| p.until > now).and_then(|pin| {
+                        let group = service.groups.iter().position(|g| g.token == pin.token)?;
+                        Some((group, pin))
                     });
+                    let named = service
+                        .backends
+                        .iter()
+                        .find(|b| backend_token(&b.config.name) == token && usable(b));
                     if let Some(backend) = named {
-                        let cookie = Cookie::Session {
+                        let session = |renew| Cookie::Session {
                             backend: backend.config.name.clone(),
                             renew,
                         };
-                        return Some((service.target(backend), cookie));
+                        let mut target = service.target(backend);
+                        if service.groups.is_empty() {
+                            return Some((target, session(renew)));
+                        }
+                        if let Some((group, pin)) = home {
+                            if backend.config.group == Some(group) {
+                                target.group = Some(pin);
+                                return Some((target, session(renew)));
+                            }
+                        } else {
+                            // Its time in the group is over: the session picks a group as a
+                            // new one would, and stays on its backend if that is the group.
+                            let hash = fallback_hash(service, pending, key, &Cookie::Absent);
+                            let group = placement::pick_group(&service.groups, hash);
+                            if group.is_some() && backend.config.group == group {
+                                target.group = group.map(|g| service.pin(g, now));
+                                return Some((target, session(true)));
+                            }
+                            let target = place(service, pending, key, &Cookie::Absent, None, now)?;
+                            return Some((target, Cookie::Absent));
+                        }
                     }
                     Cookie::Rejected(BACKEND_UNUSABLE)
                 }
@@ -1488,23 +1523,67 @@ fn choose(
             }
         }
     };
-    let hash = match (&cookie, service.config.cookie_fallback) {
+    let target = place(service, pending, key, &cookie, home, now)?;
+    Some((target, cookie))
+}
+
+/// What places a connection without a usable session: an application cookie's value, the
+/// client's masked address or the flow, as `cookie_fallback` says.
+fn fallback_hash(
+    service: &ServiceRuntime,
+    pending: &Pending,
+    key: &FlowKey,
+    cookie: &Cookie,
+) -> u32 {
+    match (cookie, service.config.cookie_fallback) {
         (Cookie::Hashed(value), _) => value_hash(value.as_bytes()),
         (_, CookieFallback::SourceIp) => {
             client_hash(&Addr::from(pending.client).masked(&service.config.source_mask()))
         }
         (_, CookieFallback::Flow) => flow_hash(key),
-    };
-    let len = service.lookup.len();
-    let start = hash as usize % len;
-    // Skipping tried backends walks the table from the chosen slot: bounded, deterministic.
-    let id = (0..len.min(4096))
-        .map(|step| service.lookup[(start + step) % len])
-        .find(|id| !pending.tried.contains(id))?;
-    let backend = service.backends.iter().find(|b| b.id == id)?;
-    Some((service.target(backend), cookie))
+    }
 }
 
+/// A backend for a connection without a usable session, by its fallback hash, skipping the
+/// backends it tried: in its session's `home` group while it stays there, else in a group
+/// picked by weight; from the whole table without groups or once the group's backends were
+/// all tried.
+fn place(
+    service: &ServiceRuntime,
+    pending: &Pending,
+    key: &FlowKey,
+    cookie: &Cookie,
+    home: Option<(usize, GroupPin)>,
+    now: u32,
+) -> Option<Target> {
+    let hash = fallback_hash(service, pending, key, cookie);
+    let untried = |id: u32| !pending.tried.contains(&id);
+    let in_group = |(group, pin): (usize, GroupPin)| {
+        let id = placement::walk(&service.groups[group].lookup, hash, untried)?;
+        Some((id, Some(pin)))
+    };
+    let (id, pin) = home
+        .and_then(in_group)
+        .or_else(|| {
+            let group = placement::pick_group(&service.groups, hash)?;
+            in_group((group, service.pin(group, now)))
+        })
+        .or_else(|| Some((placement::walk(&service.lookup, hash, untried)?, None)))?;
+    let backend = service.backends.iter().find(|b| b.id == id)?;
+    let mut target = service.target(backend);
+    target.group = pin.or_else(|| backend.config.group.map(|g| service.pin(g, now)));
+    Some(target)
+}
+
+impl ServiceRuntime {
+    /// A session's pin to group `group` from `now` on.
+    fn pin(&self, group: usize, now: u32) -> GroupPin {
+        GroupPin {
+            token: self.groups[group].token,
+            until: now.saturating_add(self.config.group_stickiness()),
+        }
+    }
+}
 /// What the connection's first response head gets: the balancer's cookie (and its
 /// cross-origin variant) naming the chosen backend, unless the request's cookie already
 /// names it with more than half its life left; in companion mode, whenever the application sets its cookie; in rewrite mode,
@@ -1547,6 +1626,7 @@ fn issue(
         &service.name,
         target.token,
         unix_now().saturating_add(duration),
+        target.group,
     )?;
     let mut lines = format!("Set-Cookie: {own}={value}; Max-Age={duration}; Path=/; HttpOnly\r\n");
     if let Some(cors) = service.cors_cookie_name() {

@@ -175,7 +175,9 @@ fn fuzz_the_cookie_codec() {
         id: 1,
         secret: b"a fuzzing key of at least sixteen bytes".to_vec(),
     }]);
-    let genuine = keys.seal("web", 0xdead_beef, 2_000_000_000).expect("a key");
+    let genuine = keys
+        .seal("web", 0xdead_beef, 2_000_000_000, None)
+        .expect("a key");
     let seeds: [&[u8]; 2] = [genuine.as_bytes(), b"AQAAAAA.bad"];
     for _ in 0..cases() {
         let value = rng.input(&seeds);

@@ -33,11 +33,13 @@ mod binding;
 mod budget;
 #[cfg(test)]
 mod fuzz;
+mod placement;
 mod response;
 mod sources;
 
 pub use binding::BindingCounters;
 use binding::{BindingLimits, Outcome};
+use placement::GroupRuntime;
 
 pub struct Agent {
     config: Config,
@@ -61,6 +63,8 @@ struct ServiceRuntime {
     backends: Vec<BackendRuntime>,
     /// The published lookup table: backend ids by slot.
     lookup: Vec<u32>,
+    /// The groups of [`ServiceConfig::groups`], in order (none without groups).
+    groups: Vec<GroupRuntime>,
 }
 
 struct BackendRuntime {
@@ -97,6 +101,31 @@ fn state_name(state: u8) -> &'static str {
 impl ServiceRuntime {
     fn drain_timeout(&self) -> Duration {
         Duration::from_secs(u64::from(self.config.drain_timeout))
+    }
+
+    /// Each backend's weight in the service's whole table: its own without groups.
+    fn weights_in_service(&self) -> Vec<u32> {
+        let groups_weight: u32 = self.groups.iter().map(|g| g.weight).sum();
+        self.backends
+            .iter()
+            .map(|backend| match backend.config.group {
+                None => backend.config.weight,
+                Some(g) => {
+                    let group_backends_weight = self
+                        .backends
+                        .iter()
+                        .filter(|b| b.config.group == Some(g))
+                        .map(|b| b.config.weight)
+                        .sum();
+                    placement::weight_in_service(
+                        backend.config.weight,
+                        group_backends_weight,
+                        self.groups[g].weight,
+                        groups_weight,
+                    )
+                }
+            })
+            .collect()
     }
 }
 
@@ -267,6 +296,11 @@ impl Agent {
                 config: service.clone(),
                 backends,
                 lookup: Vec::new(),
+                groups: service
+                    .groups
+                    .iter()
+                    .map(|g| GroupRuntime::new(&g.name, g.weight))
+                    .collect(),
             });
         }
         for removed in old.into_values() {
@@ -326,8 +360,9 @@ impl Agent {
     fn publish(&mut self, index: usize) -> Result<()> {
         let service = &self.services[index];
         let drain_timeout = service.drain_timeout();
+        let weights = service.weights_in_service();
         let mut members = Vec::new();
-        for backend in &service.backends {
+        for (backend, weight) in service.backends.iter().zip(weights) {
             let state = backend.state(drain_timeout);
             let value = backend_value(&self.config, &backend.config, service.config.port, state);
             self.dataplane
@@ -340,13 +375,35 @@ impl Agent {
                 })?;
             members.push(maglev::Member {
                 name: &backend.config.name,
-                weight: backend.config.weight,
+                weight,
                 serving: state == backend_state::UP,
             });
         }
-        let lookup: Vec<u32> = maglev::build(&members, self.config.table_size)
-            .into_iter()
-            .map(|member| service.backends[member as usize].id)
+        let table = |members: &[maglev::Member<'_>], ids: &[u32]| -> Vec<u32> {
+            maglev::build(members, self.config.table_size)
+                .into_iter()
+                .map(|member| ids[member as usize])
+                .collect()
+        };
+        let ids: Vec<u32> = service.backends.iter().map(|b| b.id).collect();
+        let lookup = table(&members, &ids);
+        let group_lookups: Vec<Vec<u32>> = (0..service.groups.len())
+            .map(|g| {
+                let (members, ids): (Vec<_>, Vec<_>) = service
+                    .backends
+                    .iter()
+                    .zip(&members)
+                    .filter(|(b, _)| b.config.group == Some(g))
+                    .map(|(b, m)| {
+                        let member = maglev::Member {
+                            weight: b.config.weight,
+                            ..m.clone()
+                        };
+                        (member, b.id)
+                    })
+                    .unzip();
+                table(&members, &ids)
+            })
             .collect();
         let backend_count = if lookup.is_empty() {
             0
@@ -371,6 +428,9 @@ impl Agent {
             .with_context(|| format!("publishing service {name}"))?;
         let service = &mut self.services[index];
         service.lookup = lookup;
+        for (group, lookup) in service.groups.iter_mut().zip(group_lookups) {
+            group.lookup = lookup;
+        }
         for backend in &mut service.backends {
             backend.published_state = backend.state(drain_timeout);
         }
@@ -450,6 +510,37 @@ impl Agent {
                 format!("{service}/{backend} takes new sessions again")
             }
         };
+        info!("{message}");
+        self.publish(index)?;
+        Ok(message)
+    }
+
+    /// Sets the share of new sessions a group of a service takes (0: none, the group drains);
+    /// existing sessions stay in their groups for the service's `group_stickiness`. Lasts
+    /// until the next reload, which applies the configuration's weights.
+    pub fn set_group_weight(&mut self, service: &str, group: &str, weight: u32) -> Result<String> {
+        let index = self
+            .services
+            .iter()
+            .position(|s| s.config.name == service)
+            .with_context(|| format!("no service {service}"))?;
+        let runtime = &mut self.services[index];
+        let position = runtime
+            .groups
+            .iter()
+            .position(|g| g.name == group)
+            .with_context(|| format!("no group {group} in service {service}"))?;
+        if weight > crate::config::MAX_WEIGHT {
+            bail!(
+                "weight {weight} is above the maximum {}",
+                crate::config::MAX_WEIGHT
+            );
+        }
+        let previous = std::mem::replace(&mut runtime.groups[position].weight, weight);
+        let stickiness = runtime.config.group_stickiness();
+        let message = format!(
+            "{service}/{group} weight {previous} -> {weight}: new sessions follow it, existing ones stay in their groups for {stickiness} s"
+        );
         info!("{message}");
         self.publish(index)?;
         Ok(message)
@@ -613,6 +704,15 @@ impl Agent {
                 "service {} {}:{}/{} affinity={}",
                 c.name, c.vip, c.port, c.protocol, c.affinity
             );
+            for group in &service.groups {
+                let _ = writeln!(
+                    text,
+                    "  group {} weight={} stickiness={}s",
+                    group.name,
+                    group.weight,
+                    c.group_stickiness()
+                );
+            }
             for backend in &service.backends {
                 let state = backend.state(service.drain_timeout());
                 let flows = flows.get(&backend.id).copied().unwrap_or(0);
@@ -624,9 +724,13 @@ impl Agent {
                     (true, 0) => " (drained, no flows left)",
                     (true, _) => " (drained, flows continue)",
                 };
+                let group = match backend.config.group {
+                    Some(g) => format!(" group={}", service.groups[g].name),
+                    None => String::new(),
+                };
                 let _ = writeln!(
                     text,
-                    "  backend {} {}:{} state={}{} health={} weight={} sessions={} flows={}",
+                    "  backend {} {}:{} state={}{} health={} weight={} sessions={} flows={}{group}",
                     backend.config.name,
                     backend.config.address,
                     backend.config.port_for(c),

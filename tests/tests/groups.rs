@@ -1,0 +1,242 @@
+//! Groups of backends on an lb-cookie service (blue/green, canary): new sessions split by the
+//! groups' weights, a session stays in its group for `group_stickiness` whatever the weights
+//! do and moves within it when its backend fails, and a group of weight 0 takes no new
+//! session. Python sessions, each a cookie jar of one. Needs root.
+
+mod common;
+
+use std::collections::HashMap;
+
+use balancer_lab::{Lab, ServiceOptions, VIP};
+use common::*;
+
+const CANARY_PORT: u16 = 8090;
+/// Long enough for the phases before the test waits it out, on a slow machine too.
+const STICKINESS_S: u32 = 15;
+
+/// A service `canary` with group `blue` (backend-1, backend-2) at weight 90 and `green`
+/// (backend-3) at 10.
+fn canary() -> String {
+    let backend = |index: usize| {
+        format!(
+            "    [[service.group.backend]]\n    name = \"{}\"\n    address = \"{}\"\n    port = 80\n",
+            Lab::backend_name(index),
+            Lab::backend_addr(index)
+        )
+    };
+    format!(
+        "[[service]]\nname = \"canary\"\nvip = \"{VIP}\"\nport = {CANARY_PORT}\nprotocol = \"tcp\"\n\
+         affinity = \"lb-cookie\"\ngroup_stickiness = {STICKINESS_S}\n\
+         [[service.group]]\n  name = \"blue\"\n  weight = 90\n{}{}\
+         [[service.group]]\n  name = \"green\"\n  weight = 10\n{}",
+        backend(0),
+        backend(1),
+        backend(2)
+    )
+}
+
+/// Sessions through the canary VIP, one connection each: `new N` opens N new ones, `replay`
+/// sends each cookie of a file again; both print one `backend cookie` line a session (its
+/// cookie as the answer set it, or as it was). `wait-out` returns once every cookie's time in
+/// its group is over.
+const SESSIONS: &str = r#"
+import base64, http.client, struct, sys, time
+vip, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+
+def request(cookie):
+    c = http.client.HTTPConnection(vip, port, timeout=10)
+    headers = {"Connection": "close"}
+    if cookie:
+        headers["Cookie"] = "LBSESSION=" + cookie
+    c.request("GET", "/", headers=headers)
+    r = c.getresponse()
+    backend = r.read().decode().strip()
+    for name, value in r.getheaders():
+        if name.lower() == "set-cookie" and value.startswith("LBSESSION="):
+            cookie = value.split(";")[0].split("=", 1)[1]
+    c.close()
+    return backend, cookie
+
+if mode == "new":
+    for _ in range(int(sys.argv[4])):
+        print(*request(None))
+elif mode == "replay":
+    for line in open(sys.argv[4]):
+        print(*request(line.split()[1]))
+elif mode == "wait-out":
+    until = 0
+    for line in open(sys.argv[4]):
+        value = line.split()[1]
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        until = max(until, struct.unpack(">I", raw[14:18])[0])
+    while time.time() < until + 1.5:
+        time.sleep(0.1)
+"#;
+
+/// Runs [`SESSIONS`] from the client, with the files of sessions it reads.
+#[derive(Default)]
+struct Sessions {
+    files: usize,
+}
+
+impl Sessions {
+    fn run(&mut self, lab: &Lab, args: &[&str]) -> Vec<(String, String)> {
+        let port = CANARY_PORT.to_string();
+        let vip = VIP.to_string();
+        let mut argv = vec!["python3", "-c", SESSIONS, &vip, &port];
+        argv.extend_from_slice(args);
+        run(lab, lab.client_ns(), &argv)
+            .lines()
+            .map(|line| {
+                let (backend, cookie) = line.split_once(' ').expect("backend cookie");
+                (backend.to_owned(), cookie.to_owned())
+            })
+            .collect()
+    }
+
+    fn new_sessions(&mut self, lab: &Lab, count: usize) -> Vec<(String, String)> {
+        let sessions = self.run(lab, &["new", &count.to_string()]);
+        assert_eq!(sessions.len(), count);
+        assert!(
+            sessions.iter().all(|(_, cookie)| cookie != "None"),
+            "every answer sets a cookie"
+        );
+        sessions
+    }
+
+    /// Saves `sessions` and sends each one's cookie again.
+    fn replay(&mut self, lab: &Lab, sessions: &[(String, String)]) -> Vec<(String, String)> {
+        let path = self.save(lab, sessions);
+        let replayed = self.run(lab, &["replay", &path]);
+        assert_eq!(replayed.len(), sessions.len());
+        replayed
+    }
+
+    fn save(&mut self, lab: &Lab, sessions: &[(String, String)]) -> String {
+        self.files += 1;
+        let path = lab.dir().join(format!("sessions-{}", self.files));
+        let text: String = sessions.iter().map(|(b, c)| format!("{b} {c}\n")).collect();
+        std::fs::write(&path, text).expect("writing the sessions");
+        path.to_str().expect("utf-8 path").to_owned()
+    }
+}
+
+fn green(backend: &str) -> bool {
+    backend == Lab::backend_name(2)
+}
+
+fn greens(sessions: &[(String, String)]) -> usize {
+    sessions.iter().filter(|(b, _)| green(b)).count()
+}
+
+/// Whether `count` of `n` is within four standard deviations of a binomial share `p`.
+fn binomial(count: usize, n: usize, p: f64) -> bool {
+    let mean = n as f64 * p;
+    let spread = 4.0 * (n as f64 * p * (1.0 - p)).sqrt();
+    (count as f64 - mean).abs() <= spread
+}
+
+fn set_weight(lab: &Lab, group: &str, weight: u32) {
+    balancer(
+        lab,
+        &["group", "weight", "canary", group, &weight.to_string()],
+    );
+}
+
+#[test]
+fn blue_green_sessions_split_by_weight_stay_in_their_group_and_follow_new_weights_after_it() {
+    let mut lab = lab_with(&ServiceOptions {
+        extra_tables: canary(),
+        ..ServiceOptions::default()
+    });
+    let status = balancer(&lab, &["status"]);
+    assert!(
+        status.contains("group blue weight=90") && status.contains("group green weight=10"),
+        "{status}"
+    );
+    let mut sessions = Sessions::default();
+
+    // 90/10: about a tenth of new sessions in green.
+    let first = sessions.new_sessions(&lab, 300);
+    let first_green = greens(&first);
+    assert!(
+        binomial(first_green, 300, 0.1),
+        "{first_green} of 300 in green at 90/10"
+    );
+
+    // 50/50: every existing session stays where it was; new ones split evenly.
+    set_weight(&lab, "blue", 50);
+    set_weight(&lab, "green", 50);
+    let replayed = sessions.replay(&lab, &first);
+    let moved: Vec<_> = first
+        .iter()
+        .zip(&replayed)
+        .filter(|(before, after)| before.0 != after.0)
+        .collect();
+    assert!(
+        moved.is_empty(),
+        "sessions moved when the weights changed: {moved:?}"
+    );
+    let second = sessions.new_sessions(&lab, 300);
+    let second_green = greens(&second);
+    assert!(
+        binomial(second_green, 300, 0.5),
+        "{second_green} of 300 in green at 50/50"
+    );
+
+    // backend-1 fails: its sessions move within blue, to backend-2, none to green.
+    lab.stop_backend(0).expect("stopping backend-1");
+    let on_first: Vec<(String, String)> = first
+        .iter()
+        .filter(|(b, _)| *b == Lab::backend_name(0))
+        .cloned()
+        .collect();
+    assert!(!on_first.is_empty());
+    let failed_over = sessions.replay(&lab, &on_first);
+    let elsewhere: Vec<_> = failed_over
+        .iter()
+        .filter(|(b, _)| *b != Lab::backend_name(1))
+        .collect();
+    assert!(
+        elsewhere.is_empty(),
+        "left blue when its backend failed: {elsewhere:?}"
+    );
+    lab.start_backend(backend_bin(), 0)
+        .expect("starting backend-1 again");
+
+    // Once their time in the group is over, the first sessions follow the weights of now,
+    // and those that stay in their group stay on their backend.
+    let mut first = first;
+    let failed_over: HashMap<&str, &str> = on_first
+        .iter()
+        .zip(&failed_over)
+        .map(|(before, after)| (before.1.as_str(), after.1.as_str()))
+        .collect();
+    for session in &mut first {
+        if let Some(cookie) = failed_over.get(session.1.as_str()) {
+            *session = (Lab::backend_name(1), (*cookie).to_owned());
+        }
+    }
+    let path = sessions.save(&lab, &first);
+    sessions.run(&lab, &["wait-out", &path]);
+    let regrouped = sessions.replay(&lab, &first);
+    let regrouped_green = greens(&regrouped);
+    assert!(
+        binomial(regrouped_green, 300, 0.5),
+        "{regrouped_green} of 300 in green after their stickiness, at 50/50"
+    );
+    let unsettled: Vec<_> = first
+        .iter()
+        .zip(&regrouped)
+        .filter(|(before, after)| green(&before.0) == green(&after.0) && before.0 != after.0)
+        .collect();
+    assert!(
+        unsettled.is_empty(),
+        "moved within their group: {unsettled:?}"
+    );
+
+    // Blue at 0: no new session there.
+    set_weight(&lab, "blue", 0);
+    let third = sessions.new_sessions(&lab, 100);
+    assert_eq!(greens(&third), 100, "new sessions with blue at weight 0");
+}
