@@ -191,7 +191,11 @@ pub struct ServiceConfig {
     /// `app-cookie`: the name of the application's cookie whose value picks the backend;
     /// `lb-cookie`: the name of the balancer's cookie (default `LBSESSION`).
     pub cookie: Option<String>,
-    /// `app-cookie`, `lb-cookie`: how requests without a usable cookie are placed.
+    /// `url-param`: the URL parameter that carries the session id (e.g. `sessionID`, or
+    /// `jsessionid` for `/app;jsessionid=...`).
+    pub param: Option<String>,
+    /// `app-cookie`, `lb-cookie`, `url-param`: how requests without a usable cookie or
+    /// session id are placed.
     #[serde(default)]
     pub cookie_fallback: CookieFallback,
     /// `app-cookie`, `lb-cookie`: what XDP does with new connections while no agent runs
@@ -338,6 +342,10 @@ pub enum AffinityMode {
     /// HTTP: requests carrying the balancer's signed cookie go to the backend it names; the
     /// connection is then spliced in XDP.
     LbCookie,
+    /// HTTP: requests carrying a session id in their URL (`param`, in the query string or a
+    /// path parameter) go to the backend its value hashes to, as `app-cookie` hashes; the
+    /// connection is then spliced in XDP.
+    UrlParam,
 }
 
 /// How `app-cookie` follows the application's cookie.
@@ -389,7 +397,9 @@ impl AffinityMode {
         match self {
             AffinityMode::Flow => affinity::FLOW,
             AffinityMode::SourceIp => affinity::SOURCE_IP,
-            AffinityMode::AppCookie | AffinityMode::LbCookie => affinity::COOKIE,
+            AffinityMode::AppCookie | AffinityMode::LbCookie | AffinityMode::UrlParam => {
+                affinity::COOKIE
+            }
         }
     }
 }
@@ -401,6 +411,7 @@ impl fmt::Display for AffinityMode {
             AffinityMode::SourceIp => "source-ip",
             AffinityMode::AppCookie => "app-cookie",
             AffinityMode::LbCookie => "lb-cookie",
+            AffinityMode::UrlParam => "url-param",
         })
     }
 }
@@ -428,6 +439,19 @@ impl ServiceConfig {
         }
     }
 
+    /// Whether the agent reads each connection's request to place it (delayed binding).
+    pub fn reads_requests(&self) -> bool {
+        self.affinity.code() == affinity::COOKIE
+    }
+
+    /// `url-param`: the URL parameter holding the session id.
+    pub fn url_param(&self) -> Option<&str> {
+        match self.affinity {
+            AffinityMode::UrlParam => self.param.as_deref(),
+            _ => None,
+        }
+    }
+
     /// Seconds a session stays in its group.
     pub fn group_stickiness(&self) -> u32 {
         self.group_stickiness.unwrap_or(DEFAULT_GROUP_STICKINESS)
@@ -439,7 +463,7 @@ impl ServiceConfig {
         match self.affinity {
             AffinityMode::AppCookie => self.balancer_cookie().or(self.cookie.as_deref()),
             AffinityMode::LbCookie => self.balancer_cookie(),
-            AffinityMode::Flow | AffinityMode::SourceIp => None,
+            AffinityMode::Flow | AffinityMode::SourceIp | AffinityMode::UrlParam => None,
         }
     }
 
@@ -1243,12 +1267,18 @@ impl Config {
                         format!("{name:?} is not a cookie name (RFC 6265 token)"),
                     ));
                 }
-                (AffinityMode::AppCookie | AffinityMode::LbCookie, _)
+                (AffinityMode::AppCookie | AffinityMode::LbCookie | AffinityMode::UrlParam, _)
                     if service.protocol != Protocol::Tcp =>
                 {
                     return Err(invalid(
                         format!("{field}.protocol"),
-                        "cookie affinity is for HTTP over TCP",
+                        "cookie and URL affinity are for HTTP over TCP",
+                    ));
+                }
+                (AffinityMode::UrlParam, Some(_)) => {
+                    return Err(invalid(
+                        format!("{field}.cookie"),
+                        "is not used with affinity \"url-param\", which reads `param` from the URL",
                     ));
                 }
                 (mode @ (AffinityMode::Flow | AffinityMode::SourceIp), _)
@@ -1267,6 +1297,32 @@ impl Config {
                         format!(
                             "is only used with affinity \"app-cookie\" or \"lb-cookie\", not \"{mode}\""
                         ),
+                    ));
+                }
+                _ => {}
+            }
+            match (&service.param, service.affinity) {
+                (None, AffinityMode::UrlParam) => {
+                    return Err(invalid(
+                        format!("{field}.param"),
+                        "affinity \"url-param\" needs the name of the URL parameter holding the session id",
+                    ));
+                }
+                (Some(param), AffinityMode::UrlParam)
+                    if param.is_empty()
+                        || !param
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
+                {
+                    return Err(invalid(
+                        format!("{field}.param"),
+                        format!("{param:?} must be letters, digits, '-', '_' or '.'"),
+                    ));
+                }
+                (Some(_), mode) if mode != AffinityMode::UrlParam => {
+                    return Err(invalid(
+                        format!("{field}.param"),
+                        format!("is only used with affinity \"url-param\", not \"{mode}\""),
                     ));
                 }
                 _ => {}
@@ -1778,6 +1834,34 @@ mod tests {
                     "protocol = \"tcp\"\ngroup_stickiness = 5",
                 ),
                 "service[0] (web).group_stickiness",
+            ),
+            (
+                VALID.replace(
+                    "protocol = \"tcp\"",
+                    "protocol = \"tcp\"\naffinity = \"url-param\"",
+                ),
+                "service[0] (web).param",
+            ),
+            (
+                VALID.replace(
+                    "protocol = \"tcp\"",
+                    "protocol = \"tcp\"\naffinity = \"url-param\"\nparam = \"a&b\"",
+                ),
+                "service[0] (web).param",
+            ),
+            (
+                VALID.replace(
+                    "protocol = \"tcp\"",
+                    "protocol = \"tcp\"\nparam = \"sessionID\"",
+                ),
+                "service[0] (web).param",
+            ),
+            (
+                VALID.replace(
+                    "protocol = \"tcp\"",
+                    "protocol = \"udp\"\naffinity = \"url-param\"\nparam = \"sessionID\"",
+                ),
+                "service[0] (web).protocol",
             ),
         ];
         for (text, field) in cases {

@@ -14,9 +14,72 @@ pub fn head_end(bytes: &[u8]) -> Option<usize> {
         })
 }
 
+/// The value of URL parameter `name` in the request line of `request`: in the query string
+/// (`?name=value&...`) or as a path parameter (`/app;name=value`), the first found; none when
+/// empty. The request line is read up to its first space-delimited target alone, so a head
+/// still arriving does not need to be complete.
+pub fn url_param(request: &[u8], name: &str) -> Option<String> {
+    let line_end = request
+        .iter()
+        .position(|&b| b == b'\n')
+        .unwrap_or(request.len());
+    let line = std::str::from_utf8(&request[..line_end]).ok()?;
+    let target = line.split(' ').nth(1)?;
+    let target = target.split('#').next().unwrap_or(target);
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let from_path = path
+        .split('/')
+        .flat_map(|segment| segment.split(';').skip(1));
+    from_path
+        .chain(query.split('&'))
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, value)| value.to_owned())
+        .filter(|value| !value.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_parameters_are_read_from_the_query_and_from_path_parameters() {
+        let value = |line: &str| url_param(line.as_bytes(), "sessionID");
+        assert_eq!(
+            value("GET /?sessionID=abc HTTP/1.1\r\n"),
+            Some("abc".into())
+        );
+        assert_eq!(
+            value("GET /cart?x=1&sessionID=a%2Fb&y=2 HTTP/1.1\r\n"),
+            Some("a%2Fb".into())
+        );
+        assert_eq!(
+            value("GET /shop;sessionID=42/item?x=1 HTTP/1.1\r\n"),
+            Some("42".into())
+        );
+        assert_eq!(
+            value("GET /a;v=1;sessionID=7 HTTP/1.1\r\n"),
+            Some("7".into())
+        );
+        assert_eq!(
+            value("GET /?sessionID=z#frag HTTP/1.1\r\n"),
+            Some("z".into())
+        );
+        assert_eq!(value("GET /?sessionIDX=1&xsessionID=2 HTTP/1.1\r\n"), None);
+        assert_eq!(value("GET /?sessionID= HTTP/1.1\r\n"), None);
+        assert_eq!(
+            value("GET /sessionID=1 HTTP/1.1\r\n"),
+            None,
+            "not a parameter"
+        );
+        assert_eq!(
+            value("GET /\r\nReferer: /?sessionID=9\r\n"),
+            None,
+            "the request line only"
+        );
+        assert_eq!(value("\u{ff}garbage"), None);
+        assert_eq!(value(""), None);
+    }
 
     #[test]
     fn a_head_ends_at_its_empty_line_whatever_its_line_endings() {

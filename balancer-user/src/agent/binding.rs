@@ -744,7 +744,7 @@ impl Agent {
         let Some(service) = self.services.iter().find(|s| {
             s.config.vip == pending.vip
                 && s.config.port == pending.vip_port
-                && s.config.cookie_name().is_some()
+                && s.config.reads_requests()
         }) else {
             self.abort_quietly(key);
             return;
@@ -1451,7 +1451,8 @@ fn choose(
         .or_else(|| {
             let cors = service.config.cors_cookie_name()?;
             cookie_value(&pending.request, &cors)
-        });
+        })
+        .or_else(|| http::url_param(&pending.request, service.config.url_param()?));
     let signed = service.config.balancer_cookie().is_some();
     let rewritten = service.config.rewritten_cookie().is_some();
     let usable = |b: &BackendRuntime| {

@@ -827,7 +827,7 @@ impl Agent {
             bindings: self
                 .services
                 .iter()
-                .filter(|s| s.config.cookie_name().is_some())
+                .filter(|s| s.config.reads_requests())
                 .flat_map(|s| {
                     Outcome::ALL.map(|outcome| {
                         let count = self.binder.outcomes_by_service.get(&(s.id, outcome));
