@@ -240,8 +240,9 @@ fn a_companion_cookie_follows_the_applications_cookie() {
     let (head, backend) = get_with_head(&lab, &[], "/");
     let cookies = set_cookies(&head);
     assert!(cookies.contains_key("SID"), "{head}");
+    // The application's is a session cookie (no Max-Age): so is the companion.
     assert!(
-        cookies["LBAPP"].ends_with("; Max-Age=86400; Path=/; HttpOnly"),
+        !cookies["LBAPP"].contains("Max-Age") && cookies["LBAPP"].ends_with("; Path=/; HttpOnly"),
         "attributes of {:?}",
         cookies["LBAPP"]
     );
@@ -256,6 +257,78 @@ fn a_companion_cookie_follows_the_applications_cookie() {
     // A response that sets no application cookie gets no companion either.
     let (head, _) = get_with_head(&lab, &["-H", "Cookie: SID=mine"], "/");
     assert!(!set_cookies(&head).contains_key("LBAPP"), "{head}");
+}
+
+#[test]
+fn a_companion_cookie_lives_as_long_as_the_applications_and_is_deleted_with_it() {
+    let options = ServiceOptions {
+        web_settings: COMPANION.to_owned(),
+        ..ServiceOptions::default()
+    };
+    let lab = lab_with(&options);
+    // The application's cookie lives 5 s: the companion's too.
+    let (head, _) = get_with_head(&lab, &[], "/?max_age=5");
+    let cookies = set_cookies(&head);
+    assert!(cookies["SID"].contains("; Max-Age=5"), "{head}");
+    assert!(
+        cookies["LBAPP"].ends_with("; Max-Age=5; Path=/; HttpOnly"),
+        "attributes of {:?}",
+        cookies["LBAPP"]
+    );
+    // A curl jar holds both, expiring together, and sticks to the backend.
+    let jar = lab.dir().join("companion-jar");
+    let jar = jar.to_str().expect("utf-8 path");
+    let (head, first) = get_with_head(&lab, &["-c", jar], "/?max_age=5");
+    assert!(set_cookies(&head).contains_key("LBAPP"), "{head}");
+    let expiries = || -> HashMap<String, u64> {
+        std::fs::read_to_string(jar)
+            .expect("reading the jar")
+            .lines()
+            .filter(|l| !l.starts_with('#') || l.starts_with("#HttpOnly_"))
+            .filter_map(|l| {
+                let fields: Vec<&str> = l.split('\t').collect();
+                Some((fields.get(5)?.to_string(), fields.get(4)?.parse().ok()?))
+            })
+            .collect()
+    };
+    let held = expiries();
+    assert_eq!(held.len(), 2, "SID and LBAPP in the jar: {held:?}");
+    assert_eq!(held["SID"], held["LBAPP"], "one lifetime: {held:?}");
+    for _ in 0..5 {
+        assert_eq!(get(&lab, &["-b", jar, "-c", jar], "/"), first);
+    }
+    // The application deletes its cookie: the same response deletes the companion, and the
+    // jar lets it go (curl 7.88 keeps the application's SID all the same).
+    let (head, _) = get_with_head(&lab, &["-b", jar, "-c", jar], "/logout");
+    let cookies = set_cookies(&head);
+    assert_eq!(pair(&cookies["SID"]), "SID=", "{head}");
+    assert!(
+        cookies["LBAPP"].starts_with("LBAPP=; Max-Age=0;"),
+        "the companion deleted: {head}"
+    );
+    assert!(
+        !expiries().contains_key("LBAPP"),
+        "the jar after the logout: {:?}",
+        expiries()
+    );
+    // No longer sticky: without the companion, each new connection is placed afresh by its
+    // flow, until the application issues a new cookie (then the companion comes with it).
+    let answers: HashSet<String> = (0..12).map(|_| get(&lab, &["-b", jar], "/")).collect();
+    assert!(
+        answers.len() > 1,
+        "still stuck to {answers:?} after the logout"
+    );
+    let (head, placed) = get_with_head(&lab, &[], "/");
+    let cookies = set_cookies(&head);
+    assert!(
+        cookies.contains_key("SID") && cookies.contains_key("LBAPP"),
+        "{head}"
+    );
+    let companion = pair(&cookies["LBAPP"]).to_owned();
+    assert_eq!(
+        get(&lab, &["-H", &format!("Cookie: {companion}")], "/"),
+        placed
+    );
 }
 
 fn rewrite_options(extra: &str) -> ServiceOptions {

@@ -26,7 +26,8 @@ pub struct Issue {
     /// own; in rewrite mode the application's, which then gets the prefix instead).
     pub own: String,
     /// Companion mode: the lines are added only to a response that sets this (the
-    /// application's) cookie.
+    /// application's) cookie, with its lifetime (`Max-Age`, `Expires`, or none for a session
+    /// cookie); a response deleting it deletes the balancer's too.
     pub when_set: Option<String>,
     /// Rewrite mode: the application's cookie, and the prefix its value gets wherever the
     /// response sets it.
@@ -245,17 +246,32 @@ fn edit_head(bytes: &[u8], start: usize, end: usize, issue: &Issue) -> Edit {
             edited: bytes[..end].to_vec(),
         };
     }
-    let sets = |name: &str| {
+    let set_cookie = |name: &str| {
         response
             .headers
             .iter()
             .filter(|h| h.name.eq_ignore_ascii_case("set-cookie"))
             .filter_map(|h| std::str::from_utf8(h.value).ok())
-            .filter_map(|value| value.split_once('='))
-            .any(|(cookie, _)| cookie.trim() == name)
+            .find(|value| {
+                value
+                    .split_once('=')
+                    .is_some_and(|(cookie, _)| cookie.trim() == name)
+            })
     };
+    let sets = |name: &str| set_cookie(name).is_some();
     let add_lines =
         !issue.lines.is_empty() && issue.when_set.as_deref().is_none_or(sets) && !sets(&issue.own);
+    let lines = match issue.when_set.as_deref().and_then(set_cookie) {
+        Some(app) if add_lines => {
+            let lifetime = Lifetime::of(app);
+            issue
+                .lines
+                .split_inclusive('\n')
+                .map(|line| lifetime.apply(line))
+                .collect()
+        }
+        _ => issue.lines.clone(),
+    };
     let blank_line = if bytes[..end].ends_with(b"\r\n") {
         end - 2
     } else {
@@ -301,12 +317,71 @@ fn edit_head(bytes: &[u8], start: usize, end: usize, issue: &Issue) -> Edit {
         edited.extend_from_slice(b"Connection: close\r\n");
     }
     if add_lines {
-        edited.extend_from_slice(issue.lines.as_bytes());
+        edited.extend_from_slice(lines.as_bytes());
     }
     edited.extend_from_slice(&bytes[blank_line..end]);
     Edit {
         head_end: end,
         edited,
+    }
+}
+
+/// How long a cookie a response sets lives, by its attributes (`Max-Age` before `Expires`, as
+/// RFC 6265 §5.3 says).
+#[derive(Debug, PartialEq, Eq)]
+enum Lifetime {
+    /// No `Max-Age` or `Expires`: until the browser closes.
+    Session,
+    MaxAge(u64),
+    Expires(String),
+    /// `Max-Age` of 0 or less, or an `Expires` in the past: the cookie is deleted.
+    Deleted,
+}
+
+impl Lifetime {
+    fn of(set_cookie: &str) -> Lifetime {
+        let attributes = || {
+            set_cookie
+                .split(';')
+                .skip(1)
+                .filter_map(|attribute| attribute.split_once('='))
+                .map(|(name, value)| (name.trim(), value.trim()))
+        };
+        if let Some((_, max_age)) = attributes().find(|(n, _)| n.eq_ignore_ascii_case("max-age")) {
+            return match max_age.parse::<i64>() {
+                Ok(seconds) if seconds <= 0 => Lifetime::Deleted,
+                Ok(seconds) => Lifetime::MaxAge(seconds as u64),
+                // An unreadable Max-Age is ignored (RFC 6265 §5.2.2): as if absent.
+                Err(_) => Lifetime::Session,
+            };
+        }
+        match attributes().find(|(n, _)| n.eq_ignore_ascii_case("expires")) {
+            Some((_, date)) => match httpdate::parse_http_date(date) {
+                Ok(at) if at <= std::time::SystemTime::now() => Lifetime::Deleted,
+                _ => Lifetime::Expires(date.to_owned()),
+            },
+            None => Lifetime::Session,
+        }
+    }
+
+    /// One of the balancer's `Set-Cookie` lines (`Set-Cookie: NAME=VALUE; Max-Age=N; ...`)
+    /// with this lifetime instead of its own.
+    fn apply(&self, line: &str) -> String {
+        let body = line.trim_end_matches(['\r', '\n']);
+        let mut parts: Vec<String> = body.split("; ").map(str::to_owned).collect();
+        parts.retain(|part| !part.starts_with("Max-Age="));
+        match self {
+            Lifetime::Session => {}
+            Lifetime::MaxAge(seconds) => parts.insert(1, format!("Max-Age={seconds}")),
+            Lifetime::Expires(date) => parts.insert(1, format!("Expires={date}")),
+            Lifetime::Deleted => {
+                if let Some((name, _)) = parts[0].split_once('=') {
+                    parts[0] = format!("{name}=");
+                }
+                parts.insert(1, "Max-Age=0".to_owned());
+            }
+        }
+        format!("{}\r\n", parts.join("; "))
     }
 }
 
@@ -470,6 +545,53 @@ mod tests {
         let sets = b"HTTP/1.1 200 OK\r\nset-cookie: SID=abc; Path=/\r\n\r\n";
         let (edit, _) = Response::new(companion).on_segment(0, sets, false);
         assert_eq!(edit.unwrap().inserted(), LINE.len());
+    }
+
+    #[test]
+    fn a_companion_cookie_lives_as_long_as_the_applications_and_goes_with_it() {
+        let companion = Issue {
+            lines: "Set-Cookie: LB=v; Max-Age=3600; Path=/; HttpOnly\r\n".to_owned(),
+            when_set: Some("SID".to_owned()),
+            ..issue()
+        };
+        let added = |set_cookie: &str| {
+            let head = format!("HTTP/1.1 200 OK\r\nSet-Cookie: {set_cookie}\r\n\r\n");
+            let (edit, _) = Response::new(companion.clone()).on_segment(0, head.as_bytes(), false);
+            let edited = String::from_utf8(edit.expect("decided").edited).expect("text");
+            edited
+                .lines()
+                .find(|l| l.starts_with("Set-Cookie: LB="))
+                .map(str::to_owned)
+        };
+        let line = |s: &str| Some(s.to_owned());
+        assert_eq!(
+            added("SID=a; Max-Age=5"),
+            line("Set-Cookie: LB=v; Max-Age=5; Path=/; HttpOnly")
+        );
+        assert_eq!(
+            added("SID=a; expires=Wed, 01 Jan 2099 00:00:00 GMT; Max-Age=7"),
+            line("Set-Cookie: LB=v; Max-Age=7; Path=/; HttpOnly"),
+            "Max-Age before Expires"
+        );
+        assert_eq!(
+            added("SID=a; Expires=Wed, 01 Jan 2099 00:00:00 GMT"),
+            line("Set-Cookie: LB=v; Expires=Wed, 01 Jan 2099 00:00:00 GMT; Path=/; HttpOnly")
+        );
+        assert_eq!(
+            added("SID=a; Path=/"),
+            line("Set-Cookie: LB=v; Path=/; HttpOnly")
+        );
+        for deleted in [
+            "SID=; Max-Age=0",
+            "SID=x; Max-Age=-1",
+            "SID=; Expires=Thu, 01 Jan 1970 00:00:00 GMT",
+        ] {
+            assert_eq!(
+                added(deleted),
+                line("Set-Cookie: LB=; Max-Age=0; Path=/; HttpOnly"),
+                "{deleted}"
+            );
+        }
     }
 
     #[test]

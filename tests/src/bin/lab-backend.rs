@@ -11,7 +11,8 @@
 //! `POST /upload` → `<sha256 hex> <byte count>\n` of the body, read as it streams; `?pad=<n>`
 //! adds an `X-Padding` header of n bytes to any answer, `?delay=<ms>` holds it back. Every
 //! response carries `X-Backend: <name>`, and a response to a request without the application's
-//! session cookie sets one (`Set-Cookie: SID=<name>-<n>`), as a web application would.
+//! session cookie sets one (`Set-Cookie: SID=<name>-<n>`, with `Max-Age=<n>` for
+//! `?max_age=<n>`), as a web application would; `/logout` deletes it (`SID=; Max-Age=0`).
 //! `GET /ws` with `Upgrade: websocket` opens a WebSocket that echoes each message.
 //! The same HTTP on `--proxy-port` (8091) takes connections that start with a PROXY protocol
 //! v2 header (and closes those that do not): there the client is the header's, and `/peer`
@@ -253,7 +254,7 @@ async fn handle(
         tokio::time::sleep(std::time::Duration::from_millis(delay.min(30_000) as u64)).await;
     }
     let response = match (request.method(), path.as_str()) {
-        (&Method::GET, "/") => text(StatusCode::OK, format!("{name}\n")),
+        (&Method::GET, "/" | "/logout") => text(StatusCode::OK, format!("{name}\n")),
         (&Method::GET, "/cookies") => text(StatusCode::OK, format!("{}\n", cookies.join("; "))),
         (&Method::GET, "/peers") => {
             let peers = PEERS
@@ -294,13 +295,22 @@ async fn handle(
     if let Some(padding) = query_number(request_query.as_deref(), "pad").and_then(padding) {
         response.headers_mut().insert("x-padding", padding);
     }
-    if !has_session {
+    // `/logout` deletes the session cookie; `?max_age=N` gives a new one that lifetime.
+    let session_cookie = if path == "/logout" {
+        Some(format!("{SESSION_COOKIE}=; Max-Age=0; Path=/"))
+    } else if !has_session {
         let n = SESSIONS.fetch_add(1, Ordering::Relaxed);
-        if let Ok(value) = HeaderValue::from_str(&format!("{SESSION_COOKIE}={name}-{n}; Path=/")) {
-            response
-                .headers_mut()
-                .insert(hyper::header::SET_COOKIE, value);
-        }
+        let lifetime = query_number(request_query.as_deref(), "max_age")
+            .map(|seconds| format!("; Max-Age={seconds}"))
+            .unwrap_or_default();
+        Some(format!("{SESSION_COOKIE}={name}-{n}{lifetime}; Path=/"))
+    } else {
+        None
+    };
+    if let Some(value) = session_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        response
+            .headers_mut()
+            .insert(hyper::header::SET_COOKIE, value);
     }
     Ok(response)
 }
