@@ -240,6 +240,73 @@ pub struct ServiceConfig {
     /// `lb-cookie` with groups: seconds a session stays in its group, even when the weights
     /// change or its backend fails (it then moves within the group), 1 to 604800 (7 days).
     pub group_stickiness: Option<u32>,
+    /// HTTP services with groups: several applications on one VIP and port, by the request's
+    /// `Host` and path; the first route that matches names the group.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+    /// With routes: the group of requests no route matches; without it they are answered
+    /// 404 by the agent.
+    pub default_group: Option<String>,
+    /// Cookie and url-param services: what a session whose backend fails its health checks
+    /// gets: `failover` (moved to a healthy backend), `keep` (its requests are answered 503
+    /// with `Retry-After` for up to `keep_timeout` while it waits for its backend, then
+    /// moved) or `reject` (answered 503 until its backend returns).
+    #[serde(default)]
+    pub on_backend_down: OnBackendDown,
+    /// `keep`: seconds a session waits for its failed backend.
+    #[serde(default = "default_keep_timeout")]
+    pub keep_timeout: u32,
+    /// Cookie services, `failover`: whether a session moved off its failed backend goes back
+    /// when that backend recovers (its cookie keeps naming it, and while it is down the
+    /// session is served by the one backend its cookie's value hashes to), or stays where it
+    /// moved (its cookie names the new backend; the default).
+    #[serde(default)]
+    pub return_home: bool,
+}
+
+/// [`ServiceConfig::on_backend_down`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBackendDown {
+    #[default]
+    Failover,
+    Keep,
+    Reject,
+}
+
+fn default_keep_timeout() -> u32 {
+    60
+}
+
+/// No route of a service matches a request, and it has no default group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoRoute;
+
+/// Whether `path` is under `prefix`: equal, or continuing past it at a `/` (so `/shop` holds
+/// `/shop/cart` but not `/shopping`).
+fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// A route of a service: [`ServiceConfig::routes`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The request's `Host` (its port aside, any case); any host when absent.
+    pub host: Option<String>,
+    /// A prefix of the request's path, e.g. `/shop`; every path when absent. The balancer's
+    /// cookie for the route's sessions is issued with it as its `Path`.
+    #[serde(default = "default_route_path")]
+    pub path: String,
+    /// The group whose backends serve the route.
+    pub group: String,
+}
+
+fn default_route_path() -> String {
+    "/".to_owned()
 }
 
 /// A group of a service's backends: [`ServiceConfig::groups`].
@@ -449,6 +516,30 @@ impl ServiceConfig {
         match self.affinity {
             AffinityMode::UrlParam => self.param.as_deref(),
             _ => None,
+        }
+    }
+
+    /// The group that a request for `host` (lowercase, without its port) and `path` goes
+    /// to: the first route's that matches, else the default group's; `Err` when the service
+    /// routes and none does. `Ok(None)` without routes.
+    pub fn route(&self, host: Option<&str>, path: &str) -> Result<Option<(usize, &str)>, NoRoute> {
+        if self.routes.is_empty() {
+            return Ok(None);
+        }
+        let group = |name: &str| self.groups.iter().position(|g| g.name == name);
+        let matched = self.routes.iter().find(|route| {
+            route
+                .host
+                .as_deref()
+                .is_none_or(|h| host.is_some_and(|host| h.eq_ignore_ascii_case(host)))
+                && path_has_prefix(path, &route.path)
+        });
+        match matched {
+            Some(route) => Ok(group(&route.group).map(|g| (g, route.path.as_str()))),
+            None => match self.default_group.as_deref().and_then(group) {
+                Some(g) => Ok(Some((g, "/"))),
+                None => Err(NoRoute),
+            },
         }
     }
 
@@ -1037,7 +1128,7 @@ impl Config {
         Ok(())
     }
 
-    fn validate_groups(&self, service: &ServiceConfig, field: &str) -> Result<(), ConfigError> {
+    fn validate_placement(&self, service: &ServiceConfig, field: &str) -> Result<(), ConfigError> {
         let mut names = HashSet::new();
         for (g, group) in service.groups.iter().enumerate() {
             let field = format!("{field}.group[{g}]");
@@ -1063,6 +1154,86 @@ impl Config {
                 return Err(invalid(
                     format!("{field}.backend"),
                     "a group needs at least one backend",
+                ));
+            }
+        }
+        let group_named = |name: &str| service.groups.iter().any(|g| g.name == name);
+        for (r, route) in service.routes.iter().enumerate() {
+            let field = format!("{field}.route[{r}]");
+            if service.groups.is_empty() || !service.reads_requests() {
+                return Err(invalid(
+                    field,
+                    "routes are for HTTP services (cookie or url-param affinity) with [[service.group]]s to route to",
+                ));
+            }
+            if !group_named(&route.group) {
+                return Err(invalid(
+                    format!("{field}.group"),
+                    format!("{:?} is not a group of this service", route.group),
+                ));
+            }
+            if !route.path.starts_with('/')
+                || route
+                    .path
+                    .bytes()
+                    .any(|b| b <= b' ' || b == b';' || b == b'?')
+            {
+                return Err(invalid(
+                    format!("{field}.path"),
+                    format!("{:?} is not a path prefix like \"/shop\"", route.path),
+                ));
+            }
+            if let Some(host) = &route.host {
+                let hostname = |label: &str| {
+                    !label.is_empty()
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                };
+                if host.len() > 253 || !host.split('.').all(hostname) {
+                    return Err(invalid(
+                        format!("{field}.host"),
+                        format!("{host:?} is not a host name like \"shop.example.com\""),
+                    ));
+                }
+            }
+        }
+        if service.on_backend_down != OnBackendDown::Failover && !service.reads_requests() {
+            return Err(invalid(
+                format!("{field}.on_backend_down"),
+                "is for HTTP services (cookie or url-param affinity) so far: L4 services fail over",
+            ));
+        }
+        if service.return_home && service.cookie_name().is_none() {
+            return Err(invalid(
+                format!("{field}.return_home"),
+                "is for cookie services so far: their cookie remembers the backend to return to",
+            ));
+        }
+        if service.return_home && service.on_backend_down != OnBackendDown::Failover {
+            return Err(invalid(
+                format!("{field}.return_home"),
+                "is for on_backend_down = \"failover\": the other modes never move a session",
+            ));
+        }
+        if !(1..=MAX_AFFINITY_TIMEOUT).contains(&service.keep_timeout) {
+            return Err(invalid(
+                format!("{field}.keep_timeout"),
+                format!(
+                    "{} seconds is outside 1..={MAX_AFFINITY_TIMEOUT}",
+                    service.keep_timeout
+                ),
+            ));
+        }
+        if let Some(default) = &service.default_group {
+            let field = format!("{field}.default_group");
+            if service.routes.is_empty() {
+                return Err(invalid(field, "is only used with [[service.route]]s"));
+            }
+            if !group_named(default) {
+                return Err(invalid(
+                    field,
+                    format!("{default:?} is not a group of this service"),
                 ));
             }
         }
@@ -1383,7 +1554,7 @@ impl Config {
             }
             let mut backend_names = HashSet::new();
             let mut cookie_tokens = HashSet::new();
-            self.validate_groups(service, &field)?;
+            self.validate_placement(service, &field)?;
             for (b, backend) in service.backends.iter().enumerate() {
                 let field = service.backend_field(&field, b);
                 if !name_ok(&backend.name) {
@@ -1795,6 +1966,34 @@ mod tests {
     }
 
     #[test]
+    fn requests_take_the_first_route_that_matches_their_host_and_path() {
+        let routed = format!(
+            "{GROUPED}\n[[service.route]]\nhost = \"a.example\"\npath = \"/green\"\ngroup = \"green\"\n\
+             [[service.route]]\nhost = \"a.example\"\ngroup = \"blue\"\n"
+        );
+        let config = Config::parse(&routed).expect("valid");
+        let service = &config.services[0];
+        let route = |host: Option<&str>, path: &str| service.route(host, path);
+        assert_eq!(
+            route(Some("a.example"), "/green/x"),
+            Ok(Some((1, "/green")))
+        );
+        assert_eq!(route(Some("A.Example"), "/green"), Ok(Some((1, "/green"))));
+        assert_eq!(route(Some("a.example"), "/greenhouse"), Ok(Some((0, "/"))));
+        assert_eq!(route(Some("b.example"), "/"), Err(NoRoute));
+        assert_eq!(route(None, "/"), Err(NoRoute));
+        let defaulted = routed.replace(
+            "group_stickiness = 60",
+            "group_stickiness = 60\ndefault_group = \"green\"",
+        );
+        let config = Config::parse(&defaulted).expect("valid");
+        assert_eq!(
+            config.services[0].route(Some("b.example"), "/"),
+            Ok(Some((1, "/")))
+        );
+    }
+
+    #[test]
     fn group_errors_name_the_field() {
         let cases = [
             (
@@ -1812,6 +2011,51 @@ mod tests {
             (
                 GROUPED.replace("name = \"g1\"", "name = \"b1\""),
                 "service[0] (shop).group[1].backend[0].name",
+            ),
+            (
+                format!("{GROUPED}\n[[service.route]]\nhost = \"a.example\"\ngroup = \"red\"\n"),
+                "service[0] (shop).route[0].group",
+            ),
+            (
+                format!("{GROUPED}\n[[service.route]]\npath = \"shop\"\ngroup = \"blue\"\n"),
+                "service[0] (shop).route[0].path",
+            ),
+            (
+                format!("{GROUPED}\n[[service.route]]\nhost = \"a b\"\ngroup = \"blue\"\n"),
+                "service[0] (shop).route[0].host",
+            ),
+            (
+                GROUPED.replace("group_stickiness = 60", "default_group = \"blue\""),
+                "service[0] (shop).default_group",
+            ),
+            (
+                format!("{VALID}\n[[service.route]]\ngroup = \"blue\"\n"),
+                "service[0] (web).route[0]",
+            ),
+            (
+                VALID.replace(
+                    "protocol = \"tcp\"",
+                    "protocol = \"tcp\"\non_backend_down = \"keep\"",
+                ),
+                "service[0] (web).on_backend_down",
+            ),
+            (
+                GROUPED.replace(
+                    "group_stickiness = 60",
+                    "return_home = true\non_backend_down = \"reject\"",
+                ),
+                "service[0] (shop).return_home",
+            ),
+            (
+                GROUPED.replace("group_stickiness = 60", "keep_timeout = 0"),
+                "service[0] (shop).keep_timeout",
+            ),
+            (
+                VALID.replace(
+                    "protocol = \"tcp\"",
+                    "protocol = \"tcp\"\nreturn_home = true",
+                ),
+                "service[0] (web).return_home",
             ),
             (
                 GROUPED.replace("group_stickiness = 60", "group_stickiness = 604801"),

@@ -38,9 +38,59 @@ pub fn url_param(request: &[u8], name: &str) -> Option<String> {
         .filter(|value| !value.is_empty())
 }
 
+/// The request's `Host` (lowercase, its port aside) and its target's path (the query
+/// aside), for routes; the head may be a partial one.
+pub fn host_and_path(request: &[u8]) -> (Option<String>, String) {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    // A partial head (too large) still has its complete header lines parsed.
+    let _ = parsed.parse(request);
+    let target = parsed.path.unwrap_or("/");
+    // An absolute-form target (`http://host/path`, to proxies) carries its path after the
+    // authority.
+    let target = match target.split_once("://") {
+        Some((_, rest)) => rest.find('/').map_or("/", |at| &rest[at..]),
+        None => target,
+    };
+    let path = target.split(['?', '#']).next().unwrap_or("/").to_owned();
+    let host = parsed
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("host"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .map(|value| {
+            let value = value.trim();
+            // An IPv6 literal keeps its brackets; a port follows the last colon after them.
+            let end = match value.rfind(':') {
+                Some(at) if !value[at..].contains(']') => at,
+                _ => value.len(),
+            };
+            value[..end].to_ascii_lowercase()
+        });
+    (host, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_read_the_host_without_its_port_and_the_path_without_its_query() {
+        let of = |head: &str| host_and_path(head.as_bytes());
+        assert_eq!(
+            of("GET /shop/cart?x=1 HTTP/1.1\r\nHost: Shop.Example:8080\r\n\r\n"),
+            (Some("shop.example".into()), "/shop/cart".into())
+        );
+        assert_eq!(
+            of("GET http://a.example/blog HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+            (Some("a.example".into()), "/blog".into())
+        );
+        assert_eq!(
+            of("GET / HTTP/1.1\r\nHost: [2001:db8::1]:80\r\n\r\n").0,
+            Some("[2001:db8::1]".into())
+        );
+        assert_eq!(of("GET / HTTP/1.0\r\n\r\n"), (None, "/".into()));
+    }
 
     #[test]
     fn url_parameters_are_read_from_the_query_and_from_path_parameters() {

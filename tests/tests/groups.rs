@@ -240,3 +240,126 @@ fn blue_green_sessions_split_by_weight_stay_in_their_group_and_follow_new_weight
     let third = sessions.new_sessions(&lab, 100);
     assert_eq!(greens(&third), 100, "new sessions with blue at weight 0");
 }
+
+/// A service `apps` with two applications on one VIP and port: `shop.example` on group
+/// `shop` (backend-1, backend-2) except its `/blog` path, and `blog.example` on group `blog`
+/// (backend-3); no default group.
+fn two_applications() -> String {
+    let backend = |index: usize| {
+        format!(
+            "    [[service.group.backend]]\n    name = \"{}\"\n    address = \"{}\"\n    port = 80\n",
+            Lab::backend_name(index),
+            Lab::backend_addr(index)
+        )
+    };
+    format!(
+        "[[service]]\nname = \"apps\"\nvip = \"{VIP}\"\nport = {CANARY_PORT}\nprotocol = \"tcp\"\n\
+         affinity = \"lb-cookie\"\n\
+         [[service.group]]\n  name = \"shop\"\n{}{}\
+         [[service.group]]\n  name = \"blog\"\n{}\
+         [[service.route]]\n  host = \"shop.example\"\n  path = \"/blog\"\n  group = \"blog\"\n\
+         [[service.route]]\n  host = \"shop.example\"\n  group = \"shop\"\n\
+         [[service.route]]\n  host = \"blog.example\"\n  group = \"blog\"\n",
+        backend(0),
+        backend(1),
+        backend(2)
+    )
+}
+
+/// For each `host path` of its arguments, a new session and three requests more with its
+/// cookie, each on a new connection; prints `host path status backend...` and the cookie's
+/// Path attribute.
+const ROUTED: &str = r#"
+import http.client, sys
+vip, port = sys.argv[1], int(sys.argv[2])
+def get(host, path, cookie):
+    c = http.client.HTTPConnection(vip, port, timeout=10)
+    headers = {"Host": host, "Connection": "close"}
+    if cookie:
+        headers["Cookie"] = cookie
+    c.request("GET", path, headers=headers)
+    r = c.getresponse()
+    body = r.read().decode().strip()
+    set_cookie = next((v for n, v in r.getheaders() if n.lower() == "set-cookie" and v.startswith("LBSESSION=")), "")
+    c.close()
+    return r.status, r.getheader("x-backend") or body.replace(" ", "_"), set_cookie
+for target in sys.argv[3:]:
+    host, path = target.split(",")
+    status, backend, set_cookie = get(host, path, None)
+    cookie = set_cookie.split(";")[0]
+    attributes = dict(a.strip().split("=", 1) for a in set_cookie.split(";")[1:] if "=" in a)
+    seen = [backend] + [get(host, path, cookie)[1] for _ in range(3 if cookie else 0)]
+    print(host, path, status, attributes.get("Path", "-"), *seen)
+"#;
+
+#[test]
+fn two_applications_on_one_vip_reach_their_own_backends_by_host_and_path_and_stick() {
+    let lab = lab_with(&ServiceOptions {
+        extra_tables: two_applications(),
+        ..ServiceOptions::default()
+    });
+    let mut targets: Vec<String> = (0..100)
+        .map(|i| format!("shop.example,/item/{i}"))
+        .collect();
+    targets.extend((0..100).map(|i| format!("blog.example,/post/{i}")));
+    targets.extend((0..20).map(|i| format!("shop.example,/blog/{i}")));
+    targets.push("other.example,/".to_owned());
+    let (vip, port) = (VIP.to_string(), CANARY_PORT.to_string());
+    let mut argv = vec!["python3", "-c", ROUTED, &vip, &port];
+    argv.extend(targets.iter().map(String::as_str));
+    let output = run(&lab, lab.client_ns(), &argv);
+    let mut shop_backends = HashMap::new();
+    let mut answered = 0;
+    for line in output.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (host, path, cookie_path, seen) = (fields[0], fields[1], fields[3], &fields[4..]);
+        answered += 1;
+        if host == "other.example" {
+            assert_eq!((fields[2], seen), ("404", &["404_Not_Found"][..]), "{line}");
+            continue;
+        }
+        // The backend's own answer (a 404 for paths it does not serve), with its name.
+        assert!(
+            seen[0].starts_with("backend-"),
+            "answered by a backend: {line}"
+        );
+        assert_eq!(
+            seen.len(),
+            4,
+            "a session and three requests with its cookie: {line}"
+        );
+        assert!(
+            seen.iter().all(|b| *b == seen[0]),
+            "the session moved: {line}"
+        );
+        let blog = host == "blog.example" || path.starts_with("/blog/");
+        if blog {
+            assert_eq!(
+                seen[0],
+                Lab::backend_name(2),
+                "the blog on its own backend: {line}"
+            );
+        } else {
+            assert_ne!(
+                seen[0],
+                Lab::backend_name(2),
+                "the shop on its own backends: {line}"
+            );
+            *shop_backends.entry(seen[0].to_owned()).or_insert(0) += 1;
+        }
+        let expected_path = if path.starts_with("/blog/") {
+            "/blog"
+        } else {
+            "/"
+        };
+        assert_eq!(cookie_path, expected_path, "the cookie's Path: {line}");
+    }
+    assert_eq!(answered, targets.len());
+    assert_eq!(
+        shop_backends.len(),
+        2,
+        "shop sessions over both its backends: {shop_backends:?}"
+    );
+    let counters = balancer(&lab, &["stats"]);
+    assert!(counters.contains("no_route 1"), "{counters}");
+}

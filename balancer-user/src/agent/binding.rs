@@ -31,7 +31,7 @@ use super::{
     Agent, BackendRuntime, ServiceRuntime,
 };
 use crate::{
-    config::{Config, CookieFallback, NatMode, ServiceConfig},
+    config::{Config, CookieFallback, NatMode, OnBackendDown, ServiceConfig},
     cookie::{backend_token, CookieKeys, GroupPin, Rejection},
     dataplane::Dataplane,
     http, rewrite,
@@ -92,6 +92,10 @@ pub struct BindingCounters {
     pub replays_resent: u64,
     pub retried: u64,
     pub failed: u64,
+    /// Requests answered 404: no route matched.
+    pub no_route: u64,
+    /// Requests answered 503: their session's backend is down and held for.
+    pub backend_down: u64,
     /// Connections reset to make room for a new one, by [`Shed`].
     pub shed_client_budget: u64,
     pub shed_prefix_budget: u64,
@@ -151,6 +155,8 @@ impl BindingCounters {
             Outcome::Retried => &mut self.retried,
             Outcome::Failed => &mut self.failed,
             Outcome::HeadTooLarge => &mut self.head_too_large,
+            Outcome::NoRoute => &mut self.no_route,
+            Outcome::BackendDown => &mut self.backend_down,
         } += 1;
         if let Some(service) = service {
             *by_service.entry((service, outcome)).or_default() += 1;
@@ -172,15 +178,22 @@ pub enum Outcome {
     /// Placed on a head that did not fit the agent's buffer (without its cookie, if it came
     /// later).
     HeadTooLarge,
+    /// Answered 404 by the agent: no route of the service matched the request.
+    NoRoute,
+    /// Answered 503 by the agent: its session's backend is down and the service holds its
+    /// sessions for it.
+    BackendDown,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 5] = [
+    pub const ALL: [Outcome; 7] = [
         Outcome::WithCookie,
         Outcome::ByFallback,
         Outcome::Retried,
         Outcome::Failed,
         Outcome::HeadTooLarge,
+        Outcome::NoRoute,
+        Outcome::BackendDown,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -190,6 +203,8 @@ impl Outcome {
             Outcome::Retried => "retried",
             Outcome::Failed => "failed",
             Outcome::HeadTooLarge => "head_too_large",
+            Outcome::NoRoute => "no_route",
+            Outcome::BackendDown => "backend_down",
         }
     }
 }
@@ -750,11 +765,37 @@ impl Agent {
             return;
         };
         let choice = if pending.tried.len() >= MAX_BACKENDS_TRIED {
-            None
+            Err(Unplaced::NoBackend)
         } else {
             choose(service, pending, key, &self.config.signing_keys, unix_now())
         };
-        let Some((target, cookie)) = choice else {
+        if let Err(Unplaced::Held { retry_after }) = choice {
+            throttled!(info, client = %pending.client, service = %service.config.name, "the session's backend is down and the service holds its sessions: answered 503");
+            let service = service.id;
+            self.binder.counters.count(
+                Outcome::BackendDown,
+                Some(service),
+                &mut self.binder.outcomes_by_service,
+            );
+            self.answer(
+                key,
+                "503 Service Unavailable",
+                &format!("Retry-After: {retry_after}\r\n"),
+            );
+            return;
+        }
+        if let Err(Unplaced::NoRoute) = choice {
+            throttled!(info, client = %pending.client, service = %service.config.name, "no route for the request: answered 404");
+            let service = service.id;
+            self.binder.counters.count(
+                Outcome::NoRoute,
+                Some(service),
+                &mut self.binder.outcomes_by_service,
+            );
+            self.answer(key, "404 Not Found", "");
+            return;
+        }
+        let Ok((target, cookie)) = choice else {
             throttled!(warn, client = %pending.client, port = pending.client_port, tried = pending.tried.len(), "no backend took the connection: resetting the client");
             self.binder.counters.count(
                 Outcome::Failed,
@@ -766,7 +807,9 @@ impl Agent {
         };
         if pending.tried.is_empty() {
             let outcome = match cookie {
-                Cookie::Hashed(_) | Cookie::Session { .. } => Outcome::WithCookie,
+                Cookie::Hashed(_) | Cookie::Session { .. } | Cookie::Away { .. } => {
+                    Outcome::WithCookie
+                }
                 Cookie::Absent | Cookie::Rejected(_) => Outcome::ByFallback,
             };
             self.binder.counters.count(
@@ -1346,6 +1389,23 @@ impl Agent {
         self.abort_quietly(key);
     }
 
+    /// Answers the client with a short HTTP response of the agent's own (`status` such as
+    /// "404 Not Found", then `headers`, each line ending in CRLF) and its FIN; XDP resets
+    /// whatever the client sends after it.
+    fn answer(&mut self, key: &FlowKey, status: &str, headers: &str) {
+        if let Some(pending) = self.binder.pending.get(key) {
+            let body = format!("{status}\n");
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n{body}",
+                body.len()
+            );
+            let mut segment = pending.to_client(PSH | ACK | FIN, pending.window);
+            segment.payload = response.into_bytes();
+            self.binder.send(&segment);
+        }
+        self.abort_quietly(key);
+    }
+
     fn abort_quietly(&mut self, key: &FlowKey) {
         let binding = self.binder.pending.get(key).map(|p| p.binding);
         let reply_key = self.forget(key);
@@ -1411,6 +1471,9 @@ enum Cookie {
     Session { backend: String, renew: bool },
     /// A balancer cookie that counts as absent, by [`REJECTION_REASONS`] index.
     Rejected(usize),
+    /// A genuine balancer cookie whose backend is down, on a service whose sessions return
+    /// home: served elsewhere for now, its cookie left as it is.
+    Away { home: String },
 }
 
 impl std::fmt::Display for Cookie {
@@ -1426,6 +1489,7 @@ impl std::fmt::Display for Cookie {
                 Ok(())
             }
             Cookie::Rejected(reason) => write!(f, "rejected ({})", REJECTION_REASONS[*reason]),
+            Cookie::Away { home } => write!(f, "away from {home}"),
         }
     }
 }
@@ -1433,16 +1497,35 @@ impl std::fmt::Display for Cookie {
 /// The backend for a connection: the one a genuine balancer cookie names while it keeps its
 /// sessions (up, or draining within the drain timeout), the one an application cookie's value
 /// hashes to, else the service's fallback; backends already tried are skipped.
+/// Why a connection has no backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unplaced {
+    /// None left to try, or none takes new sessions.
+    NoBackend,
+    /// The service routes requests and none of its routes matches this one.
+    NoRoute,
+    /// The session's backend is down and the service holds its sessions for it
+    /// (`on_backend_down` `keep` or `reject`): answered 503, to try again after so many
+    /// seconds.
+    Held { retry_after: u32 },
+}
+
 fn choose(
     service: &ServiceRuntime,
     pending: &Pending,
     key: &FlowKey,
     keys: &CookieKeys,
     now: u32,
-) -> Option<(Target, Cookie)> {
+) -> Result<(Target, Cookie), Unplaced> {
     if service.lookup.is_empty() {
-        return None;
+        return Err(Unplaced::NoBackend);
     }
+    let (host, path) = http::host_and_path(&pending.request);
+    let route = service
+        .config
+        .route(host.as_deref(), &path)
+        .map_err(|_| Unplaced::NoRoute)?
+        .map(|(group, _)| group);
     // The cross-origin variant carries the same value, for requests that only send it.
     let value = service
         .config
@@ -1485,47 +1568,107 @@ fn choose(
                 Some(Ok((token, renew, pin))) => {
                     home = pin.filter(|p| p.until > now).and_then(|pin| {
                         let group = service.groups.iter().position(|g| g.token == pin.token)?;
-                        Some((group, pin))
+                        Some((group, Some(pin)))
                     });
                     let named = service
                         .backends
                         .iter()
-                        .find(|b| backend_token(&b.config.name) == token && usable(b));
-                    if let Some(backend) = named {
-                        let session = |renew| Cookie::Session {
-                            backend: backend.config.name.clone(),
-                            renew,
-                        };
-                        let mut target = service.target(backend);
-                        if service.groups.is_empty() {
-                            return Some((target, session(renew)));
-                        }
-                        if let Some((group, pin)) = home {
-                            if backend.config.group == Some(group) {
-                                target.group = Some(pin);
-                                return Some((target, session(renew)));
+                        .find(|b| backend_token(&b.config.name) == token);
+                    match named {
+                        // Another route's session (another application's backend): this
+                        // request starts one of its own.
+                        Some(b) if route.is_some() && b.config.group != route => Cookie::Absent,
+                        Some(backend) if usable(backend) => {
+                            let session = |renew| Cookie::Session {
+                                backend: backend.config.name.clone(),
+                                renew,
+                            };
+                            let mut target = service.target(backend);
+                            if service.groups.is_empty() || route.is_some() {
+                                return Ok((target, session(renew)));
                             }
-                        } else {
-                            // Its time in the group is over: the session picks a group as a
-                            // new one would, and stays on its backend if that is the group.
-                            let hash = fallback_hash(service, pending, key, &Cookie::Absent);
-                            let group = placement::pick_group(&service.groups, hash);
-                            if group.is_some() && backend.config.group == group {
-                                target.group = group.map(|g| service.pin(g, now));
-                                return Some((target, session(true)));
+                            match home {
+                                Some((group, pin)) if backend.config.group == Some(group) => {
+                                    target.group = pin;
+                                    return Ok((target, session(renew)));
+                                }
+                                Some(_) => Cookie::Rejected(BACKEND_UNUSABLE),
+                                None => {
+                                    // Its time in the group is over: the session picks a
+                                    // group as a new one would, and stays on its backend if
+                                    // that is the group.
+                                    let hash =
+                                        fallback_hash(service, pending, key, &Cookie::Absent);
+                                    let group = placement::pick_group(&service.groups, hash);
+                                    if group.is_some() && backend.config.group == group {
+                                        target.group = group.map(|g| service.pin(g, now));
+                                        return Ok((target, session(true)));
+                                    }
+                                    Cookie::Absent
+                                }
                             }
-                            let target = place(service, pending, key, &Cookie::Absent, None, now)?;
-                            return Some((target, Cookie::Absent));
                         }
+                        // Failed by its checks: the service's policy decides.
+                        Some(backend)
+                            if !backend.healthy && !pending.tried.contains(&backend.id) =>
+                        {
+                            let config = &service.config;
+                            let waited = backend.down_since.map_or(Duration::ZERO, |t| t.elapsed());
+                            let held = match config.on_backend_down {
+                                OnBackendDown::Reject => true,
+                                OnBackendDown::Keep => {
+                                    waited.as_secs() < u64::from(config.keep_timeout)
+                                }
+                                OnBackendDown::Failover => false,
+                            };
+                            if held {
+                                return Err(Unplaced::Held {
+                                    retry_after: recovery_seconds(config),
+                                });
+                            }
+                            if config.return_home {
+                                // Served meanwhile by the backend its cookie's value hashes
+                                // to, the same on every request; the cookie keeps naming its
+                                // own, which it goes back to once it recovers.
+                                let hashed = Cookie::Hashed(value.clone());
+                                let target =
+                                    place(service, pending, key, &hashed, home, false, now)
+                                        .ok_or(Unplaced::NoBackend)?;
+                                let away = Cookie::Away {
+                                    home: backend.config.name.clone(),
+                                };
+                                return Ok((target, away));
+                            }
+                            Cookie::Rejected(BACKEND_UNUSABLE)
+                        }
+                        _ => Cookie::Rejected(BACKEND_UNUSABLE),
                     }
-                    Cookie::Rejected(BACKEND_UNUSABLE)
                 }
                 Some(Err(reason)) => Cookie::Rejected(reason),
             }
         }
     };
-    let target = place(service, pending, key, &cookie, home, now)?;
-    Some((target, cookie))
+    // A routed request is placed in its route's group alone, without a pin: the route, not
+    // the weights, keeps it there.
+    let (home, confined) = match route {
+        Some(group) => (Some((group, None)), true),
+        None => (home, false),
+    };
+    let target =
+        place(service, pending, key, &cookie, home, confined, now).ok_or(Unplaced::NoBackend)?;
+    Ok((target, cookie))
+}
+
+/// Seconds a failed backend takes at least to count as up again (its checks' interval times
+/// `rise`), for a held session's `Retry-After`.
+fn recovery_seconds(config: &ServiceConfig) -> u32 {
+    config
+        .health_check
+        .as_ref()
+        .map_or(5, |check| {
+            (check.interval * f64::from(check.rise)).ceil() as u32
+        })
+        .max(1)
 }
 
 /// What places a connection without a usable session: an application cookie's value, the
@@ -1546,33 +1689,42 @@ fn fallback_hash(
 }
 
 /// A backend for a connection without a usable session, by its fallback hash, skipping the
-/// backends it tried: in its session's `home` group while it stays there, else in a group
-/// picked by weight; from the whole table without groups or once the group's backends were
-/// all tried.
+/// backends it tried: in its `home` group (while its session stays there, or its route's),
+/// else in a group picked by weight; from the whole table without groups or once the group's
+/// backends were all tried, unless `confined` to its home.
 fn place(
     service: &ServiceRuntime,
     pending: &Pending,
     key: &FlowKey,
     cookie: &Cookie,
-    home: Option<(usize, GroupPin)>,
+    home: Option<(usize, Option<GroupPin>)>,
+    confined: bool,
     now: u32,
 ) -> Option<Target> {
     let hash = fallback_hash(service, pending, key, cookie);
     let untried = |id: u32| !pending.tried.contains(&id);
-    let in_group = |(group, pin): (usize, GroupPin)| {
+    let in_group = |(group, pin): (usize, Option<GroupPin>)| {
         let id = placement::walk(&service.groups[group].lookup, hash, untried)?;
-        Some((id, Some(pin)))
+        Some((id, pin))
     };
-    let (id, pin) = home
-        .and_then(in_group)
-        .or_else(|| {
-            let group = placement::pick_group(&service.groups, hash)?;
-            in_group((group, service.pin(group, now)))
-        })
-        .or_else(|| Some((placement::walk(&service.lookup, hash, untried)?, None)))?;
+    let chosen = home.and_then(in_group);
+    let (id, pin) = if confined {
+        chosen?
+    } else {
+        chosen
+            .or_else(|| {
+                let group = placement::pick_group(&service.groups, hash)?;
+                in_group((group, Some(service.pin(group, now))))
+            })
+            .or_else(|| Some((placement::walk(&service.lookup, hash, untried)?, None)))?
+    };
     let backend = service.backends.iter().find(|b| b.id == id)?;
     let mut target = service.target(backend);
-    target.group = pin.or_else(|| backend.config.group.map(|g| service.pin(g, now)));
+    target.group = match (pin, confined) {
+        (Some(pin), _) => Some(pin),
+        (None, true) => None,
+        (None, false) => backend.config.group.map(|g| service.pin(g, now)),
+    };
     Some(target)
 }
 
@@ -1612,6 +1764,9 @@ fn issue(
         });
     }
     let own = service.balancer_cookie()?;
+    if matches!(cookie, Cookie::Away { .. }) {
+        return None;
+    }
     let companion_of = service.companion_of();
     if companion_of.is_none() && matches!(cookie, Cookie::Session { renew: false, .. }) {
         return None;
@@ -1629,10 +1784,18 @@ fn issue(
         unix_now().saturating_add(duration),
         target.group,
     )?;
-    let mut lines = format!("Set-Cookie: {own}={value}; Max-Age={duration}; Path=/; HttpOnly\r\n");
+    // A routed session's cookie goes back to its route alone: two applications on one host
+    // keep cookies of their own.
+    let (host, path) = http::host_and_path(request);
+    let cookie_path = match service.route(host.as_deref(), &path) {
+        Ok(Some((_, prefix))) => prefix,
+        _ => "/",
+    };
+    let mut lines =
+        format!("Set-Cookie: {own}={value}; Max-Age={duration}; Path={cookie_path}; HttpOnly\r\n");
     if let Some(cors) = service.cors_cookie_name() {
         lines += &format!(
-            "Set-Cookie: {cors}={value}; Max-Age={duration}; Path=/; HttpOnly; SameSite=None; Secure\r\n"
+            "Set-Cookie: {cors}={value}; Max-Age={duration}; Path={cookie_path}; HttpOnly; SameSite=None; Secure\r\n"
         );
     }
     Some(Issue {

@@ -18,7 +18,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{AdminState, BackendConfig, Config, ServiceConfig},
+    config::{AdminState, BackendConfig, Config, OnBackendDown, ServiceConfig},
     dataplane::{Dataplane, TableCount},
     health, maglev,
 };
@@ -72,6 +72,8 @@ struct BackendRuntime {
     config: BackendConfig,
     /// The health checks' verdict; always true without checks.
     healthy: bool,
+    /// Since when the checks have failed it.
+    down_since: Option<Instant>,
     /// When the backend started draining.
     draining_since: Option<Instant>,
     /// The state last written to the data plane.
@@ -265,6 +267,7 @@ impl Agent {
                         runtime.config = backend.clone();
                         if service.health_check.is_none() {
                             runtime.healthy = true;
+                            runtime.down_since = None;
                         }
                         runtime
                     }
@@ -274,6 +277,7 @@ impl Agent {
                             id,
                             config: backend.clone(),
                             healthy: true,
+                            down_since: None,
                             draining_since: (backend.state == AdminState::Draining)
                                 .then(Instant::now),
                             published_state: backend_state::DOWN,
@@ -340,7 +344,10 @@ impl Agent {
             return;
         }
         match pinned.state {
-            backend_state::DOWN if service.health_check.is_some() => runtime.healthy = false,
+            backend_state::DOWN if service.health_check.is_some() => {
+                runtime.healthy = false;
+                runtime.down_since = Some(Instant::now());
+            }
             backend_state::DRAINING => runtime.draining_since = Some(Instant::now()),
             _ => {}
         }
@@ -483,10 +490,16 @@ impl Agent {
             return Ok(());
         }
         runtime.healthy = report.healthy;
+        runtime.down_since = (!report.healthy).then(Instant::now);
         if report.healthy {
             info!(service = %report.service, backend = %report.backend, reason = %report.reason, "backend is up");
         } else {
-            warn!(service = %report.service, backend = %report.backend, reason = %report.reason, "backend is down: its sessions move to healthy backends");
+            let sessions = match self.services[index].config.on_backend_down {
+                OnBackendDown::Failover => "its sessions move to healthy backends",
+                OnBackendDown::Keep => "its sessions wait for it up to keep_timeout, answered 503",
+                OnBackendDown::Reject => "its sessions are answered 503 until it returns",
+            };
+            warn!(service = %report.service, backend = %report.backend, reason = %report.reason, "backend is down: {sessions}");
         }
         self.publish(index)
     }
@@ -924,6 +937,8 @@ impl Agent {
             ("binding_retried", b.retried),
             ("binding_failed", b.failed),
             ("head_too_large", b.head_too_large),
+            ("no_route", b.no_route),
+            ("backend_down", b.backend_down),
             ("shed_client_budget", b.shed_client_budget),
             ("shed_prefix_budget", b.shed_prefix_budget),
             ("shed_table_full", b.shed_table_full),
