@@ -256,6 +256,11 @@ pub struct ServiceConfig {
     /// `keep`: seconds a session waits for its failed backend.
     #[serde(default = "default_keep_timeout")]
     pub keep_timeout: u32,
+    /// Cookie and url-param services: bounded-load placement, in percent of the average
+    /// (e.g. 125): a new session whose backend has more active connections than that share
+    /// of the average over the backends it could go to takes the next backend of the lookup
+    /// table that has fewer; sessions already placed stay. Off when absent.
+    pub balance_factor: Option<u32>,
     /// Cookie services, `failover`: whether a session moved off its failed backend goes back
     /// when that backend recovers (its cookie keeps naming it, and while it is down the
     /// session is served by the one backend its cookie's value hashes to), or stays where it
@@ -1216,6 +1221,23 @@ impl Config {
                 "is for on_backend_down = \"failover\": the other modes never move a session",
             ));
         }
+        if let Some(factor) = service.balance_factor {
+            let field = format!("{field}.balance_factor");
+            if !service.reads_requests() {
+                return Err(invalid(
+                    field,
+                    "is for HTTP services (cookie or url-param affinity) so far: the agent places their sessions",
+                ));
+            }
+            if !(101..=1000).contains(&factor) {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{factor} is outside 101..=1000 (percent of the average load, e.g. 125)"
+                    ),
+                ));
+            }
+        }
         if !(1..=MAX_AFFINITY_TIMEOUT).contains(&service.keep_timeout) {
             return Err(invalid(
                 format!("{field}.keep_timeout"),
@@ -2045,6 +2067,17 @@ mod tests {
                     "return_home = true\non_backend_down = \"reject\"",
                 ),
                 "service[0] (shop).return_home",
+            ),
+            (
+                GROUPED.replace("group_stickiness = 60", "balance_factor = 100"),
+                "service[0] (shop).balance_factor",
+            ),
+            (
+                VALID.replace(
+                    "protocol = \"tcp\"",
+                    "protocol = \"tcp\"\nbalance_factor = 125",
+                ),
+                "service[0] (web).balance_factor",
             ),
             (
                 GROUPED.replace("group_stickiness = 60", "keep_timeout = 0"),

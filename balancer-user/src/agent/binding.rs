@@ -795,6 +795,7 @@ impl Agent {
             self.answer(key, "404 Not Found", "");
             return;
         }
+        let service_id = service.id;
         let Ok((target, cookie)) = choice else {
             throttled!(warn, client = %pending.client, port = pending.client_port, tried = pending.tried.len(), "no backend took the connection: resetting the client");
             self.binder.counters.count(
@@ -931,6 +932,11 @@ impl Agent {
         };
         let syn = backend_syn(pending, target);
         self.binder.send(&syn);
+        // Counted until the next walk of the flow table sees the connection.
+        let placed = self.services.iter_mut().find(|s| s.id == service_id);
+        if let Some(service) = placed.filter(|s| s.config.balance_factor.is_some()) {
+            *service.loads.entry(target.id).or_default() += 1;
+        }
     }
 
     fn on_backend_segment(&mut self, segment: Segment) {
@@ -1703,8 +1709,17 @@ fn place(
 ) -> Option<Target> {
     let hash = fallback_hash(service, pending, key, cookie);
     let untried = |id: u32| !pending.tried.contains(&id);
+    // Bounded load: the first backend from the hash's slot under the bound, if any is.
+    let walk = |lookup: &[u32]| {
+        let bounded = service.config.balance_factor.and_then(|factor| {
+            let limit = placement::load_limit(lookup, &service.loads, factor);
+            let light = |id: u32| service.loads.get(&id).copied().unwrap_or(0) < limit;
+            placement::walk(lookup, hash, |id| untried(id) && light(id))
+        });
+        bounded.or_else(|| placement::walk(lookup, hash, untried))
+    };
     let in_group = |(group, pin): (usize, Option<GroupPin>)| {
-        let id = placement::walk(&service.groups[group].lookup, hash, untried)?;
+        let id = walk(&service.groups[group].lookup)?;
         Some((id, pin))
     };
     let chosen = home.and_then(in_group);
@@ -1716,7 +1731,7 @@ fn place(
                 let group = placement::pick_group(&service.groups, hash)?;
                 in_group((group, Some(service.pin(group, now))))
             })
-            .or_else(|| Some((placement::walk(&service.lookup, hash, untried)?, None)))?
+            .or_else(|| Some((walk(&service.lookup)?, None)))?
     };
     let backend = service.backends.iter().find(|b| b.id == id)?;
     let mut target = service.target(backend);

@@ -65,6 +65,9 @@ struct ServiceRuntime {
     lookup: Vec<u32>,
     /// The groups of [`ServiceConfig::groups`], in order (none without groups).
     groups: Vec<GroupRuntime>,
+    /// With `balance_factor`: active connections per backend id, as the latest walk of the
+    /// flow table counted them plus those placed since.
+    loads: HashMap<u32, u64>,
 }
 
 struct BackendRuntime {
@@ -305,6 +308,7 @@ impl Agent {
                     .iter()
                     .map(|g| GroupRuntime::new(&g.name, g.weight))
                     .collect(),
+                loads: HashMap::new(),
             });
         }
         for removed in old.into_values() {
@@ -957,7 +961,37 @@ impl Agent {
 
     /// Tells the data plane the agent is alive.
     pub fn heartbeat(&mut self) -> Result<()> {
-        self.dataplane.heartbeat()
+        self.dataplane.heartbeat()?;
+        self.refresh_loads()
+    }
+
+    /// Counts the active connections of each backend of the services with bounded-load
+    /// placement, from a walk of the flow table (only when one has it: the walk costs two
+    /// system calls an entry).
+    fn refresh_loads(&mut self) -> Result<()> {
+        if !self
+            .services
+            .iter()
+            .any(|s| s.config.balance_factor.is_some())
+        {
+            return Ok(());
+        }
+        let active = self
+            .dataplane
+            .active_flows_by_backend(ACTIVE_FLOW_WINDOW_S)?
+            .by_backend;
+        for service in self
+            .services
+            .iter_mut()
+            .filter(|s| s.config.balance_factor.is_some())
+        {
+            service.loads = service
+                .backends
+                .iter()
+                .map(|b| (b.id, active.get(&b.id).copied().unwrap_or(0)))
+                .collect();
+        }
+        Ok(())
     }
 
     /// Gives the SYN cookies a new secret (the last one stays valid for a period more), so a

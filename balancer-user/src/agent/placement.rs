@@ -4,6 +4,8 @@
 //! reads one table over all the backends, each weighted by its share of its group times its
 //! group's share of the service.
 
+use std::collections::{HashMap, HashSet};
+
 use balancer_common::mix;
 
 use crate::cookie::backend_token;
@@ -88,6 +90,22 @@ pub fn walk(lookup: &[u32], hash: u32, usable: impl Fn(u32) -> bool) -> Option<u
         .find(|id| usable(*id))
 }
 
+/// The most active connections a backend of `lookup` may hold for a new session to be
+/// placed on it: `factor` percent of the average over the table's backends with one more
+/// connection than now, rounded up (consistent hashing with bounded loads, Mirrokni et al.),
+/// so some backend is always under it.
+pub fn load_limit(lookup: &[u32], loads: &HashMap<u32, u64>, factor: u32) -> u64 {
+    let backends: HashSet<u32> = lookup.iter().copied().collect();
+    if backends.is_empty() {
+        return 0;
+    }
+    let total: u64 = backends
+        .iter()
+        .map(|id| loads.get(id).copied().unwrap_or(0))
+        .sum();
+    (u64::from(factor) * (total + 1)).div_ceil(100 * backends.len() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +138,16 @@ mod tests {
         assert!((0..1000).all(|h| pick_group(&groups, h) == Some(1)));
         groups[1].lookup.clear();
         assert_eq!(pick_group(&groups, 5), None);
+    }
+
+    #[test]
+    fn the_load_limit_is_the_factor_of_the_average_with_the_next_connection() {
+        let lookup = [1, 2, 3, 1, 2, 3];
+        let loads = HashMap::from([(1, 10), (2, 5), (3, 0)]);
+        // (10 + 5 + 0 + 1) / 3 * 1.25 = 6.67, rounded up.
+        assert_eq!(load_limit(&lookup, &loads, 125), 7);
+        assert_eq!(load_limit(&lookup, &HashMap::new(), 125), 1);
+        assert_eq!(load_limit(&[], &loads, 125), 0);
     }
 
     #[test]
