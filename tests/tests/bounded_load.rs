@@ -135,6 +135,11 @@ fn a_balance_factor_bounds_each_backends_connections_and_placed_sessions_stay() 
     );
     std::fs::write(&config, bounded_config).expect("writing the config");
     balancer(&lab, &["reload"]);
+    let status = balancer(&lab, &["status"]);
+    assert!(
+        status.contains("affinity=lb-cookie balance_factor=125"),
+        "{status}"
+    );
     let bounded = counts(&held_sessions(&lab, &workload));
     println!("held connections per backend: without the bound {unbounded:?}, with it {bounded:?}");
     assert_eq!(bounded.values().sum::<usize>(), workload.len());

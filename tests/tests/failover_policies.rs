@@ -156,6 +156,11 @@ fn sessions_are_held_for_backend_1(lab: &mut Lab) {
 #[test]
 fn keep_holds_a_session_for_its_failed_backend_and_it_returns_there() {
     let mut lab = lab_with_policy("on_backend_down = \"keep\"\nkeep_timeout = 120");
+    let status = balancer(&lab, &["status"]);
+    assert!(
+        status.contains("on_backend_down=keep keep_timeout=120s"),
+        "{status}"
+    );
     sessions_are_held_for_backend_1(&mut lab);
 }
 

@@ -355,6 +355,12 @@ fn two_applications_on_one_vip_reach_their_own_backends_by_host_and_path_and_sti
         assert_eq!(cookie_path, expected_path, "the cookie's Path: {line}");
     }
     assert_eq!(answered, targets.len());
+    let status = balancer(&lab, &["status"]);
+    assert!(
+        status.contains("route host=shop.example path=/blog group=blog")
+            && status.contains("route host=blog.example path=/ group=blog"),
+        "{status}"
+    );
     assert_eq!(
         shop_backends.len(),
         2,

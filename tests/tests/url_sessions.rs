@@ -106,5 +106,8 @@ fn sessions_named_in_the_query_or_a_path_parameter_stick_and_others_follow_the_f
         "requests without a session id all went to {spread:?}"
     );
     let status = balancer(&lab, &["status"]);
-    assert!(status.contains("affinity=url-param"), "{status}");
+    assert!(
+        status.contains("affinity=url-param param=sessionID"),
+        "{status}"
+    );
 }

@@ -95,6 +95,33 @@ impl BackendRuntime {
     }
 }
 
+/// What a service's `status` line says of its placement beyond its affinity, each as
+/// ` name=value`: the settings that differ from the defaults.
+fn placement_settings(c: &ServiceConfig) -> String {
+    let mut text = String::new();
+    if let Some(param) = c.url_param() {
+        let _ = write!(text, " param={param}");
+    }
+    if let Some(factor) = c.balance_factor {
+        let _ = write!(text, " balance_factor={factor}");
+    }
+    match c.on_backend_down {
+        OnBackendDown::Failover => {}
+        OnBackendDown::Keep => {
+            let _ = write!(
+                text,
+                " on_backend_down=keep keep_timeout={}s",
+                c.keep_timeout
+            );
+        }
+        OnBackendDown::Reject => text += " on_backend_down=reject",
+    }
+    if c.return_home {
+        text += " return_home=true";
+    }
+    text
+}
+
 fn state_name(state: u8) -> &'static str {
     match state {
         backend_state::UP => "up",
@@ -718,9 +745,26 @@ impl Agent {
             let c = &service.config;
             let _ = writeln!(
                 text,
-                "service {} {}:{}/{} affinity={}",
-                c.name, c.vip, c.port, c.protocol, c.affinity
+                "service {} {}:{}/{} affinity={}{}",
+                c.name,
+                c.vip,
+                c.port,
+                c.protocol,
+                c.affinity,
+                placement_settings(c)
             );
+            for route in &c.routes {
+                let _ = writeln!(
+                    text,
+                    "  route host={} path={} group={}",
+                    route.host.as_deref().unwrap_or("*"),
+                    route.path,
+                    route.group
+                );
+            }
+            if let Some(default) = &c.default_group {
+                let _ = writeln!(text, "  route default group={default}");
+            }
             for group in &service.groups {
                 let _ = writeln!(
                     text,
