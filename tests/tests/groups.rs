@@ -14,24 +14,26 @@ const CANARY_PORT: u16 = 8090;
 /// Long enough for the phases before the test waits it out, on a slow machine too.
 const STICKINESS_S: u32 = 15;
 
+/// The lab's backend `index` as a backend of a group.
+fn group_backend(index: usize) -> String {
+    format!(
+        "    [[service.group.backend]]\n    name = \"{}\"\n    address = \"{}\"\n    port = 80\n",
+        Lab::backend_name(index),
+        Lab::backend_addr(index)
+    )
+}
+
 /// A service `canary` with group `blue` (backend-1, backend-2) at weight 90 and `green`
 /// (backend-3) at 10.
 fn canary() -> String {
-    let backend = |index: usize| {
-        format!(
-            "    [[service.group.backend]]\n    name = \"{}\"\n    address = \"{}\"\n    port = 80\n",
-            Lab::backend_name(index),
-            Lab::backend_addr(index)
-        )
-    };
     format!(
         "[[service]]\nname = \"canary\"\nvip = \"{VIP}\"\nport = {CANARY_PORT}\nprotocol = \"tcp\"\n\
          affinity = \"lb-cookie\"\ngroup_stickiness = {STICKINESS_S}\n\
          [[service.group]]\n  name = \"blue\"\n  weight = 90\n{}{}\
          [[service.group]]\n  name = \"green\"\n  weight = 10\n{}",
-        backend(0),
-        backend(1),
-        backend(2)
+        group_backend(0),
+        group_backend(1),
+        group_backend(2)
     )
 }
 
@@ -245,13 +247,6 @@ fn blue_green_sessions_split_by_weight_stay_in_their_group_and_follow_new_weight
 /// `shop` (backend-1, backend-2) except its `/blog` path, and `blog.example` on group `blog`
 /// (backend-3); no default group.
 fn two_applications() -> String {
-    let backend = |index: usize| {
-        format!(
-            "    [[service.group.backend]]\n    name = \"{}\"\n    address = \"{}\"\n    port = 80\n",
-            Lab::backend_name(index),
-            Lab::backend_addr(index)
-        )
-    };
     format!(
         "[[service]]\nname = \"apps\"\nvip = \"{VIP}\"\nport = {CANARY_PORT}\nprotocol = \"tcp\"\n\
          affinity = \"lb-cookie\"\n\
@@ -260,9 +255,9 @@ fn two_applications() -> String {
          [[service.route]]\n  host = \"shop.example\"\n  path = \"/blog\"\n  group = \"blog\"\n\
          [[service.route]]\n  host = \"shop.example\"\n  group = \"shop\"\n\
          [[service.route]]\n  host = \"blog.example\"\n  group = \"blog\"\n",
-        backend(0),
-        backend(1),
-        backend(2)
+        group_backend(0),
+        group_backend(1),
+        group_backend(2)
     )
 }
 

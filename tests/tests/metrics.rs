@@ -238,6 +238,19 @@ for _ in range({connections}):
     );
 }
 
+/// Starts the lab's balancer on `config` with JSON logs.
+fn start_with_json_logs(lab: &mut Lab, config: &str) {
+    let path = config_path(lab);
+    std::fs::write(&path, config).expect("writing the balancer config");
+    let path = path.to_str().expect("utf-8 path").to_owned();
+    lab.start_balancer_with(
+        &balancer_bin(),
+        &["--log-format", "json", "run", "--config", &path],
+        Launch::Nsenter,
+    )
+    .expect("starting the balancer");
+}
+
 #[test]
 fn json_logs_are_one_object_a_line_with_each_events_level_and_fields() {
     require_root();
@@ -245,14 +258,8 @@ fn json_logs_are_one_object_a_line_with_each_events_level_and_fields() {
     lab.start_backends(backend_bin())
         .expect("starting the backends");
     let config = config_path(&lab);
-    std::fs::write(&config, lab.balancer_config()).expect("writing the balancer config");
-    let path = config.to_str().expect("utf-8 path").to_owned();
-    lab.start_balancer_with(
-        &balancer_bin(),
-        &["--log-format", "json", "run", "--config", &path],
-        Launch::Nsenter,
-    )
-    .expect("starting the balancer");
+    let text = lab.balancer_config();
+    start_with_json_logs(&mut lab, &text);
     // A reload of a bad file: refused, logged as an error naming the field.
     std::fs::write(
         &config,
@@ -324,19 +331,12 @@ fn a_flood_of_refused_connections_logs_five_warnings_a_window_and_counts_the_res
     // The lb-cookie service's one backend is gone (and unchecked): every connection to it is
     // refused after its request head, with a warning.
     lab.stop_backend(0).expect("stopping backend-1");
-    let config = config_path(&lab);
     let options = ServiceOptions {
         lb_cookie_backend: Some(0),
         ..ServiceOptions::default()
     };
-    std::fs::write(&config, lab.balancer_config_with(&options)).expect("writing the config");
-    let path = config.to_str().expect("utf-8 path").to_owned();
-    lab.start_balancer_with(
-        &balancer_bin(),
-        &["--log-format", "json", "run", "--config", &path],
-        Launch::Nsenter,
-    )
-    .expect("starting the balancer");
+    let text = lab.balancer_config_with(&options);
+    start_with_json_logs(&mut lab, &text);
     let refused = "no backend took the connection";
     let url = format!("http://{}:{}/", balancer_lab::VIP, LB_COOKIE_PORT);
     let connect = || {

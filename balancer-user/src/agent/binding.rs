@@ -769,30 +769,27 @@ impl Agent {
         } else {
             choose(service, pending, key, &self.config.signing_keys, unix_now())
         };
-        if let Err(Unplaced::Held { retry_after }) = choice {
-            throttled!(info, client = %pending.client, service = %service.config.name, "the session's backend is down and the service holds its sessions: answered 503");
+        // Answered by the agent itself: no backend is to have the request.
+        let answered = match choice {
+            Err(Unplaced::Held { retry_after }) => {
+                throttled!(info, client = %pending.client, service = %service.config.name, "the session's backend is down and the service holds its sessions: answered 503");
+                let retry = format!("Retry-After: {retry_after}\r\n");
+                Some((Outcome::BackendDown, "503 Service Unavailable", retry))
+            }
+            Err(Unplaced::NoRoute) => {
+                throttled!(info, client = %pending.client, service = %service.config.name, "no route for the request: answered 404");
+                Some((Outcome::NoRoute, "404 Not Found", String::new()))
+            }
+            _ => None,
+        };
+        if let Some((outcome, status, headers)) = answered {
             let service = service.id;
             self.binder.counters.count(
-                Outcome::BackendDown,
+                outcome,
                 Some(service),
                 &mut self.binder.outcomes_by_service,
             );
-            self.answer(
-                key,
-                "503 Service Unavailable",
-                &format!("Retry-After: {retry_after}\r\n"),
-            );
-            return;
-        }
-        if let Err(Unplaced::NoRoute) = choice {
-            throttled!(info, client = %pending.client, service = %service.config.name, "no route for the request: answered 404");
-            let service = service.id;
-            self.binder.counters.count(
-                Outcome::NoRoute,
-                Some(service),
-                &mut self.binder.outcomes_by_service,
-            );
-            self.answer(key, "404 Not Found", "");
+            self.answer(key, status, &headers);
             return;
         }
         let service_id = service.id;
