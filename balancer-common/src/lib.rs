@@ -43,7 +43,7 @@ pub mod map_name {
 /// Version of the maps' layout (their key and value types and the meaning of their fields).
 /// Pinned maps outlive the agent and its program; a program of another layout version must
 /// not adopt them. Bump it with every change to a type or map below.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// Seconds after the agent's last heartbeat that the data plane takes it for gone: cookie
 /// services then stop handing connections to it (see [`without_agent`]). Compiled into the
@@ -110,8 +110,11 @@ pub struct Service {
     /// 1: XDP puts a PROXY protocol v2 header in front of each L4 TCP flow's first data
     /// (full NAT only).
     pub proxy_protocol: u32,
+    /// `source-ip`, 1: a session whose backend is down is served elsewhere without moving,
+    /// and is back on its backend once it returns (`return_home`).
+    pub return_home: u32,
 }
-const _: () = assert!(size_of::<Service>() == 52);
+const _: () = assert!(size_of::<Service>() == 56);
 
 /// How a service's connections reach their backends, in [`Service::nat`].
 pub mod nat_mode {
@@ -225,8 +228,13 @@ pub struct Backend {
     /// on, XDP's flows to this backend may come from (those of its network).
     pub source_count: u8,
     pub first_source: u32,
+    /// `source-ip` services that hold sessions for a failed backend (`on_backend_down`
+    /// `keep` or `reject`): until this second of the coarse monotonic clock a new flow of
+    /// one of its sessions is refused (TCP reset, else dropped) instead of moved; 0 holds
+    /// nothing, `u32::MAX` holds until the backend returns.
+    pub hold_until_s: u32,
 }
-const _: () = assert!(size_of::<Backend>() == 24);
+const _: () = assert!(size_of::<Backend>() == 28);
 
 /// A TCP/UDP 5-tuple as seen on the wire: `FLOWS` key (client side) and `REVERSE` key (backend side).
 #[repr(C)]
@@ -576,10 +584,15 @@ pub enum Reason {
     /// A new flow the agent's tally of top sources misses: its ring was full, or no agent
     /// drains it (an event, like `NewFlow`).
     NewFlowSourceLost,
+    /// `source-ip`: a new TCP flow of a session whose backend is down and held for
+    /// (`on_backend_down` `keep` or `reject`), refused with a reset.
+    RefusedBackendHeld,
+    /// The same for a non-TCP flow, dropped.
+    DropBackendHeld,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 38;
+    pub const COUNT: u32 = 40;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::Replied,
@@ -619,6 +632,8 @@ impl Reason {
         Reason::ProxyHeaderInserted,
         Reason::DropProxyHeader,
         Reason::NewFlowSourceLost,
+        Reason::RefusedBackendHeld,
+        Reason::DropBackendHeld,
     ];
 
     /// Stable name used in logs, the stats line and metrics.
@@ -662,6 +677,8 @@ impl Reason {
             Reason::ProxyHeaderInserted => "proxy_header_inserted",
             Reason::DropProxyHeader => "drop_proxy_header",
             Reason::NewFlowSourceLost => "new_flow_source_lost",
+            Reason::RefusedBackendHeld => "refused_backend_held",
+            Reason::DropBackendHeld => "drop_backend_held",
         }
     }
 }

@@ -14,13 +14,15 @@ use crate::{
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
 
-/// The backend id a new flow of `service` goes to.
+/// The backend id a new flow of `service` goes to: `Err(None)` when its session is held
+/// for its failed backend (the caller refuses the flow), `Err(Some(verdict))` when there is
+/// none.
 #[inline(always)]
-pub fn backend(service: &Service, key: &FlowKey) -> Result<u32, Verdict> {
+pub fn backend(service: &Service, key: &FlowKey, now_s: u32) -> Result<u32, Option<Verdict>> {
     if service.affinity == affinity::SOURCE_IP {
-        session_backend(service, key.src.masked(&service.source_mask))
+        session_backend(service, key.src.masked(&service.source_mask), now_s)
     } else {
-        table_lookup(service, flow_hash(key))
+        table_lookup(service, flow_hash(key)).map_err(Some)
     }
 }
 
@@ -49,9 +51,11 @@ fn table_lookup(service: &Service, hash: u32) -> Result<u32, Verdict> {
 
 /// The client's session backend: kept while the client's last new flow is more recent than
 /// the timeout and its backend still honours sessions; otherwise chosen by the Maglev table
-/// from the client address alone, so every balancer host makes the same choice.
+/// from the client address alone, so every balancer host makes the same choice. A session
+/// whose backend is down is held (refused) while the backend says so, and with
+/// `return_home` served elsewhere without moving.
 #[inline(always)]
-fn session_backend(service: &Service, client: Addr) -> Result<u32, Verdict> {
+fn session_backend(service: &Service, client: Addr, now_s: u32) -> Result<u32, Option<Verdict>> {
     let key = AffinityKey {
         service_id: service.id,
         client,
@@ -65,16 +69,25 @@ fn session_backend(service: &Service, client: Addr) -> Result<u32, Verdict> {
         let session = unsafe { &mut *session };
         if now.wrapping_sub(session.last_seen_ns) < timeout {
             session.last_seen_ns = now;
-            if honours_sessions(session.backend_id) {
+            let backend = BACKENDS.get(session.backend_id);
+            // Up, or draining within its drain timeout: it keeps the sessions it has.
+            if backend
+                .is_some_and(|b| b.state == backend_state::UP || b.state == backend_state::DRAINING)
+            {
                 return Ok(session.backend_id);
             }
-            let backend_id = table_lookup(service, client_hash(&client))?;
-            session.backend_id = backend_id;
-            stats::count(Reason::SessionMoved, 0);
+            if backend.is_some_and(|b| now_s < b.hold_until_s) {
+                return Err(None);
+            }
+            let backend_id = table_lookup(service, client_hash(&client)).map_err(Some)?;
+            if service.return_home == 0 {
+                session.backend_id = backend_id;
+                stats::count(Reason::SessionMoved, 0);
+            }
             return Ok(backend_id);
         }
     }
-    let backend_id = table_lookup(service, client_hash(&client))?;
+    let backend_id = table_lookup(service, client_hash(&client)).map_err(Some)?;
     let session = Affinity {
         backend_id,
         _pad: 0,
@@ -84,12 +97,4 @@ fn session_backend(service: &Service, client: Addr) -> Result<u32, Verdict> {
     let _ = AFFINITY.insert(&key, &session, 0);
     stats::count(Reason::NewSession, 0);
     Ok(backend_id)
-}
-
-/// Whether a backend keeps the sessions it has: up, or draining within its drain timeout.
-#[inline(always)]
-fn honours_sessions(backend_id: u32) -> bool {
-    BACKENDS
-        .get(backend_id)
-        .is_some_and(|b| b.state == backend_state::UP || b.state == backend_state::DRAINING)
 }

@@ -72,7 +72,11 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<(Reason, u
                 }
                 place_without_agent(ctx, packet, service, now_s)?
             } else {
-                let backend_id = choose::backend(service, key)?;
+                let backend_id = match choose::backend(service, key, now_s) {
+                    Ok(backend_id) => backend_id,
+                    Err(Some(verdict)) => return Err(verdict),
+                    Err(None) => return Err(refuse_held(ctx, packet)),
+                };
                 if service.nat == nat_mode::FULL {
                     let proxy = service.proxy_protocol != 0 && key.proto == PROTO_TCP;
                     return Err(full_nat::hand_off(ctx, packet, backend_id, proxy));
@@ -172,6 +176,21 @@ fn refuse(ctx: &XdpContext, packet: &Packet) -> Verdict {
         return Verdict::drop(Reason::DropNoBackend);
     }
     reset::refuse(ctx, packet, Reason::RefusedNoBackend, Reason::DropNoBackend)
+}
+
+/// A session held for its failed backend refuses a new TCP flow with a reset (the client
+/// fails fast and tries again) and drops the rest.
+#[inline(always)]
+fn refuse_held(ctx: &XdpContext, packet: &Packet) -> Verdict {
+    if packet.key.proto != PROTO_TCP {
+        return Verdict::drop(Reason::DropBackendHeld);
+    }
+    reset::refuse(
+        ctx,
+        packet,
+        Reason::RefusedBackendHeld,
+        Reason::DropBackendHeld,
+    )
 }
 
 #[inline(always)]

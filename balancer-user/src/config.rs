@@ -247,10 +247,11 @@ pub struct ServiceConfig {
     /// With routes: the group of requests no route matches; without it they are answered
     /// 404 by the agent.
     pub default_group: Option<String>,
-    /// Cookie and url-param services: what a session whose backend fails its health checks
-    /// gets: `failover` (moved to a healthy backend), `keep` (its requests are answered 503
-    /// with `Retry-After` for up to `keep_timeout` while it waits for its backend, then
-    /// moved) or `reject` (answered 503 until its backend returns).
+    /// Services with sessions: what a session whose backend fails its health checks gets:
+    /// `failover` (moved to a healthy backend), `keep` (its requests are answered 503 with
+    /// `Retry-After`, or a `source-ip` session's new TCP flows reset by XDP, for up to
+    /// `keep_timeout` while it waits for its backend, then moved) or `reject` (the same until
+    /// its backend returns).
     #[serde(default)]
     pub on_backend_down: OnBackendDown,
     /// `keep`: seconds a session waits for its failed backend.
@@ -261,10 +262,10 @@ pub struct ServiceConfig {
     /// of the average over the backends it could go to takes the next backend of the lookup
     /// table that has fewer; sessions already placed stay. Off when absent.
     pub balance_factor: Option<u32>,
-    /// Cookie services, `failover`: whether a session moved off its failed backend goes back
-    /// when that backend recovers (its cookie keeps naming it, and while it is down the
-    /// session is served by the one backend its cookie's value hashes to), or stays where it
-    /// moved (its cookie names the new backend; the default).
+    /// `source-ip` and cookie services, `failover`: whether a session moved off its failed
+    /// backend goes back when that backend recovers (its session or cookie keeps naming it,
+    /// and while it is down it is served by the one backend its client address or cookie
+    /// value hashes to), or stays where it moved (the default).
     #[serde(default)]
     pub return_home: bool,
 }
@@ -1203,16 +1204,20 @@ impl Config {
                 }
             }
         }
-        if service.on_backend_down != OnBackendDown::Failover && !service.reads_requests() {
+        let source_ip = service.affinity == AffinityMode::SourceIp;
+        if service.on_backend_down != OnBackendDown::Failover
+            && !service.reads_requests()
+            && !source_ip
+        {
             return Err(invalid(
                 format!("{field}.on_backend_down"),
-                "is for HTTP services (cookie or url-param affinity) so far: L4 services fail over",
+                "is for services with sessions (source-ip, cookie or url-param affinity): a flow service's flows end with their backend",
             ));
         }
-        if service.return_home && service.cookie_name().is_none() {
+        if service.return_home && service.cookie_name().is_none() && !source_ip {
             return Err(invalid(
                 format!("{field}.return_home"),
-                "is for cookie services so far: their cookie remembers the backend to return to",
+                "is for source-ip and cookie services: their session or cookie remembers the backend to return to",
             ));
         }
         if service.return_home && service.on_backend_down != OnBackendDown::Failover {

@@ -451,6 +451,7 @@ impl Program {
             without_agent: without_agent::PLACE_BY_FLOW,
             nat: nat_mode::GATEWAY,
             proxy_protocol: 0,
+            return_home: 0,
         };
         map.insert(key, value, 0).unwrap();
     }
@@ -916,6 +917,85 @@ fn source_ip_sessions_stick_move_off_down_backends_and_stay_moved() {
         moved,
         "draining keeps the session"
     );
+}
+
+#[test]
+fn a_source_ip_session_held_for_its_backend_is_reset_then_served_elsewhere_and_goes_home() {
+    let mut program = Program::in_private_network("held");
+    let sticky_service_id = 5;
+    let home = sticky_backend(&program, CLIENT, 51000);
+    let (down_id, other_id) = if BACKEND_ADDRESSES[3].0 == home {
+        (3, 4)
+    } else {
+        (4, 3)
+    };
+    let (down_addr, port) = BACKEND_ADDRESSES[down_id as usize];
+    let set_held = |program: &mut Program, state: u8, hold_until_s: u32| {
+        let mut map: Array<&mut MapData, Backend> =
+            Array::try_from(program.map(map_name::BACKENDS)).unwrap();
+        let value = Backend {
+            addr: addr(down_addr),
+            port: port.to_be(),
+            state,
+            hold_until_s,
+            ..Backend::default()
+        };
+        map.set(down_id, value, 0).unwrap();
+    };
+
+    // Down and held (on_backend_down = "keep" or "reject"): the session's SYN is reset.
+    set_held(&mut program, backend_state::DOWN, coarse_seconds() + 100);
+    program.set_service(
+        sticky_service_id,
+        STICKY_PORT,
+        PROTO_TCP,
+        affinity::SOURCE_IP,
+        &[other_id],
+    );
+    let syn = ip(CLIENT, VIP, PROTO_TCP);
+    let (action, reset) = program.run(&tcp_frame(&syn, FROM_CLIENT, 51001, STICKY_PORT, TCP_SYN));
+    assert_eq!(
+        (action, reset[47] & TCP_RST),
+        (XDP_TX, TCP_RST),
+        "a held session's SYN"
+    );
+    assert_eq!(program.counters()[Reason::RefusedBackendHeld as usize], 1);
+
+    // The hold over, with return_home: served by the other backend, the session unmoved.
+    set_held(&mut program, backend_state::DOWN, 0);
+    let key = ServiceKey {
+        vip: addr(VIP),
+        port: STICKY_PORT.to_be(),
+        proto: PROTO_TCP,
+        _pad: 0,
+    };
+    let mut services: HashMap<&mut MapData, ServiceKey, Service> =
+        HashMap::try_from(program.map(map_name::SERVICES)).unwrap();
+    let service = services.get(&key, 0).unwrap();
+    services
+        .insert(
+            key,
+            Service {
+                return_home: 1,
+                ..service
+            },
+            0,
+        )
+        .unwrap();
+    assert_eq!(
+        sticky_backend(&program, CLIENT, 51002),
+        BACKEND_ADDRESSES[other_id as usize].0,
+        "served elsewhere meanwhile"
+    );
+    assert_eq!(
+        program.counters()[Reason::SessionMoved as usize],
+        0,
+        "not moved"
+    );
+
+    // Its backend returns: the session is home again.
+    set_held(&mut program, backend_state::UP, 0);
+    assert_eq!(sticky_backend(&program, CLIENT, 51003), home, "back home");
 }
 
 /// A TCP segment with options (padded to whole words), for SYNs.

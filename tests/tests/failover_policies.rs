@@ -248,3 +248,109 @@ fn without_return_home_failed_over_sessions_stay_where_they_moved() {
     let mut lab = lab_with_policy("");
     failover_and_recovery(&mut lab, false);
 }
+
+/// The lab's `web` as a `source-ip` service with `policy`; the index of the backend the
+/// client's session is on.
+fn source_ip_lab(policy: &str) -> (Lab, usize) {
+    let lab = lab_with(&ServiceOptions {
+        web_settings: format!("affinity = \"source-ip\"\n{policy}\n{CHECKS}"),
+        ..ServiceOptions::default()
+    });
+    let home = get(&lab, &[], "/");
+    let index = (0..balancer_lab::BACKEND_COUNT)
+        .find(|&i| Lab::backend_name(i) == home)
+        .expect("a lab backend answered");
+    (lab, index)
+}
+
+fn backend_down(lab: &mut Lab, index: usize) {
+    lab.stop_backend(index).expect("stopping the backend");
+    wait_until(
+        Duration::from_secs(10),
+        "the backend failing its checks",
+        || service_status_of(lab, "web", &Lab::backend_name(index)).contains("health=failing"),
+    );
+}
+
+fn backend_back(lab: &mut Lab, index: usize) {
+    lab.start_backend(backend_bin(), index)
+        .expect("starting the backend again");
+    wait_until(
+        Duration::from_secs(10),
+        "the backend passing its checks",
+        || service_status_of(lab, "web", &Lab::backend_name(index)).contains("health=ok"),
+    );
+}
+
+/// A new connection from the client: the backend that answered, or None when it was refused.
+fn try_get(lab: &Lab) -> Option<String> {
+    let output = lab
+        .exec(
+            lab.client_ns(),
+            &["curl", "-sS", "--max-time", "5", &vip_url("/")],
+        )
+        .expect("running curl");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if output.status.success() {
+        return Some(String::from_utf8_lossy(&output.stdout).trim().to_owned());
+    }
+    // curl's 7: the connection was refused (the SYN answered with a reset), not timed out.
+    assert_eq!(
+        output.status.code(),
+        Some(7),
+        "refused with a reset, not {stderr}"
+    );
+    None
+}
+
+fn counter(lab: &Lab, name: &str) -> u64 {
+    counters(lab).get(name).copied().unwrap_or(0)
+}
+
+#[test]
+fn a_source_ip_session_held_by_reject_is_refused_by_xdp_until_its_backend_returns() {
+    let (mut lab, home) = source_ip_lab("on_backend_down = \"reject\"");
+    backend_down(&mut lab, home);
+    let before = counter(&lab, "refused_backend_held");
+    for _ in 0..3 {
+        assert_eq!(try_get(&lab), None, "a held session's connection");
+    }
+    assert_eq!(counter(&lab, "refused_backend_held") - before, 3);
+    backend_back(&mut lab, home);
+    assert_eq!(try_get(&lab), Some(Lab::backend_name(home)));
+}
+
+#[test]
+fn a_source_ip_session_kept_for_keep_timeout_then_moves() {
+    let (mut lab, home) = source_ip_lab("on_backend_down = \"keep\"\nkeep_timeout = 3");
+    backend_down(&mut lab, home);
+    assert_eq!(try_get(&lab), None, "held while keep_timeout runs");
+    let mut moved = None;
+    wait_until(
+        Duration::from_secs(15),
+        "the session moved after keep_timeout",
+        || {
+            moved = try_get(&lab);
+            moved.is_some()
+        },
+    );
+    let moved = moved.expect("answered");
+    assert_ne!(moved, Lab::backend_name(home));
+    // It moved for good: back or not, its backend is the new one.
+    backend_back(&mut lab, home);
+    assert_eq!(try_get(&lab), Some(moved));
+}
+
+#[test]
+fn a_source_ip_session_with_return_home_is_served_elsewhere_and_goes_back() {
+    let (mut lab, home) = source_ip_lab("return_home = true");
+    backend_down(&mut lab, home);
+    let away: Vec<Option<String>> = (0..5).map(|_| try_get(&lab)).collect();
+    assert!(
+        away.iter().all(|b| b.is_some() && *b == away[0]),
+        "one backend meanwhile: {away:?}"
+    );
+    assert_ne!(away[0], Some(Lab::backend_name(home)));
+    backend_back(&mut lab, home);
+    assert_eq!(try_get(&lab), Some(Lab::backend_name(home)), "back home");
+}

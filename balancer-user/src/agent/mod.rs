@@ -18,7 +18,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{AdminState, BackendConfig, Config, OnBackendDown, ServiceConfig},
+    config::{AdminState, AffinityMode, BackendConfig, Config, OnBackendDown, ServiceConfig},
     dataplane::{Dataplane, TableCount},
     health, maglev,
 };
@@ -133,6 +133,26 @@ fn state_name(state: u8) -> &'static str {
 impl ServiceRuntime {
     fn drain_timeout(&self) -> Duration {
         Duration::from_secs(u64::from(self.config.drain_timeout))
+    }
+
+    /// Until when (a second of the coarse monotonic clock) XDP refuses the new flows of a
+    /// failed backend's `source-ip` sessions instead of moving them, as `on_backend_down`
+    /// says: 0 for none (and for the other services, whose sessions the agent holds).
+    fn hold_until(&self, backend: &BackendRuntime) -> u32 {
+        if self.config.affinity != AffinityMode::SourceIp || backend.healthy {
+            return 0;
+        }
+        match self.config.on_backend_down {
+            OnBackendDown::Failover => 0,
+            OnBackendDown::Reject => u32::MAX,
+            OnBackendDown::Keep => {
+                let down = backend
+                    .down_since
+                    .map_or(0, |since| since.elapsed().as_secs());
+                let left = u64::from(self.config.keep_timeout).saturating_sub(down);
+                crate::dataplane::monotonic_seconds().saturating_add(left as u32)
+            }
+        }
     }
 
     /// Each backend's weight in the service's whole table: its own without groups.
@@ -402,7 +422,9 @@ impl Agent {
         let mut members = Vec::new();
         for (backend, weight) in service.backends.iter().zip(weights) {
             let state = backend.state(drain_timeout);
-            let value = backend_value(&self.config, &backend.config, service.config.port, state);
+            let mut value =
+                backend_value(&self.config, &backend.config, service.config.port, state);
+            value.hold_until_s = service.hold_until(backend);
             self.dataplane
                 .write_backend(backend.id, value)
                 .with_context(|| {
@@ -457,6 +479,9 @@ impl Agent {
             without_agent: service.config.without_agent_code(),
             nat: service.config.nat_code(),
             proxy_protocol: u32::from(service.config.proxy_protocol),
+            return_home: u32::from(
+                service.config.return_home && service.config.affinity == AffinityMode::SourceIp,
+            ),
             ..Service::default()
         };
         let key = service.key;
@@ -1140,6 +1165,7 @@ fn backend_value(nat: &Config, config: &BackendConfig, service_port: u16, state:
         state,
         source_count,
         first_source,
+        hold_until_s: 0,
     }
 }
 
