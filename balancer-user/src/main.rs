@@ -195,8 +195,11 @@ enum GroupAction {
     /// (0: none, the group drains). Sessions already in a group stay there for the service's
     /// group_stickiness. Until the next reload, which applies the configuration's weights.
     Weight {
+        /// The service, by name.
         service: String,
+        /// One of its `[[service.group]]`s, by name.
         group: String,
+        /// 0 to 10000, relative to the other groups' weights.
         weight: u32,
     },
 }
