@@ -113,8 +113,13 @@ pub struct Service {
     /// `source-ip`, 1: a session whose backend is down is served elsewhere without moving,
     /// and is back on its backend once it returns (`return_home`).
     pub return_home: u32,
+    /// Bounded-load placement of new flows (`flow`) and sessions (`source-ip`), in percent of
+    /// the average load; 0 places by the table alone.
+    pub balance_factor: u32,
+    /// With `balance_factor`: the service's backends' loads summed, kept as [`Backend::load`].
+    pub load_total: u32,
 }
-const _: () = assert!(size_of::<Service>() == 56);
+const _: () = assert!(size_of::<Service>() == 64);
 
 /// How a service's connections reach their backends, in [`Service::nat`].
 pub mod nat_mode {
@@ -233,8 +238,11 @@ pub struct Backend {
     /// one of its sessions is refused (TCP reset, else dropped) instead of moved; 0 holds
     /// nothing, `u32::MAX` holds until the backend returns.
     pub hold_until_s: u32,
+    /// Services with `balance_factor`: the backend's active flows, as the agent last counted
+    /// them, plus those XDP placed on it since.
+    pub load: u32,
 }
-const _: () = assert!(size_of::<Backend>() == 28);
+const _: () = assert!(size_of::<Backend>() == 32);
 
 /// A TCP/UDP 5-tuple as seen on the wire: `FLOWS` key (client side) and `REVERSE` key (backend side).
 #[repr(C)]

@@ -30,7 +30,7 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<(Reason, u
         proto: key.proto,
         _pad: 0,
     };
-    let Some(service) = SERVICES.get_ptr(&service_key) else {
+    let Some(service) = SERVICES.get_ptr_mut(&service_key) else {
         return Ok(None);
     };
     let now_s = seconds_now();
@@ -61,8 +61,9 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<(Reason, u
             *flow
         }
         None => {
+            let service_ptr = service;
             // SAFETY: as above.
-            let service = unsafe { &*service };
+            let service = unsafe { &*service_ptr };
             if service.backend_count == 0 {
                 return Err(refuse(ctx, packet));
             }
@@ -72,7 +73,7 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<(Reason, u
                 }
                 place_without_agent(ctx, packet, service, now_s)?
             } else {
-                let backend_id = match choose::backend(service, key, now_s) {
+                let backend_id = match choose::backend(service_ptr, key, now_s) {
                     Ok(backend_id) => backend_id,
                     Err(Some(verdict)) => return Err(verdict),
                     Err(None) => return Err(refuse_held(ctx, packet)),

@@ -257,10 +257,11 @@ pub struct ServiceConfig {
     /// `keep`: seconds a session waits for its failed backend.
     #[serde(default = "default_keep_timeout")]
     pub keep_timeout: u32,
-    /// Cookie and url-param services: bounded-load placement, in percent of the average
-    /// (e.g. 125): a new session whose backend has more active connections than that share
+    /// Bounded-load placement, in percent of the average (e.g. 125): a new session (a new
+    /// flow of a `flow` service) whose backend has more active connections than that share
     /// of the average over the backends it could go to takes the next backend of the lookup
-    /// table that has fewer; sessions already placed stay. Off when absent.
+    /// table that has fewer; sessions already placed stay. The agent applies it to HTTP
+    /// services, XDP to L4 ones. Off when absent.
     pub balance_factor: Option<u32>,
     /// `source-ip` and cookie services, `failover`: whether a session moved off its failed
     /// backend goes back when that backend recovers (its session or cookie keeps naming it,
@@ -1228,12 +1229,6 @@ impl Config {
         }
         if let Some(factor) = service.balance_factor {
             let field = format!("{field}.balance_factor");
-            if !service.reads_requests() {
-                return Err(invalid(
-                    field,
-                    "is for HTTP services (cookie or url-param affinity) so far: the agent places their sessions",
-                ));
-            }
             if !(101..=1000).contains(&factor) {
                 return Err(invalid(
                     field,
@@ -2080,7 +2075,7 @@ mod tests {
             (
                 VALID.replace(
                     "protocol = \"tcp\"",
-                    "protocol = \"tcp\"\nbalance_factor = 125",
+                    "protocol = \"tcp\"\nbalance_factor = 1001",
                 ),
                 "service[0] (web).balance_factor",
             ),

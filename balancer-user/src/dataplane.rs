@@ -232,6 +232,40 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Bounded-load placement in XDP: each backend's load as the agent counted it (XDP adds
+    /// the flows it places until the next count), and their sum in the service.
+    pub fn set_loads(
+        &mut self,
+        key: &ServiceKey,
+        loads: &std::collections::HashMap<u32, u64>,
+    ) -> Result<()> {
+        let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        for (&id, &load) in loads {
+            if let Some(backend) = self.backend(id) {
+                self.write_backend(
+                    id,
+                    Backend {
+                        load: clamp(load),
+                        ..backend
+                    },
+                )?;
+            }
+        }
+        let mut services = self.services()?;
+        if let Ok(service) = services.get(key, 0) {
+            let load_total = clamp(loads.values().sum());
+            services.insert(
+                key,
+                Service {
+                    load_total,
+                    ..service
+                },
+                0,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Makes `service` live with `lookup`, its table of backend ids (empty: no backend takes
     /// new connections). The table is written into whichever of the service's two table areas
     /// the data plane is not using, then `Service::table_base` switches to it in one map
@@ -244,7 +278,9 @@ impl Dataplane {
     ) -> Result<()> {
         let table_size = self.table_size;
         let area = |index: u32| (service.id * TABLES_PER_SERVICE + index) * table_size;
-        let active = self.services()?.get(key, 0).ok().map(|s| s.table_base);
+        let current = self.services()?.get(key, 0).ok();
+        let active = current.map(|s| s.table_base);
+        service.load_total = current.map_or(0, |s| s.load_total);
         let base = if active == Some(area(0)) {
             area(1)
         } else {

@@ -452,6 +452,8 @@ impl Program {
             nat: nat_mode::GATEWAY,
             proxy_protocol: 0,
             return_home: 0,
+            balance_factor: 0,
+            load_total: 0,
         };
         map.insert(key, value, 0).unwrap();
     }
@@ -996,6 +998,57 @@ fn a_source_ip_session_held_for_its_backend_is_reset_then_served_elsewhere_and_g
     // Its backend returns: the session is home again.
     set_held(&mut program, backend_state::UP, 0);
     assert_eq!(sticky_backend(&program, CLIENT, 51003), home, "back home");
+}
+
+#[test]
+fn bounded_load_places_new_sessions_under_the_bound_and_counts_them_and_sessions_stay() {
+    let mut program = Program::in_private_network("bounded");
+    let existing = sticky_backend(&program, CLIENT, 52000);
+    let key = ServiceKey {
+        vip: addr(VIP),
+        port: STICKY_PORT.to_be(),
+        proto: PROTO_TCP,
+        _pad: 0,
+    };
+    // Backend 3 holds 10 flows, backend 4 none: the bound is ⌈1.25 × 11 / 2⌉ = 7.
+    let loads = [(3u32, 10u32), (4, 0)];
+    {
+        let mut backends: Array<&mut MapData, Backend> =
+            Array::try_from(program.map(map_name::BACKENDS)).unwrap();
+        for (id, load) in loads {
+            let backend = backends.get(&id, 0).unwrap();
+            backends.set(id, Backend { load, ..backend }, 0).unwrap();
+        }
+    }
+    let mut services: HashMap<&mut MapData, ServiceKey, Service> =
+        HashMap::try_from(program.map(map_name::SERVICES)).unwrap();
+    let service = services.get(&key, 0).unwrap();
+    let bounded = Service {
+        balance_factor: 125,
+        load_total: 10,
+        ..service
+    };
+    services.insert(key, bounded, 0).unwrap();
+    // New sessions from three /24s: each under the bound, on backend 4 whatever the table says.
+    for third in 1..=3 {
+        let client = Ipv4Addr::new(198, 18, third, 2);
+        assert_eq!(
+            sticky_backend(&program, client, 52000 + u16::from(third)),
+            BACKEND_3
+        );
+    }
+    let backend_4: Array<&mut MapData, Backend> =
+        Array::try_from(program.map(map_name::BACKENDS)).unwrap();
+    assert_eq!(
+        backend_4.get(&4, 0).unwrap().load,
+        3,
+        "XDP counts what it placed"
+    );
+    let services: HashMap<&mut MapData, ServiceKey, Service> =
+        HashMap::try_from(program.map(map_name::SERVICES)).unwrap();
+    assert_eq!(services.get(&key, 0).unwrap().load_total, 13);
+    // The session placed before keeps its backend, loaded or not.
+    assert_eq!(sticky_backend(&program, CLIENT, 52010), existing);
 }
 
 /// A TCP segment with options (padded to whole words), for SYNs.

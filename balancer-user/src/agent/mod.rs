@@ -425,6 +425,8 @@ impl Agent {
             let mut value =
                 backend_value(&self.config, &backend.config, service.config.port, state);
             value.hold_until_s = service.hold_until(backend);
+            // XDP's count of its flows goes on until the next walk of the flow table.
+            value.load = self.dataplane.backend(backend.id).map_or(0, |b| b.load);
             self.dataplane
                 .write_backend(backend.id, value)
                 .with_context(|| {
@@ -482,6 +484,7 @@ impl Agent {
             return_home: u32::from(
                 service.config.return_home && service.config.affinity == AffinityMode::SourceIp,
             ),
+            balance_factor: service.config.balance_factor.unwrap_or(0),
             ..Service::default()
         };
         let key = service.key;
@@ -1059,6 +1062,10 @@ impl Agent {
                 .iter()
                 .map(|b| (b.id, active.get(&b.id).copied().unwrap_or(0)))
                 .collect();
+            // XDP places L4 flows and sessions itself, from the loads in its maps.
+            if !service.config.reads_requests() {
+                self.dataplane.set_loads(&service.key, &service.loads)?;
+            }
         }
         Ok(())
     }
@@ -1166,6 +1173,7 @@ fn backend_value(nat: &Config, config: &BackendConfig, service_port: u16, state:
         source_count,
         first_source,
         hold_until_s: 0,
+        load: 0,
     }
 }
 
