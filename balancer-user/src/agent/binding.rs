@@ -1707,16 +1707,17 @@ fn place(
     let hash = fallback_hash(service, pending, key, cookie);
     let untried = |id: u32| !pending.tried.contains(&id);
     // Bounded load: the first backend from the hash's slot under the bound, if any is.
-    let walk = |lookup: &[u32]| {
+    let walk = |lookup: &[u32], members: &[u32]| {
         let bounded = service.config.balance_factor.and_then(|factor| {
-            let limit = placement::load_limit(lookup, &service.loads, factor);
+            let limit = placement::load_limit(members, &service.loads, factor);
             let light = |id: u32| service.loads.get(&id).copied().unwrap_or(0) < limit;
             placement::walk(lookup, hash, |id| untried(id) && light(id))
         });
         bounded.or_else(|| placement::walk(lookup, hash, untried))
     };
     let in_group = |(group, pin): (usize, Option<GroupPin>)| {
-        let id = walk(&service.groups[group].lookup)?;
+        let group = &service.groups[group];
+        let id = walk(&group.lookup, &group.members)?;
         Some((id, pin))
     };
     let chosen = home.and_then(in_group);
@@ -1728,7 +1729,7 @@ fn place(
                 let group = placement::pick_group(&service.groups, hash)?;
                 in_group((group, Some(service.pin(group, now))))
             })
-            .or_else(|| Some((walk(&service.lookup)?, None)))?
+            .or_else(|| Some((walk(&service.lookup, &service.members)?, None)))?
     };
     let backend = service.backends.iter().find(|b| b.id == id)?;
     let mut target = service.target(backend);

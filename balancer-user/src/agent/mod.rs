@@ -63,6 +63,8 @@ struct ServiceRuntime {
     backends: Vec<BackendRuntime>,
     /// The published lookup table: backend ids by slot.
     lookup: Vec<u32>,
+    /// The backends of `lookup`, once each.
+    members: Vec<u32>,
     /// The groups of [`ServiceConfig::groups`], in order (none without groups).
     groups: Vec<GroupRuntime>,
     /// With `balance_factor`: active connections per backend id, as the latest walk of the
@@ -350,6 +352,7 @@ impl Agent {
                 config: service.clone(),
                 backends,
                 lookup: Vec::new(),
+                members: Vec::new(),
                 groups: service
                     .groups
                     .iter()
@@ -493,8 +496,10 @@ impl Agent {
             .publish_service(&key, value, &lookup)
             .with_context(|| format!("publishing service {name}"))?;
         let service = &mut self.services[index];
+        service.members = placement::members(&lookup);
         service.lookup = lookup;
         for (group, lookup) in service.groups.iter_mut().zip(group_lookups) {
+            group.members = placement::members(&lookup);
             group.lookup = lookup;
         }
         for backend in &mut service.backends {

@@ -4,7 +4,7 @@
 //! reads one table over all the backends, each weighted by its share of its group times its
 //! group's share of the service.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 
 use balancer_common::mix;
 
@@ -19,6 +19,8 @@ pub struct GroupRuntime {
     pub weight: u32,
     /// Backend ids by slot, over the group's backends that take new sessions.
     pub lookup: Vec<u32>,
+    /// The backends of `lookup`, once each.
+    pub members: Vec<u32>,
 }
 
 impl GroupRuntime {
@@ -28,6 +30,7 @@ impl GroupRuntime {
             token: backend_token(name),
             weight,
             lookup: Vec::new(),
+            members: Vec::new(),
         }
     }
 }
@@ -90,20 +93,25 @@ pub fn walk(lookup: &[u32], hash: u32, usable: impl Fn(u32) -> bool) -> Option<u
         .find(|id| usable(*id))
 }
 
-/// The most active connections a backend of `lookup` may hold for a new session to be
-/// placed on it: `factor` percent of the average over the table's backends with one more
-/// connection than now, rounded up (consistent hashing with bounded loads, Mirrokni et al.),
-/// so some backend is always under it.
-pub fn load_limit(lookup: &[u32], loads: &HashMap<u32, u64>, factor: u32) -> u64 {
-    let backends: HashSet<u32> = lookup.iter().copied().collect();
-    if backends.is_empty() {
+/// The backends a lookup table holds, once each.
+pub fn members(lookup: &[u32]) -> Vec<u32> {
+    let members: BTreeSet<u32> = lookup.iter().copied().collect();
+    members.into_iter().collect()
+}
+
+/// The most active connections one of `members` (a table's backends) may hold for a new
+/// session to be placed on it: `factor` percent of their average with one more connection
+/// than now, rounded up (consistent hashing with bounded loads, Mirrokni et al.), so some
+/// backend is always under it.
+pub fn load_limit(members: &[u32], loads: &HashMap<u32, u64>, factor: u32) -> u64 {
+    if members.is_empty() {
         return 0;
     }
-    let total: u64 = backends
+    let total: u64 = members
         .iter()
         .map(|id| loads.get(id).copied().unwrap_or(0))
         .sum();
-    (u64::from(factor) * (total + 1)).div_ceil(100 * backends.len() as u64)
+    (u64::from(factor) * (total + 1)).div_ceil(100 * members.len() as u64)
 }
 
 #[cfg(test)]
@@ -142,11 +150,12 @@ mod tests {
 
     #[test]
     fn the_load_limit_is_the_factor_of_the_average_with_the_next_connection() {
-        let lookup = [1, 2, 3, 1, 2, 3];
+        let members = members(&[1, 2, 3, 1, 2, 3]);
+        assert_eq!(members, [1, 2, 3]);
         let loads = HashMap::from([(1, 10), (2, 5), (3, 0)]);
         // (10 + 5 + 0 + 1) / 3 * 1.25 = 6.67, rounded up.
-        assert_eq!(load_limit(&lookup, &loads, 125), 7);
-        assert_eq!(load_limit(&lookup, &HashMap::new(), 125), 1);
+        assert_eq!(load_limit(&members, &loads, 125), 7);
+        assert_eq!(load_limit(&members, &HashMap::new(), 125), 1);
         assert_eq!(load_limit(&[], &loads, 125), 0);
     }
 
