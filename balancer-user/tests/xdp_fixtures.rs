@@ -415,6 +415,21 @@ impl Program {
         map.set(id, value, 0).unwrap();
     }
 
+    /// The tcp service on `port` of the VIP, as its map holds it now.
+    fn service(&mut self, port: u16) -> Service {
+        let services: HashMap<&mut MapData, ServiceKey, Service> =
+            HashMap::try_from(self.map(map_name::SERVICES)).unwrap();
+        services.get(&tcp_service_key(port), 0).unwrap()
+    }
+
+    /// Changes the tcp service on `port` as `change` says, the rest as it is.
+    fn change_service(&mut self, port: u16, change: impl FnOnce(Service) -> Service) {
+        let value = change(self.service(port));
+        let mut services: HashMap<&mut MapData, ServiceKey, Service> =
+            HashMap::try_from(self.map(map_name::SERVICES)).unwrap();
+        services.insert(tcp_service_key(port), value, 0).unwrap();
+    }
+
     /// Writes a service whose lookup table cycles through `backends`, as the agent does after
     /// a backend changes state.
     fn set_service(&mut self, id: u32, port: u16, proto: u8, mode: u32, backends: &[u32]) {
@@ -965,25 +980,10 @@ fn a_source_ip_session_held_for_its_backend_is_reset_then_served_elsewhere_and_g
 
     // The hold over, with return_home: served by the other backend, the session unmoved.
     set_held(&mut program, backend_state::DOWN, 0);
-    let key = ServiceKey {
-        vip: addr(VIP),
-        port: STICKY_PORT.to_be(),
-        proto: PROTO_TCP,
-        _pad: 0,
-    };
-    let mut services: HashMap<&mut MapData, ServiceKey, Service> =
-        HashMap::try_from(program.map(map_name::SERVICES)).unwrap();
-    let service = services.get(&key, 0).unwrap();
-    services
-        .insert(
-            key,
-            Service {
-                return_home: 1,
-                ..service
-            },
-            0,
-        )
-        .unwrap();
+    program.change_service(STICKY_PORT, |service| Service {
+        return_home: 1,
+        ..service
+    });
     assert_eq!(
         sticky_backend(&program, CLIENT, 51002),
         BACKEND_ADDRESSES[other_id as usize].0,
@@ -1004,12 +1004,6 @@ fn a_source_ip_session_held_for_its_backend_is_reset_then_served_elsewhere_and_g
 fn bounded_load_places_new_sessions_under_the_bound_and_counts_them_and_sessions_stay() {
     let mut program = Program::in_private_network("bounded");
     let existing = sticky_backend(&program, CLIENT, 52000);
-    let key = ServiceKey {
-        vip: addr(VIP),
-        port: STICKY_PORT.to_be(),
-        proto: PROTO_TCP,
-        _pad: 0,
-    };
     // Backend 3 holds 10 flows, backend 4 none: the bound is ⌈1.25 × 11 / 2⌉ = 7.
     let loads = [(3u32, 10u32), (4, 0)];
     {
@@ -1020,15 +1014,11 @@ fn bounded_load_places_new_sessions_under_the_bound_and_counts_them_and_sessions
             backends.set(id, Backend { load, ..backend }, 0).unwrap();
         }
     }
-    let mut services: HashMap<&mut MapData, ServiceKey, Service> =
-        HashMap::try_from(program.map(map_name::SERVICES)).unwrap();
-    let service = services.get(&key, 0).unwrap();
-    let bounded = Service {
+    program.change_service(STICKY_PORT, |service| Service {
         balance_factor: 125,
         load_total: 10,
         ..service
-    };
-    services.insert(key, bounded, 0).unwrap();
+    });
     // New sessions from three /24s: each under the bound, on backend 4 whatever the table says.
     for third in 1..=3 {
         let client = Ipv4Addr::new(198, 18, third, 2);
@@ -1044,11 +1034,19 @@ fn bounded_load_places_new_sessions_under_the_bound_and_counts_them_and_sessions
         3,
         "XDP counts what it placed"
     );
-    let services: HashMap<&mut MapData, ServiceKey, Service> =
-        HashMap::try_from(program.map(map_name::SERVICES)).unwrap();
-    assert_eq!(services.get(&key, 0).unwrap().load_total, 13);
+    assert_eq!(program.service(STICKY_PORT).load_total, 13);
     // The session placed before keeps its backend, loaded or not.
     assert_eq!(sticky_backend(&program, CLIENT, 52010), existing);
+}
+
+/// The key of the VIP's tcp service on `port`.
+fn tcp_service_key(port: u16) -> ServiceKey {
+    ServiceKey {
+        vip: addr(VIP),
+        port: port.to_be(),
+        proto: PROTO_TCP,
+        _pad: 0,
+    }
 }
 
 /// A TCP segment with options (padded to whole words), for SYNs.
@@ -1262,25 +1260,10 @@ fn without_an_agent_a_cookie_service_places_syns_by_its_fallback_and_resets_unbo
     assert_eq!(flow.state, flow_state::NAT, "as a plain NAT flow");
 
     // A service that says so refuses new connections instead.
-    let key = ServiceKey {
-        vip: addr(VIP),
-        port: COOKIE_PORT.to_be(),
-        proto: PROTO_TCP,
-        _pad: 0,
-    };
-    let mut services: HashMap<&mut MapData, ServiceKey, Service> =
-        HashMap::try_from(program.map(map_name::SERVICES)).unwrap();
-    let service = services.get(&key, 0).unwrap();
-    services
-        .insert(
-            key,
-            Service {
-                without_agent: without_agent::RESET,
-                ..service
-            },
-            0,
-        )
-        .unwrap();
+    program.change_service(COOKIE_PORT, |service| Service {
+        without_agent: without_agent::RESET,
+        ..service
+    });
     let (action, reset) = program.run(&syn_from(CLIENT_PORT + 2));
     assert_eq!(
         (action, reset[47] & TCP_RST),

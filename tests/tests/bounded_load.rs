@@ -15,8 +15,9 @@ use common::*;
 const SETTINGS: &str = "affinity = \"lb-cookie\"\ncookie_fallback = \"source-ip\"\n";
 
 /// Opens one keep-alive connection per source address of its arguments, in order, each with
-/// one request without a cookie, and holds them all open; then sends each session's cookie
-/// once more on a connection of its own. Prints `backend replayed-backend` a session.
+/// one request without a cookie, and holds them all open; then sends each session's request
+/// once more on a connection of its own, with its balancer cookie if the answer set one.
+/// Prints `backend replayed-backend` a session.
 const HELD: &str = r#"
 import http.client, sys
 vip = sys.argv[1]
@@ -26,11 +27,14 @@ for source in sys.argv[2:]:
     c.request("GET", "/")
     r = c.getresponse()
     r.read()
-    cookie = next(v for n, v in r.getheaders() if n.lower() == "set-cookie" and v.startswith("LBSESSION="))
-    held.append((c, r.getheader("x-backend"), cookie.split(";")[0], source))
+    cookie = next((v.split(";")[0] for n, v in r.getheaders() if n.lower() == "set-cookie" and v.startswith("LBSESSION=")), None)
+    held.append((c, r.getheader("x-backend"), cookie, source))
 for _, backend, cookie, source in held:
     c = http.client.HTTPConnection(vip, 80, timeout=10, source_address=(source, 0))
-    c.request("GET", "/", headers={"Cookie": cookie, "Connection": "close"})
+    headers = {"Connection": "close"}
+    if cookie:
+        headers["Cookie"] = cookie
+    c.request("GET", "/", headers=headers)
     r = c.getresponse()
     r.read()
     print(backend, r.getheader("x-backend"))
@@ -59,6 +63,54 @@ fn held_sessions(lab: &Lab, sources: &[String]) -> Vec<String> {
         );
     }
     sessions.into_iter().map(|(placed, _)| placed).collect()
+}
+
+/// 60 sessions from the addresses of `by_address` (address, the backend its new sessions go
+/// to): 36 from addresses that go to backend-1 and 12 from each other's, arriving mixed
+/// (three for backend-1, then one for each other, over again); `reuse` lets an address
+/// open several.
+fn skewed_workload(by_address: &[(String, String)], reuse: bool) -> Vec<String> {
+    let mut from: Vec<Box<dyn Iterator<Item = String>>> = (0..BACKEND_COUNT)
+        .map(|index| {
+            let backend = Lab::backend_name(index);
+            let here: Vec<String> = by_address
+                .iter()
+                .filter(|(_, b)| *b == backend)
+                .map(|(a, _)| a.clone())
+                .collect();
+            assert!(!here.is_empty(), "no address goes to {backend}");
+            let here = here.into_iter();
+            let iter: Box<dyn Iterator<Item = String>> = if reuse {
+                Box::new(here.cycle())
+            } else {
+                Box::new(here)
+            };
+            iter
+        })
+        .collect();
+    let pattern = [0, 0, 0, 1, 2];
+    (0..60)
+        .map(|i| {
+            from[pattern[i % pattern.len()]]
+                .next()
+                .expect("enough addresses")
+        })
+        .collect()
+}
+
+/// 1.25 × the average number of `workload`'s sessions per backend, rounded up, plus one.
+fn bound_of(workload: &[String]) -> usize {
+    (1.25 * workload.len() as f64 / BACKEND_COUNT as f64).ceil() as usize + 1
+}
+
+/// Gives the lab's `web` service (of `affinity`) `balance_factor = 125` by a reload.
+fn reload_with_factor(lab: &Lab, affinity: &str) {
+    let config = config_path(lab);
+    let text = std::fs::read_to_string(&config).expect("reading the config");
+    let line = format!("affinity = \"{affinity}\"");
+    let with_factor = text.replacen(&line, &format!("{line}\nbalance_factor = 125"), 1);
+    std::fs::write(&config, with_factor).expect("writing the config");
+    balancer(lab, &["reload"]);
 }
 
 fn counts(backends: &[String]) -> HashMap<String, usize> {
@@ -94,31 +146,8 @@ fn a_balance_factor_bounds_each_backends_connections_and_placed_sessions_stay() 
             (source.clone(), body)
         })
         .collect();
-    let of = |backend: &str| -> Vec<String> {
-        by_address
-            .iter()
-            .filter(|(_, b)| b == backend)
-            .map(|(a, _)| a.clone())
-            .collect()
-    };
-    // 60 sessions, 36 of them from addresses that go to backend-1 and 12 from each other's,
-    // arriving mixed: three for backend-1, then one for each of the others, over again.
-    let mut from: Vec<std::iter::Cycle<std::vec::IntoIter<String>>> = (0..BACKEND_COUNT)
-        .map(|index| {
-            let here = of(&Lab::backend_name(index));
-            assert!(
-                !here.is_empty(),
-                "no address of 30 goes to backend-{}",
-                index + 1
-            );
-            here.into_iter().cycle()
-        })
-        .collect();
-    let pattern = [0, 0, 0, 1, 2];
-    let workload: Vec<String> = (0..60)
-        .map(|i| from[pattern[i % pattern.len()]].next().expect("endless"))
-        .collect();
-    let bound = (1.25 * workload.len() as f64 / BACKEND_COUNT as f64).ceil() as usize + 1;
+    let workload = skewed_workload(&by_address, true);
+    let bound = bound_of(&workload);
 
     // Without the bound, the skew shows.
     let unbounded = counts(&held_sessions(&lab, &workload));
@@ -126,15 +155,7 @@ fn a_balance_factor_bounds_each_backends_connections_and_placed_sessions_stay() 
     no_active_flows(&lab);
 
     // With it, no backend goes past 1.25 × the average (plus one).
-    let config = config_path(&lab);
-    let text = std::fs::read_to_string(&config).expect("reading the config");
-    let bounded_config = text.replacen(
-        "affinity = \"lb-cookie\"",
-        "affinity = \"lb-cookie\"\nbalance_factor = 125",
-        1,
-    );
-    std::fs::write(&config, bounded_config).expect("writing the config");
-    balancer(&lab, &["reload"]);
+    reload_with_factor(&lab, "lb-cookie");
     let status = balancer(&lab, &["status"]);
     assert!(
         status.contains("affinity=lb-cookie balance_factor=125"),
@@ -153,28 +174,6 @@ fn a_balance_factor_bounds_each_backends_connections_and_placed_sessions_stay() 
         "{bounded:?}"
     );
 }
-
-/// [`HELD`] for a service without cookies: each source's second connection is its session's.
-const HELD_L4: &str = r#"
-import http.client, sys
-vip = sys.argv[1]
-held = []
-for source in sys.argv[2:]:
-    c = http.client.HTTPConnection(vip, 80, timeout=10, source_address=(source, 0))
-    c.request("GET", "/")
-    r = c.getresponse()
-    r.read()
-    held.append((c, r.getheader("x-backend"), source))
-for _, backend, source in held:
-    c = http.client.HTTPConnection(vip, 80, timeout=10, source_address=(source, 0))
-    c.request("GET", "/", headers={"Connection": "close"})
-    r = c.getresponse()
-    r.read()
-    print(backend, r.getheader("x-backend"))
-    c.close()
-for c, _, _ in held:
-    c.close()
-"#;
 
 /// Waits until no `web` backend holds a live session or an active flow.
 fn nothing_held(lab: &Lab) {
@@ -197,65 +196,21 @@ fn a_balance_factor_bounds_xdps_new_source_ip_sessions_and_placed_ones_stay() {
         .iter()
         .map(|a| a.to_string())
         .collect();
-    let placed: Vec<String> = sources
+    let by_address: Vec<(String, String)> = sources
         .iter()
-        .map(|source| get(&lab, &["--interface", source], "/"))
+        .map(|source| (source.clone(), get(&lab, &["--interface", source], "/")))
         .collect();
-    let of = |backend: String| -> Vec<String> {
-        sources
-            .iter()
-            .zip(&placed)
-            .filter(|(_, b)| **b == backend)
-            .map(|(s, _)| s.clone())
-            .collect()
-    };
-    // 60 sessions, each its own address: 36 that go to backend-1, 12 to each other, mixed.
-    let mut from: Vec<std::vec::IntoIter<String>> = (0..BACKEND_COUNT)
-        .map(|i| of(Lab::backend_name(i)).into_iter())
-        .collect();
-    let pattern = [0, 0, 0, 1, 2];
-    let workload: Vec<String> = (0..60)
-        .map(|i| {
-            from[pattern[i % pattern.len()]]
-                .next()
-                .expect("enough addresses of 150")
-        })
-        .collect();
-    let bound = (1.25 * workload.len() as f64 / BACKEND_COUNT as f64).ceil() as usize + 1;
+    // Each session from an address of its own.
+    let workload = skewed_workload(&by_address, false);
+    let bound = bound_of(&workload);
     nothing_held(&lab);
 
-    let vip = VIP.to_string();
-    let held = |lab: &Lab| -> HashMap<String, usize> {
-        let mut argv = vec!["python3", "-c", HELD_L4, &vip];
-        argv.extend(workload.iter().map(String::as_str));
-        let pairs: Vec<(String, String)> = run(lab, lab.client_ns(), &argv)
-            .lines()
-            .filter_map(|l| l.split_once(' '))
-            .map(|(a, b)| (a.to_owned(), b.to_owned()))
-            .collect();
-        assert_eq!(pairs.len(), workload.len());
-        for (first, second) in &pairs {
-            assert_eq!(
-                first, second,
-                "a session's second connection went elsewhere"
-            );
-        }
-        counts(&pairs.into_iter().map(|(b, _)| b).collect::<Vec<_>>())
-    };
-    let unbounded = held(&lab);
+    let unbounded = counts(&held_sessions(&lab, &workload));
     assert_eq!(unbounded.get("backend-1"), Some(&36), "{unbounded:?}");
     nothing_held(&lab);
 
-    let config = config_path(&lab);
-    let text = std::fs::read_to_string(&config).expect("reading the config");
-    let with_factor = text.replacen(
-        "affinity = \"source-ip\"",
-        "affinity = \"source-ip\"\nbalance_factor = 125",
-        1,
-    );
-    std::fs::write(&config, with_factor).expect("writing the config");
-    balancer(&lab, &["reload"]);
-    let bounded = held(&lab);
+    reload_with_factor(&lab, "source-ip");
+    let bounded = counts(&held_sessions(&lab, &workload));
     println!("held sessions per backend: without the bound {unbounded:?}, with it {bounded:?}");
     assert!(
         bounded.values().all(|&n| n <= bound),
