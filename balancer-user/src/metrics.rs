@@ -50,6 +50,8 @@ pub struct Snapshot {
     /// What the agent sent again: edited response heads, replayed requests.
     pub resent: Vec<(&'static str, u64)>,
     pub syn_cookie_rotations: u64,
+    /// Each group's weight: (service, group, weight).
+    pub groups: Vec<(String, String, u32)>,
     /// The flow, affinity and binding tables' fill.
     pub tables: Vec<Table>,
     /// Punt ring records the agent read.
@@ -92,6 +94,8 @@ pub struct BackendSnapshot {
     /// `up`, `draining` or `down`, as the data plane sees it.
     pub state: &'static str,
     pub weight: u32,
+    /// Its group, when the service has groups.
+    pub group: Option<String>,
     /// `source-ip` clients whose affinity names the backend.
     pub sessions: u64,
     /// Flows with a packet in the last minute.
@@ -293,6 +297,20 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> String {
         serving,
     );
     registry.register("backend_weight", "The backend's configured weight", weight);
+    let group_weights = Family::<Labels, Gauge>::default();
+    for (service, group, weight) in &snapshot.groups {
+        group_weights
+            .get_or_create(&vec![
+                ("service", service.clone()),
+                ("group", group.clone()),
+            ])
+            .set(i64::from(*weight));
+    }
+    registry.register(
+        "group_weight",
+        "A group's share of its service's new sessions, as the configuration or balancer group weight set it",
+        group_weights,
+    );
     registry.register(
         "backend_sessions",
         "source-ip clients whose affinity names the backend",
@@ -372,6 +390,7 @@ pub fn snapshot_json(snapshot: &Snapshot) -> serde_json::Value {
                 "healthy": b.healthy,
                 "state": b.state,
                 "weight": b.weight,
+                "group": b.group,
                 "sessions": b.sessions,
                 "active_flows": b.active_flows,
                 "bound": b.bound,
@@ -394,6 +413,11 @@ pub fn snapshot_json(snapshot: &Snapshot) -> serde_json::Value {
             "capacity": t.capacity,
         }))).collect::<serde_json::Map<_, _>>(),
         "backends": backends,
+        "groups": snapshot.groups.iter().map(|(service, group, weight)| serde_json::json!({
+            "service": service,
+            "group": group,
+            "weight": weight,
+        })).collect::<Vec<_>>(),
         "top_sources": snapshot.top_sources.iter().map(|s| serde_json::json!({
             "source": s.source.to_string(),
             "service": s.service,
@@ -509,6 +533,7 @@ mod tests {
                 capacity: 1024,
             }],
             punts_read: 12,
+            groups: vec![("web".into(), "blue".into(), 90)],
             binding_latency: Some(binding_latency_histogram()),
             check_latency: Some(check_latencies()),
             backends: vec![BackendSnapshot {
@@ -517,6 +542,7 @@ mod tests {
                 healthy: true,
                 state: "draining",
                 weight: 3,
+                group: Some("blue".into()),
                 sessions: 4,
                 active_flows: 9,
                 bound: 7,
@@ -573,6 +599,10 @@ mod tests {
         assert_eq!(
             value("balancer_bindings_total", ("outcome", "with_cookie")),
             Some(7.0)
+        );
+        assert_eq!(
+            value("balancer_group_weight", ("group", "blue")),
+            Some(90.0)
         );
         assert_eq!(
             value("balancer_backend_state", ("state", "draining")),

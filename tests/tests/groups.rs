@@ -169,6 +169,28 @@ fn blue_green_sessions_split_by_weight_stay_in_their_group_and_follow_new_weight
     // 50/50: every existing session stays where it was; new ones split evenly.
     set_weight(&lab, "blue", 50);
     set_weight(&lab, "green", 50);
+    let status: serde_json::Value =
+        serde_json::from_str(&balancer(&lab, &["status", "--json"])).expect("JSON");
+    let weights: Vec<(String, u64)> = status["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .filter(|g| g["service"] == "canary")
+        .map(|g| {
+            (
+                g["group"].as_str().unwrap_or("").to_owned(),
+                g["weight"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(weights, [("blue".to_owned(), 50), ("green".to_owned(), 50)]);
+    let backend_3 = status["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .find(|b| b["service"] == "canary" && b["backend"] == "backend-3")
+        .expect("backend-3 of canary");
+    assert_eq!(backend_3["group"], "green");
     let replayed = sessions.replay(&lab, &first);
     let moved: Vec<_> = first
         .iter()

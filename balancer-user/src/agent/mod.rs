@@ -898,6 +898,7 @@ impl Agent {
                     healthy: backend.healthy,
                     state: state_name(backend.state(service.drain_timeout())),
                     weight: backend.config.weight,
+                    group: backend.config.group.map(|g| service.groups[g].name.clone()),
                     sessions: sessions.get(&backend.id).copied().unwrap_or(0),
                     active_flows: flows.get(&backend.id).copied().unwrap_or(0),
                     bound: self
@@ -960,6 +961,15 @@ impl Agent {
                 ("request", b.replays_resent),
             ],
             syn_cookie_rotations: self.cookie_rotations,
+            groups: self
+                .services
+                .iter()
+                .flat_map(|s| {
+                    s.groups
+                        .iter()
+                        .map(|g| (s.config.name.clone(), g.name.clone(), g.weight))
+                })
+                .collect(),
             tables: vec![
                 crate::metrics::Table {
                     name: "flows",
