@@ -65,7 +65,12 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<(Reason, u
             // SAFETY: as above.
             let service = unsafe { &*service_ptr };
             if service.backend_count == 0 {
-                return Err(refuse(ctx, packet));
+                return Err(refuse(
+                    ctx,
+                    packet,
+                    Reason::RefusedNoBackend,
+                    Reason::DropNoBackend,
+                ));
             }
             if service.affinity == affinity::COOKIE && key.proto == PROTO_TCP {
                 if agent::present(now_s) {
@@ -76,7 +81,14 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<(Reason, u
                 let backend_id = match choose::backend(service_ptr, key, now_s) {
                     Ok(backend_id) => backend_id,
                     Err(Some(verdict)) => return Err(verdict),
-                    Err(None) => return Err(refuse_held(ctx, packet)),
+                    Err(None) => {
+                        return Err(refuse(
+                            ctx,
+                            packet,
+                            Reason::RefusedBackendHeld,
+                            Reason::DropBackendHeld,
+                        ));
+                    }
                 };
                 if service.nat == nat_mode::FULL {
                     let proxy = service.proxy_protocol != 0 && key.proto == PROTO_TCP;
@@ -170,28 +182,15 @@ fn reopens(packet: &Packet, flow: &Flow) -> bool {
         && flow.flags & flow_flags::CLOSING != 0
 }
 
-/// A service without backends refuses TCP connections with a reset and drops the rest.
+/// A new flow no backend is to take: TCP is refused with a reset (counted as `sent`, so the
+/// client fails fast), the rest dropped (as `dropped`). For a service without backends and
+/// for a session held for its failed backend.
 #[inline(always)]
-fn refuse(ctx: &XdpContext, packet: &Packet) -> Verdict {
+fn refuse(ctx: &XdpContext, packet: &Packet, sent: Reason, dropped: Reason) -> Verdict {
     if packet.key.proto != PROTO_TCP {
-        return Verdict::drop(Reason::DropNoBackend);
+        return Verdict::drop(dropped);
     }
-    reset::refuse(ctx, packet, Reason::RefusedNoBackend, Reason::DropNoBackend)
-}
-
-/// A session held for its failed backend refuses a new TCP flow with a reset (the client
-/// fails fast and tries again) and drops the rest.
-#[inline(always)]
-fn refuse_held(ctx: &XdpContext, packet: &Packet) -> Verdict {
-    if packet.key.proto != PROTO_TCP {
-        return Verdict::drop(Reason::DropBackendHeld);
-    }
-    reset::refuse(
-        ctx,
-        packet,
-        Reason::RefusedBackendHeld,
-        Reason::DropBackendHeld,
-    )
+    reset::refuse(ctx, packet, sent, dropped)
 }
 
 #[inline(always)]

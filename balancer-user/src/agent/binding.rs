@@ -1497,9 +1497,6 @@ impl std::fmt::Display for Cookie {
     }
 }
 
-/// The backend for a connection: the one a genuine balancer cookie names while it keeps its
-/// sessions (up, or draining within the drain timeout), the one an application cookie's value
-/// hashes to, else the service's fallback; backends already tried are skipped.
 /// Why a connection has no backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Unplaced {
@@ -1513,6 +1510,9 @@ enum Unplaced {
     Held { retry_after: u32 },
 }
 
+/// The backend for a connection: the one a genuine balancer cookie names while it keeps its
+/// sessions (up, or draining within the drain timeout), the one an application cookie's value
+/// hashes to, else the service's fallback; backends already tried are skipped.
 fn choose(
     service: &ServiceRuntime,
     pending: &Pending,
@@ -1523,10 +1523,7 @@ fn choose(
     if service.lookup.is_empty() {
         return Err(Unplaced::NoBackend);
     }
-    let (host, path) = http::host_and_path(&pending.request);
-    let route = service
-        .config
-        .route(host.as_deref(), &path)
+    let route = route_of(&service.config, &pending.request)
         .map_err(|_| Unplaced::NoRoute)?
         .map(|(group, _)| group);
     // The cross-origin variant carries the same value, for requests that only send it.
@@ -1660,6 +1657,19 @@ fn choose(
     let target =
         place(service, pending, key, &cookie, home, confined, now).ok_or(Unplaced::NoBackend)?;
     Ok((target, cookie))
+}
+
+/// The group and path prefix of the route `request` takes, reading its head only when the
+/// service has routes.
+fn route_of<'a>(
+    service: &'a ServiceConfig,
+    request: &[u8],
+) -> Result<Option<(usize, &'a str)>, crate::config::NoRoute> {
+    if service.routes.is_empty() {
+        return Ok(None);
+    }
+    let (host, path) = http::host_and_path(request);
+    service.route(host.as_deref(), &path)
 }
 
 /// Seconds a failed backend takes at least to count as up again (its checks' interval times
@@ -1799,8 +1809,7 @@ fn issue(
     )?;
     // A routed session's cookie goes back to its route alone: two applications on one host
     // keep cookies of their own.
-    let (host, path) = http::host_and_path(request);
-    let cookie_path = match service.route(host.as_deref(), &path) {
+    let cookie_path = match route_of(service, request) {
         Ok(Some((_, prefix))) => prefix,
         _ => "/",
     };

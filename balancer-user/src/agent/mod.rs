@@ -560,8 +560,10 @@ impl Agent {
         } else {
             let sessions = match self.services[index].config.on_backend_down {
                 OnBackendDown::Failover => "its sessions move to healthy backends",
-                OnBackendDown::Keep => "its sessions wait for it up to keep_timeout, answered 503",
-                OnBackendDown::Reject => "its sessions are answered 503 until it returns",
+                OnBackendDown::Keep => {
+                    "its sessions wait for it up to keep_timeout, refused meanwhile"
+                }
+                OnBackendDown::Reject => "its sessions are refused until it returns",
             };
             warn!(service = %report.service, backend = %report.backend, reason = %report.reason, "backend is down: {sessions}");
         }
