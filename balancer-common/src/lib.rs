@@ -38,12 +38,14 @@ pub mod map_name {
     pub const NAT_SOURCES: &str = "NAT_SOURCES";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const NEW_FLOW_SOURCES: &str = "NEW_FLOW_SOURCES";
+    pub const GROUPS: &str = "GROUPS";
+    pub const GROUP_TABLE: &str = "GROUP_TABLE";
 }
 
 /// Version of the maps' layout (their key and value types and the meaning of their fields).
 /// Pinned maps outlive the agent and its program; a program of another layout version must
 /// not adopt them. Bump it with every change to a type or map below.
-pub const LAYOUT_VERSION: u32 = 9;
+pub const LAYOUT_VERSION: u32 = 10;
 
 /// Seconds after the agent's last heartbeat that the data plane takes it for gone: cookie
 /// services then stop handing connections to it (see [`without_agent`]). Compiled into the
@@ -60,6 +62,11 @@ pub const MAX_BACKENDS: u32 = 4096;
 pub const DEFAULT_TABLE_SIZE: u32 = 65537;
 /// Lookup tables per service in `BACKEND_TABLE`: the active one and the one being rebuilt.
 pub const TABLES_PER_SERVICE: u32 = 2;
+/// Groups of backends a service may have (blue/green, canary).
+pub const MAX_GROUPS: u32 = 8;
+/// Slots in each group's lookup table in `GROUP_TABLE` (a prime; `source-ip` services with
+/// groups): a session whose backend fails moves within its group by it.
+pub const GROUP_TABLE_SIZE: u32 = 4099;
 pub const MAX_TX_PORTS: u32 = 64;
 /// Full NAT: the balancer's own addresses that backends see XDP's flows come from.
 pub const MAX_NAT_SOURCES: u32 = 256;
@@ -118,8 +125,23 @@ pub struct Service {
     pub balance_factor: u32,
     /// With `balance_factor`: the service's backends' loads summed, kept as [`Backend::load`].
     pub load_total: u32,
+    /// `source-ip` with groups: seconds a session stays in the group of its first backend,
+    /// whatever the weights do, moving within it (by its table in `GROUPS`) when its backend
+    /// fails; 0 keeps no group.
+    pub group_stickiness: u32,
 }
-const _: () = assert!(size_of::<Service>() == 64);
+const _: () = assert!(size_of::<Service>() == 68);
+
+/// `GROUPS` value, at `service id × MAX_GROUPS + group index`: a group's lookup table in
+/// `GROUP_TABLE`, switched like the service's own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Group {
+    pub table_base: u32,
+    /// Slots in the table; 0: the group has no serving backend.
+    pub table_size: u32,
+}
+const _: () = assert!(size_of::<Group>() == 8);
 
 /// How a service's connections reach their backends, in [`Service::nat`].
 pub mod nat_mode {
@@ -201,16 +223,23 @@ pub struct AffinityKey {
 }
 const _: () = assert!(size_of::<AffinityKey>() == 20);
 
-/// `AFFINITY` value: the backend of a client and when it last opened a flow.
+/// `AFFINITY` value: the backend of a client, when it last opened a flow and, on a service
+/// with groups, the group it stays in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Affinity {
     pub backend_id: u32,
-    pub _pad: u32,
+    /// As [`Backend::group`]: the session's group, 0 for none.
+    pub group: u32,
     /// `bpf_ktime_get_ns` of the client's latest new flow.
     pub last_seen_ns: u64,
+    /// With `group`: the second of the coarse monotonic clock until which the session stays
+    /// in it; then it takes a group by the weights again (keeping its backend if the group
+    /// is the same).
+    pub group_until_s: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Affinity>() == 16);
+const _: () = assert!(size_of::<Affinity>() == 24);
 
 /// Backend states in [`Backend::state`]. Established flows continue in every state; the
 /// state decides whether a client's affinity to the backend is still honoured.
@@ -241,8 +270,10 @@ pub struct Backend {
     /// Services with `balance_factor`: the backend's active flows, as the agent last counted
     /// them, plus those XDP placed on it since.
     pub load: u32,
+    /// Services with groups: 1 + the index of the backend's group; 0 for none.
+    pub group: u32,
 }
-const _: () = assert!(size_of::<Backend>() == 32);
+const _: () = assert!(size_of::<Backend>() == 36);
 
 /// A TCP/UDP 5-tuple as seen on the wire: `FLOWS` key (client side) and `REVERSE` key (backend side).
 #[repr(C)]
@@ -698,6 +729,7 @@ mod user {
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for Service {}
     unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for Group {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for ReverseNat {}

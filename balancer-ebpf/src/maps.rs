@@ -6,10 +6,10 @@ use aya_ebpf::{
 };
 use balancer_common::{
     Addr, Affinity, AffinityKey, AgentState, Backend, BackendCounters, Binding, CookieSecret,
-    Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY,
-    COOKIE_SECRETS, DEFAULT_AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY, DEFAULT_TABLE_SIZE,
-    MAX_BACKENDS, MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS, NEW_FLOW_SOURCE_RING_SIZE,
-    PUNT_RING_SIZE, TABLES_PER_SERVICE,
+    Counter, Flow, FlowKey, Group, Reason, ReverseNat, Service, ServiceKey, SynOptions,
+    BINDING_CAPACITY, COOKIE_SECRETS, DEFAULT_AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY,
+    DEFAULT_TABLE_SIZE, GROUP_TABLE_SIZE, MAX_BACKENDS, MAX_GROUPS, MAX_NAT_SOURCES, MAX_SERVICES,
+    MAX_TX_PORTS, NEW_FLOW_SOURCE_RING_SIZE, PUNT_RING_SIZE, TABLES_PER_SERVICE,
 };
 
 /// Virtual services: (VIP, port, protocol) → affinity mode, lookup table and backend count.
@@ -25,6 +25,19 @@ pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 #[map]
 pub static BACKEND_TABLE: Array<u32> =
     Array::pinned(MAX_SERVICES * TABLES_PER_SERVICE * DEFAULT_TABLE_SIZE, 0);
+
+/// Groups of each service (`service id × MAX_GROUPS + group index`): where their lookup
+/// tables are in `GROUP_TABLE`.
+#[map]
+pub static GROUPS: Array<Group> = Array::pinned(MAX_SERVICES * MAX_GROUPS, 0);
+
+/// Maglev lookup tables of the groups of `source-ip` services, two per group as in
+/// `BACKEND_TABLE`: a session whose backend fails moves within its group by them.
+#[map]
+pub static GROUP_TABLE: Array<u32> = Array::pinned(
+    MAX_SERVICES * MAX_GROUPS * TABLES_PER_SERVICE * GROUP_TABLE_SIZE,
+    0,
+);
 
 /// `source-ip` affinity: (service, masked client address) → backend and last new flow.
 #[map]

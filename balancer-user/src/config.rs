@@ -10,7 +10,7 @@ use std::{
 };
 
 use balancer_common::{
-    affinity, nat_mode, without_agent, Addr, ServiceKey, MAX_BACKENDS, MAX_NAT_SOURCES,
+    affinity, nat_mode, without_agent, Addr, ServiceKey, MAX_BACKENDS, MAX_GROUPS, MAX_NAT_SOURCES,
     MAX_SERVICES, PROTO_TCP, PROTO_UDP,
 };
 use serde::Deserialize;
@@ -237,8 +237,10 @@ pub struct ServiceConfig {
     /// a new session picks a group by weight, then a backend in it.
     #[serde(default, rename = "group")]
     pub groups: Vec<GroupConfig>,
-    /// `lb-cookie` with groups: seconds a session stays in its group, even when the weights
-    /// change or its backend fails (it then moves within the group), 1 to 604800 (7 days).
+    /// `lb-cookie` and `source-ip` with groups: seconds a session stays in its group, even
+    /// when the weights change or its backend fails (it then moves within the group), 1 to
+    /// 604800 (7 days). A source-ip session's group lives in its affinity entry, which lasts
+    /// for this long even when the client is idle past `affinity_timeout`.
     pub group_stickiness: Option<u32>,
     /// HTTP services with groups: several applications on one VIP and port, by the request's
     /// `Host` and path; the first route that matches names the group.
@@ -1136,6 +1138,15 @@ impl Config {
     }
 
     fn validate_placement(&self, service: &ServiceConfig, field: &str) -> Result<(), ConfigError> {
+        if service.groups.len() > MAX_GROUPS as usize {
+            return Err(invalid(
+                format!("{field}.group"),
+                format!(
+                    "{} groups are more than the {MAX_GROUPS} a service may have",
+                    service.groups.len()
+                ),
+            ));
+        }
         let mut names = HashSet::new();
         for (g, group) in service.groups.iter().enumerate() {
             let field = format!("{field}.group[{g}]");
@@ -1267,10 +1278,12 @@ impl Config {
                     "needs [[service.group]]s to keep sessions in",
                 ));
             }
-            if service.affinity != AffinityMode::LbCookie {
+            if service.affinity != AffinityMode::LbCookie
+                && service.affinity != AffinityMode::SourceIp
+            {
                 return Err(invalid(
                     field,
-                    "is for lb-cookie services so far (other services place each new session in a group by weight)",
+                    "is for lb-cookie and source-ip services, whose cookie or session carries the group (other services place each request in a group by weight)",
                 ));
             }
             if !(1..=MAX_COOKIE_DURATION).contains(&stickiness) {
@@ -2095,8 +2108,20 @@ mod tests {
                 "service[0] (shop).group_stickiness",
             ),
             (
-                GROUPED.replace("affinity = \"lb-cookie\"", "affinity = \"source-ip\""),
+                GROUPED.replace("affinity = \"lb-cookie\"", "affinity = \"flow\""),
                 "service[0] (shop).group_stickiness",
+            ),
+            (
+                GROUPED.to_owned()
+                    + &(0..7)
+                        .map(|g| {
+                            format!(
+                                "[[service.group]]\nname = \"g{g}\"\n\
+                                 [[service.group.backend]]\nname = \"x{g}\"\naddress = \"198.19.1.{g}\"\n"
+                            )
+                        })
+                        .collect::<String>(),
+                "service[0] (shop).group",
             ),
             (
                 GROUPED.replace(

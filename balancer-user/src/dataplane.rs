@@ -17,9 +17,10 @@ use aya::{
 };
 use balancer_common::{
     binding_state, flow_flags, flow_state, map_name, source_is_free, Addr, Affinity, AffinityKey,
-    AgentState, Backend, BackendCounters, Binding, CookieSecret, Counter, Flow, FlowKey, Reason,
-    ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS, LAYOUT_VERSION,
-    MAX_BACKENDS, MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS, TABLES_PER_SERVICE, XDP_PROGRAM,
+    AgentState, Backend, BackendCounters, Binding, CookieSecret, Counter, Flow, FlowKey, Group,
+    Reason, ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS,
+    GROUP_TABLE_SIZE, LAYOUT_VERSION, MAX_BACKENDS, MAX_GROUPS, MAX_NAT_SOURCES, MAX_SERVICES,
+    MAX_TX_PORTS, TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 use tracing::{info, warn};
 
@@ -212,7 +213,44 @@ impl Dataplane {
     }
 
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        let removed = self.services()?.get(key, 0).ok();
         self.services()?.remove(key).context("removing a service")?;
+        if let Some(service) = removed {
+            for group in 0..MAX_GROUPS {
+                self.publish_group(service.id, group, &[])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `lookup` the table of group `group` of service `service_id` (empty: the group
+    /// has no serving backend), switched in like a service's table.
+    pub fn publish_group(&mut self, service_id: u32, group: u32, lookup: &[u32]) -> Result<()> {
+        let index = service_id * MAX_GROUPS + group;
+        let area = |half: u32| (index * TABLES_PER_SERVICE + half) * GROUP_TABLE_SIZE;
+        let groups: Array<&mut MapData, Group> = Array::try_from(self.map(map_name::GROUPS)?)?;
+        let active = groups.get(&index, 0).context("reading a group")?;
+        if lookup.is_empty() && active.table_size == 0 {
+            return Ok(());
+        }
+        let base = if active.table_base == area(0) && active.table_size != 0 {
+            area(1)
+        } else {
+            area(0)
+        };
+        let mut table: Array<&mut MapData, u32> =
+            Array::try_from(self.map(map_name::GROUP_TABLE)?)?;
+        for (slot, backend_id) in (base..).zip(lookup) {
+            table
+                .set(slot, backend_id, 0)
+                .context("writing a group's lookup table")?;
+        }
+        let value = Group {
+            table_base: base,
+            table_size: lookup.len() as u32,
+        };
+        let mut groups: Array<&mut MapData, Group> = Array::try_from(self.map(map_name::GROUPS)?)?;
+        groups.set(index, value, 0).context("writing a group")?;
         Ok(())
     }
 
@@ -522,36 +560,35 @@ impl Dataplane {
     }
 
     /// The affinity table's entries, and per backend id the `source-ip` sessions that still
-    /// hold it: their client opened a flow within their service's `timeout_of` seconds (an
-    /// unknown service's entries hold nothing). Walks the whole map.
+    /// hold it (see [`session_holds`]; an unknown service's entries hold nothing). Walks the
+    /// whole map.
     pub fn sessions_by_backend(
         &self,
         timeout_of: impl Fn(u32) -> Option<u32>,
     ) -> Result<TableCount> {
         let map = self.map_ref(map_name::AFFINITY)?;
         let sessions: HashMap<&MapData, AffinityKey, Affinity> = HashMap::try_from(map)?;
-        let now_ns = monotonic_ns();
+        let now = SessionClock::now();
         let mut count = TableCount::default();
         for (key, session) in sessions.iter().filter_map(Result::ok) {
             count.entries += 1;
-            let idle_ns = now_ns.saturating_sub(session.last_seen_ns);
-            if timeout_of(key.service_id).is_some_and(|t| idle_ns < u64::from(t) * 1_000_000_000) {
+            if timeout_of(key.service_id).is_some_and(|t| now.holds(&session, t)) {
                 *count.by_backend.entry(session.backend_id).or_default() += 1;
             }
         }
         Ok(count)
     }
 
-    /// `source-ip` sessions of backend `backend_id` whose client opened a flow within the
-    /// last `timeout_s` seconds (older ones no longer hold it). Walks the whole map.
+    /// `source-ip` sessions of backend `backend_id` that still hold it (see
+    /// [`SessionClock::holds`]). Walks the whole map.
     pub fn live_sessions_of(&self, backend_id: u32, timeout_s: u32) -> Result<u64> {
         let sessions = self.live_sessions(timeout_s, |_, s| s.backend_id == backend_id)?;
         Ok(sessions.len() as u64)
     }
 
-    /// The `source-ip` sessions that `wanted` picks among those whose client opened a flow
-    /// within the last `timeout_s` seconds, each with its seconds since then. Walks the
-    /// whole map.
+    /// The `source-ip` sessions that `wanted` picks among those that still hold their backend
+    /// (see [`SessionClock::holds`]), each with its seconds since its client's last new flow.
+    /// Walks the whole map.
     pub fn live_sessions(
         &self,
         timeout_s: u32,
@@ -559,18 +596,14 @@ impl Dataplane {
     ) -> Result<Vec<(AffinityKey, Affinity, u64)>> {
         let map = self.map_ref(map_name::AFFINITY)?;
         let sessions: HashMap<&MapData, AffinityKey, Affinity> = HashMap::try_from(map)?;
-        let now_ns = monotonic_ns();
-        let timeout_ns = u64::from(timeout_s) * 1_000_000_000;
+        let now = SessionClock::now();
         Ok(sessions
             .iter()
             .filter_map(Result::ok)
-            .filter_map(|(key, session)| {
-                let idle_ns = now_ns.saturating_sub(session.last_seen_ns);
-                (idle_ns < timeout_ns && wanted(&key, &session)).then_some((
-                    key,
-                    session,
-                    idle_ns / 1_000_000_000,
-                ))
+            .filter(|(key, session)| now.holds(session, timeout_s) && wanted(key, session))
+            .map(|(key, session)| {
+                let idle_s = now.ns.saturating_sub(session.last_seen_ns) / 1_000_000_000;
+                (key, session, idle_s)
             })
             .collect())
     }
@@ -920,7 +953,7 @@ fn ifindex(interface: &str) -> Result<u32> {
 }
 
 /// The shape every map must have: (name, key size, value size, capacity).
-fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 15] {
+fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 17] {
     use std::mem::size_of;
     [
         (
@@ -1006,6 +1039,18 @@ fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 15] {
             size_of::<u32>(),
             size_of::<Addr>(),
             MAX_NAT_SOURCES,
+        ),
+        (
+            map_name::GROUPS,
+            size_of::<u32>(),
+            size_of::<Group>(),
+            MAX_SERVICES * MAX_GROUPS,
+        ),
+        (
+            map_name::GROUP_TABLE,
+            size_of::<u32>(),
+            size_of::<u32>(),
+            MAX_SERVICES * MAX_GROUPS * TABLES_PER_SERVICE * GROUP_TABLE_SIZE,
         ),
         (map_name::PUNTS, 0, 0, config.punt_ring_size),
     ]
@@ -1156,6 +1201,32 @@ fn reserve_ports(range: &str) -> Result<()> {
         "reserved for full NAT: the host's own connections will not take them"
     );
     Ok(())
+}
+
+/// The two clocks a `source-ip` session is judged by, read once for a walk of the table.
+#[derive(Clone, Copy)]
+pub struct SessionClock {
+    /// Of `bpf_ktime_get_ns`, which stamps the client's new flows.
+    pub ns: u64,
+    /// Of `bpf_ktime_get_coarse_ns`, which a session's time in its group is kept in.
+    pub s: u32,
+}
+
+impl SessionClock {
+    pub fn now() -> SessionClock {
+        SessionClock {
+            ns: monotonic_ns(),
+            s: monotonic_seconds(),
+        }
+    }
+
+    /// Whether a session still holds its backend, as XDP decides: its client opened a flow
+    /// within the service's `timeout_s`, or it is still in its group.
+    pub fn holds(&self, session: &Affinity, timeout_s: u32) -> bool {
+        let idle_ns = self.ns.saturating_sub(session.last_seen_ns);
+        idle_ns < u64::from(timeout_s) * 1_000_000_000
+            || (session.group != 0 && self.s < session.group_until_s)
+    }
 }
 
 /// Slots of `BACKEND_TABLE`: two tables of `table_size` for every possible service.

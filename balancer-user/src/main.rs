@@ -117,7 +117,8 @@ enum Command {
     },
     /// Show a service's sessions per backend (live source-ip sessions, spliced cookie
     /// connections, connections that came by a backend's cookie in the last minute), then
-    /// its live source-ip sessions one a line: client, backend, seconds idle.
+    /// its live source-ip sessions one a line: client, backend, seconds idle and, with
+    /// groups, the session's group and its seconds left in it.
     Sessions {
         service: String,
         /// Only this backend's.
@@ -688,13 +689,17 @@ fn sessions_text(answer: &str) -> Result<String> {
         );
     }
     for session in value["source_ip_sessions"].as_array().into_iter().flatten() {
-        let _ = writeln!(
+        let _ = write!(
             text,
             "  session {} -> {} idle {} s",
             session["client"].as_str().unwrap_or("?"),
             session["backend"].as_str().unwrap_or("?"),
             session["idle_s"],
         );
+        if let Some(group) = session["group"].as_str() {
+            let _ = write!(text, " in group {group} for {} s", session["group_s"]);
+        }
+        text.push('\n');
     }
     let more = value["source_ip_sessions_not_listed"].as_u64().unwrap_or(0);
     if more > 0 {

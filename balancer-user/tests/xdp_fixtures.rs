@@ -18,9 +18,9 @@ use aya::{
 };
 use balancer_common::{
     affinity, backend_state, flow_flags, flow_state, map_name, nat_mode, syncookie, without_agent,
-    Addr, AgentState, Backend, Counter, Flow, FlowKey, Reason, ReverseNat, Service, ServiceKey,
-    DEFAULT_AGENT_TIMEOUT_S, LAYOUT_VERSION, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
-    TABLES_PER_SERVICE, XDP_PROGRAM,
+    Addr, Affinity, AffinityKey, AgentState, Backend, Counter, Flow, FlowKey, Group, Reason,
+    ReverseNat, Service, ServiceKey, DEFAULT_AGENT_TIMEOUT_S, LAYOUT_VERSION, MAX_GROUPS,
+    MAX_SERVICES, PROTO_TCP, PROTO_UDP, TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 
 const XDP_DROP: u32 = 1;
@@ -61,6 +61,8 @@ const BACKEND_2: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 12);
 const BACKEND_3: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 13);
 /// A small prime keeps writing the tables quick.
 const FIXTURE_TABLE_SIZE: u32 = 1021;
+/// The one group table the fixtures write, at the start of `GROUP_TABLE`.
+const FIXTURE_GROUP_TABLE_SIZE: u32 = 31;
 
 const XDP_TX: u32 = 3;
 const TCP_RST: u8 = 0x04;
@@ -327,6 +329,7 @@ impl Program {
                 map_name::BACKEND_TABLE,
                 MAX_SERVICES * TABLES_PER_SERVICE * FIXTURE_TABLE_SIZE,
             )
+            .map_max_entries(map_name::GROUP_TABLE, FIXTURE_GROUP_TABLE_SIZE)
             .load(object)
             .expect("loading the XDP object");
         let program: &mut Xdp = ebpf
@@ -469,6 +472,7 @@ impl Program {
             return_home: 0,
             balance_factor: 0,
             load_total: 0,
+            group_stickiness: 0,
         };
         map.insert(key, value, 0).unwrap();
     }
@@ -998,6 +1002,129 @@ fn a_source_ip_session_held_for_its_backend_is_reset_then_served_elsewhere_and_g
     // Its backend returns: the session is home again.
     set_held(&mut program, backend_state::UP, 0);
     assert_eq!(sticky_backend(&program, CLIENT, 51003), home, "back home");
+}
+
+/// The `source-ip` service's session of `client`.
+fn session_of(program: &mut Program, client: Ipv4Addr) -> Affinity {
+    let sessions: HashMap<&mut MapData, AffinityKey, Affinity> =
+        HashMap::try_from(program.map(map_name::AFFINITY)).unwrap();
+    let key = AffinityKey {
+        service_id: 5,
+        client: addr(client).masked(&Addr::prefix_mask(true, 24)),
+    };
+    sessions.get(&key, 0).expect("a session")
+}
+
+#[test]
+fn a_source_ip_session_stays_in_its_group_moves_within_it_and_regroups_after_its_time() {
+    let mut program = Program::in_private_network("groups");
+    let sticky_service_id = 5;
+    // blue: backends 3 and 0; green: backend 4. The service's table, by the groups'
+    // weights, holds 3 and 4.
+    for (id, group) in [(3u32, 1u32), (0, 1), (4, 2)] {
+        let (address, port) = BACKEND_ADDRESSES[id as usize];
+        program.set_backend(id, address, port, backend_state::UP);
+        let mut backends: Array<&mut MapData, Backend> =
+            Array::try_from(program.map(map_name::BACKENDS)).unwrap();
+        let backend = backends.get(&id, 0).unwrap();
+        backends.set(id, Backend { group, ..backend }, 0).unwrap();
+    }
+    program.change_service(STICKY_PORT, |service| Service {
+        group_stickiness: 100,
+        ..service
+    });
+    let client = (1..=254)
+        .map(|n| Ipv4Addr::new(198, 18, n, 2))
+        .find(|&c| sticky_backend(&program, c, 53000) == BACKEND_2)
+        .expect("a client /24 on backend 3");
+    let session = session_of(&mut program, client);
+    assert_eq!(
+        (session.backend_id, session.group),
+        (3, 1),
+        "placed in blue"
+    );
+    let until = session.group_until_s;
+    assert!(until >= coarse_seconds() + 99, "in blue for 100 s: {until}");
+
+    // Blue at weight 0: the service's table holds green alone; the session stays, even idle
+    // past its affinity timeout, while it is in its group.
+    program.set_service(
+        sticky_service_id,
+        STICKY_PORT,
+        PROTO_TCP,
+        affinity::SOURCE_IP,
+        &[4],
+    );
+    program.change_service(STICKY_PORT, |service| Service {
+        group_stickiness: 100,
+        ..service
+    });
+    let write_session = |program: &mut Program, session: Affinity| {
+        let mut sessions: HashMap<&mut MapData, AffinityKey, Affinity> =
+            HashMap::try_from(program.map(map_name::AFFINITY)).unwrap();
+        let key = AffinityKey {
+            service_id: sticky_service_id,
+            client: addr(client).masked(&Addr::prefix_mask(true, 24)),
+        };
+        sessions.insert(key, session, 0).unwrap();
+    };
+    write_session(
+        &mut program,
+        Affinity {
+            last_seen_ns: 1,
+            ..session
+        },
+    );
+    assert_eq!(sticky_backend(&program, client, 53001), BACKEND_2, "kept");
+
+    // Backend 3 fails: blue's table holds backend 0, where the session moves, not to green.
+    let (address, port) = BACKEND_ADDRESSES[3];
+    program.set_backend(3, address, port, backend_state::DOWN);
+    {
+        let mut table: Array<&mut MapData, u32> =
+            Array::try_from(program.map(map_name::GROUP_TABLE)).unwrap();
+        for slot in 0..FIXTURE_GROUP_TABLE_SIZE {
+            table.set(slot, 0, 0).unwrap();
+        }
+        let mut groups: Array<&mut MapData, Group> =
+            Array::try_from(program.map(map_name::GROUPS)).unwrap();
+        let blue = Group {
+            table_base: 0,
+            table_size: FIXTURE_GROUP_TABLE_SIZE,
+        };
+        groups.set(sticky_service_id * MAX_GROUPS, blue, 0).unwrap();
+    }
+    assert_eq!(
+        sticky_backend(&program, client, 53002),
+        BACKEND,
+        "moved within blue"
+    );
+    let moved = session_of(&mut program, client);
+    assert_eq!((moved.backend_id, moved.group), (0, 1));
+    assert_eq!(moved.group_until_s, until, "its time in blue goes on");
+    assert_eq!(program.counters()[Reason::SessionMoved as usize], 1);
+
+    // Its time in blue over: by the weights of now it goes to green, for 100 s more.
+    write_session(
+        &mut program,
+        Affinity {
+            group_until_s: coarse_seconds() - 1,
+            ..moved
+        },
+    );
+    assert_eq!(
+        sticky_backend(&program, client, 53003),
+        BACKEND_3,
+        "regrouped"
+    );
+    let regrouped = session_of(&mut program, client);
+    assert_eq!((regrouped.backend_id, regrouped.group), (4, 2));
+    assert!(regrouped.group_until_s >= coarse_seconds() + 99);
+    assert_eq!(program.counters()[Reason::SessionMoved as usize], 2);
+
+    // In green for good now, and kept there on the next flow.
+    assert_eq!(sticky_backend(&program, client, 53004), BACKEND_3);
+    assert_eq!(program.counters()[Reason::SessionMoved as usize], 2);
 }
 
 #[test]

@@ -1,11 +1,12 @@
 //! Groups of backends on an lb-cookie service (blue/green, canary): new sessions split by the
 //! groups' weights, a session stays in its group for `group_stickiness` whatever the weights
 //! do and moves within it when its backend fails, and a group of weight 0 takes no new
-//! session. Python sessions, each a cookie jar of one. Needs root.
+//! session. Python sessions, each a cookie jar of one; curl from addresses of their own for
+//! the source-ip sessions XDP keeps in their groups. Needs root.
 
 mod common;
 
-use std::collections::HashMap;
+use std::{collections::HashMap, net::Ipv4Addr, time::Duration};
 
 use balancer_lab::{Lab, ServiceOptions, VIP};
 use common::*;
@@ -263,6 +264,135 @@ fn blue_green_sessions_split_by_weight_stay_in_their_group_and_follow_new_weight
     set_weight(&lab, "blue", 0);
     let third = sessions.new_sessions(&lab, 100);
     assert_eq!(greens(&third), 100, "new sessions with blue at weight 0");
+}
+
+/// A `source-ip` service `canary` with groups `blue` (backend-1, backend-2) and `green`
+/// (backend-3) at 50 each, health-checked so XDP learns of a stopped backend.
+fn source_ip_canary() -> String {
+    format!(
+        "[[service]]\nname = \"canary\"\nvip = \"{VIP}\"\nport = {CANARY_PORT}\nprotocol = \"tcp\"\n\
+         affinity = \"source-ip\"\naffinity_timeout = 600\ngroup_stickiness = {STICKINESS_S}\n\
+         [service.health_check]\nkind = \"http\"\ninterval = 0.5\ntimeout = 0.5\nfall = 2\nrise = 2\n\
+         [[service.group]]\n  name = \"blue\"\n  weight = 50\n{}{}\
+         [[service.group]]\n  name = \"green\"\n  weight = 50\n{}",
+        group_backend(0),
+        group_backend(1),
+        group_backend(2)
+    )
+}
+
+/// The backend of one new connection through the canary VIP from each of `sources`.
+fn source_ip_backends(lab: &Lab, sources: &[Ipv4Addr]) -> Vec<String> {
+    sources
+        .iter()
+        .map(|source| {
+            let url = format!("http://{VIP}:{CANARY_PORT}/");
+            get_at(lab, &url, &["--interface", &source.to_string()])
+        })
+        .collect()
+}
+
+/// The canary's source-ip sessions as `balancer sessions --json` lists them: client, group
+/// and seconds left in it.
+fn groups_of_sessions(lab: &Lab) -> Vec<(String, String, u64)> {
+    let answer: serde_json::Value =
+        serde_json::from_str(&balancer(lab, &["sessions", "canary", "--json"])).expect("JSON");
+    answer["source_ip_sessions"]
+        .as_array()
+        .expect("sessions")
+        .iter()
+        .map(|s| {
+            (
+                s["client"].as_str().unwrap_or("").to_owned(),
+                s["group"].as_str().unwrap_or("-").to_owned(),
+                s["group_s"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn source_ip_sessions_stay_in_their_group_move_within_it_and_follow_new_weights_after_it() {
+    let mut lab = lab_with(&ServiceOptions {
+        extra_tables: source_ip_canary(),
+        ..ServiceOptions::default()
+    });
+    let clients = add_clients(&lab, 70, 60);
+    let first = source_ip_backends(&lab, &clients);
+    let first_green = first.iter().filter(|b| green(b)).count();
+    assert!(
+        binomial(first_green, 60, 0.5),
+        "{first_green} of 60 in green at 50/50"
+    );
+    let listed = groups_of_sessions(&lab);
+    assert_eq!(listed.len(), 60, "{listed:?}");
+    for (client, group, left) in &listed {
+        let index = clients
+            .iter()
+            .position(|c| c.to_string() == *client)
+            .expect("a client of the test");
+        let expected = if green(&first[index]) {
+            "green"
+        } else {
+            "blue"
+        };
+        assert_eq!(group, expected, "{client}'s group");
+        assert!(*left > 0 && *left <= u64::from(STICKINESS_S), "{left}");
+    }
+
+    // Blue at 0: every session stays on its backend; new ones all go to green.
+    set_weight(&lab, "blue", 0);
+    assert_eq!(source_ip_backends(&lab, &clients), first, "sessions moved");
+    let newcomers = add_clients(&lab, 71, 20);
+    let new_backends = source_ip_backends(&lab, &newcomers);
+    assert!(
+        new_backends.iter().all(|b| green(b)),
+        "new sessions with blue at weight 0: {new_backends:?}"
+    );
+
+    // backend-1 fails: its sessions move within blue, to backend-2, although blue takes no
+    // new session; the others stay.
+    lab.stop_backend(0).expect("stopping backend-1");
+    wait_until(
+        Duration::from_secs(10),
+        "backend-1 failing its checks",
+        || service_status_of(&lab, "canary", &Lab::backend_name(0)).contains("health=failing"),
+    );
+    let failed_over = source_ip_backends(&lab, &clients);
+    for (before, after) in first.iter().zip(&failed_over) {
+        let expected = if *before == Lab::backend_name(0) {
+            Lab::backend_name(1)
+        } else {
+            before.clone()
+        };
+        assert_eq!(*after, expected, "a session of {before}");
+    }
+    assert!(first.contains(&Lab::backend_name(0)));
+
+    // Their time in blue over, the blue sessions go where the weights send them: green.
+    wait_until(
+        Duration::from_secs(u64::from(STICKINESS_S) + 10),
+        "every session's time in its group over",
+        || {
+            groups_of_sessions(&lab)
+                .iter()
+                .all(|(_, _, left)| *left == 0)
+        },
+    );
+    let regrouped = source_ip_backends(&lab, &clients);
+    assert!(
+        regrouped.iter().all(|b| green(b)),
+        "sessions after their time in blue, at weight 0: {regrouped:?}"
+    );
+    let renewed: Vec<_> = groups_of_sessions(&lab)
+        .into_iter()
+        .filter(|(client, _, _)| clients.iter().any(|c| c.to_string() == *client))
+        .collect();
+    assert_eq!(renewed.len(), clients.len());
+    assert!(
+        renewed.iter().all(|(_, g, left)| g == "green" && *left > 0),
+        "each session in green for another stickiness: {renewed:?}"
+    );
 }
 
 /// A service `apps` with two applications on one VIP and port: `shop.example` on group

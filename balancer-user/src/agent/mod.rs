@@ -12,7 +12,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use balancer_common::{
-    backend_state, Addr, Backend, CookieSecret, NewFlowSource, Service, ServiceKey, MAX_BACKENDS,
+    backend_state, Addr, Backend, CookieSecret, NewFlowSource, Service, ServiceKey,
+    GROUP_TABLE_SIZE, MAX_BACKENDS,
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{error, info, warn};
@@ -420,78 +421,34 @@ impl Agent {
     /// sessions.
     fn publish(&mut self, index: usize) -> Result<()> {
         let service = &self.services[index];
-        let drain_timeout = service.drain_timeout();
-        let weights = service.weights_in_service();
-        let mut members = Vec::new();
-        for (backend, weight) in service.backends.iter().zip(weights) {
-            let state = backend.state(drain_timeout);
-            let mut value =
-                backend_value(&self.config, &backend.config, service.config.port, state);
-            value.hold_until_s = service.hold_until(backend);
-            // XDP's count of its flows goes on until the next walk of the flow table.
-            value.load = self.dataplane.backend(backend.id).map_or(0, |b| b.load);
-            self.dataplane
-                .write_backend(backend.id, value)
-                .with_context(|| {
-                    format!(
-                        "writing backend {} of service {}",
-                        backend.config.name, service.config.name
-                    )
-                })?;
-            members.push(maglev::Member {
-                name: &backend.config.name,
-                weight,
-                serving: state == backend_state::UP,
-            });
-        }
-        let table = |members: &[maglev::Member<'_>], ids: &[u32]| -> Vec<u32> {
-            maglev::build(members, self.config.table_size)
-                .into_iter()
-                .map(|member| ids[member as usize])
-                .collect()
-        };
+        let members = write_backends(&mut self.dataplane, &self.config, service)?;
         let ids: Vec<u32> = service.backends.iter().map(|b| b.id).collect();
-        let lookup = table(&members, &ids);
-        let group_lookups: Vec<Vec<u32>> = (0..service.groups.len())
-            .map(|g| {
-                let (members, ids): (Vec<_>, Vec<_>) = service
-                    .backends
-                    .iter()
-                    .zip(&members)
-                    .filter(|(b, _)| b.config.group == Some(g))
-                    .map(|(b, m)| {
-                        let member = maglev::Member {
-                            weight: b.config.weight,
-                            ..m.clone()
-                        };
-                        (member, b.id)
-                    })
-                    .unzip();
-                table(&members, &ids)
-            })
-            .collect();
+        let lookup = lookup_table(&members, &ids, self.config.table_size);
+        // XDP moves a source-ip session within its group by the group's table; the agent
+        // places an HTTP service's sessions by its own.
+        let source_ip = service.config.affinity == AffinityMode::SourceIp;
+        let group_size = if source_ip {
+            GROUP_TABLE_SIZE
+        } else {
+            self.config.table_size
+        };
+        let group_lookups = group_tables(service, &members, group_size);
         let backend_count = if lookup.is_empty() {
             0
         } else {
             members.iter().filter(|m| m.serving && m.weight > 0).count() as u32
         };
         let value = Service {
-            id: service.id,
-            affinity: service.config.affinity.code(),
-            affinity_timeout: service.config.affinity_timeout,
-            source_mask: service.config.source_mask(),
             backend_count,
-            without_agent: service.config.without_agent_code(),
-            nat: service.config.nat_code(),
-            proxy_protocol: u32::from(service.config.proxy_protocol),
-            return_home: u32::from(
-                service.config.return_home && service.config.affinity == AffinityMode::SourceIp,
-            ),
-            balance_factor: service.config.balance_factor.unwrap_or(0),
-            ..Service::default()
+            ..service_value(service)
         };
-        let key = service.key;
-        let name = service.config.name.clone();
+        let (key, id, name) = (service.key, service.id, service.config.name.clone());
+        for (group, lookup) in group_lookups.iter().enumerate() {
+            let lookup = if source_ip { &lookup[..] } else { &[] };
+            self.dataplane
+                .publish_group(id, group as u32, lookup)
+                .with_context(|| format!("publishing a group of service {name}"))?;
+        }
         self.dataplane
             .publish_service(&key, value, &lookup)
             .with_context(|| format!("publishing service {name}"))?;
@@ -502,6 +459,7 @@ impl Agent {
             group.members = placement::members(&lookup);
             group.lookup = lookup;
         }
+        let drain_timeout = service.drain_timeout();
         for backend in &mut service.backends {
             backend.published_state = backend.state(drain_timeout);
         }
@@ -709,10 +667,15 @@ impl Agent {
             .iter()
             .take(limit)
             .map(|(key, session, idle_s)| {
+                let group = (session.group as usize)
+                    .checked_sub(1)
+                    .and_then(|g| service.groups.get(g));
                 serde_json::json!({
                     "client": std::net::IpAddr::from(key.client).to_string(),
                     "backend": name_of(session.backend_id),
                     "idle_s": idle_s,
+                    "group": group.map(|g| g.name.as_str()),
+                    "group_s": group.map(|_| session.group_until_s.saturating_sub(now as u32)),
                 })
             })
             .collect();
@@ -1191,6 +1154,97 @@ fn backend_value(nat: &Config, config: &BackendConfig, service_port: u16, state:
         first_source,
         hold_until_s: 0,
         load: 0,
+        group: config.group.map_or(0, |g| g as u32 + 1),
+    }
+}
+
+/// Writes each backend of `service` for XDP; returns them as Maglev members, with their
+/// weights in the service and whether they take new sessions.
+fn write_backends<'a>(
+    dataplane: &mut Dataplane,
+    config: &Config,
+    service: &'a ServiceRuntime,
+) -> Result<Vec<maglev::Member<'a>>> {
+    let drain_timeout = service.drain_timeout();
+    let weights = service.weights_in_service();
+    let mut members = Vec::new();
+    for (backend, weight) in service.backends.iter().zip(weights) {
+        let state = backend.state(drain_timeout);
+        let mut value = backend_value(config, &backend.config, service.config.port, state);
+        value.hold_until_s = service.hold_until(backend);
+        // XDP's count of its flows goes on until the next walk of the flow table.
+        value.load = dataplane.backend(backend.id).map_or(0, |b| b.load);
+        dataplane
+            .write_backend(backend.id, value)
+            .with_context(|| {
+                format!(
+                    "writing backend {} of service {}",
+                    backend.config.name, service.config.name
+                )
+            })?;
+        members.push(maglev::Member {
+            name: &backend.config.name,
+            weight,
+            serving: state == backend_state::UP,
+        });
+    }
+    Ok(members)
+}
+
+/// A Maglev table of `size` slots over `members`, as backend `ids`.
+fn lookup_table(members: &[maglev::Member<'_>], ids: &[u32], size: u32) -> Vec<u32> {
+    maglev::build(members, size)
+        .into_iter()
+        .map(|member| ids[member as usize])
+        .collect()
+}
+
+/// The table of each group of `service`, over its backends at their own weights.
+fn group_tables(
+    service: &ServiceRuntime,
+    members: &[maglev::Member<'_>],
+    size: u32,
+) -> Vec<Vec<u32>> {
+    (0..service.groups.len())
+        .map(|g| {
+            let (members, ids): (Vec<_>, Vec<_>) = service
+                .backends
+                .iter()
+                .zip(members)
+                .filter(|(b, _)| b.config.group == Some(g))
+                .map(|(b, m)| {
+                    let member = maglev::Member {
+                        weight: b.config.weight,
+                        ..m.clone()
+                    };
+                    (member, b.id)
+                })
+                .unzip();
+            lookup_table(&members, &ids, size)
+        })
+        .collect()
+}
+
+/// The settings of `service` XDP reads, before its table and backends are counted.
+fn service_value(service: &ServiceRuntime) -> Service {
+    let config = &service.config;
+    let source_ip = config.affinity == AffinityMode::SourceIp;
+    Service {
+        id: service.id,
+        affinity: config.affinity.code(),
+        affinity_timeout: config.affinity_timeout,
+        source_mask: config.source_mask(),
+        without_agent: config.without_agent_code(),
+        nat: config.nat_code(),
+        proxy_protocol: u32::from(config.proxy_protocol),
+        return_home: u32::from(config.return_home && source_ip),
+        balance_factor: config.balance_factor.unwrap_or(0),
+        group_stickiness: if source_ip && !config.groups.is_empty() {
+            config.group_stickiness()
+        } else {
+            0
+        },
+        ..Service::default()
     }
 }
 
