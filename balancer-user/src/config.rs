@@ -312,6 +312,66 @@ pub struct RouteConfig {
     pub path: String,
     /// The group whose backends serve the route.
     pub group: String,
+    /// The route's own session settings, each in place of the service's, as for a service.
+    /// Setting `affinity` (`lb-cookie`, `app-cookie` or `url-param`) starts the route from
+    /// that mode's defaults instead of the service's cookie and parameter settings.
+    pub affinity: Option<AffinityMode>,
+    pub cookie: Option<String>,
+    pub param: Option<String>,
+    pub app_cookie: Option<AppCookieMode>,
+    pub companion_cookie: Option<String>,
+    pub cookie_duration: Option<u32>,
+    pub cookie_fallback: Option<CookieFallback>,
+    /// The service's settings with the route's own in place, when it has any; made once
+    /// read.
+    #[serde(skip)]
+    sessions: Option<Box<ServiceConfig>>,
+}
+
+impl RouteConfig {
+    /// Whether the route sets session settings of its own.
+    pub fn has_own_sessions(&self) -> bool {
+        self.affinity.is_some()
+            || self.cookie.is_some()
+            || self.param.is_some()
+            || self.app_cookie.is_some()
+            || self.companion_cookie.is_some()
+            || self.cookie_duration.is_some()
+            || self.cookie_fallback.is_some()
+    }
+
+    /// `service`'s settings with this route's own in place.
+    fn sessions_within(&self, service: &ServiceConfig) -> ServiceConfig {
+        let mut own = ServiceConfig {
+            routes: Vec::new(),
+            ..service.clone()
+        };
+        if let Some(affinity) = self.affinity {
+            own.affinity = affinity;
+            own.cookie = None;
+            own.param = None;
+            own.app_cookie = AppCookieMode::default();
+            own.companion_cookie = None;
+            own.cors = false;
+            own.cors_cookie = None;
+        }
+        own.cookie = self.cookie.clone().or(own.cookie);
+        own.param = self.param.clone().or(own.param);
+        own.app_cookie = self.app_cookie.unwrap_or(own.app_cookie);
+        own.companion_cookie = self.companion_cookie.clone().or(own.companion_cookie);
+        own.cookie_duration = self.cookie_duration.unwrap_or(own.cookie_duration);
+        own.cookie_fallback = self.cookie_fallback.unwrap_or(own.cookie_fallback);
+        own
+    }
+}
+
+/// The route a request takes: its index in [`ServiceConfig::routes`] (none for the
+/// default group), the group that serves it and its path prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route<'a> {
+    pub index: Option<usize>,
+    pub group: usize,
+    pub path: &'a str,
 }
 
 fn default_route_path() -> String {
@@ -528,15 +588,15 @@ impl ServiceConfig {
         }
     }
 
-    /// The group that a request for `host` (lowercase, without its port) and `path` goes
-    /// to: the first route's that matches, else the default group's; `Err` when the service
-    /// routes and none does. `Ok(None)` without routes.
-    pub fn route(&self, host: Option<&str>, path: &str) -> Result<Option<(usize, &str)>, NoRoute> {
+    /// The route that a request for `host` (lowercase, without its port) and `path` takes:
+    /// the first that matches, else the default group; `Err` when the service routes and
+    /// none does. `Ok(None)` without routes.
+    pub fn route(&self, host: Option<&str>, path: &str) -> Result<Option<Route<'_>>, NoRoute> {
         if self.routes.is_empty() {
             return Ok(None);
         }
         let group = |name: &str| self.groups.iter().position(|g| g.name == name);
-        let matched = self.routes.iter().find(|route| {
+        let matched = self.routes.iter().position(|route| {
             route
                 .host
                 .as_deref()
@@ -544,12 +604,32 @@ impl ServiceConfig {
                 && path_has_prefix(path, &route.path)
         });
         match matched {
-            Some(route) => Ok(group(&route.group).map(|g| (g, route.path.as_str()))),
+            Some(index) => {
+                let route = &self.routes[index];
+                Ok(group(&route.group).map(|group| Route {
+                    index: Some(index),
+                    group,
+                    path: &route.path,
+                }))
+            }
             None => match self.default_group.as_deref().and_then(group) {
-                Some(g) => Ok(Some((g, "/"))),
+                Some(group) => Ok(Some(Route {
+                    index: None,
+                    group,
+                    path: "/",
+                })),
                 None => Err(NoRoute),
             },
         }
+    }
+
+    /// The session settings (affinity, cookies, fallback) that apply on `route`: its own,
+    /// or the service's.
+    pub fn sessions(&self, route: Option<Route<'_>>) -> &ServiceConfig {
+        route
+            .and_then(|r| r.index)
+            .and_then(|index| self.routes[index].sessions.as_deref())
+            .unwrap_or(self)
     }
 
     /// Seconds a session stays in its group.
@@ -792,6 +872,90 @@ fn default_expected_status() -> String {
 
 /// The settings of the cookies the balancer issues: a signing key, a duration in range, names
 /// that are cookie names and differ; none of them on services that issue no cookie.
+/// A service's session settings (or a route's, with its own in place): its affinity, cookies
+/// and URL parameter fit together.
+fn validate_sessions(
+    service: &ServiceConfig,
+    field: &str,
+    has_keys: bool,
+) -> Result<(), ConfigError> {
+    check_issued_cookies(service, field, has_keys)?;
+    match (service.affinity, &service.cookie) {
+        (AffinityMode::AppCookie, None) => {
+            return Err(invalid(
+                format!("{field}.cookie"),
+                "affinity \"app-cookie\" needs the name of the application's cookie",
+            ));
+        }
+        (AffinityMode::AppCookie | AffinityMode::LbCookie, Some(name)) if !is_cookie_name(name) => {
+            return Err(invalid(
+                format!("{field}.cookie"),
+                format!("{name:?} is not a cookie name (RFC 6265 token)"),
+            ));
+        }
+        (AffinityMode::AppCookie | AffinityMode::LbCookie | AffinityMode::UrlParam, _)
+            if service.protocol != Protocol::Tcp =>
+        {
+            return Err(invalid(
+                format!("{field}.protocol"),
+                "cookie and URL affinity are for HTTP over TCP",
+            ));
+        }
+        (AffinityMode::UrlParam, Some(_)) => {
+            return Err(invalid(
+                format!("{field}.cookie"),
+                "is not used with affinity \"url-param\", which reads `param` from the URL",
+            ));
+        }
+        (mode @ (AffinityMode::Flow | AffinityMode::SourceIp), _)
+            if service.without_agent.is_some() =>
+        {
+            return Err(invalid(
+                    format!("{field}.without_agent"),
+                    format!(
+                        "only cookie services depend on the agent; \"{mode}\" is forwarded by XDP alone"
+                    ),
+                ));
+        }
+        (mode @ (AffinityMode::Flow | AffinityMode::SourceIp), Some(_)) => {
+            return Err(invalid(
+                format!("{field}.cookie"),
+                format!(
+                    "is only used with affinity \"app-cookie\" or \"lb-cookie\", not \"{mode}\""
+                ),
+            ));
+        }
+        _ => {}
+    }
+    match (&service.param, service.affinity) {
+        (None, AffinityMode::UrlParam) => {
+            return Err(invalid(
+                format!("{field}.param"),
+                "affinity \"url-param\" needs the name of the URL parameter holding the session id",
+            ));
+        }
+        (Some(param), AffinityMode::UrlParam)
+            if param.is_empty()
+                || !param
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
+        {
+            return Err(invalid(
+                format!("{field}.param"),
+                format!("{param:?} must be letters, digits, '-', '_' or '.'"),
+            ));
+        }
+        (Some(_), mode) if mode != AffinityMode::UrlParam => {
+            return Err(invalid(
+                format!("{field}.param"),
+                format!("is only used with affinity \"url-param\", not \"{mode}\""),
+            ));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 fn check_issued_cookies(
     service: &ServiceConfig,
     field: &str,
@@ -988,6 +1152,7 @@ impl Config {
         })?;
         config.signing_keys = config.load_keys(base)?;
         config.gather_groups()?;
+        config.give_routes_their_sessions();
         config.validate()?;
         Ok(config)
     }
@@ -1012,6 +1177,23 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Makes the session settings of each route that sets its own.
+    fn give_routes_their_sessions(&mut self) {
+        for service in &mut self.services {
+            let sessions: Vec<Option<Box<ServiceConfig>>> = service
+                .routes
+                .iter()
+                .map(|r| {
+                    r.has_own_sessions()
+                        .then(|| Box::new(r.sessions_within(service)))
+                })
+                .collect();
+            for (route, own) in service.routes.iter_mut().zip(sessions) {
+                route.sessions = own;
+            }
+        }
     }
 
     /// `cookie_keys`, then the key file's keys; every id once, every secret long enough.
@@ -1137,44 +1319,15 @@ impl Config {
         Ok(())
     }
 
+    /// A service's groups, routes, failover and stickiness settings.
     fn validate_placement(&self, service: &ServiceConfig, field: &str) -> Result<(), ConfigError> {
-        if service.groups.len() > MAX_GROUPS as usize {
-            return Err(invalid(
-                format!("{field}.group"),
-                format!(
-                    "{} groups are more than the {MAX_GROUPS} a service may have",
-                    service.groups.len()
-                ),
-            ));
-        }
-        let mut names = HashSet::new();
-        for (g, group) in service.groups.iter().enumerate() {
-            let field = format!("{field}.group[{g}]");
-            if !name_ok(&group.name) {
-                return Err(invalid(
-                    format!("{field}.name"),
-                    format!("{:?} must be 1-64 letters, digits, '-' or '_'", group.name),
-                ));
-            }
-            if !names.insert(group.name.as_str()) {
-                return Err(invalid(
-                    format!("{field}.name"),
-                    "is used by another group of this service",
-                ));
-            }
-            if group.weight > MAX_WEIGHT {
-                return Err(invalid(
-                    format!("{field}.weight"),
-                    format!("{} is above the maximum {MAX_WEIGHT}", group.weight),
-                ));
-            }
-            if !service.backends.iter().any(|b| b.group == Some(g)) {
-                return Err(invalid(
-                    format!("{field}.backend"),
-                    "a group needs at least one backend",
-                ));
-            }
-        }
+        validate_groups(service, field)?;
+        self.validate_routes(service, field)?;
+        validate_failover(service, field)?;
+        validate_stickiness(service, field)
+    }
+
+    fn validate_routes(&self, service: &ServiceConfig, field: &str) -> Result<(), ConfigError> {
         let group_named = |name: &str| service.groups.iter().any(|g| g.name == name);
         for (r, route) in service.routes.iter().enumerate() {
             let field = format!("{field}.route[{r}]");
@@ -1215,82 +1368,14 @@ impl Config {
                     ));
                 }
             }
-        }
-        let source_ip = service.affinity == AffinityMode::SourceIp;
-        if service.on_backend_down != OnBackendDown::Failover
-            && !service.reads_requests()
-            && !source_ip
-        {
-            return Err(invalid(
-                format!("{field}.on_backend_down"),
-                "is for services with sessions (source-ip, cookie or url-param affinity): a flow service's flows end with their backend",
-            ));
-        }
-        if service.return_home && service.cookie_name().is_none() && !source_ip {
-            return Err(invalid(
-                format!("{field}.return_home"),
-                "is for source-ip and cookie services: their session or cookie remembers the backend to return to",
-            ));
-        }
-        if service.return_home && service.on_backend_down != OnBackendDown::Failover {
-            return Err(invalid(
-                format!("{field}.return_home"),
-                "is for on_backend_down = \"failover\": the other modes never move a session",
-            ));
-        }
-        if let Some(factor) = service.balance_factor {
-            let field = format!("{field}.balance_factor");
-            if !(101..=1000).contains(&factor) {
+            if let Some(mode) = route.affinity.filter(|m| m.code() != affinity::COOKIE) {
                 return Err(invalid(
-                    field,
-                    format!(
-                        "{factor} is outside 101..=1000 (percent of the average load, e.g. 125)"
-                    ),
+                    format!("{field}.affinity"),
+                    format!("\"{mode}\" is not for a route: a route's sessions are read from its requests (lb-cookie, app-cookie or url-param)"),
                 ));
             }
-        }
-        if !(1..=MAX_AFFINITY_TIMEOUT).contains(&service.keep_timeout) {
-            return Err(invalid(
-                format!("{field}.keep_timeout"),
-                format!(
-                    "{} seconds is outside 1..={MAX_AFFINITY_TIMEOUT}",
-                    service.keep_timeout
-                ),
-            ));
-        }
-        if let Some(default) = &service.default_group {
-            let field = format!("{field}.default_group");
-            if service.routes.is_empty() {
-                return Err(invalid(field, "is only used with [[service.route]]s"));
-            }
-            if !group_named(default) {
-                return Err(invalid(
-                    field,
-                    format!("{default:?} is not a group of this service"),
-                ));
-            }
-        }
-        if let Some(stickiness) = service.group_stickiness {
-            let field = format!("{field}.group_stickiness");
-            if service.groups.is_empty() {
-                return Err(invalid(
-                    field,
-                    "needs [[service.group]]s to keep sessions in",
-                ));
-            }
-            if service.affinity != AffinityMode::LbCookie
-                && service.affinity != AffinityMode::SourceIp
-            {
-                return Err(invalid(
-                    field,
-                    "is for lb-cookie and source-ip services, whose cookie or session carries the group (other services place each request in a group by weight)",
-                ));
-            }
-            if !(1..=MAX_COOKIE_DURATION).contains(&stickiness) {
-                return Err(invalid(
-                    field,
-                    format!("{stickiness} is outside 1..={MAX_COOKIE_DURATION} seconds (7 days)"),
-                ));
+            if let Some(own) = &route.sessions {
+                validate_sessions(own, &field, !self.signing_keys.is_empty())?;
             }
         }
         Ok(())
@@ -1457,82 +1542,7 @@ impl Config {
             if let Some(check) = &service.health_check {
                 check.validate(&format!("{field}.health_check"))?;
             }
-            check_issued_cookies(service, &field, !self.signing_keys.is_empty())?;
-            match (service.affinity, &service.cookie) {
-                (AffinityMode::AppCookie, None) => {
-                    return Err(invalid(
-                        format!("{field}.cookie"),
-                        "affinity \"app-cookie\" needs the name of the application's cookie",
-                    ));
-                }
-                (AffinityMode::AppCookie | AffinityMode::LbCookie, Some(name))
-                    if !is_cookie_name(name) =>
-                {
-                    return Err(invalid(
-                        format!("{field}.cookie"),
-                        format!("{name:?} is not a cookie name (RFC 6265 token)"),
-                    ));
-                }
-                (AffinityMode::AppCookie | AffinityMode::LbCookie | AffinityMode::UrlParam, _)
-                    if service.protocol != Protocol::Tcp =>
-                {
-                    return Err(invalid(
-                        format!("{field}.protocol"),
-                        "cookie and URL affinity are for HTTP over TCP",
-                    ));
-                }
-                (AffinityMode::UrlParam, Some(_)) => {
-                    return Err(invalid(
-                        format!("{field}.cookie"),
-                        "is not used with affinity \"url-param\", which reads `param` from the URL",
-                    ));
-                }
-                (mode @ (AffinityMode::Flow | AffinityMode::SourceIp), _)
-                    if service.without_agent.is_some() =>
-                {
-                    return Err(invalid(
-                        format!("{field}.without_agent"),
-                        format!(
-                            "only cookie services depend on the agent; \"{mode}\" is forwarded by XDP alone"
-                        ),
-                    ));
-                }
-                (mode @ (AffinityMode::Flow | AffinityMode::SourceIp), Some(_)) => {
-                    return Err(invalid(
-                        format!("{field}.cookie"),
-                        format!(
-                            "is only used with affinity \"app-cookie\" or \"lb-cookie\", not \"{mode}\""
-                        ),
-                    ));
-                }
-                _ => {}
-            }
-            match (&service.param, service.affinity) {
-                (None, AffinityMode::UrlParam) => {
-                    return Err(invalid(
-                        format!("{field}.param"),
-                        "affinity \"url-param\" needs the name of the URL parameter holding the session id",
-                    ));
-                }
-                (Some(param), AffinityMode::UrlParam)
-                    if param.is_empty()
-                        || !param
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
-                {
-                    return Err(invalid(
-                        format!("{field}.param"),
-                        format!("{param:?} must be letters, digits, '-', '_' or '.'"),
-                    ));
-                }
-                (Some(_), mode) if mode != AffinityMode::UrlParam => {
-                    return Err(invalid(
-                        format!("{field}.param"),
-                        format!("is only used with affinity \"url-param\", not \"{mode}\""),
-                    ));
-                }
-                _ => {}
-            }
+            validate_sessions(service, &field, !self.signing_keys.is_empty())?;
             if !(1..=MAX_AFFINITY_TIMEOUT).contains(&service.affinity_timeout) {
                 return Err(invalid(
                     format!("{field}.affinity_timeout"),
@@ -1699,6 +1709,131 @@ impl HealthCheckConfig {
         }
         Ok(())
     }
+}
+
+/// A service's groups: named once each, weighted within bounds, each with a backend.
+fn validate_groups(service: &ServiceConfig, field: &str) -> Result<(), ConfigError> {
+    if service.groups.len() > MAX_GROUPS as usize {
+        return Err(invalid(
+            format!("{field}.group"),
+            format!(
+                "{} groups are more than the {MAX_GROUPS} a service may have",
+                service.groups.len()
+            ),
+        ));
+    }
+    let mut names = HashSet::new();
+    for (g, group) in service.groups.iter().enumerate() {
+        let field = format!("{field}.group[{g}]");
+        if !name_ok(&group.name) {
+            return Err(invalid(
+                format!("{field}.name"),
+                format!("{:?} must be 1-64 letters, digits, '-' or '_'", group.name),
+            ));
+        }
+        if !names.insert(group.name.as_str()) {
+            return Err(invalid(
+                format!("{field}.name"),
+                "is used by another group of this service",
+            ));
+        }
+        if group.weight > MAX_WEIGHT {
+            return Err(invalid(
+                format!("{field}.weight"),
+                format!("{} is above the maximum {MAX_WEIGHT}", group.weight),
+            ));
+        }
+        if !service.backends.iter().any(|b| b.group == Some(g)) {
+            return Err(invalid(
+                format!("{field}.backend"),
+                "a group needs at least one backend",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `on_backend_down`, `return_home`, `balance_factor` and `keep_timeout`.
+fn validate_failover(service: &ServiceConfig, field: &str) -> Result<(), ConfigError> {
+    let source_ip = service.affinity == AffinityMode::SourceIp;
+    if service.on_backend_down != OnBackendDown::Failover && !service.reads_requests() && !source_ip
+    {
+        return Err(invalid(
+                format!("{field}.on_backend_down"),
+                "is for services with sessions (source-ip, cookie or url-param affinity): a flow service's flows end with their backend",
+            ));
+    }
+    if service.return_home && service.cookie_name().is_none() && !source_ip {
+        return Err(invalid(
+                format!("{field}.return_home"),
+                "is for source-ip and cookie services: their session or cookie remembers the backend to return to",
+            ));
+    }
+    if service.return_home && service.on_backend_down != OnBackendDown::Failover {
+        return Err(invalid(
+            format!("{field}.return_home"),
+            "is for on_backend_down = \"failover\": the other modes never move a session",
+        ));
+    }
+    if let Some(factor) = service.balance_factor {
+        let field = format!("{field}.balance_factor");
+        if !(101..=1000).contains(&factor) {
+            return Err(invalid(
+                field,
+                format!("{factor} is outside 101..=1000 (percent of the average load, e.g. 125)"),
+            ));
+        }
+    }
+    if !(1..=MAX_AFFINITY_TIMEOUT).contains(&service.keep_timeout) {
+        return Err(invalid(
+            format!("{field}.keep_timeout"),
+            format!(
+                "{} seconds is outside 1..={MAX_AFFINITY_TIMEOUT}",
+                service.keep_timeout
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `default_group` and `group_stickiness`.
+fn validate_stickiness(service: &ServiceConfig, field: &str) -> Result<(), ConfigError> {
+    let group_named = |name: &str| service.groups.iter().any(|g| g.name == name);
+    if let Some(default) = &service.default_group {
+        let field = format!("{field}.default_group");
+        if service.routes.is_empty() {
+            return Err(invalid(field, "is only used with [[service.route]]s"));
+        }
+        if !group_named(default) {
+            return Err(invalid(
+                field,
+                format!("{default:?} is not a group of this service"),
+            ));
+        }
+    }
+    if let Some(stickiness) = service.group_stickiness {
+        let field = format!("{field}.group_stickiness");
+        if service.groups.is_empty() {
+            return Err(invalid(
+                field,
+                "needs [[service.group]]s to keep sessions in",
+            ));
+        }
+        if service.affinity != AffinityMode::LbCookie && service.affinity != AffinityMode::SourceIp
+        {
+            return Err(invalid(
+                    field,
+                    "is for lb-cookie and source-ip services, whose cookie or session carries the group (other services place each request in a group by weight)",
+                ));
+        }
+        if !(1..=MAX_COOKIE_DURATION).contains(&stickiness) {
+            return Err(invalid(
+                field,
+                format!("{stickiness} is outside 1..={MAX_COOKIE_DURATION} seconds (7 days)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl BackendConfig {
@@ -2008,13 +2143,23 @@ mod tests {
         );
         let config = Config::parse(&routed).expect("valid");
         let service = &config.services[0];
-        let route = |host: Option<&str>, path: &str| service.route(host, path);
+        let route = |host: Option<&str>, path: &str| {
+            service
+                .route(host, path)
+                .map(|r| r.map(|r| (r.index, r.group, r.path)))
+        };
         assert_eq!(
             route(Some("a.example"), "/green/x"),
-            Ok(Some((1, "/green")))
+            Ok(Some((Some(0), 1, "/green")))
         );
-        assert_eq!(route(Some("A.Example"), "/green"), Ok(Some((1, "/green"))));
-        assert_eq!(route(Some("a.example"), "/greenhouse"), Ok(Some((0, "/"))));
+        assert_eq!(
+            route(Some("A.Example"), "/green"),
+            Ok(Some((Some(0), 1, "/green")))
+        );
+        assert_eq!(
+            route(Some("a.example"), "/greenhouse"),
+            Ok(Some((Some(1), 0, "/")))
+        );
         assert_eq!(route(Some("b.example"), "/"), Err(NoRoute));
         assert_eq!(route(None, "/"), Err(NoRoute));
         let defaulted = routed.replace(
@@ -2024,8 +2169,68 @@ mod tests {
         let config = Config::parse(&defaulted).expect("valid");
         assert_eq!(
             config.services[0].route(Some("b.example"), "/"),
-            Ok(Some((1, "/")))
+            Ok(Some(Route {
+                index: None,
+                group: 1,
+                path: "/"
+            }))
         );
+    }
+
+    /// [`GROUPED`] with a route to green carrying `settings` and one to blue without any.
+    fn with_route_settings(settings: &str) -> String {
+        format!(
+            "{GROUPED}\n[[service.route]]\nhost = \"a.example\"\ngroup = \"green\"\n{settings}\n\
+             [[service.route]]\nhost = \"b.example\"\ngroup = \"blue\"\n"
+        )
+    }
+
+    #[test]
+    fn a_route_reads_its_sessions_by_its_own_settings() {
+        let config = Config::parse(&with_route_settings(
+            "affinity = \"url-param\"\nparam = \"sessionID\"",
+        ))
+        .expect("valid");
+        let service = &config.services[0];
+        let own = service.sessions(service.route(Some("a.example"), "/").unwrap());
+        assert_eq!(own.url_param(), Some("sessionID"));
+        assert_eq!(
+            own.cookie_name(),
+            None,
+            "the service's cookie is not read there"
+        );
+        let other = service.sessions(service.route(Some("b.example"), "/").unwrap());
+        assert_eq!(other.cookie_name(), Some("LBSESSION"));
+        assert_eq!(other.url_param(), None);
+
+        let config = Config::parse(&with_route_settings(
+            "cookie = \"OWN\"\ncookie_duration = 60",
+        ))
+        .expect("valid");
+        let service = &config.services[0];
+        let own = service.sessions(service.route(Some("a.example"), "/").unwrap());
+        assert_eq!(
+            (own.balancer_cookie(), own.cookie_duration),
+            (Some("OWN"), 60)
+        );
+    }
+
+    #[test]
+    fn route_setting_errors_name_the_route() {
+        let cases = [
+            ("affinity = \"source-ip\"", "route[0].affinity"),
+            ("affinity = \"url-param\"", "route[0].param"),
+            ("cookie = \"not a name\"", "route[0].cookie"),
+            ("cookie_duration = 0", "route[0].cookie_duration"),
+            ("param = \"sessionID\"", "route[0].param"),
+        ];
+        for (settings, field) in cases {
+            let error = error_of(&with_route_settings(settings));
+            assert!(
+                error.starts_with(&format!("service[0] (shop).{field}:")),
+                "expected an error about {field}, got: {error}"
+            );
+        }
     }
 
     #[test]

@@ -397,7 +397,8 @@ fn source_ip_sessions_stay_in_their_group_move_within_it_and_follow_new_weights_
 
 /// A service `apps` with two applications on one VIP and port: `shop.example` on group
 /// `shop` (backend-1, backend-2) except its `/blog` path, and `blog.example` on group `blog`
-/// (backend-3); no default group.
+/// (backend-3); no default group. The shop is also `api.example`, whose sessions are read
+/// from a URL parameter, and `own.example`, whose cookie has a name of its own.
 fn two_applications() -> String {
     format!(
         "[[service]]\nname = \"apps\"\nvip = \"{VIP}\"\nport = {CANARY_PORT}\nprotocol = \"tcp\"\n\
@@ -406,7 +407,9 @@ fn two_applications() -> String {
          [[service.group]]\n  name = \"blog\"\n{}\
          [[service.route]]\n  host = \"shop.example\"\n  path = \"/blog\"\n  group = \"blog\"\n\
          [[service.route]]\n  host = \"shop.example\"\n  group = \"shop\"\n\
-         [[service.route]]\n  host = \"blog.example\"\n  group = \"blog\"\n",
+         [[service.route]]\n  host = \"blog.example\"\n  group = \"blog\"\n\
+         [[service.route]]\n  host = \"api.example\"\n  group = \"shop\"\n  affinity = \"url-param\"\n  param = \"sessionID\"\n\
+         [[service.route]]\n  host = \"own.example\"\n  group = \"shop\"\n  cookie = \"OWN\"\n",
         group_backend(0),
         group_backend(1),
         group_backend(2)
@@ -515,4 +518,84 @@ fn two_applications_on_one_vip_reach_their_own_backends_by_host_and_path_and_sti
     );
     let counters = balancer(&lab, &["stats"]);
     assert!(counters.contains("no_route 1"), "{counters}");
+}
+
+/// 50 sessions on `api.example` that send `?sessionID=` four times each without cookies,
+/// then 20 on `own.example` that send back the cookie their first answer set, three times;
+/// one line a session: `host backend... balancer-cookies-set`.
+const ROUTE_SETTINGS: &str = r#"
+import http.client, sys
+vip, port = sys.argv[1], int(sys.argv[2])
+def get(host, path, cookie=None):
+    c = http.client.HTTPConnection(vip, port, timeout=10)
+    headers = {"Host": host, "Connection": "close"}
+    if cookie:
+        headers["Cookie"] = cookie
+    c.request("GET", path, headers=headers)
+    r = c.getresponse()
+    r.read()
+    set = [v.split(";")[0] for n, v in r.getheaders() if n.lower() == "set-cookie"]
+    ours = [v for v in set if v.split("=")[0] in ("LBSESSION", "OWN")]
+    c.close()
+    return r.getheader("x-backend"), ours
+for i in range(50):
+    seen = [get("api.example", f"/item?sessionID=s{i}") for _ in range(4)]
+    issued = sorted({v.split("=")[0] for _, ours in seen for v in ours})
+    print("api", *[b for b, _ in seen], ",".join(issued) or "-")
+for i in range(20):
+    backend, ours = get("own.example", "/")
+    seen = [backend] + [get("own.example", "/", ours[0] if ours else None)[0] for _ in range(3)]
+    print("own", *seen, ",".join(v.split("=")[0] for v in ours) or "-")
+"#;
+
+#[test]
+fn each_route_reads_its_sessions_by_its_own_settings() {
+    let lab = lab_with(&ServiceOptions {
+        extra_tables: two_applications(),
+        ..ServiceOptions::default()
+    });
+    let (vip, port) = (VIP.to_string(), CANARY_PORT.to_string());
+    let output = run(
+        &lab,
+        lab.client_ns(),
+        &["python3", "-c", ROUTE_SETTINGS, &vip, &port],
+    );
+    let mut spread: HashMap<&str, HashMap<String, usize>> = HashMap::new();
+    let mut lines = 0;
+    for line in output.lines() {
+        lines += 1;
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (host, seen, issued) = (fields[0], &fields[1..5], fields[5]);
+        assert!(
+            seen.iter().all(|b| *b == seen[0]),
+            "the session moved: {line}"
+        );
+        assert!(
+            seen[0] == Lab::backend_name(0) || seen[0] == Lab::backend_name(1),
+            "the shop on its own backends: {line}"
+        );
+        // url-param: no cookie is issued; own.example: its cookie, not the service's.
+        let expected = if host == "api" { "-" } else { "OWN" };
+        assert_eq!(issued, expected, "{line}");
+        *spread
+            .entry(host)
+            .or_default()
+            .entry(seen[0].to_owned())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(lines, 70, "{output}");
+    for (host, backends) in &spread {
+        assert_eq!(
+            backends.len(),
+            2,
+            "{host} sessions over both shop backends: {backends:?}"
+        );
+    }
+    let status = balancer(&lab, &["status"]);
+    assert!(
+        status.contains(
+            "route host=api.example path=/ group=shop affinity=url-param param=sessionID"
+        ) && status.contains("route host=own.example path=/ group=shop cookie=OWN"),
+        "{status}"
+    );
 }

@@ -31,7 +31,7 @@ use super::{
     Agent, BackendRuntime, ServiceRuntime,
 };
 use crate::{
-    config::{Config, CookieFallback, NatMode, OnBackendDown, ServiceConfig},
+    config::{Config, CookieFallback, NatMode, OnBackendDown, Route, ServiceConfig},
     cookie::{backend_token, CookieKeys, GroupPin, Rejection},
     dataplane::Dataplane,
     http, rewrite,
@@ -793,7 +793,7 @@ impl Agent {
             return;
         }
         let service_id = service.id;
-        let Ok((target, cookie)) = choice else {
+        let Ok(choice) = choice else {
             throttled!(warn, client = %pending.client, port = pending.client_port, tried = pending.tried.len(), "no backend took the connection: resetting the client");
             self.binder.counters.count(
                 Outcome::Failed,
@@ -803,6 +803,7 @@ impl Agent {
             self.abort(key, false);
             return;
         };
+        let (target, cookie) = (choice.target, &choice.cookie);
         if pending.tried.is_empty() {
             let outcome = match cookie {
                 Cookie::Hashed(_) | Cookie::Session { .. } | Cookie::Away { .. } => {
@@ -815,7 +816,7 @@ impl Agent {
                 Some(service.id),
                 &mut self.binder.outcomes_by_service,
             );
-            if let Cookie::Rejected(reason) = cookie {
+            if let &Cookie::Rejected(reason) = cookie {
                 self.binder.counters.cookies_rejected[reason] += 1;
                 *self
                     .binder
@@ -905,14 +906,8 @@ impl Agent {
             return;
         }
         self.binder.by_backend.insert(reply_key, *key);
-        let issue = issue(
-            &service.config,
-            &self.config.signing_keys,
-            target,
-            &cookie,
-            &pending.request,
-        );
-        let strip = service.config.rewritten_cookie().and_then(|name| {
+        let issue = issue(&choice, &self.config.signing_keys, &pending.request);
+        let strip = choice.sessions.rewritten_cookie().and_then(|name| {
             let (_, removed) = rewrite::strip(&pending.request, name);
             (removed > 0).then(|| (name.to_owned(), removed as u32))
         });
@@ -1510,161 +1505,306 @@ enum Unplaced {
     Held { retry_after: u32 },
 }
 
+/// A connection's backend as [`choose`] found it, with what its cookie did, the route its
+/// request took and the session settings that applied there.
+struct Choice<'s> {
+    target: Target,
+    cookie: Cookie,
+    route: Option<Route<'s>>,
+    sessions: &'s ServiceConfig,
+}
+
 /// The backend for a connection: the one a genuine balancer cookie names while it keeps its
 /// sessions (up, or draining within the drain timeout), the one an application cookie's value
-/// hashes to, else the service's fallback; backends already tried are skipped.
-fn choose(
-    service: &ServiceRuntime,
+/// hashes to, else the service's fallback; backends already tried are skipped. A routed
+/// request is read by its route's session settings.
+fn choose<'s>(
+    service: &'s ServiceRuntime,
     pending: &Pending,
     key: &FlowKey,
     keys: &CookieKeys,
     now: u32,
-) -> Result<(Target, Cookie), Unplaced> {
+) -> Result<Choice<'s>, Unplaced> {
     if service.lookup.is_empty() {
         return Err(Unplaced::NoBackend);
     }
-    let route = route_of(&service.config, &pending.request)
-        .map_err(|_| Unplaced::NoRoute)?
-        .map(|(group, _)| group);
-    // The cross-origin variant carries the same value, for requests that only send it.
-    let value = service
-        .config
-        .cookie_name()
-        .and_then(|name| cookie_value(&pending.request, name))
-        .or_else(|| {
-            let cors = service.config.cors_cookie_name()?;
-            cookie_value(&pending.request, &cors)
-        })
-        .or_else(|| http::url_param(&pending.request, service.config.url_param()?));
-    let signed = service.config.balancer_cookie().is_some();
-    let rewritten = service.config.rewritten_cookie().is_some();
-    let usable = |b: &BackendRuntime| {
-        b.state(service.drain_timeout()) != backend_state::DOWN && !pending.tried.contains(&b.id)
+    let route = route_of(&service.config, &pending.request).map_err(|_| Unplaced::NoRoute)?;
+    let sessions = service.config.sessions(route);
+    let placing = Placing {
+        service,
+        pending,
+        key,
+        route,
+        sessions,
+        now,
     };
-    // The group a session still stays in, with its pin.
-    let mut home = None;
-    let cookie = match value {
-        None => Cookie::Absent,
-        Some(value) => {
-            let half_life = service.config.cookie_duration / 2;
-            let token = if signed {
-                Some(
-                    keys.open(&service.config.name, &value, now)
-                        .map(|session| {
-                            let renew = session.expires - now < half_life;
-                            (session.token, renew, session.group)
-                        })
-                        .map_err(|r| r as usize),
-                )
-            } else if rewritten {
-                rewrite::split(&value).map(|(token, _)| Ok((token, false, None)))
-            } else {
-                None
-            };
-            match token {
-                // The application's own value, set before the balancer prefixed it.
-                None if rewritten => Cookie::Absent,
-                None => Cookie::Hashed(value),
-                Some(Ok((token, renew, pin))) => {
-                    home = pin.filter(|p| p.until > now).and_then(|pin| {
-                        let group = service.groups.iter().position(|g| g.token == pin.token)?;
-                        Some((group, Some(pin)))
-                    });
-                    let named = service
-                        .backends
-                        .iter()
-                        .find(|b| backend_token(&b.config.name) == token);
-                    match named {
-                        // Another route's session (another application's backend): this
-                        // request starts one of its own.
-                        Some(b) if route.is_some() && b.config.group != route => Cookie::Absent,
-                        Some(backend) if usable(backend) => {
-                            let session = |renew| Cookie::Session {
-                                backend: backend.config.name.clone(),
-                                renew,
-                            };
-                            let mut target = service.target(backend);
-                            if service.groups.is_empty() || route.is_some() {
-                                return Ok((target, session(renew)));
-                            }
-                            match home {
-                                Some((group, pin)) if backend.config.group == Some(group) => {
-                                    target.group = pin;
-                                    return Ok((target, session(renew)));
-                                }
-                                Some(_) => Cookie::Rejected(BACKEND_UNUSABLE),
-                                None => {
-                                    // Its time in the group is over: the session picks a
-                                    // group as a new one would, and stays on its backend if
-                                    // that is the group.
-                                    let hash =
-                                        fallback_hash(service, pending, key, &Cookie::Absent);
-                                    let group = placement::pick_group(&service.groups, hash);
-                                    if group.is_some() && backend.config.group == group {
-                                        target.group = group.map(|g| service.pin(g, now));
-                                        return Ok((target, session(true)));
-                                    }
-                                    Cookie::Absent
-                                }
-                            }
-                        }
-                        // Failed by its checks: the service's policy decides.
-                        Some(backend)
-                            if !backend.healthy && !pending.tried.contains(&backend.id) =>
-                        {
-                            let config = &service.config;
-                            let waited = backend.down_since.map_or(Duration::ZERO, |t| t.elapsed());
-                            let held = match config.on_backend_down {
-                                OnBackendDown::Reject => true,
-                                OnBackendDown::Keep => {
-                                    waited.as_secs() < u64::from(config.keep_timeout)
-                                }
-                                OnBackendDown::Failover => false,
-                            };
-                            if held {
-                                return Err(Unplaced::Held {
-                                    retry_after: recovery_seconds(config),
-                                });
-                            }
-                            if config.return_home {
-                                // Served meanwhile by the backend its cookie's value hashes
-                                // to, the same on every request; the cookie keeps naming its
-                                // own, which it goes back to once it recovers.
-                                let hashed = Cookie::Hashed(value.clone());
-                                let target =
-                                    place(service, pending, key, &hashed, home, false, now)
-                                        .ok_or(Unplaced::NoBackend)?;
-                                let away = Cookie::Away {
-                                    home: backend.config.name.clone(),
-                                };
-                                return Ok((target, away));
-                            }
-                            Cookie::Rejected(BACKEND_UNUSABLE)
-                        }
-                        _ => Cookie::Rejected(BACKEND_UNUSABLE),
-                    }
-                }
-                Some(Err(reason)) => Cookie::Rejected(reason),
-            }
-        }
-    };
-    // A routed request is placed in its route's group alone, without a pin: the route, not
-    // the weights, keeps it there.
-    let (home, confined) = match route {
-        Some(group) => (Some((group, None)), true),
-        None => (home, false),
-    };
-    let target =
-        place(service, pending, key, &cookie, home, confined, now).ok_or(Unplaced::NoBackend)?;
-    Ok((target, cookie))
+    let (target, cookie) = placing.choose(keys)?;
+    Ok(Choice {
+        target,
+        cookie,
+        route,
+        sessions,
+    })
 }
 
-/// The group and path prefix of the route `request` takes, reading its head only when the
-/// service has routes.
+/// A request being placed: its connection, its route and the session settings that apply.
+struct Placing<'a> {
+    service: &'a ServiceRuntime,
+    pending: &'a Pending,
+    key: &'a FlowKey,
+    route: Option<Route<'a>>,
+    sessions: &'a ServiceConfig,
+    now: u32,
+}
+
+/// What a genuine cookie's session gets.
+enum ByCookie {
+    /// This backend, and what the cookie did.
+    Served(Target, Cookie),
+    /// A place as a connection without a session gets, the cookie having done this.
+    Afresh(Cookie),
+}
+
+/// The session a cookie carries: its backend's token, whether to renew the cookie (less
+/// than half its life left, so an active session does not end at its first cookie's
+/// expiry) and the session's group pin.
+#[derive(Clone, Copy)]
+struct CookieSession {
+    token: u32,
+    renew: bool,
+    pin: Option<GroupPin>,
+}
+
+/// A group a session stays in, with its pin (none on a route, which keeps it there).
+type Home = Option<(usize, Option<GroupPin>)>;
+
+impl Placing<'_> {
+    fn choose(&self, keys: &CookieKeys) -> Result<(Target, Cookie), Unplaced> {
+        let sessions = self.sessions;
+        let request = &self.pending.request;
+        // The cross-origin variant carries the same value, for requests that only send it.
+        let value = sessions
+            .cookie_name()
+            .and_then(|name| cookie_value(request, name))
+            .or_else(|| cookie_value(request, &sessions.cors_cookie_name()?))
+            .or_else(|| http::url_param(request, sessions.url_param()?));
+        let mut home = None;
+        let cookie = match value {
+            None => Cookie::Absent,
+            Some(value) => match self.session_of(keys, &value) {
+                // The application's own value, set before the balancer prefixed it.
+                None if sessions.rewritten_cookie().is_some() => Cookie::Absent,
+                None => Cookie::Hashed(value),
+                Some(Err(reason)) => Cookie::Rejected(reason),
+                Some(Ok(session)) => {
+                    home = self.home_of(session.pin);
+                    match self.by_cookie(session, home, &value)? {
+                        ByCookie::Served(target, cookie) => return Ok((target, cookie)),
+                        ByCookie::Afresh(cookie) => cookie,
+                    }
+                }
+            },
+        };
+        // A routed request is placed in its route's group alone, without a pin: the route,
+        // not the weights, keeps it there.
+        let (home, confined) = match self.route {
+            Some(route) => (Some((route.group, None)), true),
+            None => (home, false),
+        };
+        let target = self
+            .place(&cookie, home, confined)
+            .ok_or(Unplaced::NoBackend)?;
+        Ok((target, cookie))
+    }
+
+    /// The session a signed or rewritten cookie's value carries; `None` for an
+    /// application's plain value, `Err` with the [`REJECTION_REASONS`] index of a refused
+    /// signed one.
+    fn session_of(&self, keys: &CookieKeys, value: &str) -> Option<Result<CookieSession, usize>> {
+        let sessions = self.sessions;
+        if sessions.balancer_cookie().is_some() {
+            let half_life = sessions.cookie_duration / 2;
+            let opened = keys
+                .open(&sessions.name, value, self.now)
+                .map(|session| CookieSession {
+                    token: session.token,
+                    renew: session.expires - self.now < half_life,
+                    pin: session.group,
+                });
+            Some(opened.map_err(|r| r as usize))
+        } else if sessions.rewritten_cookie().is_some() {
+            rewrite::split(value).map(|(token, _)| {
+                Ok(CookieSession {
+                    token,
+                    renew: false,
+                    pin: None,
+                })
+            })
+        } else {
+            None
+        }
+    }
+
+    /// The group a session's pin still keeps it in.
+    fn home_of(&self, pin: Option<GroupPin>) -> Home {
+        let pin = pin.filter(|p| p.until > self.now)?;
+        let groups = &self.service.groups;
+        let group = groups.iter().position(|g| g.token == pin.token)?;
+        Some((group, Some(pin)))
+    }
+
+    /// The session of a genuine cookie naming backend `token`: served there while it is
+    /// usable; when its checks failed, held, served elsewhere (`return_home`) or moved as
+    /// the service's policy says.
+    fn by_cookie(
+        &self,
+        CookieSession { token, renew, .. }: CookieSession,
+        home: Home,
+        value: &str,
+    ) -> Result<ByCookie, Unplaced> {
+        let (service, tried) = (self.service, &self.pending.tried);
+        let unusable = ByCookie::Afresh(Cookie::Rejected(BACKEND_UNUSABLE));
+        let named = |b: &&BackendRuntime| backend_token(&b.config.name) == token;
+        let Some(backend) = service.backends.iter().find(named) else {
+            return Ok(unusable);
+        };
+        let route_group = self.route.map(|r| r.group);
+        // Another route's session (another application's backend): this request starts
+        // one of its own.
+        if route_group.is_some() && backend.config.group != route_group {
+            return Ok(ByCookie::Afresh(Cookie::Absent));
+        }
+        if tried.contains(&backend.id) {
+            return Ok(unusable);
+        }
+        if backend.state(service.drain_timeout()) != backend_state::DOWN {
+            return Ok(self.on_its_backend(backend, renew, home));
+        }
+        if backend.healthy {
+            return Ok(unusable);
+        }
+        let config = &service.config;
+        let waited = backend.down_since.map_or(Duration::ZERO, |t| t.elapsed());
+        let held = match config.on_backend_down {
+            OnBackendDown::Reject => true,
+            OnBackendDown::Keep => waited.as_secs() < u64::from(config.keep_timeout),
+            OnBackendDown::Failover => false,
+        };
+        if held {
+            return Err(Unplaced::Held {
+                retry_after: recovery_seconds(config),
+            });
+        }
+        if !config.return_home {
+            return Ok(unusable);
+        }
+        // Served meanwhile by the backend its cookie's value hashes to, the same on every
+        // request; the cookie keeps naming its own, which it goes back to once it recovers.
+        let hashed = Cookie::Hashed(value.to_owned());
+        let target = self
+            .place(&hashed, home, false)
+            .ok_or(Unplaced::NoBackend)?;
+        let away = Cookie::Away {
+            home: backend.config.name.clone(),
+        };
+        Ok(ByCookie::Served(target, away))
+    }
+
+    /// A session on a usable backend: served there, unless it belongs to another group
+    /// than the one its pin keeps it in, or, its time in the group over, the weights of now
+    /// send it to another group.
+    fn on_its_backend(&self, backend: &BackendRuntime, renew: bool, home: Home) -> ByCookie {
+        let service = self.service;
+        let session = |renew| Cookie::Session {
+            backend: backend.config.name.clone(),
+            renew,
+        };
+        let mut target = service.target(backend);
+        if service.groups.is_empty() || self.route.is_some() {
+            return ByCookie::Served(target, session(renew));
+        }
+        match home {
+            Some((group, pin)) if backend.config.group == Some(group) => {
+                target.group = pin;
+                ByCookie::Served(target, session(renew))
+            }
+            Some(_) => ByCookie::Afresh(Cookie::Rejected(BACKEND_UNUSABLE)),
+            None => {
+                // Its time in the group is over: the session picks a group as a new one
+                // would, and stays on its backend if that is the group.
+                let hash = self.fallback_hash(&Cookie::Absent);
+                let group = placement::pick_group(&service.groups, hash);
+                if group.is_some() && backend.config.group == group {
+                    target.group = group.map(|g| service.pin(g, self.now));
+                    return ByCookie::Served(target, session(true));
+                }
+                ByCookie::Afresh(Cookie::Absent)
+            }
+        }
+    }
+
+    /// What places a connection without a usable session: an application cookie's value,
+    /// the client's masked address or the flow, as `cookie_fallback` says.
+    fn fallback_hash(&self, cookie: &Cookie) -> u32 {
+        match (cookie, self.sessions.cookie_fallback) {
+            (Cookie::Hashed(value), _) => value_hash(value.as_bytes()),
+            (_, CookieFallback::SourceIp) => {
+                let mask = self.service.config.source_mask();
+                client_hash(&Addr::from(self.pending.client).masked(&mask))
+            }
+            (_, CookieFallback::Flow) => flow_hash(self.key),
+        }
+    }
+
+    /// A backend for a connection without a usable session, by its fallback hash, skipping
+    /// the backends it tried: in its `home` group (while its session stays there, or its
+    /// route's), else in a group picked by weight; from the whole table without groups or
+    /// once the group's backends were all tried, unless `confined` to its home.
+    fn place(&self, cookie: &Cookie, home: Home, confined: bool) -> Option<Target> {
+        let service = self.service;
+        let hash = self.fallback_hash(cookie);
+        let untried = |id: u32| !self.pending.tried.contains(&id);
+        // Bounded load: the first backend from the hash's slot under the bound, if any is.
+        let walk = |lookup: &[u32], members: &[u32]| {
+            let bounded = service.config.balance_factor.and_then(|factor| {
+                let limit = placement::load_limit(members, &service.loads, factor);
+                let light = |id: u32| service.loads.get(&id).copied().unwrap_or(0) < limit;
+                placement::walk(lookup, hash, |id| untried(id) && light(id))
+            });
+            bounded.or_else(|| placement::walk(lookup, hash, untried))
+        };
+        let in_group = |(group, pin): (usize, Option<GroupPin>)| {
+            let group = &service.groups[group];
+            let id = walk(&group.lookup, &group.members)?;
+            Some((id, pin))
+        };
+        let chosen = home.and_then(in_group);
+        let (id, pin) = if confined {
+            chosen?
+        } else {
+            chosen
+                .or_else(|| {
+                    let group = placement::pick_group(&service.groups, hash)?;
+                    in_group((group, Some(service.pin(group, self.now))))
+                })
+                .or_else(|| Some((walk(&service.lookup, &service.members)?, None)))?
+        };
+        let backend = service.backends.iter().find(|b| b.id == id)?;
+        let mut target = service.target(backend);
+        target.group = match (pin, confined) {
+            (Some(pin), _) => Some(pin),
+            (None, true) => None,
+            (None, false) => backend.config.group.map(|g| service.pin(g, self.now)),
+        };
+        Some(target)
+    }
+}
+
+/// The route `request` takes, reading its head only when the service has routes.
 fn route_of<'a>(
     service: &'a ServiceConfig,
     request: &[u8],
-) -> Result<Option<(usize, &'a str)>, crate::config::NoRoute> {
+) -> Result<Option<Route<'a>>, crate::config::NoRoute> {
     if service.routes.is_empty() {
         return Ok(None);
     }
@@ -1684,73 +1824,6 @@ fn recovery_seconds(config: &ServiceConfig) -> u32 {
         .max(1)
 }
 
-/// What places a connection without a usable session: an application cookie's value, the
-/// client's masked address or the flow, as `cookie_fallback` says.
-fn fallback_hash(
-    service: &ServiceRuntime,
-    pending: &Pending,
-    key: &FlowKey,
-    cookie: &Cookie,
-) -> u32 {
-    match (cookie, service.config.cookie_fallback) {
-        (Cookie::Hashed(value), _) => value_hash(value.as_bytes()),
-        (_, CookieFallback::SourceIp) => {
-            client_hash(&Addr::from(pending.client).masked(&service.config.source_mask()))
-        }
-        (_, CookieFallback::Flow) => flow_hash(key),
-    }
-}
-
-/// A backend for a connection without a usable session, by its fallback hash, skipping the
-/// backends it tried: in its `home` group (while its session stays there, or its route's),
-/// else in a group picked by weight; from the whole table without groups or once the group's
-/// backends were all tried, unless `confined` to its home.
-fn place(
-    service: &ServiceRuntime,
-    pending: &Pending,
-    key: &FlowKey,
-    cookie: &Cookie,
-    home: Option<(usize, Option<GroupPin>)>,
-    confined: bool,
-    now: u32,
-) -> Option<Target> {
-    let hash = fallback_hash(service, pending, key, cookie);
-    let untried = |id: u32| !pending.tried.contains(&id);
-    // Bounded load: the first backend from the hash's slot under the bound, if any is.
-    let walk = |lookup: &[u32], members: &[u32]| {
-        let bounded = service.config.balance_factor.and_then(|factor| {
-            let limit = placement::load_limit(members, &service.loads, factor);
-            let light = |id: u32| service.loads.get(&id).copied().unwrap_or(0) < limit;
-            placement::walk(lookup, hash, |id| untried(id) && light(id))
-        });
-        bounded.or_else(|| placement::walk(lookup, hash, untried))
-    };
-    let in_group = |(group, pin): (usize, Option<GroupPin>)| {
-        let group = &service.groups[group];
-        let id = walk(&group.lookup, &group.members)?;
-        Some((id, pin))
-    };
-    let chosen = home.and_then(in_group);
-    let (id, pin) = if confined {
-        chosen?
-    } else {
-        chosen
-            .or_else(|| {
-                let group = placement::pick_group(&service.groups, hash)?;
-                in_group((group, Some(service.pin(group, now))))
-            })
-            .or_else(|| Some((walk(&service.lookup, &service.members)?, None)))?
-    };
-    let backend = service.backends.iter().find(|b| b.id == id)?;
-    let mut target = service.target(backend);
-    target.group = match (pin, confined) {
-        (Some(pin), _) => Some(pin),
-        (None, true) => None,
-        (None, false) => backend.config.group.map(|g| service.pin(g, now)),
-    };
-    Some(target)
-}
-
 impl ServiceRuntime {
     /// A session's pin to group `group` from `now` on.
     fn pin(&self, group: usize, now: u32) -> GroupPin {
@@ -1760,18 +1833,16 @@ impl ServiceRuntime {
         }
     }
 }
+
 /// What the connection's first response head gets: the balancer's cookie (and its
 /// cross-origin variant) naming the chosen backend, unless the request's cookie already
-/// names it with more than half its life left; in companion mode, whenever the application sets its cookie; in rewrite mode,
-/// the prefix on the application's cookie, re-issued when the session moved, and the end of
-/// the connection.
-fn issue(
-    service: &ServiceConfig,
-    keys: &CookieKeys,
-    target: Target,
-    cookie: &Cookie,
-    request: &[u8],
-) -> Option<Issue> {
+/// names it with more than half its life left; in companion mode, whenever the application
+/// sets its cookie; in rewrite mode, the prefix on the application's cookie, re-issued when
+/// the session moved, and the end of the connection. A routed session's cookie goes back to
+/// its route alone (its `Path`): two applications on one host keep cookies of their own.
+fn issue(choice: &Choice<'_>, keys: &CookieKeys, request: &[u8]) -> Option<Issue> {
+    let (service, target, cookie) = (choice.sessions, choice.target, &choice.cookie);
+    let cookie_path = choice.route.map_or("/", |r| r.path);
     if let Some(app) = service.rewritten_cookie() {
         let prefix = rewrite::prefix(target.token);
         let moved = cookie_value(request, app).and_then(|value| {
@@ -1807,12 +1878,6 @@ fn issue(
         unix_now().saturating_add(duration),
         target.group,
     )?;
-    // A routed session's cookie goes back to its route alone: two applications on one host
-    // keep cookies of their own.
-    let cookie_path = match route_of(service, request) {
-        Ok(Some((_, prefix))) => prefix,
-        _ => "/",
-    };
     let mut lines =
         format!("Set-Cookie: {own}={value}; Max-Age={duration}; Path={cookie_path}; HttpOnly\r\n");
     if let Some(cors) = service.cors_cookie_name() {

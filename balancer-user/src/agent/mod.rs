@@ -19,7 +19,10 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{AdminState, AffinityMode, BackendConfig, Config, OnBackendDown, ServiceConfig},
+    config::{
+        AdminState, AffinityMode, BackendConfig, Config, CookieFallback, OnBackendDown,
+        RouteConfig, ServiceConfig,
+    },
     dataplane::{Dataplane, TableCount},
     health, maglev,
 };
@@ -121,6 +124,38 @@ fn placement_settings(c: &ServiceConfig) -> String {
     }
     if c.return_home {
         text += " return_home=true";
+    }
+    text
+}
+
+/// The session settings a route sets of its own, as `status` shows them.
+fn route_settings(route: &RouteConfig) -> String {
+    let mut text = String::new();
+    if let Some(affinity) = route.affinity {
+        let _ = write!(text, " affinity={affinity}");
+    }
+    let named = [
+        ("cookie", &route.cookie),
+        ("param", &route.param),
+        ("companion_cookie", &route.companion_cookie),
+    ];
+    for (name, value) in named {
+        if let Some(value) = value {
+            let _ = write!(text, " {name}={value}");
+        }
+    }
+    if let Some(mode) = route.app_cookie {
+        let _ = write!(text, " app_cookie={}", format!("{mode:?}").to_lowercase());
+    }
+    if let Some(seconds) = route.cookie_duration {
+        let _ = write!(text, " cookie_duration={seconds}s");
+    }
+    if let Some(fallback) = route.cookie_fallback {
+        let fallback = match fallback {
+            CookieFallback::Flow => "flow",
+            CookieFallback::SourceIp => "source-ip",
+        };
+        let _ = write!(text, " cookie_fallback={fallback}");
     }
     text
 }
@@ -754,10 +789,11 @@ impl Agent {
             for route in &c.routes {
                 let _ = writeln!(
                     text,
-                    "  route host={} path={} group={}",
+                    "  route host={} path={} group={}{}",
                     route.host.as_deref().unwrap_or("*"),
                     route.path,
-                    route.group
+                    route.group,
+                    route_settings(route)
                 );
             }
             if let Some(default) = &c.default_group {
