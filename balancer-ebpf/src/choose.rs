@@ -222,13 +222,12 @@ fn kept_session(
         if backend.is_some_and(|b| now_s < b.hold_until_s) {
             return Err(None);
         }
-        let own_group = if service.group_stickiness != 0 && session.group != 0 {
-            group_table(service, session.group)
-        } else {
-            None
-        };
+        let grouped = service.group_stickiness != 0 && session.group != 0;
+        let own_group = grouped
+            .then(|| group_table(service, session.group))
+            .flatten();
         // A group without a serving backend left: the session takes another group.
-        moving = own_group.is_none() && session.group != 0 && service.group_stickiness != 0;
+        moving = grouped && own_group.is_none();
         own_group.unwrap_or(service_table(service))
     };
     let backend_id = placed(service_ptr, table, hash).map_err(Some)?;
