@@ -56,9 +56,18 @@ enum Task {
     /// Requests, new connections and download throughput through the VIP against plain
     /// kernel routing, interleaved in one lab (needs root; about 2.5 minutes).
     Bench {
-        /// One round of 2-second runs instead of three of 5 seconds.
+        /// One round of 2-second runs instead of five of 3 seconds.
         #[arg(long)]
         quick: bool,
+        /// Only these systems, by short name, comma-separated (routed, routed6, xdp-router,
+        /// nft-numgen, nft-jhash, haproxy, nginx, vip, vip-scraped, vip6, routed-xdp,
+        /// cookie, lb-cookie, lb-cookie-scraped, full-nat); the ratios need `routed`.
+        #[arg(long, value_delimiter = ',', value_name = "SYSTEMS")]
+        only: Vec<String>,
+        /// After the rounds, count the agent's system calls per new connection on each
+        /// cookie path with `strace -c` (a run of its own: strace slows the agent).
+        #[arg(long)]
+        syscalls: bool,
     },
     /// Fuzzing (needs root): the agent's parsers with random and mutated inputs, and random
     /// and mutated frames through the XDP program, each counted under exactly one reason.
@@ -88,7 +97,15 @@ fn main() -> ExitCode {
             run::run(&args, &impairment)
         }
         Task::Test { args } => test::run(&args),
-        Task::Bench { quick } => bench::run(quick),
+        Task::Bench {
+            quick,
+            only,
+            syscalls,
+        } => bench::run(&bench::Options {
+            quick,
+            only,
+            syscalls,
+        }),
         Task::Fuzz { cases } => fuzz::run(cases),
     };
     match result {

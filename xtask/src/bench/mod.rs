@@ -134,7 +134,48 @@ fn full_nat_service() -> String {
 /// The cookie a returning session sends on the cookie path.
 const SESSION_COOKIE: &str = "Cookie: SID=bench-session";
 
+/// What `cargo xtask bench` is asked to do.
+pub struct Options {
+    pub quick: bool,
+    /// Short names of the systems to measure ([`System::key`]); empty: all of them.
+    pub only: Vec<String>,
+    /// Count the agent's system calls per new connection on the cookie paths.
+    pub syscalls: bool,
+}
+
 impl System {
+    /// The short name `--only` takes.
+    fn key(self) -> &'static str {
+        match self {
+            System::Routed => "routed",
+            System::Vip => "vip",
+            System::VipScraped => "vip-scraped",
+            System::RoutedWithXdp => "routed-xdp",
+            System::CookieVip => "cookie",
+            System::LbCookieVip => "lb-cookie",
+            System::LbCookieVipScraped => "lb-cookie-scraped",
+            System::FullNatCookieVip => "full-nat",
+            System::Routed6 => "routed6",
+            System::Vip6 => "vip6",
+            System::XdpRouter => "xdp-router",
+            System::Peer(Peer::NftNumgen) => "nft-numgen",
+            System::Peer(Peer::NftJhash) => "nft-jhash",
+            System::Peer(Peer::Haproxy) => "haproxy",
+            System::Peer(Peer::Nginx) => "nginx",
+        }
+    }
+
+    /// Whether new connections on this path are bound by the agent.
+    fn binds_in_agent(self) -> bool {
+        matches!(
+            self,
+            System::CookieVip
+                | System::LbCookieVip
+                | System::LbCookieVipScraped
+                | System::FullNatCookieVip
+        )
+    }
+
     fn title(self) -> &'static str {
         match self {
             System::Routed => "routed, no XDP",
@@ -302,10 +343,30 @@ struct Sample {
     steal_percent: f64,
 }
 
-pub fn run(quick: bool) -> Result<()> {
+/// The systems `only` names, in the order of a round (all of them when it is empty).
+fn chosen_systems(only: &[String]) -> Result<Vec<System>> {
+    if let Some(unknown) = only
+        .iter()
+        .find(|name| !SYSTEMS.iter().any(|s| s.key() == name.as_str()))
+    {
+        let known: Vec<&str> = SYSTEMS.iter().map(|s| s.key()).collect();
+        bail!(
+            "--only: no system {unknown:?} (known: {})",
+            known.join(", ")
+        );
+    }
+    Ok(SYSTEMS
+        .into_iter()
+        .filter(|s| only.is_empty() || only.iter().any(|name| name == s.key()))
+        .collect())
+}
+
+pub fn run(asked: &Options) -> Result<()> {
     if !toolchain::is_root() {
         bail!("the benchmark builds network namespaces and attaches XDP programs: run it as root");
     }
+    let systems = chosen_systems(&asked.only)?;
+    let quick = asked.quick;
     let artifacts = build::all()?;
     toolchain::ensure_lab()?;
     let (seconds, rounds) = if quick { (2, 1) } else { (3, 5) };
@@ -383,7 +444,7 @@ pub fn run(quick: bool) -> Result<()> {
     let mut agent_running = true;
     for round in 1..=rounds {
         println!("==> round {round}/{rounds} ({seconds} s per run)");
-        for system in SYSTEMS {
+        for &system in &systems {
             if run::stop_requested() {
                 drop(lab);
                 bail!("stopped by a signal; the lab is removed");
@@ -431,10 +492,15 @@ pub fn run(quick: bool) -> Result<()> {
             }
         }
     }
+    let syscalls = if asked.syscalls {
+        count_syscalls(&mut lab, &artifacts.balancer, &config, &systems, seconds)?
+    } else {
+        String::new()
+    };
     lab.stop_balancer()?;
     drop(lab);
 
-    let report = report::tables(&samples, seconds, rounds, &skipped);
+    let report = report::tables(&samples, seconds, rounds, &skipped) + &syscalls;
     println!("\n{report}");
     match report::save(&report, &samples) {
         Ok(path) => println!("saved to {} (with plots beside it)", path.display()),
@@ -450,6 +516,83 @@ pub fn run(quick: bool) -> Result<()> {
         bail!("{failed} run(s) failed (marked FAILED above): a path or a peer does not work");
     }
     Ok(())
+}
+
+/// The agent's system calls per new connection on each cookie path among `systems`: the
+/// new-connection workload once more, with `strace -c -f` attached to the agent (all its
+/// threads) for the run, its counts divided by the connections wrk made. As a Markdown
+/// table.
+fn count_syscalls(
+    lab: &mut Lab,
+    balancer: &std::path::Path,
+    config: &std::path::Path,
+    systems: &[System],
+    seconds: u32,
+) -> Result<String> {
+    let mut rows = Vec::new();
+    for &system in systems.iter().filter(|s| s.binds_in_agent()) {
+        if lab.balancer_pid().is_none() {
+            lab.start_balancer(balancer, config)?;
+        }
+        let pid = lab.balancer_pid().context("the agent is not running")?;
+        let counts = lab.dir().join(format!("strace-{}.txt", system.key()));
+        let ns = lab.balancer_ns().to_owned();
+        let strace = lab.spawn(
+            &ns,
+            &[
+                "strace",
+                "-c",
+                "-f",
+                "-o",
+                &counts.to_string_lossy(),
+                "-p",
+                &pid.to_string(),
+            ],
+        )?;
+        // strace says nothing when it is attached; give it the time of a few punts' worth.
+        std::thread::sleep(Duration::from_millis(500));
+        let measured = new_connections_rps(lab, system, seconds);
+        lab.stop(strace)?;
+        let connections = measured?.rate * f64::from(seconds);
+        let text = std::fs::read_to_string(&counts)
+            .with_context(|| format!("reading strace's counts {}", counts.display()))?;
+        rows.push((system, connections, parse_strace_counts(&text)));
+    }
+    let mut out = String::from(
+        "\nThe agent's system calls per new connection (`strace -c -f` on the agent during one more new-connection run; strace slows the agent, so the rates of that run are not the ones above):\n\n| system | connections | calls per connection | of which |\n|---|---|---|---|\n",
+    );
+    for (system, connections, calls) in rows {
+        let total: u64 = calls.iter().map(|(_, n)| n).sum();
+        let by_name: Vec<String> = calls
+            .iter()
+            .filter(|(_, n)| *n as f64 / connections >= 0.05)
+            .map(|(name, n)| format!("{name} {:.2}", *n as f64 / connections))
+            .collect();
+        out += &format!(
+            "| {} | {connections:.0} | {:.2} | {} |\n",
+            system.title(),
+            total as f64 / connections,
+            by_name.join(", ")
+        );
+    }
+    println!("{out}");
+    Ok(out)
+}
+
+/// The (system call, calls) lines of `strace -c`'s summary, most called first.
+fn parse_strace_counts(text: &str) -> Vec<(String, u64)> {
+    // % time     seconds  usecs/call     calls    errors syscall
+    let mut counts: Vec<(String, u64)> = text
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let name = *fields.last()?;
+            let calls = fields.get(3)?.parse().ok()?;
+            (fields.len() >= 5 && name != "total").then(|| (name.to_owned(), calls))
+        })
+        .collect();
+    counts.sort_by_key(|(_, calls)| std::cmp::Reverse(*calls));
+    counts
 }
 
 /// Fetches the agent's metrics once a second in the balancer's namespace, as Prometheus

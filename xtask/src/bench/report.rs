@@ -28,7 +28,7 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
         "\n{header}\n|---|{}",
         "---|---|".repeat(WORKLOADS.len())
     );
-    for (index, system) in SYSTEMS.iter().enumerate() {
+    for (index, system) in measured(samples) {
         let mut row = format!("| {} |", system.title());
         let routed_index = index_of(system.routed_baseline());
         for per_system in samples {
@@ -50,7 +50,7 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
         WORKLOADS[0].name
     );
     let _ = writeln!(out, "\n| system | p50 | p99 |\n|---|---|---|");
-    for (index, system) in SYSTEMS.iter().enumerate() {
+    for (index, system) in measured(samples) {
         let runs = &samples[0][index];
         let _ = writeln!(
             out,
@@ -70,11 +70,8 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
             .collect::<Vec<_>>()
             .join(" / ")
     );
-    let peers: Vec<(usize, System)> = SYSTEMS
-        .iter()
-        .enumerate()
+    let peers: Vec<(usize, System)> = measured(samples)
         .filter(|(_, s)| matches!(s, System::Peer(_) | System::XdpRouter))
-        .map(|(i, s)| (i, *s))
         .collect();
     let mut header = "| balancer |".to_owned();
     for (_, peer) in &peers {
@@ -82,7 +79,7 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
     }
     let _ = writeln!(out, "\n{header}\n|---|{}", "---|".repeat(peers.len()));
     // The peers serve IPv4 alone, so the IPv6 VIP is left out.
-    for (index, system) in SYSTEMS.iter().enumerate() {
+    for (index, system) in measured(samples) {
         if !matches!(
             system,
             System::Vip | System::CookieVip | System::LbCookieVip | System::FullNatCookieVip
@@ -117,6 +114,12 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
         (System::Vip, System::VipScraped),
         (System::LbCookieVip, System::LbCookieVipScraped),
     ] {
+        let both = [plain, scraped]
+            .iter()
+            .all(|system| measured(samples).any(|(_, s)| s == *system));
+        if !both {
+            continue;
+        }
         let ratios: Vec<String> = samples
             .iter()
             .map(|per_system| {
@@ -137,7 +140,7 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
         let _ = write!(header, " µs/{} |", workload.work);
     }
     let _ = writeln!(out, "\n{header}\n|---|{}", "---|".repeat(WORKLOADS.len()));
-    for (index, system) in SYSTEMS.iter().enumerate() {
+    for (index, system) in measured(samples) {
         let mut row = format!("| {} |", system.title());
         for per_system in samples {
             let runs = &per_system[index];
@@ -165,7 +168,7 @@ pub fn tables(samples: &Samples, seconds: u32, rounds: u32, skipped: &[(Peer, St
         let _ = write!(header, " {} |", workload.name);
     }
     let _ = writeln!(out, "\n{header}\n|---|{}", "---|".repeat(WORKLOADS.len()));
-    for (index, system) in SYSTEMS.iter().enumerate() {
+    for (index, system) in measured(samples) {
         let costs: Vec<f64> = samples
             .iter()
             .map(|per_system| median(&field(&per_system[index], |s| s.xdp_ns_per_packet)))
@@ -243,10 +246,8 @@ pub fn save(report: &str, samples: &Samples) -> Result<PathBuf> {
 fn charts(samples: &Samples) -> Vec<(String, String)> {
     let mut charts = Vec::new();
     for (workload, per_system) in WORKLOADS.iter().zip(samples) {
-        let bars: Vec<Bar> = SYSTEMS
-            .iter()
-            .zip(per_system)
-            .map(|(system, runs)| Bar::of(system.title(), &field(runs, |s| s.rate)))
+        let bars: Vec<Bar> = measured(samples)
+            .map(|(index, system)| Bar::of(system.title(), &field(&per_system[index], |s| s.rate)))
             .collect();
         let name = workload.unit.replace('/', "-per-");
         let title = format!(
@@ -256,7 +257,8 @@ fn charts(samples: &Samples) -> Vec<(String, String)> {
         charts.push((name, bar_chart(&title, &bars)));
     }
     let mut bars = Vec::new();
-    for (system, runs) in SYSTEMS.iter().zip(&samples[0]) {
+    for (index, system) in measured(samples) {
+        let runs = &samples[0][index];
         bars.push(Bar::of(
             &format!("{} p50", system.title()),
             &field(runs, |s| s.p50_us),
@@ -396,6 +398,16 @@ fn ratio(a: f64, b: f64) -> String {
     } else {
         "-".to_owned()
     }
+}
+
+/// The systems with a sample in any workload (`--only` leaves the others out), with their
+/// index in [`SYSTEMS`].
+fn measured(samples: &Samples) -> impl Iterator<Item = (usize, System)> + '_ {
+    SYSTEMS.into_iter().enumerate().filter(|(index, _)| {
+        samples
+            .iter()
+            .any(|per_system| !per_system[*index].is_empty())
+    })
 }
 
 /// Where `system` is in [`SYSTEMS`], and so in each workload's samples.
