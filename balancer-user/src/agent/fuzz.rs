@@ -6,7 +6,7 @@
 use rand::{rngs::SmallRng, Rng as _, SeedableRng};
 
 use super::{
-    binding::cookie_value,
+    placement::cookie_value,
     response::{Issue, Response, MAX_RESPONSE_HEAD},
 };
 use crate::{

@@ -35,14 +35,17 @@ const ACTIVE_FLOW_WINDOW_S: u32 = 60;
 
 mod binding;
 mod budget;
+mod counters;
 #[cfg(test)]
 mod fuzz;
 mod placement;
+mod raw_socket;
 mod response;
 mod sources;
 
-pub use binding::BindingCounters;
-use binding::{BindingLimits, Outcome};
+use binding::BindingLimits;
+pub use counters::BindingCounters;
+use counters::Outcome;
 use placement::GroupRuntime;
 
 pub struct Agent {
@@ -869,7 +872,7 @@ impl Agent {
             self.cookie_rotations, self.config.syn_cookie_rotation
         );
         let _ = write!(text, "cookies_rejected");
-        for (reason, count) in binding::REJECTION_REASONS.iter().zip(b.cookies_rejected) {
+        for (reason, count) in counters::REJECTION_REASONS.iter().zip(b.cookies_rejected) {
             let _ = write!(text, " {reason}={count}");
         }
         text.push('\n');
@@ -947,7 +950,7 @@ impl Agent {
                 .iter()
                 .filter(|s| s.config.cookie_name().is_some())
                 .flat_map(|s| {
-                    binding::REJECTION_REASONS
+                    counters::REJECTION_REASONS
                         .iter()
                         .enumerate()
                         .map(|(index, reason)| {
@@ -1041,7 +1044,7 @@ impl Agent {
         ] {
             let _ = writeln!(text, "{name} {count}");
         }
-        for (reason, count) in binding::REJECTION_REASONS.iter().zip(b.cookies_rejected) {
+        for (reason, count) in counters::REJECTION_REASONS.iter().zip(b.cookies_rejected) {
             let _ = writeln!(text, "cookie_rejected_{reason} {count}");
         }
         text

@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use super::binding::RecentCounts;
+use super::counters::RecentCounts;
 
 pub struct SourceTally {
     entries: Vec<Entry>,
