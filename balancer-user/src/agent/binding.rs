@@ -60,12 +60,12 @@ const RESPONSE_MEMORY: Duration = Duration::from_secs(300);
 
 pub struct Binder {
     sockets: RawSockets,
-    pending: HashMap<FlowKey, Pending>,
+    pending: foldhash::HashMap<FlowKey, Pending>,
     /// Each client's and prefix's share of `pending`.
     budgets: Budgets,
     limits: BindingLimits,
     /// Backend-side key of each connection being opened → its client-side key.
-    by_backend: HashMap<FlowKey, FlowKey>,
+    by_backend: foldhash::HashMap<FlowKey, FlowKey>,
     /// Full NAT: sources handed out so far, which picks the next one to try.
     source_cursor: u32,
     pub counters: BindingCounters,
@@ -218,10 +218,10 @@ impl Binder {
     pub fn new(limits: BindingLimits) -> Result<Self> {
         Ok(Self {
             sockets: RawSockets::new()?,
-            pending: HashMap::new(),
+            pending: foldhash::HashMap::default(),
             budgets: Budgets::new(limits.per_client, limits.per_prefix),
             limits,
-            by_backend: HashMap::new(),
+            by_backend: foldhash::HashMap::default(),
             // Anywhere in the range: the data plane's CPUs start at its beginning.
             source_cursor: std::process::id().wrapping_mul(0x9e37_79b9),
             counters: BindingCounters::default(),

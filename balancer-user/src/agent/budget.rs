@@ -6,9 +6,10 @@
 //! prefix holding the most, so a greedy source only ever crowds out itself and a new client of
 //! a quiet source always gets a place.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use balancer_common::{Addr, FlowKey};
+use foldhash::HashMap;
 
 /// Prefix lengths of one client and of the prefix whose clients share a budget (a NAT pool, a
 /// hosting subnet, a site), for IPv4 and IPv6.
@@ -53,8 +54,8 @@ impl Budgets {
         Self {
             per_client: per_client.max(1),
             per_prefix: per_prefix.max(1),
-            by_client: HashMap::new(),
-            by_prefix: HashMap::new(),
+            by_client: HashMap::default(),
+            by_prefix: HashMap::default(),
         }
     }
 
