@@ -45,7 +45,7 @@ pub mod map_name {
 /// Version of the maps' layout (their key and value types and the meaning of their fields).
 /// Pinned maps outlive the agent and its program; a program of another layout version must
 /// not adopt them. Bump it with every change to a type or map below.
-pub const LAYOUT_VERSION: u32 = 10;
+pub const LAYOUT_VERSION: u32 = 11;
 
 /// Seconds after the agent's last heartbeat that the data plane takes it for gone: cookie
 /// services then stop handing connections to it (see [`without_agent`]). Compiled into the
@@ -387,6 +387,9 @@ pub mod reverse_flags {
     /// L4 TCP with `proxy_protocol`: the backend's SYN-ACK offers a smaller MSS by the PROXY
     /// header's length, so the client's first segment still fits once the header is in it.
     pub const PROXY_HEADER: u16 = 2;
+    /// A cookie connection whose first response head goes to the agent: XDP turns the
+    /// entry to `RESPONSE_HEAD` (not `SPLICED`) when it records the backend's SYN-ACK.
+    pub const HEAD_TO_AGENT: u16 = 4;
 }
 
 /// Full NAT: seconds a closed flow keeps its source, for the last segments of its close.
@@ -443,6 +446,23 @@ pub struct Binding {
 }
 const _: () = assert!(size_of::<Binding>() == 24);
 
+impl Binding {
+    /// No binding: what a punt record carries for a backend segment, or for a client segment
+    /// whose binding XDP did not find.
+    pub const NONE: Binding = Binding {
+        client_isn: 0,
+        cookie_isn: 0,
+        options: SynOptions {
+            mss: 0,
+            window_shift: 0,
+            sack_permitted: 0,
+        },
+        state: binding_state::NONE,
+        punts: 0,
+        accepted_s: 0,
+    };
+}
+
 /// Client segments XDP hands the agent per connection being bound; later ones are dropped.
 /// A request head of 16 KB (the most the agent reads) takes 12 full segments; the rest is
 /// room for retransmissions and small segments, not for a trickle of single bytes.
@@ -456,6 +476,8 @@ pub mod binding_state {
     /// its answer): segments the client sends again are reset too, instead of completing
     /// the handshake anew from its still valid SYN cookie.
     pub const REFUSED: u32 = 1;
+    /// In a punt record: XDP held no binding for the connection.
+    pub const NONE: u32 = 2;
 }
 
 /// The MSS the balancer offers clients of cookie services; conservative, so segments fit any
@@ -473,9 +495,13 @@ pub struct Punt {
     pub kind: u32,
     /// Bytes of `frame` that hold the frame (it is cut at [`PUNT_FRAME_SIZE`]).
     pub len: u32,
+    /// A client segment's binding as XDP had it when it punted the segment (so the agent
+    /// need not look it up); for a backend's SYN-ACK that XDP recorded as the splice, the
+    /// binding it spliced with; else [`Binding::NONE`].
+    pub binding: Binding,
     pub frame: [u8; PUNT_FRAME_SIZE],
 }
-const _: () = assert!(size_of::<Punt>() == 8 + PUNT_FRAME_SIZE);
+const _: () = assert!(size_of::<Punt>() == 8 + size_of::<Binding>() + PUNT_FRAME_SIZE);
 
 /// Bytes of a punted frame kept: a full 1500-byte MTU frame with its Ethernet header.
 pub const PUNT_FRAME_SIZE: usize = 1520;

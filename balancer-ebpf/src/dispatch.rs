@@ -7,7 +7,7 @@ use aya_ebpf::programs::XdpContext;
 use balancer_common::{
     affinity, flow_flags, flow_state, nat_mode,
     proto::tcp_flag::{ACK, SYN},
-    punt_kind, reverse_flags, without_agent, Flow, Reason, Service, ServiceKey, PROTO_TCP,
+    punt_kind, reverse_flags, without_agent, Binding, Flow, Reason, Service, ServiceKey, PROTO_TCP,
 };
 
 use crate::{
@@ -142,7 +142,8 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<(Reason, u3
     }
     // SAFETY: map values stay valid for the duration of the program.
     let nat = unsafe { *entry };
-    if nat.replay_end != 0 {
+    // Written with the SYN, the replay's end counts once the request is replayed.
+    if nat.replay_end != 0 && nat.state != flow_state::CONNECTING {
         splice::note_replay_acked(ctx, packet, entry);
     }
     if nat.client_port != 0 {
@@ -164,7 +165,11 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<(Reason, u3
             splice::backend_to_client(ctx, packet, &nat)?;
             Reason::SplicedToClient
         }
-        _ => return Err(punt::punt(ctx, punt_kind::BACKEND)),
+        flow_state::CONNECTING => {
+            let recorded = splice::record_at_synack(ctx, packet, entry).unwrap_or(Binding::NONE);
+            return Err(punt::punt(ctx, punt_kind::BACKEND, &recorded));
+        }
+        _ => return Err(punt::punt(ctx, punt_kind::BACKEND, &Binding::NONE)),
     };
     rewrite(ctx, packet, End::Source, nat.vip, nat.port)?;
     if nat.client_port != 0 {

@@ -136,31 +136,26 @@ fn while_bound(ctx: &XdpContext, packet: &Packet, binding: &mut Binding, now_s: 
     reset::refuse(ctx, packet, reason, Reason::DropWhileBinding)
 }
 
-/// A client segment while its connection is being bound: data, FIN and RST go to the agent,
-/// pure ACKs are not needed.
+/// A client segment while its connection is being bound: data, FIN and RST go to the agent
+/// with the connection's binding, within the connection's punt budget; pure ACKs are not
+/// needed.
 #[inline(always)]
 pub fn while_binding(ctx: &XdpContext, packet: &Packet) -> Verdict {
     if packet.payload_len == 0 && packet.tcp_flags & (FIN | RST) == 0 {
         return Verdict::drop(Reason::DropWhileBinding);
     }
-    if !within_punt_budget(&packet.key) {
-        return Verdict::drop(Reason::DropPuntBudget);
-    }
-    punt(ctx, punt_kind::CLIENT)
-}
-
-/// Counts a punt against the connection's budget; false once it is spent.
-#[inline(always)]
-fn within_punt_budget(key: &FlowKey) -> bool {
-    let Some(binding) = BINDINGS.get_ptr_mut(key) else {
-        return true;
+    let binding = match BINDINGS.get_ptr_mut(&packet.key) {
+        Some(binding) => {
+            // SAFETY: map values stay valid for the duration of the program; concurrent
+            // segments of one connection only race on the count, which then errs by one.
+            let binding = unsafe { &mut *binding };
+            if binding.punts >= MAX_PUNTS_PER_BINDING {
+                return Verdict::drop(Reason::DropPuntBudget);
+            }
+            binding.punts += 1;
+            *binding
+        }
+        None => Binding::NONE,
     };
-    // SAFETY: map values stay valid for the duration of the program; concurrent segments of
-    // one connection only race on the count, which then errs by a segment.
-    let binding = unsafe { &mut *binding };
-    if binding.punts >= MAX_PUNTS_PER_BINDING {
-        return false;
-    }
-    binding.punts += 1;
-    true
+    punt(ctx, punt_kind::CLIENT, &binding)
 }

@@ -1,13 +1,14 @@
 //! Frames the agent must see, handed over through the `PUNTS` ring buffer.
 
 use aya_ebpf::{helpers::bpf_xdp_load_bytes, programs::XdpContext};
-use balancer_common::{proto::TCP_HEADER_LEN, Punt, Reason, PUNT_FRAME_SIZE};
+use balancer_common::{proto::TCP_HEADER_LEN, Binding, Punt, Reason, PUNT_FRAME_SIZE};
 
 use crate::{maps::PUNTS, packet::L4_OFFSET_V4, stats::Verdict};
 
-/// Hands the frame to the agent through the `PUNTS` ring and drops it here.
+/// Hands the frame to the agent through the `PUNTS` ring, with the connection's `binding`,
+/// and drops it here.
 #[inline(always)]
-pub fn punt(ctx: &XdpContext, kind: u32) -> Verdict {
+pub fn punt(ctx: &XdpContext, kind: u32, binding: &Binding) -> Verdict {
     let Some(mut entry) = PUNTS.reserve::<Punt>(0) else {
         return Verdict::drop(Reason::DropPuntRingFull);
     };
@@ -19,6 +20,7 @@ pub fn punt(ctx: &XdpContext, kind: u32) -> Verdict {
     let copied = unsafe {
         (*record).kind = kind;
         (*record).len = len as u32;
+        (*record).binding = *binding;
         bpf_xdp_load_bytes(ctx.ctx, 0, (*record).frame.as_mut_ptr().cast(), len as u32) == 0
     };
     if !copied {

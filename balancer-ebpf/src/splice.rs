@@ -5,17 +5,17 @@
 
 use aya_ebpf::programs::XdpContext;
 use balancer_common::{
-    csum, flow_flags, flow_state,
+    binding_state, csum, flow_flags, flow_state,
     proto::{
         tcp_field,
-        tcp_flag::{ACK, FIN},
+        tcp_flag::{ACK, FIN, RST, SYN},
         tcp_option, TCP_HEADER_LEN,
     },
-    Flow, FlowKey, Reason, ReverseNat, PROTO_TCP,
+    reverse_flags, Binding, Flow, FlowKey, Reason, ReverseNat, PROTO_TCP,
 };
 
 use crate::{
-    maps::FLOWS,
+    maps::{BINDINGS, FLOWS},
     packet::{ptr_at, Packet},
     stats::Verdict,
     tcp_options::Options,
@@ -82,6 +82,68 @@ pub fn note_head_acked(ctx: &XdpContext, packet: &Packet, flow: &mut Flow) {
             flow.flags |= flow_flags::HEAD_ACKED;
         }
     }
+}
+
+/// The backend's SYN-ACK answering the agent's SYN for a cookie connection: XDP records the
+/// splice in both entries itself (the offset from the SYN cookie to the backend's ISN), so
+/// the agent only replays the request; everything else the splice needs the agent wrote
+/// with the SYN, the backend's window scale as that backend last announced it (the agent
+/// corrects it before it replays the request, should the backend announce another). Returns the connection's binding when it did
+/// (the agent then writes nothing), `None` for a segment that answers no SYN of ours.
+#[inline(always)]
+pub fn record_at_synack(
+    ctx: &XdpContext,
+    packet: &Packet,
+    entry: *mut ReverseNat,
+) -> Option<Binding> {
+    if packet.tcp_flags & (SYN | ACK | RST) != SYN | ACK {
+        return None;
+    }
+    // SAFETY: map values stay valid for the duration of the program.
+    let nat = unsafe { *entry };
+    // Full NAT names the client in the entry; gateway NAT's backend answers it directly.
+    let (client, client_port) = if nat.client_port != 0 {
+        (nat.client, nat.client_port)
+    } else {
+        (packet.key.dst, packet.key.dport)
+    };
+    let client_key = FlowKey {
+        src: client,
+        dst: nat.vip,
+        sport: client_port,
+        dport: nat.port,
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    };
+    // SAFETY: as above; the copy is taken at once.
+    let binding = unsafe { *BINDINGS.get(&client_key)? };
+    let ack = read_u32(ctx, packet.tcp_field(tcp_field::ACK)).ok()?;
+    if binding.state != binding_state::ACCEPTED || ack != binding.client_isn.wrapping_add(1) {
+        return None;
+    }
+    let flow = FLOWS.get_ptr_mut(&client_key)?;
+    // SAFETY: as above.
+    let connecting =
+        unsafe { (*flow).state == flow_state::CONNECTING && (*flow).backend_id == nat.backend_id };
+    if !connecting {
+        return None;
+    }
+    let backend_isn = read_u32(ctx, packet.tcp_field(tcp_field::SEQ)).ok()?;
+    let delta = backend_isn.wrapping_sub(binding.cookie_isn);
+    let state = if nat.flags & reverse_flags::HEAD_TO_AGENT != 0 {
+        flow_state::RESPONSE_HEAD
+    } else {
+        flow_state::SPLICED
+    };
+    // SAFETY: as above. The reverse entry first, as the agent writes them: once the flow is
+    // spliced, replies may come.
+    unsafe {
+        (*entry).seq_delta = delta;
+        (*entry).state = state;
+        (*flow).seq_delta = delta;
+        (*flow).state = flow_state::SPLICED;
+    }
+    Some(binding)
 }
 
 /// Clears the reverse entry's `replay_end` once the backend acknowledges all of the request

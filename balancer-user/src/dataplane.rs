@@ -390,13 +390,6 @@ impl Dataplane {
         Ok(RingBuf::try_from(map)?)
     }
 
-    /// The handshake the data plane completed for a client connection.
-    pub fn binding(&self, key: &FlowKey) -> Option<Binding> {
-        let map = self.map_ref(map_name::BINDINGS).ok()?;
-        let bindings: HashMap<&MapData, FlowKey, Binding> = HashMap::try_from(map).ok()?;
-        bindings.get(key, 0).ok()
-    }
-
     /// Writes both directions of a client connection: its flow entry (client-side key) and
     /// its reverse entry (backend-side key).
     pub fn set_connection(

@@ -585,6 +585,7 @@ async fn serve(config: Config, config_path: PathBuf, options: StartOptions) -> R
                 }
             }
         }
+        agent.flush_sends();
     }
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     let _ = std::fs::remove_file(&socket);

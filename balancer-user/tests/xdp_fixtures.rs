@@ -12,15 +12,16 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    affinity, backend_state, flow_flags, flow_state, map_name, nat_mode, syncookie, without_agent,
-    Addr, Affinity, AffinityKey, AgentState, Backend, Counter, Flow, FlowKey, Group, Reason,
-    ReverseNat, Service, ServiceKey, DEFAULT_AGENT_TIMEOUT_S, LAYOUT_VERSION, MAX_GROUPS,
-    MAX_SERVICES, PROTO_TCP, PROTO_UDP, TABLES_PER_SERVICE, XDP_PROGRAM,
+    affinity, backend_state, binding_state, flow_flags, flow_state, map_name, nat_mode, punt_kind,
+    reverse_flags, syncookie, without_agent, Addr, Affinity, AffinityKey, AgentState, Backend,
+    Binding, Counter, Flow, FlowKey, Group, Punt, Reason, ReverseNat, Service, ServiceKey,
+    SynOptions, DEFAULT_AGENT_TIMEOUT_S, LAYOUT_VERSION, MAX_GROUPS, MAX_SERVICES, PROTO_TCP,
+    PROTO_UDP, TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 
 const XDP_DROP: u32 = 1;
@@ -515,6 +516,24 @@ impl Program {
         let flows: HashMap<&MapData, FlowKey, Flow> =
             HashMap::try_from(self.ebpf.map(map_name::FLOWS).expect("FLOWS")).unwrap();
         flows.get(key, 0).ok()
+    }
+
+    fn reverse(&self, reply_key: &FlowKey) -> Option<ReverseNat> {
+        let reverse: HashMap<&MapData, FlowKey, ReverseNat> =
+            HashMap::try_from(self.ebpf.map(map_name::REVERSE).expect("REVERSE")).unwrap();
+        reverse.get(reply_key, 0).ok()
+    }
+
+    /// The records the program put in the punt ring since the last call, oldest first.
+    fn punts(&mut self) -> Vec<Punt> {
+        let mut ring = RingBuf::try_from(self.map(map_name::PUNTS)).unwrap();
+        let mut punts = Vec::new();
+        while let Some(record) = ring.next() {
+            punts.push(bytemuck::pod_read_unaligned(
+                &record[..std::mem::size_of::<Punt>()],
+            ));
+        }
+        punts
     }
 }
 
@@ -1495,16 +1514,21 @@ fn client_flow(port: u16) -> FlowKey {
     }
 }
 
-/// Writes both entries of a spliced cookie connection from the client's port to backend 0.
-fn splice(program: &mut Program, client_key: &FlowKey, flow: Flow, nat: ReverseNat) {
-    let reply_key = FlowKey {
+/// The backend side's key of a cookie connection from the client's port to backend 0.
+fn reply_flow(client_key: &FlowKey) -> FlowKey {
+    FlowKey {
         src: addr(BACKEND),
         dst: client_key.src,
         sport: WEB_BACKEND_PORT.to_be(),
         dport: client_key.sport,
         proto: PROTO_TCP,
         _pad: [0; 3],
-    };
+    }
+}
+
+/// Writes both entries of a spliced cookie connection from the client's port to backend 0.
+fn splice(program: &mut Program, client_key: &FlowKey, flow: Flow, nat: ReverseNat) {
+    let reply_key = reply_flow(client_key);
     let mut flows: HashMap<&mut MapData, FlowKey, Flow> =
         HashMap::try_from(program.map(map_name::FLOWS)).unwrap();
     flows.insert(client_key, flow, 0).unwrap();
@@ -1640,6 +1664,135 @@ fn a_splice_moves_sequence_numbers_past_an_edited_head_and_a_shortened_request()
         action, XDP_REDIRECT,
         "not punted once the head is acknowledged"
     );
+}
+
+#[test]
+fn the_backends_syn_ack_is_recorded_as_the_splice_by_xdp_and_punts_carry_the_binding() {
+    let mut program = Program::in_private_network("synack");
+    program.agent_alive_seconds_ago(0);
+    // The agent sent the backend the client's SYN and wrote what the splice needs but the
+    // backend's ISN: the end of the replay, the window scales, that the head comes to it.
+    const COOKIE_ISN: u32 = 5_000;
+    const BACKEND_ISN: u32 = 0xfff0_0000;
+    const REPLAY_END: u32 = CLIENT_SEQ + 1 + 300;
+    let key = client_flow(COOKIE_PORT);
+    let reply_key = reply_flow(&key);
+    let binding = Binding {
+        client_isn: CLIENT_SEQ,
+        cookie_isn: COOKIE_ISN,
+        options: SynOptions {
+            mss: 1460,
+            window_shift: 7,
+            sack_permitted: 1,
+        },
+        state: binding_state::ACCEPTED,
+        punts: 1,
+        accepted_s: coarse_seconds(),
+    };
+    let mut bindings: HashMap<&mut MapData, FlowKey, Binding> =
+        HashMap::try_from(program.map(map_name::BINDINGS)).unwrap();
+    bindings.insert(key, binding, 0).unwrap();
+    let connecting = ReverseNat {
+        vip: addr(VIP),
+        port: COOKIE_PORT.to_be(),
+        state: flow_state::CONNECTING,
+        backend_window_shift: 9,
+        client_window_shift: 7,
+        replay_end: REPLAY_END,
+        flags: reverse_flags::HEAD_TO_AGENT,
+        ..ReverseNat::default()
+    };
+    splice(
+        &mut program,
+        &key,
+        Flow {
+            backend_id: 0,
+            backend_addr: addr(BACKEND),
+            backend_port: WEB_BACKEND_PORT.to_be(),
+            state: flow_state::CONNECTING,
+            ..Flow::default()
+        },
+        connecting,
+    );
+    let syn_ack = |ack| {
+        let from_backend = ip(BACKEND, CLIENT, PROTO_TCP);
+        let ports = (WEB_BACKEND_PORT, CLIENT_PORT);
+        let segment = tcp_segment(
+            &from_backend,
+            ports,
+            (BACKEND_ISN, ack),
+            TCP_SYN | TCP_ACK,
+            500,
+            b"",
+        );
+        ipv4_frame(FROM_BACKEND.0, FROM_BACKEND.1, &from_backend, &segment)
+    };
+
+    // More of the client's request while the backend side opens: to the agent, with the
+    // binding as it stands (this segment counted against its budget).
+    let from_client = ip(CLIENT, VIP, PROTO_TCP);
+    let more = tcp_segment(
+        &from_client,
+        (CLIENT_PORT, COOKIE_PORT),
+        (CLIENT_SEQ + 301, COOKIE_ISN + 1),
+        TCP_ACK,
+        500,
+        b"more",
+    );
+    let more = ipv4_frame(FROM_CLIENT.0, FROM_CLIENT.1, &from_client, &more);
+    assert_eq!(program.run(&more).0, XDP_DROP);
+    let punts = program.punts();
+    assert_eq!(punts.len(), 1);
+    assert_eq!(punts[0].kind, punt_kind::CLIENT);
+    assert_eq!(
+        punts[0].binding,
+        Binding {
+            punts: 2,
+            ..binding
+        }
+    );
+    assert_eq!(&punts[0].frame[..punts[0].len as usize], &more[..]);
+
+    // A SYN-ACK that acknowledges no SYN of ours: to the agent, nothing recorded.
+    let stale = syn_ack(CLIENT_SEQ + 2);
+    assert_eq!(program.run(&stale).0, XDP_DROP);
+    assert_eq!(program.flow(&key).unwrap().state, flow_state::CONNECTING);
+    assert_eq!(program.reverse(&reply_key), Some(connecting));
+    let punts = program.punts();
+    assert_eq!((punts.len(), punts[0].kind), (1, punt_kind::BACKEND));
+    assert_eq!(punts[0].binding.state, binding_state::NONE);
+
+    // The backend's answer: both entries spliced by the offset from the cookie to its ISN,
+    // the reverse one reading the head first; the agent gets the SYN-ACK and the binding.
+    let answer = syn_ack(CLIENT_SEQ + 1);
+    assert_eq!(program.run(&answer).0, XDP_DROP);
+    let delta = BACKEND_ISN.wrapping_sub(COOKIE_ISN);
+    let flow = program.flow(&key).unwrap();
+    assert_eq!((flow.state, flow.seq_delta), (flow_state::SPLICED, delta));
+    assert_eq!(
+        program.reverse(&reply_key),
+        Some(ReverseNat {
+            state: flow_state::RESPONSE_HEAD,
+            seq_delta: delta,
+            ..connecting
+        }),
+        "the replay's end and the window scales stay as the agent wrote them"
+    );
+    let punts = program.punts();
+    assert_eq!(punts.len(), 1);
+    assert_eq!(
+        punts[0].binding,
+        Binding {
+            punts: 2,
+            ..binding
+        }
+    );
+    assert_eq!(&punts[0].frame[..punts[0].len as usize], &answer[..]);
+
+    // The same SYN-ACK again (the agent's ACK was lost): to the agent, which answers it.
+    assert_eq!(program.run(&answer).0, XDP_DROP);
+    assert_eq!(program.punts()[0].binding.state, binding_state::NONE);
+    assert_eq!(program.counters()[Reason::Punted as usize], 4);
 }
 
 /// Reasons that count events in addition to a packet's exit, not exits of their own.

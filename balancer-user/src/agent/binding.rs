@@ -17,8 +17,8 @@ use std::{
 
 use anyhow::Result;
 use balancer_common::{
-    binding_state, flow_flags, flow_state, proxy_v2, punt_kind, Addr, Binding, Flow, FlowKey, Punt,
-    ReverseNat, COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE,
+    binding_state, flow_flags, flow_state, proxy_v2, punt_kind, reverse_flags, Addr, Binding, Flow,
+    FlowKey, Punt, ReverseNat, COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE,
 };
 use tracing::debug;
 
@@ -66,6 +66,9 @@ pub struct Binder {
     limits: BindingLimits,
     /// Backend-side key of each connection being opened → its client-side key.
     by_backend: foldhash::HashMap<FlowKey, FlowKey>,
+    /// The window scale each backend (by id) announced in its latest SYN-ACK: XDP splices
+    /// with it, and most backends announce the same one every time.
+    window_shift_of: foldhash::HashMap<u32, u8>,
     /// Full NAT: sources handed out so far, which picks the next one to try.
     source_cursor: u32,
     pub counters: BindingCounters,
@@ -204,6 +207,10 @@ pub struct BindingLimits {
 }
 
 impl Binder {
+    pub fn flush_sends(&self) {
+        self.sockets.flush();
+    }
+
     /// Connections held now.
     pub fn held(&self) -> usize {
         self.pending.len()
@@ -222,6 +229,7 @@ impl Binder {
             budgets: Budgets::new(limits.per_client, limits.per_prefix),
             limits,
             by_backend: foldhash::HashMap::default(),
+            window_shift_of: foldhash::HashMap::default(),
             // Anywhere in the range: the data plane's CPUs start at its beginning.
             source_cursor: std::process::id().wrapping_mul(0x9e37_79b9),
             counters: BindingCounters::default(),
@@ -306,19 +314,20 @@ impl Agent {
             return;
         };
         match punt.kind {
-            punt_kind::CLIENT => self.on_client_segment(segment),
-            punt_kind::BACKEND => self.on_backend_segment(segment),
+            punt_kind::CLIENT => self.on_client_segment(segment, punt.binding),
+            punt_kind::BACKEND => {
+                let recorded = punt.binding.state == binding_state::ACCEPTED;
+                self.on_backend_segment(segment, recorded)
+            }
             _ => {}
         }
     }
 
-    fn on_client_segment(&mut self, segment: Segment) {
+    /// A client segment, with its connection's binding as XDP had it when it punted it.
+    fn on_client_segment(&mut self, segment: Segment, binding: Binding) {
         let key = segment.key();
         // A refused connection's segment punted before XDP knew it was refused.
-        let binding = self
-            .dataplane
-            .binding(&key)
-            .filter(|b| b.state == binding_state::ACCEPTED);
+        let binding = Some(binding).filter(|b| b.state == binding_state::ACCEPTED);
         let reused = self.binder.pending.get(&key).is_some_and(|pending| {
             binding.is_some_and(|b| b.client_isn != pending.binding.client_isn)
         });
@@ -643,25 +652,31 @@ impl Agent {
         };
         pending.source = source;
         pending.proxy_header = proxy_header;
-        let pending = &self.binder.pending[key];
+        pending.issue = issue(&choice, &self.config.signing_keys, &pending.request);
+        pending.strip = choice.sessions.rewritten_cookie().and_then(|name| {
+            let (_, removed) = rewrite::strip(&pending.request, name);
+            (removed > 0).then(|| (name.to_owned(), removed as u32))
+        });
         let reply_key = backend_key(pending, target);
-        let (flow, nat) = connection_entries(pending, target, flow_state::CONNECTING);
+        let (flow, mut nat) = connection_entries(pending, target, flow_state::CONNECTING);
+        if nat.client_window_shift != 0 {
+            nat.backend_window_shift = self
+                .binder
+                .window_shift_of
+                .get(&target.id)
+                .copied()
+                .unwrap_or(0);
+        }
+        pending.reverse = nat;
         if let Err(error) = self.dataplane.set_connection(key, flow, &reply_key, nat) {
             throttled!(warn, "recording a connection being opened: {error:#}");
             self.abort_quietly(key);
             return;
         }
         self.binder.by_backend.insert(reply_key, *key);
-        let issue = issue(&choice, &self.config.signing_keys, &pending.request);
-        let strip = choice.sessions.rewritten_cookie().and_then(|name| {
-            let (_, removed) = rewrite::strip(&pending.request, name);
-            (removed > 0).then(|| (name.to_owned(), removed as u32))
-        });
         let Some(pending) = self.binder.pending.get_mut(key) else {
             return;
         };
-        pending.issue = issue;
-        pending.strip = strip;
         pending.tried.push(target.id);
         pending.stage = Stage::Connecting {
             target,
@@ -677,7 +692,8 @@ impl Agent {
         }
     }
 
-    fn on_backend_segment(&mut self, segment: Segment) {
+    /// A backend segment; `recorded` when it is the SYN-ACK whose splice XDP recorded.
+    fn on_backend_segment(&mut self, segment: Segment, recorded: bool) {
         let Some(&key) = self.binder.by_backend.get(&segment.key()) else {
             return;
         };
@@ -737,33 +753,21 @@ impl Agent {
         }
         let backend_isn = segment.seq;
         if already.is_none() {
-            let client_scales = pending.binding.options.window_shift != NO_WINDOW_SCALE;
             let delta = backend_isn.wrapping_sub(pending.binding.cookie_isn);
-            let removed = pending.shortened();
-            let replayed = (pending.request.len() as u32).wrapping_sub(removed);
-            let replay_end = if replayed > 0 {
-                pending
-                    .binding
-                    .client_isn
-                    .wrapping_add(1)
-                    .wrapping_add(replayed)
-            } else {
-                0
-            };
             let (flow, nat) = connection_entries(pending, target, flow_state::SPLICED);
             let flow = Flow {
                 seq_delta: delta,
-                removed,
                 ..flow
             };
-            let window_shifts = if client_scales {
-                (segment.window_shift.unwrap_or(0), COOKIE_WINDOW_SHIFT)
+            let backend_window_shift = if nat.client_window_shift != 0 {
+                let shift = segment.window_shift.unwrap_or(0);
+                self.binder.window_shift_of.insert(target.id, shift);
+                shift
             } else {
-                (0, 0)
+                0
             };
             let nat = ReverseNat {
-                backend_window_shift: window_shifts.0,
-                client_window_shift: window_shifts.1,
+                backend_window_shift,
                 // The first response head comes to the agent when it gets the cookie.
                 state: if pending.issue.is_some() {
                     flow_state::RESPONSE_HEAD
@@ -771,16 +775,23 @@ impl Agent {
                     flow_state::SPLICED
                 },
                 seq_delta: delta,
-                removed,
-                replay_end,
                 ..nat
             };
-            if let Err(error) = self
-                .dataplane
-                .set_connection(&key, flow, &segment.key(), nat)
-            {
-                throttled!(warn, "recording a spliced connection: {error:#}");
-                return;
+            // XDP recorded the splice from what the agent wrote with the SYN; the agent
+            // writes it only where XDP could not (the binding was gone), the request grew
+            // since (the replay ends later) or the backend announced another window scale.
+            let written = pending.reverse;
+            let current = recorded
+                && written.replay_end == nat.replay_end
+                && written.backend_window_shift == nat.backend_window_shift;
+            if !current {
+                if let Err(error) = self
+                    .dataplane
+                    .set_connection(&key, flow, &segment.key(), nat)
+                {
+                    throttled!(warn, "recording a spliced connection: {error:#}");
+                    return;
+                }
             }
             self.binder.counters.bound += 1;
             self.binder
@@ -1256,14 +1267,31 @@ fn claim_source(
     None
 }
 
-/// A connection's flow and reverse entries in `state`, with its addresses: the backend, and
-/// in full NAT the source the backend sees and the client the replies go back to.
+/// A connection's flow and reverse entries in `state`, with its addresses (the backend, and
+/// in full NAT the source the backend sees and the client the replies go back to) and what
+/// the splice needs that the agent knows when it sends the SYN: the bytes by which the
+/// request is shortened, where the replay ends, the window scale the client was promised and
+/// whether the first response head comes to the agent. The backend's SYN-ACK adds its ISN
+/// and window scale.
 fn connection_entries(pending: &Pending, target: Target, state: u32) -> (Flow, ReverseNat) {
+    let removed = pending.shortened();
+    let replayed = (pending.request.len() as u32).wrapping_sub(removed);
+    let replay_end = if replayed > 0 {
+        pending
+            .binding
+            .client_isn
+            .wrapping_add(1)
+            .wrapping_add(replayed)
+    } else {
+        0
+    };
+    let client_scales = pending.binding.options.window_shift != NO_WINDOW_SCALE;
     let mut flow = Flow {
         backend_id: target.id,
         backend_addr: Addr::from(target.addr),
         backend_port: target.port.to_be(),
         state,
+        removed,
         ..Flow::default()
     };
     let mut nat = ReverseNat {
@@ -1271,6 +1299,18 @@ fn connection_entries(pending: &Pending, target: Target, state: u32) -> (Flow, R
         port: pending.vip_port.to_be(),
         state,
         backend_id: target.id,
+        client_window_shift: if client_scales {
+            COOKIE_WINDOW_SHIFT
+        } else {
+            0
+        },
+        removed,
+        replay_end,
+        flags: if pending.issue.is_some() {
+            reverse_flags::HEAD_TO_AGENT
+        } else {
+            0
+        },
         ..ReverseNat::default()
     };
     if let Some((source, port)) = pending.source {

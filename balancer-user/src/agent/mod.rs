@@ -1013,9 +1013,16 @@ impl Agent {
 
     /// Stops the health checks; the data plane stays as it is.
     pub fn shutdown(self) {
+        self.flush_sends();
         for check in self.checks {
             check.abort();
         }
+    }
+
+    /// Sends the packets the agent queued since the last call (after each batch of punts,
+    /// tick or command).
+    pub fn flush_sends(&self) {
+        self.binder.flush_sends();
     }
 
     /// The binding stage's counters, one `name count` a line.
