@@ -101,20 +101,7 @@ pub fn record_at_synack(
     }
     // SAFETY: map values stay valid for the duration of the program.
     let nat = unsafe { *entry };
-    // Full NAT names the client in the entry; gateway NAT's backend answers it directly.
-    let (client, client_port) = if nat.client_port != 0 {
-        (nat.client, nat.client_port)
-    } else {
-        (packet.key.dst, packet.key.dport)
-    };
-    let client_key = FlowKey {
-        src: client,
-        dst: nat.vip,
-        sport: client_port,
-        dport: nat.port,
-        proto: PROTO_TCP,
-        _pad: [0; 3],
-    };
+    let client_key = client_key(packet, &nat);
     // SAFETY: as above; the copy is taken at once.
     let binding = unsafe { *BINDINGS.get(&client_key)? };
     let ack = read_u32(ctx, packet.tcp_field(tcp_field::ACK)).ok()?;
@@ -144,6 +131,25 @@ pub fn record_at_synack(
         (*flow).state = flow_state::SPLICED;
     }
     Some(binding)
+}
+
+/// The client side's key of a backend segment's connection: full NAT names the client in
+/// the reverse entry; gateway NAT's backend answers the client directly.
+#[inline(always)]
+fn client_key(packet: &Packet, nat: &ReverseNat) -> FlowKey {
+    let (client, client_port) = if nat.client_port != 0 {
+        (nat.client, nat.client_port)
+    } else {
+        (packet.key.dst, packet.key.dport)
+    };
+    FlowKey {
+        src: client,
+        dst: nat.vip,
+        sport: client_port,
+        dport: nat.port,
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    }
 }
 
 /// Clears the reverse entry's `replay_end` once the backend acknowledges all of the request
@@ -186,19 +192,7 @@ pub fn for_agent(ctx: &XdpContext, packet: &Packet, nat: &ReverseNat) -> bool {
     if seq.wrapping_sub(nat.head_end) as i32 >= 0 {
         return false;
     }
-    let (client, client_port) = if nat.client_port != 0 {
-        (nat.client, nat.client_port)
-    } else {
-        (packet.key.dst, packet.key.dport)
-    };
-    let client_key = FlowKey {
-        src: client,
-        dst: nat.vip,
-        sport: client_port,
-        dport: nat.port,
-        proto: PROTO_TCP,
-        _pad: [0; 3],
-    };
+    let client_key = client_key(packet, nat);
     // SAFETY: map values stay valid for the duration of the program.
     FLOWS
         .get_ptr(&client_key)
