@@ -88,8 +88,9 @@ pub fn note_head_acked(ctx: &XdpContext, packet: &Packet, flow: &mut Flow) {
 /// splice in both entries itself (the offset from the SYN cookie to the backend's ISN), so
 /// the agent only replays the request; everything else the splice needs the agent wrote
 /// with the SYN, the backend's window scale as that backend last announced it (the agent
-/// corrects it before it replays the request, should the backend announce another). Returns the connection's binding when it did
-/// (the agent then writes nothing), `None` for a segment that answers no SYN of ours.
+/// corrects it before it replays the request, should the backend announce another).
+/// Returns the connection's binding when it did (the agent then writes nothing), `None` for
+/// a segment that answers no SYN of ours.
 #[inline(always)]
 pub fn record_at_synack(
     ctx: &XdpContext,

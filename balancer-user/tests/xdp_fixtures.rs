@@ -1526,6 +1526,17 @@ fn reply_flow(client_key: &FlowKey) -> FlowKey {
     }
 }
 
+/// A cookie connection's flow entry to backend 0 in `state`.
+fn flow_to_backend(state: u32) -> Flow {
+    Flow {
+        backend_id: 0,
+        backend_addr: addr(BACKEND),
+        backend_port: WEB_BACKEND_PORT.to_be(),
+        state,
+        ..Flow::default()
+    }
+}
+
 /// Writes both entries of a spliced cookie connection from the client's port to backend 0.
 fn splice(program: &mut Program, client_key: &FlowKey, flow: Flow, nat: ReverseNat) {
     let reply_key = reply_flow(client_key);
@@ -1554,15 +1565,11 @@ fn a_splice_moves_sequence_numbers_past_an_edited_head_and_a_shortened_request()
         &mut program,
         &key,
         Flow {
-            backend_id: 0,
-            backend_addr: addr(BACKEND),
-            backend_port: WEB_BACKEND_PORT.to_be(),
-            state: flow_state::SPLICED,
             seq_delta: DELTA,
             inserted: INSERTED,
             head_end: HEAD_END,
             removed: REMOVED,
-            ..Flow::default()
+            ..flow_to_backend(flow_state::SPLICED)
         },
         ReverseNat {
             vip: addr(VIP),
@@ -1705,13 +1712,7 @@ fn the_backends_syn_ack_is_recorded_as_the_splice_by_xdp_and_punts_carry_the_bin
     splice(
         &mut program,
         &key,
-        Flow {
-            backend_id: 0,
-            backend_addr: addr(BACKEND),
-            backend_port: WEB_BACKEND_PORT.to_be(),
-            state: flow_state::CONNECTING,
-            ..Flow::default()
-        },
+        flow_to_backend(flow_state::CONNECTING),
         connecting,
     );
     let syn_ack = |ack| {

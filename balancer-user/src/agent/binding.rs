@@ -207,10 +207,6 @@ pub struct BindingLimits {
 }
 
 impl Binder {
-    pub fn flush_sends(&self) {
-        self.sockets.flush();
-    }
-
     /// Connections held now.
     pub fn held(&self) -> usize {
         self.pending.len()
@@ -245,6 +241,12 @@ impl Binder {
 }
 
 impl Agent {
+    /// Sends the packets the agent queued since the last call (after each batch of punts,
+    /// tick or command).
+    pub fn flush_sends(&self) {
+        self.binder.sockets.flush();
+    }
+
     /// Drops the spliced connections remembered for repeated SYN-ACKs, to make room for
     /// connections still being bound: at a few thousand new connections a second those
     /// memories alone fill the table, and new connections were refused. Response heads the
@@ -769,7 +771,7 @@ impl Agent {
             let nat = ReverseNat {
                 backend_window_shift,
                 // The first response head comes to the agent when it gets the cookie.
-                state: if pending.issue.is_some() {
+                state: if nat.flags & reverse_flags::HEAD_TO_AGENT != 0 {
                     flow_state::RESPONSE_HEAD
                 } else {
                     flow_state::SPLICED

@@ -1019,12 +1019,6 @@ impl Agent {
         }
     }
 
-    /// Sends the packets the agent queued since the last call (after each batch of punts,
-    /// tick or command).
-    pub fn flush_sends(&self) {
-        self.binder.flush_sends();
-    }
-
     /// The binding stage's counters, one `name count` a line.
     pub fn counters(&self) -> String {
         let b = &self.binder.counters;

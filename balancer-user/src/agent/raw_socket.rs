@@ -60,10 +60,6 @@ impl RawSockets {
                 send_batch(fd, batch);
             }
         }
-        let mut queue = self.queued.borrow_mut();
-        if queue.capacity() > MAX_BATCH {
-            queue.shrink_to(MAX_BATCH);
-        }
     }
 }
 
