@@ -45,7 +45,7 @@ pub mod map_name {
 /// Version of the maps' layout (their key and value types and the meaning of their fields).
 /// Pinned maps outlive the agent and its program; a program of another layout version must
 /// not adopt them. Bump it with every change to a type or map below.
-pub const LAYOUT_VERSION: u32 = 11;
+pub const LAYOUT_VERSION: u32 = 12;
 
 /// Seconds after the agent's last heartbeat that the data plane takes it for gone: cookie
 /// services then stop handing connections to it (see [`without_agent`]). Compiled into the
@@ -322,8 +322,11 @@ pub struct Flow {
     /// With [`flow_flags::PROXY_HEADER`]: the client's sequence number of its first data
     /// byte, where the header goes; the client's later bytes move past it.
     pub proxy_seq: u32,
+    /// Spliced TCP with [`flow_flags::TIMESTAMPS`]: subtracted from the client's TSecr, which
+    /// echoes the backend's TSval as XDP moved it (see [`ReverseNat::ts_delta`]).
+    pub ts_delta: u32,
 }
-const _: () = assert!(size_of::<Flow>() == 72);
+const _: () = assert!(size_of::<Flow>() == 76);
 
 /// Bits of [`Flow::flags`].
 pub mod flow_flags {
@@ -335,6 +338,8 @@ pub mod flow_flags {
     /// L4 TCP with `proxy_protocol`: XDP puts the PROXY header in front of the client's
     /// first data (see [`Flow::proxy_seq`]).
     pub const PROXY_HEADER: u16 = 4;
+    /// Spliced TCP where both legs use timestamps: the client's TSecr is translated.
+    pub const TIMESTAMPS: u16 = 8;
 }
 
 /// `REVERSE` value: the VIP and port a backend's reply must appear to come from.
@@ -376,8 +381,13 @@ pub struct ReverseNat {
     pub last_seen_s: u32,
     /// The backend the replies come from, whose counters they go to.
     pub backend_id: u32,
+    /// Spliced TCP with [`reverse_flags::TIMESTAMPS`]: added to the backend's TSval, so the
+    /// client sees the balancer's clock go on from the last TSval it had from the balancer
+    /// (which the backend's first TSval becomes). Until XDP records the backend's SYN-ACK it
+    /// holds that last TSval, from which XDP makes the offset.
+    pub ts_delta: u32,
 }
-const _: () = assert!(size_of::<ReverseNat>() == 72);
+const _: () = assert!(size_of::<ReverseNat>() == 76);
 
 /// Bits of [`ReverseNat::flags`].
 pub mod reverse_flags {
@@ -390,6 +400,10 @@ pub mod reverse_flags {
     /// A cookie connection whose first response head goes to the agent: XDP turns the
     /// entry to `RESPONSE_HEAD` (not `SPLICED`) when it records the backend's SYN-ACK.
     pub const HEAD_TO_AGENT: u16 = 4;
+    /// A cookie connection whose client uses timestamps: XDP records the backend's SYN-ACK
+    /// only if it finds the SYN-ACK's TSval, and moves the backend's TSval by `ts_delta`
+    /// (the agent clears the flag when the backend does not use them).
+    pub const TIMESTAMPS: u16 = 8;
 }
 
 /// Full NAT: seconds a closed flow keeps its source, for the last segments of its close.
@@ -421,8 +435,11 @@ pub struct SynOptions {
     pub window_shift: u8,
     /// 1 when the client offered selective acknowledgements (SACK-permitted), else 0.
     pub sack_permitted: u8,
+    /// 1 when the client offered timestamps (and the balancer answered with its own), else 0.
+    pub timestamps: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<SynOptions>() == 4);
+const _: () = assert!(size_of::<SynOptions>() == 8);
 
 /// [`SynOptions::window_shift`] of a client that offered no window scaling.
 pub const NO_WINDOW_SCALE: u8 = 0xff;
@@ -444,7 +461,7 @@ pub struct Binding {
     /// Second (of `bpf_ktime_get_coarse_ns`) the handshake completed.
     pub accepted_s: u32,
 }
-const _: () = assert!(size_of::<Binding>() == 24);
+const _: () = assert!(size_of::<Binding>() == 28);
 
 impl Binding {
     /// No binding: what a punt record carries for a backend segment, or for a client segment
@@ -456,6 +473,8 @@ impl Binding {
             mss: 0,
             window_shift: 0,
             sack_permitted: 0,
+            timestamps: 0,
+            _pad: [0; 3],
         },
         state: binding_state::NONE,
         punts: 0,

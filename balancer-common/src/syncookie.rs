@@ -4,7 +4,7 @@
 //! SYN costs no state, a cookie is valid for its period and the next, and the MSS survives
 //! even when the SYN's options were forgotten under a flood.
 
-use crate::FlowKey;
+use crate::{FlowKey, SynOptions, NO_WINDOW_SCALE};
 
 /// Low bits of a cookie that carry the hash and the MSS index; the counter takes the rest.
 const COOKIE_BITS: u32 = 24;
@@ -28,6 +28,56 @@ const _: () = assert!(core::mem::size_of::<CookieSecret>() == 32);
 
 /// Entries of `COOKIE_SECRET`: the current secret, then the previous one.
 pub const COOKIE_SECRETS: u32 = 2;
+
+/// Low bits of the TSval in the balancer's SYN-ACK that keep the client's window scale (4
+/// bits, all ones for none) and SACK permission (1 bit), as the kernel's
+/// `cookie_init_timestamp` keeps them: the client echoes the TSval in every TSecr, so its
+/// options survive a flood that evicted them from `SYN_OPTIONS`.
+const TS_OPTION_BITS: u32 = 5;
+const TS_OPTION_MASK: u32 = (1 << TS_OPTION_BITS) - 1;
+const TS_NO_WINDOW_SCALE: u32 = 0xf;
+const TS_SACK_PERMITTED: u32 = 1 << 4;
+
+/// The TSval of the balancer's SYN-ACK on its millisecond clock at `now_ms`, carrying the
+/// SYN's options in its low bits, never ahead of the clock (the client must not see it run
+/// backwards once the backend's TSvals follow).
+#[inline(always)]
+pub fn cookie_tsval(now_ms: u32, options: &SynOptions) -> u32 {
+    let shift = if options.window_shift == NO_WINDOW_SCALE {
+        TS_NO_WINDOW_SCALE
+    } else {
+        u32::from(options.window_shift) & TS_NO_WINDOW_SCALE
+    };
+    let sack = if options.sack_permitted != 0 {
+        TS_SACK_PERMITTED
+    } else {
+        0
+    };
+    let tsval = (now_ms & !TS_OPTION_MASK) | shift | sack;
+    if tsval > now_ms {
+        tsval.wrapping_sub(1 << TS_OPTION_BITS)
+    } else {
+        tsval
+    }
+}
+
+/// The options of a client whose SYN's were forgotten, from the TSecr of its segment that
+/// completes the handshake (which echoes [`cookie_tsval`]) and the MSS its cookie carried.
+#[inline(always)]
+pub fn options_from_tsecr(tsecr: u32, mss: u16) -> SynOptions {
+    let shift = tsecr & TS_NO_WINDOW_SCALE;
+    SynOptions {
+        mss,
+        window_shift: if shift == TS_NO_WINDOW_SCALE {
+            NO_WINDOW_SCALE
+        } else {
+            shift as u8
+        },
+        sack_permitted: u8::from(tsecr & TS_SACK_PERMITTED != 0),
+        timestamps: 1,
+        _pad: [0; 3],
+    }
+}
 
 /// The index into [`MSS_TABLE`] of the largest MSS not above `mss`.
 #[inline(always)]
@@ -303,5 +353,24 @@ mod tests {
         assert_eq!(mss_index(1300), 1);
         assert_eq!(mss_index(1459), 2);
         assert_eq!(mss_index(9000), 3);
+    }
+
+    #[test]
+    fn the_cookie_tsval_keeps_the_syn_options_and_never_runs_ahead_of_the_clock() {
+        for now_ms in [0u32, 31, 32, 1_000_003, u32::MAX - 3, u32::MAX] {
+            for (window_shift, sack_permitted) in [(NO_WINDOW_SCALE, 0), (0, 1), (7, 0), (14, 1)] {
+                let offered = SynOptions {
+                    mss: 1440,
+                    window_shift,
+                    sack_permitted,
+                    timestamps: 1,
+                    _pad: [0; 3],
+                };
+                let tsval = cookie_tsval(now_ms, &offered);
+                assert!(tsval <= now_ms || now_ms < 32, "{tsval} ahead of {now_ms}");
+                assert!(now_ms.wrapping_sub(tsval) < 64);
+                assert_eq!(options_from_tsecr(tsval, 1440), offered);
+            }
+        }
     }
 }

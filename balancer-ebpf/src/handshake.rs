@@ -7,7 +7,7 @@ use balancer_common::{
     binding_state,
     proto::tcp_flag::{ACK, FIN, RST, SYN},
     punt_kind,
-    syncookie::{check_syn_cookie, MSS_TABLE},
+    syncookie::{check_syn_cookie, options_from_tsecr, MSS_TABLE},
     Binding, CookieSecret, FlowKey, Reason, SynOptions, COOKIE_PERIOD_S, MAX_PUNTS_PER_BINDING,
     NO_WINDOW_SCALE,
 };
@@ -18,9 +18,9 @@ use crate::{
     maps::{BINDINGS, COOKIE_SECRET, SYN_OPTIONS},
     packet::{ptr_at, Packet},
     punt::punt,
-    reset,
+    reset, splice,
     stats::{self, Verdict},
-    synack,
+    synack, tcp_options,
 };
 
 /// Sequence numbers past a binding's first byte that still count as its own segments: twice
@@ -31,6 +31,8 @@ const DEFAULT_OPTIONS: SynOptions = SynOptions {
     mss: 536,
     window_shift: NO_WINDOW_SCALE,
     sack_permitted: 0,
+    timestamps: 0,
+    _pad: [0; 3],
 };
 
 /// The current SYN cookie secret (0) or the previous one (1).
@@ -84,15 +86,11 @@ pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
     let Some(carried_mss) = check_cookie(key, client_isn, cookie_isn) else {
         return bad_cookie;
     };
-    // Under a flood the SYN's options may be gone: its MSS still travels in the cookie.
-    let forgotten = SynOptions {
-        mss: MSS_TABLE[carried_mss as usize & 3],
-        ..DEFAULT_OPTIONS
-    };
-    let options = SYN_OPTIONS.get_ptr(key).map_or(forgotten, |o| {
+    let options = match SYN_OPTIONS.get_ptr(key) {
         // SAFETY: map values stay valid for the duration of the program.
-        unsafe { *o }
-    });
+        Some(options) => unsafe { *options },
+        None => forgotten_options(ctx, packet, MSS_TABLE[carried_mss as usize & 3]),
+    };
     let _ = SYN_OPTIONS.remove(key);
     let binding = Binding {
         client_isn,
@@ -107,6 +105,21 @@ pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
     }
     stats::count(Reason::HandshakeDone, 0);
     while_binding(ctx, packet)
+}
+
+/// Under a flood the SYN's options may be gone: its MSS still travels in the cookie, and its
+/// window scale and SACK permission in the TSval the client echoes, if it uses timestamps.
+#[inline(always)]
+fn forgotten_options(ctx: &XdpContext, packet: &Packet, mss: u16) -> SynOptions {
+    let tsecr = tcp_options::timestamps_at(ctx, packet)
+        .and_then(|tsval_at| splice::read_u32(ctx, tsval_at + 4).ok());
+    match tsecr {
+        Some(tsecr) => options_from_tsecr(tsecr, mss),
+        None => SynOptions {
+            mss,
+            ..DEFAULT_OPTIONS
+        },
+    }
 }
 
 /// The MSS index `cookie_isn` carries if it is the SYN cookie of the client's connection,

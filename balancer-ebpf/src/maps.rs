@@ -125,3 +125,9 @@ pub static OFFSET_SCRATCH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0
 /// The agent's heartbeat and the maps' layout version (one entry), written by the agent.
 #[map]
 pub static AGENT: Array<AgentState> = Array::pinned(1, 0);
+
+/// The TCP options `tcp_options::Options` works on: a copy in a map, not on the stack, which
+/// the per-packet paths fill to the verifier's 512 bytes.
+#[map]
+pub static OPTION_BYTES: PerCpuArray<[u8; crate::tcp_options::BUFFER]> =
+    PerCpuArray::with_max_entries(1, 0);

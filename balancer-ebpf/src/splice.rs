@@ -1,6 +1,7 @@
 //! Spliced cookie connections in XDP: once both legs are up every packet is forwarded with
 //! its sequence numbers shifted between the two legs' ISNs (and past what the agent added to
-//! the response head or removed from the request), its SACK blocks with them, and the
+//! the response head or removed from the request), its SACK blocks with them, the backend's
+//! TSvals moved onto the balancer's clock (and the client's echoes of them back), and the
 //! backend's windows rescaled. The handshake before it is in `handshake`.
 
 use aya_ebpf::programs::XdpContext;
@@ -18,7 +19,7 @@ use crate::{
     maps::{BINDINGS, FLOWS},
     packet::{ptr_at, Packet},
     stats::Verdict,
-    tcp_options::Options,
+    tcp_options::{self, Options, ALIGNED_TIMESTAMPS_LEN},
 };
 
 /// Block edges a SACK option holds at most: 4 blocks of two (2 + 32 of the 40 option bytes).
@@ -27,6 +28,11 @@ const MAX_SACK_EDGES: usize = 8;
 /// sequence space. (The address rewrite is the caller's.)
 #[inline(always)]
 pub fn client_to_backend(ctx: &XdpContext, packet: &Packet, flow: &Flow) -> Result<(), Verdict> {
+    if flow.flags & flow_flags::TIMESTAMPS != 0 {
+        if let Some(tsval_at) = tcp_options::timestamps_at(ctx, packet) {
+            shift(ctx, packet, tsval_at + 4, flow.ts_delta.wrapping_neg())?;
+        }
+    }
     if flow.removed != 0 {
         // Bytes the client sends again from before the shortened request's end land, moved
         // back, on bytes the backend already has from the agent, which it ignores.
@@ -85,7 +91,8 @@ pub fn note_head_acked(ctx: &XdpContext, packet: &Packet, flow: &mut Flow) {
 }
 
 /// The backend's SYN-ACK answering the agent's SYN for a cookie connection: XDP records the
-/// splice in both entries itself (the offset from the SYN cookie to the backend's ISN), so
+/// splice in both entries itself (the offsets from the SYN cookie to the backend's ISN and,
+/// with timestamps, from the balancer's TSval to the backend's), so
 /// the agent only replays the request; everything else the splice needs the agent wrote
 /// with the SYN, the backend's window scale as that backend last announced it (the agent
 /// corrects it before it replays the request, should the backend announce another).
@@ -118,6 +125,14 @@ pub fn record_at_synack(
     }
     let backend_isn = read_u32(ctx, packet.tcp_field(tcp_field::SEQ)).ok()?;
     let delta = backend_isn.wrapping_sub(binding.cookie_isn);
+    // The backend's first TSval becomes the last the client had from the balancer, which
+    // the agent left in `ts_delta`.
+    let ts_delta = if nat.flags & reverse_flags::TIMESTAMPS != 0 {
+        nat.ts_delta
+            .wrapping_sub(tcp_options::synack_tsval(ctx, packet)?)
+    } else {
+        0
+    };
     let state = if nat.flags & reverse_flags::HEAD_TO_AGENT != 0 {
         flow_state::RESPONSE_HEAD
     } else {
@@ -127,8 +142,10 @@ pub fn record_at_synack(
     // spliced, replies may come.
     unsafe {
         (*entry).seq_delta = delta;
+        (*entry).ts_delta = ts_delta;
         (*entry).state = state;
         (*flow).seq_delta = delta;
+        (*flow).ts_delta = ts_delta;
         (*flow).state = flow_state::SPLICED;
     }
     Some(binding)
@@ -214,11 +231,16 @@ pub fn shift_sack_blocks(ctx: &XdpContext, packet: &Packet, delta: u32) -> Resul
     if packet.tcp_header_len <= TCP_HEADER_LEN {
         return Ok(());
     }
+    // Most segments with options carry only the timestamps: no copy of them is needed.
+    if packet.tcp_header_len == TCP_HEADER_LEN + ALIGNED_TIMESTAMPS_LEN
+        && tcp_options::timestamps_at(ctx, packet).is_some()
+    {
+        return Ok(());
+    }
     let truncated = Verdict::drop(Reason::DropTruncated);
     let mut options = Options::load(ctx, packet).ok_or(truncated)?;
     // Stacks align the SACK option on a word: first, behind two NOPs, or behind two NOPs
-    // and a timestamp and two NOPs again (spliced connections go without timestamps, L4
-    // flows keep the client's). A block left untranslated elsewhere costs speed, never data:
+    // and a timestamp and two NOPs again. A block left untranslated elsewhere costs speed, never data:
     // the sender retransmits what is not acknowledged in the end. Not walking the options
     // keeps this per-packet path cheap for the verifier.
     let nops =
@@ -271,6 +293,11 @@ pub fn backend_to_client(
         packet.tcp_field(tcp_field::SEQ),
         nat.seq_delta.wrapping_neg(),
     )?;
+    if nat.flags & reverse_flags::TIMESTAMPS != 0 {
+        if let Some(tsval_at) = tcp_options::timestamps_at(ctx, packet) {
+            shift(ctx, packet, tsval_at, nat.ts_delta)?;
+        }
+    }
     if nat.removed != 0 && packet.tcp_flags & ACK != 0 {
         shift(ctx, packet, packet.tcp_field(tcp_field::ACK), nat.removed)?;
         shift_sack_blocks(ctx, packet, nat.removed)?;

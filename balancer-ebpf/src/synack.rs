@@ -2,10 +2,10 @@
 //! completes the handshake itself so the request, and its cookie, can be read before a
 //! backend is chosen. The SYN's options are kept in `SYN_OPTIONS` for the backend leg.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
 use balancer_common::{
     proto::{tcp_flag, tcp_option, TCP_HEADER_LEN},
-    syncookie::{mss_index, syn_cookie},
+    syncookie::{cookie_tsval, mss_index, syn_cookie},
     Reason, SynOptions, COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE,
 };
 use network_types::{eth::EthHdr, tcp::TcpHdr};
@@ -20,8 +20,11 @@ use crate::{
 };
 
 /// TCP header of the SYN-ACK: 20 bytes and 12 of options (MSS; window scale or padding;
-/// SACK-permitted or padding).
+/// SACK-permitted or padding), or 20 of them for a client that offers timestamps (MSS;
+/// SACK-permitted or padding; timestamps; window scale or padding), laid out as Linux lays
+/// them out.
 const SYNACK_TCP_LEN: usize = 32;
+const SYNACK_TCP_LEN_TIMESTAMPS: usize = 40;
 /// MSS a client that sends none is assumed to accept (RFC 9293).
 const DEFAULT_MSS: u16 = 536;
 const MAX_WINDOW_SHIFT: u8 = 14;
@@ -29,12 +32,40 @@ const MAX_WINDOW_SHIFT: u8 = 14;
 /// Sends the SYN-ACK for `packet`, a SYN to a cookie service.
 #[inline(always)]
 pub fn answer(ctx: &XdpContext, packet: &Packet) -> Verdict {
-    let dropped = Verdict::drop(Reason::DropTruncated);
-    let no_room = Verdict::drop(Reason::DropNoRoomForReply);
-    let options = syn_options(ctx, packet);
+    let (options, client_tsval) = syn_options(ctx, packet);
     // A failed insert only costs the client its options on the backend leg.
     let _ = SYN_OPTIONS.insert(&packet.key, &options, 0);
+    if options.timestamps == 0 {
+        send::<SYNACK_TCP_LEN, { SYNACK_TCP_LEN / 2 }>(ctx, packet, &options, 0)
+    } else {
+        send::<SYNACK_TCP_LEN_TIMESTAMPS, { SYNACK_TCP_LEN_TIMESTAMPS / 2 }>(
+            ctx,
+            packet,
+            &options,
+            client_tsval,
+        )
+    }
+}
 
+/// The balancer's clock for its TSvals: milliseconds of `bpf_ktime_get_ns`, as Linux
+/// counts its own (without the per-peer offset of `tcp_timestamps=1`).
+#[inline(always)]
+fn milliseconds() -> u32 {
+    // SAFETY: a helper without arguments.
+    (unsafe { bpf_ktime_get_ns() } / 1_000_000) as u32
+}
+
+/// Turns `packet` into the SYN-ACK with the SYN cookie, a TCP header of `LEN` bytes
+/// (`WORDS` 16-bit words) with the options `offered` asks for, and sends it back.
+#[inline(always)]
+fn send<const LEN: usize, const WORDS: usize>(
+    ctx: &XdpContext,
+    packet: &Packet,
+    offered: &SynOptions,
+    client_tsval: u32,
+) -> Verdict {
+    const { assert!(WORDS * 2 == LEN) };
+    let dropped = Verdict::drop(Reason::DropTruncated);
     let (Some(eth), Some(tcp)) = (
         ptr_at::<EthHdr>(ctx, 0),
         ptr_at::<TcpHdr>(ctx, packet.l4_offset),
@@ -54,31 +85,17 @@ pub fn answer(ctx: &XdpContext, packet: &Packet) -> Verdict {
         key,
         client_seq,
         cookie_period(),
-        mss_index(options.mss),
+        mss_index(offered.mss),
     );
     let l4 = reply::l4_offset(packet.v6);
-    if reply::resize(ctx, l4 + SYNACK_TCP_LEN).is_none() {
-        return no_room;
+    if reply::resize(ctx, l4 + LEN).is_none() {
+        return Verdict::drop(Reason::DropNoRoomForReply);
     }
-    if reply::write_headers(ctx, macs, &key.dst, &key.src, SYNACK_TCP_LEN).is_none() {
+    if reply::write_headers(ctx, macs, &key.dst, &key.src, LEN).is_none() {
         return dropped;
     }
-    let Some(tcp) = ptr_at::<[u8; SYNACK_TCP_LEN]>(ctx, l4) else {
+    let Some(tcp) = ptr_at::<[u8; LEN]>(ctx, l4) else {
         return dropped;
-    };
-    let mss = options.mss.min(COOKIE_MSS).to_be_bytes();
-    let nop = tcp_option::NOP;
-    let scale = if options.window_shift == NO_WINDOW_SCALE {
-        [nop; 4]
-    } else {
-        [nop, tcp_option::WINDOW_SCALE, 3, COOKIE_WINDOW_SHIFT]
-    };
-    // Selective acknowledgements keep a lossy path fast; the backend is offered them in
-    // turn and the splice moves the blocks between the two legs' sequence spaces.
-    let sack = if options.sack_permitted != 0 {
-        [nop, nop, tcp_option::SACK_PERMITTED, 2]
-    } else {
-        [nop; 4]
     };
     // SAFETY: `ptr_at` checked that the segment lies inside the resized frame.
     let tcp = unsafe { &mut *tcp };
@@ -86,25 +103,46 @@ pub fn answer(ctx: &XdpContext, packet: &Packet) -> Verdict {
     tcp[2..4].copy_from_slice(&key.sport.to_ne_bytes());
     tcp[4..8].copy_from_slice(&cookie.to_be_bytes());
     tcp[8..12].copy_from_slice(&client_seq.wrapping_add(1).to_be_bytes());
-    tcp[12] = ((SYNACK_TCP_LEN / 4) as u8) << 4;
+    tcp[12] = ((LEN / 4) as u8) << 4;
     tcp[13] = tcp_flag::SYN | tcp_flag::ACK;
     tcp[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
     tcp[16..20].copy_from_slice(&[0; 4]); // checksum, urgent pointer
-    tcp[TCP_HEADER_LEN..].copy_from_slice(&[
-        tcp_option::MSS,
-        4,
-        mss[0],
-        mss[1],
-        scale[0],
-        scale[1],
-        scale[2],
-        scale[3],
-        sack[0],
-        sack[1],
-        sack[2],
-        sack[3],
-    ]);
-    if reply::write_checksums::<{ SYNACK_TCP_LEN / 2 }>(ctx, packet.v6).is_none() {
+    let options = &mut tcp[TCP_HEADER_LEN..];
+    let mss = offered.mss.min(COOKIE_MSS).to_be_bytes();
+    options[0..4].copy_from_slice(&[tcp_option::MSS, 4, mss[0], mss[1]]);
+    let nop = tcp_option::NOP;
+    let scale = if offered.window_shift == NO_WINDOW_SCALE {
+        [nop; 4]
+    } else {
+        [nop, tcp_option::WINDOW_SCALE, 3, COOKIE_WINDOW_SHIFT]
+    };
+    // Selective acknowledgements keep a lossy path fast; the backend is offered them in
+    // turn and the splice moves the blocks between the two legs' sequence spaces.
+    let sack = offered.sack_permitted != 0;
+    if LEN == SYNACK_TCP_LEN {
+        options[4..8].copy_from_slice(&scale);
+        let sack = if sack {
+            [nop, nop, tcp_option::SACK_PERMITTED, 2]
+        } else {
+            [nop; 4]
+        };
+        options[8..12].copy_from_slice(&sack);
+    } else {
+        // Timestamps let the backends' TIME_WAIT tell a reused client port from an old
+        // segment (PAWS); the splice moves the backend's TSvals onto the balancer's clock.
+        let sack = if sack {
+            [tcp_option::SACK_PERMITTED, 2]
+        } else {
+            [nop, nop]
+        };
+        options[4..6].copy_from_slice(&sack);
+        options[6..8].copy_from_slice(&[tcp_option::TIMESTAMP, 10]);
+        let tsval = cookie_tsval(milliseconds(), offered);
+        options[8..12].copy_from_slice(&tsval.to_be_bytes());
+        options[12..16].copy_from_slice(&client_tsval.to_be_bytes());
+        options[16..20].copy_from_slice(&scale);
+    }
+    if reply::write_checksums::<WORDS>(ctx, packet.v6).is_none() {
         return dropped;
     }
     Verdict {
@@ -113,16 +151,20 @@ pub fn answer(ctx: &XdpContext, packet: &Packet) -> Verdict {
     }
 }
 
-/// The MSS, window scale and SACK permission a SYN offers (defaults where it offers none).
+/// The MSS, window scale, SACK permission and timestamps a SYN offers (defaults where it
+/// offers none), and its TSval.
 #[inline(always)]
-fn syn_options(ctx: &XdpContext, packet: &Packet) -> SynOptions {
+fn syn_options(ctx: &XdpContext, packet: &Packet) -> (SynOptions, u32) {
     let mut options = SynOptions {
         mss: DEFAULT_MSS,
         window_shift: NO_WINDOW_SCALE,
         sack_permitted: 0,
+        timestamps: 0,
+        _pad: [0; 3],
     };
+    let mut tsval = 0;
     let Some(offered) = Options::load(ctx, packet) else {
-        return options;
+        return (options, tsval);
     };
     offered.each(|kind, at, len| {
         if kind == tcp_option::MSS && len == 4 {
@@ -131,8 +173,11 @@ fn syn_options(ctx: &XdpContext, packet: &Packet) -> SynOptions {
             options.window_shift = offered.byte(at + 2).min(MAX_WINDOW_SHIFT);
         } else if kind == tcp_option::SACK_PERMITTED && len == 2 {
             options.sack_permitted = 1;
+        } else if kind == tcp_option::TIMESTAMP && len == 10 {
+            options.timestamps = 1;
+            tsval = u32::from_be_bytes(offered.word(at + 2));
         }
         true
     });
-    options
+    (options, tsval)
 }

@@ -32,7 +32,17 @@ pub struct Segment {
     pub window_shift: Option<u8>,
     /// SACK-permitted option present.
     pub sack_permitted: bool,
+    /// Timestamp option, if present.
+    pub timestamps: Option<Timestamps>,
     pub payload: Vec<u8>,
+}
+
+/// The timestamp option (RFC 7323): the sender's clock, and the latest value of the other
+/// end's it echoes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timestamps {
+    pub value: u32,
+    pub echo: u32,
 }
 
 impl Segment {
@@ -50,6 +60,7 @@ impl Segment {
             mss: None,
             window_shift: None,
             sack_permitted: false,
+            timestamps: None,
             payload: Vec::new(),
         }
     }
@@ -114,6 +125,7 @@ impl Segment {
             mss: None,
             window_shift: None,
             sack_permitted: false,
+            timestamps: None,
             payload: tcp[header_len..].to_vec(),
         };
         let mut options = &tcp[TCP_HEADER_LEN..header_len];
@@ -134,6 +146,20 @@ impl Segment {
                 }
                 (tcp_option::WINDOW_SCALE, 3) => segment.window_shift = Some(option[2].min(14)),
                 (tcp_option::SACK_PERMITTED, 2) => segment.sack_permitted = true,
+                (tcp_option::TIMESTAMP, 10) => {
+                    let word = |at: usize| {
+                        u32::from_be_bytes([
+                            option[at],
+                            option[at + 1],
+                            option[at + 2],
+                            option[at + 3],
+                        ])
+                    };
+                    segment.timestamps = Some(Timestamps {
+                        value: word(2),
+                        echo: word(6),
+                    });
+                }
                 _ => {}
             }
             options = &options[len.max(2)..];
@@ -153,13 +179,24 @@ impl Segment {
         }
     }
 
-    /// The IP packet (an IPv4 or IPv6 header, the TCP header with the MSS, window scale and
-    /// SACK-permitted options when set, and the payload) with its checksums.
+    /// The IP packet (an IPv4 or IPv6 header, the TCP header with the MSS, timestamp, window
+    /// scale and SACK-permitted options when set, and the payload) with its checksums. The
+    /// timestamps come first but for the MSS, behind two NOPs, where XDP looks for them.
     pub fn to_packet(&self) -> Vec<u8> {
         let mut options = Vec::new();
         if let Some(mss) = self.mss {
             options.extend_from_slice(&[tcp_option::MSS, 4]);
             options.extend_from_slice(&mss.to_be_bytes());
+        }
+        if let Some(timestamps) = self.timestamps {
+            options.extend_from_slice(&[
+                tcp_option::NOP,
+                tcp_option::NOP,
+                tcp_option::TIMESTAMP,
+                10,
+            ]);
+            options.extend_from_slice(&timestamps.value.to_be_bytes());
+            options.extend_from_slice(&timestamps.echo.to_be_bytes());
         }
         if let Some(shift) = self.window_shift {
             options.extend_from_slice(&[tcp_option::NOP, tcp_option::WINDOW_SCALE, 3, shift]);
@@ -252,6 +289,10 @@ mod tests {
             mss: Some(1460),
             window_shift: Some(7),
             sack_permitted: true,
+            timestamps: Some(Timestamps {
+                value: 0x0102_0304,
+                echo: 0xfffe_fdfc,
+            }),
             payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
         }
     }

@@ -1204,12 +1204,26 @@ fn tcp_with_options(
     window: u16,
     options: &[u8],
 ) -> Vec<u8> {
+    tcp_with_options_and_data(ip, ports, seq_ack, (flags, window), options, b"")
+}
+
+/// A TCP segment with options (padded to whole words) and a payload.
+fn tcp_with_options_and_data(
+    ip: &Ip,
+    ports: (u16, u16),
+    seq_ack: (u32, u32),
+    (flags, window): (u8, u16),
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
     let mut padded = options.to_vec();
     while !padded.len().is_multiple_of(4) {
         padded.push(1);
     }
+    let options_len = padded.len();
+    padded.extend_from_slice(payload);
     let mut s = tcp_segment(ip, ports, seq_ack, flags, window, &padded);
-    s[12] = (((20 + padded.len()) / 4) as u8) << 4;
+    s[12] = (((20 + options_len) / 4) as u8) << 4;
     s[16..18].copy_from_slice(&[0, 0]);
     let c = l4_checksum(ip, &s);
     s[16..18].copy_from_slice(&c.to_be_bytes());
@@ -1233,7 +1247,7 @@ fn cookie_periods() -> [u32; 2] {
 
 #[test]
 fn cookie_service_answers_syns_with_a_cookie_and_binds_on_the_matching_ack() {
-    let program = Program::in_private_network("cookie");
+    let mut program = Program::in_private_network("cookie");
     let syn_ip = ip(CLIENT, VIP, PROTO_TCP);
     let ports = (CLIENT_PORT, COOKIE_PORT);
     // Linux's SYN options: MSS 1460, SACK permitted, timestamps, NOP, window scale 10.
@@ -1246,7 +1260,9 @@ fn cookie_service_answers_syns_with_a_cookie_and_binds_on_the_matching_ack() {
         &syn_ip,
         &tcp_with_options(&syn_ip, ports, (CLIENT_SEQ, 0), TCP_SYN, 64240, &options),
     );
+    let before_ms = milliseconds();
     let (action, output) = program.run(&syn);
+    let after_ms = milliseconds();
     // The test run's ingress (loopback) is no TX port: the reply falls back to XDP_TX.
     assert_eq!(action, XDP_TX, "the SYN is answered on the spot");
 
@@ -1256,16 +1272,28 @@ fn cookie_service_answers_syns_with_a_cookie_and_binds_on_the_matching_ack() {
         id: 0,
         ..ip(VIP, CLIENT, PROTO_TCP)
     };
+    // The balancer's TSval: its millisecond clock, the low 5 bits replaced by the client's
+    // window scale (10) and SACK permission (16), never ahead of the clock.
+    let tsval = u32::from_be_bytes(output[SYNACK_TSVAL..SYNACK_TSVAL + 4].try_into().unwrap());
+    assert_eq!(tsval & 0x1f, 10 | 16);
+    assert!(
+        after_ms.wrapping_sub(tsval) < 32 + after_ms.wrapping_sub(before_ms),
+        "TSval {tsval} against the clock's {before_ms}..{after_ms}"
+    );
     let synack_for = |cookie: u32| {
-        // MSS clamped to what the balancer offers (1400), its own window scale (7), SACK
-        // permitted as the client offered it.
+        // MSS clamped to what the balancer offers (1400), SACK permitted and timestamps as
+        // the client offered them (echoing its TSval, 1), its own window scale (7), laid out
+        // as Linux lays them out.
+        let t = tsval.to_be_bytes();
         let segment = tcp_with_options(
             &synack_ip,
             (COOKIE_PORT, CLIENT_PORT),
             (cookie, CLIENT_SEQ + 1),
             TCP_SYN | TCP_ACK,
             u16::MAX,
-            &[2, 4, 0x05, 0x78, 1, 3, 3, 7, 1, 1, 4, 2],
+            &[
+                2, 4, 0x05, 0x78, 4, 2, 8, 10, t[0], t[1], t[2], t[3], 0, 0, 0, 1, 1, 3, 3, 7,
+            ],
         );
         ipv4_frame(TO_CLIENT.0, TO_CLIENT.1, &synack_ip, &segment)
     };
@@ -1328,10 +1356,107 @@ fn cookie_service_answers_syns_with_a_cookie_and_binds_on_the_matching_ack() {
         (
             binding.options.mss,
             binding.options.window_shift,
-            binding.options.sack_permitted
+            binding.options.sack_permitted,
+            binding.options.timestamps
         ),
-        (1460, 10, 1)
+        (1460, 10, 1, 1)
     );
+
+    // Without timestamps the SYN-ACK keeps its 12 bytes of options.
+    let other_port = CLIENT_PORT + 1;
+    let plain_syn = tcp_with_options(
+        &syn_ip,
+        (other_port, COOKIE_PORT),
+        (CLIENT_SEQ, 0),
+        TCP_SYN,
+        64240,
+        &options[..6],
+    );
+    let (action, output) = program.run(&ipv4_frame(
+        FROM_CLIENT.0,
+        FROM_CLIENT.1,
+        &syn_ip,
+        &plain_syn,
+    ));
+    assert_eq!(action, XDP_TX);
+    let cookie = u32::from_be_bytes(output[SYNACK_SEQ..SYNACK_SEQ + 4].try_into().unwrap());
+    let segment = tcp_with_options(
+        &synack_ip,
+        (COOKIE_PORT, other_port),
+        (cookie, CLIENT_SEQ + 1),
+        TCP_SYN | TCP_ACK,
+        u16::MAX,
+        &[2, 4, 0x05, 0x78, 1, 1, 1, 1, 1, 1, 4, 2],
+    );
+    assert_eq!(
+        output,
+        ipv4_frame(TO_CLIENT.0, TO_CLIENT.1, &synack_ip, &segment)
+    );
+
+    // A SYN whose options a flood evicted from SYN_OPTIONS: the ACK's TSecr still carries
+    // its window scale and SACK permission, its cookie the MSS.
+    let forgotten_port = CLIENT_PORT + 2;
+    let forgotten_key = FlowKey {
+        sport: forgotten_port.to_be(),
+        ..key
+    };
+    let syn = tcp_with_options(
+        &syn_ip,
+        (forgotten_port, COOKIE_PORT),
+        (CLIENT_SEQ, 0),
+        TCP_SYN,
+        64240,
+        &options,
+    );
+    let (_, output) = program.run(&ipv4_frame(FROM_CLIENT.0, FROM_CLIENT.1, &syn_ip, &syn));
+    let cookie = u32::from_be_bytes(output[SYNACK_SEQ..SYNACK_SEQ + 4].try_into().unwrap());
+    let echoed = &output[SYNACK_TSVAL..SYNACK_TSVAL + 4];
+    let mut syn_options: HashMap<&mut MapData, FlowKey, SynOptions> =
+        HashMap::try_from(program.map(map_name::SYN_OPTIONS)).unwrap();
+    syn_options.remove(&forgotten_key).unwrap();
+    let timestamps = [&[1, 1, 8, 10, 0, 0, 0, 2][..], echoed].concat();
+    let ack = tcp_with_options(
+        &ack_ip,
+        (forgotten_port, COOKIE_PORT),
+        (CLIENT_SEQ + 1, cookie + 1),
+        TCP_ACK,
+        502,
+        &timestamps,
+    );
+    assert_eq!(
+        program
+            .run(&ipv4_frame(FROM_CLIENT.0, FROM_CLIENT.1, &ack_ip, &ack))
+            .0,
+        XDP_DROP
+    );
+    let bindings: HashMap<&MapData, FlowKey, Binding> =
+        HashMap::try_from(program.ebpf.map(map_name::BINDINGS).expect("BINDINGS")).unwrap();
+    let binding = bindings
+        .get(&forgotten_key, 0)
+        .expect("bound from the cookie");
+    assert_eq!(
+        binding.options,
+        SynOptions {
+            mss: 1460,
+            window_shift: 10,
+            sack_permitted: 1,
+            timestamps: 1,
+            _pad: [0; 3],
+        }
+    );
+}
+
+/// Where a SYN-ACK's sequence number and the TSval of its options lie in its frame.
+const SYNACK_SEQ: usize = 14 + 20 + 4;
+const SYNACK_TSVAL: usize = 14 + 20 + 20 + 8;
+
+/// Milliseconds of the clock the program's TSvals count (`bpf_ktime_get_ns`).
+fn milliseconds() -> u32 {
+    // SAFETY: `timespec` is plain data filled in by the kernel.
+    let mut t: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `t` is writable.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    (t.tv_sec as u64 * 1000 + t.tv_nsec as u64 / 1_000_000) as u32
 }
 
 #[test]
@@ -1691,6 +1816,8 @@ fn the_backends_syn_ack_is_recorded_as_the_splice_by_xdp_and_punts_carry_the_bin
             mss: 1460,
             window_shift: 7,
             sack_permitted: 1,
+            timestamps: 0,
+            _pad: [0; 3],
         },
         state: binding_state::ACCEPTED,
         punts: 1,
@@ -1794,6 +1921,188 @@ fn the_backends_syn_ack_is_recorded_as_the_splice_by_xdp_and_punts_carry_the_bin
     assert_eq!(program.run(&answer).0, XDP_DROP);
     assert_eq!(program.punts()[0].binding.state, binding_state::NONE);
     assert_eq!(program.counters()[Reason::Punted as usize], 4);
+}
+
+#[test]
+fn a_spliced_connection_with_timestamps_moves_the_backends_tsvals_onto_the_balancers_clock() {
+    let mut program = Program::in_private_network("timestamps");
+    program.agent_alive_seconds_ago(0);
+    // The client had TSval BALANCER_TS from the balancer (its SYN-ACK, the agent's ACKs);
+    // the backend's clock reads BACKEND_TS at its SYN-ACK; the client's, CLIENT_TS.
+    const COOKIE_ISN: u32 = 5_000;
+    const BACKEND_ISN: u32 = 0x7000_0000;
+    const BALANCER_TS: u32 = 0x8000_0010;
+    const BACKEND_TS: u32 = 0x0000_1000;
+    const CLIENT_TS: u32 = 0x0bad_cafe;
+    let key = client_flow(COOKIE_PORT);
+    let reply_key = reply_flow(&key);
+    let binding = Binding {
+        client_isn: CLIENT_SEQ,
+        cookie_isn: COOKIE_ISN,
+        options: SynOptions {
+            mss: 1460,
+            window_shift: 7,
+            sack_permitted: 1,
+            timestamps: 1,
+            _pad: [0; 3],
+        },
+        state: binding_state::ACCEPTED,
+        punts: 1,
+        accepted_s: coarse_seconds(),
+    };
+    let mut bindings: HashMap<&mut MapData, FlowKey, Binding> =
+        HashMap::try_from(program.map(map_name::BINDINGS)).unwrap();
+    bindings.insert(key, binding, 0).unwrap();
+    let connecting = ReverseNat {
+        vip: addr(VIP),
+        port: COOKIE_PORT.to_be(),
+        state: flow_state::CONNECTING,
+        backend_window_shift: 7,
+        client_window_shift: 7,
+        flags: reverse_flags::TIMESTAMPS,
+        ts_delta: BALANCER_TS,
+        ..ReverseNat::default()
+    };
+    splice(
+        &mut program,
+        &key,
+        Flow {
+            flags: flow_flags::TIMESTAMPS,
+            ts_delta: BALANCER_TS,
+            ..flow_to_backend(flow_state::CONNECTING)
+        },
+        connecting,
+    );
+    let from_backend = ip(BACKEND, CLIENT, PROTO_TCP);
+    let backend_ports = (WEB_BACKEND_PORT, CLIENT_PORT);
+    let syn_ack = |options: &[u8]| {
+        let segment = tcp_with_options(
+            &from_backend,
+            backend_ports,
+            (BACKEND_ISN, CLIENT_SEQ + 1),
+            TCP_SYN | TCP_ACK,
+            500,
+            options,
+        );
+        ipv4_frame(FROM_BACKEND.0, FROM_BACKEND.1, &from_backend, &segment)
+    };
+    let timestamps = |value: u32, echo: u32| [value.to_be_bytes(), echo.to_be_bytes()].concat();
+    let (b, c) = (BACKEND_TS.to_be_bytes(), CLIENT_TS.to_be_bytes());
+
+    // Timestamps where XDP does not look for them: the agent records the splice.
+    let unusual = [
+        &[8, 10][..],
+        &timestamps(BACKEND_TS, CLIENT_TS),
+        &[2, 4, 5, 0xb4, 1, 3, 3, 7],
+    ]
+    .concat();
+    assert_eq!(program.run(&syn_ack(&unusual)).0, XDP_DROP);
+    assert_eq!(program.flow(&key).unwrap().state, flow_state::CONNECTING);
+    assert_eq!(program.punts()[0].binding.state, binding_state::NONE);
+
+    // Linux's layout (MSS, SACK-permitted, timestamps, NOP, window scale): recorded, the
+    // backend's first TSval to become the balancer's last.
+    let linux = [
+        2, 4, 5, 0xb4, 4, 2, 8, 10, b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], 1, 3, 3, 7,
+    ];
+    assert_eq!(program.run(&syn_ack(&linux)).0, XDP_DROP);
+    assert_eq!(program.punts()[0].binding.state, binding_state::ACCEPTED);
+    let ts_delta = BALANCER_TS.wrapping_sub(BACKEND_TS);
+    let flow = program.flow(&key).unwrap();
+    assert_eq!((flow.state, flow.ts_delta), (flow_state::SPLICED, ts_delta));
+    let nat = program.reverse(&reply_key).unwrap();
+    assert_eq!((nat.state, nat.ts_delta), (flow_state::SPLICED, ts_delta));
+
+    let delta = BACKEND_ISN.wrapping_sub(COOKIE_ISN);
+    let at_client = Ip {
+        ttl: from_backend.ttl - 1,
+        ..ip(VIP, CLIENT, PROTO_TCP)
+    };
+    let from_client = ip(CLIENT, VIP, PROTO_TCP);
+    let at_backend = Ip {
+        ttl: from_client.ttl - 1,
+        ..ip(CLIENT, BACKEND, PROTO_TCP)
+    };
+    let segment = |ip: &Ip, ports, seq_ack, options: &[u8], payload: &[u8]| {
+        tcp_with_options_and_data(ip, ports, seq_ack, (TCP_ACK, 500), options, payload)
+    };
+    let nops_then = |option: &[u8]| [&[1, 1][..], option].concat();
+    let timestamp_option =
+        |value, echo| nops_then(&[&[8, 10][..], &timestamps(value, echo)].concat());
+
+    // The backend's data: its TSval moved onto the balancer's clock, its echo of the
+    // client's as it is.
+    let backend_seq = BACKEND_ISN + 1;
+    let client_seq = CLIENT_SEQ + 1 + 300;
+    let data = segment(
+        &from_backend,
+        backend_ports,
+        (backend_seq, client_seq),
+        &timestamp_option(BACKEND_TS + 7, CLIENT_TS + 3),
+        b"body",
+    );
+    let (action, output) = program.run(&ipv4_frame(
+        FROM_BACKEND.0,
+        FROM_BACKEND.1,
+        &from_backend,
+        &data,
+    ));
+    assert_eq!(action, XDP_REDIRECT);
+    let expected = segment(
+        &at_client,
+        (COOKIE_PORT, CLIENT_PORT),
+        (backend_seq.wrapping_sub(delta), client_seq),
+        &timestamp_option(BALANCER_TS + 7, CLIENT_TS + 3),
+        b"body",
+    );
+    assert_eq!(
+        output,
+        ipv4_frame(TO_CLIENT.0, TO_CLIENT.1, &at_client, &expected),
+        "TSval moved by the offset, byte for byte"
+    );
+
+    // The client's ACK with a SACK block behind its timestamps: its echo goes back to the
+    // backend's clock, the block into the backend's sequence space.
+    let (left, right) = (COOKIE_ISN + 2_001, COOKIE_ISN + 3_001);
+    let sack = |left: u32, right: u32| {
+        nops_then(&[&[5, 10][..], &left.to_be_bytes(), &right.to_be_bytes()].concat())
+    };
+    let client_options = [
+        timestamp_option(CLIENT_TS + 5, BALANCER_TS + 7),
+        sack(left, right),
+    ]
+    .concat();
+    let ack = segment(
+        &from_client,
+        (CLIENT_PORT, COOKIE_PORT),
+        (client_seq, COOKIE_ISN + 1_001),
+        &client_options,
+        b"",
+    );
+    let (action, output) = program.run(&ipv4_frame(
+        FROM_CLIENT.0,
+        FROM_CLIENT.1,
+        &from_client,
+        &ack,
+    ));
+    assert_eq!(action, XDP_REDIRECT);
+    let backend_options = [
+        timestamp_option(CLIENT_TS + 5, BACKEND_TS + 7),
+        sack(left.wrapping_add(delta), right.wrapping_add(delta)),
+    ]
+    .concat();
+    let expected = segment(
+        &at_backend,
+        (CLIENT_PORT, WEB_BACKEND_PORT),
+        (client_seq, (COOKIE_ISN + 1_001).wrapping_add(delta)),
+        &backend_options,
+        b"",
+    );
+    assert_eq!(
+        output,
+        ipv4_frame(TO_BACKEND.0, TO_BACKEND.1, &at_backend, &expected),
+        "TSecr moved back and the SACK block moved, byte for byte"
+    );
 }
 
 /// Reasons that count events in addition to a packet's exit, not exits of their own.

@@ -34,7 +34,7 @@ use crate::{
     config::{Config, NatMode},
     dataplane::Dataplane,
     http, rewrite,
-    segment::{Segment, ACK, FIN, PSH, RST, SYN},
+    segment::{Segment, Timestamps, ACK, FIN, PSH, RST, SYN},
     throttle::throttled,
 };
 
@@ -124,6 +124,38 @@ struct Pending {
     proxy_header: Vec<u8>,
     /// When the edited response head was first sent to the client.
     head_sent: Option<Instant>,
+    /// The connection's timestamps, when its client uses them.
+    clocks: Option<Clocks>,
+}
+
+/// TCP timestamps of a cookie connection. The backend gets the client's TSvals as they are;
+/// the client sees the balancer's clock stand at the TSval of its SYN-ACK until the splice,
+/// and go on from there with the backend's (XDP adds `ReverseNat::ts_delta`).
+#[derive(Debug, Clone, Copy)]
+struct Clocks {
+    /// The client's latest TSval.
+    client: u32,
+    /// The latest TSval the client had from the balancer, which it echoes.
+    balancer: u32,
+    /// The backend's latest TSval, once it answered with timestamps.
+    backend: Option<u32>,
+}
+
+impl Clocks {
+    /// Keeps the newer values of a client segment's timestamps.
+    fn note_client(&mut self, timestamps: Timestamps) {
+        if newer(timestamps.value, self.client) {
+            self.client = timestamps.value;
+        }
+        if newer(timestamps.echo, self.balancer) {
+            self.balancer = timestamps.echo;
+        }
+    }
+}
+
+/// Whether timestamp `a` is later than `b` (RFC 7323's modular comparison).
+fn newer(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
 }
 
 impl Pending {
@@ -175,6 +207,10 @@ impl Pending {
                 .wrapping_add(self.request.len() as u32),
             flags,
             window,
+            timestamps: self.clocks.map(|clocks| Timestamps {
+                value: clocks.balancer,
+                echo: clocks.client,
+            }),
             ..Segment::empty()
         }
     }
@@ -375,6 +411,7 @@ impl Agent {
                     source: None,
                     proxy_header: Vec::new(),
                     head_sent: None,
+                    clocks: None,
                 },
             );
         }
@@ -386,6 +423,19 @@ impl Agent {
             return;
         };
         pending.window = segment.window;
+        if let Some(timestamps) = segment.timestamps {
+            match pending.clocks.as_mut() {
+                Some(clocks) => clocks.note_client(timestamps),
+                None if pending.binding.options.timestamps != 0 => {
+                    pending.clocks = Some(Clocks {
+                        client: timestamps.value,
+                        balancer: timestamps.echo,
+                        backend: None,
+                    })
+                }
+                None => {}
+            }
+        }
         let offset = segment
             .seq
             .wrapping_sub(pending.binding.client_isn.wrapping_add(1)) as usize;
@@ -739,6 +789,7 @@ impl Agent {
                 mss: None,
                 window_shift: None,
                 sack_permitted: false,
+                timestamps: None,
                 ..backend_syn(pending, target)
             });
             self.binder.sockets.send(&backend_syn(pending, target));
@@ -756,7 +807,18 @@ impl Agent {
         let backend_isn = segment.seq;
         if already.is_none() {
             let delta = backend_isn.wrapping_sub(pending.binding.cookie_isn);
-            let (flow, nat) = connection_entries(pending, target, flow_state::SPLICED);
+            let (mut flow, mut nat) = connection_entries(pending, target, flow_state::SPLICED);
+            // The backend's first TSval becomes the last the client had from the balancer.
+            match (pending.clocks, segment.timestamps) {
+                (Some(clocks), Some(backend)) => {
+                    flow.ts_delta = clocks.balancer.wrapping_sub(backend.value);
+                    nat.ts_delta = flow.ts_delta;
+                }
+                _ => {
+                    flow.flags &= !flow_flags::TIMESTAMPS;
+                    nat.flags &= !reverse_flags::TIMESTAMPS;
+                }
+            }
             let flow = Flow {
                 seq_delta: delta,
                 ..flow
@@ -780,12 +842,15 @@ impl Agent {
                 ..nat
             };
             // XDP recorded the splice from what the agent wrote with the SYN; the agent
-            // writes it only where XDP could not (the binding was gone), the request grew
-            // since (the replay ends later) or the backend announced another window scale.
+            // writes it only where XDP could not (the binding was gone, or the backend's
+            // TSval was not where XDP looks), the request grew since (the replay ends
+            // later), the backend announced another window scale or the client echoed a
+            // later TSval of the balancer's.
             let written = pending.reverse;
             let current = recorded
                 && written.replay_end == nat.replay_end
-                && written.backend_window_shift == nat.backend_window_shift;
+                && written.backend_window_shift == nat.backend_window_shift
+                && written.ts_delta == pending.clocks.map_or(0, |clocks| clocks.balancer);
             if !current {
                 if let Err(error) = self
                     .dataplane
@@ -814,6 +879,9 @@ impl Agent {
         if let Some(mss) = segment.mss {
             pending.binding.options.mss = pending.binding.options.mss.min(mss);
         }
+        if let (Some(clocks), Some(backend)) = (pending.clocks.as_mut(), segment.timestamps) {
+            clocks.backend = Some(backend.value);
+        }
         let pending = &self.binder.pending[&key];
         self.replay(pending, target, backend_isn);
     }
@@ -832,6 +900,12 @@ impl Agent {
             ack: backend_isn.wrapping_add(1),
             flags: ACK,
             window: pending.window,
+            timestamps: pending.clocks.and_then(|clocks| {
+                Some(Timestamps {
+                    value: clocks.client,
+                    echo: clocks.backend?,
+                })
+            }),
             ..Segment::empty()
         };
         let request = match &pending.strip {
@@ -938,10 +1012,19 @@ impl Agent {
         );
         let bytes = u64::from(from.window) << (backend_shift & 15) >> (client_shift & 15);
         let first_seq = pending.binding.cookie_isn.wrapping_add(1);
+        let to_client = pending.to_client(ACK, 0);
         let template = Segment {
             ack: from.ack.wrapping_add(pending.shortened()),
             window: bytes.min(u64::from(u16::MAX)) as u16,
-            ..pending.to_client(ACK, 0)
+            // As XDP moves the backend's TSvals.
+            timestamps: to_client
+                .timestamps
+                .and(from.timestamps)
+                .map(|backend| Timestamps {
+                    value: backend.value.wrapping_add(pending.reverse.ts_delta),
+                    echo: backend.echo,
+                }),
+            ..to_client
         };
         let chunks = out.bytes.chunks(mss).count().max(1);
         for index in 0..chunks {
@@ -1273,8 +1356,9 @@ fn claim_source(
 /// in full NAT the source the backend sees and the client the replies go back to) and what
 /// the splice needs that the agent knows when it sends the SYN: the bytes by which the
 /// request is shortened, where the replay ends, the window scale the client was promised and
-/// whether the first response head comes to the agent. The backend's SYN-ACK adds its ISN
-/// and window scale.
+/// whether the first response head comes to the agent, and with timestamps the last TSval
+/// the client had from the balancer. The backend's SYN-ACK adds its ISN, window scale and
+/// TSval.
 fn connection_entries(pending: &Pending, target: Target, state: u32) -> (Flow, ReverseNat) {
     let removed = pending.shortened();
     let replayed = (pending.request.len() as u32).wrapping_sub(removed);
@@ -1315,6 +1399,13 @@ fn connection_entries(pending: &Pending, target: Target, state: u32) -> (Flow, R
         },
         ..ReverseNat::default()
     };
+    if let Some(clocks) = pending.clocks {
+        // XDP makes the offset from this when it records the backend's SYN-ACK.
+        flow.flags |= flow_flags::TIMESTAMPS;
+        flow.ts_delta = clocks.balancer;
+        nat.flags |= reverse_flags::TIMESTAMPS;
+        nat.ts_delta = clocks.balancer;
+    }
     if let Some((source, port)) = pending.source {
         flow.source = Addr::from(source);
         flow.source_port = port.to_be();
@@ -1336,7 +1427,8 @@ fn backend_key(pending: &Pending, target: Target) -> FlowKey {
     .key()
 }
 
-/// The SYN that opens the backend side with the client's address, port, ISN and options.
+/// The SYN that opens the backend side with the client's address, port, ISN, options and
+/// clock.
 fn backend_syn(pending: &Pending, target: Target) -> Segment {
     let options = pending.binding.options;
     let (src, sport) = pending.backend_side();
@@ -1352,6 +1444,10 @@ fn backend_syn(pending: &Pending, target: Target) -> Segment {
         mss: Some(options.mss),
         window_shift: (options.window_shift != NO_WINDOW_SCALE).then_some(options.window_shift),
         sack_permitted: options.sack_permitted != 0,
+        timestamps: pending.clocks.map(|clocks| Timestamps {
+            value: clocks.client,
+            echo: 0,
+        }),
         ..Segment::empty()
     }
 }
