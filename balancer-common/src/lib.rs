@@ -204,14 +204,14 @@ const _: () = assert!(size_of::<AgentState>() == 24);
 /// [`ReverseNat::state`].
 pub mod flow_state {
     /// Plain NAT: every packet is rewritten and forwarded.
-    pub const NAT: u32 = 0;
+    pub const NAT: u16 = 0;
     /// The agent sent the backend a SYN; the backend's answer goes to the agent.
-    pub const CONNECTING: u32 = 2;
+    pub const CONNECTING: u16 = 2;
     /// Both legs are up: packets are rewritten with the sequence offset and forwarded.
-    pub const SPLICED: u32 = 3;
+    pub const SPLICED: u16 = 3;
     /// Reverse entries only: spliced, but the backend's data and FIN go to the agent, which
     /// reads its first response head to add the balancer's cookie to it.
-    pub const RESPONSE_HEAD: u32 = 4;
+    pub const RESPONSE_HEAD: u16 = 4;
 }
 
 /// `AFFINITY` key: a service and a masked client address.
@@ -300,8 +300,6 @@ pub struct Flow {
     /// Second (of `bpf_ktime_get_coarse_ns`) of the client's latest packet; written at most
     /// once a second so the hot path rarely dirties the entry.
     pub last_seen_s: u32,
-    /// One of [`flow_state`].
-    pub state: u32,
     /// Spliced TCP: added to the client's acknowledgement numbers (backend ISN minus the
     /// ISN the balancer gave the client).
     pub seq_delta: u32,
@@ -318,13 +316,16 @@ pub struct Flow {
     /// (`source_port` 0: gateway NAT, the client's own).
     pub source: Addr,
     pub source_port: u16,
-    pub _pad: u16,
+    /// One of [`flow_state`].
+    pub state: u16,
     /// With [`flow_flags::PROXY_HEADER`]: the client's sequence number of its first data
     /// byte, where the header goes; the client's later bytes move past it.
     pub proxy_seq: u32,
-    /// Spliced TCP with [`flow_flags::TIMESTAMPS`]: subtracted from the client's TSecr, which
-    /// echoes the backend's TSval as XDP moved it (see [`ReverseNat::ts_delta`]).
+    /// Spliced TCP with [`flow_flags::TIMESTAMPS`]: as [`ReverseNat::ts_delta`], subtracted
+    /// from the client's TSecr, which echoes the backend's TSval as XDP moved it.
     pub ts_delta: u32,
+    /// As [`ReverseNat::client_ts_delta`], added to the client's TSval.
+    pub client_ts_delta: u32,
 }
 const _: () = assert!(size_of::<Flow>() == 76);
 
@@ -353,7 +354,8 @@ pub struct ReverseNat {
     pub backend_window_shift: u8,
     pub client_window_shift: u8,
     /// One of [`flow_state`].
-    pub state: u32,
+    pub state: u16,
+    pub _pad: u16,
     /// Spliced TCP: subtracted from the backend's sequence numbers (after an edited response
     /// head, less the bytes the edit added).
     pub seq_delta: u32,
@@ -386,8 +388,14 @@ pub struct ReverseNat {
     /// (which the backend's first TSval becomes). Until XDP records the backend's SYN-ACK it
     /// holds that last TSval, from which XDP makes the offset.
     pub ts_delta: u32,
+    /// Spliced TCP with timestamps: added to the client's TSval on the way to the backend
+    /// (and subtracted from the backend's TSecr), so the backend sees the balancer's clock as
+    /// it stood when the agent opened its side. Whichever client port or VIP port a
+    /// connection came from, and in full NAT whichever client, a backend's TIME_WAIT then
+    /// finds each new connection's timestamps later than the last one's (PAWS, RFC 7323).
+    pub client_ts_delta: u32,
 }
-const _: () = assert!(size_of::<ReverseNat>() == 76);
+const _: () = assert!(size_of::<ReverseNat>() == 80);
 
 /// Bits of [`ReverseNat::flags`].
 pub mod reverse_flags {

@@ -166,7 +166,8 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<(Reason, u3
             Reason::SplicedToClient
         }
         flow_state::CONNECTING => {
-            let recorded = splice::record_at_synack(ctx, packet, entry).unwrap_or(Binding::NONE);
+            let recorded =
+                splice::record_at_synack(ctx, packet, (&nat, entry)).unwrap_or(Binding::NONE);
             return Err(punt::punt(ctx, punt_kind::BACKEND, &recorded));
         }
         _ => return Err(punt::punt(ctx, punt_kind::BACKEND, &Binding::NONE)),

@@ -1,7 +1,7 @@
 //! Spliced cookie connections in XDP: once both legs are up every packet is forwarded with
 //! its sequence numbers shifted between the two legs' ISNs (and past what the agent added to
-//! the response head or removed from the request), its SACK blocks with them, the backend's
-//! TSvals moved onto the balancer's clock (and the client's echoes of them back), and the
+//! the response head or removed from the request), its SACK blocks with them, each end's
+//! TSvals moved onto the balancer's clock (and the other end's echoes of them back), and the
 //! backend's windows rescaled. The handshake before it is in `handshake`.
 
 use aya_ebpf::programs::XdpContext;
@@ -30,7 +30,12 @@ const MAX_SACK_EDGES: usize = 8;
 pub fn client_to_backend(ctx: &XdpContext, packet: &Packet, flow: &Flow) -> Result<(), Verdict> {
     if flow.flags & flow_flags::TIMESTAMPS != 0 {
         if let Some(tsval_at) = tcp_options::timestamps_at(ctx, packet) {
-            shift(ctx, packet, tsval_at + 4, flow.ts_delta.wrapping_neg())?;
+            shift_timestamps(
+                ctx,
+                packet,
+                tsval_at,
+                (flow.client_ts_delta, flow.ts_delta.wrapping_neg()),
+            )?;
         }
     }
     if flow.removed != 0 {
@@ -97,19 +102,17 @@ pub fn note_head_acked(ctx: &XdpContext, packet: &Packet, flow: &mut Flow) {
 /// with the SYN, the backend's window scale as that backend last announced it (the agent
 /// corrects it before it replays the request, should the backend announce another).
 /// Returns the connection's binding when it did (the agent then writes nothing), `None` for
-/// a segment that answers no SYN of ours.
+/// a segment that answers no SYN of ours. `nat` is the caller's copy of `entry`.
 #[inline(always)]
 pub fn record_at_synack(
     ctx: &XdpContext,
     packet: &Packet,
-    entry: *mut ReverseNat,
+    (nat, entry): (&ReverseNat, *mut ReverseNat),
 ) -> Option<Binding> {
     if packet.tcp_flags & (SYN | ACK | RST) != SYN | ACK {
         return None;
     }
-    // SAFETY: map values stay valid for the duration of the program.
-    let nat = unsafe { *entry };
-    let client_key = client_key(packet, &nat);
+    let client_key = client_key(packet, nat);
     // SAFETY: as above; the copy is taken at once.
     let binding = unsafe { *BINDINGS.get(&client_key)? };
     let ack = read_u32(ctx, packet.tcp_field(tcp_field::ACK)).ok()?;
@@ -295,7 +298,12 @@ pub fn backend_to_client(
     )?;
     if nat.flags & reverse_flags::TIMESTAMPS != 0 {
         if let Some(tsval_at) = tcp_options::timestamps_at(ctx, packet) {
-            shift(ctx, packet, tsval_at, nat.ts_delta)?;
+            shift_timestamps(
+                ctx,
+                packet,
+                tsval_at,
+                (nat.ts_delta, nat.client_ts_delta.wrapping_neg()),
+            )?;
         }
     }
     if nat.removed != 0 && packet.tcp_flags & ACK != 0 {
@@ -329,6 +337,39 @@ pub fn shift(ctx: &XdpContext, packet: &Packet, offset: usize, delta: u32) -> Re
             u32::from_ne_bytes(old),
             u32::from_ne_bytes(new),
         );
+        *check = sum.to_ne_bytes();
+    }
+    Ok(())
+}
+
+/// Adds `deltas` to the TSval at `tsval_at` and to the TSecr after it, fixing the TCP
+/// checksum.
+#[inline(always)]
+fn shift_timestamps(
+    ctx: &XdpContext,
+    packet: &Packet,
+    tsval_at: usize,
+    (value_delta, echo_delta): (u32, u32),
+) -> Result<(), Verdict> {
+    let truncated = Verdict::drop(Reason::DropTruncated);
+    let fields: *mut [[u8; 4]; 2] = ptr_at(ctx, tsval_at).ok_or(truncated)?;
+    let check: *mut [u8; 2] = ptr_at(ctx, packet.l4_check_offset).ok_or(truncated)?;
+    // SAFETY: `ptr_at` checked that the fields lie inside the frame.
+    unsafe {
+        let [old_value, old_echo] = *fields;
+        let value = u32::from_be_bytes(old_value)
+            .wrapping_add(value_delta)
+            .to_be_bytes();
+        let echo = u32::from_be_bytes(old_echo)
+            .wrapping_add(echo_delta)
+            .to_be_bytes();
+        *fields = [value, echo];
+        let sum = csum::replace32(
+            u16::from_ne_bytes(*check),
+            u32::from_ne_bytes(old_value),
+            u32::from_ne_bytes(value),
+        );
+        let sum = csum::replace32(sum, u32::from_ne_bytes(old_echo), u32::from_ne_bytes(echo));
         *check = sum.to_ne_bytes();
     }
     Ok(())

@@ -1227,7 +1227,6 @@ fn table_capacity(config: &Config) -> u32 {
     MAX_SERVICES * TABLES_PER_SERVICE * config.table_size
 }
 
-/// Seconds of the clock the data plane stamps flows with (`bpf_ktime_get_coarse_ns`).
 /// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
     // SAFETY: `timespec` is plain data filled in by the kernel.
@@ -1237,6 +1236,12 @@ fn monotonic_ns() -> u64 {
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
+/// Milliseconds of `bpf_ktime_get_ns`'s clock, as XDP counts the balancer's TCP timestamps.
+pub fn monotonic_milliseconds() -> u32 {
+    (monotonic_ns() / 1_000_000) as u32
+}
+
+/// Seconds of the clock the data plane stamps flows with (`bpf_ktime_get_coarse_ns`).
 pub fn monotonic_seconds() -> u32 {
     // SAFETY: `timespec` is plain data filled in by the kernel.
     let mut now: libc::timespec = unsafe { std::mem::zeroed() };

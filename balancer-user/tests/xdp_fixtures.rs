@@ -1444,6 +1444,41 @@ fn cookie_service_answers_syns_with_a_cookie_and_binds_on_the_matching_ack() {
             _pad: [0; 3],
         }
     );
+
+    // The client reuses its TIME_WAIT socket on the port: its ISN starts 64 KB past the old
+    // connection's, and the new cookie moves with it, yet the new handshake is bound anew.
+    let reused_seq = CLIENT_SEQ + 65_600;
+    let syn = tcp_with_options(
+        &syn_ip,
+        (forgotten_port, COOKIE_PORT),
+        (reused_seq, 0),
+        TCP_SYN,
+        64240,
+        &options,
+    );
+    let (_, output) = program.run(&ipv4_frame(FROM_CLIENT.0, FROM_CLIENT.1, &syn_ip, &syn));
+    let reused_cookie = u32::from_be_bytes(output[SYNACK_SEQ..SYNACK_SEQ + 4].try_into().unwrap());
+    assert!(
+        reused_cookie.wrapping_sub(cookie) < 1 << 17,
+        "the cookie moved with the ISN"
+    );
+    let ack = tcp_segment(
+        &ack_ip,
+        (forgotten_port, COOKIE_PORT),
+        (reused_seq + 1, reused_cookie + 1),
+        TCP_ACK,
+        502,
+        b"",
+    );
+    let (action, _) = program.run(&ipv4_frame(FROM_CLIENT.0, FROM_CLIENT.1, &ack_ip, &ack));
+    assert_eq!(action, XDP_DROP);
+    let bindings: HashMap<&MapData, FlowKey, Binding> =
+        HashMap::try_from(program.ebpf.map(map_name::BINDINGS).expect("BINDINGS")).unwrap();
+    let binding = bindings.get(&forgotten_key, 0).expect("bound anew");
+    assert_eq!(
+        (binding.client_isn, binding.cookie_isn),
+        (reused_seq, reused_cookie)
+    );
 }
 
 /// Where a SYN-ACK's sequence number and the TSval of its options lie in its frame.
@@ -1652,7 +1687,7 @@ fn reply_flow(client_key: &FlowKey) -> FlowKey {
 }
 
 /// A cookie connection's flow entry to backend 0 in `state`.
-fn flow_to_backend(state: u32) -> Flow {
+fn flow_to_backend(state: u16) -> Flow {
     Flow {
         backend_id: 0,
         backend_addr: addr(BACKEND),
@@ -1928,12 +1963,14 @@ fn a_spliced_connection_with_timestamps_moves_the_backends_tsvals_onto_the_balan
     let mut program = Program::in_private_network("timestamps");
     program.agent_alive_seconds_ago(0);
     // The client had TSval BALANCER_TS from the balancer (its SYN-ACK, the agent's ACKs);
-    // the backend's clock reads BACKEND_TS at its SYN-ACK; the client's, CLIENT_TS.
+    // the backend's clock reads BACKEND_TS at its SYN-ACK; the client's, CLIENT_TS, reaches
+    // the backend moved onto the balancer's clock by CLIENT_CLOCK_TO_BACKEND.
     const COOKIE_ISN: u32 = 5_000;
     const BACKEND_ISN: u32 = 0x7000_0000;
     const BALANCER_TS: u32 = 0x8000_0010;
     const BACKEND_TS: u32 = 0x0000_1000;
     const CLIENT_TS: u32 = 0x0bad_cafe;
+    const CLIENT_CLOCK_TO_BACKEND: u32 = 0xf000_0001;
     let key = client_flow(COOKIE_PORT);
     let reply_key = reply_flow(&key);
     let binding = Binding {
@@ -1961,6 +1998,7 @@ fn a_spliced_connection_with_timestamps_moves_the_backends_tsvals_onto_the_balan
         client_window_shift: 7,
         flags: reverse_flags::TIMESTAMPS,
         ts_delta: BALANCER_TS,
+        client_ts_delta: CLIENT_CLOCK_TO_BACKEND,
         ..ReverseNat::default()
     };
     splice(
@@ -1969,6 +2007,7 @@ fn a_spliced_connection_with_timestamps_moves_the_backends_tsvals_onto_the_balan
         Flow {
             flags: flow_flags::TIMESTAMPS,
             ts_delta: BALANCER_TS,
+            client_ts_delta: CLIENT_CLOCK_TO_BACKEND,
             ..flow_to_backend(flow_state::CONNECTING)
         },
         connecting,
@@ -2031,14 +2070,17 @@ fn a_spliced_connection_with_timestamps_moves_the_backends_tsvals_onto_the_balan
         |value, echo| nops_then(&[&[8, 10][..], &timestamps(value, echo)].concat());
 
     // The backend's data: its TSval moved onto the balancer's clock, its echo of the
-    // client's as it is.
+    // client's back onto the client's.
     let backend_seq = BACKEND_ISN + 1;
     let client_seq = CLIENT_SEQ + 1 + 300;
     let data = segment(
         &from_backend,
         backend_ports,
         (backend_seq, client_seq),
-        &timestamp_option(BACKEND_TS + 7, CLIENT_TS + 3),
+        &timestamp_option(
+            BACKEND_TS + 7,
+            CLIENT_TS.wrapping_add(CLIENT_CLOCK_TO_BACKEND) + 3,
+        ),
         b"body",
     );
     let (action, output) = program.run(&ipv4_frame(
@@ -2058,11 +2100,12 @@ fn a_spliced_connection_with_timestamps_moves_the_backends_tsvals_onto_the_balan
     assert_eq!(
         output,
         ipv4_frame(TO_CLIENT.0, TO_CLIENT.1, &at_client, &expected),
-        "TSval moved by the offset, byte for byte"
+        "TSval and TSecr moved, byte for byte"
     );
 
-    // The client's ACK with a SACK block behind its timestamps: its echo goes back to the
-    // backend's clock, the block into the backend's sequence space.
+    // The client's ACK with a SACK block behind its timestamps: its TSval onto the
+    // balancer's clock, its echo back to the backend's, the block into the backend's
+    // sequence space.
     let (left, right) = (COOKIE_ISN + 2_001, COOKIE_ISN + 3_001);
     let sack = |left: u32, right: u32| {
         nops_then(&[&[5, 10][..], &left.to_be_bytes(), &right.to_be_bytes()].concat())
@@ -2087,7 +2130,10 @@ fn a_spliced_connection_with_timestamps_moves_the_backends_tsvals_onto_the_balan
     ));
     assert_eq!(action, XDP_REDIRECT);
     let backend_options = [
-        timestamp_option(CLIENT_TS + 5, BACKEND_TS + 7),
+        timestamp_option(
+            CLIENT_TS.wrapping_add(CLIENT_CLOCK_TO_BACKEND) + 5,
+            BACKEND_TS + 7,
+        ),
         sack(left.wrapping_add(delta), right.wrapping_add(delta)),
     ]
     .concat();
@@ -2101,7 +2147,7 @@ fn a_spliced_connection_with_timestamps_moves_the_backends_tsvals_onto_the_balan
     assert_eq!(
         output,
         ipv4_frame(TO_BACKEND.0, TO_BACKEND.1, &at_backend, &expected),
-        "TSecr moved back and the SACK block moved, byte for byte"
+        "TSval, TSecr and the SACK block moved, byte for byte"
     );
 }
 

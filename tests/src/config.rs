@@ -15,9 +15,10 @@ pub struct ServiceOptions {
     pub web_backend_count: Option<usize>,
     /// A second HTTP service, `web-cookie` on port [`COOKIE_PORT`], with `app-cookie`
     /// affinity on the backends' `SID` cookie, over as many backends as `web` but counted from
-    /// the last: its connections carry no TCP timestamps, so the backends' TIME_WAIT sockets
-    /// they leave cannot tell a reused client port from an old segment, and they would stall
-    /// `web`'s new connections from the same client ports to the same backend.
+    /// the last: the backend leg of a cookie connection carries the balancer's clock in its
+    /// timestamps, `web`'s L4 flows the client's (which Linux offsets per 4-tuple), so the
+    /// backends' TIME_WAIT sockets one leaves cannot tell the other's new connection from the
+    /// same client port from an old segment, and would stall it.
     pub cookie_service: bool,
     /// A third HTTP service, `web-lb-cookie` on port [`LB_COOKIE_PORT`], with `lb-cookie`
     /// affinity, on this backend alone (for the same TIME_WAIT reason).

@@ -399,3 +399,72 @@ print(failed, round(time.time() - started, 1))
         "the agent never had to send a request again: the loss never hit a replay"
     );
 }
+
+#[test]
+fn a_client_port_reused_right_after_a_cookie_connection_closed_meets_no_reset_and_no_delay() {
+    // The app-cookie and lb-cookie services on the last backend alone: each connection from
+    // one client port leaves the backend's TIME_WAIT for the next, which comes through the
+    // other VIP port. The client's ISN and (Linux 6.x) its timestamps are of another 4-tuple,
+    // unrelated to the last connection's; only the balancer's clock on the backend leg tells
+    // the backend that the new connection is newer.
+    let last = BACKEND_COUNT - 1;
+    let lab = lab_with(&ServiceOptions {
+        web_backend_count: Some(1),
+        cookie_service: true,
+        lb_cookie_backend: Some(last),
+        ..ServiceOptions::default()
+    });
+    let script = format!(
+        r#"
+import socket, time
+
+def tcp_counters():
+    rows = [line.split() for line in open("/proc/net/snmp") if line.startswith("Tcp:")]
+    return dict(zip(rows[0][1:], map(int, rows[1][1:])))
+
+before = tcp_counters()
+answers = []
+for port in range(41000, 41008):
+    for vip_port in ({lb_cookie_port}, {app_cookie_port}, {lb_cookie_port}):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port))
+        s.settimeout(10)
+        s.connect(("{vip}", vip_port))
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        answers.append(data.split(b"\r\n\r\n", 1)[-1].decode().strip())
+        # The next connection comes a few milliseconds later: timestamps count milliseconds.
+        time.sleep(0.005)
+after = tcp_counters()
+print(len(answers), len(set(answers)), answers[0])
+print(after["OutRsts"] - before["OutRsts"], after["RetransSegs"] - before["RetransSegs"])
+"#,
+        vip = balancer_lab::VIP,
+        lb_cookie_port = balancer_lab::LB_COOKIE_PORT,
+        app_cookie_port = balancer_lab::COOKIE_PORT,
+    );
+    let output = python(&lab, lab.client_ns(), &script);
+    let lines: Vec<&str> = output.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!("24 1 {}", Lab::backend_name(last)),
+        "every connection served by the one backend"
+    );
+    assert_eq!(
+        lines[1], "0 0",
+        "resets and retransmissions the client sent"
+    );
+    assert_eq!(
+        binding_count(&lab, "time_wait"),
+        0,
+        "backend SYNs the agent had to reset and send again"
+    );
+    assert_eq!(binding_count(&lab, "bound"), 24);
+}

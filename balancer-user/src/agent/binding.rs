@@ -128,13 +128,16 @@ struct Pending {
     clocks: Option<Clocks>,
 }
 
-/// TCP timestamps of a cookie connection. The backend gets the client's TSvals as they are;
-/// the client sees the balancer's clock stand at the TSval of its SYN-ACK until the splice,
-/// and go on from there with the backend's (XDP adds `ReverseNat::ts_delta`).
+/// TCP timestamps of a cookie connection. The client sees the balancer's clock stand at the
+/// TSval of its SYN-ACK until the splice, and go on from there with the backend's (XDP adds
+/// `ReverseNat::ts_delta`); the backend sees the client's clock moved onto the balancer's as
+/// it stood when the connection came (`to_backend`, XDP's `client_ts_delta`).
 #[derive(Debug, Clone, Copy)]
 struct Clocks {
     /// The client's latest TSval.
     client: u32,
+    /// Added to the client's TSvals on the backend leg.
+    to_backend: u32,
     /// The latest TSval the client had from the balancer, which it echoes.
     balancer: u32,
     /// The backend's latest TSval, once it answered with timestamps.
@@ -293,14 +296,7 @@ impl Agent {
             .binder
             .pending
             .iter()
-            .filter(|(key, pending)| {
-                matches!(pending.stage, Stage::Spliced { .. })
-                    && pending.response.as_ref().is_none_or(|response| {
-                        response
-                            .edit()
-                            .is_some_and(|edit| head_delivered(dataplane, key, edit))
-                    })
-            })
+            .filter(|(key, pending)| left_to_xdp(dataplane, key, pending))
             .map(|(key, _)| *key)
             .collect();
         for key in finished {
@@ -313,7 +309,18 @@ impl Agent {
     /// most. Room is always made, so a new client of a quiet source is never refused.
     fn make_room(&mut self, client: IpAddr) {
         if let Some((oldest, why)) = self.binder.budgets.over_budget(&Addr::from(client)) {
-            self.shed(&oldest, why);
+            // The oldest is most often spliced and done with: forgetting it costs nothing,
+            // resetting it could cut a response still on its way.
+            let done = self
+                .binder
+                .pending
+                .get(&oldest)
+                .is_some_and(|pending| left_to_xdp(&self.dataplane, &oldest, pending));
+            if done {
+                self.forget(&oldest);
+            } else {
+                self.shed(&oldest, why);
+            }
         }
         if self.binder.pending.len() >= self.binder.limits.capacity {
             self.forget_spliced();
@@ -427,8 +434,10 @@ impl Agent {
             match pending.clocks.as_mut() {
                 Some(clocks) => clocks.note_client(timestamps),
                 None if pending.binding.options.timestamps != 0 => {
+                    let now = crate::dataplane::monotonic_milliseconds();
                     pending.clocks = Some(Clocks {
                         client: timestamps.value,
+                        to_backend: now.wrapping_sub(timestamps.value),
                         balancer: timestamps.echo,
                         backend: None,
                     })
@@ -779,8 +788,10 @@ impl Agent {
         }
         if already.is_none() && segment.flags & (SYN | ACK) == ACK {
             // The backend still holds this tuple in TIME_WAIT (the client reused its port)
-            // and our ISN is below the old connection's: it answers with a bare ACK. The
-            // client's own stack would reset that and try again, and so does the agent.
+            // and neither our ISN nor our TSval is above the old connection's: it answers
+            // with a bare ACK. The client's own stack would reset that and try again, and
+            // so does the agent.
+            self.binder.counters.time_wait_resets += 1;
             debug!(backend = %target.addr, client = %pending.client, port = pending.client_port, "backend answered the SYN from TIME_WAIT: resetting it and sending the SYN again");
             self.binder.sockets.send(&Segment {
                 flags: RST,
@@ -902,7 +913,7 @@ impl Agent {
             window: pending.window,
             timestamps: pending.clocks.and_then(|clocks| {
                 Some(Timestamps {
-                    value: clocks.client,
+                    value: clocks.client.wrapping_add(clocks.to_backend),
                     echo: clocks.backend?,
                 })
             }),
@@ -1016,13 +1027,13 @@ impl Agent {
         let template = Segment {
             ack: from.ack.wrapping_add(pending.shortened()),
             window: bytes.min(u64::from(u16::MAX)) as u16,
-            // As XDP moves the backend's TSvals.
+            // As XDP moves the backend's timestamps.
             timestamps: to_client
                 .timestamps
                 .and(from.timestamps)
                 .map(|backend| Timestamps {
                     value: backend.value.wrapping_add(pending.reverse.ts_delta),
-                    echo: backend.echo,
+                    echo: backend.echo.wrapping_sub(pending.reverse.client_ts_delta),
                 }),
             ..to_client
         };
@@ -1284,6 +1295,17 @@ fn in_window(seq: u32, next: u32) -> bool {
     seq.wrapping_sub(next) < u32::from(u16::MAX)
 }
 
+/// Whether a connection is spliced and needs the agent no more: no response head to edit,
+/// or the client has the edited one. Only memories for repeated SYN-ACKs remain of it.
+fn left_to_xdp(dataplane: &Dataplane, key: &FlowKey, pending: &Pending) -> bool {
+    matches!(pending.stage, Stage::Spliced { .. })
+        && pending.response.as_ref().is_none_or(|response| {
+            response
+                .edit()
+                .is_some_and(|edit| head_delivered(dataplane, key, edit))
+        })
+}
+
 /// Whether nothing of an edited response head can come back to the agent: the client has
 /// acknowledged it, or the edit added nothing (XDP then passes the backend's bytes as they
 /// are, sent again or not).
@@ -1359,7 +1381,7 @@ fn claim_source(
 /// whether the first response head comes to the agent, and with timestamps the last TSval
 /// the client had from the balancer. The backend's SYN-ACK adds its ISN, window scale and
 /// TSval.
-fn connection_entries(pending: &Pending, target: Target, state: u32) -> (Flow, ReverseNat) {
+fn connection_entries(pending: &Pending, target: Target, state: u16) -> (Flow, ReverseNat) {
     let removed = pending.shortened();
     let replayed = (pending.request.len() as u32).wrapping_sub(removed);
     let replay_end = if replayed > 0 {
@@ -1405,6 +1427,8 @@ fn connection_entries(pending: &Pending, target: Target, state: u32) -> (Flow, R
         flow.ts_delta = clocks.balancer;
         nat.flags |= reverse_flags::TIMESTAMPS;
         nat.ts_delta = clocks.balancer;
+        flow.client_ts_delta = clocks.to_backend;
+        nat.client_ts_delta = clocks.to_backend;
     }
     if let Some((source, port)) = pending.source {
         flow.source = Addr::from(source);
@@ -1445,7 +1469,7 @@ fn backend_syn(pending: &Pending, target: Target) -> Segment {
         window_shift: (options.window_shift != NO_WINDOW_SCALE).then_some(options.window_shift),
         sack_permitted: options.sack_permitted != 0,
         timestamps: pending.clocks.map(|clocks| Timestamps {
-            value: clocks.client,
+            value: clocks.client.wrapping_add(clocks.to_backend),
             echo: 0,
         }),
         ..Segment::empty()

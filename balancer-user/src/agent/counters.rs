@@ -54,6 +54,10 @@ pub struct BindingCounters {
     /// Resets and FINs outside the window or out of order (a client's, or a backend reset
     /// that does not answer the agent's SYN), ignored.
     pub out_of_window: u64,
+    /// Backend SYNs answered from TIME_WAIT with a bare ACK (a reused client port the backend
+    /// could not tell from its old connection, for want of newer timestamps): reset and sent
+    /// again.
+    pub time_wait_resets: u64,
 }
 
 impl BindingCounters {

@@ -858,13 +858,14 @@ impl Agent {
         );
         let _ = writeln!(
             text,
-            "bindings_reset shed_client_budget={} shed_prefix_budget={} shed_table_full={} head_unacknowledged={} challenge_acks={} out_of_window={}",
+            "bindings_reset shed_client_budget={} shed_prefix_budget={} shed_table_full={} head_unacknowledged={} challenge_acks={} out_of_window={} time_wait={}",
             b.shed_client_budget,
             b.shed_prefix_budget,
             b.shed_table_full,
             b.head_unacknowledged,
             b.challenge_acks,
-            b.out_of_window
+            b.out_of_window,
+            b.time_wait_resets
         );
         let _ = writeln!(
             text,
@@ -1041,6 +1042,7 @@ impl Agent {
             ("head_unacknowledged", b.head_unacknowledged),
             ("challenge_acks", b.challenge_acks),
             ("out_of_window", b.out_of_window),
+            ("time_wait_resets", b.time_wait_resets),
             ("syn_cookie_rotations", self.cookie_rotations),
         ] {
             let _ = writeln!(text, "{name} {count}");
