@@ -1833,6 +1833,35 @@ fn a_splice_moves_sequence_numbers_past_an_edited_head_and_a_shortened_request()
     );
 }
 
+/// Writes the binding of a handshake the client completed on its port with the cookie
+/// `cookie_isn`, its SYN having offered an MSS of 1460, window scale 7, SACK and, when
+/// `timestamps` is 1, timestamps; one of its segments already handed to the agent.
+fn accepted_binding(
+    program: &mut Program,
+    key: &FlowKey,
+    cookie_isn: u32,
+    timestamps: u8,
+) -> Binding {
+    let binding = Binding {
+        client_isn: CLIENT_SEQ,
+        cookie_isn,
+        options: SynOptions {
+            mss: 1460,
+            window_shift: 7,
+            sack_permitted: 1,
+            timestamps,
+            _pad: [0; 3],
+        },
+        state: binding_state::ACCEPTED,
+        punts: 1,
+        accepted_s: coarse_seconds(),
+    };
+    let mut bindings: HashMap<&mut MapData, FlowKey, Binding> =
+        HashMap::try_from(program.map(map_name::BINDINGS)).unwrap();
+    bindings.insert(key, binding, 0).unwrap();
+    binding
+}
+
 #[test]
 fn the_backends_syn_ack_is_recorded_as_the_splice_by_xdp_and_punts_carry_the_binding() {
     let mut program = Program::in_private_network("synack");
@@ -1844,23 +1873,7 @@ fn the_backends_syn_ack_is_recorded_as_the_splice_by_xdp_and_punts_carry_the_bin
     const REPLAY_END: u32 = CLIENT_SEQ + 1 + 300;
     let key = client_flow(COOKIE_PORT);
     let reply_key = reply_flow(&key);
-    let binding = Binding {
-        client_isn: CLIENT_SEQ,
-        cookie_isn: COOKIE_ISN,
-        options: SynOptions {
-            mss: 1460,
-            window_shift: 7,
-            sack_permitted: 1,
-            timestamps: 0,
-            _pad: [0; 3],
-        },
-        state: binding_state::ACCEPTED,
-        punts: 1,
-        accepted_s: coarse_seconds(),
-    };
-    let mut bindings: HashMap<&mut MapData, FlowKey, Binding> =
-        HashMap::try_from(program.map(map_name::BINDINGS)).unwrap();
-    bindings.insert(key, binding, 0).unwrap();
+    let binding = accepted_binding(&mut program, &key, COOKIE_ISN, 0);
     let connecting = ReverseNat {
         vip: addr(VIP),
         port: COOKIE_PORT.to_be(),
@@ -1973,23 +1986,7 @@ fn a_spliced_connection_with_timestamps_moves_the_backends_tsvals_onto_the_balan
     const CLIENT_CLOCK_TO_BACKEND: u32 = 0xf000_0001;
     let key = client_flow(COOKIE_PORT);
     let reply_key = reply_flow(&key);
-    let binding = Binding {
-        client_isn: CLIENT_SEQ,
-        cookie_isn: COOKIE_ISN,
-        options: SynOptions {
-            mss: 1460,
-            window_shift: 7,
-            sack_permitted: 1,
-            timestamps: 1,
-            _pad: [0; 3],
-        },
-        state: binding_state::ACCEPTED,
-        punts: 1,
-        accepted_s: coarse_seconds(),
-    };
-    let mut bindings: HashMap<&mut MapData, FlowKey, Binding> =
-        HashMap::try_from(program.map(map_name::BINDINGS)).unwrap();
-    bindings.insert(key, binding, 0).unwrap();
+    accepted_binding(&mut program, &key, COOKIE_ISN, 1);
     let connecting = ReverseNat {
         vip: addr(VIP),
         port: COOKIE_PORT.to_be(),
