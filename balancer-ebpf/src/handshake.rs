@@ -78,12 +78,14 @@ pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
         // SAFETY: map values stay valid for the duration of the program.
         let binding = unsafe { &mut *binding };
         // A segment of this connection lies within reach of its first byte, and acknowledges
-        // its SYN cookie (or the little the agent answers itself). A new handshake on the
+        // its SYN cookie (or the little the agent answers itself) if it acknowledges at all. A new handshake on the
         // port starts from a fresh ISN, almost surely elsewhere, but a client that reuses its
         // TIME_WAIT socket starts 64 KB past the old connection's end, and its cookie moves
         // with its ISN. Only a new handshake pays for checking a cookie.
         let own_seq = seq.wrapping_sub(binding.client_isn.wrapping_add(1)) < OWN_SEGMENT_SPAN;
-        let own_ack = ack.wrapping_sub(binding.cookie_isn.wrapping_add(1)) < OWN_ANSWER_SPAN;
+        // (A reset without an acknowledgement is judged by its sequence number alone.)
+        let own_ack = flags & ACK == 0
+            || ack.wrapping_sub(binding.cookie_isn.wrapping_add(1)) < OWN_ANSWER_SPAN;
         if own_seq && own_ack {
             return while_bound(ctx, packet, binding, now_s);
         }
