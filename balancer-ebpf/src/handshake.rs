@@ -26,7 +26,7 @@ use crate::{
 /// Sequence numbers past a binding's first byte that still count as its own segments: twice
 /// the 64 KB window the agent offers while it reads the head.
 const OWN_SEGMENT_SPAN: u32 = 1 << 17;
-/// Acknowledgement numbers past a binding's cookie that still count as its own segments':
+/// Acknowledgement numbers past a binding's cookie that still count as its own segments:
 /// room for the agent's own short answers (404, 503), far below the 64 KB by which a reused
 /// TIME_WAIT socket's ISN, and so its cookie, moves on.
 const OWN_ANSWER_SPAN: u32 = 1 << 12;
@@ -77,11 +77,12 @@ pub fn accept(ctx: &XdpContext, packet: &Packet, now_s: u32) -> Verdict {
     if let Some(binding) = BINDINGS.get_ptr_mut(key) {
         // SAFETY: map values stay valid for the duration of the program.
         let binding = unsafe { &mut *binding };
-        // A segment of this connection lies within reach of its first byte, and acknowledges
-        // its SYN cookie (or the little the agent answers itself) if it acknowledges at all. A new handshake on the
-        // port starts from a fresh ISN, almost surely elsewhere, but a client that reuses its
-        // TIME_WAIT socket starts 64 KB past the old connection's end, and its cookie moves
-        // with its ISN. Only a new handshake pays for checking a cookie.
+        // A segment of this connection lies within reach of its first byte and, if it
+        // acknowledges at all, acknowledges its SYN cookie (or the little the agent answers
+        // itself). A new handshake on the port starts from a fresh ISN, almost surely
+        // elsewhere, but a client that reuses its TIME_WAIT socket starts 64 KB past the old
+        // connection's end, and its cookie moves with its ISN. Only a new handshake pays for
+        // checking a cookie.
         let own_seq = seq.wrapping_sub(binding.client_isn.wrapping_add(1)) < OWN_SEGMENT_SPAN;
         // (A reset without an acknowledgement is judged by its sequence number alone.)
         let own_ack = flags & ACK == 0

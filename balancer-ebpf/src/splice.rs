@@ -29,14 +29,11 @@ const MAX_SACK_EDGES: usize = 8;
 #[inline(always)]
 pub fn client_to_backend(ctx: &XdpContext, packet: &Packet, flow: &Flow) -> Result<(), Verdict> {
     if flow.flags & flow_flags::TIMESTAMPS != 0 {
-        if let Some(tsval_at) = tcp_options::timestamps_at(ctx, packet) {
-            shift_timestamps(
-                ctx,
-                packet,
-                tsval_at,
-                (flow.client_ts_delta, flow.ts_delta.wrapping_neg()),
-            )?;
-        }
+        shift_timestamps(
+            ctx,
+            packet,
+            (flow.client_ts_delta, flow.ts_delta.wrapping_neg()),
+        )?;
     }
     if flow.removed != 0 {
         // Bytes the client sends again from before the shortened request's end land, moved
@@ -97,8 +94,8 @@ pub fn note_head_acked(ctx: &XdpContext, packet: &Packet, flow: &mut Flow) {
 
 /// The backend's SYN-ACK answering the agent's SYN for a cookie connection: XDP records the
 /// splice in both entries itself (the offsets from the SYN cookie to the backend's ISN and,
-/// with timestamps, from the balancer's TSval to the backend's), so
-/// the agent only replays the request; everything else the splice needs the agent wrote
+/// with timestamps, from the balancer's TSval to the backend's), so the agent only replays
+/// the request; everything else the splice needs the agent wrote
 /// with the SYN, the backend's window scale as that backend last announced it (the agent
 /// corrects it before it replays the request, should the backend announce another).
 /// Returns the connection's binding when it did (the agent then writes nothing), `None` for
@@ -113,7 +110,8 @@ pub fn record_at_synack(
         return None;
     }
     let client_key = client_key(packet, nat);
-    // SAFETY: as above; the copy is taken at once.
+    // SAFETY: map values stay valid for the duration of the program; the copy is taken at
+    // once.
     let binding = unsafe { *BINDINGS.get(&client_key)? };
     let ack = read_u32(ctx, packet.tcp_field(tcp_field::ACK)).ok()?;
     if binding.state != binding_state::ACCEPTED || ack != binding.client_isn.wrapping_add(1) {
@@ -243,8 +241,8 @@ pub fn shift_sack_blocks(ctx: &XdpContext, packet: &Packet, delta: u32) -> Resul
     let truncated = Verdict::drop(Reason::DropTruncated);
     let mut options = Options::load(ctx, packet).ok_or(truncated)?;
     // Stacks align the SACK option on a word: first, behind two NOPs, or behind two NOPs
-    // and a timestamp and two NOPs again. A block left untranslated elsewhere costs speed, never data:
-    // the sender retransmits what is not acknowledged in the end. Not walking the options
+    // and a timestamp and two NOPs again. A block left untranslated elsewhere costs speed,
+    // never data: the sender retransmits what is not acknowledged in the end. Not walking the options
     // keeps this per-packet path cheap for the verifier.
     let nops =
         |at: usize| options.byte(at) == tcp_option::NOP && options.byte(at + 1) == tcp_option::NOP;
@@ -297,14 +295,11 @@ pub fn backend_to_client(
         nat.seq_delta.wrapping_neg(),
     )?;
     if nat.flags & reverse_flags::TIMESTAMPS != 0 {
-        if let Some(tsval_at) = tcp_options::timestamps_at(ctx, packet) {
-            shift_timestamps(
-                ctx,
-                packet,
-                tsval_at,
-                (nat.ts_delta, nat.client_ts_delta.wrapping_neg()),
-            )?;
-        }
+        shift_timestamps(
+            ctx,
+            packet,
+            (nat.ts_delta, nat.client_ts_delta.wrapping_neg()),
+        )?;
     }
     if nat.removed != 0 && packet.tcp_flags & ACK != 0 {
         shift(ctx, packet, packet.tcp_field(tcp_field::ACK), nat.removed)?;
@@ -342,15 +337,17 @@ pub fn shift(ctx: &XdpContext, packet: &Packet, offset: usize, delta: u32) -> Re
     Ok(())
 }
 
-/// Adds `deltas` to the TSval at `tsval_at` and to the TSecr after it, fixing the TCP
-/// checksum.
+/// Adds `deltas` to the segment's TSval and TSecr, if it carries them where
+/// `tcp_options::timestamps_at` looks, fixing the TCP checksum.
 #[inline(always)]
 fn shift_timestamps(
     ctx: &XdpContext,
     packet: &Packet,
-    tsval_at: usize,
     (value_delta, echo_delta): (u32, u32),
 ) -> Result<(), Verdict> {
+    let Some(tsval_at) = tcp_options::timestamps_at(ctx, packet) else {
+        return Ok(());
+    };
     let truncated = Verdict::drop(Reason::DropTruncated);
     let fields: *mut [[u8; 4]; 2] = ptr_at(ctx, tsval_at).ok_or(truncated)?;
     let check: *mut [u8; 2] = ptr_at(ctx, packet.l4_check_offset).ok_or(truncated)?;

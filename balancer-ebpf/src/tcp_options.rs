@@ -1,6 +1,7 @@
-//! TCP options, worked on in a copy (in a map: the stack has no room left): parsing them in place needs bounds checks at variable
-//! offsets, which the compiler reshapes beyond what the verifier can follow. Indexes into the
-//! copy are masked, so every access is in bounds whatever the loop's checks become.
+//! TCP options, worked on in a copy (in a map: the stack has no room left): parsing them in
+//! place needs bounds checks at variable offsets, which the compiler reshapes beyond what the
+//! verifier can follow. Indexes into the copy are masked, so every access is in bounds
+//! whatever the loop's checks become.
 
 use aya_ebpf::{
     helpers::{bpf_xdp_load_bytes, bpf_xdp_store_bytes},

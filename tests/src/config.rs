@@ -16,7 +16,7 @@ pub struct ServiceOptions {
     /// A second HTTP service, `web-cookie` on port [`COOKIE_PORT`], with `app-cookie`
     /// affinity on the backends' `SID` cookie, over as many backends as `web` but counted from
     /// the last: the backend leg of a cookie connection carries the balancer's clock in its
-    /// timestamps, `web`'s L4 flows the client's (which Linux offsets per 4-tuple), so the
+    /// timestamps, `web`'s L4 flows the client's (which Linux here offsets per 4-tuple), so the
     /// backends' TIME_WAIT sockets one leaves cannot tell the other's new connection from the
     /// same client port from an old segment, and would stall it.
     pub cookie_service: bool,
