@@ -28,7 +28,10 @@ pub mod map_name {
     pub const FLOWS: &str = "FLOWS";
     pub const SYN_OPTIONS: &str = "SYN_OPTIONS";
     pub const BINDINGS: &str = "BINDINGS";
-    pub const PUNTS: &str = "PUNTS";
+    /// The punt rings, one per agent worker: [`punt_ring`] names the one of a worker.
+    pub const PUNT_RINGS: [&str; super::MAX_AGENT_WORKERS] = [
+        "PUNTS_0", "PUNTS_1", "PUNTS_2", "PUNTS_3", "PUNTS_4", "PUNTS_5", "PUNTS_6", "PUNTS_7",
+    ];
     pub const COOKIE_SECRET: &str = "COOKIE_SECRET";
     pub const REVERSE: &str = "REVERSE";
     pub const AFFINITY: &str = "AFFINITY";
@@ -45,7 +48,7 @@ pub mod map_name {
 /// Version of the maps' layout (their key and value types and the meaning of their fields).
 /// Pinned maps outlive the agent and its program; a program of another layout version must
 /// not adopt them. Bump it with every change to a type or map below.
-pub const LAYOUT_VERSION: u32 = 12;
+pub const LAYOUT_VERSION: u32 = 13;
 
 /// Seconds after the agent's last heartbeat that the data plane takes it for gone: cookie
 /// services then stop handing connections to it (see [`without_agent`]). Compiled into the
@@ -197,8 +200,41 @@ pub struct AgentState {
     /// `nat_port_first`; the agent reserves them from the host's own sockets.
     pub nat_port_first: u16,
     pub nat_port_count: u16,
+    /// The agent's workers, 1 to [`MAX_AGENT_WORKERS`]: a cookie connection's frames go to
+    /// the ring of worker [`worker_of`] its client.
+    pub workers: u32,
 }
-const _: () = assert!(size_of::<AgentState>() == 24);
+const _: () = assert!(size_of::<AgentState>() == 28);
+
+/// The most worker threads the agent binds cookie connections on, each reading its own punt
+/// ring.
+pub const MAX_AGENT_WORKERS: usize = 8;
+
+/// Prefix lengths (IPv4, IPv6) of the client prefix whose connections share a budget in the
+/// agent (a NAT pool, a hosting subnet, a site): each prefix's connections go to one worker.
+pub const CLIENT_PREFIX_BITS: (u32, u32) = (24, 48);
+
+/// The worker, of `workers`, that owns the connections of `client`: a hash of its prefix, so
+/// each worker holds every connection a budget counts and one busy prefix keeps only its own
+/// worker busy.
+#[inline(always)]
+pub fn worker_of(client: &Addr, workers: u32) -> u32 {
+    const V4: Addr = Addr::prefix_mask(true, CLIENT_PREFIX_BITS.0);
+    const V6: Addr = Addr::prefix_mask(false, CLIENT_PREFIX_BITS.1);
+    let prefix = client.masked(if client.is_v4() { &V4 } else { &V6 });
+    let mut hash: u32 = 0x9e37_79b9;
+    let mut i = 0;
+    while i < 4 {
+        hash = (hash ^ prefix.words[i])
+            .wrapping_mul(0x0100_0193)
+            .rotate_left(13);
+        i += 1;
+    }
+    hash = (hash ^ (hash >> 16)).wrapping_mul(0x85eb_ca6b);
+    hash ^= hash >> 13;
+    let workers = workers.clamp(1, MAX_AGENT_WORKERS as u32);
+    ((u64::from(hash) * u64::from(workers)) >> 32) as u32
+}
 
 /// States of a client flow in [`Flow::state`] and of its reverse entry in
 /// [`ReverseNat::state`].
@@ -834,6 +870,48 @@ pub const fn mix(mut h: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn client(text: &str) -> Addr {
+        Addr::from(text.parse::<core::net::IpAddr>().unwrap())
+    }
+
+    #[test]
+    fn a_prefix_belongs_to_one_worker_and_prefixes_spread_over_all() {
+        for workers in 1..=MAX_AGENT_WORKERS as u32 {
+            let owner = worker_of(&client("198.18.7.1"), workers);
+            assert!(owner < workers);
+            assert_eq!(
+                worker_of(&client("198.18.7.254"), workers),
+                owner,
+                "same /24"
+            );
+            let v6 = worker_of(&client("2001:db8:7::1"), workers);
+            assert_eq!(
+                worker_of(&client("2001:db8:7:ffff::2"), workers),
+                v6,
+                "same /48"
+            );
+            let mut per_worker = [0u32; MAX_AGENT_WORKERS];
+            for third in 0..=255u32 {
+                for second in 18..=19u32 {
+                    let prefix = Addr::v4(u32::from_ne_bytes([198, second as u8, third as u8, 1]));
+                    per_worker[worker_of(&prefix, workers) as usize] += 1;
+                }
+            }
+            let per_worker = &per_worker[..workers as usize];
+            // 512 prefixes: each worker within a third of its even share.
+            let even = 512 / workers;
+            assert!(
+                per_worker.iter().all(|&n| n.abs_diff(even) <= even / 3),
+                "{workers} workers: {per_worker:?}"
+            );
+        }
+        assert_eq!(
+            worker_of(&client("198.18.7.1"), 0),
+            0,
+            "no workers counts as one"
+        );
+    }
 
     #[test]
     fn reasons_are_indexed_by_their_value() {

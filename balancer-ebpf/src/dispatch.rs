@@ -7,7 +7,8 @@ use aya_ebpf::programs::XdpContext;
 use balancer_common::{
     affinity, flow_flags, flow_state, nat_mode,
     proto::tcp_flag::{ACK, SYN},
-    punt_kind, reverse_flags, without_agent, Binding, Flow, Reason, Service, ServiceKey, PROTO_TCP,
+    punt_kind, reverse_flags, without_agent, Addr, Binding, Flow, Reason, ReverseNat, Service,
+    ServiceKey, PROTO_TCP,
 };
 
 use crate::{
@@ -168,15 +169,34 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<(Reason, u3
         flow_state::CONNECTING => {
             let recorded =
                 splice::record_at_synack(ctx, packet, (&nat, entry)).unwrap_or(Binding::NONE);
-            return Err(punt::punt(ctx, punt_kind::BACKEND, &recorded));
+            return Err(punt::punt(
+                ctx,
+                punt_kind::BACKEND,
+                client_of(packet, &nat),
+                &recorded,
+            ));
         }
-        _ => return Err(punt::punt(ctx, punt_kind::BACKEND, &Binding::NONE)),
+        _ => {
+            let client = client_of(packet, &nat);
+            return Err(punt::punt(ctx, punt_kind::BACKEND, client, &Binding::NONE));
+        }
     };
     rewrite(ctx, packet, End::Source, nat.vip, nat.port)?;
     if nat.client_port != 0 {
         rewrite(ctx, packet, End::Destination, nat.client, nat.client_port)?;
     }
     Ok(Some((reason, nat.backend_id)))
+}
+
+/// The client of a backend's segment: in full NAT the reverse entry's, else the segment's
+/// destination.
+#[inline(always)]
+fn client_of<'a>(packet: &'a Packet, nat: &'a ReverseNat) -> &'a Addr {
+    if nat.client_port != 0 {
+        &nat.client
+    } else {
+        &packet.key.dst
+    }
 }
 
 /// A client SYN on a flow that the client closed: it reused its port for a new connection (it

@@ -181,5 +181,5 @@ pub fn while_binding(ctx: &XdpContext, packet: &Packet) -> Verdict {
         }
         None => Binding::NONE,
     };
-    punt(ctx, punt_kind::CLIENT, &binding)
+    punt(ctx, punt_kind::CLIENT, &packet.key.src, &binding)
 }

@@ -73,9 +73,26 @@ pub static SYN_OPTIONS: LruHashMap<FlowKey, SynOptions> = LruHashMap::pinned(BIN
 #[map]
 pub static BINDINGS: LruHashMap<FlowKey, Binding> = LruHashMap::pinned(BINDING_CAPACITY, 0);
 
-/// Frames for the agent: client data while a connection is being bound, backend answers.
+/// Frames for the agent: client data while a connection is being bound, backend answers; a
+/// ring for each agent worker (`map_name::PUNT_RINGS`), sized by the agent when it loads the
+/// program (the rings of workers it does not run, one page).
 #[map]
-pub static PUNTS: RingBuf = RingBuf::pinned(PUNT_RING_SIZE, 0);
+pub static PUNTS_0: RingBuf = RingBuf::pinned(PUNT_RING_SIZE, 0);
+#[map]
+pub static PUNTS_1: RingBuf = RingBuf::pinned(PUNT_RING_SIZE, 0);
+#[map]
+pub static PUNTS_2: RingBuf = RingBuf::pinned(PUNT_RING_SIZE, 0);
+#[map]
+pub static PUNTS_3: RingBuf = RingBuf::pinned(PUNT_RING_SIZE, 0);
+#[map]
+pub static PUNTS_4: RingBuf = RingBuf::pinned(PUNT_RING_SIZE, 0);
+#[map]
+pub static PUNTS_5: RingBuf = RingBuf::pinned(PUNT_RING_SIZE, 0);
+#[map]
+pub static PUNTS_6: RingBuf = RingBuf::pinned(PUNT_RING_SIZE, 0);
+#[map]
+pub static PUNTS_7: RingBuf = RingBuf::pinned(PUNT_RING_SIZE, 0);
+const _: () = assert!(balancer_common::MAX_AGENT_WORKERS == 8);
 
 /// The clients of new flows, for the agent's tally of the sources that open the most. Not
 /// pinned: it holds nothing the next agent needs; without an agent it fills and new flows

@@ -1,15 +1,33 @@
-//! Frames the agent must see, handed over through the `PUNTS` ring buffer.
+//! Frames the agent must see, handed over through the punt ring of the worker that owns the
+//! connection.
 
-use aya_ebpf::{helpers::bpf_xdp_load_bytes, programs::XdpContext};
-use balancer_common::{proto::TCP_HEADER_LEN, Binding, Punt, Reason, PUNT_FRAME_SIZE};
+use aya_ebpf::{helpers::bpf_xdp_load_bytes, maps::RingBuf, programs::XdpContext};
+use balancer_common::{
+    proto::TCP_HEADER_LEN, worker_of, Addr, Binding, Punt, Reason, PUNT_FRAME_SIZE,
+};
 
-use crate::{maps::PUNTS, packet::L4_OFFSET_V4, stats::Verdict};
+use crate::{
+    maps::{AGENT, PUNTS_0, PUNTS_1, PUNTS_2, PUNTS_3, PUNTS_4, PUNTS_5, PUNTS_6, PUNTS_7},
+    packet::L4_OFFSET_V4,
+    stats::Verdict,
+};
 
-/// Hands the frame to the agent through the `PUNTS` ring, with the connection's `binding`,
-/// and drops it here.
+/// Hands the frame of a connection of `client` to the agent, with the connection's
+/// `binding`, and drops it here.
 #[inline(always)]
-pub fn punt(ctx: &XdpContext, kind: u32, binding: &Binding) -> Verdict {
-    let Some(mut entry) = PUNTS.reserve::<Punt>(0) else {
+pub fn punt(ctx: &XdpContext, kind: u32, client: &Addr, binding: &Binding) -> Verdict {
+    let workers = AGENT.get(0).map_or(1, |agent| agent.workers);
+    let ring: &RingBuf = match worker_of(client, workers) {
+        0 => &PUNTS_0,
+        1 => &PUNTS_1,
+        2 => &PUNTS_2,
+        3 => &PUNTS_3,
+        4 => &PUNTS_4,
+        5 => &PUNTS_5,
+        6 => &PUNTS_6,
+        _ => &PUNTS_7,
+    };
+    let Some(mut entry) = ring.reserve::<Punt>(0) else {
         return Verdict::drop(Reason::DropPuntRingFull);
     };
     // Punted frames were parsed as TCP, so they hold at least the headers; the lower bound

@@ -10,8 +10,8 @@ use std::{
 };
 
 use balancer_common::{
-    affinity, nat_mode, without_agent, Addr, ServiceKey, MAX_BACKENDS, MAX_GROUPS, MAX_NAT_SOURCES,
-    MAX_SERVICES, PROTO_TCP, PROTO_UDP,
+    affinity, nat_mode, without_agent, Addr, ServiceKey, MAX_AGENT_WORKERS, MAX_BACKENDS,
+    MAX_GROUPS, MAX_NAT_SOURCES, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
 };
 use serde::Deserialize;
 
@@ -60,8 +60,8 @@ pub struct Config {
     /// Where Prometheus scrapes `/metrics` (e.g. "127.0.0.1:9469"); off when absent. Read at
     /// start: a reload keeps the address the agent started with.
     pub metrics: Option<std::net::SocketAddr>,
-    /// Cookie services: connections the agent holds at once (heads being read, backends
-    /// being opened, edited response heads the client has yet to acknowledge).
+    /// Cookie services: connections each agent worker holds at once (heads being read,
+    /// backends being opened, edited response heads the client has yet to acknowledge).
     #[serde(default = "default_binding_capacity")]
     pub binding_capacity: u32,
     /// Of those, at most this many per client address: a client past it gives up its own
@@ -80,8 +80,13 @@ pub struct Config {
     /// incomplete by the agent.
     #[serde(default = "default_request_timeout")]
     pub request_timeout: u32,
-    /// Cookie services: bytes of the ring XDP hands segments to the agent through (a power of
-    /// two, 64 KiB to 256 MiB; each segment takes about 1.5 KB).
+    /// Cookie services: threads the agent binds connections on, 1 to 8; each owns the
+    /// connections of the client prefixes (/24, IPv6 /48) XDP hashes to it, with their
+    /// budgets and `binding_capacity` of its own. Absent: one per CPU the agent may use.
+    /// Read at start: a reload keeps the workers the agent started with.
+    pub agent_workers: Option<u32>,
+    /// Cookie services: bytes of the ring XDP hands segments to each agent worker through (a
+    /// power of two, 64 KiB to 256 MiB; each segment takes about 1.5 KB).
     #[serde(default = "default_punt_ring_size")]
     pub punt_ring_size: u32,
     /// Seconds between two secrets of the SYN cookies cookie services answer with (the
@@ -1088,6 +1093,15 @@ fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError 
 }
 
 impl Config {
+    /// The agent's workers: `agent_workers`, or one per CPU the agent may run on (at most
+    /// [`MAX_AGENT_WORKERS`]).
+    pub fn workers(&self) -> u32 {
+        self.agent_workers.unwrap_or_else(|| {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            cpus.min(MAX_AGENT_WORKERS) as u32
+        })
+    }
+
     /// `nat_ports` as its first port and how many, if it parses.
     pub fn nat_port_range(&self) -> Option<(u16, u16)> {
         let (first, last) = self.nat_ports.split_once('-')?;
@@ -1290,6 +1304,14 @@ impl Config {
                     self.bindings_per_prefix, self.bindings_per_client
                 ),
             ));
+        }
+        if let Some(workers) = self.agent_workers {
+            if !(1..=MAX_AGENT_WORKERS as u32).contains(&workers) {
+                return Err(invalid(
+                    "agent_workers",
+                    format!("{workers} is outside 1..={MAX_AGENT_WORKERS}"),
+                ));
+            }
         }
         let ring = self.punt_ring_size;
         if !ring.is_power_of_two() || !(1 << 16..=1 << 28).contains(&ring) {
@@ -2466,6 +2488,10 @@ mod tests {
             (
                 VALID.replace("instance = \"lab\"", "punt_ring_size = 100000"),
                 "punt_ring_size",
+            ),
+            (
+                VALID.replace("instance = \"lab\"", "agent_workers = 9"),
+                "agent_workers",
             ),
             (
                 VALID.replace(

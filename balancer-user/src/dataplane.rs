@@ -16,11 +16,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    binding_state, flow_flags, flow_state, map_name, source_is_free, Addr, Affinity, AffinityKey,
-    AgentState, Backend, BackendCounters, Binding, CookieSecret, Counter, Flow, FlowKey, Group,
-    Reason, ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS,
-    GROUP_TABLE_SIZE, LAYOUT_VERSION, MAX_BACKENDS, MAX_GROUPS, MAX_NAT_SOURCES, MAX_SERVICES,
-    MAX_TX_PORTS, TABLES_PER_SERVICE, XDP_PROGRAM,
+    flow_flags, flow_state, map_name, Addr, Affinity, AffinityKey, AgentState, Backend,
+    BackendCounters, Binding, CookieSecret, Counter, Flow, FlowKey, Group, Reason, ReverseNat,
+    Service, ServiceKey, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS, GROUP_TABLE_SIZE,
+    LAYOUT_VERSION, MAX_BACKENDS, MAX_GROUPS, MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS,
+    TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 use tracing::{info, warn};
 
@@ -76,6 +76,8 @@ pub struct Dataplane {
     request_timeout_s: u32,
     /// The config's `nat_ports` (first, count), told with each heartbeat.
     nat_ports: (u16, u16),
+    /// The agent's workers, each reading its own punt ring, told with each heartbeat.
+    pub workers: u32,
 }
 
 impl Dataplane {
@@ -88,6 +90,8 @@ impl Dataplane {
         let dir = pin_dir(&config.instance);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         check_pinned_maps(&dir, config, options.cold)?;
+        let workers = config.workers();
+        replace_resized_rings(&dir, config, workers)?;
 
         let object: Cow<[u8]> = match &options.program {
             Some(path) => Cow::Owned(
@@ -96,13 +100,17 @@ impl Dataplane {
             ),
             None => Cow::Borrowed(XDP_OBJECT),
         };
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .default_map_pin_directory(&dir)
             .map_max_entries(map_name::FLOWS, config.flow_capacity)
             .map_max_entries(map_name::REVERSE, config.flow_capacity)
             .map_max_entries(map_name::AFFINITY, config.affinity_capacity)
-            .map_max_entries(map_name::BACKEND_TABLE, table_capacity(config))
-            .map_max_entries(map_name::PUNTS, config.punt_ring_size)
+            .map_max_entries(map_name::BACKEND_TABLE, table_capacity(config));
+        for (worker, ring) in map_name::PUNT_RINGS.iter().enumerate() {
+            loader.map_max_entries(ring, ring_size(config, workers, worker));
+        }
+        let mut ebpf = loader
             .load(&object)
             .with_context(|| {
                 format!(
@@ -139,6 +147,7 @@ impl Dataplane {
             ),
             request_timeout_s: config.request_timeout,
             nat_ports: config.nat_port_range().unwrap_or_default(),
+            workers,
         };
         // Before the program runs: an adopted connection being bound must not look orphaned.
         dataplane.heartbeat()?;
@@ -185,6 +194,7 @@ impl Dataplane {
             request_timeout_s: self.request_timeout_s,
             nat_port_first: self.nat_ports.0,
             nat_port_count: self.nat_ports.1,
+            workers: self.workers,
         };
         let mut map: Array<&mut MapData, AgentState> = Array::try_from(self.map(map_name::AGENT)?)?;
         map.set(0, state, 0)
@@ -372,12 +382,12 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Takes the ring buffer of punted frames, to be read by the agent.
-    pub fn take_punts(&mut self) -> Result<RingBuf<MapData>> {
+    /// Takes the ring buffer of the frames punted to `worker`, to be read by it.
+    pub fn take_punts(&mut self, worker: usize) -> Result<RingBuf<MapData>> {
         let map = self
             .ebpf
-            .take_map(map_name::PUNTS)
-            .context("the XDP object has no punt ring")?;
+            .take_map(map_name::PUNT_RINGS[worker])
+            .with_context(|| format!("the XDP object has no punt ring for worker {worker}"))?;
         Ok(RingBuf::try_from(map)?)
     }
 
@@ -388,142 +398,6 @@ impl Dataplane {
             .take_map(map_name::NEW_FLOW_SOURCES)
             .context("the XDP object has no ring of new flows' clients")?;
         Ok(RingBuf::try_from(map)?)
-    }
-
-    /// Writes both directions of a client connection: its flow entry (client-side key) and
-    /// its reverse entry (backend-side key).
-    pub fn set_connection(
-        &mut self,
-        key: &FlowKey,
-        flow: Flow,
-        reply_key: &FlowKey,
-        nat: ReverseNat,
-    ) -> Result<()> {
-        // The reverse entry first: once the flow says where packets go, replies may come.
-        let mut reverse: HashMap<&mut MapData, FlowKey, ReverseNat> =
-            HashMap::try_from(self.map(map_name::REVERSE)?)?;
-        reverse
-            .insert(reply_key, nat, 0)
-            .context("writing a reverse entry")?;
-        let mut flows: HashMap<&mut MapData, FlowKey, Flow> =
-            HashMap::try_from(self.map(map_name::FLOWS)?)?;
-        flows.insert(key, flow, 0).context("writing a flow")?;
-        Ok(())
-    }
-
-    /// A client connection's flow entry.
-    pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
-        let map = self.map_ref(map_name::FLOWS).ok()?;
-        let flows: HashMap<&MapData, FlowKey, Flow> = HashMap::try_from(map).ok()?;
-        flows.get(key, 0).ok()
-    }
-
-    /// A backend connection's reverse entry.
-    pub fn reverse(&self, reply_key: &FlowKey) -> Option<ReverseNat> {
-        let map = self.map_ref(map_name::REVERSE).ok()?;
-        let reverse: HashMap<&MapData, FlowKey, ReverseNat> = HashMap::try_from(map).ok()?;
-        reverse.get(reply_key, 0).ok()
-    }
-
-    /// Rewrites both entries of a spliced connection, the flow first: `change` gets the flow
-    /// as the data plane has it now (it updates flags there) and the reverse entry as the
-    /// agent last wrote it (the data plane changes only its `replay_end` there). Returns the
-    /// reverse entry written.
-    pub fn update_connection(
-        &mut self,
-        key: &FlowKey,
-        reply_key: &FlowKey,
-        mut nat: ReverseNat,
-        change: impl FnOnce(&mut Flow, &mut ReverseNat),
-    ) -> Result<ReverseNat> {
-        let mut flow = self.flow(key).context("reading a flow")?;
-        change(&mut flow, &mut nat);
-        let mut flows: HashMap<&mut MapData, FlowKey, Flow> =
-            HashMap::try_from(self.map(map_name::FLOWS)?)?;
-        flows.insert(key, flow, 0).context("writing a flow")?;
-        self.write_reverse(reply_key, nat)?;
-        Ok(nat)
-    }
-
-    /// Full NAT: takes the source in `reply_key` for a connection whose reverse entry is
-    /// `nat`, if no flow holds it (or the one that did has let it go); false if one does.
-    pub fn claim_reverse(&mut self, reply_key: &FlowKey, mut nat: ReverseNat) -> Result<bool> {
-        const NO_EXIST: u64 = 1;
-        let now_s = monotonic_seconds();
-        nat.last_seen_s = now_s;
-        let mut reverse: HashMap<&mut MapData, FlowKey, ReverseNat> =
-            HashMap::try_from(self.map(map_name::REVERSE)?)?;
-        if let Ok(held) = reverse.get(reply_key, 0) {
-            if !source_is_free(&held, reply_key.proto, now_s) {
-                return Ok(false);
-            }
-            let _ = reverse.remove(reply_key);
-        }
-        // The data plane may claim it between the look and the insert: only one succeeds.
-        Ok(reverse.insert(reply_key, nat, NO_EXIST).is_ok())
-    }
-
-    /// Removes a reverse entry.
-    pub fn remove_reverse(&mut self, reply_key: &FlowKey) {
-        if let Ok(map) = self.map(map_name::REVERSE) {
-            if let Ok(mut reverse) = HashMap::<&mut MapData, FlowKey, ReverseNat>::try_from(map) {
-                let _ = reverse.remove(reply_key);
-            }
-        }
-    }
-
-    /// Writes a reverse entry.
-    pub fn write_reverse(&mut self, reply_key: &FlowKey, nat: ReverseNat) -> Result<()> {
-        let mut reverse: HashMap<&mut MapData, FlowKey, ReverseNat> =
-            HashMap::try_from(self.map(map_name::REVERSE)?)?;
-        reverse
-            .insert(reply_key, nat, 0)
-            .context("writing a reverse entry")
-    }
-
-    /// Forgets a client connection the balancer reset: its flow and (if any) its reverse
-    /// entry go, and its binding stays as refused, so segments the client sends again are
-    /// reset by XDP rather than starting a new binding from their still valid SYN cookie.
-    pub fn refuse_connection(
-        &mut self,
-        key: &FlowKey,
-        reply_key: Option<&FlowKey>,
-        binding: Binding,
-    ) {
-        self.remove_flow(key, reply_key);
-        if let Ok(map) = self.map(map_name::BINDINGS) {
-            if let Ok(mut bindings) = HashMap::<&mut MapData, FlowKey, Binding>::try_from(map) {
-                let refused = Binding {
-                    state: binding_state::REFUSED,
-                    ..binding
-                };
-                let _ = bindings.insert(key, refused, 0);
-            }
-        }
-    }
-
-    /// Forgets a client connection: its flow, its binding and (if any) its reverse entry.
-    pub fn remove_connection(&mut self, key: &FlowKey, reply_key: Option<&FlowKey>) {
-        self.remove_flow(key, reply_key);
-        if let Ok(map) = self.map(map_name::BINDINGS) {
-            if let Ok(mut bindings) = HashMap::<&mut MapData, FlowKey, Binding>::try_from(map) {
-                let _ = bindings.remove(key);
-            }
-        }
-    }
-
-    /// Removes a client connection's flow and (if any) its reverse entry.
-    fn remove_flow(&mut self, key: &FlowKey, reply_key: Option<&FlowKey>) {
-        if let Ok(map) = self.map(map_name::FLOWS) {
-            if let Ok(mut flows) = HashMap::<&mut MapData, FlowKey, Flow>::try_from(map) {
-                let _ = flows.remove(key);
-            }
-        }
-        if let (Some(reply_key), Ok(map)) = (reply_key, self.map(map_name::REVERSE)) {
-            if let Ok(mut reverse) = HashMap::<&mut MapData, FlowKey, ReverseNat>::try_from(map) {
-                let _ = reverse.remove(reply_key);
-            }
-        }
     }
 
     /// Clients with a `source-ip` session, per backend id. Walks the whole map.
@@ -910,7 +784,10 @@ fn check_pinned_maps(dir: &Path, config: &Config, cold: bool) -> Result<()> {
         );
     }
     warn!("starting cold: replacing the pinned maps loses {lost}");
-    for (name, ..) in &pinned {
+    let rings = map_name::PUNT_RINGS
+        .iter()
+        .filter(|ring| dir.join(ring).exists());
+    for name in pinned.iter().map(|(name, ..)| name).chain(rings) {
         let path = dir.join(name);
         fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     }
@@ -946,7 +823,7 @@ fn ifindex(interface: &str) -> Result<u32> {
 }
 
 /// The shape every map must have: (name, key size, value size, capacity).
-fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 17] {
+fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 16] {
     use std::mem::size_of;
     [
         (
@@ -1045,8 +922,46 @@ fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 17] {
             size_of::<u32>(),
             MAX_SERVICES * MAX_GROUPS * TABLES_PER_SERVICE * GROUP_TABLE_SIZE,
         ),
-        (map_name::PUNTS, 0, 0, config.punt_ring_size),
     ]
+}
+
+/// Bytes of the punt ring of `worker`: the config's size for the workers the agent runs, one
+/// page for the others (the program has a ring for each worker there may be).
+fn ring_size(config: &Config, workers: u32, worker: usize) -> u32 {
+    if worker < workers as usize {
+        config.punt_ring_size
+    } else {
+        page_size()
+    }
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(size).unwrap_or(4096)
+}
+
+/// Removes the pinned punt rings whose size no longer fits (another `punt_ring_size` or
+/// number of workers), so the program gets new ones: they only carry frames in flight, which
+/// their senders send again; the program running now keeps its rings until it is replaced.
+fn replace_resized_rings(dir: &Path, config: &Config, workers: u32) -> Result<()> {
+    for (worker, ring) in map_name::PUNT_RINGS.iter().enumerate() {
+        let path = dir.join(ring);
+        let Ok(info) = MapInfo::from_pin(&path) else {
+            continue;
+        };
+        let size = ring_size(config, workers, worker);
+        if info.max_entries() != size {
+            info!(
+                ring,
+                from = info.max_entries(),
+                to = size,
+                "resizing a punt ring"
+            );
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Loads full NAT's placement program and puts it where the main program's tail call finds

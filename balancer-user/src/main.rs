@@ -6,6 +6,7 @@
 mod agent;
 mod bpf;
 mod config;
+mod connections;
 mod control;
 mod cookie;
 mod dataplane;
@@ -30,7 +31,6 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tokio::{
-    io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
     sync::mpsc,
 };
@@ -83,6 +83,10 @@ enum Command {
         /// program alone).
         #[arg(long, value_name = "FILE")]
         program: Option<PathBuf>,
+        /// Threads that bind cookie connections (1 to 8), each owning the client prefixes XDP
+        /// hashes to it; overrides the config's `agent_workers` (default: one per CPU).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=8))]
+        agent_workers: Option<u32>,
     },
     /// Stop the agent of an instance; the data plane keeps forwarding unless --detach.
     Stop {
@@ -273,7 +277,8 @@ fn execute(command: Command) -> Result<()> {
             config,
             cold,
             program,
-        } => run(config, StartOptions { cold, program }),
+            agent_workers,
+        } => run(config, StartOptions { cold, program }, agent_workers),
         Command::Stop { instance, detach } => stop(&instance, detach),
         Command::Check { config } => {
             let config = Config::load(&config)?;
@@ -414,8 +419,11 @@ fn execute(command: Command) -> Result<()> {
     }
 }
 
-fn run(config_path: PathBuf, options: StartOptions) -> Result<()> {
-    let config = Config::load(&config_path)?;
+fn run(config_path: PathBuf, options: StartOptions, workers: Option<u32>) -> Result<()> {
+    let mut config = Config::load(&config_path)?;
+    if workers.is_some() {
+        config.agent_workers = workers;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -466,6 +474,7 @@ async fn serve(config: Config, config_path: PathBuf, options: StartOptions) -> R
         .map(|(i, how)| format!("{i} ({how})"))
         .collect();
     let program_id = dataplane.program_id;
+    let workers = dataplane.workers;
     let instructions = dataplane
         .verified_instructions
         .map_or_else(|| "unknown".to_owned(), |n| n.to_string());
@@ -473,25 +482,22 @@ async fn serve(config: Config, config_path: PathBuf, options: StartOptions) -> R
     let stats_interval = config.stats_interval;
     let services = config.services.len();
     let mut agent = Agent::new(config, dataplane, report_tx)?;
-    // SAFETY: the ring buffer owns its descriptor for as long as the `AsyncFd` owns it.
-    let mut punts = unsafe { AsyncFd::register(agent.take_punts()?) }
-        .map_err(|error| anyhow::anyhow!("watching the punt ring: {}", error.into_parts().1))?;
     let mut new_flow_sources = agent.take_new_flow_sources()?;
     let mut source_ticker = tokio::time::interval(NEW_FLOW_SOURCE_DRAIN);
-    let mut binding_ticker = tokio::time::interval(Duration::from_millis(200));
     let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
     let rotation = agent.cookie_rotation();
     let mut cookie_rotation =
         tokio::time::interval_at(tokio::time::Instant::now() + rotation, rotation);
     let socket = control::serve(&instance, command_tx)?;
     println!(
-        "ready: attached to {}; program {program_id}; {services} services; verifier processed {instructions} instructions; maps pinned in {}; control socket {}",
+        "ready: attached to {}; program {program_id}; {services} services; {workers} binding workers; verifier processed {instructions} instructions; maps pinned in {}; control socket {}",
         attached.join(", "),
         dataplane::pin_dir(&instance).display(),
         socket.display(),
     );
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     let mut detach = false;
+    let mut stopped_worker = None;
 
     let mut ticker = tokio::time::interval(Duration::from_secs(stats_interval.max(1)));
     let mut last = (Instant::now(), Snapshot::read(&instance)?);
@@ -512,6 +518,11 @@ async fn serve(config: Config, config_path: PathBuf, options: StartOptions) -> R
                 }
             }
             _ = heartbeat.tick() => {
+                if let Some(worker) = agent.stopped_worker() {
+                    error!(worker, "a binding worker stopped: the agent stops, so cookie services answer without it (the data plane keeps forwarding)");
+                    stopped_worker = Some(worker);
+                    break;
+                }
                 if let Err(error) = agent.heartbeat() {
                     warn!("{error:#}");
                 }
@@ -522,26 +533,6 @@ async fn serve(config: Config, config_path: PathBuf, options: StartOptions) -> R
                     error!("applying a health change: {error:#}");
                 }
             }
-            ready = punts.readable_mut() => {
-                let mut guard = ready.context("waiting on the punt ring")?;
-                let ring = guard.get_inner_mut();
-                let mut record = Vec::with_capacity(std::mem::size_of::<balancer_common::Punt>());
-                let mut handled = 0;
-                while handled < PUNT_BATCH {
-                    let Some(item) = ring.next() else { break };
-                    record.clear();
-                    record.extend_from_slice(&item);
-                    drop(item);
-                    agent.on_punt(&record);
-                    handled += 1;
-                }
-                // A full batch leaves the ring ready: the loop comes back to it after the
-                // timers, signals and commands that are due.
-                if handled < PUNT_BATCH {
-                    guard.clear_ready();
-                }
-            }
-            _ = binding_ticker.tick() => agent.binding_tick(),
             _ = source_ticker.tick() => {
                 agent.refresh_top_sources();
                 for _ in 0..NEW_FLOW_SOURCE_BATCH {
@@ -585,7 +576,6 @@ async fn serve(config: Config, config_path: PathBuf, options: StartOptions) -> R
                 }
             }
         }
-        agent.flush_sends();
     }
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     let _ = std::fs::remove_file(&socket);
@@ -596,11 +586,11 @@ async fn serve(config: Config, config_path: PathBuf, options: StartOptions) -> R
     } else {
         info!("stopped; the data plane stays attached: L4 VIPs and spliced connections keep flowing, the next `balancer run` takes over, `balancer stop --detach` removes it");
     }
-    Ok(())
+    match stopped_worker {
+        Some(worker) => bail!("binding worker {worker} stopped"),
+        None => Ok(()),
+    }
 }
-
-/// Punted frames handled before the agent looks at its timers, signals and commands again.
-const PUNT_BATCH: usize = 256;
 
 /// How often the agent drains the ring of new flows' clients, and the most it takes at once:
 /// twice what the ring holds, so it keeps up with some 80,000 new flows a second.

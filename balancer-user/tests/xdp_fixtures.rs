@@ -18,10 +18,10 @@ use aya::{
 };
 use balancer_common::{
     affinity, backend_state, binding_state, flow_flags, flow_state, map_name, nat_mode, punt_kind,
-    reverse_flags, syncookie, without_agent, Addr, Affinity, AffinityKey, AgentState, Backend,
-    Binding, Counter, Flow, FlowKey, Group, Punt, Reason, ReverseNat, Service, ServiceKey,
-    SynOptions, DEFAULT_AGENT_TIMEOUT_S, LAYOUT_VERSION, MAX_GROUPS, MAX_SERVICES, PROTO_TCP,
-    PROTO_UDP, TABLES_PER_SERVICE, XDP_PROGRAM,
+    reverse_flags, syncookie, without_agent, worker_of, Addr, Affinity, AffinityKey, AgentState,
+    Backend, Binding, Counter, Flow, FlowKey, Group, Punt, Reason, ReverseNat, Service, ServiceKey,
+    SynOptions, DEFAULT_AGENT_TIMEOUT_S, LAYOUT_VERSION, MAX_AGENT_WORKERS, MAX_GROUPS,
+    MAX_SERVICES, PROTO_TCP, PROTO_UDP, TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 
 const XDP_DROP: u32 = 1;
@@ -396,12 +396,17 @@ impl Program {
 
     /// Writes the agent's heartbeat as it was `age` seconds ago.
     fn agent_alive_seconds_ago(&mut self, age: u32) {
+        self.agent_alive_with_workers(age, 1);
+    }
+
+    fn agent_alive_with_workers(&mut self, age: u32, workers: u32) {
         let mut map: Array<&mut MapData, AgentState> =
             Array::try_from(self.map(map_name::AGENT)).unwrap();
         let state = AgentState {
             heartbeat_s: coarse_seconds() - age,
             layout_version: LAYOUT_VERSION,
             request_timeout_s: 10,
+            workers,
             ..AgentState::default()
         };
         map.set(0, state, 0).unwrap();
@@ -524,16 +529,26 @@ impl Program {
         reverse.get(reply_key, 0).ok()
     }
 
-    /// The records the program put in the punt ring since the last call, oldest first.
-    fn punts(&mut self) -> Vec<Punt> {
-        let mut ring = RingBuf::try_from(self.map(map_name::PUNTS)).unwrap();
+    /// The records the program put in the punt rings since the last call, oldest first in
+    /// each ring, with the worker whose ring each was in.
+    fn punts_by_worker(&mut self) -> Vec<(usize, Punt)> {
         let mut punts = Vec::new();
-        while let Some(record) = ring.next() {
-            punts.push(bytemuck::pod_read_unaligned(
-                &record[..std::mem::size_of::<Punt>()],
-            ));
+        for (worker, name) in map_name::PUNT_RINGS.iter().enumerate() {
+            let mut ring = RingBuf::try_from(self.map(name)).unwrap();
+            while let Some(record) = ring.next() {
+                let punt = bytemuck::pod_read_unaligned(&record[..std::mem::size_of::<Punt>()]);
+                punts.push((worker, punt));
+            }
         }
         punts
+    }
+
+    /// The records the program put in the punt rings since the last call.
+    fn punts(&mut self) -> Vec<Punt> {
+        self.punts_by_worker()
+            .into_iter()
+            .map(|(_, punt)| punt)
+            .collect()
     }
 }
 
@@ -1865,7 +1880,7 @@ fn accepted_binding(
 #[test]
 fn the_backends_syn_ack_is_recorded_as_the_splice_by_xdp_and_punts_carry_the_binding() {
     let mut program = Program::in_private_network("synack");
-    program.agent_alive_seconds_ago(0);
+    program.agent_alive_with_workers(0, MAX_AGENT_WORKERS as u32);
     // The agent sent the backend the client's SYN and wrote what the splice needs but the
     // backend's ISN: the end of the replay, the window scales, that the head comes to it.
     const COOKIE_ISN: u32 = 5_000;
@@ -1917,7 +1932,16 @@ fn the_backends_syn_ack_is_recorded_as_the_splice_by_xdp_and_punts_carry_the_bin
     );
     let more = ipv4_frame(FROM_CLIENT.0, FROM_CLIENT.1, &from_client, &more);
     assert_eq!(program.run(&more).0, XDP_DROP);
-    let punts = program.punts();
+    // Both legs' frames go to the worker that owns the client's prefix (not the first one,
+    // where frames would go without steering).
+    let owner = worker_of(&addr(CLIENT), MAX_AGENT_WORKERS as u32) as usize;
+    assert_ne!(owner, 0);
+    let (punts, workers): (Vec<Punt>, Vec<usize>) = program
+        .punts_by_worker()
+        .into_iter()
+        .map(|(worker, punt)| (punt, worker))
+        .unzip();
+    assert_eq!(workers, [owner]);
     assert_eq!(punts.len(), 1);
     assert_eq!(punts[0].kind, punt_kind::CLIENT);
     assert_eq!(
@@ -1934,9 +1958,11 @@ fn the_backends_syn_ack_is_recorded_as_the_splice_by_xdp_and_punts_carry_the_bin
     assert_eq!(program.run(&stale).0, XDP_DROP);
     assert_eq!(program.flow(&key).unwrap().state, flow_state::CONNECTING);
     assert_eq!(program.reverse(&reply_key), Some(connecting));
-    let punts = program.punts();
-    assert_eq!((punts.len(), punts[0].kind), (1, punt_kind::BACKEND));
-    assert_eq!(punts[0].binding.state, binding_state::NONE);
+    let punts = program.punts_by_worker();
+    assert_eq!(punts.len(), 1);
+    let (worker, punt) = punts[0];
+    assert_eq!((worker, punt.kind), (owner, punt_kind::BACKEND));
+    assert_eq!(punt.binding.state, binding_state::NONE);
 
     // The backend's answer: both entries spliced by the offset from the cookie to its ISN,
     // the reverse one reading the head first; the agent gets the SYN-ACK and the binding.
@@ -1954,7 +1980,12 @@ fn the_backends_syn_ack_is_recorded_as_the_splice_by_xdp_and_punts_carry_the_bin
         }),
         "the replay's end and the window scales stay as the agent wrote them"
     );
-    let punts = program.punts();
+    let (punts, workers): (Vec<Punt>, Vec<usize>) = program
+        .punts_by_worker()
+        .into_iter()
+        .map(|(worker, punt)| (punt, worker))
+        .unzip();
+    assert_eq!(workers, [owner]);
     assert_eq!(punts.len(), 1);
     assert_eq!(
         punts[0].binding,

@@ -39,6 +39,10 @@ pub const COOKIE_PORT: u16 = 8080;
 /// The VIP port of the optional `web-lb-cookie` service.
 pub const LB_COOKIE_PORT: u16 = 8081;
 
+/// The environment variable that sets the agent's binding workers in the lab's configuration
+/// (absent: the agent's default, one per CPU).
+pub const AGENT_WORKERS_VARIABLE: &str = "LAB_AGENT_WORKERS";
+
 impl Lab {
     /// The agent's TOML configuration for this lab.
     pub fn balancer_config(&self) -> String {
@@ -57,6 +61,10 @@ impl Lab {
              cookie_keys = [{{ id = 1, secret = \"{LAB_COOKIE_SECRET}\" }}]\n",
             self.instance()
         );
+        // `cargo xtask test` runs the cookie suites again on one binding worker.
+        if let Ok(workers) = std::env::var(AGENT_WORKERS_VARIABLE) {
+            toml += &format!("agent_workers = {workers}\n");
+        }
         toml += &service("web", HTTP_PORT, "tcp", &options.web_settings, 0..web_count);
         let web6_count = options.web6_backend_count.unwrap_or(BACKEND_COUNT);
         toml += &service_v6(

@@ -468,3 +468,67 @@ print(after["OutRsts"] - before["OutRsts"], after["RetransSegs"] - before["Retra
     );
     assert_eq!(binding_count(&lab, "bound"), 24);
 }
+
+#[test]
+fn cookie_sessions_from_many_client_prefixes_stick_whichever_worker_binds_them() {
+    // Eight /24s, so with several binding workers each gets some of them.
+    let lab = lab_with(&lb_cookie_options());
+    let clients: Vec<_> = (1..=8)
+        .flat_map(|third| add_clients(&lab, third, 1))
+        .collect();
+    let list: Vec<String> = clients.iter().map(|a| format!("\"{a}\"")).collect();
+    let script = format!(
+        r#"
+import http.client
+for addr in [{list}]:
+    cookie, seen = None, []
+    for _ in range(6):
+        c = http.client.HTTPConnection("{vip}", 80, timeout=10, source_address=(addr, 0))
+        headers = {{"Connection": "close"}}
+        if cookie:
+            headers["Cookie"] = cookie
+        c.request("GET", "/", headers=headers)
+        response = c.getresponse()
+        if cookie is None:
+            set = [c.split(";")[0] for c in response.msg.get_all("Set-Cookie") or []]
+            cookie = next((c for c in set if c.startswith("LBSESSION=")), "")
+        seen.append(response.read().decode().strip())
+        c.close()
+    print(addr, cookie != "", " ".join(seen))
+"#,
+        list = list.join(", "),
+        vip = balancer_lab::VIP,
+    );
+    let answers = python(&lab, lab.client_ns(), &script);
+    let sessions: Vec<&str> = answers.lines().collect();
+    assert_eq!(sessions.len(), clients.len(), "{answers}");
+    for session in &sessions {
+        let words: Vec<&str> = session.split_whitespace().collect();
+        assert_eq!(words[1], "True", "no balancer cookie: {session}");
+        sticky_backend(
+            &words[2..].iter().map(|w| w.to_string()).collect::<Vec<_>>(),
+            words[0],
+        );
+    }
+    // Every connection bound once, each by the worker of its prefix.
+    let status = balancer(&lab, &["status"]);
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("workers "))
+        .unwrap_or_else(|| panic!("no workers line in:\n{status}"));
+    let field = |name: &str| -> Vec<u64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+            .split(',')
+            .map(|n| n.parse().unwrap())
+            .collect()
+    };
+    let bound = field("bound_each=");
+    assert_eq!(bound.iter().sum::<u64>(), 48, "{line}");
+    assert_eq!(binding_count(&lab, "bound"), 48);
+    assert!(
+        bound.iter().all(|&n| n > 0),
+        "a worker bound nothing: {line}"
+    );
+}

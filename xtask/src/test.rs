@@ -2,8 +2,12 @@
 //! BPF_PROG_TEST_RUN and the namespace integration tests).
 
 use anyhow::{bail, Result};
+use balancer_lab::config::AGENT_WORKERS_VARIABLE;
 
 use crate::{build, toolchain};
+
+/// The suites that run a second time, on one binding worker.
+const ONE_WORKER_SUITES: [&str; 2] = ["cookie", "hostile"];
 
 /// `extra` goes to the integration test binaries (a name filter, `--nocapture`, ...).
 pub fn run(extra: &[String]) -> Result<()> {
@@ -48,6 +52,18 @@ pub fn run(extra: &[String]) -> Result<()> {
     }
     args.extend(extra.iter().map(String::as_str));
     build::cargo(&args, &artifacts.ebpf_object)?;
+
+    // The pass above runs the agent with its default workers, one per CPU; the cookie suites
+    // run again on one, the other way connections may be bound.
+    println!("==> cookie suites on one binding worker");
+    std::env::set_var(AGENT_WORKERS_VARIABLE, "1");
+    let mut one_worker = vec!["test", "--release", "-p", "balancer-lab"];
+    for suite in ONE_WORKER_SUITES {
+        one_worker.extend(["--test", suite]);
+    }
+    one_worker.extend(args[args.iter().position(|a| *a == "--").unwrap_or(args.len())..].iter());
+    build::cargo(&one_worker, &artifacts.ebpf_object)?;
+    std::env::remove_var(AGENT_WORKERS_VARIABLE);
     println!("==> all tests passed");
     Ok(())
 }

@@ -10,7 +10,6 @@
 //! go out through [`raw_socket`](super::raw_socket).
 
 use std::{
-    collections::HashMap,
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -20,19 +19,20 @@ use balancer_common::{
     binding_state, flow_flags, flow_state, proxy_v2, punt_kind, reverse_flags, Addr, Binding, Flow,
     FlowKey, Punt, ReverseNat, COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE,
 };
+use prometheus_client::metrics::histogram::Histogram;
 use tracing::debug;
 
 use super::{
     budget::{Budgets, Shed},
-    counters::{BindingCounters, Outcome, RecentCounts},
+    counters::{Outcome, Tallies},
     placement::{choose, issue, unix_now, Asking, Cookie, Target, Unplaced},
     raw_socket::RawSockets,
     response::{Edit, Issue, Out, Response},
-    Agent,
+    worker::Worker,
 };
 use crate::{
     config::{Config, NatMode},
-    dataplane::Dataplane,
+    connections::ConnectionMaps,
     http, rewrite,
     segment::{Segment, Timestamps, ACK, FIN, PSH, RST, SYN},
     throttle::throttled,
@@ -71,22 +71,11 @@ pub struct Binder {
     window_shift_of: foldhash::HashMap<u32, u8>,
     /// Full NAT: sources handed out so far, which picks the next one to try.
     source_cursor: u32,
-    pub counters: BindingCounters,
-    /// Connections bound to each backend (by id), for the metrics.
-    pub bound_by_backend: HashMap<u32, u64>,
-    /// When a connection last came to each backend (by id) by its cookie: a drain is done
-    /// once its cookie sessions have gone quiet.
-    pub last_cookie_choice: HashMap<u32, Instant>,
-    /// Connections that came to each backend (by id) by its cookie, over the last minute.
-    pub recent_cookie_choices: HashMap<u32, RecentCounts>,
-    /// From a connection's first segment seen to its splice, for the metrics.
-    pub binding_latency: prometheus_client::metrics::histogram::Histogram,
-    /// Balancer cookies that counted as absent, by service id and [`REJECTION_REASONS`]
-    /// index, and responses given the cookie, by backend id: the metrics' labels.
-    pub rejected_by_service: HashMap<(u32, usize), u64>,
-    pub issued_by_backend: HashMap<u32, u64>,
-    /// Bindings by service id and outcome, for the metrics.
-    pub outcomes_by_service: HashMap<(u32, Outcome), u64>,
+    /// What it counted (`held` aside, which is `pending`'s size).
+    tallies: Tallies,
+    /// From a connection's first segment seen to its splice, for the metrics: one histogram
+    /// all workers observe into.
+    binding_latency: Histogram,
 }
 
 struct Pending {
@@ -257,7 +246,15 @@ impl Binder {
         self.limits = limits;
     }
 
-    pub fn new(limits: BindingLimits) -> Result<Self> {
+    /// What it counted so far.
+    pub fn tallies(&self) -> Tallies {
+        Tallies {
+            held: self.held(),
+            ..self.tallies.clone()
+        }
+    }
+
+    pub fn new(limits: BindingLimits, binding_latency: Histogram) -> Result<Self> {
         Ok(Self {
             sockets: RawSockets::new()?,
             pending: foldhash::HashMap::default(),
@@ -267,22 +264,16 @@ impl Binder {
             window_shift_of: foldhash::HashMap::default(),
             // Anywhere in the range: the data plane's CPUs start at its beginning.
             source_cursor: std::process::id().wrapping_mul(0x9e37_79b9),
-            counters: BindingCounters::default(),
-            bound_by_backend: HashMap::new(),
-            last_cookie_choice: HashMap::new(),
-            recent_cookie_choices: HashMap::new(),
-            binding_latency: crate::metrics::binding_latency_histogram(),
-            rejected_by_service: HashMap::new(),
-            issued_by_backend: HashMap::new(),
-            outcomes_by_service: HashMap::new(),
+            tallies: Tallies::default(),
+            binding_latency,
         })
     }
 }
 
-impl Agent {
-    /// Sends the packets the agent queued since the last call (after each batch of punts,
-    /// tick or command).
-    pub fn flush_sends(&self) {
+impl Worker {
+    /// Sends the packets the worker queued since the last call (after each batch of punts,
+    /// tick or message).
+    pub(super) fn flush_sends(&self) {
         self.binder.sockets.flush();
     }
 
@@ -291,12 +282,12 @@ impl Agent {
     /// memories alone fill the table, and new connections were refused. Response heads the
     /// agent still reads, or whose edit the client has not acknowledged, are kept.
     fn forget_spliced(&mut self) {
-        let dataplane = &self.dataplane;
+        let maps = &self.maps;
         let finished: Vec<FlowKey> = self
             .binder
             .pending
             .iter()
-            .filter(|(key, pending)| left_to_xdp(dataplane, key, pending))
+            .filter(|(key, pending)| left_to_xdp(maps, key, pending))
             .map(|(key, _)| *key)
             .collect();
         for key in finished {
@@ -315,7 +306,7 @@ impl Agent {
                 .binder
                 .pending
                 .get(&oldest)
-                .is_some_and(|pending| left_to_xdp(&self.dataplane, &oldest, pending));
+                .is_some_and(|pending| left_to_xdp(&self.maps, &oldest, pending));
             if done {
                 self.forget(&oldest);
             } else {
@@ -335,7 +326,7 @@ impl Agent {
 
     /// Resets a connection to make room for another.
     fn shed(&mut self, key: &FlowKey, why: Shed) {
-        let counters = &mut self.binder.counters;
+        let counters = &mut self.binder.tallies.counters;
         match why {
             Shed::ClientBudget => counters.shed_client_budget += 1,
             Shed::PrefixBudget => counters.shed_prefix_budget += 1,
@@ -347,7 +338,7 @@ impl Agent {
 
     /// Handles one record of the punt ring.
     pub fn on_punt(&mut self, record: &[u8]) {
-        self.binder.counters.punts_read += 1;
+        self.binder.tallies.counters.punts_read += 1;
         let Some(punt) = record
             .get(..std::mem::size_of::<Punt>())
             .and_then(|b| bytemuck::try_pod_read_unaligned::<Punt>(b).ok())
@@ -393,8 +384,7 @@ impl Agent {
                 .find(|s| s.config.vip == segment.dst && s.config.port == segment.dport)
                 .map(|s| s.id);
             if let Some(service) = service {
-                let now = u64::from(crate::dataplane::monotonic_seconds());
-                self.sources.add(segment.src, service, now);
+                self.note_new_source(segment.src, service);
             }
             self.binder.pending.insert(
                 key,
@@ -498,10 +488,10 @@ impl Agent {
             debug!(client = %segment.src, port = segment.sport, "client reset during binding");
             self.abort(key, true);
         } else if in_window(segment.seq, next) {
-            self.binder.counters.challenge_acks += 1;
+            self.binder.tallies.counters.challenge_acks += 1;
             self.acknowledge(key);
         } else {
-            self.binder.counters.out_of_window += 1;
+            self.binder.tallies.counters.out_of_window += 1;
         }
     }
 
@@ -515,7 +505,7 @@ impl Agent {
         };
         let fin_seq = segment.seq.wrapping_add(segment.payload.len() as u32);
         if fin_seq != pending.next_client_seq() {
-            self.binder.counters.out_of_window += 1;
+            self.binder.tallies.counters.out_of_window += 1;
             return;
         }
         if matches!(pending.stage, Stage::Reading) {
@@ -551,10 +541,10 @@ impl Agent {
         }
         if too_large && !head_complete {
             let service = pending.service;
-            self.binder.counters.count(
+            self.binder.tallies.counters.count(
                 Outcome::HeadTooLarge,
                 service,
-                &mut self.binder.outcomes_by_service,
+                &mut self.binder.tallies.outcomes_by_service,
             );
         }
         self.connect_next(key);
@@ -600,10 +590,10 @@ impl Agent {
         };
         if let Some((outcome, status, headers)) = answered {
             let service = service.id;
-            self.binder.counters.count(
+            self.binder.tallies.counters.count(
                 outcome,
                 Some(service),
-                &mut self.binder.outcomes_by_service,
+                &mut self.binder.tallies.outcomes_by_service,
             );
             self.answer(key, status, &headers);
             return;
@@ -611,10 +601,10 @@ impl Agent {
         let service_id = service.id;
         let Ok(choice) = choice else {
             throttled!(warn, client = %pending.client, port = pending.client_port, tried = pending.tried.len(), "no backend took the connection: resetting the client");
-            self.binder.counters.count(
+            self.binder.tallies.counters.count(
                 Outcome::Failed,
                 Some(service.id),
-                &mut self.binder.outcomes_by_service,
+                &mut self.binder.tallies.outcomes_by_service,
             );
             self.abort(key, false);
             return;
@@ -627,15 +617,16 @@ impl Agent {
                 }
                 Cookie::Absent | Cookie::Rejected(_) => Outcome::ByFallback,
             };
-            self.binder.counters.count(
+            self.binder.tallies.counters.count(
                 outcome,
                 Some(service.id),
-                &mut self.binder.outcomes_by_service,
+                &mut self.binder.tallies.outcomes_by_service,
             );
             if let &Cookie::Rejected(reason) = cookie {
-                self.binder.counters.cookies_rejected[reason] += 1;
+                self.binder.tallies.counters.cookies_rejected[reason] += 1;
                 *self
                     .binder
+                    .tallies
                     .rejected_by_service
                     .entry((service.id, reason))
                     .or_default() += 1;
@@ -643,19 +634,21 @@ impl Agent {
             }
             if matches!(cookie, Cookie::Hashed(_) | Cookie::Session { .. }) {
                 self.binder
+                    .tallies
                     .last_cookie_choice
                     .insert(target.id, Instant::now());
                 self.binder
+                    .tallies
                     .recent_cookie_choices
                     .entry(target.id)
                     .or_default()
                     .add(u64::from(crate::dataplane::monotonic_seconds()));
             }
         } else {
-            self.binder.counters.count(
+            self.binder.tallies.counters.count(
                 Outcome::Retried,
                 Some(service.id),
-                &mut self.binder.outcomes_by_service,
+                &mut self.binder.tallies.outcomes_by_service,
             );
         }
         debug!(
@@ -683,23 +676,22 @@ impl Agent {
             },
         ) = (pending.source, &pending.stage)
         {
-            self.dataplane
-                .remove_reverse(&backend_key(pending, *earlier));
+            self.maps.remove_reverse(&backend_key(pending, *earlier));
         }
         let client = (pending.client, pending.client_port);
         let source = if full_nat {
             let claimed = claim_source(
                 &self.config,
                 &mut self.binder.source_cursor,
-                &mut self.dataplane,
+                &mut self.maps,
                 (target, key, client),
             );
             let Some(source) = claimed else {
                 throttled!(warn, client = %client.0, backend = %target.addr, "every full NAT source port to the backend is taken: resetting the client");
-                self.binder.counters.count(
+                self.binder.tallies.counters.count(
                     Outcome::Failed,
                     Some(service.id),
-                    &mut self.binder.outcomes_by_service,
+                    &mut self.binder.tallies.outcomes_by_service,
                 );
                 self.abort(key, false);
                 return;
@@ -729,7 +721,7 @@ impl Agent {
                 .unwrap_or(0);
         }
         pending.reverse = nat;
-        if let Err(error) = self.dataplane.set_connection(key, flow, &reply_key, nat) {
+        if let Err(error) = self.maps.set_connection(key, flow, &reply_key, nat) {
             throttled!(warn, "recording a connection being opened: {error:#}");
             self.abort_quietly(key);
             return;
@@ -776,7 +768,7 @@ impl Agent {
             let answers_syn = segment.flags & ACK != 0
                 && segment.ack == pending.binding.client_isn.wrapping_add(1);
             if already.is_none() && !answers_syn {
-                self.binder.counters.out_of_window += 1;
+                self.binder.tallies.counters.out_of_window += 1;
                 return;
             }
             if already.is_none() {
@@ -791,7 +783,7 @@ impl Agent {
             // and neither our ISN nor our TSval is above the old connection's: it answers
             // with a bare ACK. The client's own stack would reset that and try again, and
             // so does the agent.
-            self.binder.counters.time_wait_resets += 1;
+            self.binder.tallies.counters.time_wait_resets += 1;
             debug!(backend = %target.addr, client = %pending.client, port = pending.client_port, "backend answered the SYN from TIME_WAIT: resetting it and sending the SYN again");
             self.binder.sockets.send(&Segment {
                 flags: RST,
@@ -863,19 +855,21 @@ impl Agent {
                 && written.backend_window_shift == nat.backend_window_shift
                 && written.ts_delta == pending.clocks.map_or(0, |clocks| clocks.balancer);
             if !current {
-                if let Err(error) = self
-                    .dataplane
-                    .set_connection(&key, flow, &segment.key(), nat)
-                {
+                if let Err(error) = self.maps.set_connection(&key, flow, &segment.key(), nat) {
                     throttled!(warn, "recording a spliced connection: {error:#}");
                     return;
                 }
             }
-            self.binder.counters.bound += 1;
+            self.binder.tallies.counters.bound += 1;
             self.binder
                 .binding_latency
                 .observe(pending.created.elapsed().as_secs_f64());
-            *self.binder.bound_by_backend.entry(target.id).or_default() += 1;
+            *self
+                .binder
+                .tallies
+                .bound_by_backend
+                .entry(target.id)
+                .or_default() += 1;
             let pending = self.binder.pending.get_mut(&key).expect("looked up above");
             pending.reverse = nat;
             pending.replay_check = (Instant::now() + REPLAY_WAIT, REPLAY_WAIT);
@@ -957,7 +951,7 @@ impl Agent {
         };
         let offset = segment.seq.wrapping_sub(backend_isn.wrapping_add(1)) as usize;
         if response.edit().is_some_and(|edit| offset < edit.head_end) {
-            self.binder.counters.heads_resent += 1;
+            self.binder.tallies.counters.heads_resent += 1;
         }
         let (edit, outs) = response.on_segment(offset, &segment.payload, segment.flags & FIN != 0);
         let pending = &self.binder.pending[key];
@@ -972,7 +966,7 @@ impl Agent {
             // The flow first: the client acknowledges the edited head only once it has it,
             // and the agent sends it after both entries know the edit.
             let recorded =
-                self.dataplane
+                self.maps
                     .update_connection(key, &reply_key, pending.reverse, |flow, nat| {
                         flow.inserted = inserted;
                         flow.head_end = client_head_end;
@@ -992,9 +986,14 @@ impl Agent {
                 }
             };
             if inserted > 0 {
-                self.binder.counters.cookies_issued += 1;
+                self.binder.tallies.counters.cookies_issued += 1;
                 if let Stage::Spliced { target, .. } = pending.stage {
-                    *self.binder.issued_by_backend.entry(target.id).or_default() += 1;
+                    *self
+                        .binder
+                        .tallies
+                        .issued_by_backend
+                        .entry(target.id)
+                        .or_default() += 1;
                 }
             }
             debug!(client = %pending.client, port = pending.client_port, inserted, "response head edited");
@@ -1102,7 +1101,7 @@ impl Agent {
                         }
                         // Once the client has the edited head, none of it comes again (and
                         // the backend, sending data, had the handshake's last ACK).
-                        Some(Some(edit)) if head_delivered(&self.dataplane, key, edit) => {
+                        Some(Some(edit)) if head_delivered(&self.maps, key, edit) => {
                             forget.push(*key)
                         }
                         Some(Some(_)) if age > RESPONSE_MEMORY => forget.push(*key),
@@ -1161,13 +1160,13 @@ impl Agent {
                     state: flow_state::SPLICED,
                     ..reverse
                 };
-                if let Err(error) = self.dataplane.write_reverse(&reply_key, passing) {
+                if let Err(error) = self.maps.write_reverse(&reply_key, passing) {
                     throttled!(warn, "letting a response pass unedited: {error:#}");
                 }
             }
         }
         for key in unacknowledged {
-            self.binder.counters.head_unacknowledged += 1;
+            self.binder.tallies.counters.head_unacknowledged += 1;
             debug!(client = %key.src, "the client did not acknowledge the edited response head in time: resetting the connection");
             self.abort(&key, false);
         }
@@ -1175,10 +1174,10 @@ impl Agent {
             if let Some(pending) = self.binder.pending.get(&key) {
                 throttled!(warn, client = %pending.client, port = pending.client_port, "request head not complete in time: resetting the client");
                 let service = pending.service;
-                self.binder.counters.count(
+                self.binder.tallies.counters.count(
                     Outcome::Failed,
                     service,
-                    &mut self.binder.outcomes_by_service,
+                    &mut self.binder.tallies.outcomes_by_service,
                 );
                 self.abort(&key, false);
             }
@@ -1197,12 +1196,12 @@ impl Agent {
         };
         let reply_key = backend_key(pending, target);
         let acknowledged = self
-            .dataplane
+            .maps
             .reverse(&reply_key)
             .is_none_or(|nat| nat.replay_end == 0);
         if !acknowledged {
             debug!(client = %pending.client, port = pending.client_port, backend = %target.addr, "the backend has not acknowledged the request: sending it again");
-            self.binder.counters.replays_resent += 1;
+            self.binder.tallies.counters.replays_resent += 1;
             self.replay(pending, target, backend_isn);
         }
         let Some(pending) = self.binder.pending.get_mut(key) else {
@@ -1262,9 +1261,9 @@ impl Agent {
         let reply_key = self.forget(key);
         match binding {
             Some(binding) => self
-                .dataplane
+                .maps
                 .refuse_connection(key, reply_key.as_ref(), binding),
-            None => self.dataplane.remove_connection(key, reply_key.as_ref()),
+            None => self.maps.remove_connection(key, reply_key.as_ref()),
         }
     }
 
@@ -1297,26 +1296,25 @@ fn in_window(seq: u32, next: u32) -> bool {
 
 /// Whether a connection is spliced and needs the agent no more: no response head to edit,
 /// or the client has the edited one. Only memories for repeated SYN-ACKs remain of it.
-fn left_to_xdp(dataplane: &Dataplane, key: &FlowKey, pending: &Pending) -> bool {
+fn left_to_xdp(maps: &ConnectionMaps, key: &FlowKey, pending: &Pending) -> bool {
     matches!(pending.stage, Stage::Spliced { .. })
         && pending.response.as_ref().is_none_or(|response| {
             response
                 .edit()
-                .is_some_and(|edit| head_delivered(dataplane, key, edit))
+                .is_some_and(|edit| head_delivered(maps, key, edit))
         })
 }
 
 /// Whether nothing of an edited response head can come back to the agent: the client has
 /// acknowledged it, or the edit added nothing (XDP then passes the backend's bytes as they
 /// are, sent again or not).
-fn head_delivered(dataplane: &crate::dataplane::Dataplane, key: &FlowKey, edit: &Edit) -> bool {
-    edit.inserted() == 0 || !head_unacknowledged(dataplane, key)
+fn head_delivered(maps: &ConnectionMaps, key: &FlowKey, edit: &Edit) -> bool {
+    edit.inserted() == 0 || !head_unacknowledged(maps, key)
 }
 
 /// Whether the client has yet to acknowledge all of a response head the agent edited.
-fn head_unacknowledged(dataplane: &crate::dataplane::Dataplane, key: &FlowKey) -> bool {
-    dataplane
-        .flow(key)
+fn head_unacknowledged(maps: &ConnectionMaps, key: &FlowKey) -> bool {
+    maps.flow(key)
         .is_some_and(|flow| flow.flags & flow_flags::HEAD_ACKED == 0)
 }
 
@@ -1328,7 +1326,7 @@ fn head_unacknowledged(dataplane: &crate::dataplane::Dataplane, key: &FlowKey) -
 fn claim_source(
     config: &Config,
     cursor: &mut u32,
-    dataplane: &mut Dataplane,
+    maps: &mut ConnectionMaps,
     (target, key, (client, client_port)): (Target, &FlowKey, (IpAddr, u16)),
 ) -> Option<(IpAddr, u16)> {
     let (_, network) = config.source_network_of(target.addr)?;
@@ -1362,7 +1360,7 @@ fn claim_source(
             ..Segment::empty()
         }
         .key();
-        match dataplane.claim_reverse(&reply_key, reverse) {
+        match maps.claim_reverse(&reply_key, reverse) {
             Ok(true) => return Some((source, port)),
             Ok(false) => {}
             Err(error) => {

@@ -1,6 +1,8 @@
 //! What the binding stage counts: outcomes, refused cookies, events over the last minute.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, hash::Hash, time::Instant};
+
+use bytemuck::{Pod, Zeroable};
 
 use crate::cookie::Rejection;
 
@@ -14,8 +16,10 @@ pub const REJECTION_REASONS: [&str; 5] = [
 ];
 pub(super) const BACKEND_UNUSABLE: usize = 4;
 
-/// What the binding stage did, for the stats line and `balancer status`.
-#[derive(Default, Clone, Copy, Debug)]
+/// What the binding stage did, for the stats line and `balancer status`. Every field is a
+/// count, so the workers' counters sum field by field.
+#[repr(C)]
+#[derive(Default, Clone, Copy, Debug, Pod, Zeroable)]
 pub struct BindingCounters {
     /// Records read from the punt ring.
     pub punts_read: u64,
@@ -61,6 +65,15 @@ pub struct BindingCounters {
 }
 
 impl BindingCounters {
+    /// Adds another worker's counters.
+    pub fn add(&mut self, other: &BindingCounters) {
+        let sums: &mut [u64] = bytemuck::cast_slice_mut(std::slice::from_mut(self));
+        let more: &[u64] = bytemuck::cast_slice(std::slice::from_ref(other));
+        for (sum, more) in sums.iter_mut().zip(more) {
+            *sum += more;
+        }
+    }
+
     /// Counts a binding's outcome, in all and in `by_service` for its service (when it still
     /// has one).
     pub(super) fn count(
@@ -81,6 +94,65 @@ impl BindingCounters {
         if let Some(service) = service {
             *by_service.entry((service, outcome)).or_default() += 1;
         }
+    }
+}
+
+/// What a worker's binding stage counted, for `balancer status`, the stats line and the
+/// metrics; the agent sums them over its workers.
+#[derive(Clone, Default)]
+pub struct Tallies {
+    pub counters: BindingCounters,
+    /// Connections held.
+    pub held: usize,
+    /// Connections bound to each backend (by id).
+    pub bound_by_backend: HashMap<u32, u64>,
+    /// When a connection last came to each backend (by id) by its cookie: a drain is done
+    /// once its cookie sessions have gone quiet.
+    pub last_cookie_choice: HashMap<u32, Instant>,
+    /// Connections that came to each backend (by id) by its cookie, over the last minute.
+    pub recent_cookie_choices: HashMap<u32, RecentCounts>,
+    /// Balancer cookies that counted as absent, by service id and [`REJECTION_REASONS`]
+    /// index, and responses given the cookie, by backend id: the metrics' labels.
+    pub rejected_by_service: HashMap<(u32, usize), u64>,
+    pub issued_by_backend: HashMap<u32, u64>,
+    /// Bindings by service id and outcome, for the metrics.
+    pub outcomes_by_service: HashMap<(u32, Outcome), u64>,
+}
+
+impl Tallies {
+    /// The workers' tallies summed.
+    pub fn sum(each: impl IntoIterator<Item = Tallies>) -> Tallies {
+        let mut sum = Tallies::default();
+        for tallies in each {
+            sum.add(tallies);
+        }
+        sum
+    }
+
+    /// Adds another worker's tallies.
+    fn add(&mut self, other: Tallies) {
+        self.counters.add(&other.counters);
+        self.held += other.held;
+        add_counts(&mut self.bound_by_backend, other.bound_by_backend);
+        add_counts(&mut self.rejected_by_service, other.rejected_by_service);
+        add_counts(&mut self.issued_by_backend, other.issued_by_backend);
+        add_counts(&mut self.outcomes_by_service, other.outcomes_by_service);
+        for (backend, at) in other.last_cookie_choice {
+            let last = self.last_cookie_choice.entry(backend).or_insert(at);
+            *last = (*last).max(at);
+        }
+        for (backend, recent) in other.recent_cookie_choices {
+            self.recent_cookie_choices
+                .entry(backend)
+                .or_default()
+                .add_counts(&recent);
+        }
+    }
+}
+
+fn add_counts<K: Eq + Hash>(sums: &mut HashMap<K, u64>, more: HashMap<K, u64>) {
+    for (key, count) in more {
+        *sums.entry(key).or_default() += count;
     }
 }
 
@@ -130,6 +202,7 @@ impl Outcome {
 }
 
 /// Events per second over the last [`RecentCounts::SECONDS`] seconds, in constant memory.
+#[derive(Clone)]
 pub struct RecentCounts {
     /// Per second (of `since`), modulo the window.
     buckets: [u64; RecentCounts::SECONDS as usize],
@@ -153,6 +226,16 @@ impl RecentCounts {
     pub fn add(&mut self, now: u64) {
         self.advance(now);
         self.buckets[(now % Self::SECONDS) as usize] += 1;
+    }
+
+    /// Adds the events of `other` (another worker's count of the same events).
+    pub fn add_counts(&mut self, other: &RecentCounts) {
+        self.advance(other.newest);
+        let from = other.newest.saturating_sub(Self::SECONDS - 1);
+        for second in from.max(self.newest.saturating_sub(Self::SECONDS - 1))..=other.newest {
+            let bucket = (second % Self::SECONDS) as usize;
+            self.buckets[bucket] += other.buckets[bucket];
+        }
     }
 
     /// The events of the last minute, at second `now`.
@@ -201,5 +284,48 @@ mod tests {
         assert_eq!(counts.total(175), 2);
         counts.add(400);
         assert_eq!(counts.total(400), 1, "a long pause empties the window");
+    }
+
+    #[test]
+    fn recent_counts_of_two_workers_add_up_within_the_minute() {
+        let (mut one, mut other) = (RecentCounts::default(), RecentCounts::default());
+        one.add(100);
+        one.add(150);
+        other.add(120);
+        other.add(170);
+        one.add_counts(&other);
+        assert_eq!(
+            one.total(170),
+            3,
+            "120, 150 and 170; 100 is outside the minute"
+        );
+        assert_eq!(one.total_over(30, 170), 2, "150 and 170");
+        let mut behind = RecentCounts::default();
+        behind.add(50);
+        one.add_counts(&behind);
+        assert_eq!(
+            one.total(170),
+            3,
+            "an older worker's count adds nothing to the minute"
+        );
+    }
+
+    #[test]
+    fn binding_counters_sum_field_by_field() {
+        let mut sum = BindingCounters {
+            bound: 2,
+            cookies_rejected: [1, 0, 0, 0, 3],
+            time_wait_resets: 1,
+            ..BindingCounters::default()
+        };
+        sum.add(&BindingCounters {
+            bound: 5,
+            cookies_rejected: [0, 0, 0, 0, 1],
+            ..BindingCounters::default()
+        });
+        assert_eq!(
+            (sum.bound, sum.cookies_rejected, sum.time_wait_resets),
+            (7, [1, 0, 0, 0, 4], 1)
+        );
     }
 }

@@ -42,16 +42,21 @@ mod placement;
 mod raw_socket;
 mod response;
 mod sources;
+mod worker;
 
 use binding::BindingLimits;
 pub use counters::BindingCounters;
 use counters::Outcome;
 use placement::GroupRuntime;
+use worker::{View, Workers};
 
 pub struct Agent {
     config: Config,
     dataplane: Dataplane,
-    binder: binding::Binder,
+    /// The threads that bind cookie connections, each with its share of them.
+    workers: Workers,
+    /// From a connection's first segment seen to its splice: the workers observe into it.
+    binding_latency: prometheus_client::metrics::histogram::Histogram,
     services: Vec<ServiceRuntime>,
     checks: Vec<JoinHandle<()>>,
     reports: mpsc::Sender<health::Report>,
@@ -63,6 +68,7 @@ pub struct Agent {
     sources: sources::SourceTally,
 }
 
+#[derive(Clone)]
 struct ServiceRuntime {
     id: u32,
     key: ServiceKey,
@@ -79,6 +85,7 @@ struct ServiceRuntime {
     loads: HashMap<u32, u64>,
 }
 
+#[derive(Clone)]
 struct BackendRuntime {
     id: u32,
     config: BackendConfig,
@@ -241,10 +248,21 @@ impl Agent {
         if passed > 0 {
             info!("{passed} response(s) whose head the previous run was reading pass unedited");
         }
+        let rings = (0..dataplane.workers as usize)
+            .map(|worker| dataplane.take_punts(worker))
+            .collect::<Result<Vec<_>>>()?;
+        let binding_latency = crate::metrics::binding_latency_histogram();
+        // They place nothing before `apply` shares the services with them.
+        let first_view = View {
+            services: Vec::new(),
+            config: std::sync::Arc::new(config.clone()),
+            limits: binding_limits(&config),
+        };
         let mut agent = Self {
             config: config.clone(),
             dataplane,
-            binder: binding::Binder::new(binding_limits(&config))?,
+            workers: Workers::start(rings, &first_view, &binding_latency)?,
+            binding_latency,
             services: Vec::new(),
             checks: Vec::new(),
             reports,
@@ -259,7 +277,15 @@ impl Agent {
     /// Reads the configuration file again and applies it; a file that cannot be used leaves
     /// the running configuration in force.
     pub fn reload(&mut self, path: &Path) -> Result<String> {
-        let config = Config::load(path)?;
+        let mut config = Config::load(path)?;
+        if config.workers() != self.dataplane.workers {
+            warn!(
+                running = self.dataplane.workers,
+                configured = config.workers(),
+                "agent_workers takes effect at the next start"
+            );
+        }
+        config.agent_workers = self.config.agent_workers;
         for (field, old, new) in [
             (
                 "instance",
@@ -411,7 +437,6 @@ impl Agent {
         }
 
         self.services = services;
-        self.binder.set_limits(binding_limits(&config));
         self.dataplane.set_request_timeout(config.request_timeout);
         crate::dataplane::reserve_nat_ports(&config)?;
         self.dataplane
@@ -421,6 +446,7 @@ impl Agent {
         for index in 0..self.services.len() {
             self.publish(index)?;
         }
+        self.share_view();
         self.restart_health_checks();
         Ok(())
     }
@@ -506,7 +532,17 @@ impl Agent {
         } else {
             info!(service = %name, backends = backend_count, "service published");
         }
+        self.share_view();
         Ok(())
+    }
+
+    /// Hands the workers the services as the model has them now.
+    fn share_view(&self) {
+        self.workers.share(View {
+            services: self.services.clone(),
+            config: std::sync::Arc::new(self.config.clone()),
+            limits: binding_limits(&self.config),
+        });
     }
 
     fn restart_health_checks(&mut self) {
@@ -641,7 +677,8 @@ impl Agent {
             .dataplane
             .live_sessions_of(runtime.id, service.config.affinity_timeout)?;
         let cookie_quiet = self
-            .binder
+            .workers
+            .tallies()
             .last_cookie_choice
             .get(&runtime.id)
             .map_or_else(|| "never".to_owned(), |t| t.elapsed().as_secs().to_string());
@@ -683,6 +720,7 @@ impl Agent {
                 key.service_id == service.id && ids.contains(&session.backend_id)
             })?;
         let spliced = self.dataplane.spliced_by_backend()?;
+        let tallies = self.workers.tallies();
         let now = u64::from(crate::dataplane::monotonic_seconds());
         let drain_timeout = service.drain_timeout();
         let backends: Vec<serde_json::Value> = picked
@@ -693,8 +731,7 @@ impl Agent {
                     "state": state_name(b.state(drain_timeout)),
                     "source_ip_sessions": live.iter().filter(|(_, s, _)| s.backend_id == b.id).count(),
                     "spliced_connections": spliced.get(&b.id).copied().unwrap_or(0),
-                    "cookie_connections_last_minute": self
-                        .binder
+                    "cookie_connections_last_minute": tallies
                         .recent_cookie_choices
                         .get(&b.id)
                         .map_or(0, |recent| recent.total(now)),
@@ -841,7 +878,22 @@ impl Agent {
                 );
             }
         }
-        let b = &self.binder.counters;
+        let each = self.workers.tallies_each();
+        let list = |count: &dyn Fn(&counters::Tallies) -> u64| {
+            each.iter()
+                .map(|t| count(t).to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let _ = writeln!(
+            text,
+            "workers count={} bound_each={} held_each={}",
+            each.len(),
+            list(&|t| t.counters.bound),
+            list(&|t| t.held as u64),
+        );
+        let tallies = counters::Tallies::sum(each);
+        let b = &tallies.counters;
         let _ = writeln!(
             text,
             "bindings bound={} cookie={} fallback={} issued={} heads_resent={} replays_resent={} retried={} failed={} head_too_large={} held={}",
@@ -854,7 +906,7 @@ impl Agent {
             b.retried,
             b.failed,
             b.head_too_large,
-            self.binder.held()
+            tallies.held
         );
         let _ = writeln!(
             text,
@@ -887,7 +939,8 @@ impl Agent {
             .dataplane
             .active_flows_by_backend(ACTIVE_FLOW_WINDOW_S)?;
         let (sessions, flows) = (&session_table.by_backend, &flow_table.by_backend);
-        let b = &self.binder.counters;
+        let tallies = self.workers.tallies();
+        let b = &tallies.counters;
         let ids: Vec<u32> = self
             .services
             .iter()
@@ -906,15 +959,13 @@ impl Agent {
                     group: backend.config.group.map(|g| service.groups[g].name.clone()),
                     sessions: sessions.get(&backend.id).copied().unwrap_or(0),
                     active_flows: flows.get(&backend.id).copied().unwrap_or(0),
-                    bound: self
-                        .binder
+                    bound: tallies
                         .bound_by_backend
                         .get(&backend.id)
                         .copied()
                         .unwrap_or(0),
                     xdp: counters.get(&backend.id).copied().unwrap_or_default(),
-                    cookies_issued: self
-                        .binder
+                    cookies_issued: tallies
                         .issued_by_backend
                         .get(&backend.id)
                         .copied()
@@ -930,7 +981,7 @@ impl Agent {
                 .filter(|s| s.config.reads_requests())
                 .flat_map(|s| {
                     Outcome::ALL.map(|outcome| {
-                        let count = self.binder.outcomes_by_service.get(&(s.id, outcome));
+                        let count = tallies.outcomes_by_service.get(&(s.id, outcome));
                         (
                             s.config.name.clone(),
                             outcome.name(),
@@ -955,7 +1006,7 @@ impl Agent {
                         .iter()
                         .enumerate()
                         .map(|(index, reason)| {
-                            let count = self.binder.rejected_by_service.get(&(s.id, index));
+                            let count = tallies.rejected_by_service.get(&(s.id, index));
                             (s.config.name.clone(), *reason, count.copied().unwrap_or(0))
                         })
                         .collect::<Vec<_>>()
@@ -988,13 +1039,14 @@ impl Agent {
                 },
                 crate::metrics::Table {
                     name: "bindings",
-                    entries: self.binder.held() as u64,
-                    capacity: u64::from(self.config.binding_capacity),
+                    entries: tallies.held as u64,
+                    capacity: u64::from(self.config.binding_capacity)
+                        * u64::from(self.dataplane.workers),
                 },
             ],
             punts_read: b.punts_read,
             backends,
-            binding_latency: Some(self.binder.binding_latency.clone()),
+            binding_latency: Some(self.binding_latency.clone()),
             check_latency: Some(self.check_latency.clone()),
             top_sources: self.top_sources(TOP_SOURCES),
         })
@@ -1014,7 +1066,7 @@ impl Agent {
 
     /// Stops the health checks; the data plane stays as it is.
     pub fn shutdown(self) {
-        self.flush_sends();
+        self.workers.stop();
         for check in self.checks {
             check.abort();
         }
@@ -1022,7 +1074,7 @@ impl Agent {
 
     /// The binding stage's counters, one `name count` a line.
     pub fn counters(&self) -> String {
-        let b = &self.binder.counters;
+        let b = &self.workers.tallies().counters;
         let mut text = String::new();
         for (name, count) in [
             ("bound", b.bound),
@@ -1089,6 +1141,7 @@ impl Agent {
                 self.dataplane.set_loads(&service.key, &service.loads)?;
             }
         }
+        self.share_view();
         Ok(())
     }
 
@@ -1118,12 +1171,12 @@ fn random_secret() -> Result<CookieSecret> {
 impl Agent {
     /// Counters of the cookie services' binding stage.
     pub fn binding_counters(&self) -> BindingCounters {
-        self.binder.counters
+        self.workers.tallies().counters
     }
 
-    /// Takes the ring of frames XDP punts to the agent.
-    pub fn take_punts(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
-        self.dataplane.take_punts()
+    /// The first binding worker that stopped, if one did.
+    pub fn stopped_worker(&self) -> Option<usize> {
+        self.workers.stopped()
     }
 
     /// Takes the ring of the clients of XDP's new flows, for [`Agent::tally_new_flow`].
@@ -1131,8 +1184,12 @@ impl Agent {
         self.dataplane.take_new_flow_sources()
     }
 
-    /// Ages the tally of top sources to now (once a second is enough).
+    /// Counts the new cookie connections the workers told of in the tally of top sources,
+    /// and ages it to now.
     pub fn refresh_top_sources(&mut self) {
+        while let Ok((client, service, second)) = self.workers.new_sources.try_recv() {
+            self.sources.add(client, service, second);
+        }
         self.sources
             .refresh(u64::from(crate::dataplane::monotonic_seconds()));
     }
@@ -1176,7 +1233,7 @@ impl Agent {
     }
 }
 
-fn binding_limits(config: &Config) -> BindingLimits {
+pub(super) fn binding_limits(config: &Config) -> BindingLimits {
     BindingLimits {
         capacity: config.binding_capacity as usize,
         per_client: config.bindings_per_client as usize,

@@ -29,6 +29,7 @@ use crate::{
 };
 
 /// A group of a service's backends as the agent places sessions in it.
+#[derive(Clone)]
 pub struct GroupRuntime {
     pub name: String,
     /// The group's name as cookies carry it.
