@@ -68,6 +68,11 @@ enum Task {
         /// cookie path with `strace -c` (a run of its own: strace slows the agent).
         #[arg(long)]
         syscalls: bool,
+        /// Instead of the systems: new cookie connections with one binding worker against
+        /// two, each worker held to the same share of a CPU (needs cgroup v1's cpu
+        /// controller).
+        #[arg(long)]
+        workers: bool,
     },
     /// Fuzzing (needs root): the agent's parsers with random and mutated inputs, and random
     /// and mutated frames through the XDP program, each counted under exactly one reason.
@@ -97,10 +102,12 @@ fn main() -> ExitCode {
             run::run(&args, &impairment)
         }
         Task::Test { args } => test::run(&args),
+        Task::Bench { quick, workers, .. } if workers => bench::workers::run(quick),
         Task::Bench {
             quick,
             only,
             syscalls,
+            ..
         } => bench::run(&bench::Options {
             quick,
             only,

@@ -252,16 +252,10 @@ impl Agent {
             .map(|worker| dataplane.take_punts(worker))
             .collect::<Result<Vec<_>>>()?;
         let binding_latency = crate::metrics::binding_latency_histogram();
-        // They place nothing before `apply` shares the services with them.
-        let first_view = View {
-            services: Vec::new(),
-            config: std::sync::Arc::new(config.clone()),
-            limits: binding_limits(&config),
-        };
         let mut agent = Self {
             config: config.clone(),
             dataplane,
-            workers: Workers::start(rings, &first_view, &binding_latency)?,
+            workers: Workers::start(rings, &config, &binding_latency)?,
             binding_latency,
             services: Vec::new(),
             checks: Vec::new(),

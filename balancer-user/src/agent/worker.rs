@@ -82,6 +82,12 @@ impl Worker {
         // SAFETY: the ring buffer owns its descriptor for as long as the `AsyncFd` owns it.
         let mut punts = unsafe { AsyncFd::register(ring) }
             .map_err(|error| anyhow::anyhow!("watching the punt ring: {}", error.into_parts().1))?;
+        // Frames a previous run left in the ring need the services to be placed: the worker
+        // reads it once the agent has shared them.
+        match inbox.recv().await {
+            Some(Message::View(view)) => self.take_view(&view),
+            _ => return Ok(()),
+        }
         let mut tick = tokio::time::interval(BINDING_TICK);
         let mut record = Vec::with_capacity(size_of::<balancer_common::Punt>());
         loop {
@@ -129,10 +135,11 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts a worker on each ring, the `n`th reading `rings[n]`, from the first view.
+    /// Starts a worker on each ring, the `n`th reading `rings[n]` once the first view is
+    /// shared.
     pub fn start(
         rings: Vec<RingBuf<MapData>>,
-        view: &View,
+        config: &Config,
         binding_latency: &Histogram,
     ) -> Result<Workers> {
         let (tally, new_sources) = reply::sync_channel(NEW_SOURCE_BACKLOG);
@@ -143,10 +150,10 @@ impl Workers {
         };
         for (index, ring) in rings.into_iter().enumerate() {
             let worker = Worker {
-                binder: Binder::new(view.limits, binding_latency.clone())?,
-                maps: ConnectionMaps::open(&view.config.instance)?,
-                services: view.services.clone(),
-                config: view.config.clone(),
+                binder: Binder::new(super::binding_limits(config), binding_latency.clone())?,
+                maps: ConnectionMaps::open(&config.instance)?,
+                services: Vec::new(),
+                config: Arc::new(config.clone()),
                 new_sources: tally.clone(),
             };
             let (inbox, messages) = mpsc::unbounded_channel();

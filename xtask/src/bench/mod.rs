@@ -52,6 +52,7 @@ use crate::{build, run, toolchain};
 
 mod peers;
 mod report;
+pub mod workers;
 
 use peers::{Peer, PEER_ADDR};
 
