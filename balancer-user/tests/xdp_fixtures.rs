@@ -543,6 +543,21 @@ impl Program {
         punts
     }
 
+    /// The records the program put in the punt rings since the last call, which must all
+    /// be in the ring of `worker`.
+    fn punts_of_worker(&mut self, worker: usize) -> Vec<Punt> {
+        let (punts, workers): (Vec<Punt>, Vec<usize>) = self
+            .punts_by_worker()
+            .into_iter()
+            .map(|(worker, punt)| (punt, worker))
+            .unzip();
+        assert!(
+            workers.iter().all(|&w| w == worker),
+            "rings {workers:?}, not {worker}"
+        );
+        punts
+    }
+
     /// The records the program put in the punt rings since the last call.
     fn punts(&mut self) -> Vec<Punt> {
         self.punts_by_worker()
@@ -1936,12 +1951,7 @@ fn the_backends_syn_ack_is_recorded_as_the_splice_by_xdp_and_punts_carry_the_bin
     // where frames would go without steering).
     let owner = worker_of(&addr(CLIENT), MAX_AGENT_WORKERS as u32) as usize;
     assert_ne!(owner, 0);
-    let (punts, workers): (Vec<Punt>, Vec<usize>) = program
-        .punts_by_worker()
-        .into_iter()
-        .map(|(worker, punt)| (punt, worker))
-        .unzip();
-    assert_eq!(workers, [owner]);
+    let punts = program.punts_of_worker(owner);
     assert_eq!(punts.len(), 1);
     assert_eq!(punts[0].kind, punt_kind::CLIENT);
     assert_eq!(
@@ -1958,11 +1968,9 @@ fn the_backends_syn_ack_is_recorded_as_the_splice_by_xdp_and_punts_carry_the_bin
     assert_eq!(program.run(&stale).0, XDP_DROP);
     assert_eq!(program.flow(&key).unwrap().state, flow_state::CONNECTING);
     assert_eq!(program.reverse(&reply_key), Some(connecting));
-    let punts = program.punts_by_worker();
-    assert_eq!(punts.len(), 1);
-    let (worker, punt) = punts[0];
-    assert_eq!((worker, punt.kind), (owner, punt_kind::BACKEND));
-    assert_eq!(punt.binding.state, binding_state::NONE);
+    let punts = program.punts_of_worker(owner);
+    assert_eq!((punts.len(), punts[0].kind), (1, punt_kind::BACKEND));
+    assert_eq!(punts[0].binding.state, binding_state::NONE);
 
     // The backend's answer: both entries spliced by the offset from the cookie to its ISN,
     // the reverse one reading the head first; the agent gets the SYN-ACK and the binding.
@@ -1980,12 +1988,7 @@ fn the_backends_syn_ack_is_recorded_as_the_splice_by_xdp_and_punts_carry_the_bin
         }),
         "the replay's end and the window scales stay as the agent wrote them"
     );
-    let (punts, workers): (Vec<Punt>, Vec<usize>) = program
-        .punts_by_worker()
-        .into_iter()
-        .map(|(worker, punt)| (punt, worker))
-        .unzip();
-    assert_eq!(workers, [owner]);
+    let punts = program.punts_of_worker(owner);
     assert_eq!(punts.len(), 1);
     assert_eq!(
         punts[0].binding,

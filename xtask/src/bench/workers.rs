@@ -137,14 +137,16 @@ impl WorkerQuotas {
     fn apply(agent: u32, workers: u32) -> Result<WorkerQuotas> {
         let threads = binder_threads(agent)?;
         if threads.len() != workers as usize {
-            bail!("the agent runs {} binding workers, not {workers}", threads.len());
+            bail!(
+                "the agent runs {} binding workers, not {workers}",
+                threads.len()
+            );
         }
         let mut quotas = WorkerQuotas { groups: Vec::new() };
         let quota = (WORKER_CPU_SHARE * CPU_PERIOD_US as f64) as u64;
         for (index, tid) in threads.into_iter().enumerate() {
             let group = PathBuf::from(CPU_CGROUPS).join(format!("balancer-bench-worker-{index}"));
-            fs::create_dir_all(&group)
-                .with_context(|| format!("creating {}", group.display()))?;
+            fs::create_dir_all(&group).with_context(|| format!("creating {}", group.display()))?;
             quotas.groups.push(group.clone());
             fs::write(group.join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string())?;
             fs::write(group.join("cpu.cfs_quota_us"), quota.to_string())?;
