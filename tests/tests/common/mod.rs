@@ -139,6 +139,16 @@ pub fn binding_count(lab: &Lab, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name}= in {status}"))
 }
 
+/// The agent's binding workers, from the `workers` line of `balancer status`.
+pub fn agent_workers(lab: &Lab) -> u32 {
+    let status = balancer(lab, &["status"]);
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("workers count="))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no workers line in {status}"))
+}
+
 /// The `balancer status` line of a backend of the `web` service.
 pub fn status_of(lab: &Lab, backend: &str) -> String {
     service_status_of(lab, "web", backend)
