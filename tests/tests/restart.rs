@@ -394,6 +394,60 @@ fn maps_of_another_shape_are_refused_naming_the_loss_and_the_running_program_kee
 }
 
 #[test]
+fn an_agent_restarted_with_other_workers_or_ring_sizes_takes_over_without_a_cold_start() {
+    let mut lab = lab_with(&three_kinds());
+    assert!(bound_by_the_agent(&lab));
+    let config = config_path(&lab);
+    let config = config.to_str().unwrap();
+    // Each ring's size as the agent makes it (0: one page, a worker the agent does not run),
+    // to count the rings each restart must replace.
+    let sizes = |workers: u32, ring: u32| -> Vec<u32> {
+        (0..8).map(|w| if w < workers { ring } else { 0 }).collect()
+    };
+    let mut ring_size = 4 << 20;
+    let mut rings = sizes(agent_workers(&lab), ring_size);
+    let mut replaced = 0;
+    for (workers, ring) in [("1", None), ("3", Some(1 << 20)), ("2", None)] {
+        lab.stop_balancer().expect("stopping the agent");
+        if let Some(size) = ring {
+            ring_size = size;
+            let changed = format!(
+                "punt_ring_size = {size}\n{}",
+                lab.balancer_config_with(&three_kinds())
+            );
+            std::fs::write(config, changed).expect("writing the changed config");
+        }
+        let ready = lab
+            .start_balancer_with(
+                &balancer_bin(),
+                &["run", "--config", config, "--agent-workers", workers],
+                Launch::Nsenter,
+            )
+            .expect("the rings are replaced, the other maps adopted");
+        assert!(ready.contains("took over from program"), "{ready}");
+        assert!(
+            ready.contains(&format!("{workers} binding workers")),
+            "{ready}"
+        );
+        wait_until(
+            Duration::from_secs(5),
+            "new cookie connections are bound by the restarted agent",
+            || bound_by_the_agent(&lab),
+        );
+        assert_eq!(agent_workers(&lab).to_string(), workers);
+        let now = sizes(workers.parse().unwrap(), ring_size);
+        replaced += rings.iter().zip(&now).filter(|(a, b)| a != b).count();
+        rings = now;
+    }
+    let log = std::fs::read_to_string(lab.balancer_log()).expect("reading the agent's log");
+    let resized = log
+        .lines()
+        .filter(|l| l.contains("resizing a punt ring"))
+        .count();
+    assert_eq!(resized, replaced, "{log}");
+}
+
+#[test]
 fn the_systemd_unit_verifies_and_the_agent_tells_systemd_it_is_ready_alive_and_stopping() {
     let mut lab = lab_with_balancer();
     let bin = balancer_bin();
