@@ -532,3 +532,57 @@ for addr in [{list}]:
         "a worker bound nothing: {line}"
     );
 }
+
+#[test]
+fn a_client_over_its_budget_on_a_lossy_backend_link_is_answered_or_reset_never_left_hanging() {
+    // Two connections per client: a client with four in flight gives up its oldest for each
+    // new one. A spliced connection whose replayed request the backend has not acknowledged
+    // still needs the agent (only it can send the request again), so it is reset, not
+    // forgotten: forgotten, its client would wait for an answer that never comes.
+    let mut lab = lab_with_settings("bindings_per_client = 2", &cookie_options());
+    lab.drop_at_backends(drop_bin(), 10.0)
+        .expect("making the backend link lossy");
+    let script = format!(
+        r#"
+import http.client, threading
+counts = {{"answered": 0, "reset": 0, "hung": 0}}
+lock = threading.Lock()
+def client(t):
+    for i in range(40):
+        try:
+            c = http.client.HTTPConnection("{vip}", 80, timeout=5)
+            c.request("GET", "/", headers={{"Cookie": "pad=%s; SID=budget-%d-%d" % ("x" * 4000, t, i), "Connection": "close"}})
+            outcome = "answered" if c.getresponse().read().startswith(b"backend-") else "reset"
+            c.close()
+        except TimeoutError:
+            outcome = "hung"
+        except Exception:
+            outcome = "reset"
+        with lock:
+            counts[outcome] += 1
+threads = [threading.Thread(target=client, args=(t,)) for t in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(counts["answered"], counts["reset"], counts["hung"])
+"#,
+        vip = balancer_lab::VIP
+    );
+    let output = python(&lab, lab.client_ns(), &script);
+    let counts: Vec<u64> = output
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert_eq!(counts.len(), 3, "{output}");
+    let (answered, hung) = (counts[0], counts[2]);
+    assert_eq!(
+        hung, 0,
+        "requests left hanging (answered, reset, hung): {output}"
+    );
+    assert!(answered > 0, "{output}");
+    assert!(
+        binding_count(&lab, "shed_client_budget") > 0,
+        "the client never went over its budget"
+    );
+}

@@ -1294,10 +1294,20 @@ fn in_window(seq: u32, next: u32) -> bool {
     seq.wrapping_sub(next) < u32::from(u16::MAX)
 }
 
-/// Whether a connection is spliced and needs the agent no more: no response head to edit,
-/// or the client has the edited one. Only memories for repeated SYN-ACKs remain of it.
+/// Whether a connection is spliced and needs the agent no more: the backend acknowledged the
+/// replayed request, and there is no response head to edit or the client has the edited one.
+/// Only memories for repeated SYN-ACKs remain of it.
 fn left_to_xdp(maps: &ConnectionMaps, key: &FlowKey, pending: &Pending) -> bool {
-    matches!(pending.stage, Stage::Spliced { .. })
+    let Some((target, _)) = pending.spliced() else {
+        return false;
+    };
+    // Until the backend acknowledged the replayed request, only the agent would send it
+    // again (XDP clears the replay's end in the reverse entry when it passes that ACK).
+    let replayed = pending.reverse.replay_end == 0
+        || maps
+            .reverse(&backend_key(pending, target))
+            .is_none_or(|nat| nat.replay_end == 0);
+    replayed
         && pending.response.as_ref().is_none_or(|response| {
             response
                 .edit()
