@@ -60,8 +60,9 @@ pub struct Config {
     /// Where Prometheus scrapes `/metrics` (e.g. "127.0.0.1:9469"); off when absent. Read at
     /// start: a reload keeps the address the agent started with.
     pub metrics: Option<std::net::SocketAddr>,
-    /// Cookie services: connections each agent worker holds at once (heads being read,
-    /// backends being opened, edited response heads the client has yet to acknowledge).
+    /// Cookie services: connections the agent holds at once (heads being read, backends
+    /// being opened, edited response heads the client has yet to acknowledge), shared evenly
+    /// by its workers.
     #[serde(default = "default_binding_capacity")]
     pub binding_capacity: u32,
     /// Of those, at most this many per client address: a client past it gives up its own
@@ -82,8 +83,8 @@ pub struct Config {
     pub request_timeout: u32,
     /// Cookie services: threads the agent binds connections on, 1 to 8; each owns the
     /// connections of the client prefixes (/24, IPv6 /48) XDP hashes to it, with their
-    /// budgets and `binding_capacity` of its own. Absent: one per CPU the agent may use.
-    /// Read at start: a reload keeps the workers the agent started with.
+    /// budgets and an even share of `binding_capacity`. Absent: one per CPU the agent may
+    /// use. Read at start: a reload keeps the workers the agent started with.
     pub agent_workers: Option<u32>,
     /// Cookie services: bytes of the ring XDP hands segments to each agent worker through (a
     /// power of two, 64 KiB to 256 MiB; each segment takes about 1.5 KB).

@@ -944,19 +944,27 @@ fn page_size() -> u32 {
 /// Removes the pinned punt rings whose size no longer fits (another `punt_ring_size` or
 /// number of workers), so the program gets new ones: they only carry frames in flight, which
 /// their senders send again; the program running now keeps its rings until it is replaced.
+/// Another number of workers replaces them all: the frames in a ring were for the worker
+/// that owned their prefix, which may now be another one.
 fn replace_resized_rings(dir: &Path, config: &Config, workers: u32) -> Result<()> {
+    let regrouped = pinned_agent_state(dir).is_some_and(|state| state.workers != workers);
     for (worker, ring) in map_name::PUNT_RINGS.iter().enumerate() {
         let path = dir.join(ring);
         let Ok(info) = MapInfo::from_pin(&path) else {
             continue;
         };
         let size = ring_size(config, workers, worker);
-        if info.max_entries() != size {
+        if regrouped || info.max_entries() != size {
+            let why = if regrouped {
+                "the workers changed"
+            } else {
+                "its size changed"
+            };
             info!(
                 ring,
                 from = info.max_entries(),
                 to = size,
-                "resizing a punt ring"
+                "replacing a punt ring: {why}"
             );
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }

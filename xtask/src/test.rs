@@ -46,6 +46,8 @@ pub fn run(extra: &[String]) -> Result<()> {
         "*",
         "--",
     ];
+    // Several binding workers, whatever the CPUs; the cookie suites run on one below.
+    std::env::set_var(AGENT_WORKERS_VARIABLE, "2");
     // Each namespace test builds its own lab; two at a time keep both CPUs busy.
     if !extra.iter().any(|a| a.starts_with("--test-threads")) {
         args.push("--test-threads=2");
@@ -53,8 +55,7 @@ pub fn run(extra: &[String]) -> Result<()> {
     args.extend(extra.iter().map(String::as_str));
     build::cargo(&args, &artifacts.ebpf_object)?;
 
-    // The pass above runs the agent with its default workers, one per CPU; the cookie suites
-    // run again on one, the other way connections may be bound.
+    // The cookie suites again, on one binding worker.
     println!("==> cookie suites on one binding worker");
     std::env::set_var(AGENT_WORKERS_VARIABLE, "1");
     let mut one_worker = vec!["test", "--release", "-p", "balancer-lab"];

@@ -71,6 +71,10 @@ pub struct Binder {
     window_shift_of: foldhash::HashMap<u32, u8>,
     /// Full NAT: sources handed out so far, which picks the next one to try.
     source_cursor: u32,
+    /// Full NAT: this worker's share of the sources, (its index, the workers): the sources
+    /// whose index in the space is the worker's modulo the workers, so no two workers claim
+    /// the same one.
+    source_share: (u32, u32),
     /// What it counted (`held` aside, which is `pending`'s size).
     tallies: Tallies,
     /// From a connection's first segment seen to its splice, for the metrics: one histogram
@@ -254,7 +258,11 @@ impl Binder {
         }
     }
 
-    pub fn new(limits: BindingLimits, binding_latency: Histogram) -> Result<Self> {
+    pub fn new(
+        limits: BindingLimits,
+        binding_latency: Histogram,
+        source_share: (u32, u32),
+    ) -> Result<Self> {
         Ok(Self {
             sockets: RawSockets::new()?,
             pending: foldhash::HashMap::default(),
@@ -264,6 +272,7 @@ impl Binder {
             window_shift_of: foldhash::HashMap::default(),
             // Anywhere in the range: the data plane's CPUs start at its beginning.
             source_cursor: std::process::id().wrapping_mul(0x9e37_79b9),
+            source_share,
             tallies: Tallies::default(),
             binding_latency,
         })
@@ -682,7 +691,7 @@ impl Worker {
         let source = if full_nat {
             let claimed = claim_source(
                 &self.config,
-                &mut self.binder.source_cursor,
+                (&mut self.binder.source_cursor, self.binder.source_share),
                 &mut self.maps,
                 (target, key, client),
             );
@@ -1335,7 +1344,7 @@ fn head_unacknowledged(maps: &ConnectionMaps, key: &FlowKey) -> bool {
 /// still remember in TIME_WAIT.
 fn claim_source(
     config: &Config,
-    cursor: &mut u32,
+    (cursor, (worker, workers)): (&mut u32, (u32, u32)),
     maps: &mut ConnectionMaps,
     (target, key, (client, client_port)): (Target, &FlowKey, (IpAddr, u16)),
 ) -> Option<(IpAddr, u16)> {
@@ -1344,7 +1353,9 @@ fn claim_source(
     let count = addresses.len() as u32;
     let (port_first, ports) = config.nat_port_range()?;
     let space = count * u32::from(ports);
-    if space == 0 {
+    // The indices of the space that are this worker's.
+    let own = space.saturating_sub(worker).div_ceil(workers.max(1));
+    if own == 0 {
         return None;
     }
     let reverse = ReverseNat {
@@ -1359,7 +1370,7 @@ fn claim_source(
     for _ in 0..SOURCE_CLAIM_TRIES {
         let turn = *cursor;
         *cursor = turn.wrapping_add(1);
-        let index = turn % space;
+        let index = worker + workers * (turn % own);
         let source = addresses[(index % count) as usize];
         let port = port_first + (index / count) as u16;
         let reply_key = Segment {

@@ -14,7 +14,8 @@ use foldhash::HashMap;
 /// Prefix lengths of one client and of the prefix whose clients share a budget (a NAT pool, a
 /// hosting subnet, a site), for IPv4 and IPv6.
 const CLIENT_BITS: (u32, u32) = (32, 64);
-const PREFIX_BITS: (u32, u32) = (24, 48);
+/// XDP hands each such prefix to one binding worker, so its budget is counted in one place.
+const PREFIX_BITS: (u32, u32) = balancer_common::CLIENT_PREFIX_BITS;
 
 /// Why a connection was shed to make room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -437,8 +437,10 @@ impl Agent {
             .set_nat_sources(&config)
             .context("writing full NAT's source addresses")?;
         self.config = config;
+        // The workers see the services once all are written: in between, those not yet
+        // written have no lookup table, and their connections would find no backend.
         for index in 0..self.services.len() {
-            self.publish(index)?;
+            self.write_service(index)?;
         }
         self.share_view();
         self.restart_health_checks();
@@ -476,8 +478,15 @@ impl Agent {
     }
 
     /// Writes a service's backends and a fresh lookup table over the ones that take new
-    /// sessions.
+    /// sessions, and hands the workers the changed model.
     fn publish(&mut self, index: usize) -> Result<()> {
+        self.write_service(index)?;
+        self.share_view();
+        Ok(())
+    }
+
+    /// [`Agent::publish`] without telling the workers.
+    fn write_service(&mut self, index: usize) -> Result<()> {
         let service = &self.services[index];
         let members = write_backends(&mut self.dataplane, &self.config, service)?;
         let ids: Vec<u32> = service.backends.iter().map(|b| b.id).collect();
@@ -526,7 +535,6 @@ impl Agent {
         } else {
             info!(service = %name, backends = backend_count, "service published");
         }
-        self.share_view();
         Ok(())
     }
 
@@ -535,7 +543,7 @@ impl Agent {
         self.workers.share(View {
             services: self.services.clone(),
             config: std::sync::Arc::new(self.config.clone()),
-            limits: binding_limits(&self.config),
+            limits: binding_limits(&self.config, self.dataplane.workers),
         });
     }
 
@@ -1034,8 +1042,7 @@ impl Agent {
                 crate::metrics::Table {
                     name: "bindings",
                     entries: tallies.held as u64,
-                    capacity: u64::from(self.config.binding_capacity)
-                        * u64::from(self.dataplane.workers),
+                    capacity: u64::from(self.config.binding_capacity),
                 },
             ],
             punts_read: b.punts_read,
@@ -1227,9 +1234,11 @@ impl Agent {
     }
 }
 
-pub(super) fn binding_limits(config: &Config) -> BindingLimits {
+/// What each of `workers` binding workers may hold: `binding_capacity` is shared evenly,
+/// each client's and prefix's budget is its worker's alone (a prefix has one worker).
+pub(super) fn binding_limits(config: &Config, workers: u32) -> BindingLimits {
     BindingLimits {
-        capacity: config.binding_capacity as usize,
+        capacity: (config.binding_capacity / workers.max(1)).max(1) as usize,
         per_client: config.bindings_per_client as usize,
         per_prefix: config.bindings_per_prefix as usize,
         head_ack_timeout: Duration::from_secs(u64::from(config.head_ack_timeout)),

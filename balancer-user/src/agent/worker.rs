@@ -7,10 +7,11 @@
 //! change, and requests for what they counted.
 
 use std::{
+    cell::RefCell,
     net::IpAddr,
     sync::{mpsc as reply, Arc},
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -30,8 +31,10 @@ use crate::{config::Config, connections::ConnectionMaps};
 const PUNT_BATCH: usize = 256;
 /// How often a worker resends what went unanswered and lets go of what timed out.
 const BINDING_TICK: Duration = Duration::from_millis(200);
-/// How long the agent waits for a worker to say what it counted.
-const TALLY_WAIT: Duration = Duration::from_secs(2);
+/// How long the agent waits for its workers to say what they counted, all together: it
+/// waits on the task that also tells the data plane it is alive. A worker late to answer
+/// counts with its previous answer.
+const TALLY_WAIT: Duration = Duration::from_millis(200);
 /// New sources a worker's tally channel holds for the agent (drained ten times a second).
 const NEW_SOURCE_BACKLOG: usize = 16_384;
 
@@ -84,9 +87,17 @@ impl Worker {
             .map_err(|error| anyhow::anyhow!("watching the punt ring: {}", error.into_parts().1))?;
         // Frames a previous run left in the ring need the services to be placed: the worker
         // reads it once the agent has shared them.
-        match inbox.recv().await {
-            Some(Message::View(view)) => self.take_view(&view),
-            _ => return Ok(()),
+        loop {
+            match inbox.recv().await {
+                Some(Message::View(view)) => {
+                    self.take_view(&view);
+                    break;
+                }
+                Some(Message::Tallies(answer)) => {
+                    let _ = answer.send(self.binder.tallies());
+                }
+                None => return Ok(()),
+            }
         }
         let mut tick = tokio::time::interval(BINDING_TICK);
         let mut record = Vec::with_capacity(size_of::<balancer_common::Punt>());
@@ -132,6 +143,8 @@ pub struct Workers {
     threads: Vec<JoinHandle<()>>,
     /// Every worker's new connections, for the tally of top sources.
     pub new_sources: reply::Receiver<NewSource>,
+    /// Each worker's latest answer to [`Workers::tallies_each`].
+    answered: RefCell<Vec<Tallies>>,
 }
 
 impl Workers {
@@ -147,10 +160,17 @@ impl Workers {
             inboxes: Vec::new(),
             threads: Vec::new(),
             new_sources,
+            answered: RefCell::new(vec![Tallies::default(); rings.len()]),
         };
+        let count = rings.len() as u32;
         for (index, ring) in rings.into_iter().enumerate() {
+            let share = (index as u32, count);
             let worker = Worker {
-                binder: Binder::new(super::binding_limits(config), binding_latency.clone())?,
+                binder: Binder::new(
+                    super::binding_limits(config, count),
+                    binding_latency.clone(),
+                    share,
+                )?,
                 maps: ConnectionMaps::open(&config.instance)?,
                 services: Vec::new(),
                 config: Arc::new(config.clone()),
@@ -191,7 +211,7 @@ impl Workers {
         Tallies::sum(self.tallies_each())
     }
 
-    /// What each worker counted (nothing for one that did not answer in time).
+    /// What each worker counted (as it last said, for one that did not answer in time).
     pub fn tallies_each(&self) -> Vec<Tallies> {
         let answers: Vec<_> = self
             .inboxes
@@ -202,10 +222,15 @@ impl Workers {
                 tally
             })
             .collect();
-        answers
-            .into_iter()
-            .map(|tally| tally.recv_timeout(TALLY_WAIT).unwrap_or_default())
-            .collect()
+        let deadline = Instant::now() + TALLY_WAIT;
+        let mut answered = self.answered.borrow_mut();
+        for (last, tally) in answered.iter_mut().zip(answers) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Ok(tallies) = tally.recv_timeout(left) {
+                *last = tallies;
+            }
+        }
+        answered.clone()
     }
 
     /// The first worker that stopped, if one did: its connections would go unbound.
