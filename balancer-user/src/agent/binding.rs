@@ -1342,6 +1342,17 @@ fn head_unacknowledged(maps: &ConnectionMaps, key: &FlowKey) -> bool {
 /// `REVERSE` entry inserted only where none is settles it). Taking them in turn puts as
 /// much time as the range allows between two uses of one source, which the backend may
 /// still remember in TIME_WAIT.
+/// How many of a space of `space` full NAT sources are the worker's of `share`.
+fn own_sources(space: u32, (worker, workers): (u32, u32)) -> u32 {
+    space.saturating_sub(worker).div_ceil(workers.max(1))
+}
+
+/// The index in the space of the source a worker tries on its `turn`: its own ones in turn,
+/// those equal to it modulo the workers.
+fn source_index(turn: u32, space: u32, (worker, workers): (u32, u32)) -> u32 {
+    worker + workers.max(1) * (turn % own_sources(space, (worker, workers)))
+}
+
 fn claim_source(
     config: &Config,
     (cursor, (worker, workers)): (&mut u32, (u32, u32)),
@@ -1353,9 +1364,7 @@ fn claim_source(
     let count = addresses.len() as u32;
     let (port_first, ports) = config.nat_port_range()?;
     let space = count * u32::from(ports);
-    // The indices of the space that are this worker's.
-    let own = space.saturating_sub(worker).div_ceil(workers.max(1));
-    if own == 0 {
+    if own_sources(space, (worker, workers)) == 0 {
         return None;
     }
     let reverse = ReverseNat {
@@ -1370,7 +1379,7 @@ fn claim_source(
     for _ in 0..SOURCE_CLAIM_TRIES {
         let turn = *cursor;
         *cursor = turn.wrapping_add(1);
-        let index = worker + workers * (turn % own);
+        let index = source_index(turn, space, (worker, workers));
         let source = addresses[(index % count) as usize];
         let port = port_first + (index / count) as u16;
         let reply_key = Segment {
@@ -1492,5 +1501,32 @@ fn backend_syn(pending: &Pending, target: Target) -> Segment {
             echo: 0,
         }),
         ..Segment::empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn the_workers_share_the_full_nat_sources_without_overlap_and_leave_none_out() {
+        for (space, workers) in [(31_744, 2), (31_744, 3), (7, 8), (1, 1), (10, 4)] {
+            let mut seen = HashSet::new();
+            for worker in 0..workers {
+                let own = own_sources(space, (worker, workers));
+                for turn in 0..own {
+                    let index = source_index(turn, space, (worker, workers));
+                    assert!(index < space, "{index} of {space}");
+                    assert!(seen.insert(index), "{index} twice ({workers} workers)");
+                }
+                if own > 0 {
+                    let wrapped = source_index(own, space, (worker, workers));
+                    assert_eq!(wrapped, source_index(0, space, (worker, workers)));
+                }
+            }
+            assert_eq!(seen.len() as u32, space, "{workers} workers over {space}");
+        }
     }
 }
