@@ -71,9 +71,7 @@ pub struct Binder {
     window_shift_of: foldhash::HashMap<u32, u8>,
     /// Full NAT: sources handed out so far, which picks the next one to try.
     source_cursor: u32,
-    /// Full NAT: this worker's share of the sources, (its index, the workers): the sources
-    /// whose index in the space is the worker's modulo the workers, so no two workers claim
-    /// the same one.
+    /// Full NAT: where in the sources this worker starts, as (its index, the workers).
     source_share: (u32, u32),
     /// What it counted (`held` aside, which is `pending`'s size).
     tallies: Tallies,
@@ -1342,15 +1340,13 @@ fn head_unacknowledged(maps: &ConnectionMaps, key: &FlowKey) -> bool {
 /// `REVERSE` entry inserted only where none is settles it). Taking them in turn puts as
 /// much time as the range allows between two uses of one source, which the backend may
 /// still remember in TIME_WAIT.
-/// How many of a space of `space` full NAT sources are the worker's of `share`.
-fn own_sources(space: u32, (worker, workers): (u32, u32)) -> u32 {
-    space.saturating_sub(worker).div_ceil(workers.max(1))
-}
-
-/// The index in the space of the source a worker tries on its `turn`: its own ones in turn,
-/// those equal to it modulo the workers.
+/// The index in the space of the source a worker tries on its `turn`: every worker walks the
+/// whole space (one client prefix, on one worker, may need all of it), each from its own
+/// part of it, so two workers try the same source only when one has gone a whole part
+/// ahead.
 fn source_index(turn: u32, space: u32, (worker, workers): (u32, u32)) -> u32 {
-    worker + workers.max(1) * (turn % own_sources(space, (worker, workers)))
+    let start = u64::from(worker) * u64::from(space) / u64::from(workers.max(1));
+    ((u64::from(turn % space) + start) % u64::from(space)) as u32
 }
 
 fn claim_source(
@@ -1364,7 +1360,7 @@ fn claim_source(
     let count = addresses.len() as u32;
     let (port_first, ports) = config.nat_port_range()?;
     let space = count * u32::from(ports);
-    if own_sources(space, (worker, workers)) == 0 {
+    if space == 0 {
         return None;
     }
     let reverse = ReverseNat {
@@ -1511,22 +1507,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_workers_share_the_full_nat_sources_without_overlap_and_leave_none_out() {
-        for (space, workers) in [(31_744, 2), (31_744, 3), (7, 8), (1, 1), (10, 4)] {
-            let mut seen = HashSet::new();
+    fn each_worker_walks_all_full_nat_sources_from_a_part_of_its_own() {
+        for (space, workers) in [(100_000, 2), (31_744, 3), (7, 8), (1, 1)] {
+            let mut starts = HashSet::new();
             for worker in 0..workers {
-                let own = own_sources(space, (worker, workers));
-                for turn in 0..own {
-                    let index = source_index(turn, space, (worker, workers));
-                    assert!(index < space, "{index} of {space}");
-                    assert!(seen.insert(index), "{index} twice ({workers} workers)");
-                }
-                if own > 0 {
-                    let wrapped = source_index(own, space, (worker, workers));
-                    assert_eq!(wrapped, source_index(0, space, (worker, workers)));
-                }
+                let walked: HashSet<u32> = (0..space)
+                    .map(|turn| source_index(turn, space, (worker, workers)))
+                    .collect();
+                assert_eq!(walked.len() as u32, space, "worker {worker} of {workers}");
+                assert!(walked.iter().all(|&index| index < space));
+                starts.insert(source_index(0, space, (worker, workers)));
             }
-            assert_eq!(seen.len() as u32, space, "{workers} workers over {space}");
+            let parts = workers.min(space) as usize;
+            assert_eq!(starts.len(), parts, "{workers} workers over {space}");
         }
     }
 }
