@@ -28,7 +28,7 @@ pub mod map_name {
     pub const FLOWS: &str = "FLOWS";
     pub const SYN_OPTIONS: &str = "SYN_OPTIONS";
     pub const BINDINGS: &str = "BINDINGS";
-    /// The punt rings, one per agent worker: [`punt_ring`] names the one of a worker.
+    /// The punt rings, one per agent worker, by worker.
     pub const PUNT_RINGS: [&str; super::MAX_AGENT_WORKERS] = [
         "PUNTS_0", "PUNTS_1", "PUNTS_2", "PUNTS_3", "PUNTS_4", "PUNTS_5", "PUNTS_6", "PUNTS_7",
     ];

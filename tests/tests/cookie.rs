@@ -514,26 +514,13 @@ for addr in [{list}]:
         );
     }
     // Every connection bound once, each by the worker of its prefix.
-    let status = balancer(&lab, &["status"]);
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("workers "))
-        .unwrap_or_else(|| panic!("no workers line in:\n{status}"));
-    let field = |name: &str| -> Vec<u64> {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(name))
-            .unwrap_or_else(|| panic!("no {name} in {line}"))
-            .split(',')
-            .map(|n| n.parse().unwrap())
-            .collect()
-    };
     let workers = agent_workers(&lab);
     let mut expected = vec![0u64; workers as usize];
     for client in &clients {
         let owner = balancer_common::worker_of(&IpAddr::V4(*client).into(), workers);
         expected[owner as usize] += 6;
     }
-    assert_eq!(field("bound_each="), expected, "{line}");
+    assert_eq!(per_worker(&lab, "bound_each"), expected);
     assert_eq!(binding_count(&lab, "bound"), 48);
 }
 

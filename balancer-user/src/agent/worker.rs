@@ -163,6 +163,7 @@ impl Workers {
             answered: RefCell::new(vec![Tallies::default(); rings.len()]),
         };
         let count = rings.len() as u32;
+        let shared_config = Arc::new(config.clone());
         for (index, ring) in rings.into_iter().enumerate() {
             let share = (index as u32, count);
             let worker = Worker {
@@ -173,7 +174,7 @@ impl Workers {
                 )?,
                 maps: ConnectionMaps::open(&config.instance)?,
                 services: Vec::new(),
-                config: Arc::new(config.clone()),
+                config: shared_config.clone(),
                 new_sources: tally.clone(),
             };
             let (inbox, messages) = mpsc::unbounded_channel();

@@ -139,14 +139,24 @@ pub fn binding_count(lab: &Lab, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name}= in {status}"))
 }
 
-/// The agent's binding workers, from the `workers` line of `balancer status`.
-pub fn agent_workers(lab: &Lab) -> u32 {
+/// A field of the `workers` line of `balancer status` (`bound_each`, `held_each`): one count
+/// per binding worker, in order.
+pub fn per_worker(lab: &Lab, field: &str) -> Vec<u64> {
     let status = balancer(lab, &["status"]);
     status
         .lines()
-        .find_map(|l| l.strip_prefix("workers count="))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no workers line in {status}"))
+        .find(|l| l.starts_with("workers "))
+        .and_then(|line| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(field)?.strip_prefix('='))
+        })
+        .map(|counts| counts.split(',').map(|n| n.parse().unwrap()).collect())
+        .unwrap_or_else(|| panic!("no workers line with {field} in {status}"))
+}
+
+/// The agent's binding workers.
+pub fn agent_workers(lab: &Lab) -> u32 {
+    per_worker(lab, "held_each").len() as u32
 }
 
 /// The `balancer status` line of a backend of the `web` service.
