@@ -12,6 +12,19 @@ pub fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
+/// The one's-complement sum of `bytes` as 16-bit words read natively (an odd last byte
+/// padded with zero), folded.
+pub fn sum_words(bytes: &[u8]) -> u16 {
+    let sum = bytes.chunks(2).fold(0u64, |sum, word| {
+        sum + u64::from(u16::from_ne_bytes([word[0], *word.get(1).unwrap_or(&0)]))
+    });
+    let mut folded = sum;
+    while folded > 0xffff {
+        folded = (folded & 0xffff) + (folded >> 16);
+    }
+    folded as u16
+}
+
 /// The checksum after a 16-bit word of the covered data changed from `old` to `new`.
 #[inline(always)]
 pub fn replace16(check: u16, old: u16, new: u16) -> u16 {

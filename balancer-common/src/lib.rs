@@ -43,12 +43,13 @@ pub mod map_name {
     pub const NEW_FLOW_SOURCES: &str = "NEW_FLOW_SOURCES";
     pub const GROUPS: &str = "GROUPS";
     pub const GROUP_TABLE: &str = "GROUP_TABLE";
+    pub const HEAD_INSERTS: &str = "HEAD_INSERTS";
 }
 
 /// Version of the maps' layout (their key and value types and the meaning of their fields).
 /// Pinned maps outlive the agent and its program; a program of another layout version must
 /// not adopt them. Bump it with every change to a type or map below.
-pub const LAYOUT_VERSION: u32 = 13;
+pub const LAYOUT_VERSION: u32 = 14;
 
 /// Seconds after the agent's last heartbeat that the data plane takes it for gone: cookie
 /// services then stop handing connections to it (see [`without_agent`]). Compiled into the
@@ -377,6 +378,9 @@ pub mod flow_flags {
     pub const PROXY_HEADER: u16 = 4;
     /// Spliced TCP where both legs use timestamps: the client's TSecr is translated.
     pub const TIMESTAMPS: u16 = 8;
+    /// XDP put the balancer's cookie lines into the first response head behind its status
+    /// line ([`HeadInsert`]); it drops them once the client acknowledged the head.
+    pub const HEAD_BY_XDP: u16 = 16;
 }
 
 /// `REVERSE` value: the VIP and port a backend's reply must appear to come from.
@@ -448,7 +452,43 @@ pub mod reverse_flags {
     /// only if it finds the SYN-ACK's TSval, and moves the backend's TSval by `ts_delta`
     /// (the agent clears the flag when the backend does not use them).
     pub const TIMESTAMPS: u16 = 8;
+    /// With `HEAD_TO_AGENT`: the agent left the connection's cookie lines in `HEAD_INSERTS`,
+    /// and XDP puts them into the first response head itself when it can (see
+    /// [`HeadInsert`]); `head_end` holds the backend's first response byte from the
+    /// SYN-ACK on.
+    pub const COOKIE_BY_XDP: u16 = 16;
+    /// XDP put the cookie lines in (`inserted` bytes behind the status line of the segment
+    /// starting at `head_end`): a segment the backend sends again from there gets them
+    /// again, until the client acknowledged the head.
+    pub const HEAD_BY_XDP: u16 = 32;
 }
+
+/// Cookie lines the first response head of a connection gets from XDP: at most this many
+/// bytes (of even length, so the bytes behind them keep their checksum words), which the
+/// headroom in front of an XDP frame leaves room for.
+pub const MAX_HEAD_INSERT: usize = 192;
+/// XDP looks this far into the backend's first segment for the end of its status line.
+pub const MAX_STATUS_LINE: usize = 128;
+
+/// `HEAD_INSERTS` value, by the connection's client-side key: the `Set-Cookie` lines the
+/// agent decided on when it opened the backend side, for XDP to put behind the status line
+/// of the first response head. A head XDP cannot edit so (an interim or unknown status
+/// line, a segment that would outgrow the client's MSS) goes to the agent, which edits it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct HeadInsert {
+    pub lines: [u8; MAX_HEAD_INSERT],
+    /// Bytes of `lines` used.
+    pub len: u16,
+    /// One's-complement sum of the lines' 16-bit words as they lie in memory.
+    pub sum: u16,
+    /// The largest segment payload the client takes (its MSS).
+    pub max_payload: u16,
+    /// Written by XDP when it inserts: the status line's length, inside which a segment the
+    /// backend sends again cannot start.
+    pub status_len: u16,
+}
+const _: () = assert!(size_of::<HeadInsert>() == MAX_HEAD_INSERT + 8);
 
 /// Full NAT: seconds a closed flow keeps its source, for the last segments of its close.
 pub const SOURCE_QUIET_AFTER_CLOSE_S: u32 = 2;
@@ -619,8 +659,8 @@ pub struct BackendCounters {
 const _: () = assert!(size_of::<BackendCounters>() == 40);
 
 /// Why a packet left the program the way it did: every exit counts under exactly one reason.
-/// `NewFlow`, `NewSession`, `SessionMoved`, `PlacedWithoutAgent`, `ProxyHeaderInserted` and
-/// `NewFlowSourceLost` are events, counted in addition.
+/// `NewFlow`, `NewSession`, `SessionMoved`, `PlacedWithoutAgent`, `ProxyHeaderInserted`,
+/// `NewFlowSourceLost` and `CookieInserted` are events, counted in addition.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
@@ -717,10 +757,16 @@ pub enum Reason {
     RefusedBackendHeld,
     /// The same for a non-TCP flow, dropped.
     DropBackendHeld,
+    /// Cookie service: XDP put the balancer's cookie lines into a first response head (an
+    /// event, like `NewFlow`; again for each time the backend sends that segment again).
+    CookieInserted,
+    /// Cookie service: a backend segment sent again from inside the status line XDP put the
+    /// cookie lines behind, which the client cannot have asked for, dropped.
+    DropInsideStatusLine,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 40;
+    pub const COUNT: u32 = 42;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::Replied,
@@ -762,6 +808,8 @@ impl Reason {
         Reason::NewFlowSourceLost,
         Reason::RefusedBackendHeld,
         Reason::DropBackendHeld,
+        Reason::CookieInserted,
+        Reason::DropInsideStatusLine,
     ];
 
     /// Stable name used in logs, the stats line and metrics.
@@ -807,6 +855,8 @@ impl Reason {
             Reason::NewFlowSourceLost => "new_flow_source_lost",
             Reason::RefusedBackendHeld => "refused_backend_held",
             Reason::DropBackendHeld => "drop_backend_held",
+            Reason::CookieInserted => "cookie_inserted",
+            Reason::DropInsideStatusLine => "drop_inside_status_line",
         }
     }
 }
@@ -831,6 +881,7 @@ mod user {
     unsafe impl aya::Pod for CookieSecret {}
     unsafe impl aya::Pod for AgentState {}
     unsafe impl aya::Pod for Addr {}
+    unsafe impl aya::Pod for HeadInsert {}
 }
 
 /// Hash of a 5-tuple that picks a new flow's slot in its service's backend table.

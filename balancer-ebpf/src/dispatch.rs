@@ -12,7 +12,7 @@ use balancer_common::{
 };
 
 use crate::{
-    agent, choose, full_nat, handshake,
+    agent, choose, full_nat, handshake, head,
     maps::{BINDINGS, FLOWS, REVERSE, SERVICES},
     nat::{forget, new_flow, note_source_in_use, rewrite, seconds_now, touch, End},
     packet::Packet,
@@ -150,6 +150,9 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<(Reason, u3
     if nat.client_port != 0 {
         // SAFETY: as above; racing writers only race on bookkeeping.
         note_source_in_use(unsafe { &mut *entry }, seconds_now(), packet.closing);
+    }
+    if head::wanted(ctx, packet, &nat) {
+        head::hand_off(ctx, packet);
     }
     let reason = match nat.state {
         flow_state::NAT => {

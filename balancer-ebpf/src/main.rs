@@ -15,6 +15,7 @@ mod fib;
 mod forward;
 mod full_nat;
 mod handshake;
+mod head;
 mod maps;
 mod nat;
 mod packet;
@@ -71,6 +72,17 @@ fn try_balancer(ctx: &XdpContext) -> Result<Verdict, Verdict> {
 #[xdp]
 pub fn balancer_full_nat(ctx: XdpContext) -> u32 {
     let verdict = match full_nat::place(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    };
+    stats::count(verdict.reason, ctx.data_end() - ctx.data());
+    verdict.action
+}
+
+/// The cookie lines put into a first response head, reached by a tail call from `balancer`
+/// (see `head`).
+#[xdp]
+pub fn balancer_response_head(ctx: XdpContext) -> u32 {
+    let verdict = match head::edit(&ctx) {
         Ok(verdict) | Err(verdict) => verdict,
     };
     stats::count(verdict.reason, ctx.data_end() - ctx.data());

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use balancer_common::{
     Addr, Affinity, AffinityKey, AgentState, Backend, BackendCounters, Binding, CookieSecret,
-    Counter, Flow, FlowKey, Group, Reason, ReverseNat, Service, ServiceKey, SynOptions,
+    Counter, Flow, FlowKey, Group, HeadInsert, Reason, ReverseNat, Service, ServiceKey, SynOptions,
     BINDING_CAPACITY, COOKIE_SECRETS, DEFAULT_AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY,
     DEFAULT_TABLE_SIZE, GROUP_TABLE_SIZE, MAX_BACKENDS, MAX_GROUPS, MAX_NAT_SOURCES, MAX_SERVICES,
     MAX_TX_PORTS, NEW_FLOW_SOURCE_RING_SIZE, PUNT_RING_SIZE, TABLES_PER_SERVICE,
@@ -126,6 +126,27 @@ pub static FULL_NAT_HANDOFF: PerCpuArray<crate::full_nat::Handoff> =
 /// Not pinned: every load of the program fills its own.
 #[map]
 pub static FULL_NAT_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Cookie services: the cookie lines a connection's first response head gets from XDP (see
+/// `head`), by its client-side key, from the agent's SYN to the backend until the client
+/// acknowledged the head. Entries evicted (or missing) send that head to the agent.
+#[map]
+pub static HEAD_INSERTS: LruHashMap<FlowKey, HeadInsert> = LruHashMap::pinned(BINDING_CAPACITY, 0);
+
+/// A backend segment handed from the main program to `balancer_response_head` (see `head`).
+#[map]
+pub static HEAD_HANDOFF: PerCpuArray<crate::packet::Packet> = PerCpuArray::with_max_entries(1, 0);
+
+/// The program a response head is passed to (entry 0), filled by the agent. Not pinned, as
+/// `FULL_NAT_PROGRAM`.
+#[map]
+pub static HEAD_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Per CPU, the headers and status line of a segment the cookie lines go into, while they
+/// are put in. Not pinned: it holds nothing between packets.
+#[map]
+pub static HEAD_SCRATCH: PerCpuArray<[u8; crate::head::SCRATCH]> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// `proxy_protocol`: per CPU, the headers of a segment a PROXY header goes into, and that
 /// header, while it is put in (see `proxy`). Not pinned: it holds nothing between packets.

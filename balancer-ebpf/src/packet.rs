@@ -6,6 +6,7 @@ use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
 use balancer_common::{
+    csum,
     proto::{
         ipv6_ext, tcp_field, tcp_flag, ETH_P_IPV4, ETH_P_IPV6, IPV4_HEADER_LEN, IPV6_HEADER_LEN,
         TCP_HEADER_LEN, UDP_CHECK, UDP_HEADER_LEN,
@@ -259,4 +260,45 @@ fn opaque(offset: usize) -> usize {
         core::ptr::read_volatile(slot)
     };
     seen as usize & (L4_OFFSET_LIMIT - 1)
+}
+
+/// Fixes the lengths and checksums of a TCP segment that grew by `by` bytes of data, whose
+/// words sum to `sum` where they now lie (see `csum`), and which the caller has put in.
+/// `packet` still describes the segment before it grew.
+#[inline(always)]
+pub fn lengthen(ctx: &XdpContext, packet: &Packet, by: u16, sum: u16) -> Option<()> {
+    let tcp_len = (packet.tcp_header_len + packet.payload_len) as u16;
+    let grown = tcp_len + by;
+    if packet.v6 {
+        let payload_len: *mut [u8; 2] = ptr_at(ctx, IP_OFFSET + 4)?;
+        // SAFETY: `ptr_at` checked that the field lies inside the frame.
+        unsafe {
+            let extensions = u16::from_be_bytes(*payload_len) - tcp_len;
+            *payload_len = (extensions + grown).to_be_bytes();
+        }
+    } else {
+        let total_len: *mut [u8; 2] = ptr_at(ctx, IP_OFFSET + 2)?;
+        let check: *mut [u8; 2] = ptr_at(ctx, IP_OFFSET + 10)?;
+        // SAFETY: `ptr_at` checked that both fields lie inside the frame.
+        unsafe {
+            let old = *total_len;
+            let new = (u16::from_be_bytes(old) + by).to_be_bytes();
+            *total_len = new;
+            *check = csum::replace16(
+                u16::from_ne_bytes(*check),
+                u16::from_ne_bytes(old),
+                u16::from_ne_bytes(new),
+            )
+            .to_ne_bytes();
+        }
+    }
+    // The pseudo header's length grows, and the new words join the sum.
+    let check: *mut [u8; 2] = ptr_at(ctx, packet.l4_check_offset)?;
+    // SAFETY: `ptr_at` checked that the field lies inside the frame.
+    unsafe {
+        let lengthened =
+            csum::replace16(u16::from_ne_bytes(*check), tcp_len.to_be(), grown.to_be());
+        *check = (!csum::fold(u32::from(!lengthened) + u32::from(sum))).to_ne_bytes();
+    }
+    Some(())
 }

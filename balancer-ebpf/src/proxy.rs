@@ -22,7 +22,7 @@ use balancer_common::{
 
 use crate::{
     maps::PROXY_SCRATCH,
-    packet::{ptr_at, Packet, IP_OFFSET},
+    packet::{self, ptr_at, Packet},
     splice, stats,
     stats::Verdict,
 };
@@ -126,33 +126,8 @@ fn insert(ctx: &XdpContext, packet: &Packet) -> Option<()> {
     if stored != 0 {
         return None;
     }
-    let tcp_len = (packet.tcp_header_len + packet.payload_len) as u16;
-    let grown = tcp_len + len as u16;
-    if packet.v6 {
-        let payload_len: *mut [u8; 2] = ptr_at(ctx, IP_OFFSET + 4)?;
-        // SAFETY: `ptr_at` checked that the field lies inside the frame.
-        unsafe {
-            let extensions = u16::from_be_bytes(*payload_len) - tcp_len;
-            *payload_len = (extensions + grown).to_be_bytes();
-        }
-    } else {
-        let total_len: *mut [u8; 2] = ptr_at(ctx, IP_OFFSET + 2)?;
-        let check: *mut [u8; 2] = ptr_at(ctx, IP_OFFSET + 10)?;
-        // SAFETY: `ptr_at` checked that both fields lie inside the frame.
-        unsafe {
-            let old = *total_len;
-            let new = (u16::from_be_bytes(old) + len as u16).to_be_bytes();
-            *total_len = new;
-            *check = csum::replace16(
-                u16::from_ne_bytes(*check),
-                u16::from_ne_bytes(old),
-                u16::from_ne_bytes(new),
-            )
-            .to_ne_bytes();
-        }
-    }
-    // The pseudo header's length grows, and the header's words join the sum: the header is
-    // of even length and starts on an even offset, so the data's words stay as they were.
+    // The header is of even length and starts on an even offset: its words join the sum as
+    // they are, and the data's words stay as they were.
     let mut sum = 0u32;
     for word in 0..proxy_v2::IPV6_LEN / 2 {
         if word * 2 >= len {
@@ -163,14 +138,7 @@ fn insert(ctx: &XdpContext, packet: &Packet) -> Option<()> {
             scratch.proxy[word * 2 + 1],
         ]));
     }
-    let check: *mut [u8; 2] = ptr_at(ctx, packet.l4_check_offset)?;
-    // SAFETY: `ptr_at` checked that the field lies inside the frame.
-    unsafe {
-        let lengthened =
-            csum::replace16(u16::from_ne_bytes(*check), tcp_len.to_be(), grown.to_be());
-        *check = (!csum::fold(u32::from(!lengthened) + csum::fold(sum) as u32)).to_ne_bytes();
-    }
-    Some(())
+    packet::lengthen(ctx, packet, len as u16, csum::fold(sum))
 }
 
 /// Lowers the MSS a backend's SYN-ACK offers by the PROXY header's length. Stacks put the

@@ -16,7 +16,7 @@ use balancer_common::{
 };
 
 use crate::{
-    maps::{BINDINGS, FLOWS},
+    maps::{BINDINGS, FLOWS, HEAD_INSERTS},
     packet::{ptr_at, Packet},
     stats::Verdict,
     tcp_options::{self, Options, ALIGNED_TIMESTAMPS_LEN},
@@ -79,7 +79,8 @@ pub fn client_to_backend(ctx: &XdpContext, packet: &Packet, flow: &Flow) -> Resu
     shift_sack_blocks(ctx, packet, past_head)
 }
 
-/// Marks the flow once the client acknowledged its whole edited response head.
+/// Marks the flow once the client acknowledged its whole edited response head; the cookie
+/// lines XDP put in are no longer needed then.
 #[inline(always)]
 pub fn note_head_acked(ctx: &XdpContext, packet: &Packet, flow: &mut Flow) {
     if flow.flags & flow_flags::HEAD_ACKED != 0 || packet.tcp_flags & ACK == 0 {
@@ -88,6 +89,9 @@ pub fn note_head_acked(ctx: &XdpContext, packet: &Packet, flow: &mut Flow) {
     if let Ok(ack) = read_u32(ctx, packet.tcp_field(tcp_field::ACK)) {
         if ack.wrapping_sub(flow.head_end) as i32 >= 0 {
             flow.flags |= flow_flags::HEAD_ACKED;
+            if flow.flags & flow_flags::HEAD_BY_XDP != 0 {
+                let _ = HEAD_INSERTS.remove(&packet.key);
+            }
         }
     }
 }
@@ -144,6 +148,9 @@ pub fn record_at_synack(
     unsafe {
         (*entry).seq_delta = delta;
         (*entry).ts_delta = ts_delta;
+        if nat.flags & reverse_flags::COOKIE_BY_XDP != 0 {
+            (*entry).head_end = backend_isn.wrapping_add(1);
+        }
         (*entry).state = state;
         (*flow).seq_delta = delta;
         (*flow).ts_delta = ts_delta;
@@ -155,7 +162,7 @@ pub fn record_at_synack(
 /// The client side's key of a backend segment's connection: full NAT names the client in
 /// the reverse entry; gateway NAT's backend answers the client directly.
 #[inline(always)]
-fn client_key(packet: &Packet, nat: &ReverseNat) -> FlowKey {
+pub fn client_key(packet: &Packet, nat: &ReverseNat) -> FlowKey {
     let (client, client_port) = if nat.client_port != 0 {
         (nat.client, nat.client_port)
     } else {

@@ -1,11 +1,12 @@
 //! The entries of the cookie connections the agent binds: each connection's flow (client
-//! side), reverse entry (backend side) and binding. Every agent worker opens its own handles
+//! side), reverse entry (backend side), binding and the cookie lines XDP puts into its first
+//! response head. Every agent worker opens its own handles
 //! on the pinned maps, so the workers write them without sharing anything in user space.
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use balancer_common::{
-    binding_state, map_name, source_is_free, Binding, Flow, FlowKey, ReverseNat,
+    binding_state, map_name, source_is_free, Binding, Flow, FlowKey, HeadInsert, ReverseNat,
 };
 
 use crate::dataplane::{monotonic_seconds, pin_dir};
@@ -14,6 +15,7 @@ pub struct ConnectionMaps {
     flows: HashMap<MapData, FlowKey, Flow>,
     reverse: HashMap<MapData, FlowKey, ReverseNat>,
     bindings: HashMap<MapData, FlowKey, Binding>,
+    head_inserts: HashMap<MapData, FlowKey, HeadInsert>,
 }
 
 impl ConnectionMaps {
@@ -30,6 +32,7 @@ impl ConnectionMaps {
             flows: HashMap::try_from(open(map_name::FLOWS)?)?,
             reverse: HashMap::try_from(open(map_name::REVERSE)?)?,
             bindings: HashMap::try_from(open(map_name::BINDINGS)?)?,
+            head_inserts: HashMap::try_from(open(map_name::HEAD_INSERTS)?)?,
         })
     }
 
@@ -45,6 +48,18 @@ impl ConnectionMaps {
         // The reverse entry first: once the flow says where packets go, replies may come.
         self.write_reverse(reply_key, nat)?;
         self.flows.insert(key, flow, 0).context("writing a flow")
+    }
+
+    /// Leaves the cookie lines of a client connection's first response head for XDP.
+    pub fn set_head_insert(&mut self, key: &FlowKey, lines: &HeadInsert) -> Result<()> {
+        self.head_inserts
+            .insert(key, lines, 0)
+            .context("writing a response head's cookie lines")
+    }
+
+    /// Removes the cookie lines of a connection whose head XDP will not edit.
+    pub fn remove_head_insert(&mut self, key: &FlowKey) {
+        let _ = self.head_inserts.remove(key);
     }
 
     /// A client connection's flow entry.

@@ -17,10 +17,10 @@ use aya::{
 };
 use balancer_common::{
     flow_flags, flow_state, map_name, Addr, Affinity, AffinityKey, AgentState, Backend,
-    BackendCounters, Binding, CookieSecret, Counter, Flow, FlowKey, Group, Reason, ReverseNat,
-    Service, ServiceKey, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS, GROUP_TABLE_SIZE,
-    LAYOUT_VERSION, MAX_BACKENDS, MAX_GROUPS, MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS,
-    TABLES_PER_SERVICE, XDP_PROGRAM,
+    BackendCounters, Binding, CookieSecret, Counter, Flow, FlowKey, Group, HeadInsert, Reason,
+    ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS,
+    GROUP_TABLE_SIZE, LAYOUT_VERSION, MAX_BACKENDS, MAX_GROUPS, MAX_NAT_SOURCES, MAX_SERVICES,
+    MAX_TX_PORTS, TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 use tracing::{info, warn};
 
@@ -129,7 +129,9 @@ impl Dataplane {
             .context("reading the loaded program's info")?;
         let verified_instructions = info.verified_instruction_count();
         let program_id = info.id();
-        load_full_nat(&mut ebpf)?;
+        for (program, array) in TAIL_CALLED {
+            load_tail_called(&mut ebpf, program, array)?;
+        }
 
         let mut interfaces = vec![config.client_interface.clone()];
         if config.backend_interface() != config.client_interface {
@@ -823,7 +825,7 @@ fn ifindex(interface: &str) -> Result<u32> {
 }
 
 /// The shape every map must have: (name, key size, value size, capacity).
-fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 16] {
+fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 17] {
     use std::mem::size_of;
     [
         (
@@ -854,6 +856,12 @@ fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 16] {
             map_name::BINDINGS,
             size_of::<FlowKey>(),
             size_of::<Binding>(),
+            BINDING_CAPACITY,
+        ),
+        (
+            map_name::HEAD_INSERTS,
+            size_of::<FlowKey>(),
+            size_of::<HeadInsert>(),
             BINDING_CAPACITY,
         ),
         (
@@ -972,27 +980,31 @@ fn replace_resized_rings(dir: &Path, config: &Config, workers: u32) -> Result<()
     Ok(())
 }
 
-/// Loads full NAT's placement program and puts it where the main program's tail call finds
-/// it.
-fn load_full_nat(ebpf: &mut Ebpf) -> Result<()> {
+/// Loads a program the main program reaches by a tail call and puts it where that call
+/// finds it (entry 0 of `array`).
+fn load_tail_called(ebpf: &mut Ebpf, name: &str, array: &str) -> Result<()> {
     let program: &mut Xdp = ebpf
-        .program_mut(FULL_NAT_PROGRAM)
-        .context("the XDP object has no full NAT program")?
+        .program_mut(name)
+        .with_context(|| format!("the XDP object has no program {name}"))?
         .try_into()?;
-    load_retrying(program)?;
+    load_retrying(program).with_context(|| format!("loading {name}"))?;
     let fd = program.fd()?.try_clone()?;
     let map = ebpf
-        .map_mut(FULL_NAT_PROGRAM_MAP)
-        .context("the XDP object has no full NAT program array")?;
+        .map_mut(array)
+        .with_context(|| format!("the XDP object has no program array {array}"))?;
     let mut programs = aya::maps::ProgramArray::try_from(map)?;
     programs
         .set(0, &fd, 0)
-        .context("installing the full NAT program")
+        .with_context(|| format!("installing {name}"))
 }
 
-/// Full NAT's placement program in the object, and the array the main program calls it from.
-const FULL_NAT_PROGRAM: &str = "balancer_full_nat";
-const FULL_NAT_PROGRAM_MAP: &str = "FULL_NAT_PROGRAM";
+/// The programs in the object that the main program calls by a tail call, each with the
+/// array it calls it from: full NAT's placement of a new flow, and the cookie lines put into
+/// a first response head.
+const TAIL_CALLED: [(&str, &str); 2] = [
+    ("balancer_full_nat", "FULL_NAT_PROGRAM"),
+    ("balancer_response_head", "HEAD_PROGRAM"),
+];
 
 /// Loads a program, trying again when the kernel answers EAGAIN, as libbpf does: the kernel
 /// gives that answer, before verifying anything, when a load meets a concurrent one (seen

@@ -2183,13 +2183,14 @@ fn a_spliced_connection_with_timestamps_moves_the_backends_tsvals_onto_the_balan
 }
 
 /// Reasons that count events in addition to a packet's exit, not exits of their own.
-const EVENTS: [Reason; 6] = [
+const EVENTS: [Reason; 7] = [
     Reason::NewFlow,
     Reason::NewSession,
     Reason::SessionMoved,
     Reason::PlacedWithoutAgent,
     Reason::ProxyHeaderInserted,
     Reason::NewFlowSourceLost,
+    Reason::CookieInserted,
 ];
 
 #[test]

@@ -1,11 +1,15 @@
-//! Cookies the balancer issues: the agent adds `Set-Cookie` to the first response head of a
-//! connection whose session is new or moved, and XDP splices the rest with the added bytes
-//! as a second sequence offset. Real clients (curl cookie jars, python `requests`) through
+//! Cookies the balancer issues: `Set-Cookie` added to the first response head of a
+//! connection whose session is new or moved (by XDP behind the status line when it can, by
+//! the agent otherwise), and XDP splices the rest with the added bytes as a second sequence
+//! offset. Real clients (curl cookie jars, python `requests`) through
 //! the namespace lab. Needs root.
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use balancer_lab::{Lab, ServiceOptions, BACKEND_COUNT};
 use common::*;
@@ -103,6 +107,47 @@ fn the_first_response_carries_the_cookie_and_its_cors_variant_and_sessions_stick
     sessions_stick_and_spread(&lab, "LBSESSION");
     let issued = binding_count(&lab, "issued");
     assert!(issued >= 111, "status counts the issued cookies: {issued}");
+}
+
+/// The lines go behind the status line of the backend's first segment in XDP: 50 new
+/// sessions' first responses and their returning requests reach the agent only as requests
+/// and SYN-ACKs.
+#[test]
+fn a_new_sessions_cookie_is_put_in_by_xdp_and_its_response_passes_the_agent_by() {
+    let lab = lab_with(&lb_cookie(""));
+    let (before, issued_before) = (counters(&lab), binding_count(&lab, "issued"));
+    let mut backends = HashSet::new();
+    for _ in 0..50 {
+        let (head, backend) = get_with_head(&lab, &[], "/");
+        let own = &set_cookies(&head)["LBSESSION"];
+        assert!(
+            own.ends_with("; Max-Age=3600; Path=/; HttpOnly"),
+            "attributes of {own:?}"
+        );
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        let (_, again) = get_with_head(&lab, &["-H", &format!("Cookie: {}", pair(own))], "/");
+        assert_eq!(again, backend, "{own} must keep the session on {backend}");
+        backends.insert(backend);
+    }
+    let after = counters(&lab);
+    let delta = |name: &str| after[name] - before[name];
+    assert_eq!(
+        delta("cookie_inserted"),
+        50,
+        "XDP put each new session's cookie in"
+    );
+    assert_eq!(
+        delta("punted"),
+        2 * 100,
+        "the agent got each connection's request and the backend's SYN-ACK, none of its response"
+    );
+    // The agent counts them once it saw the client acknowledge them.
+    wait_until(
+        Duration::from_secs(5),
+        "the cookies counted as issued",
+        || binding_count(&lab, "issued") - issued_before == 50,
+    );
+    assert!(backends.len() > 1, "50 sessions on one backend");
 }
 
 /// 100 python `requests` sessions of 20 requests, each on a new connection: every session's

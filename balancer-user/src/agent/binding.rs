@@ -16,9 +16,10 @@ use std::{
 
 use anyhow::Result;
 use balancer_common::{
-    binding_state, flow_flags, flow_state, proxy_v2, punt_kind, reverse_flags, Addr, Binding, Flow,
-    FlowKey, Punt, ReverseNat, COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE,
+    binding_state, csum, flow_flags, flow_state, proxy_v2, punt_kind, reverse_flags, Addr, Binding,
+    Flow, FlowKey, HeadInsert, Punt, ReverseNat, COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE,
 };
+use bytemuck::Zeroable;
 use prometheus_client::metrics::histogram::Histogram;
 use tracing::debug;
 
@@ -117,6 +118,9 @@ struct Pending {
     head_sent: Option<Instant>,
     /// The connection's timestamps, when its client uses them.
     clocks: Option<Clocks>,
+    /// The cookie lines are in `HEAD_INSERTS`: XDP puts them into the first response head
+    /// unless it passes that head to the agent.
+    head_by_xdp: bool,
 }
 
 /// TCP timestamps of a cookie connection. The client sees the balancer's clock stand at the
@@ -172,6 +176,15 @@ impl Pending {
             .client_isn
             .wrapping_add(1)
             .wrapping_add(self.request.len() as u32)
+    }
+
+    /// Whether XDP is to edit the first response head, or has (the agent has no edit of it).
+    fn head_in_xdp(&self) -> bool {
+        self.head_by_xdp
+            && self
+                .response
+                .as_ref()
+                .is_some_and(|response| response.edit().is_none())
     }
 
     /// The backend and its ISN, once both legs are spliced.
@@ -298,8 +311,31 @@ impl Worker {
             .map(|(key, _)| *key)
             .collect();
         for key in finished {
-            self.forget(&key);
+            self.forget_done(&key);
         }
+    }
+
+    /// Forgets a connection left to XDP, counting the cookie XDP put into its head.
+    fn forget_done(&mut self, key: &FlowKey) {
+        let by_xdp = self
+            .binder
+            .pending
+            .get(key)
+            .and_then(|pending| pending.head_in_xdp().then_some(pending.spliced()).flatten());
+        if let Some((target, _)) = by_xdp {
+            self.count_issued(target.id);
+        }
+        self.forget(key);
+    }
+
+    fn count_issued(&mut self, backend_id: u32) {
+        self.binder.tallies.counters.cookies_issued += 1;
+        *self
+            .binder
+            .tallies
+            .issued_by_backend
+            .entry(backend_id)
+            .or_default() += 1;
     }
 
     /// Makes room for a new connection of `client`: a source (address or /24) at its budget
@@ -315,7 +351,7 @@ impl Worker {
                 .get(&oldest)
                 .is_some_and(|pending| left_to_xdp(&self.maps, &oldest, pending));
             if done {
-                self.forget(&oldest);
+                self.forget_done(&oldest);
             } else {
                 self.shed(&oldest, why);
             }
@@ -416,6 +452,7 @@ impl Worker {
                     proxy_header: Vec::new(),
                     head_sent: None,
                     clocks: None,
+                    head_by_xdp: false,
                 },
             );
         }
@@ -717,6 +754,21 @@ impl Worker {
             let (_, removed) = rewrite::strip(&pending.request, name);
             (removed > 0).then(|| (name.to_owned(), removed as u32))
         });
+        let lines = pending
+            .issue
+            .as_ref()
+            .and_then(Issue::lines_for_xdp)
+            .map(|lines| head_insert(&lines, pending.binding.options.mss));
+        pending.head_by_xdp = match lines {
+            Some(lines) => match self.maps.set_head_insert(key, &lines) {
+                Ok(()) => true,
+                Err(error) => {
+                    throttled!(warn, "the agent edits the response head itself: {error:#}");
+                    false
+                }
+            },
+            None => false,
+        };
         let reply_key = backend_key(pending, target);
         let (flow, mut nat) = connection_entries(pending, target, flow_state::CONNECTING);
         if nat.client_window_shift != 0 {
@@ -849,6 +901,12 @@ impl Worker {
                     flow_state::SPLICED
                 },
                 seq_delta: delta,
+                // Where the head XDP edits starts.
+                head_end: if nat.flags & reverse_flags::COOKIE_BY_XDP != 0 {
+                    backend_isn.wrapping_add(1)
+                } else {
+                    0
+                },
                 ..nat
             };
             // XDP recorded the splice from what the agent wrote with the SYN; the agent
@@ -992,20 +1050,17 @@ impl Worker {
                     return;
                 }
             };
-            if inserted > 0 {
-                self.binder.tallies.counters.cookies_issued += 1;
-                if let Stage::Spliced { target, .. } = pending.stage {
-                    *self
-                        .binder
-                        .tallies
-                        .issued_by_backend
-                        .entry(target.id)
-                        .or_default() += 1;
-                }
-            }
             debug!(client = %pending.client, port = pending.client_port, inserted, "response head edited");
+            if pending.head_by_xdp {
+                // XDP passed the head on: its lines are not needed.
+                self.maps.remove_head_insert(key);
+            }
+            if inserted > 0 {
+                self.count_issued(target.id);
+            }
             if let Some(pending) = self.binder.pending.get_mut(key) {
                 pending.reverse = written;
+                pending.head_by_xdp = false;
             }
         }
         let Some(pending) = self.binder.pending.get_mut(key) else {
@@ -1097,7 +1152,9 @@ impl Worker {
                 Stage::Spliced { at, .. } => {
                     let age = now.duration_since(at);
                     let replay_unconfirmed = pending.reverse.replay_end != 0;
-                    if replay_unconfirmed && now >= pending.replay_check.0 {
+                    if (replay_unconfirmed || pending.head_in_xdp())
+                        && now >= pending.replay_check.0
+                    {
                         recheck.push(*key);
                     }
                     match pending.response.as_ref().map(Response::edit) {
@@ -1151,7 +1208,7 @@ impl Worker {
             self.connect_next(&key);
         }
         for key in recheck {
-            self.recheck_replay(&key, now);
+            self.check_spliced(&key, now);
         }
         for key in forget {
             self.forget(&key);
@@ -1159,9 +1216,17 @@ impl Worker {
         for key in give_up {
             // No response head in all that time (a long poll): the backend's data passes
             // unedited from now on; what it sent meanwhile it sends again, unacknowledged.
-            let Some(reverse) = self.binder.pending.get(&key).map(|p| p.reverse) else {
+            let Some((reverse, head_by_xdp)) = self
+                .binder
+                .pending
+                .get(&key)
+                .map(|p| (p.reverse, p.head_by_xdp))
+            else {
                 continue;
             };
+            if head_by_xdp {
+                self.maps.remove_head_insert(&key);
+            }
             if let Some(reply_key) = self.forget(&key) {
                 let passing = ReverseNat {
                     state: flow_state::SPLICED,
@@ -1191,16 +1256,56 @@ impl Worker {
         }
     }
 
-    /// Sends the request to the backend again if it has not acknowledged it yet (a replay
-    /// segment was lost on the way: the client, its bytes acknowledged by the agent, will not
-    /// send them again).
-    fn recheck_replay(&mut self, key: &FlowKey, now: Instant) {
+    /// Looks again at a spliced connection the agent still waits on: forgets it once XDP
+    /// put the cookie lines into its head and the client acknowledged them (resets it if
+    /// the client takes too long), and sends the request to the backend again if it has not
+    /// acknowledged it yet (a replay segment was lost on the way: the client, its bytes
+    /// acknowledged by the agent, will not send them again).
+    fn check_spliced(&mut self, key: &FlowKey, now: Instant) {
         let Some(pending) = self.binder.pending.get(key) else {
             return;
         };
         let Some((target, backend_isn)) = pending.spliced() else {
             return;
         };
+        if pending.head_in_xdp() {
+            let flags = self.maps.flow(key).map(|flow| flow.flags);
+            let Some(flags) = flags else {
+                // XDP forgot the connection: it ended.
+                self.maps.remove_head_insert(key);
+                self.forget(key);
+                return;
+            };
+            if flags & flow_flags::HEAD_BY_XDP != 0 {
+                if flags & flow_flags::HEAD_ACKED != 0 {
+                    self.forget_done(key);
+                    return;
+                }
+                let timeout = self.binder.limits.head_ack_timeout;
+                let Some(pending) = self.binder.pending.get_mut(key) else {
+                    return;
+                };
+                // The backend answered: it has the request.
+                pending.reverse.replay_end = 0;
+                let sent = *pending.head_sent.get_or_insert(now);
+                if now.duration_since(sent) > timeout {
+                    self.binder.tallies.counters.head_unacknowledged += 1;
+                    debug!(client = %key.src, "the client did not acknowledge the response head in time: resetting the connection");
+                    self.abort(key, false);
+                    return;
+                }
+                pending.replay_check = (now + REPLAY_WAIT, REPLAY_WAIT);
+                return;
+            }
+            if pending.reverse.replay_end == 0 {
+                let Some(pending) = self.binder.pending.get_mut(key) else {
+                    return;
+                };
+                let wait = pending.replay_check.1;
+                pending.replay_check = (now + wait, (wait * 2).min(MAX_REPLAY_WAIT));
+                return;
+            }
+        }
         let reply_key = backend_key(pending, target);
         let acknowledged = self
             .maps
@@ -1216,7 +1321,8 @@ impl Worker {
         };
         if acknowledged {
             pending.reverse.replay_end = 0;
-        } else {
+        }
+        if !acknowledged || pending.head_in_xdp() {
             let wait = pending.replay_check.1;
             pending.replay_check = (now + wait, (wait * 2).min(MAX_REPLAY_WAIT));
         }
@@ -1265,6 +1371,9 @@ impl Worker {
 
     fn abort_quietly(&mut self, key: &FlowKey) {
         let binding = self.binder.pending.get(key).map(|p| p.binding);
+        if self.binder.pending.get(key).is_some_and(|p| p.head_by_xdp) {
+            self.maps.remove_head_insert(key);
+        }
         let reply_key = self.forget(key);
         match binding {
             Some(binding) => self
@@ -1308,6 +1417,12 @@ fn left_to_xdp(maps: &ConnectionMaps, key: &FlowKey, pending: &Pending) -> bool 
     let Some((target, _)) = pending.spliced() else {
         return false;
     };
+    if pending.head_in_xdp() {
+        // Lines in the head mean the backend answered, so it has the request; once the
+        // client acknowledged them XDP dropped them.
+        let both = flow_flags::HEAD_BY_XDP | flow_flags::HEAD_ACKED;
+        return maps.flow(key).is_some_and(|flow| flow.flags & both == both);
+    }
     // Until the backend acknowledged the replayed request, only the agent would send it
     // again (XDP clears the replay's end in the reverse entry when it passes that ACK).
     let replayed = pending.reverse.replay_end == 0
@@ -1438,10 +1553,10 @@ fn connection_entries(pending: &Pending, target: Target, state: u16) -> (Flow, R
         },
         removed,
         replay_end,
-        flags: if pending.issue.is_some() {
-            reverse_flags::HEAD_TO_AGENT
-        } else {
-            0
+        flags: match (&pending.issue, pending.head_by_xdp) {
+            (Some(_), true) => reverse_flags::HEAD_TO_AGENT | reverse_flags::COOKIE_BY_XDP,
+            (Some(_), false) => reverse_flags::HEAD_TO_AGENT,
+            (None, _) => 0,
         },
         ..ReverseNat::default()
     };
@@ -1473,6 +1588,17 @@ fn backend_key(pending: &Pending, target: Target) -> FlowKey {
         ..Segment::empty()
     }
     .key()
+}
+
+/// What XDP needs to put `lines` into the head of a connection whose client takes segments
+/// of up to `mss` bytes.
+fn head_insert(lines: &[u8], mss: u16) -> HeadInsert {
+    let mut insert = HeadInsert::zeroed();
+    insert.lines[..lines.len()].copy_from_slice(lines);
+    insert.len = lines.len() as u16;
+    insert.sum = csum::sum_words(lines);
+    insert.max_payload = mss.clamp(536, COOKIE_MSS);
+    insert
 }
 
 /// The SYN that opens the backend side with the client's address, port, ISN, options and

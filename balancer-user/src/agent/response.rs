@@ -7,6 +7,8 @@
 //! acknowledgements back. Head bytes the backend sends again (the client lost them) come back
 //! to the agent, which answers with the edited head.
 
+use balancer_common::MAX_HEAD_INSERT;
+
 use crate::http;
 
 /// Response bytes read while looking for the head's end; a longer head passes unedited. It
@@ -35,6 +37,24 @@ pub struct Issue {
     /// The response closes the connection (`Connection: close`): the client's next request
     /// comes on a new connection, which the agent reads.
     pub close: bool,
+}
+
+impl Issue {
+    /// The lines as XDP puts them into the head itself, behind its status line, when
+    /// nothing else in the head decides them (no companion or rewrite mode, no
+    /// `Connection: close`): padded to even length with a space before the last CRLF (a
+    /// field value may end in white space), if they are short enough.
+    pub fn lines_for_xdp(&self) -> Option<Vec<u8>> {
+        let plain = self.when_set.is_none() && self.prefix.is_none() && !self.close;
+        if !plain || self.lines.is_empty() || !self.lines.ends_with("\r\n") {
+            return None;
+        }
+        let mut lines = self.lines.clone().into_bytes();
+        if !lines.len().is_multiple_of(2) {
+            lines.insert(lines.len() - 2, b' ');
+        }
+        (lines.len() <= MAX_HEAD_INSERT).then_some(lines)
+    }
 }
 
 /// What the agent knows of a connection's response while it reads or has edited its head.
