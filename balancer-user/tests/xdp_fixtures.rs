@@ -12,17 +12,19 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{TestRun, TestRunOptions, Xdp},
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
+    programs::{ProgramFd, TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    affinity, backend_state, binding_state, flow_flags, flow_state, map_name, nat_mode, punt_kind,
-    reverse_flags, syncookie, without_agent, worker_of, Addr, Affinity, AffinityKey, AgentState,
-    Backend, Binding, Counter, Flow, FlowKey, Group, Punt, Reason, ReverseNat, Service, ServiceKey,
-    SynOptions, DEFAULT_AGENT_TIMEOUT_S, LAYOUT_VERSION, MAX_AGENT_WORKERS, MAX_GROUPS,
-    MAX_SERVICES, PROTO_TCP, PROTO_UDP, TABLES_PER_SERVICE, XDP_PROGRAM,
+    affinity, backend_state, binding_state, csum, flow_flags, flow_state, map_name, nat_mode,
+    punt_kind, reverse_flags, syncookie, without_agent, worker_of, Addr, Affinity, AffinityKey,
+    AgentState, Backend, Binding, Counter, Flow, FlowKey, Group, HeadInsert, Punt, Reason,
+    ReverseNat, Service, ServiceKey, SynOptions, DEFAULT_AGENT_TIMEOUT_S, LAYOUT_VERSION,
+    MAX_AGENT_WORKERS, MAX_GROUPS, MAX_SERVICES, PROTO_TCP, PROTO_UDP, TABLES_PER_SERVICE,
+    XDP_PROGRAM,
 };
+use bytemuck::Zeroable;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -298,6 +300,28 @@ impl Drop for Program {
     }
 }
 
+/// Loads program `name` of the object; returns its fd.
+fn load_xdp(ebpf: &mut Ebpf, name: &str) -> ProgramFd {
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .expect("program")
+        .try_into()
+        .expect("an XDP program");
+    // The kernel answers EAGAIN when loads meet (the fixtures run in parallel).
+    let loaded = (0..5).find_map(|_| match program.load() {
+        Err(aya::programs::ProgramError::LoadError { io_error, .. })
+            if io_error.kind() == std::io::ErrorKind::WouldBlock =>
+        {
+            None
+        }
+        result => Some(result),
+    });
+    loaded
+        .expect("the kernel kept answering EAGAIN")
+        .expect("the verifier accepts the program");
+    program.fd().unwrap().try_clone().unwrap()
+}
+
 impl Program {
     /// Loads the program (see [`Program::load`]) in the fixtures' private network, which
     /// needs root.
@@ -333,23 +357,11 @@ impl Program {
             .map_max_entries(map_name::GROUP_TABLE, FIXTURE_GROUP_TABLE_SIZE)
             .load(object)
             .expect("loading the XDP object");
-        let program: &mut Xdp = ebpf
-            .program_mut(XDP_PROGRAM)
-            .expect("program")
-            .try_into()
-            .expect("an XDP program");
-        // The kernel answers EAGAIN when loads meet (the fixtures run in parallel).
-        let loaded = (0..5).find_map(|_| match program.load() {
-            Err(aya::programs::ProgramError::LoadError { io_error, .. })
-                if io_error.kind() == std::io::ErrorKind::WouldBlock =>
-            {
-                None
-            }
-            result => Some(result),
-        });
-        loaded
-            .expect("the kernel kept answering EAGAIN")
-            .expect("the verifier accepts the program");
+        load_xdp(&mut ebpf, XDP_PROGRAM);
+        // The cookie lines' program, which the main one reaches by a tail call.
+        let head = load_xdp(&mut ebpf, "balancer_response_head");
+        let mut tail_calls = ProgramArray::try_from(ebpf.map_mut("HEAD_PROGRAM").unwrap()).unwrap();
+        tail_calls.set(0, &head, 0).unwrap();
         let mut this = Self { ebpf, pin_dir };
         this.program_services();
         this.agent_alive_seconds_ago(0);
@@ -1861,6 +1873,192 @@ fn a_splice_moves_sequence_numbers_past_an_edited_head_and_a_shortened_request()
         action, XDP_REDIRECT,
         "not punted once the head is acknowledged"
     );
+}
+
+#[test]
+fn xdp_puts_the_cookie_lines_behind_the_first_status_line_and_again_when_the_backend_resends_it() {
+    let mut program = Program::in_private_network("head");
+    // The client knows the balancer's ISN; the backend's is DELTA further. The response
+    // starts at the backend's RESPONSE_START; the status line is 17 bytes, odd, so the
+    // lines' words land byte-swapped in the checksum.
+    const DELTA: u32 = 1_000_000;
+    const RESPONSE_START: u32 = 5_001 + DELTA;
+    const LINES: &[u8] = b"Set-Cookie: LB=abc; Path=/\r\n";
+    const STATUS: &[u8] = b"HTTP/1.1 200 OK\r\n";
+    const REST: &[u8] = b"Content-Length: 4\r\n\r\nbody";
+    let inserted = LINES.len() as u32;
+    let key = client_flow(COOKIE_PORT);
+    let head_nat = ReverseNat {
+        vip: addr(VIP),
+        port: COOKIE_PORT.to_be(),
+        state: flow_state::RESPONSE_HEAD,
+        seq_delta: DELTA,
+        head_end: RESPONSE_START,
+        flags: reverse_flags::HEAD_TO_AGENT | reverse_flags::COOKIE_BY_XDP,
+        ..ReverseNat::default()
+    };
+    splice(
+        &mut program,
+        &key,
+        Flow {
+            seq_delta: DELTA,
+            ..flow_to_backend(flow_state::SPLICED)
+        },
+        head_nat,
+    );
+    let mut lines = HeadInsert::zeroed();
+    lines.lines[..LINES.len()].copy_from_slice(LINES);
+    lines.len = LINES.len() as u16;
+    lines.sum = csum::sum_words(LINES);
+    lines.max_payload = 1400;
+    let mut head_inserts: HashMap<&mut MapData, FlowKey, HeadInsert> =
+        HashMap::try_from(program.map(map_name::HEAD_INSERTS)).unwrap();
+    head_inserts.insert(key, lines, 0).unwrap();
+
+    let from_backend = ip(BACKEND, CLIENT, PROTO_TCP);
+    let at_client = Ip {
+        ttl: from_backend.ttl - 1,
+        ..ip(VIP, CLIENT, PROTO_TCP)
+    };
+    let client_seq = CLIENT_SEQ + 100;
+    let backend = |seq, payload: &[u8]| {
+        let segment = tcp_segment(
+            &from_backend,
+            (WEB_BACKEND_PORT, CLIENT_PORT),
+            (seq, client_seq),
+            TCP_ACK,
+            500,
+            payload,
+        );
+        ipv4_frame(FROM_BACKEND.0, FROM_BACKEND.1, &from_backend, &segment)
+    };
+    let to_client = |seq, payload: &[u8]| {
+        let segment = tcp_segment(
+            &at_client,
+            (COOKIE_PORT, CLIENT_PORT),
+            (seq, client_seq),
+            TCP_ACK,
+            500,
+            payload,
+        );
+        ipv4_frame(TO_CLIENT.0, TO_CLIENT.1, &at_client, &segment)
+    };
+    let first = [STATUS, REST].concat();
+    let edited = [STATUS, LINES, REST].concat();
+    let client_start = RESPONSE_START - DELTA;
+
+    // The first segment gets the lines, byte for byte with full checksums.
+    let (action, output) = program.run(&backend(RESPONSE_START, &first));
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(output, to_client(client_start, &edited));
+    assert_eq!(program.counters()[Reason::CookieInserted as usize], 1);
+    let flow = program.flow(&key).unwrap();
+    assert_eq!(
+        (
+            flow.inserted,
+            flow.head_end,
+            flow.flags & flow_flags::HEAD_BY_XDP
+        ),
+        (
+            inserted,
+            client_start + (STATUS.len() as u32) + inserted,
+            flow_flags::HEAD_BY_XDP
+        )
+    );
+    let nat = program.reverse(&reply_flow(&key)).unwrap();
+    assert_eq!(
+        (nat.state, nat.seq_delta, nat.inserted, nat.head_end),
+        (
+            flow_state::SPLICED,
+            DELTA - inserted,
+            inserted,
+            RESPONSE_START
+        )
+    );
+    assert_ne!(nat.flags & reverse_flags::HEAD_BY_XDP, 0);
+
+    // Sent again: the same edited segment; the next one moved past the lines.
+    let (action, output) = program.run(&backend(RESPONSE_START, &first));
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(output, to_client(client_start, &edited), "inserted again");
+    assert_eq!(program.counters()[Reason::CookieInserted as usize], 2);
+    let next = RESPONSE_START + first.len() as u32;
+    let (action, output) = program.run(&backend(next, b"more"));
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(output, to_client(next - DELTA + inserted, b"more"));
+    // From inside the status line: nothing the client can have asked for.
+    let (action, _) = program.run(&backend(RESPONSE_START + 5, &first[5..]));
+    assert_eq!(action, XDP_DROP);
+    assert_eq!(program.counters()[Reason::DropInsideStatusLine as usize], 1);
+
+    // The client acknowledges the edited segment: exact in the backend's space, and the
+    // lines are gone.
+    let from_client = ip(CLIENT, VIP, PROTO_TCP);
+    let at_backend = Ip {
+        ttl: from_client.ttl - 1,
+        ..ip(CLIENT, BACKEND, PROTO_TCP)
+    };
+    let ack = client_start + edited.len() as u32;
+    let segment = tcp_segment(
+        &from_client,
+        (CLIENT_PORT, COOKIE_PORT),
+        (client_seq, ack),
+        TCP_ACK,
+        500,
+        b"",
+    );
+    let (action, output) = program.run(&ipv4_frame(
+        FROM_CLIENT.0,
+        FROM_CLIENT.1,
+        &from_client,
+        &segment,
+    ));
+    assert_eq!(action, XDP_REDIRECT);
+    let expected = tcp_segment(
+        &at_backend,
+        (CLIENT_PORT, WEB_BACKEND_PORT),
+        (client_seq, RESPONSE_START + first.len() as u32),
+        TCP_ACK,
+        500,
+        b"",
+    );
+    assert_eq!(
+        output,
+        ipv4_frame(TO_BACKEND.0, TO_BACKEND.1, &at_backend, &expected)
+    );
+    assert_ne!(
+        program.flow(&key).unwrap().flags & flow_flags::HEAD_ACKED,
+        0
+    );
+    let head_inserts: HashMap<&mut MapData, FlowKey, HeadInsert> =
+        HashMap::try_from(program.map(map_name::HEAD_INSERTS)).unwrap();
+    assert!(head_inserts.get(&key, 0).is_err(), "the lines are dropped");
+
+    // Heads XDP leaves to the agent: an interim one, and one that would outgrow the MSS.
+    let punted = program.counters()[Reason::Punted as usize];
+    for payload in [
+        b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(),
+        [STATUS, &[b'x'; 1390]].concat(),
+    ] {
+        splice(
+            &mut program,
+            &key,
+            Flow {
+                seq_delta: DELTA,
+                ..flow_to_backend(flow_state::SPLICED)
+            },
+            head_nat,
+        );
+        let mut head_inserts: HashMap<&mut MapData, FlowKey, HeadInsert> =
+            HashMap::try_from(program.map(map_name::HEAD_INSERTS)).unwrap();
+        head_inserts.insert(key, lines, 0).unwrap();
+        let (action, _) = program.run(&backend(RESPONSE_START, &payload));
+        assert_eq!(action, XDP_DROP, "punted");
+        let nat = program.reverse(&reply_flow(&key)).unwrap();
+        assert_eq!(nat.state, flow_state::RESPONSE_HEAD);
+    }
+    assert_eq!(program.counters()[Reason::Punted as usize], punted + 2);
+    assert_eq!(program.counters()[Reason::CookieInserted as usize], 2);
 }
 
 /// Writes the binding of a handshake the client completed on its port with the cookie
