@@ -44,6 +44,7 @@ pub mod map_name {
     pub const GROUPS: &str = "GROUPS";
     pub const GROUP_TABLE: &str = "GROUP_TABLE";
     pub const HEAD_INSERTS: &str = "HEAD_INSERTS";
+    pub const REPLAYS: &str = "REPLAYS";
 }
 
 /// Version of the maps' layout (their key and value types and the meaning of their fields).
@@ -461,6 +462,9 @@ pub mod reverse_flags {
     /// starting at `head_end`): a segment the backend sends again from there gets them
     /// again, until the client acknowledged the head.
     pub const HEAD_BY_XDP: u16 = 32;
+    /// The agent left the request it replays to the backend in `REPLAYS`: XDP turns the
+    /// backend's SYN-ACK into that replay itself (see [`Replay`]).
+    pub const REPLAY_BY_XDP: u16 = 64;
 }
 
 /// Cookie lines the first response head of a connection gets from XDP: at most this many
@@ -469,6 +473,33 @@ pub mod reverse_flags {
 pub const MAX_HEAD_INSERT: usize = 192;
 /// XDP looks this far into the backend's first segment for the end of its status line.
 pub const MAX_STATUS_LINE: usize = 128;
+
+/// Request bytes a replay XDP builds from the backend's SYN-ACK holds at most; a longer one
+/// the agent sends.
+pub const MAX_REPLAY: usize = 1024;
+/// Capacity of `REPLAYS`: replays wait there only from the agent's SYN to the backend's
+/// SYN-ACK, and one evicted first is sent by the agent.
+pub const REPLAY_CAPACITY: u32 = 8192;
+
+/// `REPLAYS` value, by the connection's client-side key: what the agent would send the
+/// backend when its SYN-ACK comes (the client's request, as the backend is to have it, in
+/// one segment), for XDP to send in its place.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Replay {
+    pub bytes: [u8; MAX_REPLAY],
+    /// Bytes of `bytes` used, at least one.
+    pub len: u16,
+    /// One's-complement sum of the bytes' 16-bit words as they lie in memory.
+    pub sum: u16,
+    /// The client's window field, as the backend reads it.
+    pub window: u16,
+    /// Non-zero: the replay carries timestamps, `tsval` and the SYN-ACK's TSval echoed.
+    pub timestamps: u16,
+    /// The client's latest TSval moved onto the balancer's clock.
+    pub tsval: u32,
+}
+const _: () = assert!(size_of::<Replay>() == MAX_REPLAY + 12);
 
 /// `HEAD_INSERTS` value, by the connection's client-side key: the `Set-Cookie` lines the
 /// agent decided on when it opened the backend side, for XDP to put behind the status line
@@ -632,6 +663,9 @@ pub mod punt_kind {
     /// A backend segment of a connection the agent is opening (its SYN-ACK, or a reset), or
     /// data of a response head the agent edits.
     pub const BACKEND: u32 = 2;
+    /// The backend's SYN-ACK that XDP recorded and answered with the replay itself: for
+    /// the agent's books only.
+    pub const REPLAYED: u32 = 3;
 }
 
 /// Seconds a SYN cookie is issued for; an ACK is accepted for the current period and the one
@@ -648,15 +682,18 @@ pub struct Counter {
 const _: () = assert!(size_of::<Counter>() == 16);
 
 /// `BACKEND_STATS` value (per CPU), indexed by backend id: what XDP forwarded to the backend
-/// and back from it, and the new flows it placed there.
+/// and back from it, the new flows it placed there and the cookies XDP issued for it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct BackendCounters {
     pub to_backend: Counter,
     pub to_client: Counter,
     pub new_flows: u64,
+    /// Cookie services: first response heads XDP put the balancer's cookie into (the agent
+    /// counts those it edits).
+    pub cookies_issued: u64,
 }
-const _: () = assert!(size_of::<BackendCounters>() == 40);
+const _: () = assert!(size_of::<BackendCounters>() == 48);
 
 /// Why a packet left the program the way it did: every exit counts under exactly one reason.
 /// `NewFlow`, `NewSession`, `SessionMoved`, `PlacedWithoutAgent`, `ProxyHeaderInserted`,
@@ -763,10 +800,13 @@ pub enum Reason {
     /// Cookie service: a backend segment sent again from inside the status line XDP put the
     /// cookie lines behind, which the client cannot have asked for, dropped.
     DropInsideStatusLine,
+    /// Cookie service: the backend's SYN-ACK turned into the acknowledgement that carries
+    /// the client's request (XDP_TX).
+    ReplayedByXdp,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 42;
+    pub const COUNT: u32 = 43;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::Replied,
@@ -810,6 +850,7 @@ impl Reason {
         Reason::DropBackendHeld,
         Reason::CookieInserted,
         Reason::DropInsideStatusLine,
+        Reason::ReplayedByXdp,
     ];
 
     /// Stable name used in logs, the stats line and metrics.
@@ -857,6 +898,7 @@ impl Reason {
             Reason::DropBackendHeld => "drop_backend_held",
             Reason::CookieInserted => "cookie_inserted",
             Reason::DropInsideStatusLine => "drop_inside_status_line",
+            Reason::ReplayedByXdp => "replayed_by_xdp",
         }
     }
 }
@@ -882,6 +924,7 @@ mod user {
     unsafe impl aya::Pod for AgentState {}
     unsafe impl aya::Pod for Addr {}
     unsafe impl aya::Pod for HeadInsert {}
+    unsafe impl aya::Pod for Replay {}
 }
 
 /// Hash of a 5-tuple that picks a new flow's slot in its service's backend table.

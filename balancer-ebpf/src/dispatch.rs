@@ -16,7 +16,7 @@ use crate::{
     maps::{BINDINGS, FLOWS, REVERSE, SERVICES},
     nat::{forget, new_flow, note_source_in_use, rewrite, seconds_now, touch, End},
     packet::Packet,
-    proxy, punt, reset, splice,
+    proxy, punt, replay, reset, splice,
     stats::{self, Verdict},
 };
 
@@ -170,8 +170,11 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<(Reason, u3
             Reason::SplicedToClient
         }
         flow_state::CONNECTING => {
-            let recorded =
-                splice::record_at_synack(ctx, packet, (&nat, entry)).unwrap_or(Binding::NONE);
+            let recorded = splice::record_at_synack(ctx, packet, (&nat, entry));
+            if recorded.is_some() && nat.flags & reverse_flags::REPLAY_BY_XDP != 0 {
+                replay::hand_off(ctx, packet);
+            }
+            let recorded = recorded.unwrap_or(Binding::NONE);
             return Err(punt::punt(
                 ctx,
                 punt_kind::BACKEND,

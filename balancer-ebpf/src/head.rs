@@ -9,12 +9,9 @@
 //! which edits it.
 //!
 //! It is a program of its own, `balancer_response_head`, reached by a tail call with the
-//! parsed packet in `HEAD_HANDOFF`: the main program's stack is spent.
-
-use core::ffi::c_void;
+//! parsed packet in `COOKIE_HANDOFF`: the main program's stack is spent.
 
 use aya_ebpf::{
-    bindings::xdp_md,
     helpers::{bpf_xdp_adjust_head, bpf_xdp_load_bytes},
     programs::XdpContext,
 };
@@ -27,7 +24,7 @@ use balancer_common::{
 
 use crate::{
     forward,
-    maps::{FLOWS, HEAD_HANDOFF, HEAD_INSERTS, HEAD_PROGRAM, HEAD_SCRATCH, REVERSE},
+    maps::{COOKIE_HANDOFF, FLOWS, HEAD_INSERTS, HEAD_PROGRAM, HEAD_SCRATCH, REVERSE},
     nat::{rewrite, End},
     packet::{self, Packet, L4_OFFSET_LIMIT},
     proxy::MAX_HEADERS,
@@ -60,7 +57,7 @@ pub fn wanted(ctx: &XdpContext, packet: &Packet, nat: &ReverseNat) -> bool {
 /// missing, and the segment then goes where it would without it.
 #[inline(always)]
 pub fn hand_off(ctx: &XdpContext, packet: &Packet) {
-    if let Some(handoff) = HEAD_HANDOFF.get_ptr_mut(0) {
+    if let Some(handoff) = COOKIE_HANDOFF.get_ptr_mut(0) {
         // SAFETY: the entry is this CPU's, and only this program run touches it; the tail
         // call runs on this CPU in the same run.
         unsafe {
@@ -75,7 +72,7 @@ pub fn hand_off(ctx: &XdpContext, packet: &Packet) {
 #[inline(always)]
 pub fn edit(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let truncated = Verdict::drop(Reason::DropTruncated);
-    let handoff = HEAD_HANDOFF.get_ptr(0).ok_or(truncated)?;
+    let handoff = COOKIE_HANDOFF.get_ptr(0).ok_or(truncated)?;
     // SAFETY: as in `hand_off`.
     let mut packet = unsafe { *handoff };
     // Read from a map, the offsets are unknown to the verifier: bound them as parsing did.
@@ -118,6 +115,7 @@ pub fn edit(ctx: &XdpContext) -> Result<Verdict, Verdict> {
             (*entry).flags |= reverse_flags::HEAD_BY_XDP;
             (*entry).state = flow_state::SPLICED;
         }
+        stats::count_cookie_issued(nat.backend_id);
         return to_client(ctx, &packet, &nat);
     }
     // Sent again: the client has not acknowledged the lines yet, or this is new data
@@ -203,12 +201,12 @@ fn insert(ctx: &XdpContext, packet: &Packet, lines: *mut HeadInsert) -> Option<u
     }
     // SAFETY: the frame grew by `len` at its head, so both copies lie inside it.
     let stored = unsafe {
-        store_bytes(
+        packet::store_bytes(
             ctx.ctx,
             0,
             scratch.as_mut_ptr().cast(),
             moved.clamp(1, SCRATCH) as u64,
-        ) | store_bytes(
+        ) | packet::store_bytes(
             ctx.ctx,
             moved as u32,
             lines.lines.as_mut_ptr().cast(),
@@ -257,19 +255,4 @@ fn status_line_len(byte: impl Fn(usize) -> u8, looked: usize) -> Option<usize> {
         }
     }
     None
-}
-
-/// `bpf_xdp_store_bytes` with its length in a whole register: LLVM leaves the upper half of
-/// a `u32` argument undefined, where the verifier bounds all 64 bits.
-///
-/// # Safety
-/// As the helper: `from` holds `len` bytes.
-#[inline(always)]
-unsafe fn store_bytes(ctx: *mut xdp_md, offset: u32, from: *mut c_void, len: u64) -> i64 {
-    const BPF_FUNC_XDP_STORE_BYTES: usize = 190;
-    // SAFETY: the kernel resolves this helper number, whose signature this is.
-    let helper: unsafe extern "C" fn(*mut xdp_md, u32, *mut c_void, u64) -> i64 =
-        unsafe { core::mem::transmute(BPF_FUNC_XDP_STORE_BYTES) };
-    // SAFETY: as the caller promises.
-    unsafe { helper(ctx, offset, from, len) }
 }

@@ -21,6 +21,7 @@ mod nat;
 mod packet;
 mod proxy;
 mod punt;
+mod replay;
 mod reply;
 mod reset;
 mod source;
@@ -83,6 +84,17 @@ pub fn balancer_full_nat(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn balancer_response_head(ctx: XdpContext) -> u32 {
     let verdict = match head::edit(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    };
+    stats::count(verdict.reason, ctx.data_end() - ctx.data());
+    verdict.action
+}
+
+/// The backend's SYN-ACK answered with the replay, reached by a tail call from `balancer`
+/// (see `replay`).
+#[xdp]
+pub fn balancer_replay(ctx: XdpContext) -> u32 {
+    let verdict = match replay::answer(&ctx) {
         Ok(verdict) | Err(verdict) => verdict,
     };
     stats::count(verdict.reason, ctx.data_end() - ctx.data());

@@ -6,10 +6,10 @@ use aya_ebpf::{
 };
 use balancer_common::{
     Addr, Affinity, AffinityKey, AgentState, Backend, BackendCounters, Binding, CookieSecret,
-    Counter, Flow, FlowKey, Group, HeadInsert, Reason, ReverseNat, Service, ServiceKey, SynOptions,
-    BINDING_CAPACITY, COOKIE_SECRETS, DEFAULT_AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY,
+    Counter, Flow, FlowKey, Group, HeadInsert, Reason, Replay, ReverseNat, Service, ServiceKey,
+    SynOptions, BINDING_CAPACITY, COOKIE_SECRETS, DEFAULT_AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY,
     DEFAULT_TABLE_SIZE, GROUP_TABLE_SIZE, MAX_BACKENDS, MAX_GROUPS, MAX_NAT_SOURCES, MAX_SERVICES,
-    MAX_TX_PORTS, NEW_FLOW_SOURCE_RING_SIZE, PUNT_RING_SIZE, TABLES_PER_SERVICE,
+    MAX_TX_PORTS, NEW_FLOW_SOURCE_RING_SIZE, PUNT_RING_SIZE, REPLAY_CAPACITY, TABLES_PER_SERVICE,
 };
 
 /// Virtual services: (VIP, port, protocol) → affinity mode, lookup table and backend count.
@@ -133,9 +133,20 @@ pub static FULL_NAT_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0)
 #[map]
 pub static HEAD_INSERTS: LruHashMap<FlowKey, HeadInsert> = LruHashMap::pinned(BINDING_CAPACITY, 0);
 
-/// A backend segment handed from the main program to `balancer_response_head` (see `head`).
+/// A backend segment handed from the main program to `balancer_response_head` or
+/// `balancer_replay` (see `head`, `replay`).
 #[map]
-pub static HEAD_HANDOFF: PerCpuArray<crate::packet::Packet> = PerCpuArray::with_max_entries(1, 0);
+pub static COOKIE_HANDOFF: PerCpuArray<crate::packet::Packet> = PerCpuArray::with_max_entries(1, 0);
+
+/// Cookie services: the request the agent replays to a connection's backend (see `replay`),
+/// by its client-side key, from the agent's SYN until the backend's SYN-ACK.
+#[map]
+pub static REPLAYS: LruHashMap<FlowKey, Replay> = LruHashMap::pinned(REPLAY_CAPACITY, 0);
+
+/// The program a backend's SYN-ACK is passed to (entry 0), filled by the agent. Not pinned,
+/// as `FULL_NAT_PROGRAM`.
+#[map]
+pub static REPLAY_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// The program a response head is passed to (entry 0), filled by the agent. Not pinned, as
 /// `FULL_NAT_PROGRAM`.

@@ -2,9 +2,9 @@
 //! into a [`Packet`], with every access bounds-checked by [`ptr_at`]. Nothing after it parses
 //! a header again: it works from the offsets recorded here.
 
-use core::mem::size_of;
+use core::{ffi::c_void, mem::size_of};
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
 use balancer_common::{
     csum,
     proto::{
@@ -301,4 +301,19 @@ pub fn lengthen(ctx: &XdpContext, packet: &Packet, by: u16, sum: u16) -> Option<
         *check = (!csum::fold(u32::from(!lengthened) + u32::from(sum))).to_ne_bytes();
     }
     Some(())
+}
+
+/// `bpf_xdp_store_bytes` with its length in a whole register: LLVM leaves the upper half of
+/// a `u32` argument undefined, where the verifier bounds all 64 bits.
+///
+/// # Safety
+/// As the helper: `from` holds `len` bytes.
+#[inline(always)]
+pub unsafe fn store_bytes(ctx: *mut xdp_md, offset: u32, from: *mut c_void, len: u64) -> i64 {
+    const BPF_FUNC_XDP_STORE_BYTES: usize = 190;
+    // SAFETY: the kernel resolves this helper number, whose signature this is.
+    let helper: unsafe extern "C" fn(*mut xdp_md, u32, *mut c_void, u64) -> i64 =
+        unsafe { core::mem::transmute(BPF_FUNC_XDP_STORE_BYTES) };
+    // SAFETY: as the caller promises.
+    unsafe { helper(ctx, offset, from, len) }
 }

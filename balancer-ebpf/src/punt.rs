@@ -1,7 +1,11 @@
 //! Frames the agent must see, handed over through the punt ring of the worker that owns the
 //! connection.
 
-use aya_ebpf::{helpers::bpf_xdp_load_bytes, maps::RingBuf, programs::XdpContext};
+use aya_ebpf::{
+    helpers::bpf_xdp_load_bytes,
+    maps::{ring_buf::RingBufEntry, RingBuf},
+    programs::XdpContext,
+};
 use balancer_common::{
     proto::TCP_HEADER_LEN, worker_of, Addr, Binding, Punt, Reason, PUNT_FRAME_SIZE,
 };
@@ -16,6 +20,25 @@ use crate::{
 /// `binding`, and drops it here.
 #[inline(always)]
 pub fn punt(ctx: &XdpContext, kind: u32, client: &Addr, binding: &Binding) -> Verdict {
+    match record(ctx, kind, client, binding) {
+        Ok(entry) => {
+            entry.submit(0);
+            Verdict::drop(Reason::Punted)
+        }
+        Err(verdict) => verdict,
+    }
+}
+
+/// A record of the frame as it is now for the worker that owns connections of `client`,
+/// reserved in its ring and not yet submitted: the verdict to give the frame instead when
+/// the ring is full or the copy failed.
+#[inline(always)]
+pub fn record(
+    ctx: &XdpContext,
+    kind: u32,
+    client: &Addr,
+    binding: &Binding,
+) -> Result<RingBufEntry<Punt>, Verdict> {
     let workers = AGENT.get(0).map_or(1, |agent| agent.workers);
     let ring: &RingBuf = match worker_of(client, workers) {
         0 => &PUNTS_0,
@@ -28,7 +51,7 @@ pub fn punt(ctx: &XdpContext, kind: u32, client: &Addr, binding: &Binding) -> Ve
         _ => &PUNTS_7,
     };
     let Some(mut entry) = ring.reserve::<Punt>(0) else {
-        return Verdict::drop(Reason::DropPuntRingFull);
+        return Err(Verdict::drop(Reason::DropPuntRingFull));
     };
     // Punted frames were parsed as TCP, so they hold at least the headers; the lower bound
     // also tells the verifier the copy is not empty.
@@ -43,8 +66,7 @@ pub fn punt(ctx: &XdpContext, kind: u32, client: &Addr, binding: &Binding) -> Ve
     };
     if !copied {
         entry.discard(0);
-        return Verdict::drop(Reason::DropTruncated);
+        return Err(Verdict::drop(Reason::DropTruncated));
     }
-    entry.submit(0);
-    Verdict::drop(Reason::Punted)
+    Ok(entry)
 }

@@ -112,12 +112,19 @@ pub fn write_headers(
 }
 
 /// Computes the IPv4 header checksum (IPv6 has none) and the checksum of a TCP segment of
-/// `TCP_WORDS` 16-bit words (header and options, no payload), whose field is zero beforehand.
+/// `TCP_WORDS` 16-bit words of header and options, whose field is zero beforehand, and
+/// `payload` bytes of data whose words sum to `payload_sum` (see `csum`).
 #[inline(always)]
-pub fn write_checksums<const TCP_WORDS: usize>(ctx: &XdpContext, v6: bool) -> Option<()> {
+pub fn write_checksums<const TCP_WORDS: usize>(
+    ctx: &XdpContext,
+    v6: bool,
+    (payload, payload_sum): (usize, u16),
+) -> Option<()> {
     // Pseudo header: addresses, protocol and TCP length, all as they lie in memory.
-    let mut pseudo =
-        u32::from(u16::from_ne_bytes([0, PROTO_TCP])) + u32::from(((TCP_WORDS * 2) as u16).to_be());
+    let tcp_len = (TCP_WORDS * 2 + payload) as u16;
+    let mut pseudo = u32::from(u16::from_ne_bytes([0, PROTO_TCP]))
+        + u32::from(tcp_len.to_be())
+        + u32::from(payload_sum);
     if v6 {
         let addresses: *const [u16; 16] = ptr_at(ctx, IP_OFFSET + 8)?;
         // SAFETY: `ptr_at` checked that the addresses lie inside the frame.

@@ -71,7 +71,7 @@ fn build(
     tcp[12] = 0x50;
     tcp[13] = flags;
     tcp[14..20].copy_from_slice(&[0; 6]);
-    reply::write_checksums::<{ TCP_HEADER_LEN / 2 }>(ctx, v6).ok_or(dropped)?;
+    reply::write_checksums::<{ TCP_HEADER_LEN / 2 }>(ctx, v6, (0, 0)).ok_or(dropped)?;
     Ok(Verdict {
         action: reply::send_back(ctx),
         reason: sent,

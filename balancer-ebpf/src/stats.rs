@@ -65,6 +65,15 @@ pub fn count_backend(backend_id: u32, direction: Direction, bytes: usize) {
     }
 }
 
+/// Counts a cookie XDP put into a first response head from backend `backend_id`.
+#[inline(always)]
+pub fn count_cookie_issued(backend_id: u32) {
+    if let Some(counters) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: as in `count_backend`.
+        unsafe { (*counters).cookies_issued += 1 };
+    }
+}
+
 /// Counts a new flow of `client` placed on backend `backend_id`, and hands its client to the
 /// agent's tally of top sources.
 #[inline(always)]

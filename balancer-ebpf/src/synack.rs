@@ -142,7 +142,7 @@ fn send<const LEN: usize, const WORDS: usize>(
         options[12..16].copy_from_slice(&client_tsval.to_be_bytes());
         options[16..20].copy_from_slice(&scale);
     }
-    if reply::write_checksums::<WORDS>(ctx, packet.v6).is_none() {
+    if reply::write_checksums::<WORDS>(ctx, packet.v6, (0, 0)).is_none() {
         return dropped;
     }
     Verdict {

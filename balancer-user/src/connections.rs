@@ -6,7 +6,7 @@
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use balancer_common::{
-    binding_state, map_name, source_is_free, Binding, Flow, FlowKey, HeadInsert, ReverseNat,
+    binding_state, map_name, source_is_free, Binding, Flow, FlowKey, HeadInsert, Replay, ReverseNat,
 };
 
 use crate::dataplane::{monotonic_seconds, pin_dir};
@@ -16,6 +16,7 @@ pub struct ConnectionMaps {
     reverse: HashMap<MapData, FlowKey, ReverseNat>,
     bindings: HashMap<MapData, FlowKey, Binding>,
     head_inserts: HashMap<MapData, FlowKey, HeadInsert>,
+    replays: HashMap<MapData, FlowKey, Replay>,
 }
 
 impl ConnectionMaps {
@@ -33,6 +34,7 @@ impl ConnectionMaps {
             reverse: HashMap::try_from(open(map_name::REVERSE)?)?,
             bindings: HashMap::try_from(open(map_name::BINDINGS)?)?,
             head_inserts: HashMap::try_from(open(map_name::HEAD_INSERTS)?)?,
+            replays: HashMap::try_from(open(map_name::REPLAYS)?)?,
         })
     }
 
@@ -55,6 +57,14 @@ impl ConnectionMaps {
         self.head_inserts
             .insert(key, lines, 0)
             .context("writing a response head's cookie lines")
+    }
+
+    /// Leaves the request a client connection's backend is to get for XDP, which sends it
+    /// when the backend's SYN-ACK comes.
+    pub fn set_replay(&mut self, key: &FlowKey, replay: &Replay) -> Result<()> {
+        self.replays
+            .insert(key, replay, 0)
+            .context("writing a replay")
     }
 
     /// Removes the cookie lines of a connection whose head XDP will not edit.

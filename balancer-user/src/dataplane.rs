@@ -18,9 +18,9 @@ use aya::{
 use balancer_common::{
     flow_flags, flow_state, map_name, Addr, Affinity, AffinityKey, AgentState, Backend,
     BackendCounters, Binding, CookieSecret, Counter, Flow, FlowKey, Group, HeadInsert, Reason,
-    ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS,
+    Replay, ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS,
     GROUP_TABLE_SIZE, LAYOUT_VERSION, MAX_BACKENDS, MAX_GROUPS, MAX_NAT_SOURCES, MAX_SERVICES,
-    MAX_TX_PORTS, TABLES_PER_SERVICE, XDP_PROGRAM,
+    MAX_TX_PORTS, REPLAY_CAPACITY, TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 use tracing::{info, warn};
 
@@ -422,6 +422,7 @@ impl Dataplane {
                 total.to_client.packets += cpu.to_client.packets;
                 total.to_client.bytes += cpu.to_client.bytes;
                 total.new_flows += cpu.new_flows;
+                total.cookies_issued += cpu.cookies_issued;
             }
             totals.insert(id, total);
         }
@@ -825,7 +826,7 @@ fn ifindex(interface: &str) -> Result<u32> {
 }
 
 /// The shape every map must have: (name, key size, value size, capacity).
-fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 17] {
+fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 18] {
     use std::mem::size_of;
     [
         (
@@ -863,6 +864,12 @@ fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 17] {
             size_of::<FlowKey>(),
             size_of::<HeadInsert>(),
             BINDING_CAPACITY,
+        ),
+        (
+            map_name::REPLAYS,
+            size_of::<FlowKey>(),
+            size_of::<Replay>(),
+            REPLAY_CAPACITY,
         ),
         (
             map_name::COOKIE_SECRET,
@@ -999,11 +1006,12 @@ fn load_tail_called(ebpf: &mut Ebpf, name: &str, array: &str) -> Result<()> {
 }
 
 /// The programs in the object that the main program calls by a tail call, each with the
-/// array it calls it from: full NAT's placement of a new flow, and the cookie lines put into
-/// a first response head.
-const TAIL_CALLED: [(&str, &str); 2] = [
+/// array it calls it from: full NAT's placement of a new flow, the cookie lines put into a
+/// first response head, and the backend's SYN-ACK answered with the replay.
+const TAIL_CALLED: [(&str, &str); 3] = [
     ("balancer_full_nat", "FULL_NAT_PROGRAM"),
     ("balancer_response_head", "HEAD_PROGRAM"),
+    ("balancer_replay", "REPLAY_PROGRAM"),
 ];
 
 /// Loads a program, trying again when the kernel answers EAGAIN, as libbpf does: the kernel

@@ -19,7 +19,7 @@ use aya::{
 use balancer_common::{
     affinity, backend_state, binding_state, csum, flow_flags, flow_state, map_name, nat_mode,
     punt_kind, reverse_flags, syncookie, without_agent, worker_of, Addr, Affinity, AffinityKey,
-    AgentState, Backend, Binding, Counter, Flow, FlowKey, Group, HeadInsert, Punt, Reason,
+    AgentState, Backend, Binding, Counter, Flow, FlowKey, Group, HeadInsert, Punt, Reason, Replay,
     ReverseNat, Service, ServiceKey, SynOptions, DEFAULT_AGENT_TIMEOUT_S, LAYOUT_VERSION,
     MAX_AGENT_WORKERS, MAX_GROUPS, MAX_SERVICES, PROTO_TCP, PROTO_UDP, TABLES_PER_SERVICE,
     XDP_PROGRAM,
@@ -71,6 +71,7 @@ const XDP_TX: u32 = 3;
 const TCP_RST: u8 = 0x04;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
+const TCP_PSH: u8 = 0x08;
 
 // ---- Frame builders (full checksums, computed independently of the program) ----
 
@@ -358,10 +359,15 @@ impl Program {
             .load(object)
             .expect("loading the XDP object");
         load_xdp(&mut ebpf, XDP_PROGRAM);
-        // The cookie lines' program, which the main one reaches by a tail call.
-        let head = load_xdp(&mut ebpf, "balancer_response_head");
-        let mut tail_calls = ProgramArray::try_from(ebpf.map_mut("HEAD_PROGRAM").unwrap()).unwrap();
-        tail_calls.set(0, &head, 0).unwrap();
+        // The cookie connections' programs, which the main one reaches by tail calls.
+        for (name, array) in [
+            ("balancer_response_head", "HEAD_PROGRAM"),
+            ("balancer_replay", "REPLAY_PROGRAM"),
+        ] {
+            let fd = load_xdp(&mut ebpf, name);
+            let mut tail_calls = ProgramArray::try_from(ebpf.map_mut(array).unwrap()).unwrap();
+            tail_calls.set(0, &fd, 0).unwrap();
+        }
         let mut this = Self { ebpf, pin_dir };
         this.program_services();
         this.agent_alive_seconds_ago(0);
@@ -2201,6 +2207,139 @@ fn the_backends_syn_ack_is_recorded_as_the_splice_by_xdp_and_punts_carry_the_bin
     assert_eq!(program.run(&answer).0, XDP_DROP);
     assert_eq!(program.punts()[0].binding.state, binding_state::NONE);
     assert_eq!(program.counters()[Reason::Punted as usize], 4);
+}
+
+#[test]
+fn the_backends_syn_ack_is_answered_with_the_agents_replay_by_xdp_byte_for_byte() {
+    let mut program = Program::in_private_network("replay");
+    const COOKIE_ISN: u32 = 5_000;
+    const BACKEND_ISN: u32 = 0xfff0_0000;
+    // Of odd length, as requests often are: the last byte's word is padded.
+    const REQUEST: &[u8] = b"GET /odd HTTP/1.1\r\nHost: x\r\n\r\n";
+    let key = client_flow(COOKIE_PORT);
+    let reply_key = reply_flow(&key);
+    let binding = accepted_binding(&mut program, &key, COOKIE_ISN, 0);
+    let connecting = ReverseNat {
+        vip: addr(VIP),
+        port: COOKIE_PORT.to_be(),
+        state: flow_state::CONNECTING,
+        replay_end: CLIENT_SEQ + 1 + REQUEST.len() as u32,
+        flags: reverse_flags::REPLAY_BY_XDP,
+        ..ReverseNat::default()
+    };
+    splice(
+        &mut program,
+        &key,
+        flow_to_backend(flow_state::CONNECTING),
+        connecting,
+    );
+    let mut replay = Replay::zeroed();
+    replay.bytes[..REQUEST.len()].copy_from_slice(REQUEST);
+    replay.len = REQUEST.len() as u16;
+    replay.sum = csum::sum_words(REQUEST);
+    replay.window = 1234;
+    let mut replays: HashMap<&mut MapData, FlowKey, Replay> =
+        HashMap::try_from(program.map(map_name::REPLAYS)).unwrap();
+    replays.insert(key, replay, 0).unwrap();
+
+    let from_backend = ip(BACKEND, CLIENT, PROTO_TCP);
+    let syn_ack = tcp_segment(
+        &from_backend,
+        (WEB_BACKEND_PORT, CLIENT_PORT),
+        (BACKEND_ISN, CLIENT_SEQ + 1),
+        TCP_SYN | TCP_ACK,
+        500,
+        b"",
+    );
+    let syn_ack = ipv4_frame(FROM_BACKEND.0, FROM_BACKEND.1, &from_backend, &syn_ack);
+    let (action, output) = program.run(&syn_ack);
+    assert_eq!(action, XDP_TX);
+    // Back to the backend from the client, as the agent's raw socket would send it, in a
+    // frame written whole.
+    let to_backend = Ip {
+        id: 0,
+        ..ip(CLIENT, BACKEND, PROTO_TCP)
+    };
+    let expected = tcp_segment(
+        &to_backend,
+        (CLIENT_PORT, WEB_BACKEND_PORT),
+        (CLIENT_SEQ + 1, BACKEND_ISN + 1),
+        TCP_ACK | TCP_PSH,
+        1234,
+        REQUEST,
+    );
+    assert_eq!(
+        output,
+        ipv4_frame(FROM_BACKEND.1, FROM_BACKEND.0, &to_backend, &expected)
+    );
+    assert_eq!(program.counters()[Reason::ReplayedByXdp as usize], 1);
+    assert_eq!(program.counters()[Reason::Punted as usize], 0);
+    // The agent gets the SYN-ACK as it came, for its books.
+    let punts = program.punts();
+    assert_eq!(punts.len(), 1);
+    assert_eq!(punts[0].kind, punt_kind::REPLAYED);
+    assert_eq!(punts[0].binding, binding);
+    assert_eq!(&punts[0].frame[..punts[0].len as usize], &syn_ack[..]);
+    let delta = BACKEND_ISN.wrapping_sub(COOKIE_ISN);
+    assert_eq!(program.reverse(&reply_key).unwrap().seq_delta, delta);
+
+    // With timestamps: the replay carries the client's clock as the agent moved it and
+    // echoes the TSval of a SYN-ACK laid out as Linux lays it out.
+    const TSVAL: u32 = 0x0102_0304;
+    const BACKEND_TSVAL: u32 = 0x0a0b_0c0d;
+    splice(
+        &mut program,
+        &key,
+        flow_to_backend(flow_state::CONNECTING),
+        ReverseNat {
+            flags: reverse_flags::REPLAY_BY_XDP | reverse_flags::TIMESTAMPS,
+            ts_delta: 77,
+            ..connecting
+        },
+    );
+    let mut replays: HashMap<&mut MapData, FlowKey, Replay> =
+        HashMap::try_from(program.map(map_name::REPLAYS)).unwrap();
+    replays
+        .insert(
+            key,
+            Replay {
+                timestamps: 1,
+                tsval: TSVAL,
+                ..replay
+            },
+            0,
+        )
+        .unwrap();
+    let mut options = vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10];
+    options.extend_from_slice(&BACKEND_TSVAL.to_be_bytes());
+    options.extend_from_slice(&[0, 0, 0, 0, 1, 3, 3, 7]);
+    let syn_ack = tcp_with_options(
+        &from_backend,
+        (WEB_BACKEND_PORT, CLIENT_PORT),
+        (BACKEND_ISN, CLIENT_SEQ + 1),
+        TCP_SYN | TCP_ACK,
+        500,
+        &options,
+    );
+    let syn_ack = ipv4_frame(FROM_BACKEND.0, FROM_BACKEND.1, &from_backend, &syn_ack);
+    let (action, output) = program.run(&syn_ack);
+    assert_eq!(action, XDP_TX);
+    let mut timestamps = vec![1, 1, 8, 10];
+    timestamps.extend_from_slice(&TSVAL.to_be_bytes());
+    timestamps.extend_from_slice(&BACKEND_TSVAL.to_be_bytes());
+    let expected = tcp_with_options_and_data(
+        &to_backend,
+        (CLIENT_PORT, WEB_BACKEND_PORT),
+        (CLIENT_SEQ + 1, BACKEND_ISN + 1),
+        (TCP_ACK | TCP_PSH, 1234),
+        &timestamps,
+        REQUEST,
+    );
+    assert_eq!(
+        output,
+        ipv4_frame(FROM_BACKEND.1, FROM_BACKEND.0, &to_backend, &expected)
+    );
+    assert_eq!(program.counters()[Reason::ReplayedByXdp as usize], 2);
 }
 
 #[test]

@@ -10,6 +10,7 @@
 //! go out through [`raw_socket`](super::raw_socket).
 
 use std::{
+    borrow::Cow,
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -17,7 +18,8 @@ use std::{
 use anyhow::Result;
 use balancer_common::{
     binding_state, csum, flow_flags, flow_state, proxy_v2, punt_kind, reverse_flags, Addr, Binding,
-    Flow, FlowKey, HeadInsert, Punt, ReverseNat, COOKIE_MSS, COOKIE_WINDOW_SHIFT, NO_WINDOW_SCALE,
+    Flow, FlowKey, HeadInsert, Punt, Replay, ReverseNat, COOKIE_MSS, COOKIE_WINDOW_SHIFT,
+    MAX_REPLAY, NO_WINDOW_SCALE,
 };
 use bytemuck::Zeroable;
 use prometheus_client::metrics::histogram::Histogram;
@@ -121,6 +123,9 @@ struct Pending {
     /// The cookie lines are in `HEAD_INSERTS`: XDP puts them into the first response head
     /// unless it passes that head to the agent.
     head_by_xdp: bool,
+    /// The replay is in `REPLAYS`: XDP sends it when the backend's SYN-ACK comes, unless it
+    /// passes that SYN-ACK to the agent.
+    replay_by_xdp: bool,
 }
 
 /// TCP timestamps of a cookie connection. The client sees the balancer's clock stand at the
@@ -176,6 +181,40 @@ impl Pending {
             .client_isn
             .wrapping_add(1)
             .wrapping_add(self.request.len() as u32)
+    }
+
+    /// The bytes the backend gets from the client's: the PROXY header before them, in
+    /// rewrite mode the prefix stripped from the application's cookie.
+    fn replayed(&self) -> Cow<'_, [u8]> {
+        let request = match &self.strip {
+            Some((name, _)) => Cow::Owned(rewrite::strip(&self.request, name).0),
+            None => Cow::Borrowed(self.request.as_slice()),
+        };
+        if self.proxy_header.is_empty() {
+            request
+        } else {
+            Cow::Owned([self.proxy_header.as_slice(), &request].concat())
+        }
+    }
+
+    /// What XDP needs to send the replay in one segment in the agent's place, if it fits
+    /// in one.
+    fn replay_for_xdp(&self) -> Option<Replay> {
+        let request = self.replayed();
+        let mss = usize::from(self.binding.options.mss.clamp(536, COOKIE_MSS));
+        if request.is_empty() || request.len() > mss.min(MAX_REPLAY) {
+            return None;
+        }
+        let mut replay = Replay::zeroed();
+        replay.bytes[..request.len()].copy_from_slice(&request);
+        replay.len = request.len() as u16;
+        replay.sum = csum::sum_words(&request);
+        replay.window = self.window;
+        if let Some(clocks) = self.clocks {
+            replay.timestamps = 1;
+            replay.tsval = clocks.client.wrapping_add(clocks.to_backend);
+        }
+        Some(replay)
     }
 
     /// Whether XDP is to edit the first response head, or has (the agent has no edit of it).
@@ -311,31 +350,8 @@ impl Worker {
             .map(|(key, _)| *key)
             .collect();
         for key in finished {
-            self.forget_done(&key);
+            self.forget(&key);
         }
-    }
-
-    /// Forgets a connection left to XDP, counting the cookie XDP put into its head.
-    fn forget_done(&mut self, key: &FlowKey) {
-        let by_xdp = self
-            .binder
-            .pending
-            .get(key)
-            .and_then(|pending| pending.head_in_xdp().then_some(pending.spliced()).flatten());
-        if let Some((target, _)) = by_xdp {
-            self.count_issued(target.id);
-        }
-        self.forget(key);
-    }
-
-    fn count_issued(&mut self, backend_id: u32) {
-        self.binder.tallies.counters.cookies_issued += 1;
-        *self
-            .binder
-            .tallies
-            .issued_by_backend
-            .entry(backend_id)
-            .or_default() += 1;
     }
 
     /// Makes room for a new connection of `client`: a source (address or /24) at its budget
@@ -351,7 +367,7 @@ impl Worker {
                 .get(&oldest)
                 .is_some_and(|pending| left_to_xdp(&self.maps, &oldest, pending));
             if done {
-                self.forget_done(&oldest);
+                self.forget(&oldest);
             } else {
                 self.shed(&oldest, why);
             }
@@ -396,8 +412,9 @@ impl Worker {
             punt_kind::CLIENT => self.on_client_segment(segment, punt.binding),
             punt_kind::BACKEND => {
                 let recorded = punt.binding.state == binding_state::ACCEPTED;
-                self.on_backend_segment(segment, recorded)
+                self.on_backend_segment(segment, recorded, false)
             }
+            punt_kind::REPLAYED => self.on_backend_segment(segment, true, true),
             _ => {}
         }
     }
@@ -453,6 +470,7 @@ impl Worker {
                     head_sent: None,
                     clocks: None,
                     head_by_xdp: false,
+                    replay_by_xdp: false,
                 },
             );
         }
@@ -769,6 +787,16 @@ impl Worker {
             },
             None => false,
         };
+        pending.replay_by_xdp = match pending.replay_for_xdp() {
+            Some(replay) => match self.maps.set_replay(key, &replay) {
+                Ok(()) => true,
+                Err(error) => {
+                    throttled!(warn, "the agent sends the replay itself: {error:#}");
+                    false
+                }
+            },
+            None => false,
+        };
         let reply_key = backend_key(pending, target);
         let (flow, mut nat) = connection_entries(pending, target, flow_state::CONNECTING);
         if nat.client_window_shift != 0 {
@@ -804,8 +832,9 @@ impl Worker {
         }
     }
 
-    /// A backend segment; `recorded` when it is the SYN-ACK whose splice XDP recorded.
-    fn on_backend_segment(&mut self, segment: Segment, recorded: bool) {
+    /// A backend segment; `recorded` when it is the SYN-ACK whose splice XDP recorded, and
+    /// `replayed` when XDP also answered it with the replay.
+    fn on_backend_segment(&mut self, segment: Segment, recorded: bool, replayed: bool) {
         let Some(&key) = self.binder.by_backend.get(&segment.key()) else {
             return;
         };
@@ -952,8 +981,10 @@ impl Worker {
         if let (Some(clocks), Some(backend)) = (pending.clocks.as_mut(), segment.timestamps) {
             clocks.backend = Some(backend.value);
         }
-        let pending = &self.binder.pending[&key];
-        self.replay(pending, target, backend_isn);
+        if !replayed {
+            let pending = &self.binder.pending[&key];
+            self.replay(pending, target, backend_isn);
+        }
     }
 
     /// Acknowledges the backend's SYN-ACK with the client's buffered bytes.
@@ -978,15 +1009,7 @@ impl Worker {
             }),
             ..Segment::empty()
         };
-        let request = match &pending.strip {
-            Some((name, _)) => std::borrow::Cow::Owned(rewrite::strip(&pending.request, name).0),
-            None => std::borrow::Cow::Borrowed(&pending.request),
-        };
-        let request = if pending.proxy_header.is_empty() {
-            request
-        } else {
-            std::borrow::Cow::Owned([pending.proxy_header.as_slice(), &request].concat())
-        };
+        let request = pending.replayed();
         if request.is_empty() {
             self.binder.sockets.send(&template);
         }
@@ -1056,7 +1079,13 @@ impl Worker {
                 self.maps.remove_head_insert(key);
             }
             if inserted > 0 {
-                self.count_issued(target.id);
+                self.binder.tallies.counters.cookies_issued += 1;
+                *self
+                    .binder
+                    .tallies
+                    .issued_by_backend
+                    .entry(target.id)
+                    .or_default() += 1;
             }
             if let Some(pending) = self.binder.pending.get_mut(key) {
                 pending.reverse = written;
@@ -1278,7 +1307,7 @@ impl Worker {
             };
             if flags & flow_flags::HEAD_BY_XDP != 0 {
                 if flags & flow_flags::HEAD_ACKED != 0 {
-                    self.forget_done(key);
+                    self.forget(key);
                     return;
                 }
                 let timeout = self.binder.limits.head_ack_timeout;
@@ -1557,6 +1586,10 @@ fn connection_entries(pending: &Pending, target: Target, state: u16) -> (Flow, R
             (Some(_), true) => reverse_flags::HEAD_TO_AGENT | reverse_flags::COOKIE_BY_XDP,
             (Some(_), false) => reverse_flags::HEAD_TO_AGENT,
             (None, _) => 0,
+        } | if pending.replay_by_xdp {
+            reverse_flags::REPLAY_BY_XDP
+        } else {
+            0
         },
         ..ReverseNat::default()
     };

@@ -896,13 +896,25 @@ impl Agent {
         );
         let tallies = counters::Tallies::sum(each);
         let b = &tallies.counters;
+        // The cookies XDP put into response heads, with those the agent edited in.
+        let ids: Vec<u32> = self
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect();
+        let issued_by_xdp: u64 = self
+            .dataplane
+            .backend_counters(&ids)?
+            .values()
+            .map(|c| c.cookies_issued)
+            .sum();
         let _ = writeln!(
             text,
             "bindings bound={} cookie={} fallback={} issued={} heads_resent={} replays_resent={} retried={} failed={} head_too_large={} held={}",
             b.bound,
             b.with_cookie,
             b.without_cookie,
-            b.cookies_issued,
+            b.cookies_issued + issued_by_xdp,
             b.heads_resent,
             b.replays_resent,
             b.retried,
@@ -971,7 +983,8 @@ impl Agent {
                         .issued_by_backend
                         .get(&backend.id)
                         .copied()
-                        .unwrap_or(0),
+                        .unwrap_or(0)
+                        + counters.get(&backend.id).map_or(0, |c| c.cookies_issued),
                 });
             }
         }
@@ -998,7 +1011,8 @@ impl Agent {
                 ("table_full", b.shed_table_full),
                 ("head_unacknowledged", b.head_unacknowledged),
             ],
-            cookies_issued: b.cookies_issued,
+            cookies_issued: b.cookies_issued
+                + counters.values().map(|c| c.cookies_issued).sum::<u64>(),
             cookies_rejected: self
                 .services
                 .iter()

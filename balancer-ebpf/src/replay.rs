@@ -1,0 +1,156 @@
+//! The backend's SYN-ACK of a cookie connection answered by XDP: the agent leaves the request
+//! it replays to the backend in `REPLAYS` when it sends the SYN, and once XDP has recorded
+//! the splice from the SYN-ACK it turns that SYN-ACK into the acknowledgement carrying the
+//! request and sends it back (see `reply::send_back`), as the agent would have. The agent still gets a copy
+//! of the SYN-ACK for its books (`punt_kind::REPLAYED`); a SYN-ACK without a replay (evicted,
+//! too long, a frame that cannot grow) goes to the agent as before, which
+//! replays it. A replay lost on the way brings the SYN-ACK again, which the agent answers.
+//!
+//! It is a program of its own, `balancer_replay`, reached by a tail call with the parsed
+//! packet in `COOKIE_HANDOFF`: the main program's stack is spent.
+
+use aya_ebpf::programs::XdpContext;
+use balancer_common::{
+    proto::{
+        tcp_field,
+        tcp_flag::{ACK, PSH},
+        tcp_option, TCP_HEADER_LEN,
+    },
+    punt_kind, Binding, Reason, Replay, MAX_REPLAY,
+};
+use network_types::eth::EthHdr;
+
+use crate::{
+    maps::{BINDINGS, COOKIE_HANDOFF, REPLAYS, REPLAY_PROGRAM, REVERSE},
+    packet::{self, ptr_at, Packet, L4_OFFSET_LIMIT},
+    punt, reply, splice,
+    stats::Verdict,
+    tcp_options::{self, ALIGNED_TIMESTAMPS_LEN},
+};
+
+/// Passes a SYN-ACK that XDP recorded as the splice on to `balancer_replay`; returns only if
+/// that program is missing, and the SYN-ACK then goes to the agent as without it.
+#[inline(always)]
+pub fn hand_off(ctx: &XdpContext, packet: &Packet) {
+    if let Some(handoff) = COOKIE_HANDOFF.get_ptr_mut(0) {
+        // SAFETY: the entry is this CPU's, and only this program run touches it; the tail
+        // call runs on this CPU in the same run.
+        unsafe {
+            *handoff = *packet;
+            let _ = REPLAY_PROGRAM.tail_call(ctx, 0);
+        }
+    }
+}
+
+/// `balancer_replay`: copies the SYN-ACK for the agent, then sends the replay in its place.
+#[inline(always)]
+pub fn answer(ctx: &XdpContext) -> Result<Verdict, Verdict> {
+    let truncated = Verdict::drop(Reason::DropTruncated);
+    let handoff = COOKIE_HANDOFF.get_ptr(0).ok_or(truncated)?;
+    // SAFETY: as in `hand_off`.
+    let mut packet = unsafe { *handoff };
+    // Read from a map, the offsets are unknown to the verifier: bound them as parsing did.
+    packet.l4_offset &= L4_OFFSET_LIMIT - 1;
+    packet.l4_check_offset &= L4_OFFSET_LIMIT - 1;
+    // SAFETY: map values stay valid for the duration of the program; copies are taken.
+    let nat = unsafe { *REVERSE.get(&packet.key).ok_or(truncated)? };
+    let client_key = splice::client_key(&packet, &nat);
+    let client = if nat.client_port != 0 {
+        nat.client
+    } else {
+        packet.key.dst
+    };
+    // SAFETY: as above.
+    let binding = unsafe { BINDINGS.get(&client_key) }.map_or(Binding::NONE, |b| *b);
+    let mut record = punt::record(ctx, punt_kind::BACKEND, &client, &binding)?;
+    let built = REPLAYS
+        .get_ptr(&client_key)
+        .and_then(|replay| build(ctx, &packet, replay));
+    if built.is_none() {
+        record.submit(0);
+        return Err(Verdict::drop(Reason::Punted));
+    }
+    // SAFETY: `record` is a reserved `Punt`, filled by `punt::record`.
+    unsafe { (*record.as_mut_ptr()).kind = punt_kind::REPLAYED };
+    record.submit(0);
+    Ok(Verdict {
+        action: reply::send_back(ctx),
+        reason: Reason::ReplayedByXdp,
+    })
+}
+
+/// Rewrites the SYN-ACK into the ACK that carries `replay`, back to the backend from the
+/// address and port it answered: the sequence numbers the handshake leaves, timestamps when
+/// the replay has them (the SYN-ACK's TSval echoed), full checksums.
+#[inline(always)]
+fn build(ctx: &XdpContext, packet: &Packet, replay: *const Replay) -> Option<()> {
+    // SAFETY: map values stay valid for the duration of the program.
+    let replay = unsafe { &*replay };
+    let len = usize::from(replay.len);
+    if len == 0 || len > MAX_REPLAY {
+        return None;
+    }
+    let seq = splice::read_u32(ctx, packet.tcp_field(tcp_field::ACK)).ok()?;
+    let ack = splice::read_u32(ctx, packet.tcp_field(tcp_field::SEQ))
+        .ok()?
+        .wrapping_add(1);
+    let echo = if replay.timestamps != 0 {
+        Some(tcp_options::synack_tsval(ctx, packet)?)
+    } else {
+        None
+    };
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: `ptr_at` checked that the header lies inside the frame.
+    let macs = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
+    let tcp_len = if echo.is_some() {
+        TCP_HEADER_LEN + ALIGNED_TIMESTAMPS_LEN
+    } else {
+        TCP_HEADER_LEN
+    };
+    let key = &packet.key;
+    let l4_offset = reply::l4_offset(packet.v6);
+    reply::resize(ctx, l4_offset + tcp_len + len)?;
+    reply::write_headers(ctx, macs, &key.dst, &key.src, tcp_len + len)?;
+    let tcp: *mut [u8; TCP_HEADER_LEN] = ptr_at(ctx, l4_offset)?;
+    // SAFETY: `ptr_at` checked that the header lies inside the frame.
+    let tcp = unsafe { &mut *tcp };
+    [tcp[0], tcp[1]] = key.dport.to_ne_bytes();
+    [tcp[2], tcp[3]] = key.sport.to_ne_bytes();
+    [tcp[4], tcp[5], tcp[6], tcp[7]] = seq.to_be_bytes();
+    [tcp[8], tcp[9], tcp[10], tcp[11]] = ack.to_be_bytes();
+    tcp[12] = ((tcp_len / 4) as u8) << 4;
+    tcp[13] = ACK | PSH;
+    [tcp[14], tcp[15]] = replay.window.to_be_bytes();
+    [tcp[16], tcp[17], tcp[18], tcp[19]] = [0; 4];
+    if let Some(echo) = echo {
+        let options: *mut [[u8; 4]; 3] = ptr_at(ctx, l4_offset + TCP_HEADER_LEN)?;
+        // SAFETY: `ptr_at` checked that the options lie inside the frame.
+        unsafe {
+            *options = [
+                [tcp_option::NOP, tcp_option::NOP, tcp_option::TIMESTAMP, 10],
+                replay.tsval.to_be_bytes(),
+                echo.to_be_bytes(),
+            ]
+        };
+    }
+    // SAFETY: the frame ends just past the replay's `len` bytes, 1..=MAX_REPLAY.
+    let stored = unsafe {
+        packet::store_bytes(
+            ctx.ctx,
+            (l4_offset + tcp_len) as u32,
+            replay.bytes.as_ptr().cast_mut().cast(),
+            len.clamp(1, MAX_REPLAY) as u64,
+        )
+    };
+    if stored != 0 {
+        return None;
+    }
+    let data = (len, replay.sum);
+    if echo.is_some() {
+        reply::write_checksums::<{ (TCP_HEADER_LEN + ALIGNED_TIMESTAMPS_LEN) / 2 }>(
+            ctx, packet.v6, data,
+        )
+    } else {
+        reply::write_checksums::<{ TCP_HEADER_LEN / 2 }>(ctx, packet.v6, data)
+    }
+}
