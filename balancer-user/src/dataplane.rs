@@ -22,7 +22,7 @@ use balancer_common::{
     GROUP_TABLE_SIZE, LAYOUT_VERSION, MAX_BACKENDS, MAX_GROUPS, MAX_NAT_SOURCES, MAX_SERVICES,
     MAX_TX_PORTS, REPLAY_CAPACITY, TABLES_PER_SERVICE, XDP_PROGRAM,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     bpf,
@@ -995,6 +995,13 @@ fn load_tail_called(ebpf: &mut Ebpf, name: &str, array: &str) -> Result<()> {
         .with_context(|| format!("the XDP object has no program {name}"))?
         .try_into()?;
     load_retrying(program).with_context(|| format!("loading {name}"))?;
+    if let Some(instructions) = program
+        .info()
+        .ok()
+        .and_then(|info| info.verified_instruction_count())
+    {
+        debug!(program = name, instructions, "tail-called program verified");
+    }
     let fd = program.fd()?.try_clone()?;
     let map = ebpf
         .map_mut(array)

@@ -118,12 +118,15 @@ for _ in range({connections}):
             "{name}: cookies issued, as Prometheus saw them ({issued_per_backend_after:?}), against the answers ({sent:?})"
         );
     }
-    // Every record XDP punted, the agent read; each table reports its capacity.
-    let punted = "balancer_xdp_packets_total{reason=\"punted\"}";
+    // Every record XDP punted (or copied for the agent with a replay it sent), the agent
+    // read; each table reports its capacity.
+    let handed = "balancer_xdp_packets_total{reason=~\"punted|replayed_by_xdp\"}";
     let read = "balancer_punts_read_total";
     wait_until(Duration::from_secs(10), "every punt read", || {
-        let punted = query(&lab, punted, "reason").get("punted").copied();
-        punted.is_some() && punted == query(&lab, read, "job").get("balancer").copied()
+        let handed = query(&lab, handed, "reason");
+        let total = handed.values().sum::<f64>();
+        handed.contains_key("punted")
+            && Some(total) == query(&lab, read, "job").get("balancer").copied()
     });
     let capacities = query(&lab, "balancer_table_capacity", "table");
     let expected: HashMap<String, f64> = [
