@@ -126,6 +126,9 @@ struct Pending {
     /// The replay is in `REPLAYS`: XDP sends it when the backend's SYN-ACK comes, unless it
     /// passes that SYN-ACK to the agent.
     replay_by_xdp: bool,
+    /// The agent acknowledged some of the request to the client, which then no longer sends
+    /// all of it again.
+    acknowledged: bool,
 }
 
 /// TCP timestamps of a cookie connection. The client sees the balancer's clock stand at the
@@ -471,6 +474,7 @@ impl Worker {
                     clocks: None,
                     head_by_xdp: false,
                     replay_by_xdp: false,
+                    acknowledged: false,
                 },
             );
         }
@@ -578,10 +582,11 @@ impl Worker {
 
     /// Acknowledges the client's bytes while its head is read: a head longer than the client's
     /// initial congestion window (about 10 segments) would otherwise stall.
-    fn acknowledge(&self, key: &FlowKey) {
-        let Some(pending) = self.binder.pending.get(key) else {
+    fn acknowledge(&mut self, key: &FlowKey) {
+        let Some(pending) = self.binder.pending.get_mut(key) else {
             return;
         };
+        pending.acknowledged = true;
         let scaled = pending.binding.options.window_shift != NO_WINDOW_SCALE;
         let window = if scaled {
             u16::MAX >> COOKIE_WINDOW_SHIFT
@@ -966,6 +971,11 @@ impl Worker {
                 .or_default() += 1;
             let pending = self.binder.pending.get_mut(&key).expect("looked up above");
             pending.reverse = nat;
+            if replayed && !pending.acknowledged {
+                // Lost, XDP's replay would not be lost for good: the client, its request not
+                // acknowledged, sends it all again, and the backend its SYN-ACK.
+                pending.reverse.replay_end = 0;
+            }
             pending.replay_check = (Instant::now() + REPLAY_WAIT, REPLAY_WAIT);
             pending.response = pending.issue.take().map(Response::new);
         }
