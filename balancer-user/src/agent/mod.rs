@@ -896,18 +896,7 @@ impl Agent {
         );
         let tallies = counters::Tallies::sum(each);
         let b = &tallies.counters;
-        // The cookies XDP put into response heads, with those the agent edited in.
-        let ids: Vec<u32> = self
-            .services
-            .iter()
-            .flat_map(|s| s.backends.iter().map(|b| b.id))
-            .collect();
-        let issued_by_xdp: u64 = self
-            .dataplane
-            .backend_counters(&ids)?
-            .values()
-            .map(|c| c.cookies_issued)
-            .sum();
+        let issued_by_xdp = self.cookies_issued_by_xdp()?;
         let _ = writeln!(
             text,
             "bindings bound={} cookie={} fallback={} issued={} heads_resent={} replays_resent={} retried={} failed={} head_too_large={} held={}",
@@ -1184,9 +1173,22 @@ fn random_secret() -> Result<CookieSecret> {
 }
 
 impl Agent {
-    /// Counters of the cookie services' binding stage.
+    /// Counters of the cookie services' binding stage, with the cookies XDP issued.
     pub fn binding_counters(&self) -> BindingCounters {
-        self.workers.tallies().counters
+        let mut counters = self.workers.tallies().counters;
+        counters.cookies_issued += self.cookies_issued_by_xdp().unwrap_or(0);
+        counters
+    }
+
+    /// The cookies XDP put into response heads (the agent counts those it edited).
+    fn cookies_issued_by_xdp(&self) -> Result<u64> {
+        let ids: Vec<u32> = self
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect();
+        let counters = self.dataplane.backend_counters(&ids)?;
+        Ok(counters.values().map(|c| c.cookies_issued).sum())
     }
 
     /// The first binding worker that stopped, if one did.
