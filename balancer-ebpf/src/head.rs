@@ -24,9 +24,9 @@ use balancer_common::{
 
 use crate::{
     forward,
-    maps::{COOKIE_HANDOFF, FLOWS, HEAD_INSERTS, HEAD_PROGRAM, HEAD_SCRATCH, REVERSE},
+    maps::{FLOWS, HEAD_INSERTS, HEAD_PROGRAM, HEAD_SCRATCH, REVERSE},
     nat::{rewrite, End},
-    packet::{self, Packet, L4_OFFSET_LIMIT},
+    packet::{self, Packet},
     proxy::MAX_HEADERS,
     punt, splice,
     stats::{self, Direction, Verdict},
@@ -57,14 +57,7 @@ pub fn wanted(ctx: &XdpContext, packet: &Packet, nat: &ReverseNat) -> bool {
 /// missing, and the segment then goes where it would without it.
 #[inline(always)]
 pub fn hand_off(ctx: &XdpContext, packet: &Packet) {
-    if let Some(handoff) = COOKIE_HANDOFF.get_ptr_mut(0) {
-        // SAFETY: the entry is this CPU's, and only this program run touches it; the tail
-        // call runs on this CPU in the same run.
-        unsafe {
-            *handoff = *packet;
-            let _ = HEAD_PROGRAM.tail_call(ctx, 0);
-        }
-    }
+    splice::hand_off(ctx, packet, &HEAD_PROGRAM);
 }
 
 /// `balancer_response_head`: puts the cookie lines in (the first time, or again), records
@@ -72,12 +65,7 @@ pub fn hand_off(ctx: &XdpContext, packet: &Packet) {
 #[inline(always)]
 pub fn edit(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let truncated = Verdict::drop(Reason::DropTruncated);
-    let handoff = COOKIE_HANDOFF.get_ptr(0).ok_or(truncated)?;
-    // SAFETY: as in `hand_off`.
-    let mut packet = unsafe { *handoff };
-    // Read from a map, the offsets are unknown to the verifier: bound them as parsing did.
-    packet.l4_offset &= L4_OFFSET_LIMIT - 1;
-    packet.l4_check_offset &= L4_OFFSET_LIMIT - 1;
+    let packet = splice::handed_off().ok_or(truncated)?;
     let entry = REVERSE.get_ptr_mut(&packet.key).ok_or(truncated)?;
     // SAFETY: map values stay valid for the duration of the program.
     let nat = unsafe { *entry };

@@ -21,8 +21,8 @@ use balancer_common::{
 use network_types::eth::EthHdr;
 
 use crate::{
-    maps::{BINDINGS, COOKIE_HANDOFF, REPLAYS, REPLAY_PROGRAM, REVERSE},
-    packet::{self, ptr_at, Packet, L4_OFFSET_LIMIT},
+    maps::{BINDINGS, REPLAYS, REPLAY_PROGRAM, REVERSE},
+    packet::{self, ptr_at, Packet},
     punt, reply, splice,
     stats::Verdict,
     tcp_options::{self, ALIGNED_TIMESTAMPS_LEN},
@@ -32,26 +32,14 @@ use crate::{
 /// that program is missing, and the SYN-ACK then goes to the agent as without it.
 #[inline(always)]
 pub fn hand_off(ctx: &XdpContext, packet: &Packet) {
-    if let Some(handoff) = COOKIE_HANDOFF.get_ptr_mut(0) {
-        // SAFETY: the entry is this CPU's, and only this program run touches it; the tail
-        // call runs on this CPU in the same run.
-        unsafe {
-            *handoff = *packet;
-            let _ = REPLAY_PROGRAM.tail_call(ctx, 0);
-        }
-    }
+    splice::hand_off(ctx, packet, &REPLAY_PROGRAM);
 }
 
 /// `balancer_replay`: copies the SYN-ACK for the agent, then sends the replay in its place.
 #[inline(always)]
 pub fn answer(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let truncated = Verdict::drop(Reason::DropTruncated);
-    let handoff = COOKIE_HANDOFF.get_ptr(0).ok_or(truncated)?;
-    // SAFETY: as in `hand_off`.
-    let mut packet = unsafe { *handoff };
-    // Read from a map, the offsets are unknown to the verifier: bound them as parsing did.
-    packet.l4_offset &= L4_OFFSET_LIMIT - 1;
-    packet.l4_check_offset &= L4_OFFSET_LIMIT - 1;
+    let packet = splice::handed_off().ok_or(truncated)?;
     // SAFETY: map values stay valid for the duration of the program; copies are taken.
     let nat = unsafe { *REVERSE.get(&packet.key).ok_or(truncated)? };
     let client_key = splice::client_key(&packet, &nat);

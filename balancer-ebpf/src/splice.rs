@@ -4,7 +4,7 @@
 //! TSvals moved onto the balancer's clock (and the other end's echoes of them back), and the
 //! backend's windows rescaled. The handshake before it is in `handshake`.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{maps::ProgramArray, programs::XdpContext};
 use balancer_common::{
     binding_state, csum, flow_flags, flow_state,
     proto::{
@@ -16,8 +16,8 @@ use balancer_common::{
 };
 
 use crate::{
-    maps::{BINDINGS, FLOWS, HEAD_INSERTS},
-    packet::{ptr_at, Packet},
+    maps::{BINDINGS, COOKIE_HANDOFF, FLOWS, HEAD_INSERTS},
+    packet::{ptr_at, Packet, L4_OFFSET_LIMIT},
     stats::Verdict,
     tcp_options::{self, Options, ALIGNED_TIMESTAMPS_LEN},
 };
@@ -398,4 +398,31 @@ fn rescale_window(ctx: &XdpContext, packet: &Packet, from: u8, to: u8) -> Result
         *check = sum.to_ne_bytes();
     }
     Ok(())
+}
+
+/// Passes a backend segment of a cookie connection on to the program in entry 0 of
+/// `program` (`head`, `replay`), with the parsed packet in `COOKIE_HANDOFF`; returns only if
+/// that program is missing, and the segment then goes where it would without it.
+#[inline(always)]
+pub fn hand_off(ctx: &XdpContext, packet: &Packet, program: &ProgramArray) {
+    if let Some(handoff) = COOKIE_HANDOFF.get_ptr_mut(0) {
+        // SAFETY: the entry is this CPU's, and only this program run touches it; the tail
+        // call runs on this CPU in the same run.
+        unsafe {
+            *handoff = *packet;
+            let _ = program.tail_call(ctx, 0);
+        }
+    }
+}
+
+/// In the program `hand_off` called: the segment it passed.
+#[inline(always)]
+pub fn handed_off() -> Option<Packet> {
+    let handoff = COOKIE_HANDOFF.get_ptr(0)?;
+    // SAFETY: as in `hand_off`.
+    let mut packet = unsafe { *handoff };
+    // Read from a map, the offsets are unknown to the verifier: bound them as parsing did.
+    packet.l4_offset &= L4_OFFSET_LIMIT - 1;
+    packet.l4_check_offset &= L4_OFFSET_LIMIT - 1;
+    Some(packet)
 }

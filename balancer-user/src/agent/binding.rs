@@ -782,26 +782,21 @@ impl Worker {
             .as_ref()
             .and_then(Issue::lines_for_xdp)
             .map(|lines| head_insert(&lines, pending.binding.options.mss));
-        pending.head_by_xdp = match lines {
-            Some(lines) => match self.maps.set_head_insert(key, &lines) {
-                Ok(()) => true,
-                Err(error) => {
-                    throttled!(warn, "the agent edits the response head itself: {error:#}");
-                    false
-                }
-            },
-            None => false,
-        };
-        pending.replay_by_xdp = match pending.replay_for_xdp() {
-            Some(replay) => match self.maps.set_replay(key, &replay) {
-                Ok(()) => true,
-                Err(error) => {
-                    throttled!(warn, "the agent sends the replay itself: {error:#}");
-                    false
-                }
-            },
-            None => false,
-        };
+        // Where a write fails, the agent does the work itself.
+        pending.head_by_xdp = lines.is_some_and(|lines| {
+            self.maps
+                .set_head_insert(key, &lines)
+                .inspect_err(|error| {
+                    throttled!(warn, "the agent edits the response head: {error:#}")
+                })
+                .is_ok()
+        });
+        pending.replay_by_xdp = pending.replay_for_xdp().is_some_and(|replay| {
+            self.maps
+                .set_replay(key, &replay)
+                .inspect_err(|error| throttled!(warn, "the agent sends the replay: {error:#}"))
+                .is_ok()
+        });
         let reply_key = backend_key(pending, target);
         let (flow, mut nat) = connection_entries(pending, target, flow_state::CONNECTING);
         if nat.client_window_shift != 0 {

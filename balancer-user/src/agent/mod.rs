@@ -944,12 +944,7 @@ impl Agent {
         let (sessions, flows) = (&session_table.by_backend, &flow_table.by_backend);
         let tallies = self.workers.tallies();
         let b = &tallies.counters;
-        let ids: Vec<u32> = self
-            .services
-            .iter()
-            .flat_map(|s| s.backends.iter().map(|b| b.id))
-            .collect();
-        let counters = self.dataplane.backend_counters(&ids)?;
+        let counters = self.dataplane.backend_counters(&self.backend_ids())?;
         let mut backends = Vec::new();
         for service in &self.services {
             for backend in &service.backends {
@@ -1182,13 +1177,16 @@ impl Agent {
 
     /// The cookies XDP put into response heads (the agent counts those it edited).
     fn cookies_issued_by_xdp(&self) -> Result<u64> {
-        let ids: Vec<u32> = self
-            .services
+        let counters = self.dataplane.backend_counters(&self.backend_ids())?;
+        Ok(counters.values().map(|c| c.cookies_issued).sum())
+    }
+
+    /// The ids of every service's backends.
+    fn backend_ids(&self) -> Vec<u32> {
+        self.services
             .iter()
             .flat_map(|s| s.backends.iter().map(|b| b.id))
-            .collect();
-        let counters = self.dataplane.backend_counters(&ids)?;
-        Ok(counters.values().map(|c| c.cookies_issued).sum())
+            .collect()
     }
 
     /// The first binding worker that stopped, if one did.
