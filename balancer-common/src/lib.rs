@@ -798,7 +798,8 @@ pub enum Reason {
     /// event, like `NewFlow`; again for each time the backend sends that segment again).
     CookieInserted,
     /// Cookie service: a backend segment sent again from inside the status line XDP put the
-    /// cookie lines behind, which the client cannot have asked for, dropped.
+    /// cookie lines behind (which the client cannot have asked for), or from its start once
+    /// the lines were evicted, dropped.
     DropInsideStatusLine,
     /// Cookie service: the backend's SYN-ACK turned into the acknowledgement that carries
     /// the client's request (XDP_TX).

@@ -111,7 +111,15 @@ pub fn edit(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     // SAFETY: as above.
     let acknowledged =
         flow.is_none_or(|flow| unsafe { (*flow).flags } & flow_flags::HEAD_ACKED != 0);
-    let Some(lines) = lines.filter(|_| !acknowledged) else {
+    if acknowledged {
+        return to_client(ctx, &packet, &nat);
+    }
+    let Some(lines) = lines else {
+        // Gone (evicted) before the client had them: sent on without them, the first
+        // segment would put the backend's bytes where the client expects the lines.
+        if at_start {
+            return Err(Verdict::drop(Reason::DropInsideStatusLine));
+        }
         return to_client(ctx, &packet, &nat);
     };
     if at_start {

@@ -25,7 +25,7 @@ use crate::{
     packet::{self, ptr_at, Packet},
     punt, reply, splice,
     stats::Verdict,
-    tcp_options::{self, ALIGNED_TIMESTAMPS_LEN},
+    tcp_options::{self, Options, ALIGNED_TIMESTAMPS_LEN},
 };
 
 /// Passes a SYN-ACK that XDP recorded as the splice on to `balancer_replay`; returns only if
@@ -51,8 +51,13 @@ pub fn answer(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     // SAFETY: as above.
     let binding = unsafe { BINDINGS.get(&client_key) }.map_or(Binding::NONE, |b| *b);
     let mut record = punt::record(ctx, punt_kind::BACKEND, &client, &binding)?;
+    // The splice scales the backend's windows by the shift the agent wrote with the SYN,
+    // which the agent corrects before it replays should this SYN-ACK announce another.
+    let scale_known =
+        nat.client_window_shift == 0 || window_shift(ctx, &packet) == nat.backend_window_shift;
     let built = REPLAYS
         .get_ptr(&client_key)
+        .filter(|_| scale_known)
         .and_then(|replay| build(ctx, &packet, replay));
     if built.is_none() {
         record.submit(0);
@@ -141,4 +146,21 @@ fn build(ctx: &XdpContext, packet: &Packet, replay: *const Replay) -> Option<()>
     } else {
         reply::write_checksums::<{ TCP_HEADER_LEN / 2 }>(ctx, packet.v6, data)
     }
+}
+
+/// The window scale a SYN-ACK announces, 0 without the option.
+#[inline(always)]
+fn window_shift(ctx: &XdpContext, packet: &Packet) -> u8 {
+    let Some(options) = Options::load(ctx, packet) else {
+        return 0;
+    };
+    let mut shift = 0;
+    options.each(|kind, at, len| {
+        if kind == tcp_option::WINDOW_SCALE && len == 3 {
+            shift = options.byte(at + 2);
+            return false;
+        }
+        true
+    });
+    shift
 }

@@ -67,6 +67,11 @@ impl ConnectionMaps {
             .context("writing a replay")
     }
 
+    /// Removes the replay of a connection whose SYN-ACK the agent is to answer.
+    pub fn remove_replay(&mut self, key: &FlowKey) {
+        let _ = self.replays.remove(key);
+    }
+
     /// Removes the cookie lines of a connection whose head XDP will not edit.
     pub fn remove_head_insert(&mut self, key: &FlowKey) {
         let _ = self.head_inserts.remove(key);

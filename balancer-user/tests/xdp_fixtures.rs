@@ -2340,6 +2340,38 @@ fn the_backends_syn_ack_is_answered_with_the_agents_replay_by_xdp_byte_for_byte(
         ipv4_frame(FROM_BACKEND.1, FROM_BACKEND.0, &to_backend, &expected)
     );
     assert_eq!(program.counters()[Reason::ReplayedByXdp as usize], 2);
+
+    // A SYN-ACK announcing another window scale than the splice was written with (7, not
+    // 9): to the agent, which corrects the entries before it replays.
+    let scaled = ReverseNat {
+        flags: reverse_flags::REPLAY_BY_XDP | reverse_flags::TIMESTAMPS,
+        ts_delta: 77,
+        client_window_shift: 7,
+        backend_window_shift: 9,
+        ..connecting
+    };
+    splice(
+        &mut program,
+        &key,
+        flow_to_backend(flow_state::CONNECTING),
+        scaled,
+    );
+    let _ = program.punts();
+    assert_eq!(program.run(&syn_ack).0, XDP_DROP);
+    assert_eq!(program.punts()[0].kind, punt_kind::BACKEND);
+    assert_eq!(program.counters()[Reason::ReplayedByXdp as usize], 2);
+    // The one it was written with: replayed.
+    splice(
+        &mut program,
+        &key,
+        flow_to_backend(flow_state::CONNECTING),
+        ReverseNat {
+            backend_window_shift: 7,
+            ..scaled
+        },
+    );
+    assert_eq!(program.run(&syn_ack).0, XDP_TX);
+    assert_eq!(program.punts()[0].kind, punt_kind::REPLAYED);
 }
 
 #[test]

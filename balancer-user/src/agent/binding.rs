@@ -506,12 +506,14 @@ impl Worker {
             .wrapping_sub(pending.binding.client_isn.wrapping_add(1)) as usize;
         // In order (or overlapping what we have): keep the new bytes. After a gap: the client
         // sends them again.
+        let mut grew = false;
         if offset <= pending.request.len() && offset < MAX_HEAD * 4 {
             let new_from = pending.request.len() - offset;
             if new_from < segment.payload.len() {
                 pending
                     .request
                     .extend_from_slice(&segment.payload[new_from..]);
+                grew = true;
             }
         }
         match pending.stage {
@@ -534,6 +536,11 @@ impl Worker {
                 // Data that raced the splice: the backend may not have it yet.
                 let pending = &self.binder.pending[&key];
                 self.replay(pending, target, backend_isn);
+            }
+            // More than XDP would replay: the SYN-ACK comes to the agent, which replays it all.
+            Stage::Connecting { .. } if grew && pending.replay_by_xdp => {
+                pending.replay_by_xdp = false;
+                self.maps.remove_replay(&key);
             }
             Stage::Connecting { .. } => {}
         }
@@ -948,7 +955,9 @@ impl Worker {
                 && written.replay_end == nat.replay_end
                 && written.backend_window_shift == nat.backend_window_shift
                 && written.ts_delta == pending.clocks.map_or(0, |clocks| clocks.balancer);
-            if !current {
+            // Having replayed, XDP checked the window scale; the backend may be answering
+            // already, and a write now would undo what XDP records of its response.
+            if !current && !replayed {
                 if let Err(error) = self.maps.set_connection(&key, flow, &segment.key(), nat) {
                     throttled!(warn, "recording a spliced connection: {error:#}");
                     return;
@@ -966,9 +975,11 @@ impl Worker {
                 .or_default() += 1;
             let pending = self.binder.pending.get_mut(&key).expect("looked up above");
             pending.reverse = nat;
-            if replayed && !pending.acknowledged {
+            if replayed && !pending.acknowledged && pending.shortened() == 0 {
                 // Lost, XDP's replay would not be lost for good: the client, its request not
-                // acknowledged, sends it all again, and the backend its SYN-ACK.
+                // acknowledged, sends it all again, and the backend its SYN-ACK. (Not so
+                // with a PROXY header or a stripped cookie: the client's bytes are not the
+                // backend's.)
                 pending.reverse.replay_end = 0;
             }
             pending.replay_check = (Instant::now() + REPLAY_WAIT, REPLAY_WAIT);
@@ -1259,6 +1270,15 @@ impl Worker {
                 continue;
             };
             if head_by_xdp {
+                let inserted = self
+                    .maps
+                    .flow(&key)
+                    .is_some_and(|flow| flow.flags & flow_flags::HEAD_BY_XDP != 0);
+                if inserted {
+                    // XDP put the lines in since the last look: the entries are its now.
+                    self.forget(&key);
+                    continue;
+                }
                 self.maps.remove_head_insert(&key);
             }
             if let Some(reply_key) = self.forget(&key) {
