@@ -133,10 +133,13 @@ fn a_new_sessions_cookie_is_put_in_by_xdp_and_its_response_passes_the_agent_by()
         50,
         "XDP put each new session's cookie in"
     );
+    // The first SYN-ACK from each backend goes to the agent, which learns the backend's
+    // window scale from it (the splice needs it before XDP may replay).
+    let first_contacts = backends.len() as u64;
     assert_eq!(
         (delta("punted"), delta("replayed_by_xdp")),
-        (100, 100),
-        "the agent got each connection's request, XDP answered each SYN-ACK with the replay, and no response went to the agent"
+        (100 + first_contacts, 100 - first_contacts),
+        "the agent got each connection's request, XDP answered the SYN-ACKs with the replay, and no response went to the agent"
     );
     assert_eq!(
         binding_count(&lab, "issued") - issued_before,
