@@ -7,14 +7,13 @@ use aya_ebpf::programs::XdpContext;
 use balancer_common::{
     affinity, flow_flags, flow_state, nat_mode,
     proto::tcp_flag::{ACK, SYN},
-    punt_kind, reverse_flags, without_agent, Addr, Binding, Flow, Reason, ReverseNat, Service,
-    ServiceKey, PROTO_TCP,
+    punt_kind, reverse_flags, without_agent, Binding, Flow, Reason, Service, ServiceKey, PROTO_TCP,
 };
 
 use crate::{
     agent, choose, full_nat, handshake, head,
     maps::{BINDINGS, FLOWS, REVERSE, SERVICES},
-    nat::{forget, new_flow, note_source_in_use, rewrite, seconds_now, touch, End},
+    nat::{forget, new_flow, note_source_in_use, rewrite, rewrite_reply, seconds_now, touch, End},
     packet::Packet,
     proxy, punt, replay, reset, splice,
     stats::{self, Verdict},
@@ -178,31 +177,17 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<(Reason, u3
             return Err(punt::punt(
                 ctx,
                 punt_kind::BACKEND,
-                client_of(packet, &nat),
+                splice::client_of(packet, &nat),
                 &recorded,
             ));
         }
         _ => {
-            let client = client_of(packet, &nat);
+            let client = splice::client_of(packet, &nat);
             return Err(punt::punt(ctx, punt_kind::BACKEND, client, &Binding::NONE));
         }
     };
-    rewrite(ctx, packet, End::Source, nat.vip, nat.port)?;
-    if nat.client_port != 0 {
-        rewrite(ctx, packet, End::Destination, nat.client, nat.client_port)?;
-    }
+    rewrite_reply(ctx, packet, &nat)?;
     Ok(Some((reason, nat.backend_id)))
-}
-
-/// The client of a backend's segment: in full NAT the reverse entry's, else the segment's
-/// destination.
-#[inline(always)]
-fn client_of<'a>(packet: &'a Packet, nat: &'a ReverseNat) -> &'a Addr {
-    if nat.client_port != 0 {
-        &nat.client
-    } else {
-        &packet.key.dst
-    }
 }
 
 /// A client SYN on a flow that the client closed: it reused its port for a new connection (it

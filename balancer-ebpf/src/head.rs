@@ -25,7 +25,7 @@ use balancer_common::{
 use crate::{
     forward,
     maps::{FLOWS, HEAD_INSERTS, HEAD_PROGRAM, HEAD_SCRATCH, REVERSE},
-    nat::{rewrite, End},
+    nat::rewrite_reply,
     packet::{self, Packet},
     proxy::MAX_HEADERS,
     punt, splice,
@@ -80,12 +80,8 @@ pub fn edit(ctx: &XdpContext) -> Result<Verdict, Verdict> {
             _ => None,
         };
         let (Some(status_len), Some(lines), Some(flow)) = (status_len, lines, flow) else {
-            let client = if nat.client_port != 0 {
-                nat.client
-            } else {
-                packet.key.dst
-            };
-            return Err(punt::punt(ctx, punt_kind::BACKEND, &client, &Binding::NONE));
+            let client = splice::client_of(&packet, &nat);
+            return Err(punt::punt(ctx, punt_kind::BACKEND, client, &Binding::NONE));
         };
         // SAFETY: map values stay valid for the duration of the program. The flow first, as
         // the agent writes an edit: the client acknowledges the lines only once it has them.
@@ -142,10 +138,7 @@ pub fn edit(ctx: &XdpContext) -> Result<Verdict, Verdict> {
 #[inline(always)]
 fn to_client(ctx: &XdpContext, packet: &Packet, nat: &ReverseNat) -> Result<Verdict, Verdict> {
     splice::backend_to_client(ctx, packet, nat)?;
-    rewrite(ctx, packet, End::Source, nat.vip, nat.port)?;
-    if nat.client_port != 0 {
-        rewrite(ctx, packet, End::Destination, nat.client, nat.client_port)?;
-    }
+    rewrite_reply(ctx, packet, nat)?;
     stats::count_backend(
         nat.backend_id,
         Direction::ToClient,

@@ -149,6 +149,17 @@ pub fn new_flow(
     Ok(flow)
 }
 
+/// Rewrites a backend's reply of the flow whose reverse entry is `nat` to come from the VIP
+/// and, in full NAT, to go to the client.
+#[inline(always)]
+pub fn rewrite_reply(ctx: &XdpContext, packet: &Packet, nat: &ReverseNat) -> Result<(), Verdict> {
+    rewrite(ctx, packet, End::Source, nat.vip, nat.port)?;
+    if nat.client_port != 0 {
+        rewrite(ctx, packet, End::Destination, nat.client, nat.client_port)?;
+    }
+    Ok(())
+}
+
 /// Replaces the address and port of one end, fixing the L4 checksum (whose pseudo header
 /// holds the addresses) and, for IPv4, the header checksum.
 #[inline(always)]

@@ -43,11 +43,7 @@ pub fn answer(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     // SAFETY: map values stay valid for the duration of the program; copies are taken.
     let nat = unsafe { *REVERSE.get(&packet.key).ok_or(truncated)? };
     let client_key = splice::client_key(&packet, &nat);
-    let client = if nat.client_port != 0 {
-        nat.client
-    } else {
-        packet.key.dst
-    };
+    let client = *splice::client_of(&packet, &nat);
     // SAFETY: as above.
     let binding = unsafe { BINDINGS.get(&client_key) }.map_or(Binding::NONE, |b| *b);
     let mut record = punt::record(ctx, punt_kind::BACKEND, &client, &binding)?;

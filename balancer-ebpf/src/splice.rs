@@ -12,7 +12,7 @@ use balancer_common::{
         tcp_flag::{ACK, FIN, RST, SYN},
         tcp_option, TCP_HEADER_LEN,
     },
-    reverse_flags, Binding, Flow, FlowKey, Reason, ReverseNat, PROTO_TCP,
+    reverse_flags, Addr, Binding, Flow, FlowKey, Reason, ReverseNat, PROTO_TCP,
 };
 
 use crate::{
@@ -175,6 +175,17 @@ pub fn client_key(packet: &Packet, nat: &ReverseNat) -> FlowKey {
         dport: nat.port,
         proto: PROTO_TCP,
         _pad: [0; 3],
+    }
+}
+
+/// The client of a backend's segment: in full NAT the reverse entry's, else the segment's
+/// destination.
+#[inline(always)]
+pub fn client_of<'a>(packet: &'a Packet, nat: &'a ReverseNat) -> &'a Addr {
+    if nat.client_port != 0 {
+        &nat.client
+    } else {
+        &packet.key.dst
     }
 }
 
