@@ -1,6 +1,7 @@
 //! The bpf(2) commands for pinned XDP links and for counting a pinned map's entries, which aya
 //! 0.14 does not expose on pinned objects: creating a link and pinning it, opening a pin,
-//! reading a link's program and interface, and swapping the program behind a link.
+//! reading a link's program and interface, and swapping the program behind a link; and the
+//! batched map update, which aya has not at all.
 
 use std::{
     ffi::CString,
@@ -15,6 +16,7 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_XDP: u32 = 37;
@@ -130,6 +132,30 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
         program_id: field(8),
         ifindex: field(16),
     })
+}
+
+/// Writes `count` entries to a map in one call, `keys` and `values` holding them back to
+/// back. On an error, how many entries were written before the one that failed.
+pub fn update_batch(
+    map: BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    count: u32,
+) -> Result<(), (u32, io::Error)> {
+    // `batch` of `union bpf_attr`: in_batch, out_batch, keys, values, count, map_fd,
+    // elem_flags (0: create or replace), flags.
+    let mut attr = [0u8; ATTR_SIZE];
+    put_u64(&mut attr, 16, keys.as_ptr() as u64);
+    put_u64(&mut attr, 24, values.as_ptr() as u64);
+    put_u32(&mut attr, 32, count);
+    put_u32(&mut attr, 36, map.as_raw_fd() as u32);
+    bpf(BPF_MAP_UPDATE_BATCH, &mut attr)
+        .map(drop)
+        .map_err(|error| {
+            // The kernel writes back how many it did.
+            let done = u32::from_ne_bytes([attr[32], attr[33], attr[34], attr[35]]);
+            (done, error)
+        })
 }
 
 /// Entries of a pinned hash map with keys of `key_size` bytes, counted up to `limit`.

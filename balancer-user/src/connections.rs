@@ -1,15 +1,28 @@
 //! The entries of the cookie connections the agent binds: each connection's flow (client
-//! side), reverse entry (backend side), binding and the cookie lines XDP puts into its first
-//! response head. Every agent worker opens its own handles
-//! on the pinned maps, so the workers write them without sharing anything in user space.
+//! side), reverse entry (backend side), binding, the request XDP replays to its backend and
+//! the cookie lines XDP puts into its first response head. Every agent worker opens its own
+//! handles on the pinned maps, so the workers write them without sharing anything in user
+//! space.
+//!
+//! The entries of the connections a worker opens while it reads a batch of punts are held
+//! and written with one `bpf()` call a map (`write_held`) before their SYNs leave: one call
+//! a connection and map was most of the agent's system calls. Every other use of the maps
+//! writes what is held first, so the maps are as if each entry had been written at once.
+
+use std::{cell::RefCell, os::fd::AsFd, os::fd::OwnedFd, path::Path};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use balancer_common::{
     binding_state, map_name, source_is_free, Binding, Flow, FlowKey, HeadInsert, Replay, ReverseNat,
 };
+use bytemuck::Pod;
 
-use crate::dataplane::{monotonic_seconds, pin_dir};
+use crate::{
+    bpf,
+    dataplane::{monotonic_seconds, pin_dir},
+    throttle::throttled,
+};
 
 pub struct ConnectionMaps {
     flows: HashMap<MapData, FlowKey, Flow>,
@@ -17,6 +30,68 @@ pub struct ConnectionMaps {
     bindings: HashMap<MapData, FlowKey, Binding>,
     head_inserts: HashMap<MapData, FlowKey, HeadInsert>,
     replays: HashMap<MapData, FlowKey, Replay>,
+    held: RefCell<Held>,
+}
+
+/// The entries of the connections being opened, until [`ConnectionMaps::write_held`].
+struct Held {
+    /// `reverse` and `flows` hold the entries of `connections`, in its order.
+    connections: Vec<FlowKey>,
+    reverse: HeldWrites<ReverseNat>,
+    flows: HeldWrites<Flow>,
+    head_inserts: HeldWrites<HeadInsert>,
+    replays: HeldWrites<Replay>,
+    /// Client connections whose flow or reverse entry the kernel refused.
+    refused: Vec<FlowKey>,
+}
+
+/// One map's held entries.
+struct HeldWrites<V> {
+    map: OwnedFd,
+    keys: Vec<FlowKey>,
+    values: Vec<V>,
+}
+
+impl<V: Pod> HeldWrites<V> {
+    fn open(dir: &Path, name: &str) -> Result<Self> {
+        let path = dir.join(name);
+        let map = bpf::open_pin(&path)
+            .with_context(|| format!("opening the map pinned at {}", path.display()))?;
+        Ok(Self {
+            map,
+            keys: Vec::new(),
+            values: Vec::new(),
+        })
+    }
+
+    fn hold(&mut self, key: FlowKey, value: V) {
+        self.keys.push(key);
+        self.values.push(value);
+    }
+
+    /// Writes the held entries, in one call unless the kernel refuses one: that one is
+    /// skipped and the rest written. Returns the indices of the refused.
+    fn write(&mut self, what: &str) -> Vec<usize> {
+        let mut refused = Vec::new();
+        let mut start = 0;
+        while start < self.keys.len() {
+            let keys = bytemuck::cast_slice(&self.keys[start..]);
+            let values = bytemuck::cast_slice(&self.values[start..]);
+            let count = (self.keys.len() - start) as u32;
+            match bpf::update_batch(self.map.as_fd(), keys, values, count) {
+                Ok(()) => break,
+                Err((written, error)) => {
+                    throttled!(warn, "writing {what}: {error}");
+                    let index = start + written as usize;
+                    refused.push(index);
+                    start = index + 1;
+                }
+            }
+        }
+        self.keys.clear();
+        self.values.clear();
+        refused
+    }
 }
 
 impl ConnectionMaps {
@@ -29,13 +104,78 @@ impl ConnectionMaps {
                 .with_context(|| format!("opening the map pinned at {}", path.display()))?;
             Ok(Map::from_map_data(data)?)
         };
+        let held = Held {
+            reverse: HeldWrites::open(&dir, map_name::REVERSE)?,
+            flows: HeldWrites::open(&dir, map_name::FLOWS)?,
+            connections: Vec::new(),
+            head_inserts: HeldWrites::open(&dir, map_name::HEAD_INSERTS)?,
+            replays: HeldWrites::open(&dir, map_name::REPLAYS)?,
+            refused: Vec::new(),
+        };
         Ok(Self {
             flows: HashMap::try_from(open(map_name::FLOWS)?)?,
             reverse: HashMap::try_from(open(map_name::REVERSE)?)?,
             bindings: HashMap::try_from(open(map_name::BINDINGS)?)?,
             head_inserts: HashMap::try_from(open(map_name::HEAD_INSERTS)?)?,
             replays: HashMap::try_from(open(map_name::REPLAYS)?)?,
+            held: RefCell::new(held),
         })
+    }
+
+    /// Holds both directions of a client connection being opened, its flow entry
+    /// (client-side key) and its reverse entry (backend-side key), for
+    /// [`ConnectionMaps::write_held`]. Should the kernel refuse them then,
+    /// [`ConnectionMaps::take_refused`] names the connection.
+    pub fn hold_connection(&self, key: &FlowKey, flow: Flow, reply_key: &FlowKey, nat: ReverseNat) {
+        let mut held = self.held.borrow_mut();
+        held.reverse.hold(*reply_key, nat);
+        held.connections.push(*key);
+        held.flows.hold(*key, flow);
+    }
+
+    /// Holds the cookie lines of a client connection's first response head for XDP. Lines
+    /// the kernel refuses are as if evicted: XDP passes the head to the agent.
+    pub fn hold_head_insert(&self, key: &FlowKey, lines: &HeadInsert) {
+        self.held.borrow_mut().head_inserts.hold(*key, *lines);
+    }
+
+    /// Holds the request a client connection's backend is to get for XDP, which sends it
+    /// when the backend's SYN-ACK comes. A replay the kernel refuses is as if evicted: the
+    /// SYN-ACK goes to the agent, which replays.
+    pub fn hold_replay(&self, key: &FlowKey, replay: &Replay) {
+        self.held.borrow_mut().replays.hold(*key, *replay);
+    }
+
+    /// Writes the held entries, one call a map. The reverse entries first: once a flow
+    /// says where packets go, replies may come.
+    pub fn write_held(&self) {
+        let mut held = self.held.borrow_mut();
+        let Held {
+            reverse,
+            flows,
+            connections,
+            head_inserts,
+            replays,
+            refused,
+        } = &mut *held;
+        if flows.keys.is_empty() && head_inserts.keys.is_empty() && replays.keys.is_empty() {
+            return;
+        }
+        let mut failed = reverse.write("reverse entries");
+        failed.extend(flows.write("flows"));
+        failed.sort_unstable();
+        failed.dedup();
+        refused.extend(failed.into_iter().map(|index| connections[index]));
+        connections.clear();
+        head_inserts.write("cookie lines for XDP");
+        replays.write("replays for XDP");
+    }
+
+    /// Writes the held entries and names the connections whose flow or reverse entry the
+    /// kernel refused: they are to be reset.
+    pub fn take_refused(&self) -> Vec<FlowKey> {
+        self.write_held();
+        std::mem::take(&mut self.held.borrow_mut().refused)
     }
 
     /// Writes both directions of a client connection: its flow entry (client-side key) and
@@ -52,38 +192,27 @@ impl ConnectionMaps {
         self.flows.insert(key, flow, 0).context("writing a flow")
     }
 
-    /// Leaves the cookie lines of a client connection's first response head for XDP.
-    pub fn set_head_insert(&mut self, key: &FlowKey, lines: &HeadInsert) -> Result<()> {
-        self.head_inserts
-            .insert(key, lines, 0)
-            .context("writing a response head's cookie lines")
-    }
-
-    /// Leaves the request a client connection's backend is to get for XDP, which sends it
-    /// when the backend's SYN-ACK comes.
-    pub fn set_replay(&mut self, key: &FlowKey, replay: &Replay) -> Result<()> {
-        self.replays
-            .insert(key, replay, 0)
-            .context("writing a replay")
-    }
-
     /// Removes the replay of a connection whose SYN-ACK the agent is to answer.
     pub fn remove_replay(&mut self, key: &FlowKey) {
+        self.write_held();
         let _ = self.replays.remove(key);
     }
 
     /// Removes the cookie lines of a connection whose head XDP will not edit.
     pub fn remove_head_insert(&mut self, key: &FlowKey) {
+        self.write_held();
         let _ = self.head_inserts.remove(key);
     }
 
     /// A client connection's flow entry.
     pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
+        self.write_held();
         self.flows.get(key, 0).ok()
     }
 
     /// A backend connection's reverse entry.
     pub fn reverse(&self, reply_key: &FlowKey) -> Option<ReverseNat> {
+        self.write_held();
         self.reverse.get(reply_key, 0).ok()
     }
 
@@ -109,6 +238,7 @@ impl ConnectionMaps {
     /// `nat`, if no flow holds it (or the one that did has let it go); false if one does.
     pub fn claim_reverse(&mut self, reply_key: &FlowKey, mut nat: ReverseNat) -> Result<bool> {
         const NO_EXIST: u64 = 1;
+        self.write_held();
         let now_s = monotonic_seconds();
         nat.last_seen_s = now_s;
         if let Ok(held) = self.reverse.get(reply_key, 0) {
@@ -123,11 +253,13 @@ impl ConnectionMaps {
 
     /// Removes a reverse entry.
     pub fn remove_reverse(&mut self, reply_key: &FlowKey) {
+        self.write_held();
         let _ = self.reverse.remove(reply_key);
     }
 
     /// Writes a reverse entry.
     pub fn write_reverse(&mut self, reply_key: &FlowKey, nat: ReverseNat) -> Result<()> {
+        self.write_held();
         self.reverse
             .insert(reply_key, nat, 0)
             .context("writing a reverse entry")
@@ -142,6 +274,7 @@ impl ConnectionMaps {
         reply_key: Option<&FlowKey>,
         binding: Binding,
     ) {
+        self.write_held();
         self.remove_flow(key, reply_key);
         let refused = Binding {
             state: binding_state::REFUSED,
@@ -152,6 +285,7 @@ impl ConnectionMaps {
 
     /// Forgets a client connection: its flow, its binding and (if any) its reverse entry.
     pub fn remove_connection(&mut self, key: &FlowKey, reply_key: Option<&FlowKey>) {
+        self.write_held();
         self.remove_flow(key, reply_key);
         let _ = self.bindings.remove(key);
     }

@@ -335,7 +335,13 @@ impl Binder {
 impl Worker {
     /// Sends the packets the worker queued since the last call (after each batch of punts,
     /// tick or message).
-    pub(super) fn flush_sends(&self) {
+    /// Writes the entries of the connections opened since the last call, then sends their
+    /// SYNs and whatever else is queued. A connection whose entries the kernel refused is
+    /// reset on both sides (the backend's reset follows its SYN).
+    pub(super) fn flush_sends(&mut self) {
+        for key in self.maps.take_refused() {
+            self.abort(&key, false);
+        }
         self.binder.sockets.flush();
     }
 
@@ -789,21 +795,15 @@ impl Worker {
             .as_ref()
             .and_then(Issue::lines_for_xdp)
             .map(|lines| head_insert(&lines, pending.binding.options.mss));
-        // Where a write fails, the agent does the work itself.
-        pending.head_by_xdp = lines.is_some_and(|lines| {
-            self.maps
-                .set_head_insert(key, &lines)
-                .inspect_err(|error| {
-                    throttled!(warn, "the agent edits the response head: {error:#}")
-                })
-                .is_ok()
-        });
-        pending.replay_by_xdp = pending.replay_for_xdp().is_some_and(|replay| {
-            self.maps
-                .set_replay(key, &replay)
-                .inspect_err(|error| throttled!(warn, "the agent sends the replay: {error:#}"))
-                .is_ok()
-        });
+        if let Some(lines) = &lines {
+            self.maps.hold_head_insert(key, lines);
+        }
+        pending.head_by_xdp = lines.is_some();
+        let replay = pending.replay_for_xdp();
+        if let Some(replay) = &replay {
+            self.maps.hold_replay(key, replay);
+        }
+        pending.replay_by_xdp = replay.is_some();
         let reply_key = backend_key(pending, target);
         let (flow, mut nat) = connection_entries(pending, target, flow_state::CONNECTING);
         if nat.client_window_shift != 0 {
@@ -815,11 +815,7 @@ impl Worker {
                 .unwrap_or(0);
         }
         pending.reverse = nat;
-        if let Err(error) = self.maps.set_connection(key, flow, &reply_key, nat) {
-            throttled!(warn, "recording a connection being opened: {error:#}");
-            self.abort_quietly(key);
-            return;
-        }
+        self.maps.hold_connection(key, flow, &reply_key, nat);
         self.binder.by_backend.insert(reply_key, *key);
         let Some(pending) = self.binder.pending.get_mut(key) else {
             return;
