@@ -6,7 +6,7 @@
 //!
 //! The entries of the connections a worker opens while it reads a batch of punts are held
 //! and written with one `bpf()` call a map (`write_held`) before their SYNs leave: one call
-//! a connection and map was most of the agent's system calls. Every other use of the maps
+//! a connection and map was most of the agent's system calls. Any other use of a held key
 //! writes what is held first, so the maps are as if each entry had been written at once.
 
 use std::{cell::RefCell, os::fd::AsFd, os::fd::OwnedFd, path::Path};
@@ -148,7 +148,7 @@ impl ConnectionMaps {
 
     /// Writes the held entries, one call a map. The reverse entries first: once a flow
     /// says where packets go, replies may come.
-    pub fn write_held(&self) {
+    fn write_held(&self) {
         let mut held = self.held.borrow_mut();
         let Held {
             reverse,
@@ -169,6 +169,19 @@ impl ConnectionMaps {
         connections.clear();
         head_inserts.write("cookie lines for XDP");
         replays.write("replays for XDP");
+    }
+
+    /// Writes the held entries if `key` (client or backend side) is among them.
+    fn settle(&self, key: &FlowKey) {
+        let held = self.held.borrow();
+        let holds = held.connections.contains(key)
+            || held.reverse.keys.contains(key)
+            || held.head_inserts.keys.contains(key)
+            || held.replays.keys.contains(key);
+        drop(held);
+        if holds {
+            self.write_held();
+        }
     }
 
     /// Writes the held entries and names the connections whose flow or reverse entry the
@@ -194,25 +207,25 @@ impl ConnectionMaps {
 
     /// Removes the replay of a connection whose SYN-ACK the agent is to answer.
     pub fn remove_replay(&mut self, key: &FlowKey) {
-        self.write_held();
+        self.settle(key);
         let _ = self.replays.remove(key);
     }
 
     /// Removes the cookie lines of a connection whose head XDP will not edit.
     pub fn remove_head_insert(&mut self, key: &FlowKey) {
-        self.write_held();
+        self.settle(key);
         let _ = self.head_inserts.remove(key);
     }
 
     /// A client connection's flow entry.
     pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
-        self.write_held();
+        self.settle(key);
         self.flows.get(key, 0).ok()
     }
 
     /// A backend connection's reverse entry.
     pub fn reverse(&self, reply_key: &FlowKey) -> Option<ReverseNat> {
-        self.write_held();
+        self.settle(reply_key);
         self.reverse.get(reply_key, 0).ok()
     }
 
@@ -238,7 +251,7 @@ impl ConnectionMaps {
     /// `nat`, if no flow holds it (or the one that did has let it go); false if one does.
     pub fn claim_reverse(&mut self, reply_key: &FlowKey, mut nat: ReverseNat) -> Result<bool> {
         const NO_EXIST: u64 = 1;
-        self.write_held();
+        self.settle(reply_key);
         let now_s = monotonic_seconds();
         nat.last_seen_s = now_s;
         if let Ok(held) = self.reverse.get(reply_key, 0) {
@@ -253,13 +266,13 @@ impl ConnectionMaps {
 
     /// Removes a reverse entry.
     pub fn remove_reverse(&mut self, reply_key: &FlowKey) {
-        self.write_held();
+        self.settle(reply_key);
         let _ = self.reverse.remove(reply_key);
     }
 
     /// Writes a reverse entry.
     pub fn write_reverse(&mut self, reply_key: &FlowKey, nat: ReverseNat) -> Result<()> {
-        self.write_held();
+        self.settle(reply_key);
         self.reverse
             .insert(reply_key, nat, 0)
             .context("writing a reverse entry")
@@ -274,7 +287,7 @@ impl ConnectionMaps {
         reply_key: Option<&FlowKey>,
         binding: Binding,
     ) {
-        self.write_held();
+        self.settle(key);
         self.remove_flow(key, reply_key);
         let refused = Binding {
             state: binding_state::REFUSED,
@@ -285,7 +298,7 @@ impl ConnectionMaps {
 
     /// Forgets a client connection: its flow, its binding and (if any) its reverse entry.
     pub fn remove_connection(&mut self, key: &FlowKey, reply_key: Option<&FlowKey>) {
-        self.write_held();
+        self.settle(key);
         self.remove_flow(key, reply_key);
         let _ = self.bindings.remove(key);
     }
