@@ -65,7 +65,9 @@ enum Task {
         #[arg(long, value_delimiter = ',', value_name = "SYSTEMS")]
         only: Vec<String>,
         /// After the rounds, count the agent's system calls per new connection on each
-        /// cookie path with `strace -c` (a run of its own: strace slows the agent).
+        /// cookie path with `strace -c` (a run of its own: strace slows the agent), and
+        /// split its CPU time per new connection with `perf record -g` (another run; needs
+        /// linux-perf).
         #[arg(long)]
         syscalls: bool,
         /// Instead of the systems: new cookie connections with one binding worker against

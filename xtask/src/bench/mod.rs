@@ -50,6 +50,7 @@ use balancer_lab::{
 
 use crate::{build, run, toolchain};
 
+mod agent_profile;
 mod peers;
 mod report;
 pub mod workers;
@@ -495,6 +496,13 @@ pub fn run(asked: &Options) -> Result<()> {
     }
     let syscalls = if asked.syscalls {
         count_syscalls(&mut lab, &artifacts.balancer, &config, &systems, seconds)?
+            + &agent_profile::split_agent_cpu(
+                &mut lab,
+                &artifacts.balancer,
+                &config,
+                &systems,
+                seconds,
+            )?
     } else {
         String::new()
     };
