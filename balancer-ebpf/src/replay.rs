@@ -59,6 +59,9 @@ pub fn answer(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         record.submit(0);
         return Err(Verdict::drop(Reason::Punted));
     }
+    // Sent once: a SYN-ACK again means the replay was lost, and the agent answers that from
+    // its own copy. Not keeping it also keeps the LRU from evicting on every insert.
+    let _ = REPLAYS.remove(&client_key);
     // SAFETY: `record` is a reserved `Punt`, filled by `punt::record`.
     unsafe { (*record.as_mut_ptr()).kind = punt_kind::REPLAYED };
     record.submit(0);

@@ -2283,6 +2283,19 @@ fn the_backends_syn_ack_is_answered_with_the_agents_replay_by_xdp_byte_for_byte(
     let delta = BACKEND_ISN.wrapping_sub(COOKIE_ISN);
     assert_eq!(program.reverse(&reply_key).unwrap().seq_delta, delta);
 
+    // The replay is sent once: the same SYN-ACK again (the replay was lost) goes to the
+    // agent, which answers it from its own copy of the request.
+    let replays: HashMap<&mut MapData, FlowKey, Replay> =
+        HashMap::try_from(program.map(map_name::REPLAYS)).unwrap();
+    assert!(replays.get(&key, 0).is_err());
+    assert_eq!(program.run(&syn_ack).0, XDP_DROP);
+    let punts = program.punts();
+    assert_eq!(punts.len(), 1);
+    assert_eq!(punts[0].kind, punt_kind::BACKEND);
+    assert_eq!(&punts[0].frame[..punts[0].len as usize], &syn_ack[..]);
+    assert_eq!(program.counters()[Reason::ReplayedByXdp as usize], 1);
+    assert_eq!(program.counters()[Reason::Punted as usize], 1);
+
     // With timestamps: the replay carries the client's clock as the agent moved it and
     // echoes the TSval of a SYN-ACK laid out as Linux lays it out.
     const TSVAL: u32 = 0x0102_0304;
@@ -2297,19 +2310,14 @@ fn the_backends_syn_ack_is_answered_with_the_agents_replay_by_xdp_byte_for_byte(
             ..connecting
         },
     );
+    let timestamped = Replay {
+        timestamps: 1,
+        tsval: TSVAL,
+        ..replay
+    };
     let mut replays: HashMap<&mut MapData, FlowKey, Replay> =
         HashMap::try_from(program.map(map_name::REPLAYS)).unwrap();
-    replays
-        .insert(
-            key,
-            Replay {
-                timestamps: 1,
-                tsval: TSVAL,
-                ..replay
-            },
-            0,
-        )
-        .unwrap();
+    replays.insert(key, timestamped, 0).unwrap();
     let mut options = vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10];
     options.extend_from_slice(&BACKEND_TSVAL.to_be_bytes());
     options.extend_from_slice(&[0, 0, 0, 0, 1, 3, 3, 7]);
@@ -2342,7 +2350,10 @@ fn the_backends_syn_ack_is_answered_with_the_agents_replay_by_xdp_byte_for_byte(
     assert_eq!(program.counters()[Reason::ReplayedByXdp as usize], 2);
 
     // A SYN-ACK announcing another window scale than the splice was written with (7, not
-    // 9): to the agent, which corrects the entries before it replays.
+    // 9): to the agent, which corrects the entries before it replays; the replay stays.
+    let mut replays: HashMap<&mut MapData, FlowKey, Replay> =
+        HashMap::try_from(program.map(map_name::REPLAYS)).unwrap();
+    replays.insert(key, timestamped, 0).unwrap();
     let scaled = ReverseNat {
         flags: reverse_flags::REPLAY_BY_XDP | reverse_flags::TIMESTAMPS,
         ts_delta: 77,
@@ -2360,6 +2371,9 @@ fn the_backends_syn_ack_is_answered_with_the_agents_replay_by_xdp_byte_for_byte(
     assert_eq!(program.run(&syn_ack).0, XDP_DROP);
     assert_eq!(program.punts()[0].kind, punt_kind::BACKEND);
     assert_eq!(program.counters()[Reason::ReplayedByXdp as usize], 2);
+    let replays: HashMap<&mut MapData, FlowKey, Replay> =
+        HashMap::try_from(program.map(map_name::REPLAYS)).unwrap();
+    assert!(replays.get(&key, 0).is_ok());
     // The one it was written with: replayed.
     splice(
         &mut program,
