@@ -547,6 +547,20 @@ impl Program {
         reverse.get(reply_key, 0).ok()
     }
 
+    fn replay(&self, key: &FlowKey) -> Option<Replay> {
+        let replays: HashMap<&MapData, FlowKey, Replay> =
+            HashMap::try_from(self.ebpf.map(map_name::REPLAYS).expect("REPLAYS")).unwrap();
+        replays.get(key, 0).ok()
+    }
+
+    /// Leaves `replay` for XDP to send when the backend's SYN-ACK of `key` comes, as the
+    /// agent does with the SYN.
+    fn leave_replay(&mut self, key: FlowKey, replay: Replay) {
+        let mut replays: HashMap<&mut MapData, FlowKey, Replay> =
+            HashMap::try_from(self.map(map_name::REPLAYS)).unwrap();
+        replays.insert(key, replay, 0).unwrap();
+    }
+
     /// The records the program put in the punt rings since the last call, oldest first in
     /// each ring, with the worker whose ring each was in.
     fn punts_by_worker(&mut self) -> Vec<(usize, Punt)> {
@@ -2238,9 +2252,7 @@ fn the_backends_syn_ack_is_answered_with_the_agents_replay_by_xdp_byte_for_byte(
     replay.len = REQUEST.len() as u16;
     replay.sum = csum::sum_words(REQUEST);
     replay.window = 1234;
-    let mut replays: HashMap<&mut MapData, FlowKey, Replay> =
-        HashMap::try_from(program.map(map_name::REPLAYS)).unwrap();
-    replays.insert(key, replay, 0).unwrap();
+    program.leave_replay(key, replay);
 
     let from_backend = ip(BACKEND, CLIENT, PROTO_TCP);
     let syn_ack = tcp_segment(
@@ -2285,9 +2297,7 @@ fn the_backends_syn_ack_is_answered_with_the_agents_replay_by_xdp_byte_for_byte(
 
     // The replay is sent once: the same SYN-ACK again (the replay was lost) goes to the
     // agent, which answers it from its own copy of the request.
-    let replays: HashMap<&mut MapData, FlowKey, Replay> =
-        HashMap::try_from(program.map(map_name::REPLAYS)).unwrap();
-    assert!(replays.get(&key, 0).is_err());
+    assert!(program.replay(&key).is_none());
     assert_eq!(program.run(&syn_ack).0, XDP_DROP);
     let punts = program.punts();
     assert_eq!(punts.len(), 1);
@@ -2315,9 +2325,7 @@ fn the_backends_syn_ack_is_answered_with_the_agents_replay_by_xdp_byte_for_byte(
         tsval: TSVAL,
         ..replay
     };
-    let mut replays: HashMap<&mut MapData, FlowKey, Replay> =
-        HashMap::try_from(program.map(map_name::REPLAYS)).unwrap();
-    replays.insert(key, timestamped, 0).unwrap();
+    program.leave_replay(key, timestamped);
     let mut options = vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10];
     options.extend_from_slice(&BACKEND_TSVAL.to_be_bytes());
     options.extend_from_slice(&[0, 0, 0, 0, 1, 3, 3, 7]);
@@ -2351,9 +2359,7 @@ fn the_backends_syn_ack_is_answered_with_the_agents_replay_by_xdp_byte_for_byte(
 
     // A SYN-ACK announcing another window scale than the splice was written with (7, not
     // 9): to the agent, which corrects the entries before it replays; the replay stays.
-    let mut replays: HashMap<&mut MapData, FlowKey, Replay> =
-        HashMap::try_from(program.map(map_name::REPLAYS)).unwrap();
-    replays.insert(key, timestamped, 0).unwrap();
+    program.leave_replay(key, timestamped);
     let scaled = ReverseNat {
         flags: reverse_flags::REPLAY_BY_XDP | reverse_flags::TIMESTAMPS,
         ts_delta: 77,
@@ -2371,9 +2377,7 @@ fn the_backends_syn_ack_is_answered_with_the_agents_replay_by_xdp_byte_for_byte(
     assert_eq!(program.run(&syn_ack).0, XDP_DROP);
     assert_eq!(program.punts()[0].kind, punt_kind::BACKEND);
     assert_eq!(program.counters()[Reason::ReplayedByXdp as usize], 2);
-    let replays: HashMap<&mut MapData, FlowKey, Replay> =
-        HashMap::try_from(program.map(map_name::REPLAYS)).unwrap();
-    assert!(replays.get(&key, 0).is_ok());
+    assert!(program.replay(&key).is_some());
     // The one it was written with: replayed.
     splice(
         &mut program,
