@@ -50,7 +50,7 @@ pub mod map_name {
 /// Version of the maps' layout (their key and value types and the meaning of their fields).
 /// Pinned maps outlive the agent and its program; a program of another layout version must
 /// not adopt them. Bump it with every change to a type or map below.
-pub const LAYOUT_VERSION: u32 = 14;
+pub const LAYOUT_VERSION: u32 = 15;
 
 /// Seconds after the agent's last heartbeat that the data plane takes it for gone: cookie
 /// services then stop handing connections to it (see [`without_agent`]). Compiled into the
@@ -666,6 +666,9 @@ pub mod punt_kind {
     /// The backend's SYN-ACK that XDP recorded and answered with the replay itself: for
     /// the agent's books only.
     pub const REPLAYED: u32 = 3;
+    /// The client's acknowledgement of the cookie lines XDP put into the first response
+    /// head: XDP needs the agent no more for this connection. The frame itself went on.
+    pub const HEAD_DELIVERED: u32 = 4;
 }
 
 /// Seconds a SYN cookie is issued for; an ACK is accepted for the current period and the one
@@ -697,7 +700,7 @@ const _: () = assert!(size_of::<BackendCounters>() == 48);
 
 /// Why a packet left the program the way it did: every exit counts under exactly one reason.
 /// `NewFlow`, `NewSession`, `SessionMoved`, `PlacedWithoutAgent`, `ProxyHeaderInserted`,
-/// `NewFlowSourceLost` and `CookieInserted` are events, counted in addition.
+/// `NewFlowSourceLost`, `CookieInserted` and `HeadDelivered` are events, counted in addition.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
@@ -804,10 +807,13 @@ pub enum Reason {
     /// Cookie service: the backend's SYN-ACK turned into the acknowledgement that carries
     /// the client's request (XDP_TX).
     ReplayedByXdp,
+    /// Cookie service: the client acknowledged the cookie lines XDP put in, and the agent
+    /// was told so through its punt ring (an event, like `NewFlow`).
+    HeadDelivered,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 43;
+    pub const COUNT: u32 = 44;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::Replied,
@@ -852,6 +858,7 @@ impl Reason {
         Reason::CookieInserted,
         Reason::DropInsideStatusLine,
         Reason::ReplayedByXdp,
+        Reason::HeadDelivered,
     ];
 
     /// Stable name used in logs, the stats line and metrics.
@@ -900,6 +907,7 @@ impl Reason {
             Reason::CookieInserted => "cookie_inserted",
             Reason::DropInsideStatusLine => "drop_inside_status_line",
             Reason::ReplayedByXdp => "replayed_by_xdp",
+            Reason::HeadDelivered => "head_delivered",
         }
     }
 }

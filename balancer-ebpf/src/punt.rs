@@ -13,7 +13,7 @@ use balancer_common::{
 use crate::{
     maps::{AGENT, PUNTS_0, PUNTS_1, PUNTS_2, PUNTS_3, PUNTS_4, PUNTS_5, PUNTS_6, PUNTS_7},
     packet::L4_OFFSET_V4,
-    stats::Verdict,
+    stats::{self, Verdict},
 };
 
 /// Hands the frame of a connection of `client` to the agent, with the connection's
@@ -26,6 +26,19 @@ pub fn punt(ctx: &XdpContext, kind: u32, client: &Addr, binding: &Binding) -> Ve
             Verdict::drop(Reason::Punted)
         }
         Err(verdict) => verdict,
+    }
+}
+
+/// Tells the worker that owns connections of `client` what XDP saw on one of them, with a
+/// copy of the frame; the frame itself goes on. The record spares the worker a look at the
+/// maps; a lost one leaves that look to the worker's timer. It wakes the worker like a
+/// punt: a record submitted without a wakeup would also keep the next punt from waking it,
+/// since the ring wakes its reader only for records it submits once the reader caught up.
+#[inline(always)]
+pub fn tell(ctx: &XdpContext, kind: u32, reason: Reason, client: &Addr) {
+    if let Ok(entry) = record(ctx, kind, client, &Binding::NONE) {
+        entry.submit(0);
+        stats::count(reason, 0);
     }
 }
 

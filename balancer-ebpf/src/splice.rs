@@ -12,12 +12,13 @@ use balancer_common::{
         tcp_flag::{ACK, FIN, RST, SYN},
         tcp_option, TCP_HEADER_LEN,
     },
-    reverse_flags, Addr, Binding, Flow, FlowKey, Reason, ReverseNat, PROTO_TCP,
+    punt_kind, reverse_flags, Addr, Binding, Flow, FlowKey, Reason, ReverseNat, PROTO_TCP,
 };
 
 use crate::{
     maps::{BINDINGS, COOKIE_HANDOFF, FLOWS, HEAD_INSERTS},
     packet::{ptr_at, Packet, L4_OFFSET_LIMIT},
+    punt,
     stats::Verdict,
     tcp_options::{self, Options, ALIGNED_TIMESTAMPS_LEN},
 };
@@ -80,7 +81,7 @@ pub fn client_to_backend(ctx: &XdpContext, packet: &Packet, flow: &Flow) -> Resu
 }
 
 /// Marks the flow once the client acknowledged its whole edited response head; the cookie
-/// lines XDP put in are no longer needed then.
+/// lines XDP put in are no longer needed then, nor is the agent, which is told so.
 #[inline(always)]
 pub fn note_head_acked(ctx: &XdpContext, packet: &Packet, flow: &mut Flow) {
     if flow.flags & flow_flags::HEAD_ACKED != 0 || packet.tcp_flags & ACK == 0 {
@@ -91,6 +92,12 @@ pub fn note_head_acked(ctx: &XdpContext, packet: &Packet, flow: &mut Flow) {
             flow.flags |= flow_flags::HEAD_ACKED;
             if flow.flags & flow_flags::HEAD_BY_XDP != 0 {
                 let _ = HEAD_INSERTS.remove(&packet.key);
+                punt::tell(
+                    ctx,
+                    punt_kind::HEAD_DELIVERED,
+                    Reason::HeadDelivered,
+                    &packet.key.src,
+                );
             }
         }
     }

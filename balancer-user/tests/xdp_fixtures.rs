@@ -2027,12 +2027,9 @@ fn xdp_puts_the_cookie_lines_behind_the_first_status_line_and_again_when_the_bac
         500,
         b"",
     );
-    let (action, output) = program.run(&ipv4_frame(
-        FROM_CLIENT.0,
-        FROM_CLIENT.1,
-        &from_client,
-        &segment,
-    ));
+    let client_ack = ipv4_frame(FROM_CLIENT.0, FROM_CLIENT.1, &from_client, &segment);
+    let _ = program.punts();
+    let (action, output) = program.run(&client_ack);
     assert_eq!(action, XDP_REDIRECT);
     let expected = tcp_segment(
         &at_backend,
@@ -2053,6 +2050,19 @@ fn xdp_puts_the_cookie_lines_behind_the_first_status_line_and_again_when_the_bac
     let head_inserts: HashMap<&mut MapData, FlowKey, HeadInsert> =
         HashMap::try_from(program.map(map_name::HEAD_INSERTS)).unwrap();
     assert!(head_inserts.get(&key, 0).is_err(), "the lines are dropped");
+    // The agent is told, with the client's frame as it came, once.
+    let punts = program.punts();
+    assert_eq!(punts.len(), 1);
+    assert_eq!(punts[0].kind, punt_kind::HEAD_DELIVERED);
+    assert_eq!(&punts[0].frame[..punts[0].len as usize], &client_ack[..]);
+    assert_eq!(program.counters()[Reason::HeadDelivered as usize], 1);
+    let (action, _) = program.run(&client_ack);
+    assert_eq!(action, XDP_REDIRECT);
+    assert!(
+        program.punts().is_empty(),
+        "an acknowledgement again is not told"
+    );
+    assert_eq!(program.counters()[Reason::HeadDelivered as usize], 1);
 
     // Heads XDP leaves to the agent: an interim one, and one that would outgrow the MSS.
     let punted = program.counters()[Reason::Punted as usize];

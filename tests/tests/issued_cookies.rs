@@ -142,6 +142,11 @@ fn a_new_sessions_cookie_is_put_in_by_xdp_and_its_response_passes_the_agent_by()
         "the agent got each connection's request, XDP answered the SYN-ACKs with the replay, and no response went to the agent"
     );
     assert_eq!(
+        delta("head_delivered"),
+        50,
+        "XDP told the agent of each client's acknowledgement of the lines"
+    );
+    assert_eq!(
         binding_count(&lab, "issued") - issued_before,
         50,
         "status counts the cookies XDP issued"

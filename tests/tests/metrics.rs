@@ -118,9 +118,10 @@ for _ in range({connections}):
             "{name}: cookies issued, as Prometheus saw them ({issued_per_backend_after:?}), against the answers ({sent:?})"
         );
     }
-    // Every record XDP punted (or copied for the agent with a replay it sent), the agent
-    // read; each table reports its capacity.
-    let handed = "balancer_xdp_packets_total{reason=~\"punted|replayed_by_xdp\"}";
+    // Every record XDP punted (or copied for the agent with a replay it sent, or with a
+    // client's acknowledgement of the cookie lines), the agent read; each table reports its
+    // capacity.
+    let handed = "balancer_xdp_packets_total{reason=~\"punted|replayed_by_xdp|head_delivered\"}";
     let read = "balancer_punts_read_total";
     wait_until(Duration::from_secs(10), "every punt read", || {
         let handed = query(&lab, handed, "reason");

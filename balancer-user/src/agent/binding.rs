@@ -424,7 +424,21 @@ impl Worker {
                 self.on_backend_segment(segment, recorded, false)
             }
             punt_kind::REPLAYED => self.on_backend_segment(segment, true, true),
+            punt_kind::HEAD_DELIVERED => self.on_head_delivered(&segment.key()),
             _ => {}
+        }
+    }
+
+    /// XDP's word that the client acknowledged the cookie lines XDP put in: the connection
+    /// needs the agent no more, which would otherwise have looked at its flow to know.
+    fn on_head_delivered(&mut self, key: &FlowKey) {
+        let done = self
+            .binder
+            .pending
+            .get(key)
+            .is_some_and(|pending| pending.head_in_xdp() && pending.spliced().is_some());
+        if done {
+            self.forget(key);
         }
     }
 
