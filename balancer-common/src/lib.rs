@@ -637,6 +637,28 @@ pub struct Punt {
 }
 const _: () = assert!(size_of::<Punt>() == 8 + size_of::<Binding>() + PUNT_FRAME_SIZE);
 
+impl Punt {
+    const FRAME_OFFSET: usize = core::mem::offset_of!(Punt, frame);
+    const BINDING_OFFSET: usize = core::mem::offset_of!(Punt, binding);
+
+    /// Bytes of a record that matter, from its start to its frame's end: the rest of a
+    /// record's fixed size is not worth copying.
+    pub fn used_len(record: &[u8]) -> usize {
+        let len = record
+            .get(4..8)
+            .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        (Self::FRAME_OFFSET + len.min(PUNT_FRAME_SIZE)).min(record.len())
+    }
+
+    /// A record's kind, binding and frame, read in place (`None` when it is cut short).
+    pub fn parse(record: &[u8]) -> Option<(u32, Binding, &[u8])> {
+        let kind = u32::from_ne_bytes(record.get(..4)?.try_into().ok()?);
+        let binding = record.get(Self::BINDING_OFFSET..Self::FRAME_OFFSET)?;
+        let frame = record.get(Self::FRAME_OFFSET..Self::used_len(record))?;
+        Some((kind, bytemuck::pod_read_unaligned(binding), frame))
+    }
+}
+
 /// Bytes of a punted frame kept: a full 1500-byte MTU frame with its Ethernet header.
 pub const PUNT_FRAME_SIZE: usize = 1520;
 /// Size of the `PUNTS` ring buffer.
@@ -1021,5 +1043,29 @@ mod tests {
         for (index, reason) in Reason::ALL.iter().enumerate() {
             assert_eq!(*reason as usize, index, "{}", reason.name());
         }
+    }
+
+    #[test]
+    fn a_punt_record_is_read_in_place_up_to_its_frames_end() {
+        let mut punt = Punt::zeroed();
+        punt.kind = punt_kind::BACKEND;
+        punt.len = 60;
+        punt.binding = Binding::NONE;
+        punt.frame[59] = 0xaa;
+        let record = bytemuck::bytes_of(&punt);
+        let used = Punt::used_len(record);
+        assert_eq!(used, size_of::<Punt>() - PUNT_FRAME_SIZE + 60);
+        let (kind, binding, frame) = Punt::parse(&record[..used]).unwrap();
+        assert_eq!(
+            (kind, binding.state, frame.len(), frame[59]),
+            (punt_kind::BACKEND, binding_state::NONE, 60, 0xaa)
+        );
+        assert!(Punt::parse(&record[..3]).is_none(), "cut short");
+        let (_, _, frame) = Punt::parse(&record[..used - 10]).unwrap();
+        assert_eq!(
+            frame.len(),
+            50,
+            "a frame cut short is what the record holds"
+        );
     }
 }

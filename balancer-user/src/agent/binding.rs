@@ -407,20 +407,16 @@ impl Worker {
     /// Handles one record of the punt ring.
     pub fn on_punt(&mut self, record: &[u8]) {
         self.binder.tallies.counters.punts_read += 1;
-        let Some(punt) = record
-            .get(..std::mem::size_of::<Punt>())
-            .and_then(|b| bytemuck::try_pod_read_unaligned::<Punt>(b).ok())
-        else {
+        let Some((kind, binding, frame)) = Punt::parse(record) else {
             return;
         };
-        let frame = &punt.frame[..(punt.len as usize).min(punt.frame.len())];
         let Some(segment) = Segment::from_frame(frame) else {
             return;
         };
-        match punt.kind {
-            punt_kind::CLIENT => self.on_client_segment(segment, punt.binding),
+        match kind {
+            punt_kind::CLIENT => self.on_client_segment(segment, binding),
             punt_kind::BACKEND => {
-                let recorded = punt.binding.state == binding_state::ACCEPTED;
+                let recorded = binding.state == binding_state::ACCEPTED;
                 self.on_backend_segment(segment, recorded, false)
             }
             punt_kind::REPLAYED => self.on_backend_segment(segment, true, true),

@@ -84,7 +84,11 @@ impl Budgets {
             (&mut self.by_prefix, prefix_of(&key.src)),
         ] {
             if let Some(keys) = map.get_mut(&group) {
-                if let Some(at) = keys.iter().position(|k| k == key) {
+                // Connections go as their oldest (shed, or long done) or soon after they
+                // came (their head delivered): look at the front, then from the back.
+                if keys.front() == Some(key) {
+                    keys.pop_front();
+                } else if let Some(at) = keys.iter().rposition(|k| k == key) {
                     keys.remove(at);
                 }
                 if keys.is_empty() {

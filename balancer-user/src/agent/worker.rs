@@ -16,6 +16,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
+use balancer_common::Punt;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tracing::{error, info};
@@ -100,7 +101,7 @@ impl Worker {
             }
         }
         let mut tick = tokio::time::interval(BINDING_TICK);
-        let mut record = Vec::with_capacity(size_of::<balancer_common::Punt>());
+        let mut record = Vec::with_capacity(size_of::<Punt>());
         loop {
             tokio::select! {
                 ready = punts.readable_mut() => {
@@ -110,7 +111,7 @@ impl Worker {
                     while handled < PUNT_BATCH {
                         let Some(item) = ring.next() else { break };
                         record.clear();
-                        record.extend_from_slice(&item);
+                        record.extend_from_slice(&item[..Punt::used_len(&item)]);
                         drop(item);
                         self.on_punt(&record);
                         handled += 1;
