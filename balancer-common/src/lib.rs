@@ -45,12 +45,13 @@ pub mod map_name {
     pub const GROUP_TABLE: &str = "GROUP_TABLE";
     pub const HEAD_INSERTS: &str = "HEAD_INSERTS";
     pub const REPLAYS: &str = "REPLAYS";
+    pub const KNOWN_SESSIONS: &str = "KNOWN_SESSIONS";
 }
 
 /// Version of the maps' layout (their key and value types and the meaning of their fields).
 /// Pinned maps outlive the agent and its program; a program of another layout version must
 /// not adopt them. Bump it with every change to a type or map below.
-pub const LAYOUT_VERSION: u32 = 15;
+pub const LAYOUT_VERSION: u32 = 16;
 
 /// Seconds after the agent's last heartbeat that the data plane takes it for gone: cookie
 /// services then stop handing connections to it (see [`without_agent`]). Compiled into the
@@ -134,8 +135,11 @@ pub struct Service {
     /// whatever the weights do, moving within it (by its table in `GROUPS`) when its backend
     /// fails; 0 keeps no group.
     pub group_stickiness: u32,
+    /// Changes with every change the agent publishes of the service: what XDP binds by
+    /// without the agent ([`KnownSession`]) holds for this generation alone.
+    pub generation: u32,
 }
-const _: () = assert!(size_of::<Service>() == 68);
+const _: () = assert!(size_of::<Service>() == 72);
 
 /// `GROUPS` value, at `service id × MAX_GROUPS + group index`: a group's lookup table in
 /// `GROUP_TABLE`, switched like the service's own.
@@ -465,6 +469,10 @@ pub mod reverse_flags {
     /// The agent left the request it replays to the backend in `REPLAYS`: XDP turns the
     /// backend's SYN-ACK into that replay itself (see [`Replay`]).
     pub const REPLAY_BY_XDP: u16 = 64;
+    /// XDP opened the backend side itself from a [`KnownSession`]: the agent holds nothing
+    /// of the connection, so the backend's SYN-ACK is not copied to it, and XDP takes the
+    /// backend's window scale from that SYN-ACK.
+    pub const BOUND_BY_XDP: u16 = 128;
 }
 
 /// Cookie lines the first response head of a connection gets from XDP: at most this many
@@ -500,6 +508,43 @@ pub struct Replay {
     pub tsval: u32,
 }
 const _: () = assert!(size_of::<Replay>() == MAX_REPLAY + 12);
+
+/// Bytes of a request's cookie (`name=value`) a [`KnownSession`] holds at most.
+pub const MAX_KNOWN_COOKIE: usize = 96;
+/// Capacity of `KNOWN_SESSIONS`: one entry per client address and cookie service.
+pub const KNOWN_SESSION_CAPACITY: u32 = 1 << 16;
+
+/// `KNOWN_SESSIONS` key: a client address and the cookie service it connects to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct KnownSessionKey {
+    pub client: Addr,
+    pub vip: Addr,
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<KnownSessionKey>() == 36);
+
+/// `KNOWN_SESSIONS` value: the session the agent last bound a connection of this client to,
+/// by a genuine balancer cookie that needed no new one or by an application cookie's hashed
+/// value. XDP binds the client's next connections to the same backend itself, without the
+/// agent, when their first segment holds the whole request head with these cookie bytes
+/// where their first four first appear, while the service is as the agent saw it, that
+/// backend is up and until `until_s` (when the cookie is due for renewal, or sooner).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct KnownSession {
+    /// The request's `name=value` of the cookie, `len` bytes of it used.
+    pub cookie: [u8; MAX_KNOWN_COOKIE],
+    pub len: u16,
+    pub _pad: u16,
+    pub backend_id: u32,
+    /// Second (of `bpf_ktime_get_coarse_ns`) from which the agent decides again.
+    pub until_s: u32,
+    /// The [`Service::generation`] the agent decided in.
+    pub generation: u32,
+}
+const _: () = assert!(size_of::<KnownSession>() == MAX_KNOWN_COOKIE + 16);
 
 /// `HEAD_INSERTS` value, by the connection's client-side key: the `Set-Cookie` lines the
 /// agent decided on when it opened the backend side, for XDP to put behind the status line
@@ -707,7 +752,8 @@ pub struct Counter {
 const _: () = assert!(size_of::<Counter>() == 16);
 
 /// `BACKEND_STATS` value (per CPU), indexed by backend id: what XDP forwarded to the backend
-/// and back from it, the new flows it placed there and the cookies XDP issued for it.
+/// and back from it, the new flows it placed there, the cookies XDP issued for it and the
+/// cookie connections XDP bound to it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct BackendCounters {
@@ -717,8 +763,11 @@ pub struct BackendCounters {
     /// Cookie services: first response heads XDP put the balancer's cookie into (the agent
     /// counts those it edits).
     pub cookies_issued: u64,
+    /// Cookie services: connections XDP bound to the backend without the agent (see
+    /// [`KnownSession`]; the agent counts those it binds).
+    pub bound: u64,
 }
-const _: () = assert!(size_of::<BackendCounters>() == 48);
+const _: () = assert!(size_of::<BackendCounters>() == 56);
 
 /// Why a packet left the program the way it did: every exit counts under exactly one reason.
 /// `NewFlow`, `NewSession`, `SessionMoved`, `PlacedWithoutAgent`, `ProxyHeaderInserted`,
@@ -770,7 +819,9 @@ pub enum Reason {
     /// Cookie service: a segment handed to the agent (client data while binding, or the
     /// backend's answer to the agent's SYN).
     Punted,
-    /// Cookie service: a segment the agent will not need (a pure ACK while binding), dropped.
+    /// Cookie service: a segment the agent will not need (a pure ACK while binding, the
+    /// backend's SYN-ACK of a connection XDP bound whose replay it could not send: the
+    /// client sends its request again), dropped.
     DropWhileBinding,
     /// A segment that should have gone to the agent, dropped because the ring was full.
     DropPuntRingFull,
@@ -832,10 +883,14 @@ pub enum Reason {
     /// Cookie service: the client acknowledged the cookie lines XDP put in, and the agent
     /// was told so through its punt ring (an event, like `NewFlow`).
     HeadDelivered,
+    /// Cookie service: a returning session's connection XDP bound itself from the agent's
+    /// [`KnownSession`] of its client: the request went into `REPLAYS` and the segment,
+    /// turned into the SYN, to the backend.
+    BoundByXdp,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 44;
+    pub const COUNT: u32 = 45;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Forwarded,
         Reason::Replied,
@@ -881,6 +936,7 @@ impl Reason {
         Reason::DropInsideStatusLine,
         Reason::ReplayedByXdp,
         Reason::HeadDelivered,
+        Reason::BoundByXdp,
     ];
 
     /// Stable name used in logs, the stats line and metrics.
@@ -930,6 +986,7 @@ impl Reason {
             Reason::DropInsideStatusLine => "drop_inside_status_line",
             Reason::ReplayedByXdp => "replayed_by_xdp",
             Reason::HeadDelivered => "head_delivered",
+            Reason::BoundByXdp => "bound_by_xdp",
         }
     }
 }
@@ -956,6 +1013,8 @@ mod user {
     unsafe impl aya::Pod for Addr {}
     unsafe impl aya::Pod for HeadInsert {}
     unsafe impl aya::Pod for Replay {}
+    unsafe impl aya::Pod for KnownSessionKey {}
+    unsafe impl aya::Pod for KnownSession {}
 }
 
 /// Hash of a 5-tuple that picks a new flow's slot in its service's backend table.

@@ -14,7 +14,7 @@ use balancer_common::{
 use network_types::tcp::TcpHdr;
 
 use crate::{
-    agent,
+    agent, bind,
     maps::{BINDINGS, COOKIE_SECRET, SYN_OPTIONS},
     packet::{ptr_at, Packet},
     punt::punt,
@@ -161,8 +161,8 @@ fn while_bound(ctx: &XdpContext, packet: &Packet, binding: &mut Binding, now_s: 
 }
 
 /// A client segment while its connection is being bound: data, FIN and RST go to the agent
-/// with the connection's binding, within the connection's punt budget; pure ACKs are not
-/// needed.
+/// with the connection's binding, within the connection's punt budget, except a first data
+/// segment that `bind` binds from the client's known session; pure ACKs are not needed.
 #[inline(always)]
 pub fn while_binding(ctx: &XdpContext, packet: &Packet) -> Verdict {
     if packet.payload_len == 0 && packet.tcp_flags & (FIN | RST) == 0 {
@@ -177,6 +177,9 @@ pub fn while_binding(ctx: &XdpContext, packet: &Packet) -> Verdict {
                 return Verdict::drop(Reason::DropPuntBudget);
             }
             binding.punts += 1;
+            if binding.punts == 1 {
+                bind::hand_off(ctx, packet);
+            }
             *binding
         }
         None => Binding::NONE,

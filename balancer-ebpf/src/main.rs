@@ -9,6 +9,7 @@
 #![no_main]
 
 mod agent;
+mod bind;
 mod choose;
 mod dispatch;
 mod fib;
@@ -97,6 +98,15 @@ pub fn balancer_replay(ctx: XdpContext) -> u32 {
     let verdict = match replay::answer(&ctx) {
         Ok(verdict) | Err(verdict) => verdict,
     };
+    stats::count(verdict.reason, ctx.data_end() - ctx.data());
+    verdict.action
+}
+
+/// A returning session's connection bound without the agent, reached by a tail call from
+/// `balancer` (see `bind`).
+#[xdp]
+pub fn balancer_bind(ctx: XdpContext) -> u32 {
+    let verdict = bind::connect(&ctx);
     stats::count(verdict.reason, ctx.data_end() - ctx.data());
     verdict.action
 }

@@ -6,10 +6,11 @@ use aya_ebpf::{
 };
 use balancer_common::{
     Addr, Affinity, AffinityKey, AgentState, Backend, BackendCounters, Binding, CookieSecret,
-    Counter, Flow, FlowKey, Group, HeadInsert, Reason, Replay, ReverseNat, Service, ServiceKey,
-    SynOptions, BINDING_CAPACITY, COOKIE_SECRETS, DEFAULT_AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY,
-    DEFAULT_TABLE_SIZE, GROUP_TABLE_SIZE, MAX_BACKENDS, MAX_GROUPS, MAX_NAT_SOURCES, MAX_SERVICES,
-    MAX_TX_PORTS, NEW_FLOW_SOURCE_RING_SIZE, PUNT_RING_SIZE, REPLAY_CAPACITY, TABLES_PER_SERVICE,
+    Counter, Flow, FlowKey, Group, HeadInsert, KnownSession, KnownSessionKey, Reason, Replay,
+    ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS,
+    DEFAULT_AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY, DEFAULT_TABLE_SIZE, GROUP_TABLE_SIZE,
+    KNOWN_SESSION_CAPACITY, MAX_BACKENDS, MAX_GROUPS, MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS,
+    NEW_FLOW_SOURCE_RING_SIZE, PUNT_RING_SIZE, REPLAY_CAPACITY, TABLES_PER_SERVICE,
 };
 
 /// Virtual services: (VIP, port, protocol) → affinity mode, lookup table and backend count.
@@ -147,6 +148,22 @@ pub static REPLAYS: LruHashMap<FlowKey, Replay> = LruHashMap::pinned(REPLAY_CAPA
 /// as `FULL_NAT_PROGRAM`.
 #[map]
 pub static REPLAY_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Cookie services: per client address and service, the session the agent last bound one
+/// of its connections to, for XDP to bind the client's next ones itself (see `bind`).
+#[map]
+pub static KNOWN_SESSIONS: LruHashMap<KnownSessionKey, KnownSession> =
+    LruHashMap::pinned(KNOWN_SESSION_CAPACITY, 0);
+
+/// The program a client's first data segment is passed to (entry 0), filled by the agent.
+/// Not pinned, as `FULL_NAT_PROGRAM`.
+#[map]
+pub static BIND_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Per CPU, the request `bind` reads and leaves in `REPLAYS`. Not pinned: it holds nothing
+/// between packets.
+#[map]
+pub static REPLAY_SCRATCH: PerCpuArray<Replay> = PerCpuArray::with_max_entries(1, 0);
 
 /// The program a response head is passed to (entry 0), filled by the agent. Not pinned, as
 /// `FULL_NAT_PROGRAM`.

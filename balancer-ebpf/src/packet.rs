@@ -108,7 +108,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
     } else {
         return Err(Verdict::pass(Reason::PassNotIp));
     };
-    let l4_offset = opaque(ip.l4_offset);
+    let l4_offset = opaque(ip.l4_offset, L4_OFFSET_LIMIT).unwrap_or(ip.l4_offset);
     let l4_len = ip.end.saturating_sub(l4_offset);
 
     let (sport, dport, l4_check_offset, closing, tcp_flags, tcp_header_len) = match ip.proto {
@@ -245,21 +245,20 @@ fn ipv6(ctx: &XdpContext) -> Result<Network, Verdict> {
     })
 }
 
-/// The transport header's offset, passed through `OFFSET_SCRATCH` so the verifier sees any
-/// offset below [`L4_OFFSET_LIMIT`] rather than the one this path computed: the program's
-/// paths after parsing are then verified once for IPv4, IPv6 and every extension header
-/// layout alike, where each would multiply the verifier's work.
+/// `value` passed through `OFFSET_SCRATCH` and bounded below `limit` (a power of two), so the
+/// verifier sees any value below `limit` rather than the one this path computed: the paths
+/// after it are then verified once for all of them (the transport header's offset after
+/// parsing: for IPv4, IPv6 and every extension header layout alike; the place a search
+/// found), where each would multiply the verifier's work.
 #[inline(always)]
-fn opaque(offset: usize) -> usize {
-    let Some(slot) = OFFSET_SCRATCH.get_ptr_mut(0) else {
-        return offset;
-    };
+pub fn opaque(value: usize, limit: usize) -> Option<usize> {
+    let slot = OFFSET_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: the slot is this CPU's, and only this program run touches it meanwhile.
     let seen = unsafe {
-        core::ptr::write_volatile(slot, offset as u32);
+        core::ptr::write_volatile(slot, value as u32);
         core::ptr::read_volatile(slot)
     };
-    seen as usize & (L4_OFFSET_LIMIT - 1)
+    Some(seen as usize & (limit - 1))
 }
 
 /// Fixes the lengths and checksums of a TCP segment that grew by `by` bytes of data, whose

@@ -16,7 +16,7 @@ use balancer_common::{
         tcp_flag::{ACK, PSH},
         tcp_option, TCP_HEADER_LEN,
     },
-    punt_kind, Binding, Reason, Replay, MAX_REPLAY,
+    punt_kind, reverse_flags, Binding, Reason, Replay, MAX_REPLAY,
 };
 use network_types::eth::EthHdr;
 
@@ -36,35 +36,59 @@ pub fn hand_off(ctx: &XdpContext, packet: &Packet) {
 }
 
 /// `balancer_replay`: copies the SYN-ACK for the agent, then sends the replay in its place.
+/// A connection XDP bound itself gets no copy: the agent has none of it.
 #[inline(always)]
 pub fn answer(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let truncated = Verdict::drop(Reason::DropTruncated);
     let packet = splice::handed_off().ok_or(truncated)?;
+    let entry = REVERSE.get_ptr_mut(&packet.key).ok_or(truncated)?;
     // SAFETY: map values stay valid for the duration of the program; copies are taken.
-    let nat = unsafe { *REVERSE.get(&packet.key).ok_or(truncated)? };
+    let mut nat = unsafe { *entry };
     let client_key = splice::client_key(&packet, &nat);
-    let client = *splice::client_of(&packet, &nat);
-    // SAFETY: as above.
-    let binding = unsafe { BINDINGS.get(&client_key) }.map_or(Binding::NONE, |b| *b);
-    let mut record = punt::record(ctx, punt_kind::BACKEND, &client, &binding)?;
-    // The splice scales the backend's windows by the shift the agent wrote with the SYN,
-    // which the agent corrects before it replays should this SYN-ACK announce another.
-    let scale_known =
-        nat.client_window_shift == 0 || window_shift(ctx, &packet) == nat.backend_window_shift;
-    let built = REPLAYS
-        .get_ptr(&client_key)
-        .filter(|_| scale_known)
-        .and_then(|replay| build(ctx, &packet, replay));
-    if built.is_none() {
+    let bound_by_xdp = nat.flags & reverse_flags::BOUND_BY_XDP != 0;
+    let record = if bound_by_xdp {
+        None
+    } else {
+        let client = *splice::client_of(&packet, &nat);
+        // SAFETY: as above.
+        let binding = unsafe { BINDINGS.get(&client_key) }.map_or(Binding::NONE, |b| *b);
+        Some(punt::record(ctx, punt_kind::BACKEND, &client, &binding)?)
+    };
+    // The splice scales the backend's windows by the shift written with the SYN: the agent
+    // corrects it before it replays should this SYN-ACK announce another; XDP, having
+    // written it without knowing, takes the SYN-ACK's.
+    let scale_known = nat.client_window_shift == 0 || {
+        let shift = window_shift(ctx, &packet);
+        if bound_by_xdp {
+            // SAFETY: as above; nothing else writes the entry before the replay.
+            unsafe { (*entry).backend_window_shift = shift };
+            nat.backend_window_shift = shift;
+        }
+        shift == nat.backend_window_shift
+    };
+    let built = scale_known
+        && REPLAYS
+            .get_ptr(&client_key)
+            .and_then(|replay| build(ctx, &packet, replay))
+            .is_some();
+    if built {
+        // Sent once: a SYN-ACK again means the replay was lost, and the agent answers that
+        // from its own copy (a connection XDP bound has the client's resend, its request
+        // unacknowledged). Not keeping it also keeps the LRU from evicting on every insert.
+        let _ = REPLAYS.remove(&client_key);
+    }
+    if let Some(mut record) = record {
+        if built {
+            // SAFETY: `record` is a reserved `Punt`, filled by `punt::record`.
+            unsafe { (*record.as_mut_ptr()).kind = punt_kind::REPLAYED };
+        }
         record.submit(0);
+    } else if !built {
+        return Err(Verdict::drop(Reason::DropWhileBinding));
+    }
+    if !built {
         return Err(Verdict::drop(Reason::Punted));
     }
-    // Sent once: a SYN-ACK again means the replay was lost, and the agent answers that from
-    // its own copy. Not keeping it also keeps the LRU from evicting on every insert.
-    let _ = REPLAYS.remove(&client_key);
-    // SAFETY: `record` is a reserved `Punt`, filled by `punt::record`.
-    unsafe { (*record.as_mut_ptr()).kind = punt_kind::REPLAYED };
-    record.submit(0);
     Ok(Verdict {
         action: reply::send_back(ctx),
         reason: Reason::ReplayedByXdp,

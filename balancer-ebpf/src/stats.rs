@@ -74,6 +74,15 @@ pub fn count_cookie_issued(backend_id: u32) {
     }
 }
 
+/// Counts a cookie connection XDP bound to backend `backend_id` without the agent.
+#[inline(always)]
+pub fn count_bound(backend_id: u32) {
+    if let Some(counters) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: as in `count_backend`.
+        unsafe { (*counters).bound += 1 };
+    }
+}
+
 /// Counts a new flow of `client` placed on backend `backend_id`, and hands its client to the
 /// agent's tally of top sources.
 #[inline(always)]

@@ -14,7 +14,8 @@ use std::{cell::RefCell, os::fd::AsFd, os::fd::OwnedFd, path::Path};
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use balancer_common::{
-    binding_state, map_name, source_is_free, Binding, Flow, FlowKey, HeadInsert, Replay, ReverseNat,
+    binding_state, map_name, source_is_free, Binding, Flow, FlowKey, HeadInsert, KnownSession,
+    KnownSessionKey, Replay, ReverseNat,
 };
 use bytemuck::Pod;
 
@@ -30,6 +31,7 @@ pub struct ConnectionMaps {
     bindings: HashMap<MapData, FlowKey, Binding>,
     head_inserts: HashMap<MapData, FlowKey, HeadInsert>,
     replays: HashMap<MapData, FlowKey, Replay>,
+    known_sessions: HashMap<MapData, KnownSessionKey, KnownSession>,
     held: RefCell<Held>,
 }
 
@@ -118,6 +120,7 @@ impl ConnectionMaps {
             bindings: HashMap::try_from(open(map_name::BINDINGS)?)?,
             head_inserts: HashMap::try_from(open(map_name::HEAD_INSERTS)?)?,
             replays: HashMap::try_from(open(map_name::REPLAYS)?)?,
+            known_sessions: HashMap::try_from(open(map_name::KNOWN_SESSIONS)?)?,
             held: RefCell::new(held),
         })
     }
@@ -144,6 +147,19 @@ impl ConnectionMaps {
     /// SYN-ACK goes to the agent, which replays.
     pub fn hold_replay(&self, key: &FlowKey, replay: &Replay) {
         self.held.borrow_mut().replays.hold(*key, *replay);
+    }
+
+    /// Leaves XDP the session by which it binds the next connections of a client itself. One
+    /// the kernel refuses only leaves those connections to the agent.
+    pub fn remember_session(&mut self, client: &KnownSessionKey, session: &KnownSession) {
+        if let Err(error) = self.known_sessions.insert(client, session, 0) {
+            throttled!(warn, "leaving XDP a known session: {error}");
+        }
+    }
+
+    /// Removes the session XDP binds a client's connections by.
+    pub fn forget_session(&mut self, client: &KnownSessionKey) {
+        let _ = self.known_sessions.remove(client);
     }
 
     /// Writes the held entries, one call a map. The reverse entries first: once a flow

@@ -17,10 +17,11 @@ use aya::{
 };
 use balancer_common::{
     flow_flags, flow_state, map_name, Addr, Affinity, AffinityKey, AgentState, Backend,
-    BackendCounters, Binding, CookieSecret, Counter, Flow, FlowKey, Group, HeadInsert, Reason,
-    Replay, ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS,
-    GROUP_TABLE_SIZE, LAYOUT_VERSION, MAX_BACKENDS, MAX_GROUPS, MAX_NAT_SOURCES, MAX_SERVICES,
-    MAX_TX_PORTS, REPLAY_CAPACITY, TABLES_PER_SERVICE, XDP_PROGRAM,
+    BackendCounters, Binding, CookieSecret, Counter, Flow, FlowKey, Group, HeadInsert,
+    KnownSession, KnownSessionKey, Reason, Replay, ReverseNat, Service, ServiceKey, SynOptions,
+    BINDING_CAPACITY, COOKIE_SECRETS, GROUP_TABLE_SIZE, KNOWN_SESSION_CAPACITY, LAYOUT_VERSION,
+    MAX_BACKENDS, MAX_GROUPS, MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS, REPLAY_CAPACITY,
+    TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 use tracing::{debug, info, warn};
 
@@ -423,6 +424,7 @@ impl Dataplane {
                 total.to_client.bytes += cpu.to_client.bytes;
                 total.new_flows += cpu.new_flows;
                 total.cookies_issued += cpu.cookies_issued;
+                total.bound += cpu.bound;
             }
             totals.insert(id, total);
         }
@@ -826,7 +828,7 @@ fn ifindex(interface: &str) -> Result<u32> {
 }
 
 /// The shape every map must have: (name, key size, value size, capacity).
-fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 18] {
+fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 19] {
     use std::mem::size_of;
     [
         (
@@ -870,6 +872,12 @@ fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 18] {
             size_of::<FlowKey>(),
             size_of::<Replay>(),
             REPLAY_CAPACITY,
+        ),
+        (
+            map_name::KNOWN_SESSIONS,
+            size_of::<KnownSessionKey>(),
+            size_of::<KnownSession>(),
+            KNOWN_SESSION_CAPACITY,
         ),
         (
             map_name::COOKIE_SECRET,
@@ -1014,11 +1022,13 @@ fn load_tail_called(ebpf: &mut Ebpf, name: &str, array: &str) -> Result<()> {
 
 /// The programs in the object that the main program calls by a tail call, each with the
 /// array it calls it from: full NAT's placement of a new flow, the cookie lines put into a
-/// first response head, and the backend's SYN-ACK answered with the replay.
-const TAIL_CALLED: [(&str, &str); 3] = [
+/// first response head, the backend's SYN-ACK answered with the replay, and a returning
+/// session's connection bound without the agent.
+const TAIL_CALLED: [(&str, &str); 4] = [
     ("balancer_full_nat", "FULL_NAT_PROGRAM"),
     ("balancer_response_head", "HEAD_PROGRAM"),
     ("balancer_replay", "REPLAY_PROGRAM"),
+    ("balancer_bind", "BIND_PROGRAM"),
 ];
 
 /// Loads a program, trying again when the kernel answers EAGAIN, as libbpf does: the kernel

@@ -19,10 +19,10 @@ use aya::{
 use balancer_common::{
     affinity, backend_state, binding_state, csum, flow_flags, flow_state, map_name, nat_mode,
     punt_kind, reverse_flags, syncookie, without_agent, worker_of, Addr, Affinity, AffinityKey,
-    AgentState, Backend, Binding, Counter, Flow, FlowKey, Group, HeadInsert, Punt, Reason, Replay,
-    ReverseNat, Service, ServiceKey, SynOptions, DEFAULT_AGENT_TIMEOUT_S, LAYOUT_VERSION,
-    MAX_AGENT_WORKERS, MAX_GROUPS, MAX_SERVICES, PROTO_TCP, PROTO_UDP, TABLES_PER_SERVICE,
-    XDP_PROGRAM,
+    AgentState, Backend, Binding, Counter, Flow, FlowKey, Group, HeadInsert, KnownSession,
+    KnownSessionKey, Punt, Reason, Replay, ReverseNat, Service, ServiceKey, SynOptions,
+    DEFAULT_AGENT_TIMEOUT_S, LAYOUT_VERSION, MAX_AGENT_WORKERS, MAX_GROUPS, MAX_SERVICES,
+    PROTO_TCP, PROTO_UDP, TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 use bytemuck::Zeroable;
 
@@ -64,6 +64,8 @@ const BACKEND_2: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 12);
 const BACKEND_3: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 13);
 /// A small prime keeps writing the tables quick.
 const FIXTURE_TABLE_SIZE: u32 = 1021;
+/// The generation every fixture service is written in.
+const FIXTURE_GENERATION: u32 = 7;
 /// The one group table the fixtures write, at the start of `GROUP_TABLE`.
 const FIXTURE_GROUP_TABLE_SIZE: u32 = 31;
 
@@ -363,6 +365,7 @@ impl Program {
         for (name, array) in [
             ("balancer_response_head", "HEAD_PROGRAM"),
             ("balancer_replay", "REPLAY_PROGRAM"),
+            ("balancer_bind", "BIND_PROGRAM"),
         ] {
             let fd = load_xdp(&mut ebpf, name);
             let mut tail_calls = ProgramArray::try_from(ebpf.map_mut(array).unwrap()).unwrap();
@@ -497,6 +500,7 @@ impl Program {
             balance_factor: 0,
             load_total: 0,
             group_stickiness: 0,
+            generation: FIXTURE_GENERATION,
         };
         map.insert(key, value, 0).unwrap();
     }
@@ -559,6 +563,20 @@ impl Program {
         let mut replays: HashMap<&mut MapData, FlowKey, Replay> =
             HashMap::try_from(self.map(map_name::REPLAYS)).unwrap();
         replays.insert(key, replay, 0).unwrap();
+    }
+
+    /// Leaves XDP the session it binds the client's connections to the cookie service by,
+    /// as the agent does once it bound one.
+    fn know_session(&mut self, session: KnownSession) {
+        let client = KnownSessionKey {
+            client: addr(CLIENT),
+            vip: addr(VIP),
+            port: COOKIE_PORT.to_be(),
+            _pad: [0; 2],
+        };
+        let mut sessions: HashMap<&mut MapData, KnownSessionKey, KnownSession> =
+            HashMap::try_from(self.map(map_name::KNOWN_SESSIONS)).unwrap();
+        sessions.insert(client, session, 0).unwrap();
     }
 
     /// The records the program put in the punt rings since the last call, oldest first in
@@ -2233,6 +2251,48 @@ fn the_backends_syn_ack_is_recorded_as_the_splice_by_xdp_and_punts_carry_the_bin
     assert_eq!(program.counters()[Reason::Punted as usize], 4);
 }
 
+/// Backend 0's SYN-ACK of ISN `backend_isn` to the client's port, its options laid out as
+/// Linux lays them out: MSS 1460, SACK-permitted, timestamps (`tsval`, `tsecr`), window scale
+/// `window_shift`.
+fn timestamped_syn_ack(backend_isn: u32, (tsval, tsecr): (u32, u32), window_shift: u8) -> Vec<u8> {
+    let from_backend = ip(BACKEND, CLIENT, PROTO_TCP);
+    let mut options = vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10];
+    options.extend_from_slice(&tsval.to_be_bytes());
+    options.extend_from_slice(&tsecr.to_be_bytes());
+    options.extend_from_slice(&[1, 3, 3, window_shift]);
+    let syn_ack = tcp_with_options(
+        &from_backend,
+        (WEB_BACKEND_PORT, CLIENT_PORT),
+        (backend_isn, CLIENT_SEQ + 1),
+        TCP_SYN | TCP_ACK,
+        500,
+        &options,
+    );
+    ipv4_frame(FROM_BACKEND.0, FROM_BACKEND.1, &from_backend, &syn_ack)
+}
+
+/// The replay XDP sends back to backend 0 for its SYN-ACK of ISN `backend_isn`: `request`
+/// with the client's window of 1234 and timestamps (`tsval`, the SYN-ACK's `echo`), in a frame
+/// written whole.
+fn timestamped_replay(backend_isn: u32, (tsval, echo): (u32, u32), request: &[u8]) -> Vec<u8> {
+    let to_backend = Ip {
+        id: 0,
+        ..ip(CLIENT, BACKEND, PROTO_TCP)
+    };
+    let mut timestamps = vec![1, 1, 8, 10];
+    timestamps.extend_from_slice(&tsval.to_be_bytes());
+    timestamps.extend_from_slice(&echo.to_be_bytes());
+    let segment = tcp_with_options_and_data(
+        &to_backend,
+        (CLIENT_PORT, WEB_BACKEND_PORT),
+        (CLIENT_SEQ + 1, backend_isn + 1),
+        (TCP_ACK | TCP_PSH, 1234),
+        &timestamps,
+        request,
+    );
+    ipv4_frame(FROM_BACKEND.1, FROM_BACKEND.0, &to_backend, &segment)
+}
+
 #[test]
 fn the_backends_syn_ack_is_answered_with_the_agents_replay_by_xdp_byte_for_byte() {
     let mut program = Program::in_private_network("replay");
@@ -2336,34 +2396,12 @@ fn the_backends_syn_ack_is_answered_with_the_agents_replay_by_xdp_byte_for_byte(
         ..replay
     };
     program.leave_replay(key, timestamped);
-    let mut options = vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10];
-    options.extend_from_slice(&BACKEND_TSVAL.to_be_bytes());
-    options.extend_from_slice(&[0, 0, 0, 0, 1, 3, 3, 7]);
-    let syn_ack = tcp_with_options(
-        &from_backend,
-        (WEB_BACKEND_PORT, CLIENT_PORT),
-        (BACKEND_ISN, CLIENT_SEQ + 1),
-        TCP_SYN | TCP_ACK,
-        500,
-        &options,
-    );
-    let syn_ack = ipv4_frame(FROM_BACKEND.0, FROM_BACKEND.1, &from_backend, &syn_ack);
+    let syn_ack = timestamped_syn_ack(BACKEND_ISN, (BACKEND_TSVAL, 0), 7);
     let (action, output) = program.run(&syn_ack);
     assert_eq!(action, XDP_TX);
-    let mut timestamps = vec![1, 1, 8, 10];
-    timestamps.extend_from_slice(&TSVAL.to_be_bytes());
-    timestamps.extend_from_slice(&BACKEND_TSVAL.to_be_bytes());
-    let expected = tcp_with_options_and_data(
-        &to_backend,
-        (CLIENT_PORT, WEB_BACKEND_PORT),
-        (CLIENT_SEQ + 1, BACKEND_ISN + 1),
-        (TCP_ACK | TCP_PSH, 1234),
-        &timestamps,
-        REQUEST,
-    );
     assert_eq!(
         output,
-        ipv4_frame(FROM_BACKEND.1, FROM_BACKEND.0, &to_backend, &expected)
+        timestamped_replay(BACKEND_ISN, (TSVAL, BACKEND_TSVAL), REQUEST)
     );
     assert_eq!(program.counters()[Reason::ReplayedByXdp as usize], 2);
 
@@ -2400,6 +2438,180 @@ fn the_backends_syn_ack_is_answered_with_the_agents_replay_by_xdp_byte_for_byte(
     );
     assert_eq!(program.run(&syn_ack).0, XDP_TX);
     assert_eq!(program.punts()[0].kind, punt_kind::REPLAYED);
+}
+
+#[test]
+fn a_returning_sessions_request_is_bound_by_xdp_from_its_known_session_byte_for_byte() {
+    let mut program = Program::in_private_network("bind");
+    program.agent_alive_seconds_ago(0);
+    const COOKIE_ISN: u32 = 5_000;
+    const BACKEND_ISN: u32 = 0xfff0_0000;
+    const CLIENT_TSVAL: u32 = 0x0102_0304;
+    const ECHOED_TSVAL: u32 = 0x0a0b_0c0d;
+    const BACKEND_TSVAL: u32 = 0x0500_0000;
+    const COOKIE: &[u8] = b"SID=returning-session";
+    // The cookie's first four bytes appear first inside it; of odd length.
+    let request = |cookie: &[u8]| {
+        [
+            b"GET /a?x=SID HTTP/1.1\r\nHost: x\r\nCookie: a=1; ".as_slice(),
+            cookie,
+            b"; b=2\r\n\r\n",
+        ]
+        .concat()
+    };
+    let key = client_flow(COOKIE_PORT);
+    let reply_key = reply_flow(&key);
+    let binding = Binding {
+        punts: 0,
+        ..accepted_binding(&mut program, &key, COOKIE_ISN, 1)
+    };
+    let known = |cookie: &[u8]| {
+        let mut session = KnownSession::zeroed();
+        session.cookie[..cookie.len()].copy_from_slice(cookie);
+        session.len = cookie.len() as u16;
+        session.backend_id = 0;
+        session.until_s = coarse_seconds() + 30;
+        session.generation = FIXTURE_GENERATION;
+        session
+    };
+    let from_client = ip(CLIENT, VIP, PROTO_TCP);
+    let mut client_timestamps = vec![1, 1, 8, 10];
+    client_timestamps.extend_from_slice(&CLIENT_TSVAL.to_be_bytes());
+    client_timestamps.extend_from_slice(&ECHOED_TSVAL.to_be_bytes());
+    let segment = |request: &[u8]| {
+        let segment = tcp_with_options_and_data(
+            &from_client,
+            (CLIENT_PORT, COOKIE_PORT),
+            (CLIENT_SEQ + 1, COOKIE_ISN + 1),
+            (TCP_ACK | TCP_PSH, 1234),
+            &client_timestamps,
+            request,
+        );
+        ipv4_frame(FROM_CLIENT.0, FROM_CLIENT.1, &from_client, &segment)
+    };
+    let reset_binding = |program: &mut Program| {
+        let mut bindings: HashMap<&mut MapData, FlowKey, Binding> =
+            HashMap::try_from(program.map(map_name::BINDINGS)).unwrap();
+        bindings.insert(key, binding, 0).unwrap();
+    };
+
+    // Another cookie of the name, or a service changed since the agent decided: the agent's.
+    program.know_session(known(b"SID=returning-sessioN"));
+    let (action, _) = program.run(&segment(&request(COOKIE)));
+    assert_eq!(action, XDP_DROP);
+    let punts = program.punts();
+    assert_eq!((punts.len(), punts[0].kind), (1, punt_kind::CLIENT));
+    program.know_session(known(COOKIE));
+    program.change_service(COOKIE_PORT, |s| Service {
+        generation: FIXTURE_GENERATION + 1,
+        ..s
+    });
+    reset_binding(&mut program);
+    assert_eq!(program.run(&segment(&request(COOKIE))).0, XDP_DROP);
+    assert_eq!(program.punts().len(), 1);
+    assert_eq!(program.counters()[Reason::Punted as usize], 2);
+    assert_eq!(program.counters()[Reason::BoundByXdp as usize], 0);
+    assert!(program.flow(&key).is_none());
+
+    // The same cookie in the service as the agent saw it: the segment becomes the SYN to
+    // the session's backend, with the client's address, port, ISN and options, and the
+    // balancer's clock for its TSval.
+    program.change_service(COOKIE_PORT, |s| Service {
+        generation: FIXTURE_GENERATION,
+        ..s
+    });
+    reset_binding(&mut program);
+    let request = request(COOKIE);
+    let before_ms = milliseconds();
+    let (action, output) = program.run(&segment(&request));
+    let after_ms = milliseconds();
+    assert_eq!(action, XDP_REDIRECT);
+    const SYN_TSVAL: usize = 14 + 20 + 20 + 8;
+    let tsval = u32::from_be_bytes(output[SYN_TSVAL..SYN_TSVAL + 4].try_into().unwrap());
+    assert!(
+        (before_ms..=after_ms).contains(&tsval),
+        "the SYN's TSval {tsval} is the balancer's clock ({before_ms}..={after_ms})"
+    );
+    let to_backend = Ip {
+        id: 0,
+        ttl: 63,
+        ..ip(CLIENT, BACKEND, PROTO_TCP)
+    };
+    let mut options = vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10];
+    options.extend_from_slice(&tsval.to_be_bytes());
+    options.extend_from_slice(&[0, 0, 0, 0, 1, 3, 3, 7]);
+    let syn = tcp_with_options(
+        &to_backend,
+        (CLIENT_PORT, WEB_BACKEND_PORT),
+        (CLIENT_SEQ, 0),
+        TCP_SYN,
+        u16::MAX,
+        &options,
+    );
+    assert_eq!(
+        output,
+        ipv4_frame(TO_BACKEND.0, TO_BACKEND.1, &to_backend, &syn)
+    );
+    assert_eq!(program.counters()[Reason::BoundByXdp as usize], 1);
+    assert_eq!(program.counters()[Reason::Punted as usize], 2);
+    assert!(program.punts().is_empty(), "the agent hears nothing of it");
+
+    // The entries the agent writes with its SYN, marked as XDP's; the request as the replay.
+    let to_backend_ts = tsval.wrapping_sub(CLIENT_TSVAL);
+    let flow = program.flow(&key).unwrap();
+    assert_eq!(
+        flow,
+        Flow {
+            flags: flow_flags::TIMESTAMPS,
+            last_seen_s: flow.last_seen_s,
+            ts_delta: ECHOED_TSVAL,
+            client_ts_delta: to_backend_ts,
+            ..flow_to_backend(flow_state::CONNECTING)
+        }
+    );
+    let connecting = ReverseNat {
+        vip: addr(VIP),
+        port: COOKIE_PORT.to_be(),
+        state: flow_state::CONNECTING,
+        client_window_shift: 7,
+        replay_end: CLIENT_SEQ + 1 + request.len() as u32,
+        flags: reverse_flags::REPLAY_BY_XDP
+            | reverse_flags::BOUND_BY_XDP
+            | reverse_flags::TIMESTAMPS,
+        ts_delta: ECHOED_TSVAL,
+        client_ts_delta: to_backend_ts,
+        ..ReverseNat::default()
+    };
+    assert_eq!(program.reverse(&reply_key).unwrap(), connecting);
+    let mut replay = Replay::zeroed();
+    replay.bytes[..request.len()].copy_from_slice(&request);
+    replay.len = request.len() as u16;
+    replay.sum = csum::sum_words(&request);
+    replay.window = 1234;
+    replay.timestamps = 1;
+    replay.tsval = tsval;
+    assert_eq!(program.replay(&key).unwrap(), replay);
+
+    // The backend's SYN-ACK, announcing a window scale of 9: recorded, answered with the
+    // replay, the scale taken from it, and no copy for the agent.
+    let syn_ack = timestamped_syn_ack(BACKEND_ISN, (BACKEND_TSVAL, tsval), 9);
+    let (action, output) = program.run(&syn_ack);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(
+        output,
+        timestamped_replay(BACKEND_ISN, (tsval, BACKEND_TSVAL), &request)
+    );
+    assert!(program.punts().is_empty(), "no copy of the SYN-ACK");
+    assert_eq!(program.counters()[Reason::ReplayedByXdp as usize], 1);
+    let spliced = program.reverse(&reply_key).unwrap();
+    assert_eq!(
+        (
+            spliced.state,
+            spliced.backend_window_shift,
+            spliced.seq_delta
+        ),
+        (flow_state::SPLICED, 9, BACKEND_ISN.wrapping_sub(COOKIE_ISN))
+    );
 }
 
 #[test]

@@ -513,14 +513,17 @@ for addr in [{list}]:
             words[0],
         );
     }
-    // Every connection bound once, each by the worker of its prefix.
+    // Every connection bound once: a client's first (a new session) and second (its first
+    // with the cookie) by the worker of its prefix, the other four by XDP, from the session
+    // the worker left it.
     let workers = agent_workers(&lab);
     let mut expected = vec![0u64; workers as usize];
     for client in &clients {
         let owner = balancer_common::worker_of(&IpAddr::V4(*client).into(), workers);
-        expected[owner as usize] += 6;
+        expected[owner as usize] += 2;
     }
     assert_eq!(per_worker(&lab, "bound_each"), expected);
+    assert_eq!(binding_count(&lab, "by_xdp"), 32);
     assert_eq!(binding_count(&lab, "bound"), 48);
 }
 

@@ -108,12 +108,16 @@ fn the_first_response_carries_the_cookie_and_its_cors_variant_and_sessions_stick
 
 /// The lines go behind the status line of the backend's first segment in XDP: of 50 new
 /// sessions' first connections and 50 returning ones, the agent reads the requests alone
-/// (XDP replays them when the backends' SYN-ACKs come).
+/// (XDP replays them when the backends' SYN-ACKs come), but for the returning connections
+/// XDP binds itself: those whose cookie is the one the agent last bound the client by (a
+/// cookie names its backend and expiry second, so sessions started in one second on one
+/// backend carry the same).
 #[test]
 fn a_new_sessions_cookie_is_put_in_by_xdp_and_its_response_passes_the_agent_by() {
     let lab = lab_with(&lb_cookie(""));
     let (before, issued_before) = (counters(&lab), binding_count(&lab, "issued"));
     let mut backends = HashSet::new();
+    let (mut last_bound, mut by_xdp) = (None, 0);
     for _ in 0..50 {
         let (head, backend) = get_with_head(&lab, &[], "/");
         let own = &set_cookies(&head)["LBSESSION"];
@@ -124,6 +128,11 @@ fn a_new_sessions_cookie_is_put_in_by_xdp_and_its_response_passes_the_agent_by()
         assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
         let (_, again) = get_with_head(&lab, &["-H", &format!("Cookie: {}", pair(own))], "/");
         assert_eq!(again, backend, "{own} must keep the session on {backend}");
+        if last_bound.as_deref() == Some(pair(own)) {
+            by_xdp += 1;
+        } else {
+            last_bound = Some(pair(own).to_owned());
+        }
         backends.insert(backend);
     }
     let after = counters(&lab);
@@ -137,9 +146,13 @@ fn a_new_sessions_cookie_is_put_in_by_xdp_and_its_response_passes_the_agent_by()
     // window scale from it (the splice needs it before XDP may replay).
     let first_contacts = backends.len() as u64;
     assert_eq!(
-        (delta("punted"), delta("replayed_by_xdp")),
-        (100 + first_contacts, 100 - first_contacts),
-        "the agent got each connection's request, XDP answered the SYN-ACKs with the replay, and no response went to the agent"
+        (
+            delta("punted"),
+            delta("bound_by_xdp"),
+            delta("replayed_by_xdp")
+        ),
+        (100 - by_xdp + first_contacts, by_xdp, 100 - first_contacts),
+        "the agent got each connection's request but those XDP bound, XDP answered the SYN-ACKs with the replay, and no response went to the agent"
     );
     assert_eq!(
         delta("head_delivered"),
@@ -703,4 +716,89 @@ fn a_websocket_works_through_every_cookie_mode_and_reaches_the_sessions_backend(
         );
         assert_eq!(lines[3], "True", "{mode}: every message echoed");
     }
+}
+
+/// `count` python `requests` GETs of `url`, each on a new connection with `cookie`: the
+/// backend, the body's sha256 and whether the response set the balancer's cookie, a line
+/// each.
+fn requests_with_cookie(lab: &Lab, url: &str, cookie: &str, count: usize) -> Vec<String> {
+    let script = format!(
+        r#"
+import hashlib, requests
+for _ in range({count}):
+    r = requests.get("{url}", headers={{"Cookie": "{cookie}", "Connection": "close"}}, timeout=10)
+    print(r.headers["X-Backend"], hashlib.sha256(r.content).hexdigest(), "LBSESSION=" in r.headers.get("Set-Cookie", ""))
+"#
+    );
+    let output = python(lab, lab.client_ns(), &script);
+    let lines: Vec<String> = output.lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), count, "every request answered:\n{output}");
+    lines
+}
+
+/// Once the agent bound a returning session's connection, XDP binds the client's next ones
+/// itself (the same cookie at the same place of a one-segment request head): each reaches the
+/// session's backend with its bytes intact and no new cookie, and the agent reads none of
+/// them. A tampered cookie at that place, or a backend that no longer takes new sessions,
+/// goes to the agent again.
+#[test]
+fn a_returning_sessions_next_connections_are_bound_by_xdp_on_its_backend() {
+    const SIZE: u64 = 100_000;
+    const REQUESTS: usize = 21;
+    let lab = lab_with(&lb_cookie(""));
+    let (head, backend) = get_with_head(&lab, &[], "/");
+    let cookie = pair(&set_cookies(&head)["LBSESSION"]).to_owned();
+    let url = vip_url(&format!("/bytes/{SIZE}"));
+    let intact = format!("{backend} {} False", balancer_lab::test_data_sha256(SIZE));
+
+    let before = counters(&lab);
+    let answers = requests_with_cookie(&lab, &url, &cookie, REQUESTS);
+    let after = counters(&lab);
+    let delta = |name: &str| after[name] - before[name];
+    assert!(answers.iter().all(|a| *a == intact), "{answers:?}");
+    assert_eq!(
+        (
+            delta("punted"),
+            delta("bound_by_xdp"),
+            delta("replayed_by_xdp")
+        ),
+        (1, REQUESTS as u64 - 1, REQUESTS as u64),
+        "the agent read the first request alone, XDP bound the rest and replayed every one"
+    );
+
+    let (name, value) = cookie.split_once('=').unwrap();
+    let last = value.chars().last().unwrap();
+    let tampered = format!(
+        "{name}={}{}",
+        &value[..value.len() - 1],
+        if last == 'A' { 'B' } else { 'A' }
+    );
+    // Its response is larger than the client's MSS with the new cookie lines in: the agent
+    // edits its head, and reads the segments of it the backend sends.
+    let before = counters(&lab);
+    let answers = requests_with_cookie(&lab, &url, &tampered, 1);
+    let after = counters(&lab);
+    assert!(
+        answers[0].ends_with(" True"),
+        "a tampered cookie starts a new session: {answers:?}"
+    );
+    assert_eq!(
+        after["bound_by_xdp"] - before["bound_by_xdp"],
+        0,
+        "the agent read the tampered cookie's request"
+    );
+
+    balancer(&lab, &["backend", "drain", "web", &backend]);
+    let before = counters(&lab);
+    let answers = requests_with_cookie(&lab, &url, &cookie, 1);
+    let after = counters(&lab);
+    assert_eq!(answers[0], intact, "a draining backend keeps its session");
+    assert_eq!(
+        (
+            after["punted"] - before["punted"],
+            after["bound_by_xdp"] - before["bound_by_xdp"]
+        ),
+        (1, 0),
+        "the agent placed the session of a draining backend"
+    );
 }

@@ -28,6 +28,7 @@ use tracing::debug;
 use super::{
     budget::{Budgets, Shed},
     counters::{Outcome, Tallies},
+    known,
     placement::{choose, issue, unix_now, Asking, Cookie, Target, Unplaced},
     raw_socket::RawSockets,
     response::{Edit, Issue, Out, Response},
@@ -814,6 +815,22 @@ impl Worker {
             self.maps.hold_replay(key, replay);
         }
         pending.replay_by_xdp = replay.is_some();
+        // XDP binds by a known session only what reaches the backend as the client sent it,
+        // in one replay.
+        let unchanged = pending.replay_by_xdp
+            && pending.issue.is_none()
+            && pending.strip.is_none()
+            && pending.proxy_header.is_empty()
+            && pending.source.is_none();
+        let known = (unchanged && pending.tried.is_empty())
+            .then(|| known::session(&choice, &pending.request, service.generation))
+            .flatten();
+        if let Some(session) = known {
+            // Before the SYN leaves: the client's next connection may come as soon as this
+            // one's answer.
+            let client = known::key(pending.client, (pending.vip, pending.vip_port));
+            self.maps.remember_session(&client, &session);
+        }
         let reply_key = backend_key(pending, target);
         let (flow, mut nat) = connection_entries(pending, target, flow_state::CONNECTING);
         if nat.client_window_shift != 0 {
@@ -874,6 +891,9 @@ impl Worker {
             }
             if already.is_none() {
                 debug!(backend = %target.addr, "backend refused the connection: trying the next one");
+                // Nor is XDP to send the client's next connections there.
+                let client = known::key(pending.client, (pending.vip, pending.vip_port));
+                self.maps.forget_session(&client);
                 self.binder.by_backend.remove(&segment.key());
                 self.connect_next(&key);
             }
@@ -981,6 +1001,7 @@ impl Worker {
                 .or_default() += 1;
             let pending = self.binder.pending.get_mut(&key).expect("looked up above");
             pending.reverse = nat;
+
             if replayed && !pending.acknowledged && pending.shortened() == 0 {
                 // Lost, XDP's replay would not be lost for good: the client, its request not
                 // acknowledged, sends it all again, and the backend its SYN-ACK. (Not so

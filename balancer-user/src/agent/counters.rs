@@ -150,6 +150,42 @@ impl Tallies {
     }
 }
 
+/// The cookie connections XDP binds without the agent, tallied from XDP's count per backend
+/// as the workers tally their own: by the last minute, and when the last came (a drain waits
+/// for a backend's cookie sessions to go quiet).
+#[derive(Default)]
+pub struct XdpBindings {
+    /// XDP's count per backend id at the last look.
+    seen: HashMap<u32, u64>,
+    /// `recent_cookie_choices` and `last_cookie_choice` alone.
+    tallies: Tallies,
+}
+
+impl XdpBindings {
+    /// Takes XDP's counts per backend id (since the maps were made) at second `now`: what
+    /// they grew by since the last look came now. The first look only learns them.
+    pub fn note(&mut self, counts: impl IntoIterator<Item = (u32, u64)>, now: u64) {
+        for (backend, count) in counts {
+            let Some(seen) = self.seen.insert(backend, count) else {
+                continue;
+            };
+            let new = count.saturating_sub(seen);
+            if new > 0 {
+                let recent = self.tallies.recent_cookie_choices.entry(backend);
+                recent.or_default().add_many(now, new);
+                self.tallies
+                    .last_cookie_choice
+                    .insert(backend, Instant::now());
+            }
+        }
+    }
+
+    /// The workers' tallies with XDP's connections added.
+    pub fn with(&self, workers: Tallies) -> Tallies {
+        Tallies::sum([workers, self.tallies.clone()])
+    }
+}
+
 fn add_counts<K: Eq + Hash>(sums: &mut HashMap<K, u64>, more: HashMap<K, u64>) {
     for (key, count) in more {
         *sums.entry(key).or_default() += count;
@@ -224,8 +260,13 @@ impl RecentCounts {
 
     /// Counts one event at second `now` (of any monotonic origin).
     pub fn add(&mut self, now: u64) {
+        self.add_many(now, 1);
+    }
+
+    /// Counts `count` events at second `now`.
+    pub fn add_many(&mut self, now: u64, count: u64) {
         self.advance(now);
-        self.buckets[(now % Self::SECONDS) as usize] += 1;
+        self.buckets[(now % Self::SECONDS) as usize] += count;
     }
 
     /// Adds the events of `other` (another worker's count of the same events).
@@ -284,6 +325,22 @@ mod tests {
         assert_eq!(counts.total(175), 2);
         counts.add(400);
         assert_eq!(counts.total(400), 1, "a long pause empties the window");
+    }
+
+    #[test]
+    fn xdp_bindings_count_what_xdp_bound_since_the_first_look_with_the_workers() {
+        let mut xdp = XdpBindings::default();
+        // What the maps held when the agent started is not this minute's.
+        xdp.note([(3, 500), (4, 0)], 100);
+        xdp.note([(3, 502), (4, 0)], 101);
+        xdp.note([(3, 507), (4, 1)], 130);
+        let mut workers = Tallies::default();
+        workers.recent_cookie_choices.entry(3).or_default().add(130);
+        let tallies = xdp.with(workers);
+        let recent = |backend| tallies.recent_cookie_choices[&backend].total(130);
+        assert_eq!((recent(3), recent(4)), (8, 1));
+        assert_eq!(tallies.recent_cookie_choices[&3].total_over(10, 130), 6);
+        assert!(tallies.last_cookie_choice.contains_key(&3));
     }
 
     #[test]

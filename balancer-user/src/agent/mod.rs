@@ -12,8 +12,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use balancer_common::{
-    backend_state, Addr, Backend, CookieSecret, NewFlowSource, Service, ServiceKey,
-    GROUP_TABLE_SIZE, MAX_BACKENDS,
+    backend_state, Addr, Backend, BackendCounters, CookieSecret, NewFlowSource, Service,
+    ServiceKey, GROUP_TABLE_SIZE, MAX_BACKENDS,
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{error, info, warn};
@@ -38,6 +38,7 @@ mod budget;
 mod counters;
 #[cfg(test)]
 mod fuzz;
+mod known;
 mod placement;
 mod raw_socket;
 mod response;
@@ -66,6 +67,11 @@ pub struct Agent {
     check_latency: crate::metrics::CheckLatencies,
     /// The clients that opened the most new flows (XDP's and cookie connections).
     sources: sources::SourceTally,
+    /// The last [`Service::generation`] written. Seeded from the clock, so that a restarted
+    /// agent does not meet the known sessions a previous run left with its generations.
+    generation: u32,
+    /// The cookie connections XDP bound without the workers.
+    xdp_bindings: counters::XdpBindings,
 }
 
 #[derive(Clone)]
@@ -83,6 +89,8 @@ struct ServiceRuntime {
     /// With `balance_factor`: active connections per backend id, as the latest walk of the
     /// flow table counted them plus those placed since.
     loads: HashMap<u32, u64>,
+    /// The [`Service::generation`] last written.
+    generation: u32,
 }
 
 #[derive(Clone)]
@@ -263,8 +271,13 @@ impl Agent {
             cookie_rotations: 0,
             check_latency: crate::metrics::check_latencies(),
             sources: sources::SourceTally::default(),
+            generation: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u32),
+            xdp_bindings: counters::XdpBindings::default(),
         };
         agent.apply(config)?;
+        agent.note_xdp_bindings()?;
         Ok(agent)
     }
 
@@ -418,6 +431,7 @@ impl Agent {
                     .map(|g| GroupRuntime::new(&g.name, g.weight))
                     .collect(),
                 loads: HashMap::new(),
+                generation: 0,
             });
         }
         for removed in old.into_values() {
@@ -487,6 +501,8 @@ impl Agent {
 
     /// [`Agent::publish`] without telling the workers.
     fn write_service(&mut self, index: usize) -> Result<()> {
+        self.generation = self.generation.wrapping_add(1);
+        self.services[index].generation = self.generation;
         let service = &self.services[index];
         let members = write_backends(&mut self.dataplane, &self.config, service)?;
         let ids: Vec<u32> = service.backends.iter().map(|b| b.id).collect();
@@ -662,7 +678,8 @@ impl Agent {
     /// What still holds a backend, for `balancer backend drain --wait`: its state, its flows
     /// that are not closing and saw a packet in the last minute, its live `source-ip`
     /// sessions, and the seconds since a connection last came to it by its cookie.
-    pub fn pinned(&self, service: &str, backend: &str) -> Result<String> {
+    pub fn pinned(&mut self, service: &str, backend: &str) -> Result<String> {
+        let tallies = self.cookie_tallies()?;
         let (index, position) = self
             .find(service, backend)
             .with_context(|| format!("no backend {backend} in service {service}"))?;
@@ -678,9 +695,7 @@ impl Agent {
         let sessions = self
             .dataplane
             .live_sessions_of(runtime.id, service.config.affinity_timeout)?;
-        let cookie_quiet = self
-            .workers
-            .tallies()
+        let cookie_quiet = tallies
             .last_cookie_choice
             .get(&runtime.id)
             .map_or_else(|| "never".to_owned(), |t| t.elapsed().as_secs().to_string());
@@ -694,7 +709,13 @@ impl Agent {
     /// `source-ip` sessions, spliced cookie connections and connections that came by its
     /// cookie in the last minute; then up to `limit` live `source-ip` sessions (of `backend`
     /// only, if given) with their client, backend and idle seconds.
-    pub fn sessions(&self, service: &str, backend: Option<&str>, limit: usize) -> Result<String> {
+    pub fn sessions(
+        &mut self,
+        service: &str,
+        backend: Option<&str>,
+        limit: usize,
+    ) -> Result<String> {
+        let tallies = self.cookie_tallies()?;
         let service = self
             .services
             .iter()
@@ -722,7 +743,6 @@ impl Agent {
                 key.service_id == service.id && ids.contains(&session.backend_id)
             })?;
         let spliced = self.dataplane.spliced_by_backend()?;
-        let tallies = self.workers.tallies();
         let now = u64::from(crate::dataplane::monotonic_seconds());
         let drain_timeout = service.drain_timeout();
         let backends: Vec<serde_json::Value> = picked
@@ -896,14 +916,17 @@ impl Agent {
         );
         let tallies = counters::Tallies::sum(each);
         let b = &tallies.counters;
-        let issued_by_xdp = self.cookies_issued_by_xdp()?;
+        let by_xdp = self.dataplane.backend_counters(&self.backend_ids())?;
+        let by_xdp = |count: fn(&BackendCounters) -> u64| by_xdp.values().map(count).sum::<u64>();
+        let bound_by_xdp = by_xdp(|c| c.bound);
         let _ = writeln!(
             text,
-            "bindings bound={} cookie={} fallback={} issued={} heads_resent={} replays_resent={} retried={} failed={} head_too_large={} held={}",
-            b.bound,
+            "bindings bound={} by_xdp={} cookie={} fallback={} issued={} heads_resent={} replays_resent={} retried={} failed={} head_too_large={} held={}",
+            b.bound + bound_by_xdp,
+            bound_by_xdp,
             b.with_cookie,
             b.without_cookie,
-            b.cookies_issued + issued_by_xdp,
+            b.cookies_issued + by_xdp(|c| c.cookies_issued),
             b.heads_resent,
             b.replays_resent,
             b.retried,
@@ -961,7 +984,8 @@ impl Agent {
                         .bound_by_backend
                         .get(&backend.id)
                         .copied()
-                        .unwrap_or(0),
+                        .unwrap_or(0)
+                        + counters.get(&backend.id).map_or(0, |c| c.bound),
                     xdp: counters.get(&backend.id).copied().unwrap_or_default(),
                     cookies_issued: tallies
                         .issued_by_backend
@@ -1104,10 +1128,27 @@ impl Agent {
         text
     }
 
-    /// Tells the data plane the agent is alive.
+    /// Tells the data plane the agent is alive, and tallies the connections XDP bound.
     pub fn heartbeat(&mut self) -> Result<()> {
         self.dataplane.heartbeat()?;
+        self.note_xdp_bindings()?;
         self.refresh_loads()
+    }
+
+    /// Tallies the cookie connections XDP bound since the last look (the first learns what
+    /// the maps hold from before).
+    fn note_xdp_bindings(&mut self) -> Result<()> {
+        let bound = self.dataplane.backend_counters(&self.backend_ids())?;
+        let now = u64::from(crate::dataplane::monotonic_seconds());
+        self.xdp_bindings
+            .note(bound.iter().map(|(&id, c)| (id, c.bound)), now);
+        Ok(())
+    }
+
+    /// The workers' tallies with the cookie connections XDP bound up to now.
+    fn cookie_tallies(&mut self) -> Result<counters::Tallies> {
+        self.note_xdp_bindings()?;
+        Ok(self.xdp_bindings.with(self.workers.tallies()))
     }
 
     /// Counts the active connections of each backend of the services with bounded-load
@@ -1168,17 +1209,17 @@ fn random_secret() -> Result<CookieSecret> {
 }
 
 impl Agent {
-    /// Counters of the cookie services' binding stage, with the cookies XDP issued.
+    /// Counters of the cookie services' binding stage, with the cookies XDP issued and the
+    /// connections it bound.
     pub fn binding_counters(&self) -> BindingCounters {
         let mut counters = self.workers.tallies().counters;
-        counters.cookies_issued += self.cookies_issued_by_xdp().unwrap_or(0);
+        if let Ok(by_backend) = self.dataplane.backend_counters(&self.backend_ids()) {
+            for xdp in by_backend.values() {
+                counters.cookies_issued += xdp.cookies_issued;
+                counters.bound += xdp.bound;
+            }
+        }
         counters
-    }
-
-    /// The cookies XDP put into response heads (the agent counts those it edited).
-    fn cookies_issued_by_xdp(&self) -> Result<u64> {
-        let counters = self.dataplane.backend_counters(&self.backend_ids())?;
-        Ok(counters.values().map(|c| c.cookies_issued).sum())
     }
 
     /// The ids of every service's backends.
@@ -1360,6 +1401,7 @@ fn service_value(service: &ServiceRuntime) -> Service {
         } else {
             0
         },
+        generation: service.generation,
         ..Service::default()
     }
 }

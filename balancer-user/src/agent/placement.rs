@@ -164,9 +164,13 @@ pub(super) enum Cookie {
     /// An application cookie's value, hashed into the lookup table.
     Hashed(String),
     /// A genuine balancer cookie naming a backend that keeps its sessions; `renew` when less
-    /// than half its life is left, so an active session does not end at its first cookie's
-    /// expiry.
-    Session { backend: String, renew: bool },
+    /// than half its life is left (from unix second `renew_at` on), so an active session
+    /// does not end at its first cookie's expiry.
+    Session {
+        backend: String,
+        renew: bool,
+        renew_at: u32,
+    },
     /// A balancer cookie that counts as absent, by [`REJECTION_REASONS`] index.
     Rejected(usize),
     /// A genuine balancer cookie whose backend is down, on a service whose sessions return
@@ -179,7 +183,7 @@ impl std::fmt::Display for Cookie {
         match self {
             Cookie::Absent => f.write_str("none"),
             Cookie::Hashed(value) => write!(f, "app {value}"),
-            Cookie::Session { backend, renew } => {
+            Cookie::Session { backend, renew, .. } => {
                 write!(f, "session on {backend}")?;
                 if *renew {
                     f.write_str(", renewed")?;
@@ -279,6 +283,8 @@ enum ByCookie {
 struct CookieSession {
     token: u32,
     renew: bool,
+    /// Unix second from which the cookie is renewed.
+    renew_at: u32,
     pin: Option<GroupPin>,
 }
 
@@ -289,12 +295,7 @@ impl Placing<'_> {
     fn choose(&self, keys: &CookieKeys) -> Result<(Target, Cookie), Unplaced> {
         let sessions = self.sessions;
         let request = &self.asking.request;
-        // The cross-origin variant carries the same value, for requests that only send it.
-        let value = sessions
-            .cookie_name()
-            .and_then(|name| cookie_value(request, name))
-            .or_else(|| cookie_value(request, &sessions.cors_cookie_name()?))
-            .or_else(|| http::url_param(request, sessions.url_param()?));
+        let value = session_cookie(sessions, request).map(|(_, value)| value);
         let mut home = None;
         let cookie = match value {
             None => Cookie::Absent,
@@ -336,6 +337,7 @@ impl Placing<'_> {
                 .map(|session| CookieSession {
                     token: session.token,
                     renew: session.expires - self.now < half_life,
+                    renew_at: session.expires - half_life,
                     pin: session.group,
                 });
             Some(opened.map_err(|r| r as usize))
@@ -344,6 +346,7 @@ impl Placing<'_> {
                 Ok(CookieSession {
                     token,
                     renew: false,
+                    renew_at: u32::MAX,
                     pin: None,
                 })
             })
@@ -365,13 +368,13 @@ impl Placing<'_> {
     /// the service's policy says.
     fn by_cookie(
         &self,
-        CookieSession { token, renew, .. }: CookieSession,
+        session: CookieSession,
         home: Home,
         value: &str,
     ) -> Result<ByCookie, Unplaced> {
         let (service, tried) = (self.service, self.asking.tried);
         let unusable = ByCookie::Afresh(Cookie::Rejected(BACKEND_UNUSABLE));
-        let named = |b: &&BackendRuntime| backend_token(&b.config.name) == token;
+        let named = |b: &&BackendRuntime| backend_token(&b.config.name) == session.token;
         let Some(backend) = service.backends.iter().find(named) else {
             return Ok(unusable);
         };
@@ -385,7 +388,7 @@ impl Placing<'_> {
             return Ok(unusable);
         }
         if backend.state(service.drain_timeout()) != backend_state::DOWN {
-            return Ok(self.on_its_backend(backend, renew, home));
+            return Ok(self.on_its_backend(backend, session, home));
         }
         if backend.healthy {
             return Ok(unusable);
@@ -420,11 +423,18 @@ impl Placing<'_> {
     /// A session on a usable backend: served there, unless it belongs to another group
     /// than the one its pin keeps it in, or, its time in the group over, the weights of now
     /// send it to another group.
-    fn on_its_backend(&self, backend: &BackendRuntime, renew: bool, home: Home) -> ByCookie {
+    fn on_its_backend(
+        &self,
+        backend: &BackendRuntime,
+        cookie: CookieSession,
+        home: Home,
+    ) -> ByCookie {
         let service = self.service;
+        let renew = cookie.renew;
         let session = |renew| Cookie::Session {
             backend: backend.config.name.clone(),
             renew,
+            renew_at: cookie.renew_at,
         };
         let mut target = service.target(backend);
         if service.groups.is_empty() || self.route.is_some() {
@@ -604,6 +614,24 @@ pub(super) fn unix_now() -> u32 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as u32)
+}
+
+/// The name and value of the cookie that places a request: the balancer's (or the
+/// application's) cookie, its cross-origin variant, which carries the same value for
+/// requests that only send it, or the URL parameter.
+pub(super) fn session_cookie(sessions: &ServiceConfig, request: &[u8]) -> Option<(String, String)> {
+    let named = |name: &str, value: Option<String>| value.map(|v| (name.to_owned(), v));
+    sessions
+        .cookie_name()
+        .and_then(|name| named(name, cookie_value(request, name)))
+        .or_else(|| {
+            let name = sessions.cors_cookie_name()?;
+            named(&name, cookie_value(request, &name))
+        })
+        .or_else(|| {
+            let name = sessions.url_param()?;
+            named(name, http::url_param(request, name))
+        })
 }
 
 /// The value of cookie `name` in the request head's `Cookie` headers.

@@ -1,0 +1,393 @@
+//! A returning session's connection bound by XDP alone. When the agent binds a connection
+//! by a genuine balancer cookie that needs no new one (or an application cookie's hashed
+//! value), it leaves a `KnownSession` for the client: the cookie's bytes and the backend. A
+//! later connection of that client whose first segment holds its whole request head with the
+//! same cookie bytes where their first four first appear goes to the same backend
+//! without the agent, while the service is as the agent saw it (its generation): XDP keeps
+//! the request in `REPLAYS`, writes the connection's entries as the agent would and turns
+//! the segment into the SYN that opens the backend side; the backend's SYN-ACK is then
+//! answered by `replay` as for the agent's connections. Anything else (another cookie, another place, a backend no longer
+//! up, a decision past its time, a request in several segments) goes to the agent.
+//!
+//! It is a program of its own, `balancer_bind`, reached by a tail call with the parsed
+//! packet in `COOKIE_HANDOFF`: the main program's stack is spent.
+
+use aya_ebpf::{helpers::bpf_xdp_load_bytes, programs::XdpContext};
+use balancer_common::{
+    backend_state, binding_state, flow_flags, flow_state,
+    proto::{
+        tcp_field,
+        tcp_flag::{FIN, RST, SYN},
+    },
+    punt_kind, reverse_flags, Backend, Binding, Flow, FlowKey, KnownSession, KnownSessionKey,
+    Reason, Replay, ReverseNat, ServiceKey, COOKIE_MSS, COOKIE_WINDOW_SHIFT, MAX_KNOWN_COOKIE,
+    MAX_REPLAY, NO_WINDOW_SCALE, PROTO_TCP,
+};
+use network_types::eth::EthHdr;
+
+use crate::{
+    forward,
+    maps::{
+        BACKENDS, BINDINGS, BIND_PROGRAM, FLOWS, KNOWN_SESSIONS, REPLAYS, REPLAY_SCRATCH, REVERSE,
+        SERVICES,
+    },
+    nat::seconds_now,
+    packet::{self, ptr_at, Packet},
+    punt, reply, splice,
+    stats::{self, Verdict},
+    synack::{self, Handshake, SYN_TCP_LEN, SYN_TCP_LEN_TIMESTAMPS},
+    tcp_options,
+};
+
+/// The end of a request head.
+const HEAD_END: [u8; 4] = *b"\r\n\r\n";
+/// The bytes of a known session's cookie (`name=value`) searched for in a request, of its
+/// name; the rest is compared where they are.
+const COOKIE_PREFIX: usize = 4;
+
+/// Passes a client's first data segment of a connection being bound on to `balancer_bind`;
+/// returns only if that program is missing, and the segment then goes to the agent.
+#[inline(always)]
+pub fn hand_off(ctx: &XdpContext, packet: &Packet) {
+    if packet.payload_len > 0 && packet.tcp_flags & (SYN | FIN | RST) == 0 {
+        splice::hand_off(ctx, packet, &BIND_PROGRAM);
+    }
+}
+
+/// `balancer_bind`: the segment bound by XDP, or handed to the agent.
+#[inline(always)]
+pub fn connect(ctx: &XdpContext) -> Verdict {
+    let Some(packet) = splice::handed_off() else {
+        return Verdict::drop(Reason::DropTruncated);
+    };
+    // SAFETY: map values stay valid for the duration of the program; the copy is taken at
+    // once.
+    let binding = unsafe { BINDINGS.get(&packet.key) }.map_or(Binding::NONE, |b| *b);
+    if binding.state == binding_state::ACCEPTED {
+        if let Some(verdict) = bind(ctx, &packet, &binding) {
+            return verdict;
+        }
+    }
+    punt::punt(ctx, punt_kind::CLIENT, &packet.key.src, &binding)
+}
+
+/// Binds the connection from its client's known session, if the segment matches it: the
+/// verdict of its SYN to the backend, `None` (the frame untouched) to leave it to the agent.
+#[inline(always)]
+fn bind(ctx: &XdpContext, packet: &Packet, binding: &Binding) -> Option<Verdict> {
+    let key = &packet.key;
+    // (The keys in blocks of their own: the stack is short.)
+    let session = {
+        let client = KnownSessionKey {
+            client: key.src,
+            vip: key.dst,
+            port: key.dport,
+            _pad: [0; 2],
+        };
+        // SAFETY: map values stay valid for the duration of the program.
+        unsafe { &*KNOWN_SESSIONS.get_ptr(&client)? }
+    };
+    let now_s = seconds_now();
+    if session.until_s.wrapping_sub(now_s) as i32 <= 0 {
+        return None;
+    }
+    let generation = {
+        let service = ServiceKey {
+            vip: key.dst,
+            port: key.dport,
+            proto: key.proto,
+            _pad: 0,
+        };
+        // SAFETY: map values stay valid for the duration of the program.
+        unsafe { SERVICES.get(&service)? }.generation
+    };
+    if generation != session.generation {
+        return None;
+    }
+    let backend = BACKENDS.get(session.backend_id)?;
+    if backend.state != backend_state::UP {
+        return None;
+    }
+    let request = REPLAY_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: the entry is this CPU's, and only this program run touches it.
+    let request = unsafe { &mut *request };
+    let mss = usize::from(binding.options.mss.clamp(536, COOKIE_MSS));
+    read_request(ctx, packet, mss.min(MAX_REPLAY), request)?;
+    if !carries(request, session) {
+        return None;
+    }
+    let window: *const [u8; 2] = ptr_at(ctx, packet.tcp_field(tcp_field::WINDOW))?;
+    // SAFETY: `ptr_at` checked that the field lies inside the frame.
+    request.window = u16::from_be_bytes(unsafe { *window });
+    let timestamps = if binding.options.timestamps != 0 {
+        let tsval_at = tcp_options::timestamps_at(ctx, packet)?;
+        let read = |at| splice::read_u32(ctx, at).ok();
+        Some((read(tsval_at)?, read(tsval_at + 4)?))
+    } else {
+        None
+    };
+    let opened = Opened {
+        key,
+        binding,
+        backend,
+        backend_id: session.backend_id,
+        now_ms: synack::milliseconds(),
+        timestamps,
+    };
+    opened.leave_replay(request)?;
+    opened.write_entries(now_s, request.len)?;
+    Some(opened.send_syn(ctx, packet))
+}
+
+/// Copies the segment's payload into `request` when it is one whole request head of at most
+/// `max_len` bytes, with the sum of its words.
+#[inline(always)]
+fn read_request(
+    ctx: &XdpContext,
+    packet: &Packet,
+    max_len: usize,
+    request: &mut Replay,
+) -> Option<()> {
+    let len = packet.payload_len;
+    if len < HEAD_END.len() || len > max_len {
+        return None;
+    }
+    let len = len.clamp(HEAD_END.len(), MAX_REPLAY);
+    let payload_at = packet.l4_offset + packet.tcp_header_len;
+    // SAFETY: `request.bytes` holds `MAX_REPLAY` bytes, `len` is at most that.
+    let read = unsafe {
+        bpf_xdp_load_bytes(
+            ctx.ctx,
+            payload_at as u32,
+            request.bytes.as_mut_ptr().cast(),
+            len as u32,
+        )
+    };
+    if read != 0 {
+        return None;
+    }
+    let last = len - HEAD_END.len();
+    if (0..HEAD_END.len()).any(|i| request.bytes[(last + i) & (MAX_REPLAY - 1)] != HEAD_END[i]) {
+        return None;
+    }
+    request.len = len as u16;
+    request.sum = sum_words(request);
+    Some(())
+}
+
+/// Whether the request carries the session's cookie bytes whole, where their first four bytes
+/// first appear: behind the start of a cookie or URL parameter, and followed by its end.
+#[inline(always)]
+fn carries(request: &Replay, session: &KnownSession) -> bool {
+    let len = usize::from(session.len);
+    if !(COOKIE_PREFIX..=MAX_KNOWN_COOKIE).contains(&len) {
+        return false;
+    }
+    let Some(at) = find(request, &session.cookie) else {
+        return false;
+    };
+    if at == 0 || at + len >= usize::from(request.len) {
+        return false;
+    }
+    let byte = |at: usize| request.bytes[at & (MAX_REPLAY - 1)];
+    for i in COOKIE_PREFIX..MAX_KNOWN_COOKIE {
+        if i == fresh(&session.len) {
+            break;
+        }
+        if byte(at + i) != session.cookie[i] {
+            return false;
+        }
+    }
+    let end = at + fresh(&session.len);
+    matches!(byte(at - 1), b' ' | b';' | b'?' | b'&')
+        && matches!(byte(end), b';' | b'\r' | b' ' | b'&')
+}
+
+/// Where the first [`COOKIE_PREFIX`] bytes of `cookie` first appear in the request.
+#[inline(always)]
+fn find(request: &Replay, cookie: &[u8; MAX_KNOWN_COOKIE]) -> Option<usize> {
+    let prefix = [cookie[0], cookie[1], cookie[2], cookie[3]];
+    let mut found = None;
+    for at in 0..MAX_REPLAY - COOKIE_PREFIX {
+        if at + COOKIE_PREFIX > fresh(&request.len) {
+            break;
+        }
+        let bytes = &request.bytes;
+        if [bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]] == prefix {
+            found = Some(at);
+            break;
+        }
+    }
+    // Each place the search can stop at would otherwise be verified on its own from here.
+    packet::opaque(found?, MAX_REPLAY)
+}
+
+/// The one's-complement sum of the 16-bit words of the request's bytes as they lie in memory
+/// (an odd last byte padded with zero), folded to 16 bits.
+#[inline(always)]
+fn sum_words(request: &Replay) -> u16 {
+    let mut sum = 0u32;
+    for word in 0..MAX_REPLAY / 2 {
+        let at = word * 2;
+        if at >= fresh(&request.len) {
+            break;
+        }
+        let bytes = &request.bytes;
+        let second = if at + 1 < fresh(&request.len) {
+            bytes[at + 1]
+        } else {
+            0
+        };
+        sum += u32::from(u16::from_ne_bytes([bytes[at], second]));
+    }
+    balancer_common::csum::fold(sum)
+}
+
+/// A length read anew from its map value: compared inside a loop, a length held in a
+/// register would carry what each iteration learnt of it out of the loop, and the verifier
+/// would follow every exit on its own.
+#[inline(always)]
+fn fresh(len: &u16) -> usize {
+    // SAFETY: `len` is a reference, so valid to read.
+    usize::from(unsafe { core::ptr::read_volatile(len) })
+}
+
+/// A connection XDP opens the backend side of.
+struct Opened<'a> {
+    key: &'a FlowKey,
+    binding: &'a Binding,
+    backend: &'a Backend,
+    backend_id: u32,
+    now_ms: u32,
+    /// The client's TSval and TSecr, when the connection uses timestamps.
+    timestamps: Option<(u32, u32)>,
+}
+
+impl Opened<'_> {
+    /// The TSval the backend sees from the client: the balancer's clock now.
+    #[inline(always)]
+    fn tsval(&self) -> u32 {
+        self.now_ms
+    }
+
+    /// Leaves the request for `replay` to send with the ACK of the backend's SYN-ACK.
+    #[inline(always)]
+    fn leave_replay(&self, request: &mut Replay) -> Option<()> {
+        request.timestamps = u16::from(self.timestamps.is_some());
+        request.tsval = self.tsval();
+        REPLAYS.insert(self.key, request, 0).ok()
+    }
+
+    /// The connection's entries as the agent writes them with its SYN (see
+    /// `connection_entries` in the agent), marked as XDP's own.
+    #[inline(always)]
+    fn write_entries(&self, now_s: u32, request_len: u16) -> Option<()> {
+        let (ts_flow, ts_reverse, balancer_tsval, to_backend) = match self.timestamps {
+            // The backend's first TSval becomes the last the client had from the balancer
+            // (its TSecr); the client's TSvals move onto the balancer's clock of now.
+            Some((tsval, tsecr)) => (
+                flow_flags::TIMESTAMPS,
+                reverse_flags::TIMESTAMPS,
+                tsecr,
+                self.tsval().wrapping_sub(tsval),
+            ),
+            None => (0, 0, 0, 0),
+        };
+        let client_window_shift = if self.binding.options.window_shift == NO_WINDOW_SCALE {
+            0
+        } else {
+            COOKIE_WINDOW_SHIFT
+        };
+        let reply_key = FlowKey {
+            src: self.backend.addr,
+            dst: self.key.src,
+            sport: self.backend.port,
+            dport: self.key.sport,
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        };
+        let reverse = ReverseNat {
+            vip: self.key.dst,
+            port: self.key.dport,
+            state: flow_state::CONNECTING,
+            backend_id: self.backend_id,
+            client_window_shift,
+            replay_end: self
+                .binding
+                .client_isn
+                .wrapping_add(1)
+                .wrapping_add(u32::from(request_len)),
+            flags: reverse_flags::REPLAY_BY_XDP | reverse_flags::BOUND_BY_XDP | ts_reverse,
+            ts_delta: balancer_tsval,
+            client_ts_delta: to_backend,
+            ..ReverseNat::default()
+        };
+        REVERSE.insert(&reply_key, &reverse, 0).ok()?;
+        let flow = Flow {
+            backend_addr: self.backend.addr,
+            backend_id: self.backend_id,
+            backend_port: self.backend.port,
+            state: flow_state::CONNECTING,
+            flags: ts_flow,
+            last_seen_s: now_s,
+            ts_delta: balancer_tsval,
+            client_ts_delta: to_backend,
+            ..Flow::default()
+        };
+        FLOWS.insert(self.key, &flow, 0).ok()
+    }
+
+    /// Turns the frame into the SYN to the backend, with the client's address, port, ISN
+    /// and options, and sends it there.
+    #[inline(always)]
+    fn send_syn(&self, ctx: &XdpContext, packet: &Packet) -> Verdict {
+        let sent = if self.timestamps.is_some() {
+            self.write_syn::<SYN_TCP_LEN_TIMESTAMPS, { SYN_TCP_LEN_TIMESTAMPS / 2 }>(ctx, packet)
+        } else {
+            self.write_syn::<SYN_TCP_LEN, { SYN_TCP_LEN / 2 }>(ctx, packet)
+        };
+        // The entries are written: the client's next try reaches the agent, which opens the
+        // backend side anew over them.
+        if sent.is_none() {
+            return Verdict::drop(Reason::DropNoRoomForReply);
+        }
+        stats::count_bound(self.backend_id);
+        stats::count_new_flow(self.backend_id, self.key.src);
+        match forward::redirect(ctx, packet, Reason::BoundByXdp) {
+            Ok(verdict) | Err(verdict) => verdict,
+        }
+    }
+
+    #[inline(always)]
+    fn write_syn<const LEN: usize, const WORDS: usize>(
+        &self,
+        ctx: &XdpContext,
+        packet: &Packet,
+    ) -> Option<()> {
+        const { assert!(WORDS * 2 == LEN) };
+        let eth: *const EthHdr = ptr_at(ctx, 0)?;
+        // SAFETY: `ptr_at` checked that the header lies inside the frame; the forward
+        // writes the addresses of the next hop over these.
+        let macs = unsafe { ((*eth).src_addr, (*eth).dst_addr) };
+        let l4 = reply::l4_offset(packet.v6);
+        reply::resize(ctx, l4 + LEN)?;
+        reply::write_headers(ctx, macs, &self.key.src, &self.backend.addr, LEN)?;
+        let tcp: *mut [u8; LEN] = ptr_at(ctx, l4)?;
+        let options = self.binding.options;
+        // SAFETY: `ptr_at` checked that the segment lies inside the resized frame.
+        synack::write_handshake(
+            unsafe { &mut *tcp },
+            &Handshake {
+                ports: (self.key.sport, self.backend.port),
+                seq: self.binding.client_isn,
+                ack: 0,
+                flags: SYN,
+                mss: options.mss,
+                window_shift: options.window_shift,
+                sack_permitted: options.sack_permitted != 0,
+                timestamps: (self.tsval(), 0),
+            },
+        );
+        reply::write_checksums::<WORDS>(ctx, packet.v6, (0, 0))
+    }
+}
