@@ -1,5 +1,7 @@
 //! `cargo xtask bench --workers`: new cookie connections per second with one binding worker
-//! and with two, interleaved round by round in one lab.
+//! and with two, interleaved round by round in one lab. The connections are new `lb-cookie`
+//! sessions, which the agent binds one by one (a returning session's connections after its
+//! first XDP binds without it).
 //!
 //! On a machine of two CPUs the client, the backends and XDP leave the agent less than one
 //! CPU, so more workers cannot show there by themselves. The comparison makes the agent the
@@ -19,7 +21,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use balancer_common::{worker_of, Addr};
-use balancer_lab::{Lab, ServiceOptions, COOKIE_PORT, VIP};
+use balancer_lab::{Lab, ServiceOptions, LB_COOKIE_PORT, VIP};
 
 use super::{
     new_connections_rps,
@@ -38,6 +40,8 @@ const WORKER_CPU_SHARE: f64 = 0.10;
 const CPU_PERIOD_US: u64 = 10_000;
 /// The cgroup v1 `cpu` hierarchy the quotas are made in.
 const CPU_CGROUPS: &str = "/sys/fs/cgroup/cpu";
+/// The backend of the `lb-cookie` service, as in the main benchmark.
+const LB_COOKIE_BACKEND: usize = 1;
 /// The /24s the client's connections come from, 198.18.<n>.2.
 const CLIENT_PREFIXES: usize = 8;
 const WORKER_COUNTS: [u32; 2] = [1, 2];
@@ -58,7 +62,7 @@ pub fn run(quick: bool) -> Result<()> {
     lab.start_backends(&artifacts.lab_backend)?;
     let config = lab.dir().join("balancer.toml");
     let options = ServiceOptions {
-        cookie_service: true,
+        lb_cookie_backend: Some(LB_COOKIE_BACKEND),
         ..ServiceOptions::default()
     };
     fs::write(&config, lab.balancer_config_with(&options))
@@ -66,7 +70,7 @@ pub fn run(quick: bool) -> Result<()> {
     let config = config.to_string_lossy().into_owned();
 
     println!(
-        "==> new connections through the cookie VIP (returning sessions), each worker held to {:.0}% of a CPU; {rounds} round(s) of {seconds} s",
+        "==> new connections through the lb-cookie VIP (new sessions), each worker held to {:.0}% of a CPU; {rounds} round(s) of {seconds} s",
         WORKER_CPU_SHARE * 100.0
     );
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); WORKER_COUNTS.len()];
@@ -83,7 +87,7 @@ pub fn run(quick: bool) -> Result<()> {
             )?;
             let quotas = WorkerQuotas::apply(lab.balancer_pid().context("no agent")?, workers)?;
             let before = CpuTimes::read()?;
-            let measured = new_connections_rps(&lab, System::CookieVip, seconds)?;
+            let measured = new_connections_rps(&lab, System::LbCookieVip, seconds)?;
             let busy = CpuTimes::read()?.busy_seconds_since(&before) / f64::from(seconds);
             let throttled = quotas.throttled_periods();
             drop(quotas);
@@ -106,7 +110,7 @@ pub fn run(quick: bool) -> Result<()> {
 }
 
 /// Gives the client addresses in [`CLIENT_PREFIXES`] /24s, as many of each worker's, and sends
-/// its cookie-VIP connections from them in turn.
+/// its lb-cookie VIP connections from them in turn.
 fn spread_client_prefixes(lab: &Lab) -> Result<()> {
     let workers = WORKER_COUNTS[WORKER_COUNTS.len() - 1];
     let mut sources: Vec<Ipv4Addr> = Vec::new();
@@ -123,7 +127,7 @@ fn spread_client_prefixes(lab: &Lab) -> Result<()> {
         .map(|(i, addr)| format!("{i} : {addr}"))
         .collect();
     let rules = format!(
-        "table ip spread {{\n  chain out {{\n    type nat hook postrouting priority srcnat;\n    ip daddr {VIP} tcp dport {COOKIE_PORT} snat to numgen inc mod {CLIENT_PREFIXES} map {{ {} }}\n  }}\n}}\n",
+        "table ip spread {{\n  chain out {{\n    type nat hook postrouting priority srcnat;\n    ip daddr {VIP} tcp dport {LB_COOKIE_PORT} snat to numgen inc mod {CLIENT_PREFIXES} map {{ {} }}\n  }}\n}}\n",
         map.join(", ")
     );
     let path = lab.dir().join("spread.nft");
