@@ -386,6 +386,10 @@ pub mod flow_flags {
     /// XDP put the balancer's cookie lines into the first response head behind its status
     /// line ([`HeadInsert`]); it drops them once the client acknowledged the head.
     pub const HEAD_BY_XDP: u16 = 16;
+    /// XDP opened the backend side itself from a [`KnownSession`]: until the splice, the
+    /// client's segments are XDP's alone (its request sent again opens the backend side
+    /// again; the rest waits for the client to send it again).
+    pub const BOUND_BY_XDP: u16 = 32;
 }
 
 /// `REVERSE` value: the VIP and port a backend's reply must appear to come from.

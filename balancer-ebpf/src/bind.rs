@@ -63,12 +63,52 @@ pub fn connect(ctx: &XdpContext) -> Verdict {
     // SAFETY: map values stay valid for the duration of the program; the copy is taken at
     // once.
     let binding = unsafe { BINDINGS.get(&packet.key) }.map_or(Binding::NONE, |b| *b);
-    if binding.state == binding_state::ACCEPTED {
+    let first = splice::read_u32(ctx, packet.tcp_field(tcp_field::SEQ))
+        .is_ok_and(|seq| seq == binding.client_isn.wrapping_add(1));
+    if binding.state == binding_state::ACCEPTED && first {
         if let Some(verdict) = bind(ctx, &packet, &binding) {
             return verdict;
         }
     }
+    if !first && opening(&packet.key) {
+        return Verdict::drop(Reason::DropWhileBinding);
+    }
     punt::punt(ctx, punt_kind::CLIENT, &packet.key.src, &binding)
+}
+
+/// A client segment of a connection XDP is opening the backend side of: its request sent
+/// again (its SYN or replay was lost) opens it again, or goes to the agent once XDP no longer
+/// knows the session; anything else is dropped, for the client to send again once the legs
+/// are spliced. The agent holds nothing of the connection to add it to.
+#[inline(always)]
+pub fn while_opening(ctx: &XdpContext, packet: &Packet) -> Verdict {
+    hand_off(ctx, packet);
+    Verdict::drop(Reason::DropWhileBinding)
+}
+
+/// A backend's answer to XDP's SYN that XDP cannot record as the splice (a reset, an
+/// acknowledgement from TIME_WAIT, a SYN-ACK without its timestamps where XDP reads them):
+/// XDP forgets the session it bound by, so the client's next try, its request sent again,
+/// goes to the agent, which handles such answers.
+#[inline(always)]
+pub fn unanswered(packet: &Packet, nat: &ReverseNat) -> Verdict {
+    let client = KnownSessionKey {
+        client: *splice::client_of(packet, nat),
+        vip: nat.vip,
+        port: nat.port,
+        _pad: [0; 2],
+    };
+    let _ = KNOWN_SESSIONS.remove(&client);
+    Verdict::drop(Reason::DropWhileBinding)
+}
+
+/// Whether XDP is opening the backend side of the connection (see `while_opening`).
+#[inline(always)]
+fn opening(key: &FlowKey) -> bool {
+    // SAFETY: map values stay valid for the duration of the program.
+    FLOWS.get_ptr(key).is_some_and(|flow| unsafe {
+        (*flow).flags & flow_flags::BOUND_BY_XDP != 0 && (*flow).state == flow_state::CONNECTING
+    })
 }
 
 /// Binds the connection from its client's known session, if the segment matches it: the
@@ -87,8 +127,11 @@ fn bind(ctx: &XdpContext, packet: &Packet, binding: &Binding) -> Option<Verdict>
         // SAFETY: map values stay valid for the duration of the program.
         unsafe { &*KNOWN_SESSIONS.get_ptr(&client)? }
     };
+    // Read at once: an entry the agent replaces meanwhile may be reused for another.
+    let (backend_id, until_s, known_generation) =
+        (session.backend_id, session.until_s, session.generation);
     let now_s = seconds_now();
-    if session.until_s.wrapping_sub(now_s) as i32 <= 0 {
+    if until_s.wrapping_sub(now_s) as i32 <= 0 {
         return None;
     }
     let generation = {
@@ -101,10 +144,10 @@ fn bind(ctx: &XdpContext, packet: &Packet, binding: &Binding) -> Option<Verdict>
         // SAFETY: map values stay valid for the duration of the program.
         unsafe { SERVICES.get(&service)? }.generation
     };
-    if generation != session.generation {
+    if generation != known_generation {
         return None;
     }
-    let backend = BACKENDS.get(session.backend_id)?;
+    let backend = BACKENDS.get(backend_id)?;
     if backend.state != backend_state::UP {
         return None;
     }
@@ -130,7 +173,7 @@ fn bind(ctx: &XdpContext, packet: &Packet, binding: &Binding) -> Option<Verdict>
         key,
         binding,
         backend,
-        backend_id: session.backend_id,
+        backend_id,
         now_ms: synack::milliseconds(),
         timestamps,
     };
@@ -328,7 +371,7 @@ impl Opened<'_> {
             backend_id: self.backend_id,
             backend_port: self.backend.port,
             state: flow_state::CONNECTING,
-            flags: ts_flow,
+            flags: flow_flags::BOUND_BY_XDP | ts_flow,
             last_seen_s: now_s,
             ts_delta: balancer_tsval,
             client_ts_delta: to_backend,

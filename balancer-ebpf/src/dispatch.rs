@@ -11,7 +11,7 @@ use balancer_common::{
 };
 
 use crate::{
-    agent, choose, full_nat, handshake, head,
+    agent, bind, choose, full_nat, handshake, head,
     maps::{BINDINGS, FLOWS, REVERSE, SERVICES},
     nat::{forget, new_flow, note_source_in_use, rewrite, rewrite_reply, seconds_now, touch, End},
     packet::Packet,
@@ -115,6 +115,9 @@ pub fn to_backend(ctx: &XdpContext, packet: &Packet) -> Result<Option<(Reason, u
             let _ = BINDINGS.remove(key);
             return Err(reset_without_agent(ctx, packet));
         }
+        _ if flow.flags & flow_flags::BOUND_BY_XDP != 0 => {
+            return Err(bind::while_opening(ctx, packet));
+        }
         _ => return Err(handshake::while_binding(ctx, packet)),
     };
     rewrite(
@@ -172,6 +175,9 @@ pub fn to_client(ctx: &XdpContext, packet: &Packet) -> Result<Option<(Reason, u3
             let recorded = splice::record_at_synack(ctx, packet, (&nat, entry));
             if recorded.is_some() && nat.flags & reverse_flags::REPLAY_BY_XDP != 0 {
                 replay::hand_off(ctx, packet);
+            }
+            if recorded.is_none() && nat.flags & reverse_flags::BOUND_BY_XDP != 0 {
+                return Err(bind::unanswered(packet, &nat));
             }
             let recorded = recorded.unwrap_or(Binding::NONE);
             return Err(punt::punt(

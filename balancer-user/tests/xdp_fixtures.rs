@@ -2478,24 +2478,31 @@ fn a_returning_sessions_request_is_bound_by_xdp_from_its_known_session_byte_for_
     let mut client_timestamps = vec![1, 1, 8, 10];
     client_timestamps.extend_from_slice(&CLIENT_TSVAL.to_be_bytes());
     client_timestamps.extend_from_slice(&ECHOED_TSVAL.to_be_bytes());
-    let segment = |request: &[u8]| {
+    let segment_at = |port: u16, offset: u32, request: &[u8]| {
         let segment = tcp_with_options_and_data(
             &from_client,
-            (CLIENT_PORT, COOKIE_PORT),
-            (CLIENT_SEQ + 1, COOKIE_ISN + 1),
+            (port, COOKIE_PORT),
+            (CLIENT_SEQ + 1 + offset, COOKIE_ISN + 1),
             (TCP_ACK | TCP_PSH, 1234),
             &client_timestamps,
             request,
         );
         ipv4_frame(FROM_CLIENT.0, FROM_CLIENT.1, &from_client, &segment)
     };
+    let segment = |request: &[u8]| segment_at(CLIENT_PORT, 0, request);
     let reset_binding = |program: &mut Program| {
         let mut bindings: HashMap<&mut MapData, FlowKey, Binding> =
             HashMap::try_from(program.map(map_name::BINDINGS)).unwrap();
         bindings.insert(key, binding, 0).unwrap();
     };
 
-    // Another cookie of the name, or a service changed since the agent decided: the agent's.
+    // Another cookie of the name, or a service changed since the agent decided, or a
+    // segment that does not start the request (its first one lost): the agent's.
+    program.know_session(known(COOKIE));
+    let (action, _) = program.run(&segment_at(CLIENT_PORT, 10, &request(COOKIE)));
+    assert_eq!(action, XDP_DROP);
+    assert_eq!(program.punts().len(), 1);
+    reset_binding(&mut program);
     program.know_session(known(b"SID=returning-sessioN"));
     let (action, _) = program.run(&segment(&request(COOKIE)));
     assert_eq!(action, XDP_DROP);
@@ -2509,7 +2516,7 @@ fn a_returning_sessions_request_is_bound_by_xdp_from_its_known_session_byte_for_
     reset_binding(&mut program);
     assert_eq!(program.run(&segment(&request(COOKIE))).0, XDP_DROP);
     assert_eq!(program.punts().len(), 1);
-    assert_eq!(program.counters()[Reason::Punted as usize], 2);
+    assert_eq!(program.counters()[Reason::Punted as usize], 3);
     assert_eq!(program.counters()[Reason::BoundByXdp as usize], 0);
     assert!(program.flow(&key).is_none());
 
@@ -2527,33 +2534,47 @@ fn a_returning_sessions_request_is_bound_by_xdp_from_its_known_session_byte_for_
     let after_ms = milliseconds();
     assert_eq!(action, XDP_REDIRECT);
     const SYN_TSVAL: usize = 14 + 20 + 20 + 8;
-    let tsval = u32::from_be_bytes(output[SYN_TSVAL..SYN_TSVAL + 4].try_into().unwrap());
+    let tsval_of =
+        |syn: &[u8]| u32::from_be_bytes(syn[SYN_TSVAL..SYN_TSVAL + 4].try_into().unwrap());
+    let tsval = tsval_of(&output);
     assert!(
         (before_ms..=after_ms).contains(&tsval),
         "the SYN's TSval {tsval} is the balancer's clock ({before_ms}..={after_ms})"
     );
-    let to_backend = Ip {
-        id: 0,
-        ttl: 63,
-        ..ip(CLIENT, BACKEND, PROTO_TCP)
-    };
-    let mut options = vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10];
-    options.extend_from_slice(&tsval.to_be_bytes());
-    options.extend_from_slice(&[0, 0, 0, 0, 1, 3, 3, 7]);
-    let syn = tcp_with_options(
-        &to_backend,
-        (CLIENT_PORT, WEB_BACKEND_PORT),
-        (CLIENT_SEQ, 0),
-        TCP_SYN,
-        u16::MAX,
-        &options,
-    );
-    assert_eq!(
-        output,
+    let syn = |tsval: u32| {
+        let to_backend = Ip {
+            id: 0,
+            ttl: 63,
+            ..ip(CLIENT, BACKEND, PROTO_TCP)
+        };
+        let mut options = vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10];
+        options.extend_from_slice(&tsval.to_be_bytes());
+        options.extend_from_slice(&[0, 0, 0, 0, 1, 3, 3, 7]);
+        let syn = tcp_with_options(
+            &to_backend,
+            (CLIENT_PORT, WEB_BACKEND_PORT),
+            (CLIENT_SEQ, 0),
+            TCP_SYN,
+            u16::MAX,
+            &options,
+        );
         ipv4_frame(TO_BACKEND.0, TO_BACKEND.1, &to_backend, &syn)
-    );
+    };
+    assert_eq!(output, syn(tsval));
     assert_eq!(program.counters()[Reason::BoundByXdp as usize], 1);
-    assert_eq!(program.counters()[Reason::Punted as usize], 2);
+    assert_eq!(program.counters()[Reason::Punted as usize], 3);
+    assert!(program.punts().is_empty(), "the agent hears nothing of it");
+
+    // Until the splice the client's segments are XDP's: a segment behind the request waits
+    // for the client to send it again; the request sent again opens the backend side again.
+    let behind = segment_at(CLIENT_PORT, request.len() as u32, b"more");
+    assert_eq!(program.run(&behind).0, XDP_DROP);
+    assert_eq!(program.counters()[Reason::DropWhileBinding as usize], 1);
+    let (action, again) = program.run(&segment(&request));
+    assert_eq!(action, XDP_REDIRECT);
+    let tsval = tsval_of(&again);
+    assert_eq!(again, syn(tsval));
+    assert_eq!(program.counters()[Reason::BoundByXdp as usize], 2);
     assert!(program.punts().is_empty(), "the agent hears nothing of it");
 
     // The entries the agent writes with its SYN, marked as XDP's; the request as the replay.
@@ -2562,7 +2583,7 @@ fn a_returning_sessions_request_is_bound_by_xdp_from_its_known_session_byte_for_
     assert_eq!(
         flow,
         Flow {
-            flags: flow_flags::TIMESTAMPS,
+            flags: flow_flags::BOUND_BY_XDP | flow_flags::TIMESTAMPS,
             last_seen_s: flow.last_seen_s,
             ts_delta: ECHOED_TSVAL,
             client_ts_delta: to_backend_ts,
@@ -2612,6 +2633,35 @@ fn a_returning_sessions_request_is_bound_by_xdp_from_its_known_session_byte_for_
         ),
         (flow_state::SPLICED, 9, BACKEND_ISN.wrapping_sub(COOKIE_ISN))
     );
+
+    // The backend refuses XDP's SYN for another connection of the client: XDP forgets the
+    // session, and the client's request sent again goes to the agent, which tries elsewhere.
+    let other = FlowKey {
+        sport: (CLIENT_PORT + 1).to_be(),
+        ..key
+    };
+    let mut bindings: HashMap<&mut MapData, FlowKey, Binding> =
+        HashMap::try_from(program.map(map_name::BINDINGS)).unwrap();
+    bindings.insert(other, binding, 0).unwrap();
+    let opening = segment_at(CLIENT_PORT + 1, 0, &request);
+    assert_eq!(program.run(&opening).0, XDP_REDIRECT);
+    let from_backend = ip(BACKEND, CLIENT, PROTO_TCP);
+    let refusal = tcp_segment(
+        &from_backend,
+        (WEB_BACKEND_PORT, CLIENT_PORT + 1),
+        (0, CLIENT_SEQ + 1),
+        TCP_RST | TCP_ACK,
+        0,
+        b"",
+    );
+    let refusal = ipv4_frame(FROM_BACKEND.0, FROM_BACKEND.1, &from_backend, &refusal);
+    assert_eq!(program.run(&refusal).0, XDP_DROP);
+    assert!(program.punts().is_empty());
+    assert_eq!(program.run(&opening).0, XDP_DROP);
+    let punts = program.punts();
+    assert_eq!((punts.len(), punts[0].kind), (1, punt_kind::CLIENT));
+    assert_eq!(program.counters()[Reason::BoundByXdp as usize], 3);
+    assert_eq!(program.counters()[Reason::DropWhileBinding as usize], 2);
 }
 
 #[test]

@@ -73,6 +73,10 @@ pub struct Binder {
     /// The window scale each backend (by id) announced in its latest SYN-ACK: XDP splices
     /// with it, and most backends announce the same one every time.
     window_shift_of: foldhash::HashMap<u32, u8>,
+    /// The backends (by id) whose latest SYN-ACK XDP recorded as the splice: only to those
+    /// does XDP bind connections itself. A backend whose SYN-ACKs XDP cannot read (without
+    /// timestamps where it looks for them) leaves those to the agent.
+    recorded_by_xdp: foldhash::HashSet<u32>,
     /// Full NAT: sources handed out so far, which picks the next one to try.
     source_cursor: u32,
     /// Full NAT: where in the sources this worker starts, as (its index, the workers).
@@ -324,6 +328,7 @@ impl Binder {
             limits,
             by_backend: foldhash::HashMap::default(),
             window_shift_of: foldhash::HashMap::default(),
+            recorded_by_xdp: foldhash::HashSet::default(),
             // Anywhere in the range: the data plane's CPUs start at its beginning.
             source_cursor: std::process::id().wrapping_mul(0x9e37_79b9),
             source_share,
@@ -818,6 +823,7 @@ impl Worker {
         // XDP binds by a known session only what reaches the backend as the client sent it,
         // in one replay.
         let unchanged = pending.replay_by_xdp
+            && self.binder.recorded_by_xdp.contains(&target.id)
             && pending.issue.is_none()
             && pending.strip.is_none()
             && pending.proxy_header.is_empty()
@@ -927,6 +933,11 @@ impl Worker {
             || segment.ack != pending.binding.client_isn.wrapping_add(1)
         {
             return;
+        }
+        if recorded {
+            self.binder.recorded_by_xdp.insert(target.id);
+        } else {
+            self.binder.recorded_by_xdp.remove(&target.id);
         }
         let backend_isn = segment.seq;
         if already.is_none() {
@@ -1275,6 +1286,9 @@ impl Worker {
                     debug!(backend = %target.addr, "backend did not answer: trying the next one");
                     let reply_key = backend_key(pending, target);
                     self.binder.by_backend.remove(&reply_key);
+                    // Nor is XDP to send the client's next connections there.
+                    let client = known::key(pending.client, (pending.vip, pending.vip_port));
+                    self.maps.forget_session(&client);
                 }
             }
             self.connect_next(&key);

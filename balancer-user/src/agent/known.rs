@@ -36,9 +36,9 @@ pub(super) fn key(client: IpAddr, (vip, vip_port): (IpAddr, u16)) -> KnownSessio
 }
 
 /// What XDP may bind the client's next connections by, when `choice` came from a genuine
-/// cookie that needs no new one or from an application cookie's hashed value, outside
-/// routes and groups (whose placement reads more than the cookie), in the service's
-/// `generation`. The caller checks that the request reaches the backend unchanged.
+/// cookie that needs no new one or from an application cookie's hashed value (without
+/// bounded loads), outside routes and groups (whose placement reads more than the cookie), in
+/// the service's `generation`. The caller checks that the request reaches the backend unchanged.
 pub(super) fn session(
     choice: &Choice<'_>,
     request: &[u8],
@@ -50,7 +50,8 @@ pub(super) fn session(
             renew_at,
             ..
         } => renew_at.saturating_sub(unix_now()).min(KNOWN_SESSION_TTL_S),
-        Cookie::Hashed(_) => KNOWN_SESSION_TTL_S,
+        // Bounded loads move a hashed value off a backend over its bound.
+        Cookie::Hashed(_) if choice.sessions.balance_factor.is_none() => KNOWN_SESSION_TTL_S,
         _ => return None,
     };
     if for_s == 0 || choice.route.is_some() || choice.target.group.is_some() {
