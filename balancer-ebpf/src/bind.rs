@@ -1,13 +1,15 @@
 //! A returning session's connection bound by XDP alone. When the agent binds a connection
 //! by a genuine balancer cookie that needs no new one (or an application cookie's hashed
 //! value), it leaves a `KnownSession` for the client: the cookie's bytes and the backend. A
-//! later connection of that client whose first segment holds its whole request head with the
-//! same cookie bytes where their first four first appear goes to the same backend
-//! without the agent, while the service is as the agent saw it (its generation): XDP keeps
-//! the request in `REPLAYS`, writes the connection's entries as the agent would and turns
-//! the segment into the SYN that opens the backend side; the backend's SYN-ACK is then
-//! answered by `replay` as for the agent's connections. Anything else (another cookie, another place, a backend no longer
-//! up, a decision past its time, a request in several segments) goes to the agent.
+//! later connection of that client whose first segment starts its request and holds the whole
+//! head, with the same cookie bytes where their first four first appear, goes to the same
+//! backend without the agent, while the service is as the agent saw it (its generation): XDP
+//! keeps the request in `REPLAYS`, writes the connection's entries as the agent would and
+//! turns the segment into the SYN that opens the backend side; the backend's SYN-ACK is then
+//! answered by `replay` as for the agent's connections. Until then the connection's segments
+//! are XDP's (see `while_opening`, `unanswered`). Anything else (another cookie, a backend no
+//! longer up, a service changed, a decision past its time, a head in several segments) goes
+//! to the agent.
 //!
 //! It is a program of its own, `balancer_bind`, reached by a tail call with the parsed
 //! packet in `COOKIE_HANDOFF`: the main program's stack is spent.
@@ -45,8 +47,9 @@ const HEAD_END: [u8; 4] = *b"\r\n\r\n";
 /// name; the rest is compared where they are.
 const COOKIE_PREFIX: usize = 4;
 
-/// Passes a client's first data segment of a connection being bound on to `balancer_bind`;
-/// returns only if that program is missing, and the segment then goes to the agent.
+/// Passes a client's data segment of a connection being bound on to `balancer_bind`
+/// (the first one, or any while XDP opens the backend side); returns only if that program is
+/// missing, and the segment then goes where it would without it.
 #[inline(always)]
 pub fn hand_off(ctx: &XdpContext, packet: &Packet) {
     if packet.payload_len > 0 && packet.tcp_flags & (SYN | FIN | RST) == 0 {
