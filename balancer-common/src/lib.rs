@@ -529,6 +529,20 @@ pub struct KnownSessionKey {
 }
 const _: () = assert!(size_of::<KnownSessionKey>() == 36);
 
+impl KnownSessionKey {
+    /// The key of `client`'s known session on the service at `vip` and `port` (network byte
+    /// order).
+    #[inline(always)]
+    pub const fn new(client: Addr, vip: Addr, port: u16) -> Self {
+        KnownSessionKey {
+            client,
+            vip,
+            port,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// `KNOWN_SESSIONS` value: the session the agent last bound a connection of this client to,
 /// by a genuine balancer cookie that needed no new one or by an application cookie's hashed
 /// value. XDP binds the client's next connections to the same backend itself, without the

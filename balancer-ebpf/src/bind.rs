@@ -95,12 +95,7 @@ pub fn while_opening(ctx: &XdpContext, packet: &Packet) -> Verdict {
 /// goes to the agent, which handles such answers.
 #[inline(always)]
 pub fn unanswered(packet: &Packet, nat: &ReverseNat) -> Verdict {
-    let client = KnownSessionKey {
-        client: *splice::client_of(packet, nat),
-        vip: nat.vip,
-        port: nat.port,
-        _pad: [0; 2],
-    };
+    let client = KnownSessionKey::new(*splice::client_of(packet, nat), nat.vip, nat.port);
     let _ = KNOWN_SESSIONS.remove(&client);
     Verdict::drop(Reason::DropWhileBinding)
 }
@@ -121,12 +116,7 @@ fn bind(ctx: &XdpContext, packet: &Packet, binding: &Binding) -> Option<Verdict>
     let key = &packet.key;
     // (The keys in blocks of their own: the stack is short.)
     let session = {
-        let client = KnownSessionKey {
-            client: key.src,
-            vip: key.dst,
-            port: key.dport,
-            _pad: [0; 2],
-        };
+        let client = KnownSessionKey::new(key.src, key.dst, key.dport);
         // SAFETY: map values stay valid for the duration of the program.
         unsafe { &*KNOWN_SESSIONS.get_ptr(&client)? }
     };

@@ -43,7 +43,7 @@ pub fn answer(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let packet = splice::handed_off().ok_or(truncated)?;
     let entry = REVERSE.get_ptr_mut(&packet.key).ok_or(truncated)?;
     // SAFETY: map values stay valid for the duration of the program; copies are taken.
-    let mut nat = unsafe { *entry };
+    let nat = unsafe { *entry };
     let client_key = splice::client_key(&packet, &nat);
     let bound_by_xdp = nat.flags & reverse_flags::BOUND_BY_XDP != 0;
     let record = if bound_by_xdp {
@@ -57,15 +57,13 @@ pub fn answer(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     // The splice scales the backend's windows by the shift written with the SYN: the agent
     // corrects it before it replays should this SYN-ACK announce another; XDP, having
     // written it without knowing, takes the SYN-ACK's.
-    let scale_known = nat.client_window_shift == 0 || {
-        let shift = window_shift(ctx, &packet);
-        if bound_by_xdp {
-            // SAFETY: as above; nothing else writes the entry before the replay.
-            unsafe { (*entry).backend_window_shift = shift };
-            nat.backend_window_shift = shift;
-        }
-        shift == nat.backend_window_shift
-    };
+    if nat.client_window_shift != 0 && bound_by_xdp {
+        // SAFETY: as above; nothing else writes the entry before the replay.
+        unsafe { (*entry).backend_window_shift = window_shift(ctx, &packet) };
+    }
+    let scale_known = nat.client_window_shift == 0
+        || bound_by_xdp
+        || window_shift(ctx, &packet) == nat.backend_window_shift;
     let built = scale_known
         && REPLAYS
             .get_ptr(&client_key)
@@ -77,17 +75,21 @@ pub fn answer(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         // unacknowledged). Not keeping it also keeps the LRU from evicting on every insert.
         let _ = REPLAYS.remove(&client_key);
     }
+    let punted = record.is_some();
     if let Some(mut record) = record {
         if built {
             // SAFETY: `record` is a reserved `Punt`, filled by `punt::record`.
             unsafe { (*record.as_mut_ptr()).kind = punt_kind::REPLAYED };
         }
         record.submit(0);
-    } else if !built {
-        return Err(Verdict::drop(Reason::DropWhileBinding));
     }
     if !built {
-        return Err(Verdict::drop(Reason::Punted));
+        let reason = if punted {
+            Reason::Punted
+        } else {
+            Reason::DropWhileBinding
+        };
+        return Err(Verdict::drop(reason));
     }
     Ok(Verdict {
         action: reply::send_back(ctx),

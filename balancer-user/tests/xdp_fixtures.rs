@@ -568,12 +568,7 @@ impl Program {
     /// Leaves XDP the session it binds the client's connections to the cookie service by,
     /// as the agent does once it bound one.
     fn know_session(&mut self, session: KnownSession) {
-        let client = KnownSessionKey {
-            client: addr(CLIENT),
-            vip: addr(VIP),
-            port: COOKIE_PORT.to_be(),
-            _pad: [0; 2],
-        };
+        let client = KnownSessionKey::new(addr(CLIENT), addr(VIP), COOKIE_PORT.to_be());
         let mut sessions: HashMap<&mut MapData, KnownSessionKey, KnownSession> =
             HashMap::try_from(self.map(map_name::KNOWN_SESSIONS)).unwrap();
         sessions.insert(client, session, 0).unwrap();

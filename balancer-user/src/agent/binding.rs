@@ -18,8 +18,8 @@ use std::{
 use anyhow::Result;
 use balancer_common::{
     binding_state, csum, flow_flags, flow_state, proxy_v2, punt_kind, reverse_flags, Addr, Binding,
-    Flow, FlowKey, HeadInsert, Punt, Replay, ReverseNat, COOKIE_MSS, COOKIE_WINDOW_SHIFT,
-    MAX_REPLAY, NO_WINDOW_SCALE,
+    Flow, FlowKey, HeadInsert, KnownSessionKey, Punt, Replay, ReverseNat, COOKIE_MSS,
+    COOKIE_WINDOW_SHIFT, MAX_REPLAY, NO_WINDOW_SCALE,
 };
 use bytemuck::Zeroable;
 use prometheus_client::metrics::histogram::Histogram;
@@ -173,6 +173,15 @@ impl Pending {
     /// The address and port the backend sees the connection come from.
     fn backend_side(&self) -> (IpAddr, u16) {
         self.source.unwrap_or((self.client, self.client_port))
+    }
+
+    /// The key of the session XDP may bind the client's next connections to this service by.
+    fn known_session_key(&self) -> KnownSessionKey {
+        KnownSessionKey::new(
+            Addr::from(self.client),
+            Addr::from(self.vip),
+            self.vip_port.to_be(),
+        )
     }
 
     /// Bytes by which the backend's stream of the client's data is shorter than the client's:
@@ -834,8 +843,8 @@ impl Worker {
         if let Some(session) = known {
             // Before the SYN leaves: the client's next connection may come as soon as this
             // one's answer.
-            let client = known::key(pending.client, (pending.vip, pending.vip_port));
-            self.maps.remember_session(&client, &session);
+            self.maps
+                .remember_session(&pending.known_session_key(), &session);
         }
         let reply_key = backend_key(pending, target);
         let (flow, mut nat) = connection_entries(pending, target, flow_state::CONNECTING);
@@ -898,8 +907,7 @@ impl Worker {
             if already.is_none() {
                 debug!(backend = %target.addr, "backend refused the connection: trying the next one");
                 // Nor is XDP to send the client's next connections there.
-                let client = known::key(pending.client, (pending.vip, pending.vip_port));
-                self.maps.forget_session(&client);
+                self.maps.forget_session(&pending.known_session_key());
                 self.binder.by_backend.remove(&segment.key());
                 self.connect_next(&key);
             }
@@ -1012,7 +1020,6 @@ impl Worker {
                 .or_default() += 1;
             let pending = self.binder.pending.get_mut(&key).expect("looked up above");
             pending.reverse = nat;
-
             if replayed && !pending.acknowledged && pending.shortened() == 0 {
                 // Lost, XDP's replay would not be lost for good: the client, its request not
                 // acknowledged, sends it all again, and the backend its SYN-ACK. (Not so
@@ -1287,8 +1294,7 @@ impl Worker {
                     let reply_key = backend_key(pending, target);
                     self.binder.by_backend.remove(&reply_key);
                     // Nor is XDP to send the client's next connections there.
-                    let client = known::key(pending.client, (pending.vip, pending.vip_port));
-                    self.maps.forget_session(&client);
+                    self.maps.forget_session(&pending.known_session_key());
                 }
             }
             self.connect_next(&key);

@@ -11,9 +11,7 @@
 //! value the balancer placed this client by; only a client crafting its own requests can
 //! make the two differ, and only for its own connections.
 
-use std::net::IpAddr;
-
-use balancer_common::{Addr, KnownSession, KnownSessionKey, MAX_KNOWN_COOKIE};
+use balancer_common::{KnownSession, MAX_KNOWN_COOKIE};
 use bytemuck::Zeroable;
 
 use super::placement::{session_cookie, unix_now, Choice, Cookie};
@@ -24,16 +22,6 @@ use crate::dataplane::monotonic_seconds;
 const COOKIE_PREFIX: usize = 4;
 /// How long XDP binds by one known session at most before the agent decides again.
 const KNOWN_SESSION_TTL_S: u32 = 60;
-
-/// The key of the known sessions of `client` on a service.
-pub(super) fn key(client: IpAddr, (vip, vip_port): (IpAddr, u16)) -> KnownSessionKey {
-    KnownSessionKey {
-        client: Addr::from(client),
-        vip: Addr::from(vip),
-        port: vip_port.to_be(),
-        _pad: [0; 2],
-    }
-}
 
 /// What XDP may bind the client's next connections by, when `choice` came from a genuine
 /// cookie that needs no new one or from an application cookie's hashed value (without

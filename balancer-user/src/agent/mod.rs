@@ -12,8 +12,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use balancer_common::{
-    backend_state, Addr, Backend, BackendCounters, CookieSecret, NewFlowSource, Service,
-    ServiceKey, GROUP_TABLE_SIZE, MAX_BACKENDS,
+    backend_state, Addr, Backend, CookieSecret, NewFlowSource, Service, ServiceKey,
+    GROUP_TABLE_SIZE, MAX_BACKENDS,
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{error, info, warn};
@@ -916,9 +916,7 @@ impl Agent {
         );
         let tallies = counters::Tallies::sum(each);
         let b = &tallies.counters;
-        let by_xdp = self.dataplane.backend_counters(&self.backend_ids())?;
-        let by_xdp = |count: fn(&BackendCounters) -> u64| by_xdp.values().map(count).sum::<u64>();
-        let bound_by_xdp = by_xdp(|c| c.bound);
+        let (issued_by_xdp, bound_by_xdp) = self.xdp_cookie_totals()?;
         let _ = writeln!(
             text,
             "bindings bound={} by_xdp={} cookie={} fallback={} issued={} heads_resent={} replays_resent={} retried={} failed={} head_too_large={} held={}",
@@ -926,7 +924,7 @@ impl Agent {
             bound_by_xdp,
             b.with_cookie,
             b.without_cookie,
-            b.cookies_issued + by_xdp(|c| c.cookies_issued),
+            b.cookies_issued + issued_by_xdp,
             b.heads_resent,
             b.replays_resent,
             b.retried,
@@ -1213,13 +1211,20 @@ impl Agent {
     /// connections it bound.
     pub fn binding_counters(&self) -> BindingCounters {
         let mut counters = self.workers.tallies().counters;
-        if let Ok(by_backend) = self.dataplane.backend_counters(&self.backend_ids()) {
-            for xdp in by_backend.values() {
-                counters.cookies_issued += xdp.cookies_issued;
-                counters.bound += xdp.bound;
-            }
+        if let Ok((issued, bound)) = self.xdp_cookie_totals() {
+            counters.cookies_issued += issued;
+            counters.bound += bound;
         }
         counters
+    }
+
+    /// The cookies XDP put into response heads and the connections it bound, over every
+    /// backend (the workers count their own).
+    fn xdp_cookie_totals(&self) -> Result<(u64, u64)> {
+        let counters = self.dataplane.backend_counters(&self.backend_ids())?;
+        Ok(counters.values().fold((0, 0), |(issued, bound), c| {
+            (issued + c.cookies_issued, bound + c.bound)
+        }))
     }
 
     /// The ids of every service's backends.
