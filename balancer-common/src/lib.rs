@@ -46,12 +46,13 @@ pub mod map_name {
     pub const HEAD_INSERTS: &str = "HEAD_INSERTS";
     pub const REPLAYS: &str = "REPLAYS";
     pub const KNOWN_SESSIONS: &str = "KNOWN_SESSIONS";
+    pub const SESSION_STARTS: &str = "SESSION_STARTS";
 }
 
 /// Version of the maps' layout (their key and value types and the meaning of their fields).
 /// Pinned maps outlive the agent and its program; a program of another layout version must
 /// not adopt them. Bump it with every change to a type or map below.
-pub const LAYOUT_VERSION: u32 = 16;
+pub const LAYOUT_VERSION: u32 = 17;
 
 /// Seconds after the agent's last heartbeat that the data plane takes it for gone: cookie
 /// services then stop handing connections to it (see [`without_agent`]). Compiled into the
@@ -136,10 +137,16 @@ pub struct Service {
     /// fails; 0 keeps no group.
     pub group_stickiness: u32,
     /// Changes with every change the agent publishes of the service: what XDP binds by
-    /// without the agent ([`KnownSession`]) holds for this generation alone.
+    /// without the agent ([`KnownSession`], [`SessionStart`]) holds for this generation
+    /// alone.
     pub generation: u32,
+    /// Cookie services: what places a request without a usable cookie
+    /// (`cookie_fallback`), [`without_agent::PLACE_BY_SOURCE`] or
+    /// [`without_agent::PLACE_BY_FLOW`]; XDP starts sessions on that backend itself
+    /// ([`SessionStart`]).
+    pub cookie_fallback: u32,
 }
-const _: () = assert!(size_of::<Service>() == 72);
+const _: () = assert!(size_of::<Service>() == 76);
 
 /// `GROUPS` value, at `service id × MAX_GROUPS + group index`: a group's lookup table in
 /// `GROUP_TABLE`, switched like the service's own.
@@ -563,6 +570,28 @@ pub struct KnownSession {
     pub generation: u32,
 }
 const _: () = assert!(size_of::<KnownSession>() == MAX_KNOWN_COOKIE + 16);
+
+/// `SESSION_STARTS` value, by backend id: the `Set-Cookie` lines that start a session on the
+/// backend, as the agent last issued them to a request without a cookie. XDP binds a
+/// connection whose request carries no cookie of the service's name (`name_prefix` appears
+/// nowhere in its head) to the backend its cookie fallback places it on, and puts these
+/// lines into its first response head, while the service is as the agent saw it and until
+/// `until_s`. The cookie's value names the backend and its expiry alone, so every new
+/// session there gets the same one until then.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct SessionStart {
+    /// The lines, with `max_payload` left for XDP to set per connection.
+    pub lines: HeadInsert,
+    /// The first bytes of the cookie's `name=` (names under three bytes are left to the
+    /// agent).
+    pub name_prefix: [u8; 4],
+    /// The [`Service::generation`] the agent issued them in.
+    pub generation: u32,
+    /// Second (of `bpf_ktime_get_coarse_ns`) from which the agent issues them again.
+    pub until_s: u32,
+}
+const _: () = assert!(size_of::<SessionStart>() == size_of::<HeadInsert>() + 12);
 
 /// `HEAD_INSERTS` value, by the connection's client-side key: the `Set-Cookie` lines the
 /// agent decided on when it opened the backend side, for XDP to put behind the status line
@@ -1033,6 +1062,7 @@ mod user {
     unsafe impl aya::Pod for Replay {}
     unsafe impl aya::Pod for KnownSessionKey {}
     unsafe impl aya::Pod for KnownSession {}
+    unsafe impl aya::Pod for SessionStart {}
 }
 
 /// Hash of a 5-tuple that picks a new flow's slot in its service's backend table.

@@ -22,16 +22,16 @@ use balancer_common::{
         tcp_flag::{FIN, RST, SYN},
     },
     punt_kind, reverse_flags, Backend, Binding, Flow, FlowKey, KnownSession, KnownSessionKey,
-    Reason, Replay, ReverseNat, ServiceKey, COOKIE_MSS, COOKIE_WINDOW_SHIFT, MAX_KNOWN_COOKIE,
-    MAX_REPLAY, NO_WINDOW_SCALE, PROTO_TCP,
+    Reason, Replay, ReverseNat, Service, ServiceKey, SessionStart, COOKIE_MSS, COOKIE_WINDOW_SHIFT,
+    MAX_KNOWN_COOKIE, MAX_REPLAY, NO_WINDOW_SCALE, PROTO_TCP,
 };
 use network_types::eth::EthHdr;
 
 use crate::{
-    forward,
+    choose, forward,
     maps::{
-        BACKENDS, BINDINGS, BIND_PROGRAM, FLOWS, KNOWN_SESSIONS, REPLAYS, REPLAY_SCRATCH, REVERSE,
-        SERVICES,
+        BACKENDS, BINDINGS, BIND_PROGRAM, FLOWS, HEAD_INSERTS, KNOWN_SESSIONS, REPLAYS,
+        REPLAY_SCRATCH, REVERSE, SERVICES, SESSION_STARTS,
     },
     nat::seconds_now,
     packet::{self, ptr_at, Packet},
@@ -91,12 +91,19 @@ pub fn while_opening(ctx: &XdpContext, packet: &Packet) -> Verdict {
 
 /// A backend's answer to XDP's SYN that XDP cannot record as the splice (a reset, an
 /// acknowledgement from TIME_WAIT, a SYN-ACK without its timestamps where XDP reads them):
-/// XDP forgets the session it bound by, so the client's next try, its request sent again,
-/// goes to the agent, which handles such answers.
+/// XDP forgets the session it bound by, or stops starting sessions on that backend, so the
+/// client's next try, its request sent again, goes to the agent, which handles such answers.
 #[inline(always)]
 pub fn unanswered(packet: &Packet, nat: &ReverseNat) -> Verdict {
-    let client = KnownSessionKey::new(*splice::client_of(packet, nat), nat.vip, nat.port);
-    let _ = KNOWN_SESSIONS.remove(&client);
+    if nat.flags & reverse_flags::COOKIE_BY_XDP != 0 {
+        if let Some(start) = SESSION_STARTS.get_ptr_mut(nat.backend_id) {
+            // SAFETY: map values stay valid for the duration of the program.
+            unsafe { (*start).until_s = 0 };
+        }
+    } else {
+        let client = KnownSessionKey::new(*splice::client_of(packet, nat), nat.vip, nat.port);
+        let _ = KNOWN_SESSIONS.remove(&client);
+    }
     Verdict::drop(Reason::DropWhileBinding)
 }
 
@@ -109,25 +116,15 @@ fn opening(key: &FlowKey) -> bool {
     })
 }
 
-/// Binds the connection from its client's known session, if the segment matches it: the
-/// verdict of its SYN to the backend, `None` (the frame untouched) to leave it to the agent.
+/// Binds the connection from its client's known session, or starts a session on the backend
+/// its cookie fallback names when the request carries no cookie of the service's name, if
+/// the segment allows: the verdict of its SYN to the backend, `None` (the frame untouched) to
+/// leave it to the agent.
 #[inline(always)]
 fn bind(ctx: &XdpContext, packet: &Packet, binding: &Binding) -> Option<Verdict> {
     let key = &packet.key;
     // (The keys in blocks of their own: the stack is short.)
-    let session = {
-        let client = KnownSessionKey::new(key.src, key.dst, key.dport);
-        // SAFETY: map values stay valid for the duration of the program.
-        unsafe { &*KNOWN_SESSIONS.get_ptr(&client)? }
-    };
-    // Read at once: an entry the agent replaces meanwhile may be reused for another.
-    let (backend_id, until_s, known_generation) =
-        (session.backend_id, session.until_s, session.generation);
-    let now_s = seconds_now();
-    if until_s.wrapping_sub(now_s) as i32 <= 0 {
-        return None;
-    }
-    let generation = {
+    let service = {
         let service = ServiceKey {
             vip: key.dst,
             port: key.dport,
@@ -135,21 +132,37 @@ fn bind(ctx: &XdpContext, packet: &Packet, binding: &Binding) -> Option<Verdict>
             _pad: 0,
         };
         // SAFETY: map values stay valid for the duration of the program.
-        unsafe { SERVICES.get(&service)? }.generation
+        unsafe { SERVICES.get(&service)? }
     };
-    if generation != known_generation {
-        return None;
-    }
-    let backend = BACKENDS.get(backend_id)?;
-    if backend.state != backend_state::UP {
-        return None;
-    }
+    let now_s = seconds_now();
+    let known = known_session(key, service.generation, now_s);
+    let start = session_start(service, key, now_s);
+    let prefix = match (known, start) {
+        // SAFETY: map values stay valid for the duration of the program.
+        (Some((session, _)), _) => unsafe { cookie_prefix(&(*session).cookie) },
+        (None, Some((_, start))) => unsafe { (*start).name_prefix },
+        (None, None) => return None,
+    };
     let request = REPLAY_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: the entry is this CPU's, and only this program run touches it.
     let request = unsafe { &mut *request };
-    let mss = usize::from(binding.options.mss.clamp(536, COOKIE_MSS));
-    read_request(ctx, packet, mss.min(MAX_REPLAY), request)?;
-    if !carries(request, session) {
+    let mss = binding.options.mss.clamp(536, COOKIE_MSS);
+    read_request(ctx, packet, usize::from(mss).min(MAX_REPLAY), request)?;
+    let at = find(request, prefix);
+    // SAFETY: as above.
+    let carried = known.filter(|(session, _)| carries(request, unsafe { &**session }, at));
+    let (backend_id, lines) = match (carried, start) {
+        (Some((_, backend_id)), _) => (backend_id, None),
+        // SAFETY: as above.
+        (None, Some((backend_id, start)))
+            if at.is_none() && unsafe { (*start).name_prefix } == prefix =>
+        {
+            (backend_id, Some(start))
+        }
+        _ => return None,
+    };
+    let backend = BACKENDS.get(backend_id)?;
+    if backend.state != backend_state::UP {
         return None;
     }
     let window: *const [u8; 2] = ptr_at(ctx, packet.tcp_field(tcp_field::WINDOW))?;
@@ -169,10 +182,54 @@ fn bind(ctx: &XdpContext, packet: &Packet, binding: &Binding) -> Option<Verdict>
         backend_id,
         now_ms: synack::milliseconds(),
         timestamps,
+        starts_session: lines.is_some(),
     };
     opened.leave_replay(request)?;
+    if let Some(start) = lines {
+        opened.leave_lines(start, mss)?;
+    }
     opened.write_entries(now_s, request.len)?;
     Some(opened.send_syn(ctx, packet))
+}
+
+/// The client's known session on the service, while it holds for the service's `generation`
+/// at `now_s`, and its backend (read at once: an entry the agent replaces meanwhile may be
+/// reused for another).
+#[inline(always)]
+fn known_session(key: &FlowKey, generation: u32, now_s: u32) -> Option<(*const KnownSession, u32)> {
+    let client = KnownSessionKey::new(key.src, key.dst, key.dport);
+    let session = KNOWN_SESSIONS.get_ptr(&client)?;
+    // SAFETY: map values stay valid for the duration of the program.
+    let (backend_id, until_s, known_generation) = unsafe {
+        (
+            (*session).backend_id,
+            (*session).until_s,
+            (*session).generation,
+        )
+    };
+    let holds = until_s.wrapping_sub(now_s) as i32 > 0 && known_generation == generation;
+    holds.then_some((session, backend_id))
+}
+
+/// The backend the service's cookie fallback places the connection on, and the lines that
+/// start a session there, while the agent's issue of them holds for the service's
+/// generation at `now_s`.
+#[inline(always)]
+fn session_start(service: &Service, key: &FlowKey, now_s: u32) -> Option<(u32, *mut SessionStart)> {
+    let backend_id = choose::fallback_backend(service, key).ok()?;
+    let start = SESSION_STARTS.get_ptr_mut(backend_id)?;
+    // SAFETY: map values stay valid for the duration of the program.
+    let (until_s, generation, len) =
+        unsafe { ((*start).until_s, (*start).generation, (*start).lines.len) };
+    let holds =
+        until_s.wrapping_sub(now_s) as i32 > 0 && generation == service.generation && len != 0;
+    holds.then_some((backend_id, start))
+}
+
+/// The first [`COOKIE_PREFIX`] bytes of a known session's cookie.
+#[inline(always)]
+fn cookie_prefix(cookie: &[u8; MAX_KNOWN_COOKIE]) -> [u8; COOKIE_PREFIX] {
+    [cookie[0], cookie[1], cookie[2], cookie[3]]
 }
 
 /// Copies the segment's payload into `request` when it is one whole request head of at most
@@ -211,15 +268,16 @@ fn read_request(
     Some(())
 }
 
-/// Whether the request carries the session's cookie bytes whole, where their first four bytes
-/// first appear: behind the start of a cookie or URL parameter, and followed by its end.
+/// Whether the request carries the session's cookie bytes whole where their first four bytes
+/// first appear (`at`): behind the start of a cookie or URL parameter, and followed by its
+/// end.
 #[inline(always)]
-fn carries(request: &Replay, session: &KnownSession) -> bool {
+fn carries(request: &Replay, session: &KnownSession, at: Option<usize>) -> bool {
     let len = usize::from(session.len);
     if !(COOKIE_PREFIX..=MAX_KNOWN_COOKIE).contains(&len) {
         return false;
     }
-    let Some(at) = find(request, &session.cookie) else {
+    let Some(at) = at else {
         return false;
     };
     if at == 0 || at + len >= usize::from(request.len) {
@@ -239,10 +297,9 @@ fn carries(request: &Replay, session: &KnownSession) -> bool {
         && matches!(byte(end), b';' | b'\r' | b' ' | b'&')
 }
 
-/// Where the first [`COOKIE_PREFIX`] bytes of `cookie` first appear in the request.
+/// Where `prefix` first appears in the request.
 #[inline(always)]
-fn find(request: &Replay, cookie: &[u8; MAX_KNOWN_COOKIE]) -> Option<usize> {
-    let prefix = [cookie[0], cookie[1], cookie[2], cookie[3]];
+fn find(request: &Replay, prefix: [u8; COOKIE_PREFIX]) -> Option<usize> {
     let mut found = None;
     for at in 0..MAX_REPLAY - COOKIE_PREFIX {
         if at + COOKIE_PREFIX > fresh(&request.len) {
@@ -297,6 +354,8 @@ struct Opened<'a> {
     now_ms: u32,
     /// The client's TSval and TSecr, when the connection uses timestamps.
     timestamps: Option<(u32, u32)>,
+    /// The connection starts a session: its first response head gets the cookie lines.
+    starts_session: bool,
 }
 
 impl Opened<'_> {
@@ -314,6 +373,23 @@ impl Opened<'_> {
         REPLAYS.insert(self.key, request, 0).ok()
     }
 
+    /// Leaves the session's cookie lines for `head` to put into the first response head, as
+    /// the agent leaves them, for a client that takes segments of up to `mss` bytes.
+    #[inline(always)]
+    fn leave_lines(&self, start: *mut SessionStart, mss: u16) -> Option<()> {
+        // SAFETY: map values stay valid for the duration of the program.
+        HEAD_INSERTS
+            .insert(self.key, unsafe { &(*start).lines }, 0)
+            .ok()?;
+        let lines = HEAD_INSERTS.get_ptr_mut(self.key)?;
+        // SAFETY: as above.
+        unsafe {
+            (*lines).max_payload = mss;
+            (*lines).status_len = 0;
+        }
+        Some(())
+    }
+
     /// The connection's entries as the agent writes them with its SYN (see
     /// `connection_entries` in the agent), marked as XDP's own.
     #[inline(always)]
@@ -328,6 +404,12 @@ impl Opened<'_> {
                 self.tsval().wrapping_sub(tsval),
             ),
             None => (0, 0, 0, 0),
+        };
+        // As for a new session the agent opens: its head goes to `head`, or to the agent.
+        let head = if self.starts_session {
+            reverse_flags::HEAD_TO_AGENT | reverse_flags::COOKIE_BY_XDP
+        } else {
+            0
         };
         let client_window_shift = if self.binding.options.window_shift == NO_WINDOW_SCALE {
             0
@@ -353,7 +435,7 @@ impl Opened<'_> {
                 .client_isn
                 .wrapping_add(1)
                 .wrapping_add(u32::from(request_len)),
-            flags: reverse_flags::REPLAY_BY_XDP | reverse_flags::BOUND_BY_XDP | ts_reverse,
+            flags: reverse_flags::REPLAY_BY_XDP | reverse_flags::BOUND_BY_XDP | ts_reverse | head,
             ts_delta: balancer_tsval,
             client_ts_delta: to_backend,
             ..ReverseNat::default()

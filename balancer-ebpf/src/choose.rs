@@ -30,11 +30,12 @@ pub fn backend(service: *mut Service, key: &FlowKey, now_s: u32) -> Result<u32, 
     }
 }
 
-/// The backend a cookie service's new connection goes to while no agent runs: the one the
-/// agent gives a request without a cookie (its cookie fallback). No session is recorded.
+/// The backend the agent gives a cookie service's request without a cookie (its cookie
+/// fallback): where XDP starts a new session, and every new connection while no agent runs.
+/// No session is recorded.
 #[inline(always)]
 pub fn fallback_backend(service: &Service, key: &FlowKey) -> Result<u32, Verdict> {
-    let hash = if service.without_agent == without_agent::PLACE_BY_SOURCE {
+    let hash = if service.cookie_fallback == without_agent::PLACE_BY_SOURCE {
         client_hash(&key.src.masked(&service.source_mask))
     } else {
         flow_hash(key)

@@ -7,7 +7,7 @@ use aya_ebpf::{
 use balancer_common::{
     Addr, Affinity, AffinityKey, AgentState, Backend, BackendCounters, Binding, CookieSecret,
     Counter, Flow, FlowKey, Group, HeadInsert, KnownSession, KnownSessionKey, Reason, Replay,
-    ReverseNat, Service, ServiceKey, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS,
+    ReverseNat, Service, ServiceKey, SessionStart, SynOptions, BINDING_CAPACITY, COOKIE_SECRETS,
     DEFAULT_AFFINITY_CAPACITY, DEFAULT_FLOW_CAPACITY, DEFAULT_TABLE_SIZE, GROUP_TABLE_SIZE,
     KNOWN_SESSION_CAPACITY, MAX_BACKENDS, MAX_GROUPS, MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS,
     NEW_FLOW_SOURCE_RING_SIZE, PUNT_RING_SIZE, REPLAY_CAPACITY, TABLES_PER_SERVICE,
@@ -154,6 +154,11 @@ pub static REPLAY_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
 #[map]
 pub static KNOWN_SESSIONS: LruHashMap<KnownSessionKey, KnownSession> =
     LruHashMap::pinned(KNOWN_SESSION_CAPACITY, 0);
+
+/// Cookie services: per backend, the cookie lines that start a session there, for XDP to
+/// bind requests without a cookie itself (see `bind`).
+#[map]
+pub static SESSION_STARTS: Array<SessionStart> = Array::pinned(MAX_BACKENDS, 0);
 
 /// The program a client's first data segment is passed to (entry 0), filled by the agent.
 /// Not pinned, as `FULL_NAT_PROGRAM`.

@@ -92,6 +92,11 @@ pub fn note_head_acked(ctx: &XdpContext, packet: &Packet, flow: &mut Flow) {
             flow.flags |= flow_flags::HEAD_ACKED;
             if flow.flags & flow_flags::HEAD_BY_XDP != 0 {
                 let _ = HEAD_INSERTS.remove(&packet.key);
+            }
+            // A connection XDP bound itself, the agent has none of.
+            if flow.flags & (flow_flags::HEAD_BY_XDP | flow_flags::BOUND_BY_XDP)
+                == flow_flags::HEAD_BY_XDP
+            {
                 punt::tell(
                     ctx,
                     punt_kind::HEAD_DELIVERED,

@@ -695,13 +695,20 @@ impl ServiceConfig {
         }
     }
 
+    /// What places a request without a usable cookie, as a [`without_agent`] placement code.
+    pub fn cookie_fallback_code(&self) -> u32 {
+        match self.cookie_fallback {
+            CookieFallback::SourceIp => without_agent::PLACE_BY_SOURCE,
+            CookieFallback::Flow => without_agent::PLACE_BY_FLOW,
+        }
+    }
+
     /// What XDP does with this service's new connections while no agent runs, as a
     /// [`without_agent`] code.
     pub fn without_agent_code(&self) -> u32 {
-        match (self.without_agent.unwrap_or_default(), self.cookie_fallback) {
-            (WithoutAgent::Reset, _) => without_agent::RESET,
-            (WithoutAgent::Fallback, CookieFallback::SourceIp) => without_agent::PLACE_BY_SOURCE,
-            (WithoutAgent::Fallback, CookieFallback::Flow) => without_agent::PLACE_BY_FLOW,
+        match self.without_agent.unwrap_or_default() {
+            WithoutAgent::Reset => without_agent::RESET,
+            WithoutAgent::Fallback => self.cookie_fallback_code(),
         }
     }
 

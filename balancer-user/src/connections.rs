@@ -12,12 +12,12 @@
 use std::{cell::RefCell, os::fd::AsFd, os::fd::OwnedFd, path::Path};
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData};
 use balancer_common::{
     binding_state, map_name, source_is_free, Binding, Flow, FlowKey, HeadInsert, KnownSession,
-    KnownSessionKey, Replay, ReverseNat,
+    KnownSessionKey, Replay, ReverseNat, SessionStart,
 };
-use bytemuck::Pod;
+use bytemuck::{Pod, Zeroable};
 
 use crate::{
     bpf,
@@ -32,6 +32,7 @@ pub struct ConnectionMaps {
     head_inserts: HashMap<MapData, FlowKey, HeadInsert>,
     replays: HashMap<MapData, FlowKey, Replay>,
     known_sessions: HashMap<MapData, KnownSessionKey, KnownSession>,
+    session_starts: Array<MapData, SessionStart>,
     held: RefCell<Held>,
 }
 
@@ -121,6 +122,7 @@ impl ConnectionMaps {
             head_inserts: HashMap::try_from(open(map_name::HEAD_INSERTS)?)?,
             replays: HashMap::try_from(open(map_name::REPLAYS)?)?,
             known_sessions: HashMap::try_from(open(map_name::KNOWN_SESSIONS)?)?,
+            session_starts: Array::try_from(open(map_name::SESSION_STARTS)?)?,
             held: RefCell::new(held),
         })
     }
@@ -160,6 +162,19 @@ impl ConnectionMaps {
     /// Removes the session XDP binds a client's connections by.
     pub fn forget_session(&mut self, client: &KnownSessionKey) {
         let _ = self.known_sessions.remove(client);
+    }
+
+    /// Leaves XDP the cookie lines by which it starts sessions on backend `backend` itself.
+    /// Lines the kernel refuses only leave those sessions to the agent.
+    pub fn start_sessions(&mut self, backend: u32, start: &SessionStart) {
+        if let Err(error) = self.session_starts.set(backend, start, 0) {
+            throttled!(warn, "leaving XDP a backend's session start: {error}");
+        }
+    }
+
+    /// Stops XDP starting sessions on backend `backend`.
+    pub fn stop_sessions(&mut self, backend: u32) {
+        let _ = self.session_starts.set(backend, SessionStart::zeroed(), 0);
     }
 
     /// Writes the held entries, one call a map. The reverse entries first: once a flow
@@ -237,6 +252,17 @@ impl ConnectionMaps {
     pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
         self.settle(key);
         self.flows.get(key, 0).ok()
+    }
+
+    /// A client connection's binding.
+    pub fn binding(&self, key: &FlowKey) -> Option<Binding> {
+        self.bindings.get(key, 0).ok()
+    }
+
+    /// The cookie lines left for XDP to put into a client connection's first response head.
+    pub fn head_insert(&self, key: &FlowKey) -> Option<HeadInsert> {
+        self.settle(key);
+        self.head_inserts.get(key, 0).ok()
     }
 
     /// A backend connection's reverse entry.

@@ -18,10 +18,10 @@ use aya::{
 use balancer_common::{
     flow_flags, flow_state, map_name, Addr, Affinity, AffinityKey, AgentState, Backend,
     BackendCounters, Binding, CookieSecret, Counter, Flow, FlowKey, Group, HeadInsert,
-    KnownSession, KnownSessionKey, Reason, Replay, ReverseNat, Service, ServiceKey, SynOptions,
-    BINDING_CAPACITY, COOKIE_SECRETS, GROUP_TABLE_SIZE, KNOWN_SESSION_CAPACITY, LAYOUT_VERSION,
-    MAX_BACKENDS, MAX_GROUPS, MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS, REPLAY_CAPACITY,
-    TABLES_PER_SERVICE, XDP_PROGRAM,
+    KnownSession, KnownSessionKey, Reason, Replay, ReverseNat, Service, ServiceKey, SessionStart,
+    SynOptions, BINDING_CAPACITY, COOKIE_SECRETS, GROUP_TABLE_SIZE, KNOWN_SESSION_CAPACITY,
+    LAYOUT_VERSION, MAX_BACKENDS, MAX_GROUPS, MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS,
+    REPLAY_CAPACITY, TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 use tracing::{debug, info, warn};
 
@@ -828,7 +828,7 @@ fn ifindex(interface: &str) -> Result<u32> {
 }
 
 /// The shape every map must have: (name, key size, value size, capacity).
-fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 19] {
+fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 20] {
     use std::mem::size_of;
     [
         (
@@ -878,6 +878,12 @@ fn expected_maps(config: &Config) -> [(&'static str, usize, usize, u32); 19] {
             size_of::<KnownSessionKey>(),
             size_of::<KnownSession>(),
             KNOWN_SESSION_CAPACITY,
+        ),
+        (
+            map_name::SESSION_STARTS,
+            size_of::<u32>(),
+            size_of::<SessionStart>(),
+            MAX_BACKENDS,
         ),
         (
             map_name::COOKIE_SECRET,

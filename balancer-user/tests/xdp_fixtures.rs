@@ -501,6 +501,7 @@ impl Program {
             load_total: 0,
             group_stickiness: 0,
             generation: FIXTURE_GENERATION,
+            cookie_fallback: without_agent::PLACE_BY_FLOW,
         };
         map.insert(key, value, 0).unwrap();
     }

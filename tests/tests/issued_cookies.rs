@@ -106,18 +106,23 @@ fn the_first_response_carries_the_cookie_and_its_cors_variant_and_sessions_stick
     assert!(issued >= 111, "status counts the issued cookies: {issued}");
 }
 
-/// The lines go behind the status line of the backend's first segment in XDP: of 50 new
-/// sessions' first connections and 50 returning ones, the agent reads the requests alone
-/// (XDP replays them when the backends' SYN-ACKs come), but for the returning connections
-/// XDP binds itself: those whose cookie is the one the agent last bound the client by (a
-/// cookie names its backend and expiry second, so sessions started in one second on one
-/// backend carry the same).
+/// New sessions pass the agent by once it has started one on their backend: XDP binds a
+/// request without the cookie to the backend the cookie fallback names and puts the lines the
+/// agent last issued there behind the status line of the backend's first segment. Of 50 new
+/// sessions' first connections and 50 returning ones, the agent reads the new sessions it
+/// starts itself (until XDP has lines for their backend, and again when those are due) and
+/// the returning connections whose cookie is not the one it last bound the client by (a
+/// cookie names its backend and expiry second alone); XDP binds the rest, and answers every
+/// SYN-ACK but a backend's first with the replay. A first segment with no room for the lines
+/// goes to the agent, which takes the connection XDP started up from the maps and puts them
+/// in.
 #[test]
-fn a_new_sessions_cookie_is_put_in_by_xdp_and_its_response_passes_the_agent_by() {
+fn new_sessions_are_started_by_xdp_and_their_responses_pass_the_agent_by() {
     let lab = lab_with(&lb_cookie(""));
     let (before, issued_before) = (counters(&lab), binding_count(&lab, "issued"));
+    let began = std::time::Instant::now();
     let mut backends = HashSet::new();
-    let (mut last_bound, mut by_xdp) = (None, 0);
+    let (mut last_bound, mut returning_by_xdp) = (None, 0);
     for _ in 0..50 {
         let (head, backend) = get_with_head(&lab, &[], "/");
         let own = &set_cookies(&head)["LBSESSION"];
@@ -129,12 +134,13 @@ fn a_new_sessions_cookie_is_put_in_by_xdp_and_its_response_passes_the_agent_by()
         let (_, again) = get_with_head(&lab, &["-H", &format!("Cookie: {}", pair(own))], "/");
         assert_eq!(again, backend, "{own} must keep the session on {backend}");
         if last_bound.as_deref() == Some(pair(own)) {
-            by_xdp += 1;
+            returning_by_xdp += 1;
         } else {
             last_bound = Some(pair(own).to_owned());
         }
         backends.insert(backend);
     }
+    let elapsed_s = began.elapsed().as_secs();
     let after = counters(&lab);
     let delta = |name: &str| after[name] - before[name];
     assert_eq!(
@@ -142,6 +148,9 @@ fn a_new_sessions_cookie_is_put_in_by_xdp_and_its_response_passes_the_agent_by()
         50,
         "XDP put each new session's cookie in"
     );
+    // XDP tells the agent that the client has the lines only of the sessions it started.
+    let started_by_agent = delta("head_delivered");
+    let started_by_xdp = 50 - started_by_agent;
     // The first SYN-ACK from each backend goes to the agent, which learns the backend's
     // window scale from it (the splice needs it before XDP may replay).
     let first_contacts = backends.len() as u64;
@@ -151,13 +160,20 @@ fn a_new_sessions_cookie_is_put_in_by_xdp_and_its_response_passes_the_agent_by()
             delta("bound_by_xdp"),
             delta("replayed_by_xdp")
         ),
-        (100 - by_xdp + first_contacts, by_xdp, 100 - first_contacts),
-        "the agent got each connection's request but those XDP bound, XDP answered the SYN-ACKs with the replay, and no response went to the agent"
+        (
+            100 - returning_by_xdp - started_by_xdp + first_contacts,
+            returning_by_xdp + started_by_xdp,
+            100 - first_contacts
+        ),
+        "the agent got the requests XDP did not bind, XDP answered the SYN-ACKs with the replay, and no response went to the agent"
     );
-    assert_eq!(
-        delta("head_delivered"),
-        50,
-        "XDP told the agent of each client's acknowledgement of the lines"
+    // Per backend and worker: the session whose SYN-ACK shows XDP can record the backend's,
+    // the one that leaves XDP the lines, one each time those are due (10 s).
+    let most_by_agent =
+        first_contacts * u64::from(agent_workers(&lab)) * (2 + elapsed_s / 10 + 1);
+    assert!(
+        started_by_agent <= most_by_agent,
+        "the agent started {started_by_agent} of 50 sessions on {first_contacts} backends in {elapsed_s} s"
     );
     assert_eq!(
         binding_count(&lab, "issued") - issued_before,
@@ -165,6 +181,37 @@ fn a_new_sessions_cookie_is_put_in_by_xdp_and_its_response_passes_the_agent_by()
         "status counts the cookies XDP issued"
     );
     assert!(backends.len() > 1, "50 sessions on one backend");
+
+    // 100 KB bodies: the first segment is full, and the agent puts the lines in.
+    let mut taken_up = 0;
+    for _ in 0..10 {
+        let before = counters(&lab);
+        let out = lab.dir().join("body");
+        let out = out.to_str().expect("utf-8 path");
+        let (head, _) = get_with_head(&lab, &["-o", out], "/bytes/100000");
+        let after = counters(&lab);
+        assert_eq!(
+            sha256_of_file(std::path::Path::new(out)),
+            balancer_lab::test_data_sha256(100_000),
+            "the body after the edited head"
+        );
+        let own = &set_cookies(&head)["LBSESSION"];
+        assert_eq!(
+            after["cookie_inserted"] - before["cookie_inserted"],
+            0,
+            "no room for the lines in XDP"
+        );
+        if after["bound_by_xdp"] - before["bound_by_xdp"] == 1 {
+            taken_up += 1;
+            let backend = head
+                .lines()
+                .find_map(|l| l.strip_prefix("x-backend: "))
+                .unwrap_or_else(|| panic!("no backend named in {head}"));
+            let (_, again) = get_with_head(&lab, &["-H", &format!("Cookie: {}", pair(own))], "/");
+            assert_eq!(again, backend, "{own} must keep the session on {backend}");
+        }
+    }
+    assert!(taken_up > 0, "XDP started none of 10 sessions with 100 KB bodies");
 }
 
 /// 100 python `requests` sessions of 20 requests, each on a new connection: every session's

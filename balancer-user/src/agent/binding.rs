@@ -77,6 +77,8 @@ pub struct Binder {
     /// does XDP bind connections itself. A backend whose SYN-ACKs XDP cannot read (without
     /// timestamps where it looks for them) leaves those to the agent.
     recorded_by_xdp: foldhash::HashSet<u32>,
+    /// The backends this worker left XDP cookie lines to start sessions with.
+    session_starts: known::SessionStarts,
     /// Full NAT: sources handed out so far, which picks the next one to try.
     source_cursor: u32,
     /// Full NAT: where in the sources this worker starts, as (its index, the workers).
@@ -338,6 +340,7 @@ impl Binder {
             by_backend: foldhash::HashMap::default(),
             window_shift_of: foldhash::HashMap::default(),
             recorded_by_xdp: foldhash::HashSet::default(),
+            session_starts: known::SessionStarts::default(),
             // Anywhere in the range: the data plane's CPUs start at its beginning.
             source_cursor: std::process::id().wrapping_mul(0x9e37_79b9),
             source_share,
@@ -829,22 +832,31 @@ impl Worker {
             self.maps.hold_replay(key, replay);
         }
         pending.replay_by_xdp = replay.is_some();
-        // XDP binds by a known session only what reaches the backend as the client sent it,
-        // in one replay.
+        // XDP binds by a known session, or starts one, only where the backend gets the
+        // request as the client sent it, in one replay, and answers as XDP can record.
         let unchanged = pending.replay_by_xdp
             && self.binder.recorded_by_xdp.contains(&target.id)
-            && pending.issue.is_none()
             && pending.strip.is_none()
             && pending.proxy_header.is_empty()
-            && pending.source.is_none();
-        let known = (unchanged && pending.tried.is_empty())
+            && pending.source.is_none()
+            && pending.tried.is_empty();
+        let known = (unchanged && pending.issue.is_none())
             .then(|| known::session(&choice, &pending.request, service.generation))
             .flatten();
+        let start = lines
+            .as_ref()
+            .filter(|_| unchanged)
+            .and_then(|lines| known::session_start(&choice, lines, service.generation));
+        // Before the SYN leaves: the client's next connection may come as soon as this one's
+        // answer.
         if let Some(session) = known {
-            // Before the SYN leaves: the client's next connection may come as soon as this
-            // one's answer.
             self.maps
                 .remember_session(&pending.known_session_key(), &session);
+        }
+        if let Some(start) = start {
+            self.binder
+                .session_starts
+                .start(&mut self.maps, target.id, &start);
         }
         let reply_key = backend_key(pending, target);
         let (flow, mut nat) = connection_entries(pending, target, flow_state::CONNECTING);
@@ -880,7 +892,8 @@ impl Worker {
     /// A backend segment; `recorded` when it is the SYN-ACK whose splice XDP recorded, and
     /// `replayed` when XDP also answered it with the replay.
     fn on_backend_segment(&mut self, segment: Segment, recorded: bool, replayed: bool) {
-        let Some(&key) = self.binder.by_backend.get(&segment.key()) else {
+        let known = self.binder.by_backend.get(&segment.key()).copied();
+        let Some(key) = known.or_else(|| self.adopt(&segment)) else {
             return;
         };
         let Some(pending) = self.binder.pending.get(&key) else {
@@ -908,6 +921,7 @@ impl Worker {
                 debug!(backend = %target.addr, "backend refused the connection: trying the next one");
                 // Nor is XDP to send the client's next connections there.
                 self.maps.forget_session(&pending.known_session_key());
+                self.binder.session_starts.stop(&mut self.maps, target.id);
                 self.binder.by_backend.remove(&segment.key());
                 self.connect_next(&key);
             }
@@ -944,8 +958,8 @@ impl Worker {
         }
         if recorded {
             self.binder.recorded_by_xdp.insert(target.id);
-        } else {
-            self.binder.recorded_by_xdp.remove(&target.id);
+        } else if self.binder.recorded_by_xdp.remove(&target.id) {
+            self.binder.session_starts.stop(&mut self.maps, target.id);
         }
         let backend_isn = segment.seq;
         if already.is_none() {
@@ -1046,6 +1060,94 @@ impl Worker {
             let pending = &self.binder.pending[&key];
             self.replay(pending, target, backend_isn);
         }
+    }
+
+    /// The connection of a session XDP started whose first response head XDP passed on, as
+    /// it cannot put the lines into it (an interim or unknown status line, a segment the
+    /// lines would make too long for the client): taken up from the maps, for the agent to
+    /// edit the head as for the sessions it starts itself.
+    fn adopt(&mut self, segment: &Segment) -> Option<FlowKey> {
+        let reply_key = segment.key();
+        let nat = self.maps.reverse(&reply_key)?;
+        let started = reverse_flags::BOUND_BY_XDP | reverse_flags::COOKIE_BY_XDP;
+        let head_pending = nat.flags & started == started
+            && nat.state == flow_state::RESPONSE_HEAD
+            && nat.client_port == 0
+            && segment.flags & SYN == 0;
+        if !head_pending {
+            return None;
+        }
+        let (vip, vip_port) = (IpAddr::from(nat.vip), u16::from_be(nat.port));
+        let key = Segment {
+            src: segment.dst,
+            dst: vip,
+            sport: segment.dport,
+            dport: vip_port,
+            ..Segment::empty()
+        }
+        .key();
+        let binding = self.maps.binding(&key)?;
+        let lines = self.maps.head_insert(&key)?;
+        let service = self
+            .services
+            .iter()
+            .find(|s| s.config.vip == vip && s.config.port == vip_port)?;
+        let backend = service.backends.iter().find(|b| b.id == nat.backend_id)?;
+        let target = service.target(backend);
+        let issue = Issue {
+            lines: String::from_utf8(lines.lines.get(..usize::from(lines.len))?.to_vec()).ok()?,
+            own: service.config.balancer_cookie()?.to_owned(),
+            ..Issue::default()
+        };
+        // XDP moves the backend's timestamps by the entry's offsets; the agent's segments
+        // to the client take them from the backend's as well.
+        let clocks = (nat.flags & reverse_flags::TIMESTAMPS != 0).then(|| Clocks {
+            client: 0,
+            to_backend: nat.client_ts_delta,
+            balancer: 0,
+            backend: segment.timestamps.map(|t| t.value),
+        });
+        let now = Instant::now();
+        debug!(client = %segment.dst, port = segment.dport, backend = %target.addr, "taking up a session XDP started, for its response head");
+        self.binder.budgets.add(key);
+        self.binder.pending.insert(
+            key,
+            Pending {
+                client: segment.dst,
+                client_port: segment.dport,
+                vip,
+                vip_port,
+                service: Some(service.id),
+                binding,
+                request: Vec::new(),
+                window: 0,
+                created: now,
+                stage: Stage::Spliced {
+                    target,
+                    backend_isn: nat.head_end.wrapping_sub(1),
+                    at: now,
+                },
+                tried: vec![target.id],
+                issue: None,
+                response: Some(Response::new(issue)),
+                // The backend answered: it has the request.
+                reverse: ReverseNat {
+                    replay_end: 0,
+                    ..nat
+                },
+                replay_check: (now + REPLAY_WAIT, REPLAY_WAIT),
+                strip: None,
+                source: None,
+                proxy_header: Vec::new(),
+                head_sent: None,
+                clocks,
+                head_by_xdp: true,
+                replay_by_xdp: true,
+                acknowledged: true,
+            },
+        );
+        self.binder.by_backend.insert(reply_key, key);
+        Some(key)
     }
 
     /// Acknowledges the backend's SYN-ACK with the client's buffered bytes.
@@ -1295,6 +1397,7 @@ impl Worker {
                     self.binder.by_backend.remove(&reply_key);
                     // Nor is XDP to send the client's next connections there.
                     self.maps.forget_session(&pending.known_session_key());
+                    self.binder.session_starts.stop(&mut self.maps, target.id);
                 }
             }
             self.connect_next(&key);

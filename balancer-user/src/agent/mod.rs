@@ -1407,6 +1407,7 @@ fn service_value(service: &ServiceRuntime) -> Service {
             0
         },
         generation: service.generation,
+        cookie_fallback: config.cookie_fallback_code(),
         ..Service::default()
     }
 }

@@ -145,7 +145,7 @@ pub(super) struct Target {
 }
 
 impl ServiceRuntime {
-    fn target(&self, backend: &BackendRuntime) -> Target {
+    pub(super) fn target(&self, backend: &BackendRuntime) -> Target {
         Target {
             id: backend.id,
             addr: backend.config.address,
