@@ -21,9 +21,9 @@ use balancer_common::{
         tcp_field,
         tcp_flag::{FIN, RST, SYN},
     },
-    punt_kind, reverse_flags, Backend, Binding, Flow, FlowKey, KnownSession, KnownSessionKey,
-    Reason, Replay, ReverseNat, Service, ServiceKey, SessionStart, COOKIE_MSS, COOKIE_WINDOW_SHIFT,
-    MAX_KNOWN_COOKIE, MAX_REPLAY, NO_WINDOW_SCALE, PROTO_TCP,
+    punt_kind, reverse_flags, Addr, Backend, Binding, Flow, FlowKey, HeadInsert, KnownSession,
+    KnownSessionKey, Reason, Replay, ReverseNat, Service, ServiceKey, SessionStart, COOKIE_MSS,
+    COOKIE_WINDOW_SHIFT, MAX_HEAD_INSERT, MAX_KNOWN_COOKIE, MAX_REPLAY, NO_WINDOW_SCALE, PROTO_TCP,
 };
 use network_types::eth::EthHdr;
 
@@ -68,21 +68,29 @@ pub fn connect(ctx: &XdpContext) -> Verdict {
     let binding = unsafe { BINDINGS.get(&packet.key) }.map_or(Binding::NONE, |b| *b);
     let first = splice::read_u32(ctx, packet.tcp_field(tcp_field::SEQ))
         .is_ok_and(|seq| seq == binding.client_isn.wrapping_add(1));
-    if binding.state == binding_state::ACCEPTED && first {
-        if let Some(verdict) = bind(ctx, &packet, &binding) {
-            return verdict;
+    match opening(&packet.key) {
+        // The request sent again: XDP's SYN, the backend's SYN-ACK or the replay was lost, or
+        // the backend does not answer. The agent, which times its SYNs and tries the next
+        // backend, opens the backend side anew over the entries.
+        Some(backend_id) if first => {
+            let key = &packet.key;
+            let started = HEAD_INSERTS.get_ptr(key).is_some();
+            stop_binding_by(key.src, key.dst, key.dport, backend_id, started);
         }
-    }
-    if !first && opening(&packet.key) {
-        return Verdict::drop(Reason::DropWhileBinding);
+        Some(_) => return Verdict::drop(Reason::DropWhileBinding),
+        None if binding.state == binding_state::ACCEPTED && first => {
+            if let Some(verdict) = bind(ctx, &packet, &binding) {
+                return verdict;
+            }
+        }
+        None => {}
     }
     punt::punt(ctx, punt_kind::CLIENT, &packet.key.src, &binding)
 }
 
 /// A client segment of a connection XDP is opening the backend side of: its request sent
-/// again (its SYN or replay was lost) opens it again, or goes to the agent once XDP no longer
-/// knows the session; anything else is dropped, for the client to send again once the legs
-/// are spliced. The agent holds nothing of the connection to add it to.
+/// again goes to the agent (see `connect`); anything else is dropped, for the client to send
+/// again once the legs are spliced. The agent holds nothing of the connection to add it to.
 #[inline(always)]
 pub fn while_opening(ctx: &XdpContext, packet: &Packet) -> Verdict {
     hand_off(ctx, packet);
@@ -95,25 +103,35 @@ pub fn while_opening(ctx: &XdpContext, packet: &Packet) -> Verdict {
 /// client's next try, its request sent again, goes to the agent, which handles such answers.
 #[inline(always)]
 pub fn unanswered(packet: &Packet, nat: &ReverseNat) -> Verdict {
-    if nat.flags & reverse_flags::COOKIE_BY_XDP != 0 {
-        if let Some(start) = SESSION_STARTS.get_ptr_mut(nat.backend_id) {
+    let started = nat.flags & reverse_flags::COOKIE_BY_XDP != 0;
+    let client = *splice::client_of(packet, nat);
+    stop_binding_by(client, nat.vip, nat.port, nat.backend_id, started);
+    Verdict::drop(Reason::DropWhileBinding)
+}
+
+/// Stops XDP binding by what it bound a connection of `client` to the service at `vip` and
+/// `port` by: the client's known session, or the session start on `backend_id` when the
+/// connection `started` a session.
+#[inline(always)]
+fn stop_binding_by(client: Addr, vip: Addr, port: u16, backend_id: u32, started: bool) {
+    if started {
+        if let Some(start) = SESSION_STARTS.get_ptr_mut(backend_id) {
             // SAFETY: map values stay valid for the duration of the program.
             unsafe { (*start).until_s = 0 };
         }
     } else {
-        let client = KnownSessionKey::new(*splice::client_of(packet, nat), nat.vip, nat.port);
-        let _ = KNOWN_SESSIONS.remove(&client);
+        let _ = KNOWN_SESSIONS.remove(&KnownSessionKey::new(client, vip, port));
     }
-    Verdict::drop(Reason::DropWhileBinding)
 }
 
-/// Whether XDP is opening the backend side of the connection (see `while_opening`).
+/// The backend XDP is opening the backend side of the connection to, if it is (see
+/// `while_opening`).
 #[inline(always)]
-fn opening(key: &FlowKey) -> bool {
+fn opening(key: &FlowKey) -> Option<u32> {
+    let flow = FLOWS.get_ptr(key)?;
     // SAFETY: map values stay valid for the duration of the program.
-    FLOWS.get_ptr(key).is_some_and(|flow| unsafe {
-        (*flow).flags & flow_flags::BOUND_BY_XDP != 0 && (*flow).state == flow_state::CONNECTING
-    })
+    let (flags, state, backend_id) = unsafe { ((*flow).flags, (*flow).state, (*flow).backend_id) };
+    (flags & flow_flags::BOUND_BY_XDP != 0 && state == flow_state::CONNECTING).then_some(backend_id)
 }
 
 /// Binds the connection from its client's known session, or starts a session on the backend
@@ -184,10 +202,10 @@ fn bind(ctx: &XdpContext, packet: &Packet, binding: &Binding) -> Option<Verdict>
         timestamps,
         starts_session: lines.is_some(),
     };
-    opened.leave_replay(request)?;
     if let Some(start) = lines {
         opened.leave_lines(start, mss)?;
     }
+    opened.leave_replay(request)?;
     opened.write_entries(now_s, request.len)?;
     Some(opened.send_syn(ctx, packet))
 }
@@ -336,6 +354,22 @@ fn sum_words(request: &Replay) -> u16 {
     balancer_common::csum::fold(sum)
 }
 
+/// The one's-complement sum of the 16-bit words of cookie lines as they lie in memory, folded
+/// to 16 bits (the agent pads them to even length).
+#[inline(always)]
+fn sum_lines(lines: &HeadInsert) -> u16 {
+    let mut sum = 0u32;
+    for word in 0..MAX_HEAD_INSERT / 2 {
+        let at = word * 2;
+        if at + 1 >= fresh(&lines.len) {
+            break;
+        }
+        let bytes = &lines.lines;
+        sum += u32::from(u16::from_ne_bytes([bytes[at], bytes[at + 1]]));
+    }
+    balancer_common::csum::fold(sum)
+}
+
 /// A length read anew from its map value: compared inside a loop, a length held in a
 /// register would carry what each iteration learnt of it out of the loop, and the verifier
 /// would follow every exit on its own.
@@ -382,11 +416,15 @@ impl Opened<'_> {
             .insert(self.key, unsafe { &(*start).lines }, 0)
             .ok()?;
         let lines = HEAD_INSERTS.get_ptr_mut(self.key)?;
-        // SAFETY: as above.
-        unsafe {
-            (*lines).max_payload = mss;
-            (*lines).status_len = 0;
+        // SAFETY: as above; the copy is this connection's alone.
+        let lines = unsafe { &mut *lines };
+        // The agent rewrites the entry in place: a copy taken meanwhile may mix two issues.
+        if sum_lines(lines) != lines.sum {
+            let _ = HEAD_INSERTS.remove(self.key);
+            return None;
         }
+        lines.max_payload = mss;
+        lines.status_len = 0;
         Some(())
     }
 

@@ -154,12 +154,13 @@ const ATTACK_HOLD_S: u32 = 10;
 /// Opens `connections` connections to the lb-cookie VIP from `sources` (round robin), sends a
 /// complete request on each, holds them `hold` seconds without taking a byte of the answers
 /// (the lab's firewall drops them), then closes them all. Prints `sent N` once every head is
-/// out.
+/// out. The requests carry a forged cookie, which makes the agent read each one: without a
+/// cookie XDP would start their sessions itself, and they would hold nothing of the agent's.
 const ATTACKER: &str = r#"
 import resource, selectors, socket, sys, time
 vip, port, sources, n, hold = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), int(sys.argv[4]), float(sys.argv[5])
 resource.setrlimit(resource.RLIMIT_NOFILE, (n + 1000, n + 1000))
-request = b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n"
+request = b"GET / HTTP/1.1\r\nHost: vip\r\nCookie: LBSESSION=forged\r\n\r\n"
 selector = selectors.DefaultSelector()
 sockets, sent = [], 0
 def pump(timeout):

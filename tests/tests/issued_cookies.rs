@@ -169,8 +169,7 @@ fn new_sessions_are_started_by_xdp_and_their_responses_pass_the_agent_by() {
     );
     // Per backend and worker: the session whose SYN-ACK shows XDP can record the backend's,
     // the one that leaves XDP the lines, one each time those are due (10 s).
-    let most_by_agent =
-        first_contacts * u64::from(agent_workers(&lab)) * (2 + elapsed_s / 10 + 1);
+    let most_by_agent = first_contacts * u64::from(agent_workers(&lab)) * (2 + elapsed_s / 10 + 1);
     assert!(
         started_by_agent <= most_by_agent,
         "the agent started {started_by_agent} of 50 sessions on {first_contacts} backends in {elapsed_s} s"
@@ -211,7 +210,10 @@ fn new_sessions_are_started_by_xdp_and_their_responses_pass_the_agent_by() {
             assert_eq!(again, backend, "{own} must keep the session on {backend}");
         }
     }
-    assert!(taken_up > 0, "XDP started none of 10 sessions with 100 KB bodies");
+    assert!(
+        taken_up > 0,
+        "XDP started none of 10 sessions with 100 KB bodies"
+    );
 }
 
 /// 100 python `requests` sessions of 20 requests, each on a new connection: every session's

@@ -892,7 +892,12 @@ impl Worker {
     /// A backend segment; `recorded` when it is the SYN-ACK whose splice XDP recorded, and
     /// `replayed` when XDP also answered it with the replay.
     fn on_backend_segment(&mut self, segment: Segment, recorded: bool, replayed: bool) {
-        let known = self.binder.by_backend.get(&segment.key()).copied();
+        let known = self
+            .binder
+            .by_backend
+            .get(&segment.key())
+            .copied()
+            .filter(|key| !self.superseded(key, &segment));
         let Some(key) = known.or_else(|| self.adopt(&segment)) else {
             return;
         };
@@ -921,6 +926,7 @@ impl Worker {
                 debug!(backend = %target.addr, "backend refused the connection: trying the next one");
                 // Nor is XDP to send the client's next connections there.
                 self.maps.forget_session(&pending.known_session_key());
+                self.binder.recorded_by_xdp.remove(&target.id);
                 self.binder.session_starts.stop(&mut self.maps, target.id);
                 self.binder.by_backend.remove(&segment.key());
                 self.connect_next(&key);
@@ -949,6 +955,10 @@ impl Worker {
         }
         if already.is_some() && segment.flags & SYN == 0 {
             self.on_response_data(&key, &segment);
+            return;
+        }
+        // A connection taken up from XDP, which sent its SYN and its request.
+        if pending.request.is_empty() {
             return;
         }
         if segment.flags & (SYN | ACK) != SYN | ACK
@@ -1062,10 +1072,34 @@ impl Worker {
         }
     }
 
+    /// Whether the spliced connection the agent holds under `key` is over, a session XDP
+    /// started on the same ports (the client reused its port) having taken its place: the
+    /// backend's entry then holds another connection's offsets. The agent's connection is
+    /// forgotten.
+    fn superseded(&mut self, key: &FlowKey, segment: &Segment) -> bool {
+        let Some((_, backend_isn)) = self.binder.pending.get(key).and_then(Pending::spliced) else {
+            return false;
+        };
+        if segment.flags & SYN != 0 {
+            return false;
+        }
+        let cookie_isn = self.binder.pending[key].binding.cookie_isn;
+        let over = self.maps.reverse(&segment.key()).is_some_and(|nat| {
+            nat.flags & reverse_flags::BOUND_BY_XDP != 0
+                && nat.seq_delta.wrapping_add(nat.inserted) != backend_isn.wrapping_sub(cookie_isn)
+        });
+        if over {
+            self.forget(key);
+        }
+        over
+    }
+
     /// The connection of a session XDP started whose first response head XDP passed on, as
     /// it cannot put the lines into it (an interim or unknown status line, a segment the
     /// lines would make too long for the client): taken up from the maps, for the agent to
-    /// edit the head as for the sessions it starts itself.
+    /// edit the head as for the sessions it starts itself. Without the lines (evicted) or the
+    /// backend (removed since), the head passes unedited: the client's next request starts
+    /// its session.
     fn adopt(&mut self, segment: &Segment) -> Option<FlowKey> {
         let reply_key = segment.key();
         let nat = self.maps.reverse(&reply_key)?;
@@ -1086,19 +1120,33 @@ impl Worker {
             ..Segment::empty()
         }
         .key();
-        let binding = self.maps.binding(&key)?;
-        let lines = self.maps.head_insert(&key)?;
-        let service = self
-            .services
-            .iter()
-            .find(|s| s.config.vip == vip && s.config.port == vip_port)?;
-        let backend = service.backends.iter().find(|b| b.id == nat.backend_id)?;
-        let target = service.target(backend);
-        let issue = Issue {
-            lines: String::from_utf8(lines.lines.get(..usize::from(lines.len))?.to_vec()).ok()?,
-            own: service.config.balancer_cookie()?.to_owned(),
-            ..Issue::default()
+        let Some((target, issue, mss, service)) = self.head_of_started(&key, &nat) else {
+            debug!(client = %segment.dst, port = segment.dport, "a session XDP started lost its cookie lines or backend: its response head passes unedited");
+            let spliced = ReverseNat {
+                state: flow_state::SPLICED,
+                replay_end: 0,
+                ..nat
+            };
+            if let Err(error) = self.maps.write_reverse(&reply_key, spliced) {
+                throttled!(warn, "passing a response head on unedited: {error:#}");
+            }
+            return None;
         };
+        let backend_isn = nat.head_end.wrapping_sub(1);
+        // The binding as XDP accepted the handshake; the offset XDP recorded gives the SYN
+        // cookie should the binding be gone.
+        let cookie_isn = backend_isn.wrapping_sub(nat.seq_delta);
+        let binding = self
+            .maps
+            .binding(&key)
+            .filter(|b| b.cookie_isn == cookie_isn)
+            .unwrap_or_else(|| {
+                let mut binding = Binding::NONE;
+                binding.cookie_isn = cookie_isn;
+                binding.client_isn = segment.ack.wrapping_sub(1);
+                binding.options.mss = mss;
+                binding
+            });
         // XDP moves the backend's timestamps by the entry's offsets; the agent's segments
         // to the client take them from the backend's as well.
         let clocks = (nat.flags & reverse_flags::TIMESTAMPS != 0).then(|| Clocks {
@@ -1109,6 +1157,7 @@ impl Worker {
         });
         let now = Instant::now();
         debug!(client = %segment.dst, port = segment.dport, backend = %target.addr, "taking up a session XDP started, for its response head");
+        self.make_room(segment.dst);
         self.binder.budgets.add(key);
         self.binder.pending.insert(
             key,
@@ -1117,14 +1166,14 @@ impl Worker {
                 client_port: segment.dport,
                 vip,
                 vip_port,
-                service: Some(service.id),
+                service: Some(service),
                 binding,
                 request: Vec::new(),
                 window: 0,
                 created: now,
                 stage: Stage::Spliced {
                     target,
-                    backend_isn: nat.head_end.wrapping_sub(1),
+                    backend_isn,
                     at: now,
                 },
                 tried: vec![target.id],
@@ -1148,6 +1197,33 @@ impl Worker {
         );
         self.binder.by_backend.insert(reply_key, key);
         Some(key)
+    }
+
+    /// What the agent edits the first response head of a session XDP started with: its
+    /// backend, the cookie lines XDP has for it, the client's MSS and the service's id.
+    fn head_of_started(
+        &self,
+        key: &FlowKey,
+        nat: &ReverseNat,
+    ) -> Option<(Target, Issue, u16, u32)> {
+        let lines = self.maps.head_insert(key)?;
+        let (vip, vip_port) = (IpAddr::from(nat.vip), u16::from_be(nat.port));
+        let service = self
+            .services
+            .iter()
+            .find(|s| s.config.vip == vip && s.config.port == vip_port)?;
+        let backend = service.backends.iter().find(|b| b.id == nat.backend_id)?;
+        let issue = Issue {
+            lines: String::from_utf8(lines.lines.get(..usize::from(lines.len))?.to_vec()).ok()?,
+            own: service.config.balancer_cookie()?.to_owned(),
+            ..Issue::default()
+        };
+        Some((
+            service.target(backend),
+            issue,
+            lines.max_payload,
+            service.id,
+        ))
     }
 
     /// Acknowledges the backend's SYN-ACK with the client's buffered bytes.
@@ -1397,6 +1473,7 @@ impl Worker {
                     self.binder.by_backend.remove(&reply_key);
                     // Nor is XDP to send the client's next connections there.
                     self.maps.forget_session(&pending.known_session_key());
+                    self.binder.recorded_by_xdp.remove(&target.id);
                     self.binder.session_starts.stop(&mut self.maps, target.id);
                 }
             }

@@ -125,10 +125,9 @@ impl SessionStarts {
     }
 
     /// Stops XDP starting sessions on backend `backend` (it refused or did not answer a SYN,
-    /// or answered one as XDP cannot record), if this worker had it do so.
+    /// or answered one as XDP cannot record), whichever worker had it do so.
     pub fn stop(&mut self, maps: &mut ConnectionMaps, backend: u32) {
-        if self.0.remove(&backend).is_some() {
-            maps.stop_sessions(backend);
-        }
+        self.0.remove(&backend);
+        maps.stop_sessions(backend);
     }
 }

@@ -1,7 +1,8 @@
 //! `cargo xtask bench --workers`: new cookie connections per second with one binding worker
 //! and with two, interleaved round by round in one lab. The connections are new `lb-cookie`
-//! sessions, which the agent binds one by one (a returning session's connections after its
-//! first XDP binds without it).
+//! sessions of a service with `cors = true`, which the agent binds one by one (XDP starts the
+//! new sessions of a plain `lb-cookie` service itself, and binds a returning session's
+//! connections after its first).
 //!
 //! On a machine of two CPUs the client, the backends and XDP leave the agent less than one
 //! CPU, so more workers cannot show there by themselves. The comparison makes the agent the
@@ -65,12 +66,17 @@ pub fn run(quick: bool) -> Result<()> {
         lb_cookie_backend: Some(LB_COOKIE_BACKEND),
         ..ServiceOptions::default()
     };
-    fs::write(&config, lab.balancer_config_with(&options))
-        .context("writing the benchmark's balancer config")?;
+    // Sessions with the cross-origin cookie too: XDP leaves their start to the agent.
+    let toml = lab.balancer_config_with(&options).replacen(
+        "affinity = \"lb-cookie\"",
+        "affinity = \"lb-cookie\"\ncors = true",
+        1,
+    );
+    fs::write(&config, toml).context("writing the benchmark's balancer config")?;
     let config = config.to_string_lossy().into_owned();
 
     println!(
-        "==> new connections through the lb-cookie VIP (new sessions), each worker held to {:.0}% of a CPU; {rounds} round(s) of {seconds} s",
+        "==> new connections through the lb-cookie VIP (new sessions, with cors: bound by the agent), each worker held to {:.0}% of a CPU; {rounds} round(s) of {seconds} s",
         WORKER_CPU_SHARE * 100.0
     );
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); WORKER_COUNTS.len()];
