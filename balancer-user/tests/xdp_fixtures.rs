@@ -20,9 +20,9 @@ use balancer_common::{
     affinity, backend_state, binding_state, csum, flow_flags, flow_state, map_name, nat_mode,
     punt_kind, reverse_flags, syncookie, without_agent, worker_of, Addr, Affinity, AffinityKey,
     AgentState, Backend, Binding, Counter, Flow, FlowKey, Group, HeadInsert, KnownSession,
-    KnownSessionKey, Punt, Reason, Replay, ReverseNat, Service, ServiceKey, SynOptions,
-    DEFAULT_AGENT_TIMEOUT_S, LAYOUT_VERSION, MAX_AGENT_WORKERS, MAX_GROUPS, MAX_SERVICES,
-    PROTO_TCP, PROTO_UDP, TABLES_PER_SERVICE, XDP_PROGRAM,
+    KnownSessionKey, Punt, Reason, Replay, ReverseNat, Service, ServiceKey, SessionStart,
+    SynOptions, DEFAULT_AGENT_TIMEOUT_S, LAYOUT_VERSION, MAX_AGENT_WORKERS, MAX_GROUPS,
+    MAX_SERVICES, PROTO_TCP, PROTO_UDP, TABLES_PER_SERVICE, XDP_PROGRAM,
 };
 use bytemuck::Zeroable;
 
@@ -550,6 +550,13 @@ impl Program {
         let reverse: HashMap<&MapData, FlowKey, ReverseNat> =
             HashMap::try_from(self.ebpf.map(map_name::REVERSE).expect("REVERSE")).unwrap();
         reverse.get(reply_key, 0).ok()
+    }
+
+    fn head_insert(&self, key: &FlowKey) -> Option<HeadInsert> {
+        let lines: HashMap<&MapData, FlowKey, HeadInsert> =
+            HashMap::try_from(self.ebpf.map(map_name::HEAD_INSERTS).expect("HEAD_INSERTS"))
+                .unwrap();
+        lines.get(key, 0).ok()
     }
 
     fn replay(&self, key: &FlowKey) -> Option<Replay> {
@@ -2668,6 +2675,150 @@ fn a_returning_sessions_request_is_bound_by_xdp_from_its_known_session_byte_for_
     assert_eq!((punts.len(), punts[0].kind), (1, punt_kind::CLIENT));
     assert_eq!(program.counters()[Reason::BoundByXdp as usize], 2);
     assert_eq!(program.counters()[Reason::DropWhileBinding as usize], 2);
+}
+
+/// A request without a cookie of the service's name is bound by XDP to the backend the
+/// cookie fallback names, with the cookie lines the agent left for that backend: the SYN, the
+/// entries (the first response head for XDP to edit) and the lines with the client's MSS. A
+/// request naming the cookie anywhere, lines of another service generation or past their
+/// time, and a copy of the lines torn by the agent's rewrite go to the agent.
+#[test]
+fn a_request_without_a_cookie_starts_a_session_in_xdp_with_its_backends_cookie_lines() {
+    let mut program = Program::in_private_network("start");
+    program.agent_alive_seconds_ago(0);
+    const COOKIE_ISN: u32 = 7_000;
+    // Even, as the agent pads them.
+    const LINES: &[u8] = b"Set-Cookie: LBSESSION=abc; Max-Age=60; Path=/; HttpOnly \r\n";
+    const _: () = assert!(LINES.len() % 2 == 0);
+    let key = client_flow(COOKIE_PORT);
+    let reply_key = reply_flow(&key);
+    let binding = Binding {
+        punts: 0,
+        ..accepted_binding(&mut program, &key, COOKIE_ISN, 0)
+    };
+    let start = |generation: u32, until_s: u32| {
+        let mut start = SessionStart::zeroed();
+        start.lines.lines[..LINES.len()].copy_from_slice(LINES);
+        start.lines.len = LINES.len() as u16;
+        start.lines.sum = csum::sum_words(LINES);
+        start.name_prefix = *b"LBSE";
+        start.generation = generation;
+        start.until_s = until_s;
+        start
+    };
+    let leave_start = |program: &mut Program, start: SessionStart| {
+        let mut starts: Array<&mut MapData, SessionStart> =
+            Array::try_from(program.map(map_name::SESSION_STARTS)).unwrap();
+        starts.set(0, start, 0).unwrap();
+    };
+    let reset_binding = |program: &mut Program| {
+        let mut bindings: HashMap<&mut MapData, FlowKey, Binding> =
+            HashMap::try_from(program.map(map_name::BINDINGS)).unwrap();
+        bindings.insert(key, binding, 0).unwrap();
+    };
+    let from_client = ip(CLIENT, VIP, PROTO_TCP);
+    let segment = |request: &[u8]| {
+        let segment = tcp_segment(
+            &from_client,
+            (CLIENT_PORT, COOKIE_PORT),
+            (CLIENT_SEQ + 1, COOKIE_ISN + 1),
+            TCP_ACK | TCP_PSH,
+            1234,
+            request,
+        );
+        ipv4_frame(FROM_CLIENT.0, FROM_CLIENT.1, &from_client, &segment)
+    };
+    const PLAIN: &[u8] = b"GET /page HTTP/1.1\r\nHost: x\r\nCookie: other=1\r\n\r\n";
+    let now = coarse_seconds();
+
+    // The cookie's name in the head (here in the URL), lines of an older generation, lines
+    // past their time, a torn copy: the agent's.
+    leave_start(&mut program, start(FIXTURE_GENERATION, now + 10));
+    reset_binding(&mut program);
+    let named = b"GET /?LBSESSION=x HTTP/1.1\r\nHost: x\r\n\r\n";
+    assert_eq!(program.run(&segment(named)).0, XDP_DROP);
+    for stale in [
+        start(FIXTURE_GENERATION - 1, now + 10),
+        start(FIXTURE_GENERATION, now - 1),
+        SessionStart {
+            lines: HeadInsert {
+                sum: csum::sum_words(LINES) ^ 1,
+                ..start(0, 0).lines
+            },
+            ..start(FIXTURE_GENERATION, now + 10)
+        },
+    ] {
+        leave_start(&mut program, stale);
+        reset_binding(&mut program);
+        assert_eq!(program.run(&segment(PLAIN)).0, XDP_DROP);
+    }
+    let punts = program.punts();
+    assert_eq!(punts.len(), 4);
+    assert!(punts.iter().all(|p| p.kind == punt_kind::CLIENT));
+    assert_eq!(program.counters()[Reason::BoundByXdp as usize], 0);
+    assert!(program.head_insert(&key).is_none(), "the torn copy is gone");
+
+    // The lines as the agent left them: the SYN to the service's one backend, the entries
+    // with the head for XDP to edit, the lines with the client's MSS.
+    leave_start(&mut program, start(FIXTURE_GENERATION, now + 10));
+    reset_binding(&mut program);
+    let (action, output) = program.run(&segment(PLAIN));
+    assert_eq!(action, XDP_REDIRECT);
+    let to_backend = Ip {
+        id: 0,
+        ttl: 63,
+        ..ip(CLIENT, BACKEND, PROTO_TCP)
+    };
+    let syn = tcp_with_options(
+        &to_backend,
+        (CLIENT_PORT, WEB_BACKEND_PORT),
+        (CLIENT_SEQ, 0),
+        TCP_SYN,
+        u16::MAX,
+        &[2, 4, 0x05, 0xb4, 1, 3, 3, 7, 1, 1, 4, 2],
+    );
+    assert_eq!(
+        output,
+        ipv4_frame(TO_BACKEND.0, TO_BACKEND.1, &to_backend, &syn)
+    );
+    assert_eq!(program.counters()[Reason::BoundByXdp as usize], 1);
+    assert!(program.punts().is_empty(), "the agent hears nothing of it");
+    let flow = program.flow(&key).unwrap();
+    assert_eq!(
+        flow,
+        Flow {
+            flags: flow_flags::BOUND_BY_XDP,
+            last_seen_s: flow.last_seen_s,
+            ..flow_to_backend(flow_state::CONNECTING)
+        }
+    );
+    assert_eq!(
+        program.reverse(&reply_key).unwrap(),
+        ReverseNat {
+            vip: addr(VIP),
+            port: COOKIE_PORT.to_be(),
+            state: flow_state::CONNECTING,
+            client_window_shift: 7,
+            replay_end: CLIENT_SEQ + 1 + PLAIN.len() as u32,
+            flags: reverse_flags::REPLAY_BY_XDP
+                | reverse_flags::BOUND_BY_XDP
+                | reverse_flags::HEAD_TO_AGENT
+                | reverse_flags::COOKIE_BY_XDP,
+            ..ReverseNat::default()
+        }
+    );
+    assert_eq!(
+        program.head_insert(&key).unwrap(),
+        HeadInsert {
+            max_payload: 1400,
+            ..start(0, 0).lines
+        }
+    );
+    assert_eq!(
+        &program.replay(&key).unwrap().bytes[..PLAIN.len()],
+        PLAIN,
+        "the request, for the replay"
+    );
 }
 
 #[test]

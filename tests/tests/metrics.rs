@@ -42,6 +42,14 @@ fn a_real_prometheus_sees_each_backends_connections_the_cookies_issued_and_healt
     let issued_before = issued_now(&lab).expect("the cookies issued, scraped");
     let latencies = "balancer_binding_latency_seconds_count";
     let latencies_before = query(&lab, latencies, "job")["balancer"];
+    let by_xdp = "balancer_xdp_packets_total{reason=\"bound_by_xdp\"}";
+    let by_xdp_now = |lab: &Lab| {
+        query(lab, by_xdp, "reason")
+            .get("bound_by_xdp")
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let by_xdp_before = by_xdp_now(&lab);
 
     // New sessions, one connection each: every answer sets the balancer's cookie, and the
     // test counts which backend gave it.
@@ -69,12 +77,18 @@ for _ in range({connections}):
         "Prometheus scraping the cookies issued",
         || issued_now(&lab) == Some(issued_before + connections as f64),
     );
-    // The scrape that saw the cookies saw the bindings too: the agent counts both before it
-    // answers the client.
+    // The scrape that saw the cookies saw the bindings too: the agent and XDP count both
+    // before the client has its answer. Each session was started by the agent
+    // (`by_fallback`) or, once XDP had the cookie lines of its backend, by XDP.
     let bound_after = query(&lab, bound, "backend");
     let outcomes_after = query(&lab, outcomes, "outcome");
+    let started_by_xdp = by_xdp_now(&lab) - by_xdp_before;
+    assert!(
+        started_by_xdp > 0.0,
+        "XDP started none of {connections} sessions"
+    );
     for (outcome, expected) in [
-        ("by_fallback", connections as f64),
+        ("by_fallback", connections as f64 - started_by_xdp),
         ("with_cookie", 0.0),
         ("failed", 0.0),
     ] {
@@ -88,8 +102,8 @@ for _ in range({connections}):
     let issued_per_backend_after = query(&lab, issued_per_backend, "backend");
     assert_eq!(
         query(&lab, latencies, "job")["balancer"] - latencies_before,
-        connections as f64,
-        "one binding latency per connection"
+        connections as f64 - started_by_xdp,
+        "one binding latency per connection the agent bound"
     );
     let checks = query(
         &lab,
@@ -118,14 +132,16 @@ for _ in range({connections}):
             "{name}: cookies issued, as Prometheus saw them ({issued_per_backend_after:?}), against the answers ({sent:?})"
         );
     }
-    // Every record XDP punted (or copied for the agent with a replay it sent, or with a
-    // client's acknowledgement of the cookie lines), the agent read; each table reports its
-    // capacity.
-    let handed = "balancer_xdp_packets_total{reason=~\"punted|replayed_by_xdp|head_delivered\"}";
+    // Every record XDP punted (or copied for the agent with a replay it sent, but for the
+    // connections it bound itself, or with a client's acknowledgement of the cookie lines),
+    // the agent read; each table reports its capacity.
+    let handed = "balancer_xdp_packets_total{reason=~\"punted|replayed_by_xdp|head_delivered|bound_by_xdp\"}";
     let read = "balancer_punts_read_total";
     wait_until(Duration::from_secs(10), "every punt read", || {
         let handed = query(&lab, handed, "reason");
-        let total = handed.values().sum::<f64>();
+        let count = |reason: &str| handed.get(reason).copied().unwrap_or(0.0);
+        let total = count("punted") + count("replayed_by_xdp") + count("head_delivered")
+            - count("bound_by_xdp");
         handed.contains_key("punted")
             && Some(total) == query(&lab, read, "job").get("balancer").copied()
     });
