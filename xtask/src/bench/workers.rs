@@ -1,8 +1,9 @@
 //! `cargo xtask bench --workers`: new cookie connections per second with one binding worker
 //! and with two, interleaved round by round in one lab. The connections are new `lb-cookie`
-//! sessions of a service with `cors = true`, which the agent binds one by one (XDP starts the
-//! new sessions of a plain `lb-cookie` service itself, and binds a returning session's
-//! connections after its first).
+//! sessions of a service whose cookie name (`lb`) is too short for XDP to search requests
+//! for, so the agent binds them one by one (XDP starts the new sessions of an `lb-cookie`
+//! service with a longer name itself, and binds a returning session's connections after its
+//! first).
 //!
 //! On a machine of two CPUs the client, the backends and XDP leave the agent less than one
 //! CPU, so more workers cannot show there by themselves. The comparison makes the agent the
@@ -76,7 +77,7 @@ pub fn run(quick: bool) -> Result<()> {
     let config = config.to_string_lossy().into_owned();
 
     println!(
-        "==> new connections through the lb-cookie VIP (new sessions, with cors: bound by the agent), each worker held to {:.0}% of a CPU; {rounds} round(s) of {seconds} s",
+        "==> new connections through the lb-cookie VIP (new sessions, cookie `lb`: bound by the agent), each worker held to {:.0}% of a CPU; {rounds} round(s) of {seconds} s",
         WORKER_CPU_SHARE * 100.0
     );
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); WORKER_COUNTS.len()];
