@@ -74,7 +74,9 @@ pub(super) fn session(
 /// What XDP may start the sessions of requests without a cookie by, when `choice` started one
 /// so in an lb-cookie service, outside routes and groups and without bounded loads (the
 /// cookie fallback's table alone places them, as in XDP), with `lines` in the first response
-/// head, in the service's `generation`. The caller checks that the request reaches the
+/// head, in the service's `generation`: not where XDP's search for the cookie's name could
+/// miss a cookie the agent places by (a name under three bytes, a cross-origin variant of
+/// another name). The caller checks that the request reaches the
 /// backend unchanged.
 pub(super) fn session_start(
     choice: &Choice<'_>,
@@ -84,14 +86,20 @@ pub(super) fn session_start(
     let sessions = choice.sessions;
     let plain = matches!(choice.cookie, Cookie::Absent)
         && sessions.affinity == AffinityMode::LbCookie
-        && !sessions.cors
         && sessions.balance_factor.is_none()
         && choice.route.is_none()
         && choice.target.group.is_none();
     let name = sessions.balancer_cookie().filter(|_| plain)?;
-    // The prefix XDP searches for: the name's first bytes, or all of it with the `=`.
+    // The prefix XDP searches for: the name's first bytes, or all of it with the `=`. The
+    // cross-origin variant, which places a request too, must start with them.
     let named = format!("{name}=");
     let prefix: [u8; COOKIE_PREFIX] = named.as_bytes().get(..COOKIE_PREFIX)?.try_into().ok()?;
+    if sessions
+        .cors_cookie_name()
+        .is_some_and(|cors| !cors.as_bytes().starts_with(&prefix))
+    {
+        return None;
+    }
     let mut start = SessionStart::zeroed();
     start.lines = HeadInsert {
         max_payload: 0,
