@@ -2689,7 +2689,7 @@ fn a_request_without_a_cookie_starts_a_session_in_xdp_with_its_backends_cookie_l
     const COOKIE_ISN: u32 = 7_000;
     // Even, as the agent pads them.
     const LINES: &[u8] = b"Set-Cookie: LBSESSION=abc; Max-Age=60; Path=/; HttpOnly \r\n";
-    const _: () = assert!(LINES.len() % 2 == 0);
+    const _: () = assert!(LINES.len().is_multiple_of(2));
     let key = client_flow(COOKIE_PORT);
     let reply_key = reply_flow(&key);
     let binding = Binding {
