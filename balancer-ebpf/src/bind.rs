@@ -21,9 +21,9 @@ use balancer_common::{
         tcp_field,
         tcp_flag::{FIN, RST, SYN},
     },
-    punt_kind, reverse_flags, Addr, Backend, Binding, Flow, FlowKey, HeadInsert, KnownSession,
-    KnownSessionKey, Reason, Replay, ReverseNat, Service, ServiceKey, SessionStart, COOKIE_MSS,
-    COOKIE_WINDOW_SHIFT, MAX_HEAD_INSERT, MAX_KNOWN_COOKIE, MAX_REPLAY, NO_WINDOW_SCALE, PROTO_TCP,
+    punt_kind, reverse_flags, Addr, Backend, Binding, Flow, FlowKey, KnownSession, KnownSessionKey,
+    Reason, Replay, ReverseNat, Service, ServiceKey, SessionStart, COOKIE_MSS, COOKIE_WINDOW_SHIFT,
+    MAX_KNOWN_COOKIE, MAX_REPLAY, NO_WINDOW_SCALE, PROTO_TCP,
 };
 use network_types::eth::EthHdr;
 
@@ -282,7 +282,7 @@ fn read_request(
         return None;
     }
     request.len = len as u16;
-    request.sum = sum_words(request);
+    request.sum = sum_words(&request.bytes, &request.len);
     Some(())
 }
 
@@ -333,39 +333,22 @@ fn find(request: &Replay, prefix: [u8; COOKIE_PREFIX]) -> Option<usize> {
     packet::opaque(found?, MAX_REPLAY)
 }
 
-/// The one's-complement sum of the 16-bit words of the request's bytes as they lie in memory
-/// (an odd last byte padded with zero), folded to 16 bits.
+/// The one's-complement sum of the 16-bit words of the first `len` of `bytes` as they lie in
+/// memory (an odd last byte padded with zero), folded to 16 bits.
 #[inline(always)]
-fn sum_words(request: &Replay) -> u16 {
+fn sum_words<const N: usize>(bytes: &[u8; N], len: &u16) -> u16 {
     let mut sum = 0u32;
-    for word in 0..MAX_REPLAY / 2 {
+    for word in 0..N / 2 {
         let at = word * 2;
-        if at >= fresh(&request.len) {
+        if at >= fresh(len) {
             break;
         }
-        let bytes = &request.bytes;
-        let second = if at + 1 < fresh(&request.len) {
+        let second = if at + 1 < fresh(len) {
             bytes[at + 1]
         } else {
             0
         };
         sum += u32::from(u16::from_ne_bytes([bytes[at], second]));
-    }
-    balancer_common::csum::fold(sum)
-}
-
-/// The one's-complement sum of the 16-bit words of cookie lines as they lie in memory, folded
-/// to 16 bits (the agent pads them to even length).
-#[inline(always)]
-fn sum_lines(lines: &HeadInsert) -> u16 {
-    let mut sum = 0u32;
-    for word in 0..MAX_HEAD_INSERT / 2 {
-        let at = word * 2;
-        if at + 1 >= fresh(&lines.len) {
-            break;
-        }
-        let bytes = &lines.lines;
-        sum += u32::from(u16::from_ne_bytes([bytes[at], bytes[at + 1]]));
     }
     balancer_common::csum::fold(sum)
 }
@@ -419,7 +402,7 @@ impl Opened<'_> {
         // SAFETY: as above; the copy is this connection's alone.
         let lines = unsafe { &mut *lines };
         // The agent rewrites the entry in place: a copy taken meanwhile may mix two issues.
-        if sum_lines(lines) != lines.sum {
+        if sum_words(&lines.lines, &lines.len) != lines.sum {
             let _ = HEAD_INSERTS.remove(self.key);
             return None;
         }
