@@ -76,8 +76,7 @@ pub(super) fn session(
 /// cookie fallback's table alone places them, as in XDP), with `lines` in the first response
 /// head, in the service's `generation`: not where XDP's search for the cookie's name could
 /// miss a cookie the agent places by (a name under three bytes, a cross-origin variant of
-/// another name). The caller checks that the request reaches the
-/// backend unchanged.
+/// another name). The caller checks that the request reaches the backend unchanged.
 pub(super) fn session_start(
     choice: &Choice<'_>,
     lines: &HeadInsert,
