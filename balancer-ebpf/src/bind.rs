@@ -154,7 +154,11 @@ fn bind(ctx: &XdpContext, packet: &Packet, binding: &Binding) -> Option<Verdict>
     };
     let now_s = seconds_now();
     let known = known_session(key, service.generation, now_s);
-    let start = session_start(service, key, now_s);
+    // A returning session's connection needs no session start: looked up only without one.
+    let start = match known {
+        Some(_) => None,
+        None => session_start(service, key, now_s),
+    };
     let prefix = match (known, start) {
         // SAFETY: map values stay valid for the duration of the program.
         (Some((session, _)), _) => unsafe { cookie_prefix(&(*session).cookie) },
@@ -169,15 +173,20 @@ fn bind(ctx: &XdpContext, packet: &Packet, binding: &Binding) -> Option<Verdict>
     let at = find(request, prefix);
     // SAFETY: as above.
     let carried = known.filter(|(session, _)| carries(request, unsafe { &**session }, at));
-    let (backend_id, lines) = match (carried, start) {
-        (Some((_, backend_id)), _) => (backend_id, None),
-        // SAFETY: as above.
-        (None, Some((backend_id, start)))
-            if at.is_none() && unsafe { (*start).name_prefix } == prefix =>
-        {
+    let (backend_id, lines) = match carried {
+        Some((_, backend_id)) => (backend_id, None),
+        None => {
+            // Another client behind the known session's address, without the cookie.
+            let (backend_id, start) = match start {
+                Some(start) => start,
+                None => session_start(service, key, now_s)?,
+            };
+            // SAFETY: as above.
+            if at.is_some() || unsafe { (*start).name_prefix } != prefix {
+                return None;
+            }
             (backend_id, Some(start))
         }
-        _ => return None,
     };
     let backend = BACKENDS.get(backend_id)?;
     if backend.state != backend_state::UP {
