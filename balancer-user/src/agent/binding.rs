@@ -924,10 +924,8 @@ impl Worker {
             }
             if already.is_none() {
                 debug!(backend = %target.addr, "backend refused the connection: trying the next one");
-                // Nor is XDP to send the client's next connections there.
-                self.maps.forget_session(&pending.known_session_key());
-                self.binder.recorded_by_xdp.remove(&target.id);
-                self.binder.session_starts.stop(&mut self.maps, target.id);
+                let client = pending.known_session_key();
+                self.leave_backend_to_agent(&client, target.id);
                 self.binder.by_backend.remove(&segment.key());
                 self.connect_next(&key);
             }
@@ -1072,6 +1070,15 @@ impl Worker {
         }
     }
 
+    /// After `backend` refused or did not answer a SYN: XDP is to send neither `client`'s
+    /// next connections there nor new sessions, until the agent sees XDP record one of its
+    /// SYN-ACKs again.
+    fn leave_backend_to_agent(&mut self, client: &KnownSessionKey, backend: u32) {
+        self.maps.forget_session(client);
+        self.binder.recorded_by_xdp.remove(&backend);
+        self.binder.session_starts.stop(&mut self.maps, backend);
+    }
+
     /// Whether the spliced connection the agent holds under `key` is over, a session XDP
     /// started on the same ports (the client reused its port) having taken its place: the
     /// backend's entry then holds another connection's offsets. The agent's connection is
@@ -1120,7 +1127,9 @@ impl Worker {
             ..Segment::empty()
         }
         .key();
-        let Some((target, issue, mss, service)) = self.head_of_started(&key, &nat) else {
+        let Some((target, issue, mss, service)) =
+            self.head_of_started(&key, (vip, vip_port), nat.backend_id)
+        else {
             debug!(client = %segment.dst, port = segment.dport, "a session XDP started lost its cookie lines or backend: its response head passes unedited");
             let spliced = ReverseNat {
                 state: flow_state::SPLICED,
@@ -1204,15 +1213,15 @@ impl Worker {
     fn head_of_started(
         &self,
         key: &FlowKey,
-        nat: &ReverseNat,
+        (vip, vip_port): (IpAddr, u16),
+        backend_id: u32,
     ) -> Option<(Target, Issue, u16, u32)> {
         let lines = self.maps.head_insert(key)?;
-        let (vip, vip_port) = (IpAddr::from(nat.vip), u16::from_be(nat.port));
         let service = self
             .services
             .iter()
             .find(|s| s.config.vip == vip && s.config.port == vip_port)?;
-        let backend = service.backends.iter().find(|b| b.id == nat.backend_id)?;
+        let backend = service.backends.iter().find(|b| b.id == backend_id)?;
         let issue = Issue {
             lines: String::from_utf8(lines.lines.get(..usize::from(lines.len))?.to_vec()).ok()?,
             own: service.config.balancer_cookie()?.to_owned(),
@@ -1469,12 +1478,10 @@ impl Worker {
             if let Some(pending) = self.binder.pending.get(&key) {
                 if let Stage::Connecting { target, .. } = pending.stage {
                     debug!(backend = %target.addr, "backend did not answer: trying the next one");
-                    let reply_key = backend_key(pending, target);
+                    let (reply_key, client) =
+                        (backend_key(pending, target), pending.known_session_key());
                     self.binder.by_backend.remove(&reply_key);
-                    // Nor is XDP to send the client's next connections there.
-                    self.maps.forget_session(&pending.known_session_key());
-                    self.binder.recorded_by_xdp.remove(&target.id);
-                    self.binder.session_starts.stop(&mut self.maps, target.id);
+                    self.leave_backend_to_agent(&client, target.id);
                 }
             }
             self.connect_next(&key);
